@@ -1,0 +1,93 @@
+// The one Python module of the CPU kernels, vlmfast._C.
+//
+// Tensors cross this boundary as addresses (Python ints), sizes, strides and a dtype tag; the
+// launchers in vlmfast/native/ check them before calling in. Every entry point releases the GIL.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cstdint>
+#include <string>
+
+#include "cpu/rope_2d.h"
+#include "cpu/rotary.h"
+
+namespace py = pybind11;
+using Sizes5 = std::array<int64_t, 5>;
+using Strides3 = std::array<int64_t, 3>;
+
+template <typename T> T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
+
+static vlmfast::cpu::RotaryShape rotary_shape(const Sizes5& sizes, const Strides3& x_strides,
+                                              const Strides3& out_strides) {
+  vlmfast::cpu::RotaryShape s{sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], {}, {}};
+  for (int i = 0; i < 3; ++i) {
+    s.x_strides[i] = x_strides[i];
+    s.out_strides[i] = out_strides[i];
+  }
+  return s;
+}
+
+// The instruction sets this CPU offers that the multi-versioned kernels can use.
+static py::dict cpu_features() {
+  py::dict features;
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  features["avx2"] = static_cast<bool>(__builtin_cpu_supports("avx2"));
+  features["avx512f"] = static_cast<bool>(__builtin_cpu_supports("avx512f"));
+  features["avx512bf16"] = static_cast<bool>(__builtin_cpu_supports("avx512bf16"));
+  features["amx_tile"] = static_cast<bool>(__builtin_cpu_supports("amx-tile"));
+#endif
+#ifdef _OPENMP
+  features["openmp"] = true;
+#else
+  features["openmp"] = false;
+#endif
+  return features;
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "vlmfast CPU kernels (torch-free; see vlmfast/native for the launchers)";
+  m.def("cpu_features", &cpu_features);
+
+  m.def(
+      "rotary_forward",
+      [](uintptr_t x, uintptr_t cos, uintptr_t sin, uintptr_t out, const Sizes5& sizes,
+         const Strides3& x_strides, const Strides3& out_strides, int dtype, bool interleaved,
+         bool conjugate, int threads) {
+        py::gil_scoped_release release;
+        vlmfast::cpu::rotary_forward(rotary_shape(sizes, x_strides, out_strides),
+                                     ptr<const void>(x), ptr<const float>(cos),
+                                     ptr<const float>(sin), ptr<void>(out), dtype, interleaved,
+                                     conjugate, threads);
+      },
+      py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("out"), py::arg("sizes"),
+      py::arg("x_strides"), py::arg("out_strides"), py::arg("dtype"), py::arg("interleaved"),
+      py::arg("conjugate"), py::arg("threads"));
+
+  m.def(
+      "rotary_table_backward",
+      [](uintptr_t grad, uintptr_t x, uintptr_t grad_cos, uintptr_t grad_sin, const Sizes5& sizes,
+         const Strides3& x_strides, const Strides3& grad_strides, int dtype, bool interleaved,
+         int threads) {
+        py::gil_scoped_release release;
+        vlmfast::cpu::rotary_table_backward(rotary_shape(sizes, x_strides, grad_strides),
+                                            ptr<const void>(grad), ptr<const void>(x),
+                                            ptr<float>(grad_cos), ptr<float>(grad_sin), dtype,
+                                            interleaved, threads);
+      },
+      py::arg("grad"), py::arg("x"), py::arg("grad_cos"), py::arg("grad_sin"), py::arg("sizes"),
+      py::arg("x_strides"), py::arg("grad_strides"), py::arg("dtype"), py::arg("interleaved"),
+      py::arg("threads"));
+
+  m.def(
+      "rope_2d_forward",
+      [](uintptr_t positions, int64_t n, uintptr_t inv_freq, int64_t quarter, uintptr_t cos,
+         uintptr_t sin, int threads) {
+        py::gil_scoped_release release;
+        vlmfast::cpu::rope_2d_forward(ptr<const int64_t>(positions), n, ptr<const float>(inv_freq),
+                                      quarter, ptr<float>(cos), ptr<float>(sin), threads);
+      },
+      py::arg("positions"), py::arg("n"), py::arg("inv_freq"), py::arg("quarter"), py::arg("cos"),
+      py::arg("sin"), py::arg("threads"));
+}

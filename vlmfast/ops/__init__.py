@@ -1,0 +1,11 @@
+"""vlmfast.ops: fused ops with Triton, C++ and CUDA kernels, drop-in for their PyTorch peers.
+
+Every op is a torch.library custom op in the `vlmfast` namespace with a fake implementation and
+autograd; the backend is chosen by device (see _dispatch.py) and can be forced with
+VLMFAST_BACKEND=triton|cpp|cuda|reference.
+"""
+
+from vlmfast.ops import reference
+from vlmfast.ops.rotary import apply_rotary_emb, rope_2d
+
+__all__ = ["apply_rotary_emb", "rope_2d", "reference"]

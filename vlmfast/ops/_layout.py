@@ -1,0 +1,16 @@
+"""Views that let one kernel serve tensors of any rank."""
+
+import math
+
+import torch
+
+
+def rows_view(x: torch.Tensor, seq_dim: int) -> torch.Tensor:
+    """x viewed as (A, L, M, E): A = dims before seq_dim, L = x.shape[seq_dim], M = dims between
+    seq_dim and the last, E = the last dim with stride 1. A view when the strides allow it
+    (e.g. q sliced out of a fused qkv tensor), a contiguous copy otherwise."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    a = math.prod(x.shape[:seq_dim])
+    m = math.prod(x.shape[seq_dim + 1 : -1])
+    return x.reshape(a, x.shape[seq_dim], m, x.shape[-1])
