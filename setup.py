@@ -75,7 +75,6 @@ class BuildExt(build_ext):
     NVCC_FLAGS = [
         "-O3",
         "-std=c++17",
-        "--use_fast_math",
         "-Xcompiler",
         "-fPIC",
         "-gencode=arch=compute_80,code=sm_80",
