@@ -1,0 +1,71 @@
+"""What a result was measured on, and the machine's measured peaks (for percent-of-peak)."""
+
+import datetime
+import os
+import platform
+import subprocess
+
+import torch
+
+import vlmfast
+from vlmfast.bench.timing import time_ms
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(vlmfast.__file__))
+        return subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def describe(device: torch.device) -> dict:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": _cpu_model(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "vlmfast": vlmfast.__version__,
+        "commit": _git_commit(),
+        "python": platform.python_version(),
+    }
+    try:
+        from vlmfast import _extension
+
+        native = _extension.load("_C")
+        info["cpu_features"] = native.cpu_features() if native else None
+    except Exception:  # noqa: BLE001 - description only
+        info["cpu_features"] = None
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except ImportError:
+            info["triton"] = None
+    return info
+
+
+def measured_peaks(device: torch.device, dtype: torch.dtype) -> dict:
+    """TFLOP/s of a large GEMM and GB/s of a large copy, measured now on `device`."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    gemm_ms = time_ms(lambda: a @ b, device, repeats=5)
+    src = torch.empty(256 * 2**20 if device.type == "cuda" else 64 * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), device, repeats=5)
+    return {"gemm_tflops": 2 * n**3 / gemm_ms / 1e9, "copy_gbps": 2 * src.numel() / copy_ms / 1e6}
