@@ -1,0 +1,12 @@
+"""Vision-language models assembled from vlmfast ops, loaded from Hugging Face checkpoints.
+
+    from vlmfast.models import CLIP
+    model = CLIP.from_pretrained("path/to/clip-vit-base-patch32", dtype=torch.bfloat16)
+"""
+
+from vlmfast.models.clip import CLIP
+from vlmfast.models.config import CLIPConfig, SigLIPConfig, TextConfig, VisionConfig, ViTConfig
+from vlmfast.models.siglip import SigLIP
+from vlmfast.models.vit import ViT
+
+__all__ = ["CLIP", "SigLIP", "ViT", "CLIPConfig", "SigLIPConfig", "ViTConfig", "TextConfig", "VisionConfig"]

@@ -1,0 +1,190 @@
+"""Hugging Face checkpoints: reading and writing safetensors (single file or sharded index), the
+key mapping between Hugging Face names and ours (in this one place), and strict loading.
+
+Our modules use Hugging Face's names except one thing: q_proj/k_proj/v_proj of every attention
+layer are one fused `qkv` Linear (one GEMM instead of three). Loading concatenates them, saving
+splits them back. Pickle files (pytorch_model.bin) are never read.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+_QKV = ("q_proj", "k_proj", "v_proj")
+# Buffers older transformers releases saved; they carry nothing a model needs (positions 0..N-1).
+_IGNORED_SUFFIXES = ("embeddings.position_ids",)
+
+
+# ----------------------------------------------------------------------------- key mapping
+
+def hf_to_native(state: dict) -> dict:
+    """Hugging Face keys -> ours: `...self_attn.{q,k,v}_proj.{weight,bias}` -> `...self_attn.qkv.*`.
+
+    A layer with only some of q/k/v is left unfused, so strict loading reports the gap by name.
+    """
+    out, pending = {}, {}
+    for key, value in state.items():
+        if key.endswith(_IGNORED_SUFFIXES):
+            continue
+        parts = key.rsplit(".", 2)  # prefix, proj, weight|bias
+        if len(parts) == 3 and parts[1] in _QKV and parts[0].endswith("self_attn"):
+            pending.setdefault((parts[0], parts[2]), {})[parts[1]] = (key, value)
+        else:
+            out[key] = value
+    for (prefix, kind), found in pending.items():
+        if len(found) == 3:
+            out[f"{prefix}.qkv.{kind}"] = torch.cat([found[p][1] for p in _QKV], dim=0)
+        else:
+            out.update({key: value for key, value in found.values()})
+    return out
+
+
+def native_to_hf(state: dict) -> dict:
+    """Ours -> Hugging Face keys; every tensor contiguous and owning its memory (safetensors
+    refuses shared storage)."""
+    out = {}
+    for key, value in state.items():
+        parts = key.rsplit(".", 2)
+        if len(parts) == 3 and parts[1] == "qkv":
+            for name, chunk in zip(_QKV, value.chunk(3, dim=0)):
+                out[f"{parts[0]}.{name}.{parts[2]}"] = chunk.detach().clone().contiguous()
+        else:
+            out[key] = value.detach().clone().contiguous()
+    return out
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_config(path) -> dict:
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"path: expected a checkpoint directory with {CONFIG_NAME}, none in {path}")
+    return json.loads((path / CONFIG_NAME).read_text())
+
+
+def weight_files(path) -> list[Path]:
+    """The safetensors files of a checkpoint: model.safetensors, or the shards its index names."""
+    path = Path(path)
+    if (path / WEIGHTS_NAME).is_file():
+        return [path / WEIGHTS_NAME]
+    if (path / INDEX_NAME).is_file():
+        index = json.loads((path / INDEX_NAME).read_text())
+        shards = sorted(set(index["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"path: shards named in {INDEX_NAME} are missing: {missing}")
+        return [path / s for s in shards]
+    found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    raise FileNotFoundError(
+        f"path: expected {WEIGHTS_NAME} or {INDEX_NAME} in {path} (safetensors only; pickle files are "
+        f"never loaded), found {found}"
+    )
+
+
+def read_weights(path) -> dict:
+    """Every tensor of a checkpoint, by Hugging Face key."""
+    state = {}
+    for file in weight_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                state[key] = f.get_tensor(key)
+    return state
+
+
+def load_state(model: torch.nn.Module, hf_state: dict, *, device=None, dtype=None) -> None:
+    """Strictly loads Hugging Face-keyed tensors into `model` (which may live on the meta device:
+    tensors are assigned, not copied). Raises ValueError listing every missing key, unexpected key
+    and wrong shape at once."""
+    state = hf_to_native(hf_state)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k}: expected {expected[k]}, got {tuple(state[k].shape)}"
+        for k in set(expected) & set(state)
+        if tuple(state[k].shape) != expected[k]
+    )
+    if missing or unexpected or wrong:
+        lines = []
+        if missing:
+            lines.append(f"missing keys: {missing}")
+        if unexpected:
+            lines.append(f"unexpected keys: {unexpected}")
+        if wrong:
+            lines.append(f"wrong shapes: {wrong}")
+        raise ValueError(f"checkpoint does not match {type(model).__name__}:\n  " + "\n  ".join(lines))
+    params = dict(model.state_dict())
+    for key, value in state.items():
+        target = dtype if (dtype is not None and value.is_floating_point()) else params[key].dtype
+        if not value.is_floating_point():
+            target = value.dtype
+        state[key] = value.to(device=device or "cpu", dtype=target)
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _atomic_write(target: Path, write) -> None:
+    """write(tmp_path) then rename: a reader never sees a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path, config: dict, model: torch.nn.Module, *, max_shard_bytes: int | None = None) -> None:
+    """Writes config.json and the weights in Hugging Face layout (sharded with an index when the
+    weights exceed max_shard_bytes), each file atomically."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = native_to_hf(model.state_dict())
+    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    config = {**config, "dtype": dtype}
+    _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
+
+    shards, current, size = [], {}, 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if max_shard_bytes is not None and current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = state[key]
+        size += nbytes
+    shards.append(current)
+
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(shards[0], tmp, metadata=meta))
+        (path / INDEX_NAME).unlink(missing_ok=True)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata=meta))
+        weight_map.update({key: name for key in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    _atomic_write(path / INDEX_NAME, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+    (path / WEIGHTS_NAME).unlink(missing_ok=True)
+
+
+def build_pretrained(cls, config, path, *, device=None, dtype=None):
+    """Builds cls(config) on the meta device (no wasted random init) and loads path's weights."""
+    with torch.device("meta"):
+        model = cls(config)
+    load_state(model, read_weights(path), device=device, dtype=dtype)
+    return model.eval()

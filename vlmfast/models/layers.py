@@ -1,0 +1,117 @@
+"""Transformer building blocks shared by every tower: pre-norm blocks with a fused qkv projection.
+
+Module names follow Hugging Face's CLIP/SigLIP encoders (self_attn, layer_norm1, mlp.fc1, ...)
+so that checkpoint.py only has to fuse q/k/v; nothing else is renamed.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmfast.models import _ops
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_new": gelu_tanh,
+    "relu": F.relu,
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"hidden_act: expected one of {sorted(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention, one (D, 3D) GEMM for q, k and v.
+
+    x: (B, L, D) -> (B, L, D). attn_mask: bool (B, 1, L, L) or (B, 1, 1, L), True takes part.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, *, device=None, dtype=None):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, device=device, dtype=dtype)
+        self.out_proj = nn.Linear(hidden_size, hidden_size, device=device, dtype=dtype)
+
+    def forward(self, x, attn_mask=None, is_causal: bool = False):
+        B, L, D = x.shape
+        # (B, L, 3, H, E) -> three (B, H, L, E) views: no copy before the attention kernel
+        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = _ops.attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str, *, device=None, dtype=None):
+        super().__init__()
+        self.act = activation(act)
+        self.fc1 = nn.Linear(hidden_size, intermediate_size, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size, device=device, dtype=dtype)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    """x + attn(ln1(x)), then x + mlp(ln2(x)). (B, L, D) -> (B, L, D)."""
+
+    def __init__(self, hidden_size, num_heads, intermediate_size, act, eps, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.layer_norm1 = nn.LayerNorm(hidden_size, eps=eps, **kw)
+        self.self_attn = SelfAttention(hidden_size, num_heads, **kw)
+        self.layer_norm2 = nn.LayerNorm(hidden_size, eps=eps, **kw)
+        self.mlp = MLP(hidden_size, intermediate_size, act, **kw)
+
+    def forward(self, x, attn_mask=None, is_causal: bool = False):
+        x = x + self.self_attn(self.layer_norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg, *, device=None, dtype=None):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            EncoderLayer(
+                cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act,
+                cfg.layer_norm_eps, device=device, dtype=dtype,
+            )
+            for _ in range(cfg.num_hidden_layers)
+        )
+
+    def forward(self, x, attn_mask=None, is_causal: bool = False):
+        for layer in self.layers:
+            x = layer(x, attn_mask=attn_mask, is_causal=is_causal)
+        return x
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Truncated-normal Linear/Embedding weights, zero biases, unit LayerNorms (timm's ViT init)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+            nn.init.trunc_normal_(m.weight, std=1 / math.sqrt(fan_in))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
