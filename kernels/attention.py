@@ -1,0 +1,805 @@
+"""Triton flash-attention kernels (forward, backward, varlen, split-KV decode) and their launchers.
+
+Layouts (the last dim always has stride 1, every other stride is passed in):
+    dense:  q (B, H, L, E), k/v (B, Hkv, S, E), out (B, H, L, E), lse (B, H, L) float32
+    varlen: q (T, H, E), k/v (T, Hkv, E), out (T, H, E), lse (H, T) float32; sequence b covers
+            packed rows [cu_seqlens[b], cu_seqlens[b + 1]) of q, k and v alike.
+GQA: query head h reads kv head h // GROUP, GROUP = H // Hkv.
+Bias: None or float32 (B, H, L, S) with any strides (an expanded key-padding mask has stride 0),
+-inf where a key is masked out.
+
+Every kernel works in the log2 domain: scores are scaled by scale * log2(e) so the softmax uses
+exp2 (one MUFU op); lse is stored in the natural log. A row that can attend no key gets out = 0,
+lse = -inf, and zero gradients.
+
+Rotary (non-interleaved, tables (rows, R/2) float32) is applied to every q and k tile on load:
+x_rot = x * cos + partner(x) * (-sin | +sin), partner(d) = d +- R/2, a second (cached) load of the
+same rows. The backward works in the rotated space and turns dq, dk back with the inverse rotation
+in registers just before the store.
+
+Head dims that are not powers of two (40, 72, 80) load BLOCK_E = next power of two columns with a
+mask: nothing is padded in memory.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from vlmfast.kernels._common import INTERPRETING, to_dtype_of
+from vlmfast.ops import _alloc
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+@triton.jit
+def _rotary_parts(e, HALF):
+    """For head-dim offsets e: the partner offset, the table column, the sign of sin, and
+    whether the dim rotates at all (dims from R = 2 * HALF on pass through)."""
+    first = e < HALF
+    second = (e >= HALF) & (e < 2 * HALF)
+    partner = tl.where(first, e + HALF, tl.where(second, e - HALF, e))
+    column = tl.where(first, e, e - HALF)
+    return partner, column, first, first | second
+
+
+@triton.jit
+def _load_tile(row_ptrs, rows, row_mask, e, e_ok, cos_ptr, sin_ptr, HALF, ROTARY: tl.constexpr,
+               ROUND_BF16: tl.constexpr):
+    """A (BLOCK, BLOCK_E) tile of rows `row_ptrs` (pointer per row) in their dtype; rotated by
+    the table rows `rows` when ROTARY. Masked elements are 0."""
+    mask = row_mask[:, None] & e_ok[None, :]
+    x = tl.load(row_ptrs + e[None, :], mask=mask, other=0.0)
+    if ROTARY:
+        partner, column, first, rotates = _rotary_parts(e, HALF)
+        rmask = row_mask[:, None] & rotates[None, :]
+        xp = tl.load(row_ptrs + partner[None, :], mask=rmask, other=0.0).to(tl.float32)
+        table = rows.to(tl.int64)[:, None] * HALF + column[None, :]
+        c = tl.load(cos_ptr + table, mask=rmask, other=1.0)
+        s = tl.load(sin_ptr + table, mask=rmask, other=0.0)
+        # out_a = x_a cos - x_b sin ; out_b = x_b cos + x_a sin
+        s = tl.where(first[None, :], -s, s)
+        # Rounded to the input dtype, as apply_rotary_emb's output would be.
+        return to_dtype_of(x.to(tl.float32) * c + xp * s, row_ptrs, ROUND_BF16)
+    return x
+
+
+@triton.jit
+def _unrotate(x, rows, row_mask, e, cos_ptr, sin_ptr, HALF):
+    """The inverse rotation of a float32 register tile (the transpose: sin negated)."""
+    partner, column, first, rotates = _rotary_parts(e, HALF)
+    xp = tl.gather(x, tl.broadcast_to(partner[None, :], x.shape), axis=1)
+    rmask = row_mask[:, None] & rotates[None, :]
+    table = rows.to(tl.int64)[:, None] * HALF + column[None, :]
+    c = tl.load(cos_ptr + table, mask=rmask, other=1.0)
+    s = tl.load(sin_ptr + table, mask=rmask, other=0.0)
+    # x_a = y_a cos + y_b sin ; x_b = y_b cos - y_a sin
+    s = tl.where(first[None, :], s, -s)
+    return x * c + xp * s
+
+
+@triton.jit
+def _sequence(cu_ptr, b, L, S, VARLEN: tl.constexpr):
+    """(first packed row, query length, key length) of sequence/batch entry b."""
+    if VARLEN:
+        start = tl.load(cu_ptr + b)
+        length = tl.load(cu_ptr + b + 1) - start
+        return start, length, length
+    return b * 0, L, S
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_inner(
+    acc, m_i, l_i, q, k_base, v_base, bias_rows, cos_ptr, sin_ptr,
+    start, end, offs_m, m_ok, offs_n, offs_e, e_ok, seq_start, S, HALF,
+    sks, svs, sbs, qk_scale,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROTARY: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):
+    # Online softmax over key blocks [start, end): m_i running max (log2 domain), l_i running
+    # sum of exp2(s - m_i), acc running sum of P @ V, all float32.
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + offs_n
+        n_ok = n < S
+        k_rows = k_base + n.to(tl.int64)[:, None] * sks
+        k = _load_tile(k_rows, seq_start + n, n_ok, offs_e, e_ok, cos_ptr, sin_ptr, HALF, ROTARY, ROUND_BF16)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            bias = tl.load(bias_rows + n[None, :] * sbs, mask=m_ok[:, None] & n_ok[None, :],
+                           other=float("-inf"))
+            s += bias * 1.4426950408889634
+        if MASKED:
+            keep = n_ok[None, :]
+            if IS_CAUSAL:
+                keep = keep & (n[None, :] <= offs_m[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if HAS_BIAS:
+            # A row masked so far has m_new = -inf: subtract 0 instead (exp2(-inf) = 0, no NaN).
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new_safe = m_new
+        p = tl.math.exp2(s - m_new_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_new_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + n.to(tl.int64)[:, None] * svs + offs_e[None, :],
+                    mask=n_ok[:, None] & e_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(to_dtype_of(p, v_base, ROUND_BF16), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Bias, Cos, Sin, Out, Lse, CuSeqlens,
+    sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sob, soh, sol,
+    sbb, sbh, sbl, sbs, slb, slh,
+    H, GROUP, L, S, E, HALF, scale,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, ROTARY: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    # One program: BLOCK_M queries of one (batch or sequence, head).
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    seq_start, L, S = _sequence(CuSeqlens, b, L, S, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= L:
+        return
+    b64 = b.to(tl.int64)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    m_ok = offs_m < L
+    e_ok = offs_e < E
+
+    q_rows = Q + b64 * sqb + h * sqh + (seq_start + offs_m).to(tl.int64)[:, None] * sql
+    q = _load_tile(q_rows, seq_start + offs_m, m_ok, offs_e, e_ok, Cos, Sin, HALF, ROTARY, ROUND_BF16)
+    k_base = K + b64 * skb + hk * skh + seq_start.to(tl.int64) * sks
+    v_base = V + b64 * svb + hk * svh + seq_start.to(tl.int64) * svs
+    bias_rows = Bias + b64 * sbb + h * sbh + offs_m.to(tl.int64)[:, None] * sbl
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    qk_scale = scale * 1.4426950408889634
+
+    # Key blocks [0, full_end) need no mask: every key exists and (causal) every query of the
+    # block may see it. Blocks [full_end, end) are masked; causal stops at the diagonal.
+    if IS_CAUSAL:
+        end = tl.minimum(S, m0 + BLOCK_M)
+        full_end = (tl.minimum(S, m0 + 1) // BLOCK_N) * BLOCK_N
+    else:
+        end = S
+        full_end = (S // BLOCK_N) * BLOCK_N
+    acc, m_i, l_i = _fwd_inner(
+        acc, m_i, l_i, q, k_base, v_base, bias_rows, Cos, Sin, 0, full_end, offs_m, m_ok,
+        offs_n, offs_e, e_ok, seq_start, S, HALF, sks, svs, sbs, qk_scale,
+        False, IS_CAUSAL, HAS_BIAS, ROTARY, BLOCK_N, DOT_PRECISION, ROUND_BF16)
+    acc, m_i, l_i = _fwd_inner(
+        acc, m_i, l_i, q, k_base, v_base, bias_rows, Cos, Sin, full_end, end, offs_m, m_ok,
+        offs_n, offs_e, e_ok, seq_start, S, HALF, sks, svs, sbs, qk_scale,
+        True, IS_CAUSAL, HAS_BIAS, ROTARY, BLOCK_N, DOT_PRECISION, ROUND_BF16)
+
+    # A row with no key to attend has l_i = 0: out = 0, lse = -inf.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    o_rows = Out + b64 * sob + h * soh + (seq_start + offs_m).to(tl.int64)[:, None] * sol
+    tl.store(o_rows + offs_e[None, :], to_dtype_of(out, Out, ROUND_BF16),
+             mask=m_ok[:, None] & e_ok[None, :])
+    tl.store(Lse + b64 * slb + h * slh + seq_start + offs_m, lse, mask=m_ok)
+
+
+# ----------------------------------------------------------------------------- split-KV decode
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, Bias, OutPart, LsePart,
+    sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sbb, sbh, sbl, sbs,
+    H, GROUP, L, S, E, scale, CHUNK, NSPLIT,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):
+    # Flash-decoding: one program = one kv head of one batch entry x one chunk of CHUNK keys.
+    # Its rows are the GROUP * L (query head, query) pairs that read this kv head, so the K/V
+    # chunk is loaded once for the whole group. Partial results (normalised by their own sum)
+    # and their log2-sum-exp go to float32 scratch (B, H, L, NSPLIT, E) and (B, H, L, NSPLIT).
+    split = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    hkv = H // GROUP
+    b = (pid_bh // hkv).to(tl.int64)
+    hk = pid_bh % hkv
+    r = tl.arange(0, BLOCK_M)
+    r_ok = r < GROUP * L
+    h = hk * GROUP + r // L
+    i = r % L
+    offs_e = tl.arange(0, BLOCK_E)
+    e_ok = offs_e < E
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q_rows = Q + b * sqb + h.to(tl.int64)[:, None] * sqh + i.to(tl.int64)[:, None] * sql
+    q = tl.load(q_rows + offs_e[None, :], mask=r_ok[:, None] & e_ok[None, :], other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+    bias_rows = Bias + b * sbb + h.to(tl.int64)[:, None] * sbh + i.to(tl.int64)[:, None] * sbl
+    qk_scale = scale * 1.4426950408889634
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    start = split * CHUNK
+    end = tl.minimum(S, start + CHUNK)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + offs_n
+        n_ok = n < end
+        kv_mask = n_ok[:, None] & e_ok[None, :]
+        k = tl.load(k_base + n.to(tl.int64)[:, None] * sks + offs_e[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        keep = n_ok[None, :] & r_ok[:, None]
+        if HAS_BIAS:
+            bias = tl.load(bias_rows + n[None, :] * sbs, mask=keep, other=float("-inf"))
+            s += bias * 1.4426950408889634
+        if IS_CAUSAL:
+            keep = keep & (n[None, :] <= i[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_new_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_new_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + n.to(tl.int64)[:, None] * svs + offs_e[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(to_dtype_of(p, V, ROUND_BF16), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
+    row = ((b * H + h) * L + i).to(tl.int64) * NSPLIT + split  # (B, H, L, NSPLIT) flat
+    tl.store(OutPart + row[:, None] * E + offs_e[None, :], acc / l_safe[:, None],
+             mask=r_ok[:, None] & e_ok[None, :])
+    tl.store(LsePart + row, lse2, mask=r_ok)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    OutPart, LsePart, Out, Lse, H, L, E, NSPLIT, sob, soh, sol,
+    BLOCK_SPLIT: tl.constexpr, BLOCK_E: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    # out = sum_s w_s o_s / sum_s w_s with w_s = exp2(lse_s - max lse): one program per query row.
+    row = tl.program_id(0).to(tl.int64)  # (b, h, i) flat
+    i = row % L
+    h = (row // L) % H
+    b = row // (L * H)
+    sp = tl.arange(0, BLOCK_SPLIT)
+    sp_ok = sp < NSPLIT
+    offs_e = tl.arange(0, BLOCK_E)
+    e_ok = offs_e < E
+    lse = tl.load(LsePart + row * NSPLIT + sp, mask=sp_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m_safe)
+    total = tl.sum(w, 0)
+    parts = tl.load(OutPart + (row * NSPLIT + sp)[:, None] * E + offs_e[None, :],
+                    mask=sp_ok[:, None] & e_ok[None, :], other=0.0)
+    total_safe = tl.where(total == 0.0, 1.0, total)
+    out = tl.sum(parts * w[:, None], 0) / total_safe
+    tl.store(Out + b * sob + h * soh + i * sol + offs_e, to_dtype_of(out, Out, ROUND_BF16), mask=e_ok)
+    lse_out = tl.where(total == 0.0, float("-inf"), (m_safe + tl.math.log2(total_safe)) * 0.6931471805599453)
+    tl.store(Lse + row, lse_out)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    Out, DO, Delta, CuSeqlens, sob, soh, sol, sdb, sdh, sdl, slb, slh, H, L, E,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    # D_i = rowsum(dO_i * O_i), float32, laid out like lse.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    seq_start, L, S = _sequence(CuSeqlens, b, L, L, VARLEN)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if pid_m * BLOCK_M >= L:
+        return
+    offs_e = tl.arange(0, BLOCK_E)
+    mask = (offs_m < L)[:, None] & (offs_e < E)[None, :]
+    rows = (seq_start + offs_m).to(tl.int64)[:, None]
+    b64 = b.to(tl.int64)
+    o = tl.load(Out + b64 * sob + h * soh + rows * sol + offs_e[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b64 * sdb + h * sdh + rows * sdl + offs_e[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + b64 * slb + h * slh + seq_start + offs_m, delta, mask=offs_m < L)
+
+
+@triton.jit
+def _load_lse2(Lse, offs, ok):
+    # lse in log2; a row with no key (lse = -inf) becomes +inf so that exp2(s - lse) = 0.
+    lse = tl.load(Lse + offs, mask=ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    return lse * 1.4426950408889634
+
+
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_cols, cos_ptr, sin_ptr,
+    start, end, offs_n, n_ok, offs_m0, offs_e, e_ok, seq_start, L, HALF,
+    sql, sdl, sbl, qk_scale,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROTARY: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):
+    # Transposed tiles (keys x queries): dv += P^T dO ; dk += dS^T q, dS = P * (dP - D).
+    for m0 in range(start, end, BLOCK_M):
+        m = m0 + offs_m0
+        m_ok = m < L
+        q_rows = q_base + m.to(tl.int64)[:, None] * sql
+        q = _load_tile(q_rows, seq_start + m, m_ok, offs_e, e_ok, cos_ptr, sin_ptr, HALF, ROTARY, ROUND_BF16)
+        lse2 = _load_lse2(lse_base, m, m_ok)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            bias = tl.load(bias_cols + m.to(tl.int64)[None, :] * sbl,
+                           mask=n_ok[:, None] & m_ok[None, :], other=float("-inf"))
+            s_t += bias * 1.4426950408889634
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        if MASKED:
+            keep = m_ok[None, :]
+            if IS_CAUSAL:
+                keep = keep & (m[None, :] >= offs_n[:, None])
+            p_t = tl.where(keep, p_t, 0.0)
+        do = tl.load(do_base + m.to(tl.int64)[:, None] * sdl + offs_e[None, :],
+                     mask=m_ok[:, None] & e_ok[None, :], other=0.0)
+        dv = tl.dot(to_dtype_of(p_t, do_base, ROUND_BF16), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        delta = tl.load(delta_base + m, mask=m_ok, other=0.0)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(to_dtype_of(ds_t, q_base, ROUND_BF16), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, Bias, Cos, Sin, DO, Lse, Delta, DK, DV, CuSeqlens,
+    sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sdb, sdh, sdl,
+    sdkb, sdkh, sdks, sdvb, sdvh, sdvs, sbb, sbh, sbl, sbs, slb, slh,
+    H, GROUP, L, S, E, HALF, scale,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, ROTARY: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    # One program: BLOCK_N keys of one kv head, summed over the GROUP query heads that read it
+    # (GQA without atomics), every query block that can see them.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    hkv = H // GROUP
+    b = pid_bh // hkv
+    hk = pid_bh % hkv
+    seq_start, L, S = _sequence(CuSeqlens, b, L, S, VARLEN)
+    n0 = pid_n * BLOCK_N
+    if n0 >= S:
+        return
+    b64 = b.to(tl.int64)
+    start64 = seq_start.to(tl.int64)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    n_ok = offs_n < S
+    e_ok = offs_e < E
+    kv_mask = n_ok[:, None] & e_ok[None, :]
+
+    k_rows = K + b64 * skb + hk * skh + (seq_start + offs_n).to(tl.int64)[:, None] * sks
+    k = _load_tile(k_rows, seq_start + offs_n, n_ok, offs_e, e_ok, Cos, Sin, HALF, ROTARY, ROUND_BF16)
+    v_rows = V + b64 * svb + hk * svh + (seq_start + offs_n).to(tl.int64)[:, None] * svs
+    v = tl.load(v_rows + offs_e[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+    qk_scale = scale * 1.4426950408889634
+
+    # Query blocks: [m_start, mid) straddle the diagonal (causal mask), [mid, full_end) need no
+    # mask, [full_end, L) hold the last partial block.
+    if IS_CAUSAL:
+        m_start = (n0 // BLOCK_M) * BLOCK_M
+        mid = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, tl.cdiv(L, BLOCK_M) * BLOCK_M)
+        mid = tl.maximum(mid, m_start)
+    else:
+        m_start = 0
+        mid = 0
+    full_end = tl.maximum(mid, (L // BLOCK_M) * BLOCK_M)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b64 * sqb + h * sqh + start64 * sql
+        do_base = DO + b64 * sdb + h * sdh + start64 * sdl
+        lse_base = Lse + b64 * slb + h * slh + seq_start
+        delta_base = Delta + b64 * slb + h * slh + seq_start
+        bias_cols = Bias + b64 * sbb + h * sbh + offs_n.to(tl.int64)[:, None] * sbs
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_cols, Cos, Sin,
+            m_start, mid, offs_n, n_ok, offs_m0, offs_e, e_ok, seq_start, L, HALF,
+            sql, sdl, sbl, qk_scale, True, IS_CAUSAL, HAS_BIAS, ROTARY, BLOCK_M,
+            DOT_PRECISION, ROUND_BF16)
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_cols, Cos, Sin,
+            mid, full_end, offs_n, n_ok, offs_m0, offs_e, e_ok, seq_start, L, HALF,
+            sql, sdl, sbl, qk_scale, False, IS_CAUSAL, HAS_BIAS, ROTARY, BLOCK_M,
+            DOT_PRECISION, ROUND_BF16)
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_cols, Cos, Sin,
+            full_end, L, offs_n, n_ok, offs_m0, offs_e, e_ok, seq_start, L, HALF,
+            sql, sdl, sbl, qk_scale, True, IS_CAUSAL, HAS_BIAS, ROTARY, BLOCK_M,
+            DOT_PRECISION, ROUND_BF16)
+
+    dk = dk * scale  # dk = scale * dS^T q
+    if ROTARY:
+        dk = _unrotate(dk, seq_start + offs_n, n_ok, offs_e, Cos, Sin, HALF)
+    rows = (seq_start + offs_n).to(tl.int64)[:, None]
+    tl.store(DK + b64 * sdkb + hk * sdkh + rows * sdks + offs_e[None, :],
+             to_dtype_of(dk, DK, ROUND_BF16), mask=kv_mask)
+    tl.store(DV + b64 * sdvb + hk * sdvh + rows * sdvs + offs_e[None, :],
+             to_dtype_of(dv, DV, ROUND_BF16), mask=kv_mask)
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse2, delta, k_base, v_base, bias_rows, cos_ptr, sin_ptr,
+    start, end, offs_m, m_ok, offs_n0, offs_e, e_ok, seq_start, S, HALF,
+    sks, svs, sbs, qk_scale,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROTARY: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+):
+    # dq += dS k, dS = P * (dP - D), dP = dO v^T.
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + offs_n0
+        n_ok = n < S
+        k_rows = k_base + n.to(tl.int64)[:, None] * sks
+        k = _load_tile(k_rows, seq_start + n, n_ok, offs_e, e_ok, cos_ptr, sin_ptr, HALF, ROTARY, ROUND_BF16)
+        v = tl.load(v_base + n.to(tl.int64)[:, None] * svs + offs_e[None, :],
+                    mask=n_ok[:, None] & e_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            bias = tl.load(bias_rows + n[None, :] * sbs, mask=m_ok[:, None] & n_ok[None, :],
+                           other=float("-inf"))
+            s += bias * 1.4426950408889634
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASKED:
+            keep = n_ok[None, :]
+            if IS_CAUSAL:
+                keep = keep & (n[None, :] <= offs_m[:, None])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(to_dtype_of(ds, v_base, ROUND_BF16), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, Bias, Cos, Sin, DO, Lse, Delta, DQ, CuSeqlens,
+    sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sdb, sdh, sdl,
+    sdqb, sdqh, sdql, sbb, sbh, sbl, sbs, slb, slh,
+    H, GROUP, L, S, E, HALF, scale,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, ROTARY: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
+):
+    # One program: dq of BLOCK_M queries of one head (no atomics: it owns its rows).
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    seq_start, L, S = _sequence(CuSeqlens, b, L, S, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= L:
+        return
+    b64 = b.to(tl.int64)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    m_ok = offs_m < L
+    e_ok = offs_e < E
+    mask = m_ok[:, None] & e_ok[None, :]
+    rows = (seq_start + offs_m).to(tl.int64)[:, None]
+
+    q = _load_tile(Q + b64 * sqb + h * sqh + rows * sql, seq_start + offs_m, m_ok, offs_e, e_ok,
+                   Cos, Sin, HALF, ROTARY, ROUND_BF16)
+    do = tl.load(DO + b64 * sdb + h * sdh + rows * sdl + offs_e[None, :], mask=mask, other=0.0)
+    lse2 = _load_lse2(Lse + b64 * slb + h * slh + seq_start, offs_m, m_ok)
+    delta = tl.load(Delta + b64 * slb + h * slh + seq_start + offs_m, mask=m_ok, other=0.0)
+    k_base = K + b64 * skb + hk * skh + seq_start.to(tl.int64) * sks
+    v_base = V + b64 * svb + hk * svh + seq_start.to(tl.int64) * svs
+    bias_rows = Bias + b64 * sbb + h * sbh + offs_m.to(tl.int64)[:, None] * sbl
+    qk_scale = scale * 1.4426950408889634
+    dq = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+
+    if IS_CAUSAL:
+        end = tl.minimum(S, m0 + BLOCK_M)
+        full_end = (tl.minimum(S, m0 + 1) // BLOCK_N) * BLOCK_N
+    else:
+        end = S
+        full_end = (S // BLOCK_N) * BLOCK_N
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_rows, Cos, Sin, 0, full_end,
+                   offs_m, m_ok, offs_n0, offs_e, e_ok, seq_start, S, HALF, sks, svs, sbs,
+                   qk_scale, False, IS_CAUSAL, HAS_BIAS, ROTARY, BLOCK_N, DOT_PRECISION,
+                   ROUND_BF16)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_rows, Cos, Sin, full_end, end,
+                   offs_m, m_ok, offs_n0, offs_e, e_ok, seq_start, S, HALF, sks, svs, sbs,
+                   qk_scale, True, IS_CAUSAL, HAS_BIAS, ROTARY, BLOCK_N, DOT_PRECISION,
+                   ROUND_BF16)
+    dq = dq * scale  # dq = scale * dS k
+    if ROTARY:
+        dq = _unrotate(dq, seq_start + offs_m, m_ok, offs_e, Cos, Sin, HALF)
+    tl.store(DQ + b64 * sdqb + h * sdqh + rows * sdql + offs_e[None, :],
+             to_dtype_of(dq, DQ, ROUND_BF16), mask=mask)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _block_e(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _forward_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """Fixed per-head-dim tiles for Hopper (no autotuning: one compile per head dim)."""
+    if INTERPRETING:
+        return dict(BLOCK_M=16, BLOCK_N=16)
+    block_e = _block_e(head_dim)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if block_e <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if block_e <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+
+
+def _backward_configs(head_dim: int, dtype: torch.dtype) -> tuple[dict, dict]:
+    """(dk/dv config, dq config): the dk/dv kernel holds BLOCK_N keys and streams queries, the
+    dq kernel the other way round."""
+    if INTERPRETING:
+        return dict(BLOCK_M=16, BLOCK_N=16), dict(BLOCK_M=16, BLOCK_N=16)
+    block_e = _block_e(head_dim)
+    if dtype == torch.float32:
+        small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+        return small, dict(small)
+    if block_e <= 128:
+        return (dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3),
+                dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3))
+    return (dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+            dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs must stay float32 (TF32 would miss the 1e-5 tolerance).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _bias_args(bias, device):
+    """(tensor, strides) for the kernel; a 1-element dummy when there is no bias."""
+    if bias is None:
+        return torch.empty(1, dtype=torch.float32, device=device), (0, 0, 0, 0)
+    return bias, tuple(bias.stride())
+
+
+def _rotary_args(rotary, device):
+    if rotary is None:
+        dummy = torch.empty(1, dtype=torch.float32, device=device)
+        return dummy, dummy, 0
+    cos, sin = rotary
+    return cos.float().contiguous(), sin.float().contiguous(), cos.shape[-1]
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter: pretend to be an H100 so the same choices get tested
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def use_decode(q: torch.Tensor, k: torch.Tensor, *, rotary, varlen: bool = False) -> bool:
+    """Split-KV wins when the query side is too short to fill the GPU: few query rows per kv
+    head (decode: 1 to a few tokens) against a longer KV cache."""
+    if rotary is not None or varlen:
+        return False
+    batch, heads, length, _ = q.shape
+    group = heads // k.shape[1]
+    block_m = _forward_config(q.shape[-1], q.dtype)["BLOCK_M"]
+    few_programs = triton.cdiv(length, block_m) * batch * heads < _sm_count(q.device)
+    return group * length <= 64 and k.shape[2] >= 2 * _decode_block_n() and few_programs
+
+
+def _decode_block_n() -> int:
+    return 16 if INTERPRETING else 64
+
+
+def forward(q, k, v, *, scale: float, is_causal: bool, bias=None, rotary=None):
+    """q (B, H, L, E), k/v (B, Hkv, S, E) -> out (B, H, L, E) contiguous, lse (B, H, L) float32.
+    `rotary` = (cos, sin) of shape (L, R/2), applied to q and k (requires L == S)."""
+    if use_decode(q, k, rotary=rotary):
+        return forward_decode(q, k, v, scale=scale, is_causal=is_causal, bias=bias)
+    batch, heads, length, head_dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    out = _alloc.empty(batch, heads, length, head_dim, dtype=q.dtype, device=q.device)
+    lse = _alloc.empty(batch, heads, length, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    bias_t, bias_strides = _bias_args(bias, q.device)
+    cos, sin, half = _rotary_args(rotary, q.device)
+    config = _forward_config(head_dim, q.dtype)
+    grid = (triton.cdiv(length, config["BLOCK_M"]), batch * heads)
+    _fwd_kernel[grid](
+        q, k, v, bias_t, cos, sin, out, lse, lse,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        *bias_strides, *lse.stride()[:2],
+        heads, heads // kv_heads, length, keys, head_dim, half, float(scale),
+        IS_CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, ROTARY=rotary is not None,
+        VARLEN=False, BLOCK_E=_block_e(head_dim), DOT_PRECISION=_dot_precision(q.dtype),
+        ROUND_BF16=INTERPRETING, **config,
+    )
+    return out, lse
+
+
+def forward_decode(q, k, v, *, scale: float, is_causal: bool, bias=None):
+    """Flash-decoding: the same contract as forward(), for few queries and many keys."""
+    batch, heads, length, head_dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    block_n = _decode_block_n()
+    blocks = triton.cdiv(keys, block_n)
+    # About two programs per SM over all (batch, kv head, chunk).
+    splits = max(1, min(blocks, triton.cdiv(2 * _sm_count(q.device), batch * kv_heads)))
+    chunk = triton.cdiv(blocks, splits) * block_n
+    splits = triton.cdiv(keys, chunk)
+    out_part = _alloc.empty(batch, heads, length, splits, head_dim, dtype=torch.float32, device=q.device)
+    lse_part = _alloc.empty(batch, heads, length, splits, dtype=torch.float32, device=q.device)
+    out = _alloc.empty(batch, heads, length, head_dim, dtype=q.dtype, device=q.device)
+    lse = _alloc.empty(batch, heads, length, dtype=torch.float32, device=q.device)
+    bias_t, bias_strides = _bias_args(bias, q.device)
+    block_e = _block_e(head_dim)
+    _decode_split_kernel[(splits, batch * kv_heads)](
+        q, k, v, bias_t, out_part, lse_part,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bias_strides,
+        heads, group, length, keys, head_dim, float(scale), chunk, splits,
+        IS_CAUSAL=bool(is_causal), HAS_BIAS=bias is not None,
+        BLOCK_M=max(16, triton.next_power_of_2(group * length)), BLOCK_N=block_n, BLOCK_E=block_e,
+        DOT_PRECISION=_dot_precision(q.dtype), ROUND_BF16=INTERPRETING,
+        **({} if INTERPRETING else dict(num_warps=4, num_stages=3)),
+    )
+    _decode_combine_kernel[(batch * heads * length,)](
+        out_part, lse_part, out, lse, heads, length, head_dim, splits, *out.stride()[:3],
+        BLOCK_SPLIT=max(2, triton.next_power_of_2(splits)), BLOCK_E=block_e, ROUND_BF16=INTERPRETING,
+    )
+    return out, lse
+
+
+def _backward(grad_out, q, k, v, out, lse, dq, dk, dv, *, scale, is_causal, bias, rotary,
+              cu_seqlens, dense_shape, max_seqlen):
+    """Shared launch of preprocess + dk/dv + dq for the dense and packed layouts. Tensors are
+    given as (batch-like, head, row, E) strides through `dense_shape` = (nb, H, Hkv, L, S)."""
+    nb, heads, kv_heads, length, keys = dense_shape
+    head_dim = q.shape[-1]
+    varlen = cu_seqlens is not None
+    cu = cu_seqlens if varlen else lse
+    strides = _strides4 if not varlen else _strides_packed
+    delta = _alloc.empty_like(lse)
+    block_e = _block_e(head_dim)
+    lse_strides = (0, lse.stride(0)) if varlen else lse.stride()[:2]
+    _bwd_preprocess_kernel[(triton.cdiv(max_seqlen, 64 if not INTERPRETING else 16), nb * heads)](
+        out, grad_out, delta, cu, *strides(out), *strides(grad_out), *lse_strides, heads,
+        length, head_dim, VARLEN=varlen, BLOCK_M=64 if not INTERPRETING else 16, BLOCK_E=block_e,
+    )
+    bias_t, bias_strides = _bias_args(bias, q.device)
+    cos, sin, half = _rotary_args(rotary, q.device)
+    kv_config, q_config = _backward_configs(head_dim, q.dtype)
+    common = dict(IS_CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, ROTARY=rotary is not None,
+                  VARLEN=varlen, BLOCK_E=block_e, DOT_PRECISION=_dot_precision(q.dtype),
+                  ROUND_BF16=INTERPRETING)
+    max_keys = max_seqlen if varlen else keys
+    _dkdv_kernel[(triton.cdiv(max_keys, kv_config["BLOCK_N"]), nb * kv_heads)](
+        q, k, v, bias_t, cos, sin, grad_out, lse, delta, dk, dv, cu,
+        *strides(q), *strides(k), *strides(v), *strides(grad_out), *strides(dk), *strides(dv),
+        *bias_strides, *lse_strides, heads, heads // kv_heads, length, keys, head_dim, half,
+        float(scale), **common, **kv_config,
+    )
+    _dq_kernel[(triton.cdiv(max_seqlen, q_config["BLOCK_M"]), nb * heads)](
+        q, k, v, bias_t, cos, sin, grad_out, lse, delta, dq, cu,
+        *strides(q), *strides(k), *strides(v), *strides(grad_out), *strides(dq),
+        *bias_strides, *lse_strides, heads, heads // kv_heads, length, keys, head_dim, half,
+        float(scale), **common, **q_config,
+    )
+
+
+def _strides4(t):
+    # (B, H, L, E): batch, head, row strides.
+    return t.stride()[:3]
+
+
+def _strides_packed(t):
+    # (T, H, E): no batch stride (rows are offset by cu_seqlens), head, row strides.
+    return 0, t.stride(1), t.stride(0)
+
+
+def backward(grad_out, q, k, v, out, lse, *, scale: float, is_causal: bool, bias=None, rotary=None):
+    """(dq, dk, dv) like (q, k, v) for the forward above; dk, dv summed over each GQA group."""
+    batch, heads, length, head_dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    dq = _alloc.empty_like(q)
+    dk = _alloc.empty(*k.shape, dtype=k.dtype, device=k.device)
+    dv = _alloc.empty(*v.shape, dtype=v.dtype, device=v.device)
+    if length == 0 or keys == 0 or batch * heads == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    _backward(grad_out, q, k, v, out, lse, dq, dk, dv, scale=scale, is_causal=is_causal,
+              bias=bias, rotary=rotary, cu_seqlens=None,
+              dense_shape=(batch, heads, kv_heads, length, keys), max_seqlen=length)
+    return dq, dk, dv
+
+
+def forward_varlen(q, k, v, cu_seqlens, max_seqlen: int, *, scale: float, is_causal: bool, rotary=None):
+    """q (T, H, E), k/v (T, Hkv, E), cu_seqlens int32 (n + 1,) -> out (T, H, E), lse (H, T)."""
+    total, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    n_seq = cu_seqlens.shape[0] - 1
+    out = _alloc.empty(total, heads, head_dim, dtype=q.dtype, device=q.device)
+    lse = _alloc.empty(heads, total, dtype=torch.float32, device=q.device)
+    if total == 0 or n_seq == 0 or max_seqlen == 0:
+        return out, lse
+    bias_t, _ = _bias_args(None, q.device)
+    cos, sin, half = _rotary_args(rotary, q.device)
+    config = _forward_config(head_dim, q.dtype)
+    grid = (triton.cdiv(max_seqlen, config["BLOCK_M"]), n_seq * heads)
+    _fwd_kernel[grid](
+        q, k, v, bias_t, cos, sin, out, lse, cu_seqlens,
+        *_strides_packed(q), *_strides_packed(k), *_strides_packed(v), *_strides_packed(out),
+        0, 0, 0, 0, 0, lse.stride(0),
+        heads, heads // kv_heads, 0, 0, head_dim, half, float(scale),
+        IS_CAUSAL=bool(is_causal), HAS_BIAS=False, ROTARY=rotary is not None, VARLEN=True,
+        BLOCK_E=_block_e(head_dim), DOT_PRECISION=_dot_precision(q.dtype),
+        ROUND_BF16=INTERPRETING, **config,
+    )
+    return out, lse
+
+
+def backward_varlen(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, *, scale: float,
+                    is_causal: bool, rotary=None):
+    """(dq, dk, dv) of forward_varlen, packed like q, k, v."""
+    total, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    n_seq = cu_seqlens.shape[0] - 1
+    dq = _alloc.empty_like(q)
+    dk = _alloc.empty_like(k)
+    dv = _alloc.empty_like(v)
+    if total == 0 or n_seq == 0 or max_seqlen == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    _backward(grad_out, q, k, v, out, lse, dq, dk, dv, scale=scale, is_causal=is_causal,
+              bias=None, rotary=rotary, cu_seqlens=cu_seqlens,
+              dense_shape=(n_seq, heads, kv_heads, 0, 0), max_seqlen=max_seqlen)
+    return dq, dk, dv
+
+
+def flops(batch: int, heads: int, length: int, keys: int, head_dim: int, backward: bool = False) -> float:
+    """4 B H L S E for the forward (two GEMMs), 2.5x that for the backward (five)."""
+    forward_flops = 4.0 * batch * heads * length * keys * head_dim
+    return forward_flops * (2.5 if backward else 1.0)
+
