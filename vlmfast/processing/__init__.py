@@ -1,0 +1,33 @@
+"""Image loading and preprocessing, equal to transformers' PIL image processors.
+
+    from vlmfast.processing import load_images, image_processor_from_pretrained
+    processor = image_processor_from_pretrained("path/to/checkpoint")   # reads preprocessor_config.json
+    batch = processor(load_images(paths).images)                        # ImageBatch
+    model(**batch.model_inputs())
+
+Processors: CLIPImageProcessor, SiglipImageProcessor, SmolVLMImageProcessor (= Idefics3). Each
+returns float32 pixel_values equal to transformers' (use_fast=False), or with output="uint8" the
+resized / cropped / tiled uint8 pixels channels-last for `ops.patch_embed(..., mean=, std=)`, with
+`mean, std = processor.patch_embed_normalization()`.
+"""
+
+from vlmfast.processing.auto import image_processor_from_pretrained
+from vlmfast.processing.base import ImageProcessor
+from vlmfast.processing.batch import ImageBatch
+from vlmfast.processing.loading import DEFAULT_MAX_PIXELS, LoadedImages, load_image, load_images
+from vlmfast.processing.resize_crop import CLIPImageProcessor, SiglipImageProcessor
+from vlmfast.processing.smolvlm import Idefics3ImageProcessor, SmolVLMImageProcessor
+
+__all__ = [
+    "CLIPImageProcessor",
+    "DEFAULT_MAX_PIXELS",
+    "Idefics3ImageProcessor",
+    "ImageBatch",
+    "ImageProcessor",
+    "LoadedImages",
+    "SiglipImageProcessor",
+    "SmolVLMImageProcessor",
+    "image_processor_from_pretrained",
+    "load_image",
+    "load_images",
+]
