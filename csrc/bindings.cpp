@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 
+#include "cpu/patch_embed.h"
 #include "cpu/rope_2d.h"
 #include "cpu/rotary.h"
 
@@ -90,4 +91,39 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("positions"), py::arg("n"), py::arg("inv_freq"), py::arg("quarter"), py::arg("cos"),
       py::arg("sin"), py::arg("threads"));
+
+  // patch_embed: sizes = (B, C, H, W, p), image_strides = element strides of (b, c, h, w).
+  m.def(
+      "patch_embed_forward",
+      [](uintptr_t image, int image_dtype, const std::array<int64_t, 5>& sizes,
+         const std::array<int64_t, 4>& image_strides, uintptr_t weight, uintptr_t bias, int64_t D,
+         int weight_dtype, uintptr_t scale, uintptr_t shift, uintptr_t out, int threads) {
+        py::gil_scoped_release release;
+        vlmfast::cpu::PatchImage im{ptr<const void>(image), image_dtype, sizes[0], sizes[1],
+                                    sizes[2], sizes[3], sizes[4],
+                                    {image_strides[0], image_strides[1], image_strides[2],
+                                     image_strides[3]}};
+        vlmfast::cpu::patch_embed_forward(im, ptr<const void>(weight), ptr<const void>(bias), D,
+                                          weight_dtype, ptr<const float>(scale),
+                                          ptr<const float>(shift), ptr<void>(out), threads);
+      },
+      py::arg("image"), py::arg("image_dtype"), py::arg("sizes"), py::arg("image_strides"),
+      py::arg("weight"), py::arg("bias"), py::arg("D"), py::arg("weight_dtype"), py::arg("scale"),
+      py::arg("shift"), py::arg("out"), py::arg("threads"));
+
+  m.def(
+      "patch_gather",
+      [](uintptr_t image, int image_dtype, const std::array<int64_t, 5>& sizes,
+         const std::array<int64_t, 4>& image_strides, uintptr_t scale, uintptr_t shift,
+         uintptr_t out, int out_dtype, int threads) {
+        py::gil_scoped_release release;
+        vlmfast::cpu::PatchImage im{ptr<const void>(image), image_dtype, sizes[0], sizes[1],
+                                    sizes[2], sizes[3], sizes[4],
+                                    {image_strides[0], image_strides[1], image_strides[2],
+                                     image_strides[3]}};
+        vlmfast::cpu::patch_gather(im, ptr<const float>(scale), ptr<const float>(shift),
+                                   ptr<void>(out), out_dtype, threads);
+      },
+      py::arg("image"), py::arg("image_dtype"), py::arg("sizes"), py::arg("image_strides"),
+      py::arg("scale"), py::arg("shift"), py::arg("out"), py::arg("out_dtype"), py::arg("threads"));
 }

@@ -6,6 +6,7 @@ VLMFAST_BACKEND=triton|cpp|cuda|reference.
 """
 
 from vlmfast.ops import reference
+from vlmfast.ops.patch_embed import patch_embed
 from vlmfast.ops.rotary import apply_rotary_emb, rope_2d
 
-__all__ = ["apply_rotary_emb", "rope_2d", "reference"]
+__all__ = ["patch_embed", "apply_rotary_emb", "rope_2d", "reference"]

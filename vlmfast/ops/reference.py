@@ -63,3 +63,52 @@ def rope_2d(positions, head_dim: int, theta: float = 10000.0, dtype=torch.float3
     inv_freq = rope_2d_inv_freq(head_dim, theta, positions.device).to(dtype)
     angles = (positions.to(dtype)[:, :, None] * inv_freq).flatten(1)  # (N, 2 * head_dim / 4)
     return angles.cos(), angles.sin()
+
+
+# ----------------------------------------------------------------------------- patch embedding
+
+def normalize_images(images, mean=None, std=None, dtype=None) -> torch.Tensor:
+    """uint8 (B, H, W, C) or float (B, C, H, W) -> float (B, C, H, W) in `dtype` (default: the
+    images' float dtype, float32 for uint8): uint8 is scaled by 1/255; then (x - mean) / std per
+    channel when mean/std (length C) are given."""
+    if images.dtype == torch.uint8:
+        x = images.permute(0, 3, 1, 2).to(dtype or torch.float32) / 255.0
+    else:
+        x = images.to(dtype or images.dtype)
+    if mean is not None:
+        shape = (1, -1, 1, 1)
+        x = (x - torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(shape)) / torch.as_tensor(
+            std, dtype=x.dtype, device=x.device
+        ).view(shape)
+    return x
+
+
+def patch_embed(images, weight, bias=None, mean=None, std=None) -> torch.Tensor:
+    """(B, N, D) = conv2d(normalised, weight, bias, stride=p).flatten(2).transpose(1, 2), computed
+    in weight's dtype; weight (D, C, p, p)."""
+    x = normalize_images(images, mean, std, weight.dtype)
+    patch = weight.shape[-1]
+    return torch.nn.functional.conv2d(x, weight, bias, stride=patch).flatten(2).transpose(1, 2)
+
+
+def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B * N, C * p * p): one row per patch in raster order, columns ordered
+    (c, i, j) like a flattened Conv2d weight (D, C, p, p)."""
+    b, c, h, w = x.shape
+    rows = x.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    return rows.reshape(b * (h // patch) * (w // patch), c * patch * patch)
+
+
+def unpatchify(rows: torch.Tensor, batch: int, channels: int, height: int, width: int, patch: int):
+    """The inverse of patchify: (B * N, C * p * p) -> (B, C, H, W)."""
+    grid = rows.reshape(batch, height // patch, width // patch, channels, patch, patch)
+    return grid.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, height, width)
+
+
+def patch_gather(images, patch: int, scale, shift, dtype) -> torch.Tensor:
+    """Normalised patches (B * N, C * p * p) in `dtype`: x * scale[c] + shift[c], x the raw
+    image value (uint8 (B, H, W, C) or float (B, C, H, W))."""
+    x = images.permute(0, 3, 1, 2) if images.dtype == torch.uint8 else images
+    compute = torch.promote_types(scale.dtype, torch.float32)
+    x = x.to(compute) * scale.to(compute).view(1, -1, 1, 1) + shift.to(compute).view(1, -1, 1, 1)
+    return patchify(x, patch).to(dtype)

@@ -1,0 +1,395 @@
+#include "cpu/patch_embed.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "common/dtype.h"
+#include "common/parallel.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define VLMFAST_HAVE_AVX512_PATH 1
+#define VLMFAST_AVX512 __attribute__((target("arch=x86-64-v4")))
+#else
+#define VLMFAST_HAVE_AVX512_PATH 0
+#endif
+
+namespace vlmfast::cpu {
+namespace {
+
+// ------------------------------------------------------------------------------------------
+// The algebra of the fold. The reference computes, per output d and patch row r,
+//   out[r, d] = b[d] + sum_k W[d, k] * (x[r, k] * scale[c(k)] + shift[c(k)])
+//             = (b[d] + sum_k W[d, k] * shift[c(k)]) + sum_k (W[d, k] * scale[c(k)]) * x[r, k]
+//             =  b'[d]                               + sum_k W'[d, k] * x[r, k].
+// So the GEMM runs on the raw image values (uint8 0..255 are exact in float32) against the
+// scaled weight W', and the shift collapses into the bias b'. This is exact in real arithmetic;
+// in float32 it trades the rounding of x_n for the rounding of W' (one ulp per weight) and of b'
+// (summed in double, so one ulp), which keeps the result within the 1e-5 relative rule.
+// ------------------------------------------------------------------------------------------
+
+constexpr int NR = 32;  // output columns per micro-tile: two 16-float vectors
+
+struct AlignedFloats {
+  float* data = nullptr;
+  explicit AlignedFloats(size_t n) {
+    size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
+    data = static_cast<float*>(std::aligned_alloc(64, bytes > 0 ? bytes : 64));
+    if (!data) throw std::bad_alloc();
+  }
+  ~AlignedFloats() { std::free(data); }
+  AlignedFloats(const AlignedFloats&) = delete;
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+};
+
+inline float load_value(const uint8_t* p) { return static_cast<float>(*p); }
+template <typename T> inline float load_value(const T* p) { return to_float(*p); }
+
+// Geometry of one call: rows are patches (b, py, px) in raster order.
+struct Geometry {
+  int64_t grid_h, grid_w, n_per_image, rows, K, pp;
+  explicit Geometry(const PatchImage& im)
+      : grid_h(im.H / im.patch), grid_w(im.W / im.patch), n_per_image(grid_h * grid_w),
+        rows(im.B * grid_h * grid_w), K(im.C * im.patch * im.patch), pp(im.patch * im.patch) {}
+};
+
+// Address of the first element (c = 0, i = 0, j = 0) of patch row r.
+template <typename T>
+inline const T* patch_origin(const PatchImage& im, const Geometry& g, int64_t r) {
+  const int64_t b = r / g.n_per_image, n = r % g.n_per_image;
+  const int64_t py = n / g.grid_w, px = n % g.grid_w;
+  return static_cast<const T*>(im.data) + b * im.strides[0] + py * im.patch * im.strides[2] +
+         px * im.patch * im.strides[3];
+}
+
+// Packs rows [r0, r0 + count) of the raw patch matrix into panels of MR rows, k-major:
+// panel[k * MR + m] = x[r0 + panel_index * MR + m, k]; rows past `count` are zero.
+// This is the im2col of the GEMM, done once per row block straight from the image.
+template <typename T, int MR>
+inline void pack_rows(const PatchImage& im, const Geometry& g, int64_t r0, int64_t count,
+                      float* packed) {
+  const int64_t p = im.patch, panels = (count + MR - 1) / MR;
+  for (int64_t panel = 0; panel < panels; ++panel) {
+    float* dst = packed + panel * g.K * MR;
+    for (int m = 0; m < MR; ++m) {
+      const int64_t local = panel * MR + m;
+      if (local >= count) {
+        for (int64_t k = 0; k < g.K; ++k) dst[k * MR + m] = 0.0f;
+        continue;
+      }
+      const T* origin = patch_origin<T>(im, g, r0 + local);
+      for (int64_t c = 0; c < im.C; ++c) {
+        for (int64_t i = 0; i < p; ++i) {
+          const T* src = origin + c * im.strides[1] + i * im.strides[2];
+          float* out = dst + (c * g.pp + i * p) * MR + m;
+          for (int64_t j = 0; j < p; ++j) out[j * MR] = load_value(src + j * im.strides[3]);
+        }
+      }
+    }
+  }
+}
+
+// W' = W * scale[c(k)] packed in column panels of NR, k-major: packed[(d / NR) * K * NR + k * NR
+// + d % NR]; columns past D are zero. b'[d] = b[d] + sum_k W[d, k] shift[c(k)], summed in double.
+template <typename W>
+void pack_weight(const W* weight, const W* bias, int64_t D, int64_t K, int64_t pp,
+                 const float* scale, const float* shift, float* packed, float* bias_folded,
+                 int64_t d) {
+  float* col = packed + (d / NR) * K * NR + d % NR;
+  if (d >= D) {
+    for (int64_t k = 0; k < K; ++k) col[k * NR] = 0.0f;
+    return;
+  }
+  const W* row = weight + d * K;
+  double shifted = bias ? static_cast<double>(to_float(bias[d])) : 0.0;
+  for (int64_t k = 0; k < K; ++k) {
+    const float w = to_float(row[k]);
+    const int64_t c = k / pp;
+    col[k * NR] = w * scale[c];
+    shifted += static_cast<double>(w) * shift[c];
+  }
+  bias_folded[d] = static_cast<float>(shifted);
+}
+
+// Adds b' and writes an MR x NR tile (rows past `rows_left`, columns past D dropped).
+template <typename O, int MR>
+inline void store_tile(const float* tile, const float* bias_folded, O* out, int64_t D,
+                       int64_t row0, int64_t rows_left, int64_t d0) {
+  const int64_t cols = std::min<int64_t>(NR, D - d0);
+  const int64_t rows = std::min<int64_t>(MR, rows_left);
+  for (int64_t m = 0; m < rows; ++m) {
+    O* dst = out + (row0 + m) * D + d0;
+    const float* src = tile + m * NR;
+    for (int64_t n = 0; n < cols; ++n) dst[n] = from_float<O>(src[n] + bias_folded[d0 + n]);
+  }
+}
+
+// Portable micro-kernel: tile[m][n] = sum_k a[k][m] * b[k][n] over an MR x NR tile.
+template <int MR>
+__attribute__((always_inline)) inline void micro_kernel_portable(const float* a, const float* b,
+                                                                 int64_t K, float* tile) {
+  float acc[MR][NR] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const float* bk = b + k * NR;
+    for (int m = 0; m < MR; ++m) {
+      const float am = a[k * MR + m];
+      for (int n = 0; n < NR; ++n) acc[m][n] += am * bk[n];
+    }
+  }
+  std::memcpy(tile, acc, sizeof acc);
+}
+
+#if VLMFAST_HAVE_AVX512_PATH
+// AVX-512 micro-kernel: MR x 32 accumulators held in 2 * MR zmm registers; per k, two vector
+// loads of W' and MR broadcasts of x feed 2 * MR FMAs.
+// Not always_inline: the generic forward_block template calls it, and GCC refuses to force an
+// AVX-512 body into a function without the target; once forward_block is inlined into the
+// AVX-512 block function below, this call is inlined as usual.
+template <int MR>
+VLMFAST_AVX512 inline void micro_kernel_avx512(const float* a, const float* b, int64_t K,
+                                               float* tile) {
+  __m512 lo[MR], hi[MR];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) lo[m] = hi[m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 b0 = _mm512_load_ps(b + k * NR);
+    const __m512 b1 = _mm512_load_ps(b + k * NR + 16);
+    const float* ak = a + k * MR;
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const __m512 am = _mm512_set1_ps(ak[m]);
+      lo[m] = _mm512_fmadd_ps(am, b0, lo[m]);
+      hi[m] = _mm512_fmadd_ps(am, b1, hi[m]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) {
+    _mm512_store_ps(tile + m * NR, lo[m]);
+    _mm512_store_ps(tile + m * NR + 16, hi[m]);
+  }
+}
+#endif
+
+// Rows per block: each thread packs MC rows of patches (MC x K floats, L2-resident) and sweeps
+// them against every column panel of W' (K x 32, reused MC / MR times from L2). MC is a multiple
+// of every MR below, so the packed block needs no extra room.
+constexpr int64_t MC = 96;
+constexpr int MR_AVX512 = 12;  // 24 accumulators + 2 W' vectors + 1 broadcast of 32 zmm
+constexpr int MR_PORTABLE = 4;
+static_assert(MC % MR_AVX512 == 0 && MC % MR_PORTABLE == 0, "MC must hold whole panels");
+
+// One block of rows: pack it from the image, then every (column panel, row panel) tile.
+template <typename T, typename O, int MR, bool AVX512>
+__attribute__((always_inline)) inline void forward_block(const PatchImage& im, const Geometry& g,
+                                                         const float* w_packed,
+                                                         const float* bias_folded, O* out,
+                                                         int64_t D, int64_t r0, int64_t count,
+                                                         float* a_packed) {
+  alignas(64) float tile[MR * NR];
+  pack_rows<T, MR>(im, g, r0, count, a_packed);
+  const int64_t panels = (count + MR - 1) / MR, d_panels = (D + NR - 1) / NR;
+  for (int64_t dp = 0; dp < d_panels; ++dp) {
+    const float* b = w_packed + dp * g.K * NR;
+    for (int64_t panel = 0; panel < panels; ++panel) {
+#if VLMFAST_HAVE_AVX512_PATH
+      if constexpr (AVX512) {
+        micro_kernel_avx512<MR>(a_packed + panel * g.K * MR, b, g.K, tile);
+      } else
+#endif
+      {
+        micro_kernel_portable<MR>(a_packed + panel * g.K * MR, b, g.K, tile);
+      }
+      store_tile<O, MR>(tile, bias_folded, out, D, r0 + panel * MR, count - panel * MR, dp * NR);
+    }
+  }
+}
+
+template <typename O>
+using BlockFn = void (*)(const PatchImage&, const Geometry&, const float*, const float*, O*,
+                         int64_t, int64_t, int64_t, float*);
+
+// Blocks of rows are shared out to the threads; the block function carries the instruction set
+// (OpenMP's outlined region would not inherit a target attribute, so the kernel lives below it).
+template <typename O>
+void forward_rows(BlockFn<O> block_fn, const PatchImage& im, const Geometry& g,
+                  const float* w_packed, const float* bias_folded, O* out, int64_t D,
+                  int threads) {
+  const int64_t blocks = (g.rows + MC - 1) / MC;
+#pragma omp parallel num_threads(threads)
+  {
+    AlignedFloats a_packed(static_cast<size_t>(MC * g.K));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int64_t r0 = block * MC;
+      block_fn(im, g, w_packed, bias_folded, out, D, r0, std::min(MC, g.rows - r0), a_packed.data);
+    }
+  }
+}
+
+template <typename W>
+void fold_weight(const W* weight, const W* bias, int64_t D, int64_t K, int64_t pp,
+                 const float* scale, const float* shift, float* w_packed, float* bias_folded,
+                 int threads) {
+  const int64_t padded = ((D + NR - 1) / NR) * NR;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t d = 0; d < padded; ++d)
+    pack_weight(weight, bias, D, K, pp, scale, shift, w_packed, bias_folded, d);
+}
+
+// Block functions per (image type, output type): the AVX-512 one behind a target attribute, the
+// portable one multi-versioned for AVX2 and the baseline.
+#if VLMFAST_HAVE_AVX512_PATH
+template <typename T, typename O>
+VLMFAST_AVX512 void block_avx512(const PatchImage& im, const Geometry& g, const float* w,
+                                 const float* bf, O* out, int64_t D, int64_t r0, int64_t count,
+                                 float* a_packed) {
+  forward_block<T, O, MR_AVX512, true>(im, g, w, bf, out, D, r0, count, a_packed);
+}
+#endif
+
+#define VLMFAST_PATCH_PORTABLE(T, O, NAME)                                                     \
+  VLMFAST_MULTIVERSION void NAME(const PatchImage& im, const Geometry& g, const float* w,       \
+                                 const float* bf, O* out, int64_t D, int64_t r0, int64_t count, \
+                                 float* a_packed) {                                             \
+    forward_block<T, O, MR_PORTABLE, false>(im, g, w, bf, out, D, r0, count, a_packed);         \
+  }
+VLMFAST_PATCH_PORTABLE(uint8_t, float, portable_u8_f32)
+VLMFAST_PATCH_PORTABLE(uint8_t, Half, portable_u8_f16)
+VLMFAST_PATCH_PORTABLE(uint8_t, BFloat16, portable_u8_bf16)
+VLMFAST_PATCH_PORTABLE(float, float, portable_f32_f32)
+VLMFAST_PATCH_PORTABLE(Half, Half, portable_f16_f16)
+VLMFAST_PATCH_PORTABLE(BFloat16, BFloat16, portable_bf16_bf16)
+#undef VLMFAST_PATCH_PORTABLE
+
+bool cpu_has_avx512() {
+#if VLMFAST_HAVE_AVX512_PATH
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+template <typename T, typename O>
+void run_forward(const PatchImage& im, const Geometry& g, const float* w, const float* bf, O* out,
+                 int64_t D, int threads, BlockFn<O> portable) {
+  BlockFn<O> block_fn = portable;
+#if VLMFAST_HAVE_AVX512_PATH
+  static const bool avx512 = cpu_has_avx512();
+  if (avx512) block_fn = block_avx512<T, O>;
+#endif
+  forward_rows<O>(block_fn, im, g, w, bf, out, D, threads);
+}
+
+// ---------------------------------------------------------------------------- gather
+
+template <typename T, typename O>
+__attribute__((always_inline)) inline void gather_impl(const PatchImage& im, const float* scale,
+                                                       const float* shift, O* out, int threads) {
+  const Geometry g(im);
+  const int64_t p = im.patch;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t r = 0; r < g.rows; ++r) {
+    const T* origin = patch_origin<T>(im, g, r);
+    O* dst = out + r * g.K;
+    for (int64_t c = 0; c < im.C; ++c) {
+      const float sc = scale[c], sh = shift[c];
+      for (int64_t i = 0; i < p; ++i) {
+        const T* src = origin + c * im.strides[1] + i * im.strides[2];
+        O* row = dst + c * g.pp + i * p;
+        for (int64_t j = 0; j < p; ++j)
+          row[j] = from_float<O>(load_value(src + j * im.strides[3]) * sc + sh);
+      }
+    }
+  }
+}
+
+#define VLMFAST_GATHER_ENTRY(T, O, NAME)                                                       \
+  VLMFAST_MULTIVERSION void NAME(const PatchImage& im, const float* scale, const float* shift, \
+                                 void* out, int threads) {                                     \
+    gather_impl<T, O>(im, scale, shift, static_cast<O*>(out), threads);                        \
+  }
+VLMFAST_GATHER_ENTRY(uint8_t, float, gather_u8_f32)
+VLMFAST_GATHER_ENTRY(uint8_t, Half, gather_u8_f16)
+VLMFAST_GATHER_ENTRY(uint8_t, BFloat16, gather_u8_bf16)
+VLMFAST_GATHER_ENTRY(float, float, gather_f32_f32)
+VLMFAST_GATHER_ENTRY(Half, Half, gather_f16_f16)
+VLMFAST_GATHER_ENTRY(BFloat16, BFloat16, gather_bf16_bf16)
+#undef VLMFAST_GATHER_ENTRY
+
+void check_image(const PatchImage& im) {
+  if (im.patch <= 0 || im.H % im.patch || im.W % im.patch)
+    throw std::invalid_argument("vlmfast: image H and W must be multiples of the patch size");
+  if (im.dtype < 0 || im.dtype > kImageUint8)
+    throw std::invalid_argument("vlmfast: unknown image dtype tag " + std::to_string(im.dtype));
+}
+
+[[noreturn]] void unsupported_pair() {
+  throw std::invalid_argument(
+      "vlmfast: patch_embed takes uint8 images with any float weight, or float images of the "
+      "weight's dtype");
+}
+
+}  // namespace
+
+void patch_embed_forward(const PatchImage& image, const void* weight, const void* bias, int64_t D,
+                         int weight_dtype, const float* scale, const float* shift, void* out,
+                         int threads) {
+  check_image(image);
+  threads = resolve_threads(threads);
+  const DType wtype = dtype_from_tag(weight_dtype);
+  if (image.dtype != kImageUint8 && image.dtype != weight_dtype) unsupported_pair();
+  const Geometry g(image);
+  if (g.rows == 0 || D == 0) return;
+  const int64_t padded = ((D + NR - 1) / NR) * NR;
+  AlignedFloats w_packed(static_cast<size_t>(padded * g.K));
+  std::vector<float> bias_folded(static_cast<size_t>(padded), 0.0f);
+  switch (wtype) {
+    case DType::Float32:
+      fold_weight(static_cast<const float*>(weight), static_cast<const float*>(bias), D, g.K, g.pp,
+                  scale, shift, w_packed.data, bias_folded.data(), threads);
+      break;
+    case DType::Float16:
+      fold_weight(static_cast<const Half*>(weight), static_cast<const Half*>(bias), D, g.K, g.pp,
+                  scale, shift, w_packed.data, bias_folded.data(), threads);
+      break;
+    case DType::BFloat16:
+      fold_weight(static_cast<const BFloat16*>(weight), static_cast<const BFloat16*>(bias), D, g.K,
+                  g.pp, scale, shift, w_packed.data, bias_folded.data(), threads);
+      break;
+  }
+  const float* w = w_packed.data;
+  const float* bf = bias_folded.data();
+  const bool u8 = image.dtype == kImageUint8;
+  switch (wtype) {
+    case DType::Float32:
+      if (u8) return run_forward<uint8_t, float>(image, g, w, bf, static_cast<float*>(out), D, threads, portable_u8_f32);
+      return run_forward<float, float>(image, g, w, bf, static_cast<float*>(out), D, threads, portable_f32_f32);
+    case DType::Float16:
+      if (u8) return run_forward<uint8_t, Half>(image, g, w, bf, static_cast<Half*>(out), D, threads, portable_u8_f16);
+      return run_forward<Half, Half>(image, g, w, bf, static_cast<Half*>(out), D, threads, portable_f16_f16);
+    case DType::BFloat16:
+      if (u8) return run_forward<uint8_t, BFloat16>(image, g, w, bf, static_cast<BFloat16*>(out), D, threads, portable_u8_bf16);
+      return run_forward<BFloat16, BFloat16>(image, g, w, bf, static_cast<BFloat16*>(out), D, threads, portable_bf16_bf16);
+  }
+}
+
+void patch_gather(const PatchImage& image, const float* scale, const float* shift, void* out,
+                  int out_dtype, int threads) {
+  check_image(image);
+  threads = resolve_threads(threads);
+  const DType otype = dtype_from_tag(out_dtype);
+  if (image.dtype != kImageUint8 && image.dtype != out_dtype) unsupported_pair();
+  const bool u8 = image.dtype == kImageUint8;
+  switch (otype) {
+    case DType::Float32: return u8 ? gather_u8_f32(image, scale, shift, out, threads) : gather_f32_f32(image, scale, shift, out, threads);
+    case DType::Float16: return u8 ? gather_u8_f16(image, scale, shift, out, threads) : gather_f16_f16(image, scale, shift, out, threads);
+    case DType::BFloat16: return u8 ? gather_u8_bf16(image, scale, shift, out, threads) : gather_bf16_bf16(image, scale, shift, out, threads);
+  }
+}
+
+}  // namespace vlmfast::cpu

@@ -1,0 +1,60 @@
+"""Launchers of the patch-embedding kernels in csrc/cpu/patch_embed.cpp and csrc/cuda/patch_embed.cu.
+
+The image crosses the boundary as an address plus the element strides of its logical
+(b, c, h, w) dims: uint8 (B, H, W, C) and float (B, C, H, W), views included, need no copy.
+"""
+
+import torch
+
+from vlmfast.native._common import DTYPE_TAGS, dtype_tag, launch_args, module_for
+from vlmfast.ops import _alloc
+
+IMAGE_UINT8_TAG = 3  # csrc/cpu/patch_embed.h: kImageUint8
+
+
+def _image_args(images: torch.Tensor, patch: int) -> dict:
+    """image address, element-type tag, (B, C, H, W, p) and the (b, c, h, w) strides."""
+    if images.dtype == torch.uint8:
+        b, h, w, c = images.shape
+        sb, sh, sw, sc = images.stride()
+        tag = IMAGE_UINT8_TAG
+    else:
+        b, c, h, w = images.shape
+        sb, sc, sh, sw = images.stride()
+        tag = DTYPE_TAGS[images.dtype]
+    return {
+        "image": images.data_ptr(), "image_dtype": tag, "sizes": (b, c, h, w, patch),
+        "image_strides": (sb, sc, sh, sw),
+    }
+
+
+def forward(images, weight, bias, scale, shift) -> torch.Tensor:
+    """(B, N, D) in weight's dtype: the fused normalise + patchify + GEMM + bias (C++ only)."""
+    patch, d = weight.shape[-1], weight.shape[0]
+    args = _image_args(images, patch)
+    batch, _, height, width, _ = args["sizes"]
+    n = (height // patch) * (width // patch)
+    out = _alloc.empty(batch, n, d, dtype=weight.dtype, device=weight.device)
+    weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    scale32, shift32 = scale.float().contiguous(), shift.float().contiguous()
+    module_for(weight.device).patch_embed_forward(
+        **args, weight=weight.data_ptr(), bias=bias.data_ptr() if bias is not None else 0, D=d,
+        weight_dtype=dtype_tag(weight), scale=scale32.data_ptr(), shift=shift32.data_ptr(),
+        out=out.data_ptr(), **launch_args(weight.device),
+    )
+    return out
+
+
+def gather(images, patch: int, scale, shift, dtype: torch.dtype) -> torch.Tensor:
+    """(B * N, C * p * p) normalised patches x * scale[c] + shift[c] in `dtype`."""
+    args = _image_args(images, patch)
+    batch, channels, height, width, _ = args["sizes"]
+    rows = batch * (height // patch) * (width // patch)
+    out = _alloc.empty(rows, channels * patch * patch, dtype=dtype, device=images.device)
+    scale32, shift32 = scale.float().contiguous(), shift.float().contiguous()
+    module_for(images.device).patch_gather(
+        **args, scale=scale32.data_ptr(), shift=shift32.data_ptr(), out=out.data_ptr(),
+        out_dtype=DTYPE_TAGS[dtype], **launch_args(images.device),
+    )
+    return out
