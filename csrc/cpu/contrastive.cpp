@@ -1,0 +1,546 @@
+// Fused contrastive losses on the CPU, in O(B * D) memory.
+//
+// The maths. a_i, b_j are the (normalised) image and text features, s the logit scale, t the bias,
+// l_ij = s * a_i . b_j (+ t for SigLIP), g the upstream gradient of the loss.
+//
+// InfoNCE (CLIP):  loss = 1/(2B) sum_i (R_i - l_ii) + 1/(2B) sum_j (C_j - l_jj),
+//   R_i = logsumexp_j l_ij (row log-sum-exp), C_j = logsumexp_i l_ij (column log-sum-exp).
+//   d loss / d l_ij = (P_ij + Q_ij - 2 [i == j]) / (2B),  P_ij = exp(l_ij - R_i) (softmax of row i),
+//   Q_ij = exp(l_ij - C_j) (softmax of column j).
+// SigLIP:  loss = 1/B sum_ij softplus(-y_ij l_ij), y = 2I - 1, i.e. softplus(l_ij) off the diagonal
+//   and softplus(-l_ii) on it;  d loss / d l_ij = sigmoid(l_ij) / B off the diagonal and
+//   -sigmoid(-l_ii) / B = (sigmoid(l_ii) - 1) / B on it.
+// Either way, with G_ij = g * d loss / d l_ij:
+//   d a_i = s sum_j G_ij b_j,   d b_j = s sum_i G_ij a_i,   d s = sum_ij G_ij (a_i . b_j),
+//   d t = sum_ij G_ij (SigLIP).
+//
+// The work. The B x B logits are computed in kTile x kTile tiles and thrown away. The forward makes
+// one pass over the tiles: each thread owns a block of rows and keeps their running (max, sum of
+// exp) (online log-sum-exp), and a private copy of the running (max, sum) of every column, merged
+// once at the end. The backward makes one pass too: per tile it recomputes the dots, forms G, and
+// does two GEMM-like updates, d a[I] += G b[J] (rows owned by the thread) and d b[J] += G^T a[I]
+// (into a per-thread partial of d b, summed at the end). Every product runs through one register
+// block: kMR output rows x 32 columns (two 16-float vectors), 12 vector accumulators, one
+// broadcast and two FMAs per loaded pair. Features are copied to float32 first (any input dtype),
+// padded with zeros to whole tiles; text features are also packed column panel by column panel for
+// the dot products.
+#include "cpu/contrastive.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/dtype.h"
+#include "common/parallel.h"
+
+// The extension is built as ISO C++17, which turns off fusing a * b + c into one FMA; the
+// micro-kernels below are written for it.
+#pragma GCC optimize("fp-contract=fast")
+// 64-byte vectors cross only inlined calls; the ABI note GCC gives for them does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace vlmfast::cpu {
+namespace {
+
+constexpr int64_t kMR = 6;     // output rows of a register block
+constexpr int64_t kNR = 32;    // output columns of a register block: two 16-float vectors
+constexpr int64_t kTile = 96;  // rows = columns of a cache tile; a multiple of kMR and kNR
+constexpr int64_t kKC = 256;   // depth of one sweep over a packed panel: kKC x kNR floats = 32 KiB (L1)
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+#define VLMFAST_INLINE __attribute__((always_inline)) inline
+
+const float kNegInf = -std::numeric_limits<float>::infinity();
+
+VLMFAST_INLINE v16f vload(const float* p) {
+  v16f v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+VLMFAST_INLINE void vstore(float* p, v16f v) { __builtin_memcpy(p, &v, sizeof v); }
+VLMFAST_INLINE v16f splat(float x) { return v16f{} + x; }
+VLMFAST_INLINE v16f vmax(v16f x, v16f y) { return x > y ? x : y; }
+VLMFAST_INLINE v16f vabs(v16f x) { return x < 0.0f ? -x : x; }
+VLMFAST_INLINE float hsum(v16f v) {
+  float s = 0.0f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+VLMFAST_INLINE float hmax(v16f v) {
+  float m = v[0];
+  for (int i = 1; i < 16; ++i) m = std::max(m, v[i]);
+  return m;
+}
+// Lanes j0 .. j0 + 15 that are real columns (< B): padding columns must not enter any sum.
+VLMFAST_INLINE v16i lanes_below(int64_t j0, int64_t B) {
+  const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return (lane + static_cast<int32_t>(j0)) < static_cast<int32_t>(B);
+}
+
+// e^x: x = n ln2 + r with |r| <= ln2 / 2 (n rounded with the 1.5 * 2^23 trick), e^r by its Taylor
+// polynomial to degree 7 (relative error < 1e-8, below float rounding), 2^n put in the exponent
+// bits. Inputs below -87 (including -inf) give 0; NaN stays NaN. Inputs here are always <= ~0.
+VLMFAST_INLINE v16f vexp(v16f x) {
+  const v16f magic = splat(12582912.0f);
+  v16f shifted = x * 1.44269504088896341f + magic;
+  v16f n = shifted - magic;
+  v16f r = x - n * 0.693145751953125f;  // ln 2 split in two (Cody-Waite) keeps r exact
+  r = r - n * 1.428606765330187e-06f;
+  v16f p = splat(1.0f / 5040.0f);
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  v16i exponent = ((v16i)shifted - (v16i)magic + 127) << 23;
+  v16f result = p * (v16f)exponent;
+  return x < -87.0f ? splat(0.0f) : result;
+}
+
+// log(1 + e) for e in [0, 1]: 2 atanh(u) with u = e / (2 + e) <= 1/3, odd series to u^15
+// (truncation < 1e-9); accurate for tiny e too, where it tends to e.
+VLMFAST_INLINE v16f vlog1p_unit(v16f e) {
+  v16f u = e / (e + 2.0f);
+  v16f u2 = u * u;
+  v16f p = splat(1.0f / 15.0f);
+  p = p * u2 + 1.0f / 13.0f;
+  p = p * u2 + 1.0f / 11.0f;
+  p = p * u2 + 1.0f / 9.0f;
+  p = p * u2 + 1.0f / 7.0f;
+  p = p * u2 + 1.0f / 5.0f;
+  p = p * u2 + 1.0f / 3.0f;
+  p = p * u2 + 1.0f;
+  return 2.0f * u * p;
+}
+
+// softplus(x) = log(1 + e^x) = max(x, 0) + log(1 + e^-|x|), without overflow.
+VLMFAST_INLINE v16f vsoftplus(v16f x) {
+  return vmax(x, splat(0.0f)) + vlog1p_unit(vexp(-vabs(x)));
+}
+
+// sigmoid(x) from e^-|x| (never overflows).
+VLMFAST_INLINE v16f vsigmoid(v16f x) {
+  v16f e = vexp(-vabs(x));
+  v16f inv = 1.0f / (1.0f + e);
+  return x >= 0.0f ? inv : e * inv;
+}
+
+// ----------------------------------------------------------------------------- operands
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+int thread_index() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// The features as the kernels read them: float32, zero-padded to Bp = whole tiles of rows and to
+// Dp = whole 16-float vectors of columns (zeros change no dot product).
+struct Operands {
+  int64_t B = 0, D = 0, Bp = 0, Dp = 0;
+  std::vector<float> a;   // (Bp, Dp) image features
+  std::vector<float> b;   // (Bp, Dp) text features
+  std::vector<float> bt;  // b^T packed in panels of kNR columns: panel p, depth k, column c at
+                          // bt[(p * D + k) * kNR + c] = b[p * kNR + c][k]; a panel streams through K1
+};
+
+template <typename T>
+void copy_rows(const T* src, int64_t stride, int64_t B, int64_t D, float* dst, int64_t Dp,
+               int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t k = 0; k < D; ++k) dst[i * Dp + k] = to_float(src[i * stride + k]);
+}
+
+template <typename T>
+Operands prepare(const PairShape& s, const void* a, const void* b, int threads) {
+  Operands o;
+  o.B = s.B;
+  o.D = s.D;
+  o.Bp = round_up(s.B, kTile);
+  o.Dp = round_up(s.D, 16);
+  o.a.assign(o.Bp * o.Dp, 0.0f);
+  o.b.assign(o.Bp * o.Dp, 0.0f);
+  copy_rows(static_cast<const T*>(a), s.a_stride, s.B, s.D, o.a.data(), o.Dp, threads);
+  copy_rows(static_cast<const T*>(b), s.b_stride, s.B, s.D, o.b.data(), o.Dp, threads);
+  o.bt.resize(o.Bp * o.D);
+  const int64_t panels = o.Bp / kNR;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t p = 0; p < panels; ++p)
+    for (int64_t k = 0; k < o.D; ++k)
+      for (int64_t c = 0; c < kNR; ++c)
+        o.bt[(p * o.D + k) * kNR + c] = o.b[(p * kNR + c) * o.Dp + k];
+  return o;
+}
+
+Operands prepare_any(const PairShape& s, const void* a, const void* b, int dtype, int threads) {
+  switch (dtype_from_tag(dtype)) {
+    case DType::Float16: return prepare<Half>(s, a, b, threads);
+    case DType::BFloat16: return prepare<BFloat16>(s, a, b, threads);
+    default: return prepare<float>(s, a, b, threads);
+  }
+}
+
+// out (B, D) contiguous in T = multiplier * src (Bp, Dp) float32.
+template <typename T>
+void store_rows(const float* src, int64_t B, int64_t D, int64_t Dp, float multiplier, void* out,
+                int threads) {
+  T* dst = static_cast<T*>(out);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t k = 0; k < D; ++k) dst[i * D + k] = from_float<T>(multiplier * src[i * Dp + k]);
+}
+
+void store_rows_any(const float* src, int64_t B, int64_t D, int64_t Dp, float multiplier, void* out,
+                    int dtype, int threads) {
+  switch (dtype_from_tag(dtype)) {
+    case DType::Float16: return store_rows<Half>(src, B, D, Dp, multiplier, out, threads);
+    case DType::BFloat16: return store_rows<BFloat16>(src, B, D, Dp, multiplier, out, threads);
+    default: return store_rows<float>(src, B, D, Dp, multiplier, out, threads);
+  }
+}
+
+// ----------------------------------------------------------------------------- micro-kernels
+
+// K1: s[r][c] (+)= sum_{k0 <= k < k1} a[r][k] * panel[k][c] for kMR rows r, kNR columns c.
+// Per k: two vector loads of the panel, kMR broadcasts of a, 2 kMR FMAs into registers.
+VLMFAST_INLINE void dot_block(const float* a, int64_t lda, const float* panel, int64_t k0,
+                              int64_t k1, float* s, bool accumulate) {
+  v16f acc[kMR][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < kMR; ++r) {
+    acc[r][0] = accumulate ? vload(s + r * kTile) : splat(0.0f);
+    acc[r][1] = accumulate ? vload(s + r * kTile + 16) : splat(0.0f);
+  }
+  for (int64_t k = k0; k < k1; ++k) {
+    const v16f b0 = vload(panel + k * kNR), b1 = vload(panel + k * kNR + 16);
+#pragma GCC unroll 6
+    for (int r = 0; r < kMR; ++r) {
+      const v16f x = splat(a[r * lda + k]);
+      acc[r][0] += x * b0;
+      acc[r][1] += x * b1;
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < kMR; ++r) {
+    vstore(s + r * kTile, acc[r][0]);
+    vstore(s + r * kTile + 16, acc[r][1]);
+  }
+}
+
+// S (kTile x kTile, row stride kTile) = a[i0 : i0 + kTile] . b[j0 : j0 + kTile]^T, the raw dots.
+// k is cut into kKC slices so the panel slice stays in L1 while every row block of the tile uses it.
+VLMFAST_INLINE void dot_tile(const Operands& o, int64_t i0, int64_t j0, float* S) {
+  for (int64_t k0 = 0; k0 < o.D; k0 += kKC) {
+    const int64_t k1 = std::min(o.D, k0 + kKC);
+    for (int64_t p = 0; p < kTile / kNR; ++p) {
+      const float* panel = o.bt.data() + (j0 / kNR + p) * o.D * kNR;
+      for (int64_t r0 = 0; r0 < kTile; r0 += kMR)
+        dot_block(o.a.data() + (i0 + r0) * o.Dp, o.Dp, panel, k0, k1, S + r0 * kTile + p * kNR,
+                  k0 > 0);
+    }
+  }
+}
+
+// K2/K3: out[r][0 : 16 NV] += sum_{m < n} g(r, m) x[m][0 : 16 NV] for kMR rows r, where
+// g(r, m) = G[r * g_row + m * g_col]. With g_row = kTile, g_col = 1 it is G x (d a += G b);
+// with g_row = 1, g_col = kTile it is G^T x (d b += G^T a).
+template <int NV>
+VLMFAST_INLINE void gemm_block(const float* G, int64_t g_row, int64_t g_col, int64_t n,
+                               const float* x, int64_t ldx, float* out, int64_t ldo) {
+  v16f acc[kMR][NV];
+#pragma GCC unroll 6
+  for (int r = 0; r < kMR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = vload(out + r * ldo + 16 * v);
+  for (int64_t m = 0; m < n; ++m) {
+    v16f xv[NV];
+    for (int v = 0; v < NV; ++v) xv[v] = vload(x + m * ldx + 16 * v);
+#pragma GCC unroll 6
+    for (int r = 0; r < kMR; ++r) {
+      const v16f g = splat(G[r * g_row + m * g_col]);
+      for (int v = 0; v < NV; ++v) acc[r][v] += g * xv[v];
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < kMR; ++r)
+    for (int v = 0; v < NV; ++v) vstore(out + r * ldo + 16 * v, acc[r][v]);
+}
+
+// out rows [0, rows) (rounded up to kMR; the extra rows of G are zero) += g(r, m) x[m], m < n,
+// over all Dp feature columns.
+VLMFAST_INLINE void gemm_rows(const float* G, int64_t g_row, int64_t g_col, int64_t rows, int64_t n,
+                              const float* x, float* out, int64_t Dp) {
+  for (int64_t d0 = 0; d0 < Dp; d0 += 2 * 16) {
+    const bool pair = d0 + 32 <= Dp;
+    for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
+      const float* g = G + r0 * g_row;
+      if (pair)
+        gemm_block<2>(g, g_row, g_col, n, x + d0, Dp, out + r0 * Dp + d0, Dp);
+      else
+        gemm_block<1>(g, g_row, g_col, n, x + d0, Dp, out + r0 * Dp + d0, Dp);
+    }
+  }
+}
+
+// d a[I] += G b[J] and d b[J] += G^T a[I] for the tile (i0, j0) whose G is given.
+VLMFAST_INLINE void backward_updates(const Operands& o, int64_t i0, int64_t j0, const float* G,
+                                     float* grad_a, float* grad_b_partial) {
+  const int64_t rows = std::min(kTile, o.B - i0), cols = std::min(kTile, o.B - j0);
+  gemm_rows(G, kTile, 1, rows, cols, o.b.data() + j0 * o.Dp, grad_a + i0 * o.Dp, o.Dp);
+  gemm_rows(G, 1, kTile, cols, rows, o.a.data() + i0 * o.Dp, grad_b_partial + j0 * o.Dp, o.Dp);
+}
+
+// sum_ij G_ij S_ij (and sum_ij G_ij) over the tile.
+VLMFAST_INLINE void tile_sums(const float* G, const float* S, double* g_dot, double* g_sum) {
+  v16f acc_dot = splat(0.0f), acc_sum = splat(0.0f);
+  for (int64_t e = 0; e < kTile * kTile; e += 16) {
+    const v16f g = vload(G + e);
+    acc_dot += g * vload(S + e);
+    acc_sum += g;
+  }
+  *g_dot += hsum(acc_dot);
+  *g_sum += hsum(acc_sum);
+}
+
+// ----------------------------------------------------------------------------- tiles
+
+// Forward of one InfoNCE tile: online update of the row stats (row_m, row_s: the tile's rows) and
+// of this thread's column stats (col_m, col_s: the tile's columns). S is scratch.
+VLMFAST_MULTIVERSION void infonce_forward_tile(const Operands& o, int64_t i0, int64_t j0, float scale,
+                                               float* S, float* row_m, float* row_s, float* col_m,
+                                               float* col_s) {
+  dot_tile(o, i0, j0, S);
+  const int64_t rows = std::min(kTile, o.B - i0);
+  // Logits; the padding columns become -inf so they vanish from every max and sum.
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < kTile; c += 16)
+      vstore(S + r * kTile + c,
+             lanes_below(j0 + c, o.B) ? vload(S + r * kTile + c) * scale : splat(kNegInf));
+  // Rows: R_i = m + log(sum_j exp(l_ij - m)), m the running max (finite: every tile has a column).
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = S + r * kTile;
+    v16f mx = splat(kNegInf);
+    for (int64_t c = 0; c < kTile; c += 16) mx = vmax(mx, vload(row + c));
+    const float m_new = std::max(row_m[r], hmax(mx));
+    v16f sum = splat(0.0f);
+    for (int64_t c = 0; c < kTile; c += 16) sum += vexp(vload(row + c) - m_new);
+    row_s[r] = row_s[r] * std::exp(row_m[r] - m_new) + hsum(sum);
+    row_m[r] = m_new;
+  }
+  // Columns, 16 at a time, over the tile's real rows.
+  for (int64_t c = 0; c < kTile; c += 16) {
+    v16f mx = splat(kNegInf);
+    for (int64_t r = 0; r < rows; ++r) mx = vmax(mx, vload(S + r * kTile + c));
+    const v16f m_old = vload(col_m + c), m_new = vmax(m_old, mx);
+    v16f sum = splat(0.0f);
+    for (int64_t r = 0; r < rows; ++r) sum += vexp(vload(S + r * kTile + c) - m_new);
+    vstore(col_s + c, vload(col_s + c) * vexp(m_old - m_new) + sum);
+    vstore(col_m + c, m_new);
+  }
+}
+
+// Backward of one InfoNCE tile: G_ij = coef (exp(l_ij - R_i) + exp(l_ij - C_j) - 2 [i == j]),
+// coef = g / (2B), zero outside the B x B block; then the two gradient updates.
+VLMFAST_MULTIVERSION void infonce_backward_tile(const Operands& o, int64_t i0, int64_t j0, float scale,
+                                                const float* row_lse, const float* col_lse,
+                                                float coef, float* S, float* G, float* grad_a,
+                                                float* grad_b_partial, double* grad_scale) {
+  dot_tile(o, i0, j0, S);
+  const int64_t rows = std::min(kTile, o.B - i0);
+  for (int64_t r = 0; r < kTile; ++r) {
+    if (r >= rows) {
+      for (int64_t c = 0; c < kTile; c += 16) vstore(G + r * kTile + c, splat(0.0f));
+      continue;
+    }
+    const float R = row_lse[i0 + r];
+    for (int64_t c = 0; c < kTile; c += 16) {
+      const v16f l = vload(S + r * kTile + c) * scale;
+      const v16f g = coef * (vexp(l - R) + vexp(l - vload(col_lse + j0 + c)));
+      vstore(G + r * kTile + c, lanes_below(j0 + c, o.B) ? g : splat(0.0f));
+    }
+  }
+  for (int64_t i = std::max(i0, j0); i < std::min({i0 + rows, j0 + kTile, o.B}); ++i)
+    G[(i - i0) * kTile + (i - j0)] -= 2.0f * coef;
+  double unused = 0.0;
+  tile_sums(G, S, grad_scale, &unused);
+  backward_updates(o, i0, j0, G, grad_a, grad_b_partial);
+}
+
+// Sum over one SigLIP tile of softplus(l_ij) off the diagonal and softplus(-l_ii) on it.
+VLMFAST_MULTIVERSION double siglip_forward_tile(const Operands& o, int64_t i0, int64_t j0, float scale,
+                                                float bias, float* S) {
+  dot_tile(o, i0, j0, S);
+  const int64_t rows = std::min(kTile, o.B - i0);
+  v16f acc = splat(0.0f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < kTile; c += 16) {
+      const v16f l = vload(S + r * kTile + c) * scale + bias;
+      acc += lanes_below(j0 + c, o.B) ? vsoftplus(l) : splat(0.0f);
+    }
+  double total = hsum(acc);
+  // softplus(-l) = softplus(l) - l turns the diagonal's term into its positive-pair one.
+  for (int64_t i = std::max(i0, j0); i < std::min({i0 + rows, j0 + kTile, o.B}); ++i)
+    total -= static_cast<double>(S[(i - i0) * kTile + (i - j0)] * scale + bias);
+  return total;
+}
+
+// Backward of one SigLIP tile: G_ij = coef sigmoid(l_ij) - coef [i == j], coef = g / B.
+VLMFAST_MULTIVERSION void siglip_backward_tile(const Operands& o, int64_t i0, int64_t j0, float scale,
+                                               float bias, float coef, float* S, float* G,
+                                               float* grad_a, float* grad_b_partial,
+                                               double* grad_scale, double* grad_bias) {
+  dot_tile(o, i0, j0, S);
+  const int64_t rows = std::min(kTile, o.B - i0);
+  for (int64_t r = 0; r < kTile; ++r)
+    for (int64_t c = 0; c < kTile; c += 16) {
+      const v16f l = vload(S + r * kTile + c) * scale + bias;
+      const bool real_row = r < rows;
+      vstore(G + r * kTile + c,
+             real_row ? (lanes_below(j0 + c, o.B) ? coef * vsigmoid(l) : splat(0.0f)) : splat(0.0f));
+    }
+  for (int64_t i = std::max(i0, j0); i < std::min({i0 + rows, j0 + kTile, o.B}); ++i)
+    G[(i - i0) * kTile + (i - j0)] -= coef;
+  tile_sums(G, S, grad_scale, grad_bias);
+  backward_updates(o, i0, j0, G, grad_a, grad_b_partial);
+}
+
+// ----------------------------------------------------------------------------- drivers
+
+// Sum over threads of the per-thread partials (threads x Bp x Dp) into the first one.
+void reduce_partials(std::vector<float>& partials, int64_t n, int nthreads, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t e = 0; e < n; ++e) {
+    float s = partials[e];
+    for (int t = 1; t < nthreads; ++t) s += partials[t * n + e];
+    partials[e] = s;
+  }
+}
+
+}  // namespace
+
+double infonce_forward(const PairShape& shape, const void* a, const void* b, float scale,
+                       float* row_lse, float* col_lse, int dtype, int threads) {
+  const int nthreads = resolve_threads(threads);
+  const Operands o = prepare_any(shape, a, b, dtype, nthreads);
+  const int64_t Bp = o.Bp, blocks = Bp / kTile;
+  std::vector<float> col_m(nthreads * Bp, kNegInf), col_s(nthreads * Bp, 0.0f);
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int t = thread_index();
+    std::vector<float> S(kTile * kTile);
+    float row_m[kTile], row_s[kTile];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t ib = 0; ib < blocks; ++ib) {
+      const int64_t i0 = ib * kTile;
+      std::fill(row_m, row_m + kTile, kNegInf);
+      std::fill(row_s, row_s + kTile, 0.0f);
+      for (int64_t j0 = 0; j0 < o.B; j0 += kTile)
+        infonce_forward_tile(o, i0, j0, scale, S.data(), row_m, row_s, col_m.data() + t * Bp + j0,
+                             col_s.data() + t * Bp + j0);
+      for (int64_t r = 0; r < std::min(kTile, o.B - i0); ++r)
+        row_lse[i0 + r] = row_m[r] + std::log(row_s[r]);
+    }
+  }
+  // Merge the threads' column stats: C_j = M + log(sum_t s_t exp(m_t - M)), M = max_t m_t.
+  double total = 0.0;
+  for (int64_t j = 0; j < o.B; ++j) {
+    float m = kNegInf;
+    for (int t = 0; t < nthreads; ++t) m = std::max(m, col_m[t * Bp + j]);
+    float s = 0.0f;
+    for (int t = 0; t < nthreads; ++t)
+      if (col_s[t * Bp + j] > 0.0f) s += col_s[t * Bp + j] * std::exp(col_m[t * Bp + j] - m);
+    col_lse[j] = m + std::log(s);
+    // l_jj from the same float32 features the tiles used.
+    double diag = 0.0;
+    for (int64_t k = 0; k < o.D; ++k)
+      diag += static_cast<double>(o.a[j * o.Dp + k]) * o.b[j * o.Dp + k];
+    total += static_cast<double>(row_lse[j]) + col_lse[j] - 2.0 * scale * diag;
+  }
+  return total / (2.0 * o.B);
+}
+
+double infonce_backward(const PairShape& shape, const void* a, const void* b, float scale,
+                        const float* row_lse, const float* col_lse, float grad, void* grad_a,
+                        void* grad_b, int dtype, int threads) {
+  const int nthreads = resolve_threads(threads);
+  const Operands o = prepare_any(shape, a, b, dtype, nthreads);
+  const int64_t Bp = o.Bp, n = Bp * o.Dp, blocks = Bp / kTile;
+  // Padded copies so a tile's vector loads never leave the arrays (padding lanes are masked).
+  std::vector<float> R(Bp, 0.0f), C(Bp, 0.0f);
+  std::copy(row_lse, row_lse + o.B, R.begin());
+  std::copy(col_lse, col_lse + o.B, C.begin());
+  std::vector<float> da(n, 0.0f), db(static_cast<size_t>(nthreads) * n, 0.0f);
+  std::vector<double> dscale(nthreads, 0.0);
+  const float coef = grad / (2.0f * static_cast<float>(o.B));
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int t = thread_index();
+    std::vector<float> S(kTile * kTile), G(kTile * kTile);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t ib = 0; ib < blocks; ++ib)
+      for (int64_t j0 = 0; j0 < o.B; j0 += kTile)
+        infonce_backward_tile(o, ib * kTile, j0, scale, R.data(), C.data(), coef, S.data(),
+                              G.data(), da.data(), db.data() + t * n, &dscale[t]);
+  }
+  reduce_partials(db, n, nthreads, nthreads);
+  store_rows_any(da.data(), o.B, o.D, o.Dp, scale, grad_a, dtype, nthreads);
+  store_rows_any(db.data(), o.B, o.D, o.Dp, scale, grad_b, dtype, nthreads);
+  double total = 0.0;
+  for (double v : dscale) total += v;
+  return total;
+}
+
+double siglip_forward(const PairShape& shape, const void* a, const void* b, float scale, float bias,
+                      int dtype, int threads) {
+  const int nthreads = resolve_threads(threads);
+  const Operands o = prepare_any(shape, a, b, dtype, nthreads);
+  const int64_t blocks = o.Bp / kTile;
+  double total = 0.0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : total)
+  {
+    std::vector<float> S(kTile * kTile);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t ib = 0; ib < blocks; ++ib)
+      for (int64_t j0 = 0; j0 < o.B; j0 += kTile)
+        total += siglip_forward_tile(o, ib * kTile, j0, scale, bias, S.data());
+  }
+  return total / static_cast<double>(o.B);
+}
+
+void siglip_backward(const PairShape& shape, const void* a, const void* b, float scale, float bias,
+                     float grad, void* grad_a, void* grad_b, double* grad_scale_bias, int dtype,
+                     int threads) {
+  const int nthreads = resolve_threads(threads);
+  const Operands o = prepare_any(shape, a, b, dtype, nthreads);
+  const int64_t n = o.Bp * o.Dp, blocks = o.Bp / kTile;
+  std::vector<float> da(n, 0.0f), db(static_cast<size_t>(nthreads) * n, 0.0f);
+  std::vector<double> dscale(nthreads, 0.0), dbias(nthreads, 0.0);
+  const float coef = grad / static_cast<float>(o.B);
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int t = thread_index();
+    std::vector<float> S(kTile * kTile), G(kTile * kTile);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t ib = 0; ib < blocks; ++ib)
+      for (int64_t j0 = 0; j0 < o.B; j0 += kTile)
+        siglip_backward_tile(o, ib * kTile, j0, scale, bias, coef, S.data(), G.data(), da.data(),
+                             db.data() + t * n, &dscale[t], &dbias[t]);
+  }
+  reduce_partials(db, n, nthreads, nthreads);
+  store_rows_any(da.data(), o.B, o.D, o.Dp, scale, grad_a, dtype, nthreads);
+  store_rows_any(db.data(), o.B, o.D, o.Dp, scale, grad_b, dtype, nthreads);
+  grad_scale_bias[0] = grad_scale_bias[1] = 0.0;
+  for (int t = 0; t < nthreads; ++t) {
+    grad_scale_bias[0] += dscale[t];
+    grad_scale_bias[1] += dbias[t];
+  }
+}
+
+}  // namespace vlmfast::cpu

@@ -1,0 +1,255 @@
+"""Triton kernels for the contrastive losses (InfoNCE, SigLIP), and their launchers.
+
+x, y are (B, D) feature matrices (row strides sx, sy, feature dim contiguous); logits
+l_ij = s x_i . y_j (+ t). Tiles of logits are formed on the fly with tl.dot (fp32 accumulate) and
+never stored, so memory is O(B).
+
+- `_row_lse_kernel`: one program per BLOCK_M rows sweeps all columns keeping the online
+  (max, sum of exp): R_i = logsumexp_j l_ij. The column log-sum-exps are the row ones of the
+  transposed problem, so the launcher calls the same kernel with x and y swapped.
+- `_siglip_rows_kernel`: per row, sum_j softplus(-y_ij l_ij) (y = 2I - 1).
+- `_row_grad_kernel`: one program per (BLOCK_M rows, BLOCK_DO feature columns) recomputes the
+  logit tiles, forms G_ij = g dloss/dl_ij and accumulates d x_i = s sum_j G_ij y_j with tl.dot.
+  G is symmetric in the roles of x and y for both losses (InfoNCE: coef (exp(l - R_i) +
+  exp(l - C_j)) - 2 coef [i == j]; SigLIP: coef (sigmoid(l) - [i == j])), so d y is the same
+  kernel with x, y (and R, C) swapped. Per row it also writes sum_j G_ij (x_i . y_j) and
+  sum_j G_ij, whose totals are d s and d t.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from vlmfast.kernels._common import INTERPRETING, to_dtype_of
+from vlmfast.ops import _alloc
+
+
+@triton.jit
+def _dot_tile(x_ptr, y_ptr, rows, cols, D, sx, sy, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    # (BLOCK_M, BLOCK_N) fp32 dots x[rows] . y[cols]; rows/cols past B load as zeros.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < D
+        xt = tl.load(x_ptr + rows[:, None] * sx + k[None, :], mask=k_ok[None, :], other=0.0)
+        yt = tl.load(y_ptr + cols[:, None] * sy + k[None, :], mask=k_ok[None, :], other=0.0)
+        acc = tl.dot(xt, tl.trans(yt), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _log1p_unit(e):
+    # log(1 + e) for e in [0, 1] as 2 atanh(e / (2 + e)): accurate for tiny e too.
+    u = e / (2.0 + e)
+    u2 = u * u
+    p = 1.0 / 15.0
+    p = p * u2 + 1.0 / 13.0
+    p = p * u2 + 1.0 / 11.0
+    p = p * u2 + 1.0 / 9.0
+    p = p * u2 + 1.0 / 7.0
+    p = p * u2 + 1.0 / 5.0
+    p = p * u2 + 1.0 / 3.0
+    p = p * u2 + 1.0
+    return 2.0 * u * p
+
+
+@triton.jit
+def _row_lse_kernel(
+    x_ptr, y_ptr, scale_ptr, lse_ptr, B, D, sx, sy,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Rows past B read row B - 1 (clamped) so their loads need no mask; they are not stored.
+    safe_rows = tl.minimum(rows, B - 1)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, B, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        dots = _dot_tile(x_ptr, y_ptr, safe_rows, tl.minimum(cols, B - 1), D, sx, sy,
+                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        logits = tl.where((cols < B)[None, :], dots * scale, float("-inf"))
+        # Online log-sum-exp: rescale the running sum to the new max.
+        m_new = tl.maximum(m, tl.max(logits, 1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), 1)
+        m = m_new
+    tl.store(lse_ptr + rows, m + tl.log(s), mask=rows < B)
+
+
+@triton.jit
+def _siglip_rows_kernel(
+    x_ptr, y_ptr, scale_ptr, bias_ptr, out_ptr, B, D, sx, sy,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    safe_rows = tl.minimum(rows, B - 1)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = tl.load(bias_ptr).to(tl.float32)
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, B, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        dots = _dot_tile(x_ptr, y_ptr, safe_rows, tl.minimum(cols, B - 1), D, sx, sy,
+                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        logits = dots * scale + bias
+        # -logsigmoid(y l) = softplus(-y l); y = +1 on the diagonal, -1 elsewhere.
+        z = tl.where(rows[:, None] == cols[None, :], -logits, logits)
+        term = tl.maximum(z, 0.0) + _log1p_unit(tl.exp(-tl.abs(z)))
+        total += tl.sum(tl.where((cols < B)[None, :], term, 0.0), 1)
+    tl.store(out_ptr + rows, total, mask=rows < B)
+
+
+@triton.jit
+def _row_grad_kernel(
+    x_ptr, y_ptr, scale_ptr, bias_ptr, grad_ptr, lse_x_ptr, lse_y_ptr, dx_ptr, gdot_ptr, gsum_ptr,
+    B, D, sx, sy, inv_norm,
+    SIGLIP: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m, pid_d = tl.program_id(0), tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    safe_rows = tl.minimum(rows, B - 1)
+    d_out = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    d_ok = d_out < D
+    scale = tl.load(scale_ptr).to(tl.float32)
+    # coef = g / (2B) (InfoNCE) or g / B (SigLIP): inv_norm is 1 / (2B) or 1 / B.
+    coef = tl.load(grad_ptr).to(tl.float32) * inv_norm
+    if SIGLIP:
+        bias = tl.load(bias_ptr).to(tl.float32)
+    else:
+        lse_x = tl.load(lse_x_ptr + safe_rows)
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
+    gdot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    gsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, B, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < B
+        safe_cols = tl.minimum(cols, B - 1)
+        dots = _dot_tile(x_ptr, y_ptr, safe_rows, safe_cols, D, sx, sy,
+                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        diagonal = rows[:, None] == cols[None, :]
+        if SIGLIP:
+            # d loss / d l_ij = (sigmoid(l_ij) - [i == j]) / B
+            g = coef * (tl.sigmoid(dots * scale + bias) - tl.where(diagonal, 1.0, 0.0))
+        else:
+            # d loss / d l_ij = (exp(l_ij - R_i) + exp(l_ij - C_j) - 2 [i == j]) / (2B)
+            logits = dots * scale
+            lse_y = tl.load(lse_y_ptr + safe_cols)
+            g = coef * (tl.exp(logits - lse_x[:, None]) + tl.exp(logits - lse_y[None, :])
+                        - tl.where(diagonal, 2.0, 0.0))
+        g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
+        gdot += tl.sum(g * dots, 1)
+        gsum += tl.sum(g, 1)
+        # d x_i += sum_j G_ij y_j over this program's feature columns
+        yd = tl.load(y_ptr + safe_cols[:, None] * sy + d_out[None, :], mask=d_ok[None, :], other=0.0)
+        acc = tl.dot(g.to(yd.dtype), yd, acc, input_precision=PRECISION)
+    out = dx_ptr + rows[:, None] * D + d_out[None, :]
+    tl.store(out, to_dtype_of(acc * scale, dx_ptr, ROUND_BF16), mask=row_ok[:, None] & d_ok[None, :])
+    if pid_d == 0:
+        tl.store(gdot_ptr + rows, gdot, mask=row_ok)
+        tl.store(gsum_ptr + rows, gsum, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _config(x: torch.Tensor) -> dict:
+    """Block sizes: 128 x 128 logit tiles with 64-deep K steps on a GPU (bf16/fp16 tensor cores,
+    fp32 accumulate); small tiles under the interpreter, which runs them in numpy."""
+    D = x.shape[1]
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    if x.is_cuda:
+        wide = x.dtype == torch.float32
+        return dict(BLOCK_M=64 if wide else 128, BLOCK_N=64 if wide else 128, BLOCK_K=32 if wide else 64,
+                    PRECISION=precision, num_warps=8, num_stages=2 if wide else 3)
+    return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=max(16, min(64, triton.next_power_of_2(D))),
+                PRECISION=precision)
+
+
+def _grad_config(x: torch.Tensor) -> dict:
+    """The backward holds a (BLOCK_M, BLOCK_DO) fp32 accumulator: BLOCK_DO covers D up to 512 in
+    one program on a GPU (no recomputation of the logits per feature chunk), 64 x 512 fp32 over 8 warps."""
+    config = _config(x)
+    D = x.shape[1]
+    if x.is_cuda:
+        config.update(BLOCK_M=64, BLOCK_N=64, BLOCK_DO=min(512, triton.next_power_of_2(D)))
+        if x.dtype == torch.float32:
+            config.update(BLOCK_M=32, BLOCK_N=32, BLOCK_DO=min(256, triton.next_power_of_2(D)))
+    else:
+        config.update(BLOCK_DO=max(16, min(64, triton.next_power_of_2(D))))
+    return config
+
+
+def _prepare(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _row_lse(x, y, scale) -> torch.Tensor:
+    B, D = x.shape
+    lse = _alloc.empty(B, dtype=torch.float32, device=x.device)
+    config = _config(x)
+    grid = (triton.cdiv(B, config["BLOCK_M"]),)
+    _row_lse_kernel[grid](x, y, scale, lse, B, D, x.stride(0), y.stride(0), **config)
+    return lse
+
+
+def _scale32(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(1).to(torch.float32).contiguous()
+
+
+def infonce_forward(a, b, scale):
+    """(loss, row_lse, col_lse): float32 (), (B,), (B,). The column pass is the row pass of b a^T."""
+    a, b = _prepare(a), _prepare(b)
+    s = _scale32(scale)
+    row_lse = _row_lse(a, b, s)
+    col_lse = _row_lse(b, a, s)
+    diag = (a.float() * b.float()).sum(1)
+    loss = (row_lse.sum() + col_lse.sum() - 2 * s[0] * diag.sum()) / (2 * a.shape[0])
+    return loss, row_lse, col_lse
+
+
+def siglip_forward(a, b, scale, bias):
+    """The loss, float32 ()."""
+    a, b = _prepare(a), _prepare(b)
+    B, D = a.shape
+    rows = _alloc.empty(B, dtype=torch.float32, device=a.device)
+    config = _config(a)
+    grid = (triton.cdiv(B, config["BLOCK_M"]),)
+    _siglip_rows_kernel[grid](a, b, _scale32(scale), _scale32(bias), rows, B, D, a.stride(0),
+                              b.stride(0), **config)
+    return rows.sum() / B
+
+
+def _row_grad(x, y, scale, bias, grad, lse_x, lse_y, siglip: bool):
+    B, D = x.shape
+    dx = _alloc.empty(B, D, dtype=x.dtype, device=x.device)
+    gdot = _alloc.empty(B, dtype=torch.float32, device=x.device)
+    gsum = _alloc.empty_like(gdot)
+    config = _grad_config(x)
+    grid = (triton.cdiv(B, config["BLOCK_M"]), triton.cdiv(D, config["BLOCK_DO"]))
+    _row_grad_kernel[grid](
+        x, y, scale, bias, grad, lse_x, lse_y, dx, gdot, gsum, B, D, x.stride(0), y.stride(0),
+        1.0 / B if siglip else 0.5 / B, SIGLIP=siglip, ROUND_BF16=INTERPRETING, **config,
+    )
+    return dx, gdot, gsum
+
+
+def infonce_backward(grad, a, b, scale, row_lse, col_lse):
+    """(grad_a, grad_b, grad_scale): (B, D) in a's dtype twice, float32 ()."""
+    a, b = _prepare(a), _prepare(b)
+    s, g = _scale32(scale), _scale32(grad)
+    row_lse, col_lse = row_lse.contiguous(), col_lse.contiguous()
+    grad_a, gdot, _ = _row_grad(a, b, s, s, g, row_lse, col_lse, siglip=False)
+    grad_b, _, _ = _row_grad(b, a, s, s, g, col_lse, row_lse, siglip=False)
+    return grad_a, grad_b, gdot.sum()
+
+
+def siglip_backward(grad, a, b, scale, bias):
+    """(grad_a, grad_b, grad_scale, grad_bias): (B, D) in a's dtype twice, float32 () twice."""
+    a, b = _prepare(a), _prepare(b)
+    s, t, g = _scale32(scale), _scale32(bias), _scale32(grad)
+    grad_a, gdot, gsum = _row_grad(a, b, s, t, g, s, s, siglip=True)
+    grad_b, _, _ = _row_grad(b, a, s, t, g, s, s, siglip=True)
+    return grad_a, grad_b, gdot.sum(), gsum.sum()
