@@ -1,0 +1,101 @@
+"""Batched generation over a static KV cache.
+
+Rows are left-padded (attention_mask 0 on the padding) and may carry different images; the
+prompt runs once (prefill), then one token per row per step (decode_step) into preallocated
+buffers: per step no allocation grows with the sequence and no Python work depends on its
+length. After a row emits a stop token it receives pad_token_id until every row has stopped
+(transformers' convention, so outputs match token for token).
+
+CUDA graphs: `decode_step` is the hook. Any callable with model.decode_step's signature
+(tokens (B,), positions (B,), cache, padded) -> logits (B, V) may be passed, e.g. one that
+replays a graph captured over a cache of fixed max_len reading all of it under the key mask.
+"""
+
+from collections.abc import Callable
+
+import torch
+
+from vlmfast.generation.sampling import check_sampling, next_tokens, stop_token_tensor
+
+
+def _emit(streamer, tokens: torch.Tensor) -> None:
+    if streamer is None:
+        return
+    if hasattr(streamer, "put"):
+        streamer.put(tokens)
+    else:
+        streamer(tokens)
+
+
+@torch.inference_mode()
+def generate(model, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None, *,
+             max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+             eos_token_id=None, pad_token_id: int | None = None, streamer=None,
+             generator: torch.Generator | None = None, cache=None,
+             decode_step: Callable | None = None) -> torch.Tensor:
+    """Generates up to max_new_tokens tokens per row.
+
+    Arguments:
+        model: a SmolVLM (anything with check_inputs / new_cache / prefill / decode_step).
+        input_ids: int (B, L), left-padded; pixel_values, pixel_attention_mask: as model.forward.
+        attention_mask: (B, L), 0 on the left padding; None: no padding.
+        max_new_tokens: tokens to add at most.
+        do_sample, temperature, top_p, generator: sampling (greedy when do_sample is False).
+        eos_token_id: an id or a list of ids that stop a row; None: the decoder config's eos
+            token; -1 / []: never stop early.
+        pad_token_id: what a stopped row receives (None: the config's pad, else the first stop id).
+        streamer: called with each new column of tokens, int (B,) (or an object with put(tokens)
+            and optionally end()).
+        cache: a StaticKVCache to reuse (reset here); it must hold L + max_new_tokens slots.
+        decode_step: replaces model.decode_step (the CUDA-graph hook).
+    Returns:
+        int64 (B, L + T), the prompt followed by T <= max_new_tokens new tokens (fewer when
+        every row stopped early).
+    """
+    model.check_inputs(input_ids, pixel_values, pixel_attention_mask, attention_mask)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+    check_sampling(do_sample, temperature, top_p)
+    text = model.config.text_config
+    if eos_token_id is None:
+        eos_token_id = text.eos_token_id
+    if eos_token_id == -1 or eos_token_id == []:
+        eos_token_id = None
+    stops = stop_token_tensor(eos_token_id, input_ids.device)
+    if pad_token_id is None:
+        pad_token_id = text.pad_token_id if text.pad_token_id is not None else (
+            int(stops[0]) if stops is not None else 0)
+
+    B, L = input_ids.shape
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(torch.bool)
+    if cache is None:
+        cache = model.new_cache(B, L + max_new_tokens)
+    else:
+        cache.reset()
+    cache.check_room(B, L + max_new_tokens, what="input_ids")
+    step_fn = decode_step or model.decode_step
+    padded = not bool(mask.all())
+
+    out = torch.empty(B, L + max_new_tokens, dtype=torch.long, device=input_ids.device)
+    out[:, :L] = input_ids
+    unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+    logits, positions = model.prefill(input_ids, pixel_values, pixel_attention_mask, mask, cache)
+    produced = 0
+    for step in range(max_new_tokens):
+        tokens = next_tokens(logits, do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator)
+        if stops is not None:
+            tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad_token_id))
+        out[:, L + step] = tokens
+        produced = step + 1
+        _emit(streamer, tokens)
+        if stops is not None:
+            unfinished &= ~torch.isin(tokens, stops)
+            if not bool(unfinished.any()):
+                break
+        if produced == max_new_tokens:
+            break
+        positions += 1
+        logits = step_fn(tokens, positions, cache, padded)
+    if streamer is not None and hasattr(streamer, "end"):
+        streamer.end()
+    return out[:, : L + produced]

@@ -1,0 +1,43 @@
+"""The one place where SmolVLM reaches the fused ops.
+
+Each function calls the vlmfast op when the installed tree has it and the plain-torch
+computation with the same meaning otherwise, so the model runs while an op is being written.
+Patch embedding and bidirectional attention for the vision tower come from the shared
+vlmfast/models/_ops.py; what only the decoder needs (GQA, causal + key-padding masks, rotary on
+per-token position tables, RMSNorm) lives here.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from vlmfast import ops as _vops
+from vlmfast.models import _ops as _shared
+
+patch_embed = _shared.patch_embed
+
+
+def _op(name: str):
+    return getattr(_vops, name, None)
+
+
+def attention(q, k, v, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+    """q: (B, H, L, E); k, v: (B, Hkv, S, E) with H % Hkv == 0 (GQA). attn_mask: bool,
+    broadcastable to (B, 1, L, S), True takes part. Returns (B, H, L, E)."""
+    gqa = q.shape[1] != k.shape[1]
+    fused = _op("scaled_dot_product_attention")
+    if fused is not None:
+        return fused(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=gqa)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (T, H, E), one row per token; cos, sin: (T, E/2) float32. Rotate-half pairs (Llama)."""
+    return _vops.apply_rotary_emb(x, cos, sin, seq_dim=0)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm: normalised in float32, rounded to x's dtype, then scaled (in that order,
+    so that bf16 results round as transformers' do). x: (..., D), weight: (D,)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)

@@ -1,0 +1,255 @@
+"""SmolVLM (SmolVLM, SmolVLM2, Idefics3 checkpoints): vision tower -> pixel shuffle + projection
+-> image features written over the image tokens of the prompt -> Llama decoder -> logits.
+
+Shapes (as transformers' SmolVLMForConditionalGeneration takes them):
+  input_ids             int (B, L), image_seq_len image tokens per image, in image order
+  pixel_values          float (B, N, C, H, W), N images per row (tiles + global image), rows
+                        with fewer padded with all-zero images (dropped, as transformers does)
+  pixel_attention_mask  (B, N, H, W), nonzero on real pixels (None: all real)
+  attention_mask        (B, L), 0 on (left) padding (None: no padding)
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmfast.models import checkpoint
+from vlmfast.models.smolvlm.config import SmolVLMConfig
+from vlmfast.models.smolvlm.connector import Connector
+from vlmfast.models.smolvlm.decoder import Decoder
+from vlmfast.models.smolvlm.vision import VisionTransformer, patch_mask_from_pixels
+from vlmfast.ops import _checks
+
+
+class _Body(nn.Module):
+    """transformers' SmolVLMModel: the three parts under their checkpoint names."""
+
+    def __init__(self, cfg: SmolVLMConfig, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.vision_model = VisionTransformer(cfg.vision_config, **kw)
+        self.connector = Connector(cfg.vision_config.hidden_size, cfg.text_config.hidden_size, cfg.scale_factor, **kw)
+        self.text_model = Decoder(cfg.text_config, **kw)
+
+
+def fuse_gate_up(state: dict) -> dict:
+    """`...mlp.gate_proj.*` + `...mlp.up_proj.*` -> `...mlp.gate_up.*` (one GEMM). Keys of a
+    layer that lacks one of the two are left alone, so strict loading names them."""
+    out, pending = {}, {}
+    for key, value in state.items():
+        prefix, _, kind = key.rpartition(".")
+        owner, _, proj = prefix.rpartition(".")
+        if proj in ("gate_proj", "up_proj") and owner.endswith("mlp"):
+            pending.setdefault((owner, kind), {})[proj] = (key, value)
+        else:
+            out[key] = value
+    for (owner, kind), found in pending.items():
+        if len(found) == 2:
+            out[f"{owner}.gate_up.{kind}"] = torch.cat([found["gate_proj"][1], found["up_proj"][1]], dim=0)
+        else:
+            out.update(dict(found.values()))
+    return out
+
+
+def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """bool (B, L) key validity -> bool (B, 1, L, L): causal and valid keys only. A padding
+    query (which no valid key precedes) also attends itself, so that no row is empty: its
+    output is never read by a valid token, but must stay finite."""
+    L = attention_mask.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=attention_mask.device).tril()
+    mask = causal & attention_mask[:, None, None, :]
+    return mask | torch.eye(L, dtype=torch.bool, device=attention_mask.device)
+
+
+class SmolVLM(nn.Module):
+    def __init__(self, config: SmolVLMConfig, *, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.model = _Body(config, device=device, dtype=dtype)
+        text = config.text_config
+        self.lm_head = None
+        if not config.tied:
+            self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False, device=device, dtype=dtype)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, path, *, device=None, dtype=None) -> "SmolVLM":
+        """A directory in Hugging Face layout (config.json + safetensors) of a SmolVLM, SmolVLM2
+        or Idefics3 checkpoint. dtype: the parameters' dtype (None keeps float32)."""
+        config = SmolVLMConfig.from_hf(checkpoint.read_config(path))
+        with torch.device("meta"):
+            model = cls(config)
+        state = fuse_gate_up(checkpoint.read_weights(path))
+        if config.tied:
+            state.pop("lm_head.weight", None)  # the embeddings are the head
+        checkpoint.load_state(model, state, device=device, dtype=dtype)
+        return model.eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.text_model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.text_model.embed_tokens.weight.device
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> logits (..., V); the embedding matrix when the head is tied."""
+        weight = self.model.text_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    # ------------------------------------------------------------------ validation
+
+    def check_inputs(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None) -> None:
+        """ValueError / TypeError naming the argument and the expected shape."""
+        _checks.integer("input_ids", input_ids)
+        _checks.rank("input_ids", input_ids, 2, "(B, L) token ids")
+        B, L = input_ids.shape
+        if L == 0:
+            raise ValueError("input_ids: expected (B, L) with L >= 1, got an empty sequence")
+        if attention_mask is not None:
+            _checks.tensor("attention_mask", attention_mask)
+            if tuple(attention_mask.shape) != (B, L):
+                raise ValueError(f"attention_mask: expected (B, L) = ({B}, {L}), got {_checks.shape_of(attention_mask)}")
+        if pixel_values is None:
+            if pixel_attention_mask is not None:
+                raise ValueError("pixel_attention_mask: given without pixel_values")
+            return
+        _checks.floating("pixel_values", pixel_values)
+        vis = self.config.vision_config
+        p = vis.patch_size
+        if pixel_values.dim() != 5 or pixel_values.shape[0] != B or pixel_values.shape[2] != vis.num_channels:
+            raise ValueError(
+                f"pixel_values: expected (B, N, C, H, W) = ({B}, N, {vis.num_channels}, H, W), "
+                f"got {_checks.shape_of(pixel_values)}"
+            )
+        H, W = pixel_values.shape[-2:]
+        if H % p or W % p:
+            raise ValueError(f"pixel_values: expected H and W multiples of patch_size={p}, got {H} x {W}")
+        if pixel_attention_mask is not None:
+            _checks.tensor("pixel_attention_mask", pixel_attention_mask)
+            expected = (B, pixel_values.shape[1], H, W)
+            if tuple(pixel_attention_mask.shape) != expected:
+                raise ValueError(
+                    f"pixel_attention_mask: expected (B, N, H, W) = {expected}, got {_checks.shape_of(pixel_attention_mask)}"
+                )
+
+    # ------------------------------------------------------------------ images
+
+    def image_features(self, pixel_values, pixel_attention_mask=None):
+        """Features of the real images of each row, in order.
+
+        Returns (features (n_real, image_seq_len, D_text), images_per_row int (B,) on the CPU).
+        An image whose pixels are all 0 is padding (transformers' rule) and is skipped.
+        """
+        B, N = pixel_values.shape[:2]
+        tiles = pixel_values.reshape(B * N, *pixel_values.shape[2:])
+        real = (tiles != 0).flatten(1).any(dim=1)
+        images_per_row = real.view(B, N).sum(dim=1).cpu()
+        if not bool(real.any()):
+            return None, images_per_row
+        tiles = tiles[real].to(self.dtype)
+        p = self.config.vision_config.patch_size
+        if pixel_attention_mask is None:
+            patch_mask = torch.ones(tiles.shape[0], tiles.shape[2] // p, tiles.shape[3] // p,
+                                    dtype=torch.bool, device=tiles.device)
+        else:
+            pixel_mask = pixel_attention_mask.reshape(B * N, *pixel_attention_mask.shape[2:])[real]
+            patch_mask = patch_mask_from_pixels(pixel_mask, p)
+        hidden = self.model.vision_model(tiles, patch_mask)
+        return self.model.connector(hidden), images_per_row
+
+    def embed(self, input_ids, pixel_values=None, pixel_attention_mask=None) -> torch.Tensor:
+        """Token embeddings (B, L, D) with the image features written over the image tokens."""
+        embeds = self.model.text_model.embed_tokens(input_ids)
+        is_image = input_ids == self.config.image_token_id
+        tokens_per_row = is_image.sum(dim=1).cpu()
+        seq = self.config.image_seq_len
+        if pixel_values is None:
+            images_per_row, features = torch.zeros_like(tokens_per_row), None
+        else:
+            features, images_per_row = self.image_features(pixel_values, pixel_attention_mask)
+        if not torch.equal(tokens_per_row, images_per_row * seq):
+            raise ValueError(
+                f"input_ids: expected image_seq_len={seq} image tokens (id {self.config.image_token_id}) per "
+                f"image, i.e. {(images_per_row * seq).tolist()} per row for the images in pixel_values, got "
+                f"{tokens_per_row.tolist()}"
+            )
+        if features is None:
+            return embeds
+        return embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
+
+    # ------------------------------------------------------------------ forward, loss
+
+    def hidden_states(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None, *,
+                      position_ids=None) -> torch.Tensor:
+        """The decoder's final-norm output (B, L, D), no cache."""
+        self.check_inputs(input_ids, pixel_values, pixel_attention_mask, attention_mask)
+        B, L = input_ids.shape
+        embeds = self.embed(input_ids, pixel_values, pixel_attention_mask)
+        if position_ids is None:
+            # transformers' forward numbers positions 0..L-1 whatever the padding (generate does not)
+            position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
+        mask, causal = None, True
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask, causal = causal_padding_mask(attention_mask.to(torch.bool)), False
+        return self.model.text_model(embeds, position_ids, attn_mask=mask, is_causal=causal)
+
+    def forward(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None, *,
+                position_ids=None) -> torch.Tensor:
+        """Logits (B, L, V), equal to transformers' SmolVLMForConditionalGeneration's."""
+        return self.head(self.hidden_states(input_ids, pixel_values, pixel_attention_mask, attention_mask,
+                                            position_ids=position_ids))
+
+    def loss(self, input_ids, labels, pixel_values=None, pixel_attention_mask=None, attention_mask=None) -> torch.Tensor:
+        """Mean next-token cross entropy: logits at i predict labels[i + 1]; -100 is ignored
+        (transformers' ForCausalLMLoss, float32 logits). labels: int (B, L)."""
+        _checks.integer("labels", labels)
+        if tuple(labels.shape) != tuple(input_ids.shape):
+            raise ValueError(f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, got {_checks.shape_of(labels)}")
+        logits = self.forward(input_ids, pixel_values, pixel_attention_mask, attention_mask).float()
+        targets = F.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+    # ------------------------------------------------------------------ cached steps (generation)
+
+    def new_cache(self, batch_size: int, max_len: int):
+        from vlmfast.generation.cache import StaticKVCache
+
+        text = self.config.text_config
+        return StaticKVCache(text.num_hidden_layers, batch_size, text.num_key_value_heads, max_len, text.head_dim,
+                             device=self.device, dtype=self.dtype)
+
+    def prefill(self, input_ids, pixel_values, pixel_attention_mask, attention_mask, cache) -> tuple:
+        """Runs the prompt into an empty `cache` (slots [0, L)). attention_mask bool (B, L).
+        Returns (logits of the last slot (B, V) float32, positions of the last token (B,))."""
+        B, L = input_ids.shape
+        embeds = self.embed(input_ids, pixel_values, pixel_attention_mask)
+        positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # transformers' generate rule
+        cache.append_mask(attention_mask)
+        padded = not bool(attention_mask.all())
+        mask = causal_padding_mask(attention_mask) if padded else None
+        hidden = self.model.text_model(embeds, positions, attn_mask=mask, is_causal=not padded, cache=cache, slot=0)
+        cache.advance(L)
+        return self.head(hidden[:, -1]).float(), positions[:, -1].clone()
+
+    def decode_step(self, tokens, positions, cache, padded: bool = True) -> torch.Tensor:
+        """One token per row into slot cache.length. tokens int (B,), positions int (B,) (their
+        rotary positions). padded=False skips the key mask (no row has padding). Returns
+        logits (B, V) float32. This is the function a CUDA graph would capture (its shapes
+        depend only on cache.length through the slice of the cache it reads)."""
+        slot = cache.length
+        cache.key_mask[:, slot] = True
+        embeds = self.model.text_model.embed_tokens(tokens[:, None])
+        mask = cache.attention_mask(slot + 1) if padded else None
+        hidden = self.model.text_model(embeds, positions[:, None], attn_mask=mask, cache=cache, slot=slot)
+        cache.advance(1)
+        return self.head(hidden[:, 0]).float()
+
+    def generate(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None, **kwargs):
+        """Batched generation with a static KV cache; see vlmfast.generation.generate for options.
+        Returns int (B, L + new); greedy output equals transformers' generate(do_sample=False)."""
+        from vlmfast.generation.generate import generate
+
+        return generate(self, input_ids, pixel_values, pixel_attention_mask, attention_mask, **kwargs)
