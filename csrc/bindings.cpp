@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 
+#include "cpu/hamming.h"
 #include "cpu/patch_embed.h"
 #include "cpu/rope_2d.h"
 #include "cpu/rotary.h"
@@ -50,6 +51,25 @@ static py::dict cpu_features() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "vlmfast CPU kernels (torch-free; see vlmfast/native for the launchers)";
   m.def("cpu_features", &cpu_features);
+
+  // Hamming pair search (csrc/cpu/hamming.h): the pairs come back as the bytes of an int64 array
+  // [i0, j0, i1, j1, ...], which vlmfast/native/hamming.py views with numpy (no copy per pair).
+  m.def(
+      "hamming_pairs",
+      [](uintptr_t hashes, int64_t n, int max_distance, bool banded, int threads) {
+        std::vector<int64_t> pairs;
+        {
+          py::gil_scoped_release release;
+          pairs = banded ? vlmfast::cpu::hamming_pairs_banded(ptr<const uint64_t>(hashes), n,
+                                                              max_distance, threads)
+                         : vlmfast::cpu::hamming_pairs_all(ptr<const uint64_t>(hashes), n,
+                                                           max_distance, threads);
+        }
+        return py::bytes(reinterpret_cast<const char*>(pairs.data()),
+                         pairs.size() * sizeof(int64_t));
+      },
+      py::arg("hashes"), py::arg("n"), py::arg("max_distance"), py::arg("banded"),
+      py::arg("threads"));
 
   m.def(
       "rotary_forward",

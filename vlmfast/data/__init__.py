@@ -2,3 +2,7 @@
 
 Each module adds its public names below (additive edits only: several people own modules here).
 """
+
+# Near-duplicate removal (perceptual hashes, Hamming pair search).
+from vlmfast.data.dedup import DedupResult, dedup_folder, find_duplicate_pairs, find_duplicates  # noqa: E402
+from vlmfast.data.phash import phash, phash_many  # noqa: E402

@@ -1,0 +1,224 @@
+"""Near-duplicate removal: pairs of perceptual hashes within a Hamming distance, image groups, keepers.
+
+    pairs = find_duplicates(hashes, max_distance=4)     # [(i, j), ...], i < j
+    result = dedup_folder("images/", max_distance=4)    # groups, what to keep, what to remove
+
+The pair search runs in C++ (csrc/cpu/hamming.cpp): for small distances a pigeonhole search
+(split the 64 bits into max_distance + 1 bands; a pair within the distance agrees exactly on one
+band, so only hashes sharing a band value are compared), else every pair in cache-sized tiles.
+Without the extension, a chunked numpy search gives the same pairs.
+"""
+
+import dataclasses
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from vlmfast import _extension
+from vlmfast.data.phash import pack_bits, phash_bits
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+_MAX_INDEX = 2**31 - 1  # the kernel packs pair indices into 32 bits
+_NUMPY_CHUNK = 2048
+
+
+def as_hash_array(hashes) -> np.ndarray:
+    """hashes -> (N,) contiguous uint64. Accepts ints in [0, 2^64), or a 1-D integer array/tensor
+    (int64 values are read as their two's-complement bits, as torch stores 64-bit hashes)."""
+    try:
+        import torch
+
+        if isinstance(hashes, torch.Tensor):
+            hashes = hashes.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    if isinstance(hashes, np.ndarray):
+        if hashes.ndim != 1:
+            raise ValueError(f"hashes: expected a 1-D array (N,), got shape {hashes.shape}")
+        if hashes.dtype == np.int64:
+            return np.ascontiguousarray(hashes).view(np.uint64)
+        if hashes.dtype.kind not in "ui":
+            raise TypeError(f"hashes: expected an integer array, got {hashes.dtype}")
+        if hashes.dtype.kind == "i" and hashes.size and hashes.min() < 0:
+            raise ValueError("hashes: negative values in a narrow signed array; expected 64-bit hashes")
+        return np.ascontiguousarray(hashes.astype(np.uint64))
+    if isinstance(hashes, (str, bytes)) or not isinstance(hashes, Sequence):
+        raise TypeError(f"hashes: expected a list of ints or a 1-D integer array, got {type(hashes).__name__}")
+    for i, value in enumerate(hashes):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**64:
+            raise ValueError(f"hashes[{i}]: expected a 64-bit hash, an int in [0, 2**64), got {value!r}")
+    return np.array([int(v) for v in hashes], dtype=np.uint64)
+
+
+def _pairs_numpy(hashes: np.ndarray, max_distance: int) -> np.ndarray:
+    """The same (P, 2) sorted pairs by brute force in chunks (the fallback without vlmfast._C)."""
+    found = []
+    for start in range(0, hashes.shape[0], _NUMPY_CHUNK):
+        block = hashes[start : start + _NUMPY_CHUNK]
+        distance = np.bitwise_count(block[:, None] ^ hashes[None, :])
+        i, j = np.nonzero(distance <= max_distance)
+        i = i + start
+        keep = j > i
+        found.append(np.stack([i[keep], j[keep]], axis=1))
+    pairs = np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))].astype(np.int64)
+
+
+def find_duplicate_pairs(hashes, max_distance: int = 4, *, method: str = "auto", threads: int | None = None) -> np.ndarray:
+    """All pairs within `max_distance` as a (P, 2) int64 array of (i, j), i < j, sorted.
+
+    hashes: N 64-bit hashes (see `as_hash_array`). max_distance: 0..64 bits.
+    method: "auto" (banded search up to distance 10, else tiled), "banded", "all", or "numpy".
+    """
+    if isinstance(max_distance, bool) or not isinstance(max_distance, (int, np.integer)) or not 0 <= max_distance <= 64:
+        raise ValueError(f"max_distance: expected an int in [0, 64] (bits), got {max_distance!r}")
+    if method not in ("auto", "banded", "all", "numpy"):
+        raise ValueError(f"method: expected 'auto', 'banded', 'all' or 'numpy', got {method!r}")
+    if method == "banded" and max_distance > 63:
+        raise ValueError("method: 'banded' needs max_distance <= 63 (one band per allowed bit + 1)")
+    hashes = as_hash_array(hashes)
+    if hashes.shape[0] > _MAX_INDEX:
+        raise ValueError(f"hashes: expected at most {_MAX_INDEX} hashes, got {hashes.shape[0]}")
+    if hashes.shape[0] < 2:
+        return np.empty((0, 2), dtype=np.int64)
+    if method == "numpy" or _extension.load("_C") is None:
+        if method != "numpy":
+            _extension.warn_missing("_C", "numpy")
+        return _pairs_numpy(hashes, int(max_distance))
+    from vlmfast.native import hamming
+
+    if max_distance == 64:
+        method = "all"
+    return hamming.hamming_pairs(hashes, int(max_distance), method=method, threads=threads)
+
+
+def find_duplicates(hashes, max_distance: int = 4) -> list[tuple[int, int]]:
+    """Every pair (i, j), i < j, whose hashes differ in at most `max_distance` bits, sorted.
+
+    hashes: N 64-bit perceptual hashes (ints, or a uint64/int64 array or tensor).
+    """
+    return [(int(i), int(j)) for i, j in find_duplicate_pairs(hashes, max_distance)]
+
+
+def group_pairs(n: int, pairs) -> list[list[int]]:
+    """Connected components of size >= 2 of the graph on n items with the given edges, each
+    sorted, ordered by their first item (union-find with path halving)."""
+    parent = list(range(n))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i, j in pairs:
+        ri, rj = root(int(i)), root(int(j))
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    members: dict[int, list[int]] = {}
+    for x in range(n):
+        members.setdefault(root(x), []).append(x)
+    return sorted((m for m in members.values() if len(m) > 1), key=lambda m: m[0])
+
+
+@dataclasses.dataclass
+class DedupResult:
+    """What `dedup_folder` found. `groups` lists each group of near-duplicates with its keeper
+    first; `keep` is every readable image minus `remove`; nothing on disk is changed."""
+
+    root: Path
+    max_distance: int
+    keep: list[Path]
+    remove: list[Path]
+    groups: list[list[Path]]
+    unreadable: list[Path]
+    hashes: dict[Path, int]
+
+    def to_json(self) -> str:
+        rel = lambda p: str(p.relative_to(self.root))  # noqa: E731
+        return json.dumps(
+            {
+                "root": str(self.root),
+                "max_distance": self.max_distance,
+                "num_images": len(self.keep) + len(self.remove),
+                "num_keep": len(self.keep),
+                "num_remove": len(self.remove),
+                "groups": [[rel(p) for p in group] for group in self.groups],
+                "remove": [rel(p) for p in self.remove],
+                "unreadable": [rel(p) for p in self.unreadable],
+            },
+            indent=2,
+        )
+
+
+def _image_files(root: Path, recursive: bool) -> list[Path]:
+    walk = root.rglob("*") if recursive else root.glob("*")
+    return sorted(p for p in walk if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _hash_and_size(path: Path):
+    """(hash, width * height, bytes) of one image file, or None when it cannot be decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            bits = phash_bits(image)
+            pixels = image.width * image.height
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return pack_bits(bits), pixels, path.stat().st_size
+
+
+def dedup_folder(path, max_distance: int = 4, *, recursive: bool = True, threads: int | None = None) -> DedupResult:
+    """Groups the near-duplicate images under `path` and picks one keeper per group.
+
+    Images (by suffix: jpg, png, webp, ...) are hashed with `phash`; two images whose hashes are
+    within `max_distance` bits are near-duplicates, and groups are the connected components.
+    The keeper of a group is its largest image (most pixels), then the larger file, then the
+    first path in sorted order. Files that cannot be decoded are listed in `unreadable`.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise ValueError(f"path: expected a directory of images, got {os.fspath(path)!r} (not a directory)")
+    if isinstance(max_distance, bool) or not isinstance(max_distance, int) or not 0 <= max_distance <= 64:
+        raise ValueError(f"max_distance: expected an int in [0, 64] (bits), got {max_distance!r}")
+    files = _image_files(root, recursive)
+    if not files:
+        raise ValueError(f"path: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {os.fspath(root)!r}")
+
+    workers = threads or min(len(files), os.cpu_count() or 1)
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            info = list(pool.map(_hash_and_size, files))
+    else:
+        info = [_hash_and_size(f) for f in files]
+    unreadable = [f for f, i in zip(files, info) if i is None]
+    if unreadable:
+        warnings.warn(f"dedup_folder: {len(unreadable)} file(s) could not be read as images, e.g. {unreadable[0]}", stacklevel=2)
+    readable = [(f, i) for f, i in zip(files, info) if i is not None]
+    paths = [f for f, _ in readable]
+    hashes = np.array([i[0] for _, i in readable], dtype=np.uint64)
+
+    groups, remove = [], []
+    for members in group_pairs(len(paths), find_duplicate_pairs(hashes, max_distance, threads=threads)):
+        # Largest image first, then the larger file, then path order (members are path-sorted).
+        ordered = sorted(members, key=lambda m: (-readable[m][1][1], -readable[m][1][2], m))
+        groups.append([paths[m] for m in ordered])
+        remove.extend(paths[m] for m in ordered[1:])
+    removed = set(remove)
+    return DedupResult(
+        root=root,
+        max_distance=max_distance,
+        keep=[p for p in paths if p not in removed],
+        remove=sorted(remove),
+        groups=groups,
+        unreadable=unreadable,
+        hashes={p: int(h) for p, h in zip(paths, hashes)},
+    )
