@@ -1,0 +1,792 @@
+// Fused attention on the CPU, flash-attention style: tiles of query rows x 64 keys, online softmax
+// (running max m and sum l, rescaling the output accumulator), never the L x S matrix in memory.
+//
+// Layout of the work. The H / Hkv query heads that share a kv head are processed together: for a
+// (batch, kv head) pair the L * G query rows are ordered (position l, head in group g), so a row
+// block reads each K/V tile once for the whole group (decode with GQA: L = 1, G = 4 -> one 4-row
+// block) and causal limits still follow l. Scores are kept in base-2 units (q is pre-multiplied
+// by scale * log2(e), the bias by log2(e)) so the softmax needs only exp2.
+//
+// Tiles are converted to float32 once, when packed into thread-local buffers padded to a multiple
+// of 16 in the head dim ("width"): K and V transposed (width x 64) for the score products, rows
+// (64 x width) for the products that run over keys. The float kernels below (score tile,
+// accumulate, softmax steps) are separate multi-versioned functions: OpenMP outlines a parallel
+// region into a function of its own, which target_clones would not reach, so the hot loops must be
+// functions the region calls.
+#include "cpu/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "common/dtype.h"
+#include "common/parallel.h"
+
+// The vector helpers are always inlined, so the ABI note about passing 64-byte vectors is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace vlmfast::cpu {
+namespace {
+
+// ----------------------------------------------------------------------------------------------
+// Vector helpers (GCC vector extensions: 16 floats, one AVX-512 register, two AVX2 ones).
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+#define VLMFAST_INLINE inline __attribute__((always_inline))
+
+constexpr int kLanes = 16;
+constexpr int64_t kKeyBlock = 64;                // keys per tile
+constexpr int kKeyVectors = kKeyBlock / kLanes;  // vectors per row of a score tile
+constexpr int64_t kMaxRowBlock = 64;             // query rows per tile, at most
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+VLMFAST_INLINE v16 load(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+VLMFAST_INLINE void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+VLMFAST_INLINE v16 splat(float x) { return v16{} + x; }
+
+VLMFAST_INLINE float reduce_max(v16 v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+VLMFAST_INLINE float reduce_sum(v16 v) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+// 2^x, about 1 ulp for x in [-126, 127]; exactly 0 below -126 (so -inf -> 0, masked keys vanish).
+// x = n + f with n = round(x), |f| <= 1/2; 2^f by its degree-7 Taylor polynomial (truncation error
+// < 6e-9), 2^n by building the exponent bits.
+VLMFAST_INLINE v16 exp2v(v16 x) {
+  const v16 lo = splat(-126.0f), hi = splat(127.0f);
+  const auto underflow = x < lo;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const v16 magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const v16 shifted = x + magic;
+  const v16 n = shifted - magic;
+  const v16 f = x - n;
+  v16 p = splat(1.525273380405984e-05f);
+  p = p * f + 1.5403530393381608e-04f;
+  p = p * f + 1.3333558146428443e-03f;
+  p = p * f + 9.618129107628477e-03f;
+  p = p * f + 5.550410866482158e-02f;
+  p = p * f + 2.402265069591007e-01f;
+  p = p * f + 6.931471805599453e-01f;
+  p = p * f + 1.0f;
+  const v16i exponent = ((v16i)shifted - (v16i)magic + 127) << 23;
+  const v16 result = p * (v16)exponent;
+  return underflow ? splat(0.0f) : result;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Float kernels on packed tiles. A score tile is (rows, 64): row r at C + r * 64.
+
+// C[r][0:64] = sum_e A[r][e] * Bt[e][0:64]: R rows of A (row-major, lda) against a packed
+// (depth, 64) tile. R x 4 accumulators stay in registers; e runs innermost over contiguous Bt.
+template <int R>
+VLMFAST_INLINE void score_rows(const float* A, int64_t lda, const float* Bt, int64_t depth,
+                               float* C) {
+  v16 acc[R][kKeyVectors];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kKeyVectors; ++c) acc[r][c] = v16{};
+  for (int64_t e = 0; e < depth; ++e) {
+    v16 b[kKeyVectors];
+    for (int c = 0; c < kKeyVectors; ++c) b[c] = load(Bt + e * kKeyBlock + c * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float a = A[r * lda + e];
+      for (int c = 0; c < kKeyVectors; ++c) acc[r][c] += a * b[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kKeyVectors; ++c) store(C + r * kKeyBlock + c * kLanes, acc[r][c]);
+}
+
+// (rows, 64) score tile C = A Bt, A (rows, depth) with row stride lda, Bt packed (depth, 64).
+VLMFAST_MULTIVERSION void tile_scores(const float* A, int64_t lda, const float* Bt, int64_t depth,
+                                      float* C, int64_t rows) {
+  int64_t r = 0;
+  for (; r + 6 <= rows; r += 6) score_rows<6>(A + r * lda, lda, Bt, depth, C + r * kKeyBlock);
+  const float* a = A + r * lda;
+  float* c = C + r * kKeyBlock;
+  switch (rows - r) {
+    case 5: score_rows<5>(a, lda, Bt, depth, c); break;
+    case 4: score_rows<4>(a, lda, Bt, depth, c); break;
+    case 3: score_rows<3>(a, lda, Bt, depth, c); break;
+    case 2: score_rows<2>(a, lda, Bt, depth, c); break;
+    case 1: score_rows<1>(a, lda, Bt, depth, c); break;
+    default: break;
+  }
+}
+
+// C[r][0:16V] += sum_c A[r * a_rs + c * a_cs] * B[c][0:16V]. A is read one scalar at a time, so
+// any layout works: (a_rs, a_cs) = (64, 1) for a score tile, (1, 64) for its transpose.
+template <int R, int V>
+VLMFAST_INLINE void accumulate_rows(const float* A, int64_t a_rs, int64_t a_cs, const float* B,
+                                    int64_t ldb, int64_t count, float* C, int64_t ldc) {
+  v16 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = load(C + r * ldc + v * kLanes);
+  for (int64_t c = 0; c < count; ++c) {
+    v16 b[V];
+    for (int v = 0; v < V; ++v) b[v] = load(B + c * ldb + v * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float a = A[r * a_rs + c * a_cs];
+      for (int v = 0; v < V; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) store(C + r * ldc + v * kLanes, acc[r][v]);
+}
+
+template <int R>
+VLMFAST_INLINE void accumulate_row_group(const float* A, int64_t a_rs, int64_t a_cs,
+                                         const float* B, int64_t ldb, int64_t count, float* C,
+                                         int64_t ldc, int64_t width) {
+  int64_t e = 0;
+  for (; e + 4 * kLanes <= width; e += 4 * kLanes)
+    accumulate_rows<R, 4>(A, a_rs, a_cs, B + e, ldb, count, C + e, ldc);
+  switch ((width - e) / kLanes) {
+    case 3: accumulate_rows<R, 3>(A, a_rs, a_cs, B + e, ldb, count, C + e, ldc); break;
+    case 2: accumulate_rows<R, 2>(A, a_rs, a_cs, B + e, ldb, count, C + e, ldc); break;
+    case 1: accumulate_rows<R, 1>(A, a_rs, a_cs, B + e, ldb, count, C + e, ldc); break;
+    default: break;
+  }
+}
+
+// C (rows, width) += A (rows, count) @ B (count, width); width a multiple of 16.
+VLMFAST_MULTIVERSION void tile_accumulate(const float* A, int64_t a_rs, int64_t a_cs,
+                                          const float* B, int64_t ldb, int64_t count, float* C,
+                                          int64_t ldc, int64_t rows, int64_t width) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4)
+    accumulate_row_group<4>(A + r * a_rs, a_rs, a_cs, B, ldb, count, C + r * ldc, ldc, width);
+  const float* a = A + r * a_rs;
+  float* c = C + r * ldc;
+  switch (rows - r) {
+    case 3: accumulate_row_group<3>(a, a_rs, a_cs, B, ldb, count, c, ldc, width); break;
+    case 2: accumulate_row_group<2>(a, a_rs, a_cs, B, ldb, count, c, ldc, width); break;
+    case 1: accumulate_row_group<1>(a, a_rs, a_cs, B, ldb, count, c, ldc, width); break;
+    default: break;
+  }
+}
+
+// One online-softmax step over a (rows, 64) tile of base-2 scores, turned into probabilities in
+// place: m_new = max(m, rowmax), p = 2^(s - m_new), l = l * 2^(m - m_new) + rowsum(p), and the
+// output accumulator rescaled by 2^(m - m_new). While a row has seen only masked keys (m_new =
+// -inf) it is evaluated against 0, which keeps p = 0 and avoids -inf - -inf.
+VLMFAST_MULTIVERSION void online_softmax_step(float* S, int64_t rows, float* m, float* l,
+                                              float* acc, int64_t width) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* s = S + i * kKeyBlock;
+    v16 row_max = load(s);
+    for (int c = 1; c < kKeyVectors; ++c) {
+      const v16 x = load(s + c * kLanes);
+      row_max = x > row_max ? x : row_max;
+    }
+    const float m_new = std::max(m[i], reduce_max(row_max));
+    const float m_use = m_new == -kInf ? 0.0f : m_new;
+    const float alpha = std::exp2(m[i] - m_use);
+    v16 sum{};
+    for (int c = 0; c < kKeyVectors; ++c) {
+      const v16 p = exp2v(load(s + c * kLanes) - m_use);
+      store(s + c * kLanes, p);
+      sum += p;
+    }
+    l[i] = l[i] * alpha + reduce_sum(sum);
+    m[i] = m_new;
+    if (alpha != 1.0f) {
+      float* a = acc + i * width;
+      for (int64_t e = 0; e < width; e += kLanes) store(a + e, load(a + e) * alpha);
+    }
+  }
+}
+
+// P = 2^(s - lse2) in place (lse2: the row's log-sum-exp in base 2, +inf for an empty row).
+VLMFAST_MULTIVERSION void tile_probabilities(float* S, const float* lse2, int64_t rows) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int c = 0; c < kKeyVectors; ++c) {
+      float* s = S + i * kKeyBlock + c * kLanes;
+      store(s, exp2v(load(s) - lse2[i]));
+    }
+}
+
+// dS = P * (dP - D_i) in place of dP.
+VLMFAST_MULTIVERSION void tile_score_grads(const float* P, float* dP, const float* delta,
+                                           int64_t rows) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int c = 0; c < kKeyVectors; ++c) {
+      const int64_t at = i * kKeyBlock + c * kLanes;
+      store(dP + at, load(P + at) * (load(dP + at) - delta[i]));
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Work plan, row blocks, thread-local buffers.
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Plan {
+  AttentionShape s;
+  int64_t group;       // G = H / Hkv query heads per kv head
+  int64_t rows;        // L * G query rows per (batch, kv head), ordered (l, g)
+  int64_t width;       // E rounded up to 16
+  int64_t block_rows;  // query rows per tile
+  int64_t row_blocks;
+  int64_t key_blocks;
+  float q_mult;        // scale * log2(e): q packed with it gives base-2 scores
+};
+
+Plan make_plan(const AttentionShape& s, int threads) {
+  Plan p;
+  p.s = s;
+  p.group = s.heads / s.kv_heads;
+  p.rows = s.q_len * p.group;
+  p.width = ceil_div(s.head_dim, kLanes) * kLanes;
+  p.key_blocks = ceil_div(s.kv_len, kKeyBlock);
+  p.q_mult = s.scale * kLog2e;
+  if (p.rows == 0) {
+    p.block_rows = 1;
+    p.row_blocks = 0;
+    return p;
+  }
+  // Even blocks of at most 64 rows (197 rows -> 4 x 50, not 3 x 64 + 5); smaller ones when there
+  // are too few (batch, kv head) pairs to give every thread two tasks.
+  const int64_t outer = std::max<int64_t>(1, s.batch * s.kv_heads);
+  int64_t blocks = ceil_div(p.rows, kMaxRowBlock);
+  blocks = std::max(blocks, std::min(ceil_div(2 * threads, outer), ceil_div(p.rows, 16)));
+  p.block_rows = std::min(kMaxRowBlock, ceil_div(ceil_div(p.rows, blocks), 2) * 2);
+  p.row_blocks = ceil_div(p.rows, p.block_rows);
+  return p;
+}
+
+// The query rows [first, first + count) of one (batch, kv head): where each one lives.
+struct RowBlock {
+  int64_t first, count, min_pos, max_pos;
+  int64_t pos[kMaxRowBlock];   // query position l
+  int64_t head[kMaxRowBlock];  // query head h
+  const float* bias[kMaxRowBlock];
+};
+
+void describe_rows(const Plan& p, const AttentionBias& bias, int64_t b, int64_t kv_head,
+                   int64_t first, int64_t count, RowBlock& r) {
+  r.first = first;
+  r.count = count;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t row = first + i;
+    r.pos[i] = row / p.group;
+    r.head[i] = kv_head * p.group + row % p.group;
+    r.bias[i] = bias.data ? bias.data + b * bias.strides[0] + r.head[i] * bias.strides[1] +
+                                r.pos[i] * bias.strides[2]
+                          : nullptr;
+  }
+  r.min_pos = first / p.group;
+  r.max_pos = (first + count - 1) / p.group;
+}
+
+// Key blocks a row block can see: all, or up to its last row's position when causal.
+int64_t visible_key_blocks(const Plan& p, const RowBlock& r) {
+  if (!p.s.causal) return p.key_blocks;
+  return std::min(p.key_blocks, ceil_div(std::min(p.s.kv_len, r.max_pos + 1), kKeyBlock));
+}
+
+// Adds the bias (in base 2) and -inf for keys past the causal diagonal and past the last key.
+void mask_scores(const Plan& p, const AttentionBias& bias, const RowBlock& r, int64_t first_key,
+                 int64_t keys, float* S) {
+  const bool causal = p.s.causal && first_key + keys - 1 > r.min_pos;
+  const int64_t key_stride = bias.strides[3];
+  for (int64_t i = 0; i < r.count; ++i) {
+    float* s = S + i * kKeyBlock;
+    if (r.bias[i]) {
+      const float* b = r.bias[i] + first_key * key_stride;
+      if (key_stride == 1) {
+        for (int64_t j = 0; j < keys; ++j) s[j] += kLog2e * b[j];
+      } else {
+        for (int64_t j = 0; j < keys; ++j) s[j] += kLog2e * b[j * key_stride];
+      }
+    }
+    int64_t end = keys;
+    if (causal) end = std::clamp<int64_t>(r.pos[i] - first_key + 1, 0, keys);
+    for (int64_t j = end; j < kKeyBlock; ++j) s[j] = -kInf;
+  }
+}
+
+struct alignas(64) Chunk {
+  float f[kLanes];
+};
+
+// A float buffer aligned to 64 bytes that grows on demand.
+class Buffer {
+ public:
+  float* get(int64_t n) {
+    const size_t chunks = static_cast<size_t>(ceil_div(std::max<int64_t>(n, 1), kLanes));
+    if (chunks_.size() < chunks) chunks_.resize(chunks);
+    return chunks_.front().f;
+  }
+
+ private:
+  std::vector<Chunk> chunks_;
+};
+
+struct Scratch {
+  Buffer q, dout, kt, vt, krows, scores, dscores, acc, dk, dv, stats, dq;
+};
+
+// ----------------------------------------------------------------------------------------------
+// Packing (element type -> float32 tiles).
+
+template <typename T>
+VLMFAST_INLINE const T* row_of(const AttentionInput& t, int64_t b, int64_t head, int64_t pos) {
+  return static_cast<const T*>(t.data) + b * t.strides[0] + head * t.strides[1] +
+         pos * t.strides[2];
+}
+
+template <typename T>
+VLMFAST_INLINE T* row_of(const AttentionOutput& t, int64_t b, int64_t head, int64_t pos) {
+  return static_cast<T*>(t.data) + b * t.strides[0] + head * t.strides[1] + pos * t.strides[2];
+}
+
+// dst (count, width) = t's rows of the block, times mult, zero-padded past E.
+template <typename T>
+void pack_query_rows(const AttentionInput& t, const Plan& p, int64_t b, const RowBlock& r,
+                     float mult, float* dst) {
+  const int64_t E = p.s.head_dim;
+  for (int64_t i = 0; i < r.count; ++i) {
+    const T* src = row_of<T>(t, b, r.head[i], r.pos[i]);
+    float* d = dst + i * p.width;
+    for (int64_t e = 0; e < E; ++e) d[e] = to_float(src[e]) * mult;
+    for (int64_t e = E; e < p.width; ++e) d[e] = 0.0f;
+  }
+}
+
+// dst (width, 64) = the transpose of `keys` rows of src (row stride `stride`), zero-padded.
+template <typename T>
+void pack_transposed(const T* src, int64_t stride, int64_t keys, const Plan& p, float* dst) {
+  const int64_t E = p.s.head_dim;
+  for (int64_t j = 0; j < keys; ++j) {
+    const T* row = src + j * stride;
+    for (int64_t e = 0; e < E; ++e) dst[e * kKeyBlock + j] = to_float(row[e]);
+  }
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t j = keys; j < kKeyBlock; ++j) dst[e * kKeyBlock + j] = 0.0f;
+  std::fill(dst + E * kKeyBlock, dst + p.width * kKeyBlock, 0.0f);
+}
+
+// `keys` rows of src as a (keys, width) float tile; float rows of a multiple-of-16 head dim are
+// used where they are (returns the tile and sets its row stride).
+template <typename T>
+const float* key_rows(const T* src, int64_t stride, int64_t keys, const Plan& p, float* buffer,
+                      int64_t& ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (p.s.head_dim == p.width) {
+      ld = stride;
+      return src;
+    }
+  }
+  const int64_t E = p.s.head_dim;
+  for (int64_t j = 0; j < keys; ++j) {
+    const T* row = src + j * stride;
+    float* d = buffer + j * p.width;
+    for (int64_t e = 0; e < E; ++e) d[e] = to_float(row[e]);
+    for (int64_t e = E; e < p.width; ++e) d[e] = 0.0f;
+  }
+  ld = p.width;
+  return buffer;
+}
+
+// Writes the block's rows of a (count, width) float accumulator times mult.
+template <typename T>
+void store_query_rows(const AttentionOutput& t, const Plan& p, int64_t b, const RowBlock& r,
+                      const float* acc, float mult) {
+  for (int64_t i = 0; i < r.count; ++i) {
+    T* dst = row_of<T>(t, b, r.head[i], r.pos[i]);
+    const float* a = acc + i * p.width;
+    for (int64_t e = 0; e < p.s.head_dim; ++e) dst[e] = from_float<T>(a[e] * mult);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Forward.
+
+struct ForwardArgs {
+  AttentionInput q, k, v;
+  AttentionBias bias;
+  AttentionOutput out;
+  float* lse;
+};
+
+// Runs the online softmax of a row block over key blocks [kb_begin, kb_end): leaves the row
+// maxima m (base 2), sums l and the unnormalised output acc (count, width).
+template <typename T>
+void forward_rows(const Plan& p, const ForwardArgs& a, int64_t b, int64_t kv_head,
+                  const RowBlock& r, int64_t kb_begin, int64_t kb_end, Scratch& w, float* m,
+                  float* l, float* acc) {
+  const int64_t E = p.s.head_dim, width = p.width;
+  float* q = w.q.get(kMaxRowBlock * width);
+  float* kt = w.kt.get(width * kKeyBlock);
+  float* vbuf = w.krows.get(kKeyBlock * width);
+  float* s = w.scores.get(kMaxRowBlock * kKeyBlock);
+  pack_query_rows<T>(a.q, p, b, r, p.q_mult, q);
+  std::fill(m, m + r.count, -kInf);
+  std::fill(l, l + r.count, 0.0f);
+  std::fill(acc, acc + r.count * width, 0.0f);
+  for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+    const int64_t first_key = kb * kKeyBlock;
+    const int64_t keys = std::min(kKeyBlock, p.s.kv_len - first_key);
+    pack_transposed(row_of<T>(a.k, b, kv_head, first_key), a.k.strides[2], keys, p, kt);
+    tile_scores(q, width, kt, E, s, r.count);  // s = q k^T (scaled, base 2)
+    mask_scores(p, a.bias, r, first_key, keys, s);
+    online_softmax_step(s, r.count, m, l, acc, width);  // s = p
+    int64_t ldv;
+    const float* v = key_rows(row_of<T>(a.v, b, kv_head, first_key), a.v.strides[2], keys, p,
+                              vbuf, ldv);
+    tile_accumulate(s, kKeyBlock, 1, v, ldv, keys, acc, width, r.count, width);  // acc += p v
+  }
+}
+
+// out = acc / l and lse = ln(2) * m + ln(l); a row with l = 0 saw no key: out = 0, lse = -inf.
+template <typename T>
+void finish_rows(const Plan& p, const ForwardArgs& a, int64_t b, const RowBlock& r,
+                 const float* m, const float* l, const float* acc) {
+  for (int64_t i = 0; i < r.count; ++i) {
+    T* out = row_of<T>(a.out, b, r.head[i], r.pos[i]);
+    float* lse = a.lse + (b * p.s.heads + r.head[i]) * p.s.q_len + r.pos[i];
+    const float* row = acc + i * p.width;
+    const bool empty = !(l[i] > 0.0f);
+    const float inv = empty ? 0.0f : 1.0f / l[i];
+    for (int64_t e = 0; e < p.s.head_dim; ++e) out[e] = from_float<T>(row[e] * inv);
+    *lse = empty ? -kInf : m[i] * kLn2 + std::log(l[i]);
+  }
+}
+
+template <typename T>
+VLMFAST_INLINE void forward_impl(const AttentionShape& shape, const ForwardArgs& a, int threads) {
+  const Plan p = make_plan(shape, threads);
+  const int64_t tasks = shape.batch * shape.kv_heads * p.row_blocks;
+  if (tasks == 0) return;
+  // Too few row blocks for the threads (decode: a handful of query rows, thousands of keys):
+  // split the keys too, and merge the partial (m, l, acc) of each split afterwards.
+  int64_t splits = 1;
+  if (tasks < threads && p.key_blocks > 1) splits = std::min(p.key_blocks, ceil_div(threads, tasks));
+  const int64_t slot = p.block_rows * (p.width + 2);  // m, l, acc of one split of one task
+  std::vector<float> partial(splits > 1 ? static_cast<size_t>(tasks * splits * slot) : 0);
+
+#pragma omp parallel num_threads(threads)
+  {
+    Scratch w;
+    RowBlock r;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t job = 0; job < tasks * splits; ++job) {
+      const int64_t task = job / splits, split = job % splits;
+      const int64_t rb = task % p.row_blocks, pair = task / p.row_blocks;
+      const int64_t b = pair / shape.kv_heads, kv_head = pair % shape.kv_heads;
+      const int64_t first = rb * p.block_rows;
+      describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
+      const int64_t kb_end = visible_key_blocks(p, r);
+      if (splits == 1) {
+        float* stats = w.stats.get(2 * kMaxRowBlock);
+        float* acc = w.acc.get(kMaxRowBlock * p.width);
+        forward_rows<T>(p, a, b, kv_head, r, 0, kb_end, w, stats, stats + kMaxRowBlock, acc);
+        finish_rows<T>(p, a, b, r, stats, stats + kMaxRowBlock, acc);
+      } else {
+        float* part = partial.data() + job * slot;
+        forward_rows<T>(p, a, b, kv_head, r, kb_end * split / splits,
+                        kb_end * (split + 1) / splits, w, part, part + p.block_rows,
+                        part + 2 * p.block_rows);
+      }
+    }
+  }
+  if (splits == 1) return;
+
+#pragma omp parallel num_threads(threads)
+  {
+    Scratch w;
+    RowBlock r;
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t rb = task % p.row_blocks, pair = task / p.row_blocks;
+      const int64_t b = pair / shape.kv_heads, kv_head = pair % shape.kv_heads;
+      const int64_t first = rb * p.block_rows;
+      describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
+      float* m = w.stats.get(2 * kMaxRowBlock);
+      float* l = m + kMaxRowBlock;
+      float* acc = w.acc.get(kMaxRowBlock * p.width);
+      std::fill(acc, acc + r.count * p.width, 0.0f);
+      for (int64_t i = 0; i < r.count; ++i) {
+        // Merge: M = max_s m_s; l = sum_s 2^(m_s - M) l_s; acc = sum_s 2^(m_s - M) acc_s.
+        float top = -kInf;
+        for (int64_t sp = 0; sp < splits; ++sp)
+          top = std::max(top, partial[(task * splits + sp) * slot + i]);
+        m[i] = top;
+        l[i] = 0.0f;
+        if (top == -kInf) continue;
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const float* part = partial.data() + (task * splits + sp) * slot;
+          const float weight = std::exp2(part[i] - top);
+          l[i] += weight * part[p.block_rows + i];
+          const float* pacc = part + 2 * p.block_rows + i * p.width;
+          for (int64_t e = 0; e < p.width; ++e) acc[i * p.width + e] += weight * pacc[e];
+        }
+      }
+      finish_rows<T>(p, a, b, r, m, l, acc);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Backward.
+
+struct BackwardArgs {
+  AttentionInput dout, q, k, v, out;
+  const float* lse;
+  AttentionBias bias;
+  AttentionOutput dq, dk, dv;
+  const float* delta;  // D = rowsum(dO * O), (B, H, L)
+};
+
+// Packs a row block's q (scaled to base 2), dO, lse (base 2; +inf for an empty row so that its
+// probabilities are 2^-inf = 0) and D.
+template <typename T>
+void pack_backward_rows(const Plan& p, const BackwardArgs& a, int64_t b, const RowBlock& r,
+                        float* q, float* dout, float* lse2, float* delta) {
+  pack_query_rows<T>(a.q, p, b, r, p.q_mult, q);
+  pack_query_rows<T>(a.dout, p, b, r, 1.0f, dout);
+  for (int64_t i = 0; i < r.count; ++i) {
+    const int64_t at = (b * p.s.heads + r.head[i]) * p.s.q_len + r.pos[i];
+    lse2[i] = a.lse[at] == -kInf ? kInf : a.lse[at] * kLog2e;
+    delta[i] = a.delta[at];
+  }
+}
+
+// Recomputes one (row block, key block) tile: leaves P in s and dS in ds.
+void backward_tile(const Plan& p, const AttentionBias& bias, const RowBlock& r,
+                   int64_t first_key, int64_t keys, const float* q, const float* dout,
+                   const float* lse2, const float* delta, const float* kt, const float* vt,
+                   float* s, float* ds) {
+  tile_scores(q, p.width, kt, p.s.head_dim, s, r.count);  // s = q k^T (scaled, base 2)
+  mask_scores(p, bias, r, first_key, keys, s);
+  tile_probabilities(s, lse2, r.count);                   // P = 2^(s - lse2)
+  tile_scores(dout, p.width, vt, p.s.head_dim, ds, r.count);  // dP = dO v^T
+  tile_score_grads(s, ds, delta, r.count);                 // dS = P (dP - D)
+}
+
+// dk, dv of one key block, from every query row of its (batch, kv head) that can see it; with
+// dq_acc (rows, width) also adds dS k to the query rows' dq.
+template <typename T>
+void backward_key_block(const Plan& p, const BackwardArgs& a, int64_t b, int64_t kv_head,
+                        int64_t kb, Scratch& w, float* dq_acc) {
+  const int64_t width = p.width;
+  const int64_t first_key = kb * kKeyBlock;
+  const int64_t keys = std::min(kKeyBlock, p.s.kv_len - first_key);
+  float* kt = w.kt.get(width * kKeyBlock);
+  float* vt = w.vt.get(width * kKeyBlock);
+  float* q = w.q.get(kMaxRowBlock * width);
+  float* dout = w.dout.get(kMaxRowBlock * width);
+  float* s = w.scores.get(kMaxRowBlock * kKeyBlock);
+  float* ds = w.dscores.get(kMaxRowBlock * kKeyBlock);
+  float* dk = w.dk.get(kKeyBlock * width);
+  float* dv = w.dv.get(kKeyBlock * width);
+  float* lse2 = w.stats.get(2 * kMaxRowBlock);
+  float* delta = lse2 + kMaxRowBlock;
+  const T* k_rows = row_of<T>(a.k, b, kv_head, first_key);
+  pack_transposed(k_rows, a.k.strides[2], keys, p, kt);
+  pack_transposed(row_of<T>(a.v, b, kv_head, first_key), a.v.strides[2], keys, p, vt);
+  int64_t ldk = 0;
+  const float* k = dq_acc ? key_rows(k_rows, a.k.strides[2], keys, p, w.krows.get(kKeyBlock * width), ldk)
+                          : nullptr;
+  std::fill(dk, dk + keys * width, 0.0f);
+  std::fill(dv, dv + keys * width, 0.0f);
+
+  RowBlock r;
+  // Causal: rows before position first_key see none of these keys.
+  const int64_t first_row = p.s.causal ? std::min(p.rows, first_key * p.group) : 0;
+  for (int64_t first = first_row; first < p.rows; first += p.block_rows) {
+    describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
+    pack_backward_rows<T>(p, a, b, r, q, dout, lse2, delta);
+    backward_tile(p, a.bias, r, first_key, keys, q, dout, lse2, delta, kt, vt, s, ds);
+    // dv_j += sum_i P_ij dO_i ; dk_j += sum_i dS_ij q_i (q here carries scale * log2 e)
+    tile_accumulate(s, 1, kKeyBlock, dout, width, r.count, dv, width, keys, width);
+    tile_accumulate(ds, 1, kKeyBlock, q, width, r.count, dk, width, keys, width);
+    // dq_i += sum_j dS_ij k_j (times scale when written)
+    if (dq_acc)
+      tile_accumulate(ds, kKeyBlock, 1, k, ldk, keys, dq_acc + first * width, width, r.count, width);
+  }
+  for (int64_t j = 0; j < keys; ++j) {
+    T* dk_row = row_of<T>(a.dk, b, kv_head, first_key + j);
+    T* dv_row = row_of<T>(a.dv, b, kv_head, first_key + j);
+    for (int64_t e = 0; e < p.s.head_dim; ++e) {
+      dk_row[e] = from_float<T>(dk[j * width + e] * kLn2);  // undo the log2(e) carried by q
+      dv_row[e] = from_float<T>(dv[j * width + e]);
+    }
+  }
+}
+
+// dq of one row block: dq_i = scale * sum_j dS_ij k_j over the key blocks it sees.
+template <typename T>
+void backward_query_block(const Plan& p, const BackwardArgs& a, int64_t b, int64_t kv_head,
+                          int64_t rb, Scratch& w) {
+  const int64_t width = p.width;
+  float* kt = w.kt.get(width * kKeyBlock);
+  float* vt = w.vt.get(width * kKeyBlock);
+  float* kbuf = w.krows.get(kKeyBlock * width);
+  float* q = w.q.get(kMaxRowBlock * width);
+  float* dout = w.dout.get(kMaxRowBlock * width);
+  float* s = w.scores.get(kMaxRowBlock * kKeyBlock);
+  float* ds = w.dscores.get(kMaxRowBlock * kKeyBlock);
+  float* dq = w.acc.get(kMaxRowBlock * width);
+  float* lse2 = w.stats.get(2 * kMaxRowBlock);
+  float* delta = lse2 + kMaxRowBlock;
+  RowBlock r;
+  const int64_t first = rb * p.block_rows;
+  describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
+  pack_backward_rows<T>(p, a, b, r, q, dout, lse2, delta);
+  std::fill(dq, dq + r.count * width, 0.0f);
+  const int64_t kb_end = visible_key_blocks(p, r);
+  for (int64_t kb = 0; kb < kb_end; ++kb) {
+    const int64_t first_key = kb * kKeyBlock;
+    const int64_t keys = std::min(kKeyBlock, p.s.kv_len - first_key);
+    const T* k_rows = row_of<T>(a.k, b, kv_head, first_key);
+    pack_transposed(k_rows, a.k.strides[2], keys, p, kt);
+    pack_transposed(row_of<T>(a.v, b, kv_head, first_key), a.v.strides[2], keys, p, vt);
+    int64_t ldk;
+    const float* k = key_rows(k_rows, a.k.strides[2], keys, p, kbuf, ldk);
+    backward_tile(p, a.bias, r, first_key, keys, q, dout, lse2, delta, kt, vt, s, ds);
+    tile_accumulate(ds, kKeyBlock, 1, k, ldk, keys, dq, width, r.count, width);
+  }
+  store_query_rows<T>(a.dq, p, b, r, dq, p.s.scale);
+}
+
+template <typename T>
+VLMFAST_INLINE void backward_impl(const AttentionShape& shape, BackwardArgs a, int threads,
+                                  AttentionBackwardStrategy strategy) {
+  const Plan p = make_plan(shape, threads);
+  const int64_t pairs = shape.batch * shape.kv_heads;
+  if (pairs == 0) return;
+
+  // D_i = rowsum(dO_i * O_i), once per query row.
+  std::vector<float> delta(static_cast<size_t>(shape.batch * shape.heads * shape.q_len));
+  const int64_t E = shape.head_dim;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t row = 0; row < static_cast<int64_t>(delta.size()); ++row) {
+    const int64_t pos = row % shape.q_len, bh = row / shape.q_len;
+    const T* o = row_of<T>(a.out, bh / shape.heads, bh % shape.heads, pos);
+    const T* g = row_of<T>(a.dout, bh / shape.heads, bh % shape.heads, pos);
+    float sum = 0.0f;
+    for (int64_t e = 0; e < E; ++e) sum += to_float(o[e]) * to_float(g[e]);
+    delta[row] = sum;
+  }
+  a.delta = delta.data();
+
+  // Fused: one task per (batch, kv head) owns all of its dq rows, so dq accumulates in a
+  // thread-local buffer with no second pass; it needs enough pairs to balance the threads.
+  if (strategy == AttentionBackwardStrategy::Auto)
+    strategy = pairs >= 4 * threads && p.rows * p.width <= (int64_t{1} << 22)
+                   ? AttentionBackwardStrategy::Fused
+                   : AttentionBackwardStrategy::TwoPass;
+
+  if (strategy == AttentionBackwardStrategy::Fused) {
+#pragma omp parallel num_threads(threads)
+    {
+      Scratch w;
+      RowBlock r;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t pair = 0; pair < pairs; ++pair) {
+        const int64_t b = pair / shape.kv_heads, kv_head = pair % shape.kv_heads;
+        float* dq = w.dq.get(p.rows * p.width);
+        std::fill(dq, dq + p.rows * p.width, 0.0f);
+        for (int64_t kb = 0; kb < p.key_blocks; ++kb) backward_key_block<T>(p, a, b, kv_head, kb, w, dq);
+        for (int64_t first = 0; first < p.rows; first += p.block_rows) {
+          describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
+          store_query_rows<T>(a.dq, p, b, r, dq + first * p.width, shape.scale);
+        }
+      }
+    }
+    return;
+  }
+
+  // Two passes: dk, dv per (batch, kv head, key block); then dq per (batch, kv head, row block).
+#pragma omp parallel num_threads(threads)
+  {
+    Scratch w;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t job = 0; job < pairs * p.key_blocks; ++job) {
+      const int64_t pair = job / p.key_blocks, kb = job % p.key_blocks;
+      backward_key_block<T>(p, a, pair / shape.kv_heads, pair % shape.kv_heads, kb, w, nullptr);
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t job = 0; job < pairs * p.row_blocks; ++job) {
+      const int64_t pair = job / p.row_blocks, rb = job % p.row_blocks;
+      backward_query_block<T>(p, a, pair / shape.kv_heads, pair % shape.kv_heads, rb, w);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Entry points, one per element type.
+
+#define VLMFAST_ATTENTION_ENTRY(T, SUFFIX)                                                       \
+  void forward_##SUFFIX(const AttentionShape& s, const ForwardArgs& a, int threads) {           \
+    forward_impl<T>(s, a, threads);                                                              \
+  }                                                                                              \
+  void backward_##SUFFIX(const AttentionShape& s, const BackwardArgs& a, int threads,           \
+                         AttentionBackwardStrategy strategy) {                                   \
+    backward_impl<T>(s, a, threads, strategy);                                                   \
+  }
+
+VLMFAST_ATTENTION_ENTRY(float, f32)
+VLMFAST_ATTENTION_ENTRY(Half, f16)
+VLMFAST_ATTENTION_ENTRY(BFloat16, bf16)
+
+void check_shape(const AttentionShape& s) {
+  if (s.batch < 0 || s.heads < 0 || s.q_len < 0 || s.kv_len < 0 || s.head_dim < 1 ||
+      s.kv_heads < 1 || s.heads % s.kv_heads != 0)
+    throw std::invalid_argument("vlmfast attention: invalid sizes (need E >= 1, H % Hkv == 0)");
+}
+
+}  // namespace
+
+void attention_forward(const AttentionShape& shape, AttentionInput q, AttentionInput k,
+                       AttentionInput v, AttentionBias bias, AttentionOutput out, float* lse,
+                       int dtype, int threads) {
+  check_shape(shape);
+  threads = resolve_threads(threads);
+  const ForwardArgs a{q, k, v, bias, out, lse};
+  switch (dtype_from_tag(dtype)) {
+    case DType::Float32: return forward_f32(shape, a, threads);
+    case DType::Float16: return forward_f16(shape, a, threads);
+    case DType::BFloat16: return forward_bf16(shape, a, threads);
+  }
+}
+
+void attention_backward(const AttentionShape& shape, AttentionInput grad_out, AttentionInput q,
+                        AttentionInput k, AttentionInput v, AttentionInput out, const float* lse,
+                        AttentionBias bias, AttentionOutput dq, AttentionOutput dk,
+                        AttentionOutput dv, int dtype, int threads, int strategy) {
+  check_shape(shape);
+  if (strategy < 0 || strategy > 2)
+    throw std::invalid_argument("vlmfast attention: unknown backward strategy " + std::to_string(strategy));
+  threads = resolve_threads(threads);
+  const BackwardArgs a{grad_out, q, k, v, out, lse, bias, dq, dk, dv, nullptr};
+  const auto how = static_cast<AttentionBackwardStrategy>(strategy);
+  switch (dtype_from_tag(dtype)) {
+    case DType::Float32: return backward_f32(shape, a, threads, how);
+    case DType::Float16: return backward_f16(shape, a, threads, how);
+    case DType::BFloat16: return backward_bf16(shape, a, threads, how);
+  }
+}
+
+}  // namespace vlmfast::cpu

@@ -1,0 +1,54 @@
+// Fused scaled-dot-product attention on the CPU (flash-attention style): entry points bound in
+// csrc/bindings.cpp, launched by vlmfast/native/attention.py.
+//
+// q: (B, H, L, E); k, v: (B, Hkv, S, E), H % Hkv == 0 (query head h reads kv head h / (H / Hkv)).
+// Every tensor is given by its address and the strides (in elements) of its first three dims;
+// the head dim E is contiguous. bias (optional, float32) is (B, H, L, S) read through four strides
+// (0 for broadcast dims). lse is float32 (B, H, L), contiguous. Scores are
+// scale * q.k + bias, top-left causal (query i sees keys j <= i) when `causal`. A row that sees no
+// key gets out = 0 and lse = -inf; its gradients are 0.
+#pragma once
+
+#include <cstdint>
+
+namespace vlmfast::cpu {
+
+struct AttentionShape {
+  int64_t batch, heads, kv_heads, q_len, kv_len, head_dim;  // B, H, Hkv, L, S, E
+  float scale;
+  bool causal;
+};
+
+struct AttentionInput {    // a read-only (B, *, *, E) tensor
+  const void* data;
+  int64_t strides[3];
+};
+
+struct AttentionOutput {   // a written (B, *, *, E) tensor
+  void* data;
+  int64_t strides[3];
+};
+
+struct AttentionBias {     // float32 (B, H, L, S), or data == nullptr for none
+  const float* data;
+  int64_t strides[4];
+};
+
+// out = softmax(scale * q k^T + bias) v and lse = logsumexp of the scores, per row.
+void attention_forward(const AttentionShape& shape, AttentionInput q, AttentionInput k,
+                       AttentionInput v, AttentionBias bias, AttentionOutput out, float* lse,
+                       int dtype, int threads);
+
+// How the backward splits its work: dk/dv per (batch, kv head, key block) in every strategy; dq
+// either accumulated alongside in a per-task buffer (Fused: one task per (batch, kv head)) or in a
+// second pass over query blocks (TwoPass: more, smaller tasks). Auto picks by the task count.
+enum class AttentionBackwardStrategy : int { Auto = 0, Fused = 1, TwoPass = 2 };
+
+// dq (like q), dk and dv (like k, v: summed over the query heads of a group) from grad_out,
+// recomputing the probabilities from q, k, lse. out and grad_out are (B, H, L, E).
+void attention_backward(const AttentionShape& shape, AttentionInput grad_out, AttentionInput q,
+                        AttentionInput k, AttentionInput v, AttentionInput out, const float* lse,
+                        AttentionBias bias, AttentionOutput dq, AttentionOutput dk,
+                        AttentionOutput dv, int dtype, int threads, int strategy);
+
+}  // namespace vlmfast::cpu
