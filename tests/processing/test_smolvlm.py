@@ -95,8 +95,9 @@ def test_flat_list_is_one_sample_and_empty_samples(tmp_path):
         {"do_normalize": False},
         {"size": {"longest_edge": 200}, "max_image_size": {"longest_edge": 48}},
         {"do_pad": False},
+        {"size": {"height": 100, "width": 150}},
     ],
-    ids=["no-split", "no-resize", "bicubic-other-mean", "no-normalize", "uneven-multiple", "no-pad"],
+    ids=["no-split", "no-resize", "bicubic-other-mean", "no-normalize", "uneven-multiple", "no-pad", "fixed-size"],
 )
 def test_config_variants_equal_transformers(tmp_path, change):
     ours, theirs = both(tmp_path, {**SMALL, **change})

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from vlmfast.processing import config as cfg
-from vlmfast.processing.pixels import patch_embed_normalization, value_table
+from vlmfast.processing.pixels import apply_table, patch_embed_normalization, value_table
 
 
 class ImageProcessor:
@@ -68,6 +68,5 @@ class ImageProcessor:
             return list(pool.map(function, items))
 
     def _to_float(self, pixels: np.ndarray, out: np.ndarray) -> np.ndarray:
-        from vlmfast.processing.pixels import apply_table
-
+        """uint8 (H, W, 3) -> rescaled, normalised float32 written into out (3, H, W)."""
         return apply_table(pixels, self._table, out)
