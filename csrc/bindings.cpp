@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 
+#include "cpu/attention.h"
 #include "cpu/hamming.h"
 #include "cpu/patch_embed.h"
 #include "cpu/rope_2d.h"
@@ -146,4 +147,63 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("image"), py::arg("image_dtype"), py::arg("sizes"), py::arg("image_strides"),
       py::arg("scale"), py::arg("shift"), py::arg("out"), py::arg("out_dtype"), py::arg("threads"));
+
+  // Attention (csrc/cpu/attention.h): sizes = (B, H, Hkv, L, S, E); strides of dims 0-2 per
+  // tensor (the head dim is contiguous); bias = 0 for none, else float32 read through 4 strides.
+  m.def(
+      "attention_forward",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t bias, uintptr_t out, uintptr_t lse,
+         const std::array<int64_t, 6>& sizes, const Strides3& q_strides, const Strides3& k_strides,
+         const Strides3& v_strides, const std::array<int64_t, 4>& bias_strides,
+         const Strides3& out_strides, float scale, bool is_causal, int dtype, int threads) {
+        py::gil_scoped_release release;
+        namespace c = vlmfast::cpu;
+        const c::AttentionShape shape{sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5],
+                                      scale, is_causal};
+        auto in = [](uintptr_t a, const Strides3& s) {
+          return c::AttentionInput{ptr<const void>(a), {s[0], s[1], s[2]}};
+        };
+        const c::AttentionBias b{ptr<const float>(bias),
+                                 {bias_strides[0], bias_strides[1], bias_strides[2], bias_strides[3]}};
+        c::attention_forward(shape, in(q, q_strides), in(k, k_strides), in(v, v_strides), b,
+                             c::AttentionOutput{ptr<void>(out), {out_strides[0], out_strides[1], out_strides[2]}},
+                             ptr<float>(lse), dtype, threads);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"), py::arg("out"), py::arg("lse"),
+      py::arg("sizes"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"),
+      py::arg("bias_strides"), py::arg("out_strides"), py::arg("scale"), py::arg("is_causal"),
+      py::arg("dtype"), py::arg("threads"));
+
+  m.def(
+      "attention_backward",
+      [](uintptr_t grad_out, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
+         uintptr_t bias, uintptr_t dq, uintptr_t dk, uintptr_t dv,
+         const std::array<int64_t, 6>& sizes, const Strides3& grad_out_strides,
+         const Strides3& q_strides, const Strides3& k_strides, const Strides3& v_strides,
+         const Strides3& out_strides, const std::array<int64_t, 4>& bias_strides,
+         const Strides3& dq_strides, const Strides3& dk_strides, const Strides3& dv_strides,
+         float scale, bool is_causal, int dtype, int threads, int strategy) {
+        py::gil_scoped_release release;
+        namespace c = vlmfast::cpu;
+        const c::AttentionShape shape{sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5],
+                                      scale, is_causal};
+        auto in = [](uintptr_t a, const Strides3& s) {
+          return c::AttentionInput{ptr<const void>(a), {s[0], s[1], s[2]}};
+        };
+        auto outp = [](uintptr_t a, const Strides3& s) {
+          return c::AttentionOutput{ptr<void>(a), {s[0], s[1], s[2]}};
+        };
+        const c::AttentionBias b{ptr<const float>(bias),
+                                 {bias_strides[0], bias_strides[1], bias_strides[2], bias_strides[3]}};
+        c::attention_backward(shape, in(grad_out, grad_out_strides), in(q, q_strides),
+                              in(k, k_strides), in(v, v_strides), in(out, out_strides),
+                              ptr<const float>(lse), b, outp(dq, dq_strides), outp(dk, dk_strides),
+                              outp(dv, dv_strides), dtype, threads, strategy);
+      },
+      py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+      py::arg("lse"), py::arg("bias"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
+      py::arg("sizes"), py::arg("grad_out_strides"), py::arg("q_strides"), py::arg("k_strides"),
+      py::arg("v_strides"), py::arg("out_strides"), py::arg("bias_strides"),
+      py::arg("dq_strides"), py::arg("dk_strides"), py::arg("dv_strides"), py::arg("scale"),
+      py::arg("is_causal"), py::arg("dtype"), py::arg("threads"), py::arg("strategy"));
 }
