@@ -72,7 +72,7 @@ def patch_embed_fwd(
     patch = weight.shape[-1]
     b, _, gh, gw = _grid(images, patch)
     if images.numel() == 0 or weight.shape[0] == 0:
-        return _patch_gemm(reference.patch_gather(images, patch, scale, shift, weight.dtype), weight, bias, b)
+        return _patch_gemm(reference.patch_gather(images, patch, scale, shift, weight.dtype), weight, bias, b, gh * gw)
     if backend == "triton":
         from vlmfast.kernels import patch_embed as triton_patch_embed
 
@@ -85,15 +85,15 @@ def patch_embed_fwd(
         from vlmfast.native import patch_embed as native_patch_embed
 
         patches = native_patch_embed.gather(images, patch, scale, shift, weight.dtype)
-        return _patch_gemm(patches, weight, bias, b)
-    return _patch_gemm(reference.patch_gather(images, patch, scale, shift, weight.dtype), weight, bias, b)
+        return _patch_gemm(patches, weight, bias, b, gh * gw)
+    return _patch_gemm(reference.patch_gather(images, patch, scale, shift, weight.dtype), weight, bias, b, gh * gw)
 
 
-def _patch_gemm(patches, weight, bias, batch: int) -> torch.Tensor:
+def _patch_gemm(patches, weight, bias, batch: int, tokens: int) -> torch.Tensor:
     """(B * N, K) patches @ weight (D, K)^T + bias -> (B, N, D)."""
     flat = weight.reshape(weight.shape[0], -1)
     out = patches @ flat.T if bias is None else torch.addmm(bias, patches, flat.T)
-    return out.reshape(batch, -1, weight.shape[0])
+    return out.reshape(batch, tokens, weight.shape[0])
 
 
 @patch_embed_fwd.register_fake
