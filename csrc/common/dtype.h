@@ -27,6 +27,15 @@ inline float to_float(BFloat16 v) {
   return f;
 }
 
+#if defined(__FLT16_MAX__)
+// The compiler's _Float16: the conversions become single F16C instructions in the AVX2/AVX-512
+// clones of the kernels (VLMFAST_MULTIVERSION) and a libgcc routine in the baseline one.
+inline float to_float(Half v) {
+  _Float16 h;
+  std::memcpy(&h, &v.bits, sizeof h);
+  return static_cast<float>(h);
+}
+#else
 inline float to_float(Half v) {
   // IEEE binary16 -> binary32, handling subnormals, infinities and NaN.
   uint32_t sign = static_cast<uint32_t>(v.bits & 0x8000) << 16;
@@ -50,6 +59,7 @@ inline float to_float(Half v) {
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
+#endif
 
 template <typename T> inline T from_float(float v);
 
@@ -63,6 +73,14 @@ template <> inline BFloat16 from_float<BFloat16>(float v) {
   return BFloat16{static_cast<uint16_t>(u >> 16)};
 }
 
+#if defined(__FLT16_MAX__)
+template <> inline Half from_float<Half>(float v) {
+  const _Float16 h = static_cast<_Float16>(v);  // IEEE round to nearest even
+  Half out;
+  std::memcpy(&out.bits, &h, sizeof h);
+  return out;
+}
+#else
 template <> inline Half from_float<Half>(float v) {
   uint32_t u;
   std::memcpy(&u, &v, sizeof u);
@@ -85,6 +103,7 @@ template <> inline Half from_float<Half>(float v) {
   uint32_t rounded = abs + 0xfffu + ((abs >> 13) & 1u);
   return Half{static_cast<uint16_t>(sign | ((rounded - 0x38000000u) >> 13))};
 }
+#endif
 
 inline DType dtype_from_tag(int tag) {
   if (tag < 0 || tag > 2) throw std::invalid_argument("vlmfast: unknown dtype tag " + std::to_string(tag));

@@ -270,3 +270,25 @@ def test_forced_backend_must_be_known(monkeypatch):
     x = torch.randn(2, 8, 32)
     with pytest.raises(ValueError, match=r"VLMFAST_BACKEND: expected one of triton, cpp, cuda, reference, got 'fast'"):
         ops.apply_rotary_emb(x, *_tables(8, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_conversions_are_exact_for_every_value(backend, dtype):
+    """Every finite 16-bit value (subnormals included) loads, computes in float32 and rounds back
+    to nearest even exactly as torch does."""
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    every = every[torch.isfinite(every)]
+    if backend.name == "triton" and backend.device.type == "cpu":
+        # Triton's CPU interpreter flushes float32 subnormals to zero (bfloat16 shares float32's
+        # exponent range, so its subnormals are float32 subnormals); GPUs and the C++ kernels don't.
+        every = every[(every == 0) | (every.float().abs() >= torch.finfo(torch.float32).tiny)]
+    x = torch.stack((every, every.flip(0)), dim=-1)[None].to(backend.device)  # (1, L, 2)
+    length = x.shape[1]
+    for c, s in [(1.0, 0.0), (0.5, 0.0), (0.3, 0.7)]:
+        cos = torch.full((length, 1), c, device=backend.device)
+        sin = torch.full((length, 1), s, device=backend.device)
+        xf = x.float()
+        expected = torch.stack(
+            (xf[..., 0] * c - xf[..., 1] * s, xf[..., 1] * c + xf[..., 0] * s), dim=-1
+        ).to(dtype)
+        assert torch.equal(ops.apply_rotary_emb(x, cos, sin).view(torch.int16), expected.view(torch.int16))
