@@ -8,7 +8,8 @@
 Processors: CLIPImageProcessor, SiglipImageProcessor, SmolVLMImageProcessor (= Idefics3). Each
 returns float32 pixel_values equal to transformers' (use_fast=False), or with output="uint8" the
 resized / cropped / tiled uint8 pixels channels-last for `ops.patch_embed(..., mean=, std=)`, with
-`mean, std = processor.patch_embed_normalization()`.
+`mean, std = processor.patch_embed_normalization()`. SmolVLM prompts: expand_image_tokens(texts,
+batch.rows, batch.cols, image_seq_len) writes each <image> out as transformers' SmolVLMProcessor does.
 """
 
 from vlmfast.processing.auto import image_processor_from_pretrained
@@ -17,6 +18,7 @@ from vlmfast.processing.batch import ImageBatch
 from vlmfast.processing.loading import DEFAULT_MAX_PIXELS, LoadedImages, load_image, load_images
 from vlmfast.processing.resize_crop import CLIPImageProcessor, SiglipImageProcessor
 from vlmfast.processing.smolvlm import Idefics3ImageProcessor, SmolVLMImageProcessor
+from vlmfast.processing.smolvlm_prompt import expand_image_tokens, image_prompt
 
 __all__ = [
     "CLIPImageProcessor",
@@ -27,7 +29,9 @@ __all__ = [
     "LoadedImages",
     "SiglipImageProcessor",
     "SmolVLMImageProcessor",
+    "expand_image_tokens",
     "image_processor_from_pretrained",
+    "image_prompt",
     "load_image",
     "load_images",
 ]
