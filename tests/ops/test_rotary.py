@@ -282,13 +282,14 @@ def test_16_bit_conversions_are_exact_for_every_value(backend, dtype):
         # Triton's CPU interpreter flushes float32 subnormals to zero (bfloat16 shares float32's
         # exponent range, so its subnormals are float32 subnormals); GPUs and the C++ kernels don't.
         every = every[(every == 0) | (every.float().abs() >= torch.finfo(torch.float32).tiny)]
-    x = torch.stack((every, every.flip(0)), dim=-1)[None].to(backend.device)  # (1, L, 2)
+    # Rows of 128 "rotate half" pairs: a = every value, b = every value reversed.
+    every = torch.cat((every, every.new_zeros(-every.numel() % 128)))
+    a, b = every.view(-1, 128), every.flip(0).view(-1, 128)
+    x = torch.cat((a, b), dim=-1)[None].to(backend.device)  # (1, L, 256)
     length = x.shape[1]
     for c, s in [(1.0, 0.0), (0.5, 0.0), (0.3, 0.7)]:
-        cos = torch.full((length, 1), c, device=backend.device)
-        sin = torch.full((length, 1), s, device=backend.device)
-        xf = x.float()
-        expected = torch.stack(
-            (xf[..., 0] * c - xf[..., 1] * s, xf[..., 1] * c + xf[..., 0] * s), dim=-1
-        ).to(dtype)
+        cos = torch.full((length, 128), c, device=backend.device)
+        sin = torch.full((length, 128), s, device=backend.device)
+        xa, xb = a.float().to(backend.device), b.float().to(backend.device)
+        expected = torch.cat((xa * c - xb * s, xb * c + xa * s), dim=-1)[None].to(dtype)
         assert torch.equal(ops.apply_rotary_emb(x, cos, sin).view(torch.int16), expected.view(torch.int16))
