@@ -86,6 +86,7 @@ def test_equals_transformers_on_photos(tmp_path, config, name):
     if config.get("do_center_crop") is False:  # no crop: sizes differ, so one image at a time
         for image in images:
             assert_same(ours, theirs, [image])
+            assert ours([image]).pixel_values.shape[-2:] == ours.output_size(image.height, image.width)
     else:
         assert_same(ours, theirs, images)
 

@@ -19,8 +19,6 @@ class ImageProcessor:
     """
 
     DEFAULTS: ClassVar[dict[str, Any]] = {}
-    # Keys a checkpoint may carry that change nothing this package computes.
-    IGNORED_KEYS: ClassVar[frozenset] = frozenset()
 
     def __init__(self, config: Mapping[str, Any] | None = None, **overrides):
         unknown = sorted(set(overrides) - set(self.DEFAULTS))

@@ -20,14 +20,6 @@ CONFIG_NAME = "preprocessor_config.json"
 # PIL.Image.Resampling values, the integers transformers writes into "resample".
 RESAMPLE_NAMES = {int(member): member.name.lower() for member in Image.Resampling}
 
-SIZE_KEY_SETS = (
-    frozenset({"height", "width"}),
-    frozenset({"shortest_edge"}),
-    frozenset({"shortest_edge", "longest_edge"}),
-    frozenset({"longest_edge"}),
-)
-
-
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON object of `path`: a preprocessor_config.json file or the checkpoint directory holding it."""
     path = os.fspath(path)
