@@ -8,6 +8,7 @@
 #include <array>
 #include <cstdint>
 
+#include "cuda/patch_embed.cuh"
 #include "cuda/rotary.cuh"
 
 namespace py = pybind11;
@@ -66,4 +67,20 @@ PYBIND11_MODULE(_C_cuda, m) {
       },
       py::arg("positions"), py::arg("n"), py::arg("inv_freq"), py::arg("quarter"), py::arg("cos"),
       py::arg("sin"), py::arg("stream"));
+
+  // patch_gather: sizes = (B, C, H, W, p), image_strides = element strides of (b, c, h, w).
+  m.def(
+      "patch_gather",
+      [](uintptr_t image, int image_dtype, const std::array<int64_t, 5>& sizes,
+         const std::array<int64_t, 4>& image_strides, uintptr_t scale, uintptr_t shift,
+         uintptr_t out, int out_dtype, uintptr_t stream) {
+        vlmfast::cuda::PatchImage im{ptr<const void>(image), image_dtype, sizes[0], sizes[1],
+                                     sizes[2], sizes[3], sizes[4],
+                                     {image_strides[0], image_strides[1], image_strides[2],
+                                      image_strides[3]}};
+        vlmfast::cuda::patch_gather(im, ptr<const float>(scale), ptr<const float>(shift),
+                                    ptr<void>(out), out_dtype, stream);
+      },
+      py::arg("image"), py::arg("image_dtype"), py::arg("sizes"), py::arg("image_strides"),
+      py::arg("scale"), py::arg("shift"), py::arg("out"), py::arg("out_dtype"), py::arg("stream"));
 }
