@@ -278,9 +278,11 @@ def test_16_bit_conversions_are_exact_for_every_value(backend, dtype):
     to nearest even exactly as torch does."""
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
     every = every[torch.isfinite(every)]
-    if backend.name == "triton" and backend.device.type == "cpu":
+    interpreted = backend.name == "triton" and backend.device.type == "cpu"
+    if interpreted:
         # Triton's CPU interpreter flushes float32 subnormals to zero (bfloat16 shares float32's
         # exponent range, so its subnormals are float32 subnormals); GPUs and the C++ kernels don't.
+        # Inputs and results in that range are left out there.
         every = every[(every == 0) | (every.float().abs() >= torch.finfo(torch.float32).tiny)]
     # Rows of 128 "rotate half" pairs: a = every value, b = every value reversed.
     every = torch.cat((every, every.new_zeros(-every.numel() % 128)))
@@ -291,5 +293,9 @@ def test_16_bit_conversions_are_exact_for_every_value(backend, dtype):
         cos = torch.full((length, 128), c, device=backend.device)
         sin = torch.full((length, 128), s, device=backend.device)
         xa, xb = a.float().to(backend.device), b.float().to(backend.device)
-        expected = torch.cat((xa * c - xb * s, xb * c + xa * s), dim=-1)[None].to(dtype)
-        assert torch.equal(ops.apply_rotary_emb(x, cos, sin).view(torch.int16), expected.view(torch.int16))
+        exact = torch.cat((xa * c - xb * s, xb * c + xa * s), dim=-1)[None]
+        out = ops.apply_rotary_emb(x, cos, sin)
+        checked = torch.ones_like(exact, dtype=torch.bool)
+        if interpreted:
+            checked = (exact == 0) | (exact.abs() >= torch.finfo(torch.float32).tiny)
+        assert torch.equal(out[checked].view(torch.int16), exact.to(dtype)[checked].view(torch.int16))
