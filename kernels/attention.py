@@ -82,6 +82,15 @@ def _unrotate(x, rows, row_mask, e, cos_ptr, sin_ptr, HALF):
 
 
 @triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """a @ b (+ acc) with float32 accumulation. The interpreter's dot multiplies bfloat16 as
+    raw bits: it gets float32 operands there (exact products, the same float32 sums)."""
+    if INTERPRETED:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _sequence(cu_ptr, b, L, S, VARLEN: tl.constexpr):
     """(first packed row, query length, key length) of sequence/batch entry b."""
     if VARLEN:
@@ -110,7 +119,7 @@ def _fwd_inner(
         n_ok = n < S
         k_rows = k_base + n.to(tl.int64)[:, None] * sks
         k = _load_tile(k_rows, seq_start + n, n_ok, offs_e, e_ok, cos_ptr, sin_ptr, HALF, ROTARY, ROUND_BF16)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = _mma(q, tl.trans(k), None, DOT_PRECISION, ROUND_BF16) * qk_scale
         if HAS_BIAS:
             bias = tl.load(bias_rows + n[None, :] * sbs, mask=m_ok[:, None] & n_ok[None, :],
                            other=float("-inf"))
@@ -132,7 +141,7 @@ def _fwd_inner(
         v = tl.load(v_base + n.to(tl.int64)[:, None] * svs + offs_e[None, :],
                     mask=n_ok[:, None] & e_ok[None, :], other=0.0)
         acc = acc * alpha[:, None]
-        acc = tl.dot(to_dtype_of(p, v_base, ROUND_BF16), v, acc, input_precision=DOT_PRECISION)
+        acc = _mma(to_dtype_of(p, v_base, ROUND_BF16), v, acc, DOT_PRECISION, ROUND_BF16)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -249,7 +258,7 @@ def _decode_split_kernel(
         n_ok = n < end
         kv_mask = n_ok[:, None] & e_ok[None, :]
         k = tl.load(k_base + n.to(tl.int64)[:, None] * sks + offs_e[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = _mma(q, tl.trans(k), None, DOT_PRECISION, ROUND_BF16) * qk_scale
         keep = n_ok[None, :] & r_ok[:, None]
         if HAS_BIAS:
             bias = tl.load(bias_rows + n[None, :] * sbs, mask=keep, other=float("-inf"))
@@ -264,7 +273,7 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + n.to(tl.int64)[:, None] * svs + offs_e[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None]
-        acc = tl.dot(to_dtype_of(p, V, ROUND_BF16), v, acc, input_precision=DOT_PRECISION)
+        acc = _mma(to_dtype_of(p, V, ROUND_BF16), v, acc, DOT_PRECISION, ROUND_BF16)
         m_i = m_new
 
     empty = l_i == 0.0
@@ -355,7 +364,7 @@ def _dkdv_inner(
         q_rows = q_base + m.to(tl.int64)[:, None] * sql
         q = _load_tile(q_rows, seq_start + m, m_ok, offs_e, e_ok, cos_ptr, sin_ptr, HALF, ROTARY, ROUND_BF16)
         lse2 = _load_lse2(lse_base, m, m_ok)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        s_t = _mma(k, tl.trans(q), None, DOT_PRECISION, ROUND_BF16) * qk_scale
         if HAS_BIAS:
             bias = tl.load(bias_cols + m.to(tl.int64)[None, :] * sbl,
                            mask=n_ok[:, None] & m_ok[None, :], other=float("-inf"))
@@ -368,11 +377,11 @@ def _dkdv_inner(
             p_t = tl.where(keep, p_t, 0.0)
         do = tl.load(do_base + m.to(tl.int64)[:, None] * sdl + offs_e[None, :],
                      mask=m_ok[:, None] & e_ok[None, :], other=0.0)
-        dv = tl.dot(to_dtype_of(p_t, do_base, ROUND_BF16), do, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dv = _mma(to_dtype_of(p_t, do_base, ROUND_BF16), do, dv, DOT_PRECISION, ROUND_BF16)
+        dp_t = _mma(v, tl.trans(do), None, DOT_PRECISION, ROUND_BF16)
         delta = tl.load(delta_base + m, mask=m_ok, other=0.0)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(to_dtype_of(ds_t, q_base, ROUND_BF16), q, dk, input_precision=DOT_PRECISION)
+        dk = _mma(to_dtype_of(ds_t, q_base, ROUND_BF16), q, dk, DOT_PRECISION, ROUND_BF16)
     return dk, dv
 
 
@@ -474,7 +483,7 @@ def _dq_inner(
         k = _load_tile(k_rows, seq_start + n, n_ok, offs_e, e_ok, cos_ptr, sin_ptr, HALF, ROTARY, ROUND_BF16)
         v = tl.load(v_base + n.to(tl.int64)[:, None] * svs + offs_e[None, :],
                     mask=n_ok[:, None] & e_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = _mma(q, tl.trans(k), None, DOT_PRECISION, ROUND_BF16) * qk_scale
         if HAS_BIAS:
             bias = tl.load(bias_rows + n[None, :] * sbs, mask=m_ok[:, None] & n_ok[None, :],
                            other=float("-inf"))
@@ -485,9 +494,9 @@ def _dq_inner(
             if IS_CAUSAL:
                 keep = keep & (n[None, :] <= offs_m[:, None])
             p = tl.where(keep, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        dp = _mma(do, tl.trans(v), None, DOT_PRECISION, ROUND_BF16)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(to_dtype_of(ds, v_base, ROUND_BF16), k, dq, input_precision=DOT_PRECISION)
+        dq = _mma(to_dtype_of(ds, v_base, ROUND_BF16), k, dq, DOT_PRECISION, ROUND_BF16)
     return dq
 
 

@@ -1,5 +1,6 @@
 """Modules built on vlmfast.ops."""
 
+from vlmfast.nn.attention import Attention
 from vlmfast.nn.rotary import Rotary2D, RotaryMixed2D
 
-__all__ = ["Rotary2D", "RotaryMixed2D"]
+__all__ = ["Attention", "Rotary2D", "RotaryMixed2D"]

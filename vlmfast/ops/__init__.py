@@ -8,5 +8,6 @@ VLMFAST_BACKEND=triton|cpp|cuda|reference.
 from vlmfast.ops import reference
 from vlmfast.ops.patch_embed import patch_embed
 from vlmfast.ops.rotary import apply_rotary_emb, rope_2d
+from vlmfast.ops.attention import attention_varlen, scaled_dot_product_attention
 
-__all__ = ["patch_embed", "apply_rotary_emb", "rope_2d", "reference"]
+__all__ = ["apply_rotary_emb", "patch_embed", "rope_2d", "reference", "scaled_dot_product_attention", "attention_varlen"]

@@ -112,3 +112,101 @@ def patch_gather(images, patch: int, scale, shift, dtype) -> torch.Tensor:
     compute = torch.promote_types(scale.dtype, torch.float32)
     x = x.to(compute) * scale.to(compute).view(1, -1, 1, 1) + shift.to(compute).view(1, -1, 1, 1)
     return patchify(x, patch).to(dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+def _attention_math(q, k, v, bias=None, scale=None, is_causal=False):
+    """softmax(scale q k^T + bias, causal top-left) v in q's dtype, and the natural-log lse.
+    q (..., H, L, E), k/v (..., Hkv, S, E), H a multiple of Hkv (query head h reads kv head
+    h // (H / Hkv)). A row with no key to attend gives out = 0 and lse = -inf."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[-3] // k.shape[-3]
+    k = k.repeat_interleave(group, dim=-3)
+    v = v.repeat_interleave(group, dim=-3)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    if is_causal:
+        length, keys = q.shape[-2], k.shape[-2]
+        allowed = torch.ones(length, keys, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    empty = (scores == float("-inf")).all(dim=-1, keepdim=True)
+    # Softmax of an all -inf row would be NaN: give it zeros (and zero gradients) instead.
+    probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    return probs @ v, torch.logsumexp(scores, dim=-1)
+
+
+def _attention_bias(attn_mask, dtype):
+    """A bool mask (True takes part) or a float mask (added) as an additive float mask."""
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return attn_mask
+    zero = torch.zeros((), dtype=dtype, device=attn_mask.device)
+    return torch.where(attn_mask, zero, torch.full_like(zero, float("-inf")))
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False, rotary=None):
+    """torch's SDPA formula computed in the inputs' dtype (no dropout): (..., H, L, E) queries,
+    (..., Hkv, S, E) keys and values (Hkv = H unless enable_gqa), a bool or float mask
+    broadcastable to (..., H, L, S), rotary = (cos, sin) (L, R/2) applied to query and key first.
+    Rows with no key to attend give zeros."""
+    if dropout_p:
+        raise ValueError("reference attention has no dropout")
+    if rotary is not None:
+        query = apply_rotary_emb(query, *rotary)
+        key = apply_rotary_emb(key, *rotary)
+    bias = _attention_bias(attn_mask, query.dtype)
+    return _attention_math(query, key, value, bias, scale, is_causal)[0]
+
+
+def attention_forward(q, k, v, bias, scale, is_causal):
+    """The reference backend of vlmfast::attention_fwd: (out in q's dtype, lse float32 (B, H, L)),
+    computed in float32 (float64 for float64 input)."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    out, lse = _attention_math(q.to(compute), k.to(compute), v.to(compute), bias, scale, is_causal)
+    return out.to(q.dtype), lse.to(torch.promote_types(torch.float32, lse.dtype))
+
+
+def attention_backward(grad_out, q, k, v, out, lse, bias, scale, is_causal):
+    """The reference backend of vlmfast::attention_bwd, written as the kernels compute it:
+    P = exp(scale q k^T + bias - lse), D = rowsum(dO * O), dS = P * (dP - D), dq = scale dS k,
+    dk = scale dS^T q, dv = P^T dO; dk, dv summed over each GQA group."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    q32, k32, v32, g32, o32 = (t.to(compute) for t in (q, k, v, grad_out, out))
+    group = q.shape[-3] // k.shape[-3]
+    kr, vr = k32.repeat_interleave(group, dim=-3), v32.repeat_interleave(group, dim=-3)
+    scores = (q32 @ kr.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.to(compute)
+    if is_causal:
+        allowed = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    # A row with no key (lse = -inf) has P = 0: exp(s - inf) = 0 for every s.
+    safe_lse = torch.where(lse == float("-inf"), float("inf"), lse.to(compute))
+    probs = torch.exp(scores - safe_lse[..., None])
+    d_value = probs.transpose(-1, -2) @ g32
+    d_probs = g32 @ vr.transpose(-1, -2)
+    delta = (g32 * o32).sum(-1, keepdim=True)
+    d_scores = probs * (d_probs - delta)
+    dq = scale * (d_scores @ kr)
+    dk = scale * (d_scores.transpose(-1, -2) @ q32)
+
+    def per_kv_head(t):
+        return t.unflatten(-3, (k.shape[-3], group)).sum(-3)
+
+    return dq.to(q.dtype), per_kv_head(dk).to(k.dtype), per_kv_head(d_value).to(v.dtype)
+
+
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, is_causal=False, scale=None, rotary=None):
+    """Packed (T, H, E) / (T, Hkv, E) sequences split at cu_seqlens, each attended alone with
+    scaled_dot_product_attention (GQA when Hkv < H); rotary tables (T, R/2) per packed token."""
+    if rotary is not None:
+        q = apply_rotary_emb(q, *rotary, seq_dim=0)
+        k = apply_rotary_emb(k, *rotary, seq_dim=0)
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        piece = [t[start:end].transpose(0, 1) for t in (q, k, v)]
+        out[start:end] = _attention_math(*piece, None, scale, is_causal)[0].transpose(0, 1)
+    return out
