@@ -108,6 +108,17 @@ def test_bad_input():
         find_duplicate_pairs([1, 2], 4, method="fast")
 
 
+def test_groups_from_distinct_hashes_equal_groups_from_all_pairs():
+    from vlmfast.data.dedup import _edges
+
+    rng = np.random.default_rng(11)
+    base = _hashes_with_near_pairs(40, seed=11, planted=15)
+    hashes = base[rng.integers(0, 40, size=150)]  # many exact copies
+    for max_distance in (0, 2, 4):
+        expected = group_pairs(150, _brute(hashes, max_distance))
+        assert group_pairs(150, _edges(hashes, max_distance, None)) == expected
+
+
 def test_group_pairs():
     assert group_pairs(7, [(0, 3), (3, 5), (1, 2), (6, 5)]) == [[0, 3, 5, 6], [1, 2]]
     assert group_pairs(3, []) == []

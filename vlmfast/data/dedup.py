@@ -155,6 +155,19 @@ class DedupResult:
         )
 
 
+def _edges(hashes: np.ndarray, max_distance: int, threads: int | None) -> np.ndarray:
+    """Edges whose connected components are the near-duplicate groups, (E, 2) int64.
+
+    Exact copies are common (the same file saved twice) and k copies would give k^2 / 2 pairs:
+    search the distinct hashes only, then chain the copies of each hash to its first image.
+    """
+    unique, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    pairs = find_duplicate_pairs(unique, max_distance, threads=threads)
+    copies = np.nonzero(first[inverse] != np.arange(hashes.shape[0]))[0]
+    chain = np.stack([first[inverse[copies]], copies], axis=1)
+    return np.concatenate([first[pairs].reshape(-1, 2), chain]).astype(np.int64)
+
+
 def _image_files(root: Path, recursive: bool) -> list[Path]:
     walk = root.rglob("*") if recursive else root.glob("*")
     return sorted(p for p in walk if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -207,7 +220,7 @@ def dedup_folder(path, max_distance: int = 4, *, recursive: bool = True, threads
     hashes = np.array([i[0] for _, i in readable], dtype=np.uint64)
 
     groups, remove = [], []
-    for members in group_pairs(len(paths), find_duplicate_pairs(hashes, max_distance, threads=threads)):
+    for members in group_pairs(len(paths), _edges(hashes, max_distance, threads)):
         # Largest image first, then the larger file, then path order (members are path-sorted).
         ordered = sorted(members, key=lambda m: (-readable[m][1][1], -readable[m][1][2], m))
         groups.append([paths[m] for m in ordered])
