@@ -53,19 +53,25 @@ VLMFAST_INLINE v16 load(const float* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-VLMFAST_INLINE void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+VLMFAST_INLINE void store(float* p, const v16& v) { std::memcpy(p, &v, sizeof v); }
 VLMFAST_INLINE v16 splat(float x) { return v16{} + x; }
 
+// Horizontal reductions by halving: four shuffles instead of sixteen lane extracts.
+template <typename Op>
+VLMFAST_INLINE float reduce(v16 v, Op op) {
+  v = op(v, __builtin_shuffle(v, v16i{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
+  v = op(v, __builtin_shuffle(v, v16i{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
+  v = op(v, __builtin_shuffle(v, v16i{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
+  v = op(v, __builtin_shuffle(v, v16i{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
+  return v[0];
+}
+
 VLMFAST_INLINE float reduce_max(v16 v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
-  return m;
+  return reduce(v, [](v16 a, v16 b) { return a > b ? a : b; });
 }
 
 VLMFAST_INLINE float reduce_sum(v16 v) {
-  float s = 0.0f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
+  return reduce(v, [](v16 a, v16 b) { return a + b; });
 }
 
 // 2^x, about 1 ulp for x in [-126, 127]; exactly 0 below -126 (so -inf -> 0, masked keys vanish).
@@ -342,8 +348,46 @@ class Buffer {
   std::vector<Chunk> chunks_;
 };
 
+// The packed tiles of one job, each packed on first use and kept for the rest of the job (a K
+// tile serves every row block of its (batch, kv head)); with keep = false a single slot is
+// refilled on every use, which bounds the memory of long sequences.
+class TileCache {
+ public:
+  void reset(int64_t tiles, int64_t tile_floats, bool keep) {
+    keep_ = keep;
+    tile_ = tile_floats;
+    base_ = data_.get((keep ? tiles : 1) * tile_floats);
+    ready_.assign(keep ? static_cast<size_t>(tiles) : 0, 0);
+  }
+
+  template <typename Fill>
+  float* get(int64_t i, Fill&& fill) {
+    if (!keep_) {
+      fill(base_);
+      return base_;
+    }
+    float* tile = base_ + i * tile_;
+    if (!ready_[i]) {
+      fill(tile);
+      ready_[i] = 1;
+    }
+    return tile;
+  }
+
+ private:
+  Buffer data_;
+  std::vector<uint8_t> ready_;
+  float* base_ = nullptr;
+  int64_t tile_ = 0;
+  bool keep_ = false;
+};
+
+// Whether a job may keep `floats` of packed tiles (per thread).
+bool worth_keeping(int64_t floats) { return floats <= (int64_t{1} << 22); }
+
 struct Scratch {
   Buffer q, dout, kt, vt, krows, scores, dscores, acc, dk, dv, stats, dq;
+  TileCache keys, values, rows;
 };
 
 // ----------------------------------------------------------------------------------------------
@@ -386,24 +430,33 @@ void pack_transposed(const T* src, int64_t stride, int64_t keys, const Plan& p, 
   std::fill(dst + E * kKeyBlock, dst + p.width * kKeyBlock, 0.0f);
 }
 
-// `keys` rows of src as a (keys, width) float tile; float rows of a multiple-of-16 head dim are
-// used where they are (returns the tile and sets its row stride).
+// Float rows of a multiple-of-16 head dim are used where they are, without packing.
 template <typename T>
-const float* key_rows(const T* src, int64_t stride, int64_t keys, const Plan& p, float* buffer,
-                      int64_t& ld) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (p.s.head_dim == p.width) {
-      ld = stride;
-      return src;
-    }
-  }
+bool rows_in_place(const Plan& p) {
+  return std::is_same_v<T, float> && p.s.head_dim == p.width;
+}
+
+// dst (keys, width) = `keys` rows of src (row stride `stride`) as floats, zero-padded past E.
+template <typename T>
+void pack_key_rows(const T* src, int64_t stride, int64_t keys, const Plan& p, float* dst) {
   const int64_t E = p.s.head_dim;
   for (int64_t j = 0; j < keys; ++j) {
     const T* row = src + j * stride;
-    float* d = buffer + j * p.width;
+    float* d = dst + j * p.width;
     for (int64_t e = 0; e < E; ++e) d[e] = to_float(row[e]);
     for (int64_t e = E; e < p.width; ++e) d[e] = 0.0f;
   }
+}
+
+// `keys` rows from src as a float tile with row stride ld: in place, or packed into `buffer`.
+template <typename T>
+const float* key_rows(const T* src, int64_t stride, int64_t keys, const Plan& p, float* buffer,
+                      int64_t& ld) {
+  if (rows_in_place<T>(p)) {
+    ld = stride;
+    return reinterpret_cast<const float*>(src);
+  }
+  pack_key_rows(src, stride, keys, p, buffer);
   ld = p.width;
   return buffer;
 }
@@ -437,8 +490,6 @@ void forward_rows(const Plan& p, const ForwardArgs& a, int64_t b, int64_t kv_hea
                   float* l, float* acc) {
   const int64_t E = p.s.head_dim, width = p.width;
   float* q = w.q.get(kMaxRowBlock * width);
-  float* kt = w.kt.get(width * kKeyBlock);
-  float* vbuf = w.krows.get(kKeyBlock * width);
   float* s = w.scores.get(kMaxRowBlock * kKeyBlock);
   pack_query_rows<T>(a.q, p, b, r, p.q_mult, q);
   std::fill(m, m + r.count, -kInf);
@@ -447,13 +498,21 @@ void forward_rows(const Plan& p, const ForwardArgs& a, int64_t b, int64_t kv_hea
   for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
     const int64_t first_key = kb * kKeyBlock;
     const int64_t keys = std::min(kKeyBlock, p.s.kv_len - first_key);
-    pack_transposed(row_of<T>(a.k, b, kv_head, first_key), a.k.strides[2], keys, p, kt);
+    const T* k_rows = row_of<T>(a.k, b, kv_head, first_key);
+    const T* v_rows = row_of<T>(a.v, b, kv_head, first_key);
+    const float* kt = w.keys.get(
+        kb, [&](float* t) { pack_transposed(k_rows, a.k.strides[2], keys, p, t); });
     tile_scores(q, width, kt, E, s, r.count);  // s = q k^T (scaled, base 2)
     mask_scores(p, a.bias, r, first_key, keys, s);
     online_softmax_step(s, r.count, m, l, acc, width);  // s = p
-    int64_t ldv;
-    const float* v = key_rows(row_of<T>(a.v, b, kv_head, first_key), a.v.strides[2], keys, p,
-                              vbuf, ldv);
+    int64_t ldv = width;
+    const float* v = nullptr;
+    if (rows_in_place<T>(p)) {
+      v = reinterpret_cast<const float*>(v_rows);
+      ldv = a.v.strides[2];
+    } else {
+      v = w.values.get(kb, [&](float* t) { pack_key_rows(v_rows, a.v.strides[2], keys, p, t); });
+    }
     tile_accumulate(s, kKeyBlock, 1, v, ldv, keys, acc, width, r.count, width);  // acc += p v
   }
 }
@@ -476,37 +535,50 @@ void finish_rows(const Plan& p, const ForwardArgs& a, int64_t b, const RowBlock&
 template <typename T>
 VLMFAST_INLINE void forward_impl(const AttentionShape& shape, const ForwardArgs& a, int threads) {
   const Plan p = make_plan(shape, threads);
-  const int64_t tasks = shape.batch * shape.kv_heads * p.row_blocks;
+  const int64_t pairs = shape.batch * shape.kv_heads;
+  const int64_t tasks = pairs * p.row_blocks;
   if (tasks == 0) return;
-  // Too few row blocks for the threads (decode: a handful of query rows, thousands of keys):
-  // split the keys too, and merge the partial (m, l, acc) of each split afterwards.
+  // Enough (batch, kv head) pairs: one job per pair, which packs each K/V tile once for all its
+  // row blocks. Otherwise one job per row block; and when even those are fewer than the threads
+  // (decode: a handful of query rows, thousands of keys), the keys are split too and the partial
+  // (m, l, acc) of the splits merged afterwards.
+  const bool per_pair = pairs >= 4 * threads;
   int64_t splits = 1;
   if (tasks < threads && p.key_blocks > 1) splits = std::min(p.key_blocks, ceil_div(threads, tasks));
   const int64_t slot = p.block_rows * (p.width + 2);  // m, l, acc of one split of one task
   std::vector<float> partial(splits > 1 ? static_cast<size_t>(tasks * splits * slot) : 0);
+  const int64_t jobs = per_pair ? pairs : tasks * splits;
+  const bool keep = per_pair && p.row_blocks > 1 &&
+                    worth_keeping(2 * p.key_blocks * kKeyBlock * p.width);
 
 #pragma omp parallel num_threads(threads)
   {
     Scratch w;
     RowBlock r;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t job = 0; job < tasks * splits; ++job) {
-      const int64_t task = job / splits, split = job % splits;
-      const int64_t rb = task % p.row_blocks, pair = task / p.row_blocks;
+    for (int64_t job = 0; job < jobs; ++job) {
+      const int64_t task = per_pair ? job * p.row_blocks : job / splits;
+      const int64_t split = per_pair ? 0 : job % splits;
+      const int64_t pair = task / p.row_blocks;
       const int64_t b = pair / shape.kv_heads, kv_head = pair % shape.kv_heads;
-      const int64_t first = rb * p.block_rows;
-      describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
-      const int64_t kb_end = visible_key_blocks(p, r);
-      if (splits == 1) {
-        float* stats = w.stats.get(2 * kMaxRowBlock);
-        float* acc = w.acc.get(kMaxRowBlock * p.width);
-        forward_rows<T>(p, a, b, kv_head, r, 0, kb_end, w, stats, stats + kMaxRowBlock, acc);
-        finish_rows<T>(p, a, b, r, stats, stats + kMaxRowBlock, acc);
-      } else {
-        float* part = partial.data() + job * slot;
-        forward_rows<T>(p, a, b, kv_head, r, kb_end * split / splits,
-                        kb_end * (split + 1) / splits, w, part, part + p.block_rows,
-                        part + 2 * p.block_rows);
+      w.keys.reset(p.key_blocks, p.width * kKeyBlock, keep);
+      w.values.reset(p.key_blocks, kKeyBlock * p.width, keep);
+      const int64_t rb_end = per_pair ? p.row_blocks : task % p.row_blocks + 1;
+      for (int64_t rb = task % p.row_blocks; rb < rb_end; ++rb) {
+        const int64_t first = rb * p.block_rows;
+        describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
+        const int64_t kb_end = visible_key_blocks(p, r);
+        if (splits == 1) {
+          float* stats = w.stats.get(2 * kMaxRowBlock);
+          float* acc = w.acc.get(kMaxRowBlock * p.width);
+          forward_rows<T>(p, a, b, kv_head, r, 0, kb_end, w, stats, stats + kMaxRowBlock, acc);
+          finish_rows<T>(p, a, b, r, stats, stats + kMaxRowBlock, acc);
+        } else {
+          float* part = partial.data() + job * slot;
+          forward_rows<T>(p, a, b, kv_head, r, kb_end * split / splits,
+                          kb_end * (split + 1) / splits, w, part, part + p.block_rows,
+                          part + 2 * p.block_rows);
+        }
       }
     }
   }
@@ -594,14 +666,11 @@ void backward_key_block(const Plan& p, const BackwardArgs& a, int64_t b, int64_t
   const int64_t keys = std::min(kKeyBlock, p.s.kv_len - first_key);
   float* kt = w.kt.get(width * kKeyBlock);
   float* vt = w.vt.get(width * kKeyBlock);
-  float* q = w.q.get(kMaxRowBlock * width);
-  float* dout = w.dout.get(kMaxRowBlock * width);
   float* s = w.scores.get(kMaxRowBlock * kKeyBlock);
   float* ds = w.dscores.get(kMaxRowBlock * kKeyBlock);
   float* dk = w.dk.get(kKeyBlock * width);
   float* dv = w.dv.get(kKeyBlock * width);
-  float* lse2 = w.stats.get(2 * kMaxRowBlock);
-  float* delta = lse2 + kMaxRowBlock;
+  const int64_t rows_tile = p.block_rows * width;
   const T* k_rows = row_of<T>(a.k, b, kv_head, first_key);
   pack_transposed(k_rows, a.k.strides[2], keys, p, kt);
   pack_transposed(row_of<T>(a.v, b, kv_head, first_key), a.v.strides[2], keys, p, vt);
@@ -612,11 +681,19 @@ void backward_key_block(const Plan& p, const BackwardArgs& a, int64_t b, int64_t
   std::fill(dv, dv + keys * width, 0.0f);
 
   RowBlock r;
-  // Causal: rows before position first_key see none of these keys.
-  const int64_t first_row = p.s.causal ? std::min(p.rows, first_key * p.group) : 0;
-  for (int64_t first = first_row; first < p.rows; first += p.block_rows) {
+  // Causal: row blocks that end before position first_key see none of these keys.
+  const int64_t first_block = p.s.causal ? std::min(p.rows, first_key * p.group) / p.block_rows : 0;
+  for (int64_t rb = first_block; rb < p.row_blocks; ++rb) {
+    const int64_t first = rb * p.block_rows;
     describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
-    pack_backward_rows<T>(p, a, b, r, q, dout, lse2, delta);
+    // [q | dO | lse2 | D] of the row block, packed once per job (w.rows, see backward_impl).
+    const float* q = w.rows.get(rb, [&](float* t) {
+      pack_backward_rows<T>(p, a, b, r, t, t + rows_tile, t + 2 * rows_tile,
+                            t + 2 * rows_tile + p.block_rows);
+    });
+    const float* dout = q + rows_tile;
+    const float* lse2 = q + 2 * rows_tile;
+    const float* delta = lse2 + p.block_rows;
     backward_tile(p, a.bias, r, first_key, keys, q, dout, lse2, delta, kt, vt, s, ds);
     // dv_j += sum_i P_ij dO_i ; dk_j += sum_i dS_ij q_i (q here carries scale * log2 e)
     tile_accumulate(s, 1, kKeyBlock, dout, width, r.count, dv, width, keys, width);
@@ -694,10 +771,12 @@ VLMFAST_INLINE void backward_impl(const AttentionShape& shape, BackwardArgs a, i
   // Fused: one task per (batch, kv head) owns all of its dq rows, so dq accumulates in a
   // thread-local buffer with no second pass; it needs enough pairs to balance the threads.
   if (strategy == AttentionBackwardStrategy::Auto)
-    strategy = pairs >= 4 * threads && p.rows * p.width <= (int64_t{1} << 22)
+    strategy = pairs >= 4 * threads && worth_keeping(p.rows * p.width)
                    ? AttentionBackwardStrategy::Fused
                    : AttentionBackwardStrategy::TwoPass;
 
+  const int64_t row_tile = 2 * p.block_rows * (p.width + 1);
+  const bool keep_rows = worth_keeping(p.row_blocks * row_tile);
   if (strategy == AttentionBackwardStrategy::Fused) {
 #pragma omp parallel num_threads(threads)
     {
@@ -708,6 +787,7 @@ VLMFAST_INLINE void backward_impl(const AttentionShape& shape, BackwardArgs a, i
         const int64_t b = pair / shape.kv_heads, kv_head = pair % shape.kv_heads;
         float* dq = w.dq.get(p.rows * p.width);
         std::fill(dq, dq + p.rows * p.width, 0.0f);
+        w.rows.reset(p.row_blocks, row_tile, keep_rows);
         for (int64_t kb = 0; kb < p.key_blocks; ++kb) backward_key_block<T>(p, a, b, kv_head, kb, w, dq);
         for (int64_t first = 0; first < p.rows; first += p.block_rows) {
           describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
@@ -725,6 +805,7 @@ VLMFAST_INLINE void backward_impl(const AttentionShape& shape, BackwardArgs a, i
 #pragma omp for schedule(dynamic, 1)
     for (int64_t job = 0; job < pairs * p.key_blocks; ++job) {
       const int64_t pair = job / p.key_blocks, kb = job % p.key_blocks;
+      w.rows.reset(p.row_blocks, row_tile, false);
       backward_key_block<T>(p, a, pair / shape.kv_heads, pair % shape.kv_heads, kb, w, nullptr);
     }
 #pragma omp for schedule(dynamic, 1)
