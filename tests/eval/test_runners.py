@@ -349,3 +349,27 @@ def test_progress_bar_without_tqdm(capsys, monkeypatch):
     assert list(_progress._plain(range(3), 3, "demo")) == [0, 1, 2]
     err = capsys.readouterr().err
     assert "demo [" in err and "3/3" in err
+
+
+class ModuleColourModel(torch.nn.Module):
+    """ColourModel as an nn.Module with float32 parameters: pixels must arrive as float32."""
+
+    def __init__(self):
+        super().__init__()
+        plain = ColourModel(seed=3)
+        self.proj = torch.nn.Parameter(plain.proj.float())
+        self.register_buffer("table", plain.table.float())
+
+    def encode_image(self, pixel_values):
+        assert pixel_values.dtype == torch.float32
+        return pixel_values.mean(dim=(2, 3)) @ self.proj
+
+    def encode_text(self, input_ids, attention_mask):
+        return (self.table[input_ids] * attention_mask[..., None]).sum(dim=1) @ self.proj
+
+
+def test_module_model_gets_its_dtype(tmp_path):
+    annotations = _write_coco(tmp_path)
+    report = runners.run_retrieval(ModuleColourModel(), annotations, tmp_path / "images", preprocess, tokenize,
+                                   show_progress=False)
+    assert report["text_to_image"]["R@1"] == pytest.approx(7 / 10)

@@ -47,14 +47,17 @@ def _batches(items: list, batch_size: int, desc: str, show_progress: bool):
         yield items[start : start + batch_size]
 
 
-def _device_of(model, device):
-    if device is not None:
-        return torch.device(device)
+def _placement(model, device) -> tuple[torch.device, torch.dtype | None]:
+    """Where inputs go: `device` or the model's first parameter's device (CPU for a model without
+    parameters), and the dtype float pixels are cast to (the model's, when it has parameters)."""
+    dtype = None
     parameters = getattr(model, "parameters", None)
     if callable(parameters):
         for parameter in parameters():
-            return parameter.device
-    return torch.device("cpu")
+            device = parameter.device if device is None else device
+            dtype = parameter.dtype if parameter.is_floating_point() else None
+            break
+    return torch.device(device if device is not None else "cpu"), dtype
 
 
 def _check_model(model) -> None:
@@ -71,7 +74,7 @@ def _features(output, name: str, rows: int) -> torch.Tensor:
     return torch.nn.functional.normalize(output.float(), dim=-1).cpu()
 
 
-def _pixels(preprocess, images, device) -> torch.Tensor:
+def _pixels(preprocess, images, placement) -> torch.Tensor:
     tensors = []
     for image in images:
         pixels = preprocess(image)
@@ -79,7 +82,9 @@ def _pixels(preprocess, images, device) -> torch.Tensor:
             shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
             raise ValueError(f"preprocess: expected a (3, H, W) tensor per image, got {shape}")
         tensors.append(pixels.reshape(pixels.shape[-3:]))
-    return torch.stack(tensors).to(device)
+    device, dtype = placement
+    pixels = torch.stack(tensors).to(device)
+    return pixels.to(dtype) if dtype is not None and pixels.is_floating_point() else pixels
 
 
 def _tokens(tokenize, texts: list[str], device):
@@ -97,13 +102,13 @@ def _tokens(tokenize, texts: list[str], device):
     return input_ids.to(device), attention_mask
 
 
-def _encode_images(model, preprocess, paths, sources, batch_size, device, desc, show_progress):
+def _encode_images(model, preprocess, paths, sources, batch_size, placement, desc, show_progress):
     items = list(zip(paths, sources))
     features = []
     with torch.inference_mode():
         for batch in _batches(items, batch_size, desc, show_progress):
             images = [open_rgb(path, source) for path, source in batch]
-            features.append(_features(model.encode_image(_pixels(preprocess, images, device)), "encode_image", len(batch)))
+            features.append(_features(model.encode_image(_pixels(preprocess, images, placement)), "encode_image", len(batch)))
     return torch.cat(features)
 
 
@@ -172,12 +177,12 @@ def run_zeroshot(model, root, preprocess, tokenize, *, templates=DEFAULT_TEMPLAT
     templates = [templates] if isinstance(templates, str) else list(templates)
     if not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
         raise ValueError(f"templates: expected strings with a '{{}}' for the class name, got {templates!r}")
-    device = _device_of(model, device)
+    placement = _placement(model, device)
 
     prompts = [template.format(name) for name in names for template in templates]
-    text = _encode_texts(model, tokenize, prompts, batch_size, device, "zero-shot: classes", show_progress)
+    text = _encode_texts(model, tokenize, prompts, batch_size, placement[0], "zero-shot: classes", show_progress)
     classes = torch.nn.functional.normalize(text.reshape(len(names), len(templates), -1).mean(1), dim=-1)
-    images = _encode_images(model, preprocess, paths, [f"root {os.fspath(root)!r}"] * len(paths), batch_size, device, "zero-shot: images", show_progress)
+    images = _encode_images(model, preprocess, paths, [f"root {os.fspath(root)!r}"] * len(paths), batch_size, placement, "zero-shot: images", show_progress)
     logits = images @ classes.T
     accuracy = zero_shot_accuracy(logits, labels, ks=(1, 5))
     predicted = logits.argmax(dim=1).tolist()
@@ -274,12 +279,12 @@ def run_retrieval(model, annotations, image_root, preprocess, tokenize, *, split
     _check_model(model)
     batch_size = _batch_size(batch_size)
     data = load_captions(annotations, image_root, split=split)
-    device = _device_of(model, device)
+    placement = _placement(model, device)
     texts = [caption for captions in data.captions for caption in captions]
     text_owner = [i for i, captions in enumerate(data.captions) for _ in captions]
     sources = [f"annotations image {image_id!r}" for image_id in data.image_ids]
-    image_features = _encode_images(model, preprocess, data.paths, sources, batch_size, device, "retrieval: images", show_progress)
-    text_features = _encode_texts(model, tokenize, texts, batch_size, device, "retrieval: texts", show_progress)
+    image_features = _encode_images(model, preprocess, data.paths, sources, batch_size, placement, "retrieval: images", show_progress)
+    text_features = _encode_texts(model, tokenize, texts, batch_size, placement[0], "retrieval: texts", show_progress)
     similarity = image_features @ text_features.T
     captions_of = [[] for _ in data.paths]
     for t, owner in enumerate(text_owner):
