@@ -100,7 +100,9 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = cfg
         kw = dict(device=device, dtype=dtype)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, **kw)
+        # padding_idx as transformers sets it: the pad row gets no gradient in training
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None and 0 <= cfg.pad_token_id < cfg.vocab_size else None
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=pad, **kw)
         self.layers = nn.ModuleList(DecoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self._inv_freq = {"cpu": inverse_frequencies(cfg)}  # per device; not a parameter: stays float32

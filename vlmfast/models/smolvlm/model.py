@@ -127,6 +127,13 @@ class SmolVLM(nn.Module):
         H, W = pixel_values.shape[-2:]
         if H % p or W % p:
             raise ValueError(f"pixel_values: expected H and W multiples of patch_size={p}, got {H} x {W}")
+        side = H // p
+        if H != W or side % self.config.scale_factor:
+            # pixel shuffle regroups a square grid of patches in s x s blocks
+            raise ValueError(
+                f"pixel_values: expected square tiles (H == W) of a multiple of patch_size * scale_factor = "
+                f"{p * self.config.scale_factor} pixels, got {H} x {W}"
+            )
         if pixel_attention_mask is not None:
             _checks.tensor("pixel_attention_mask", pixel_attention_mask)
             expected = (B, pixel_values.shape[1], H, W)
@@ -166,6 +173,8 @@ class SmolVLM(nn.Module):
         is_image = input_ids == self.config.image_token_id
         tokens_per_row = is_image.sum(dim=1).cpu()
         seq = self.config.image_seq_len
+        if pixel_values is not None:  # tiles smaller than image_size give fewer tokens
+            seq = (pixel_values.shape[-1] // self.config.vision_config.patch_size // self.config.scale_factor) ** 2
         if pixel_values is None:
             images_per_row, features = torch.zeros_like(tokens_per_row), None
         else:
