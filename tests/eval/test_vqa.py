@@ -24,6 +24,11 @@ TRICKY_ANSWERS = [
     ("couldn'tve", "couldn't've"),
     ("yall", "y'all"),
     ("twas", "'twas"),
+    ("hed've", "he'd've"),             # two apostrophes: either one may be missing ...
+    ("he'dve", "he'd've"),
+    ("hedve", "hedve"),                # ... but not both (the official table has no such entry)
+    ("somebody'd", "somebodyd"),       # an official-table oddity, kept for comparability
+    ("Im", "im"),                      # capitalised keys of the table never match (lower-cased first)
     ("black-and-white", "black and white"),  # punctuation inside a word: a space
     ("t-shirt", "t shirt"),
     ("left - right", "left right"),    # "- " occurs: deleted

@@ -68,7 +68,9 @@ def _pairs_numpy(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))].astype(np.int64)
 
 
-def find_duplicate_pairs(hashes, max_distance: int = 4, *, method: str = "auto", threads: int | None = None) -> np.ndarray:
+def find_duplicate_pairs(
+    hashes, max_distance: int = 4, *, method: str = "auto", threads: int | None = None
+) -> np.ndarray:
     """All pairs within `max_distance` as a (P, 2) int64 array of (i, j), i < j, sorted.
 
     hashes: N 64-bit hashes (see `as_hash_array`). max_distance: 0..64 bits.
@@ -187,7 +189,9 @@ def _hash_and_size(path: Path):
     return pack_bits(bits), pixels, path.stat().st_size
 
 
-def dedup_folder(path, max_distance: int = 4, *, recursive: bool = True, threads: int | None = None) -> DedupResult:
+def dedup_folder(
+    path, max_distance: int = 4, *, recursive: bool = True, threads: int | None = None
+) -> DedupResult:
     """Groups the near-duplicate images under `path` and picks one keeper per group.
 
     Images (by suffix: jpg, png, webp, ...) are hashed with `phash`; two images whose hashes are

@@ -55,7 +55,8 @@ def _kind(value) -> str:
 
 def _names(kind) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join({"str": "a string", "int": "an int", "list": "a list", "dict": "an object"}.get(k.__name__, k.__name__) for k in kinds)
+    words = {"str": "a string", "int": "an int", "list": "a list", "dict": "an object"}
+    return " or ".join(words.get(k.__name__, k.__name__) for k in kinds)
 
 
 def open_rgb(path: Path, source: str) -> Image.Image:

@@ -47,7 +47,10 @@ def _positive_lists(positives, num_queries: int, num_items: int) -> list[list[in
     if isinstance(positives, torch.Tensor):
         positives = positives.tolist()
     if not isinstance(positives, Sequence) or isinstance(positives, str):
-        raise TypeError(f"positives: expected a list (one list of item indices per query), got {type(positives).__name__}")
+        raise TypeError(
+            "positives: expected a list (one list of item indices per query), "
+            f"got {type(positives).__name__}"
+        )
     if len(positives) != num_queries:
         raise ValueError(
             f"positives: expected one list of item indices per query ({num_queries} rows of "

@@ -63,7 +63,10 @@ def _placement(model, device) -> tuple[torch.device, torch.dtype | None]:
 def _check_model(model) -> None:
     for method in ("encode_image", "encode_text"):
         if not callable(getattr(model, method, None)):
-            raise TypeError(f"model: expected an object with encode_image and encode_text methods, {type(model).__name__} has no {method}")
+            raise TypeError(
+                "model: expected an object with encode_image and encode_text methods, "
+                f"{type(model).__name__} has no {method}"
+            )
 
 
 def _features(output, name: str, rows: int) -> torch.Tensor:
@@ -78,7 +81,10 @@ def _pixels(preprocess, images, placement) -> torch.Tensor:
     tensors = []
     for image in images:
         pixels = preprocess(image)
-        if not isinstance(pixels, torch.Tensor) or pixels.dim() not in (3, 4) or (pixels.dim() == 4 and pixels.shape[0] != 1):
+        single = isinstance(pixels, torch.Tensor) and (
+            pixels.dim() == 3 or (pixels.dim() == 4 and pixels.shape[0] == 1)
+        )
+        if not single:
             shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
             raise ValueError(f"preprocess: expected a (3, H, W) tensor per image, got {shape}")
         tensors.append(pixels.reshape(pixels.shape[-3:]))
@@ -108,7 +114,8 @@ def _encode_images(model, preprocess, paths, sources, batch_size, placement, des
     with torch.inference_mode():
         for batch in _batches(items, batch_size, desc, show_progress):
             images = [open_rgb(path, source) for path, source in batch]
-            features.append(_features(model.encode_image(_pixels(preprocess, images, placement)), "encode_image", len(batch)))
+            output = model.encode_image(_pixels(preprocess, images, placement))
+            features.append(_features(output, "encode_image", len(batch)))
     return torch.cat(features)
 
 
@@ -117,7 +124,8 @@ def _encode_texts(model, tokenize, texts, batch_size, device, desc, show_progres
     with torch.inference_mode():
         for batch in _batches(texts, batch_size, desc, show_progress):
             input_ids, attention_mask = _tokens(tokenize, batch, device)
-            features.append(_features(model.encode_text(input_ids, attention_mask), "encode_text", len(batch)))
+            output = model.encode_text(input_ids, attention_mask)
+            features.append(_features(output, "encode_text", len(batch)))
     return torch.cat(features)
 
 
@@ -182,7 +190,9 @@ def run_zeroshot(model, root, preprocess, tokenize, *, templates=DEFAULT_TEMPLAT
     prompts = [template.format(name) for name in names for template in templates]
     text = _encode_texts(model, tokenize, prompts, batch_size, placement[0], "zero-shot: classes", show_progress)
     classes = torch.nn.functional.normalize(text.reshape(len(names), len(templates), -1).mean(1), dim=-1)
-    images = _encode_images(model, preprocess, paths, [f"root {os.fspath(root)!r}"] * len(paths), batch_size, placement, "zero-shot: images", show_progress)
+    sources = [f"root {os.fspath(root)!r}"] * len(paths)
+    images = _encode_images(model, preprocess, paths, sources, batch_size, placement,
+                            "zero-shot: images", show_progress)
     logits = images @ classes.T
     accuracy = zero_shot_accuracy(logits, labels, ks=(1, 5))
     predicted = logits.argmax(dim=1).tolist()
@@ -283,7 +293,8 @@ def run_retrieval(model, annotations, image_root, preprocess, tokenize, *, split
     texts = [caption for captions in data.captions for caption in captions]
     text_owner = [i for i, captions in enumerate(data.captions) for _ in captions]
     sources = [f"annotations image {image_id!r}" for image_id in data.image_ids]
-    image_features = _encode_images(model, preprocess, data.paths, sources, batch_size, placement, "retrieval: images", show_progress)
+    image_features = _encode_images(model, preprocess, data.paths, sources, batch_size, placement,
+                                    "retrieval: images", show_progress)
     text_features = _encode_texts(model, tokenize, texts, batch_size, placement[0], "retrieval: texts", show_progress)
     similarity = image_features @ text_features.T
     captions_of = [[] for _ in data.paths]

@@ -48,8 +48,8 @@ def _contractions() -> dict[str, str]:
     table = {}
     for full in forms:
         parts = full.split("'")
-        for missing in range(1, len(parts)):
-            table["'".join(parts[: missing - 1] + [parts[missing - 1] + parts[missing]] + parts[missing + 1 :])] = full
+        for missing in range(1, len(parts)):  # drop the apostrophe before parts[missing]
+            table["'".join(parts[:missing]) + "'".join(parts[missing:])] = full
     # Entries of the official table that follow no rule above.
     table.update({"twas": "'twas", "somebody'd": "somebodyd", "ow's'at": "'ow's'at",
                   "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "let's": "let's",
@@ -99,7 +99,9 @@ def _reference_forms(answers: list[str], normalize_references: str) -> list[str]
     return list(answers)
 
 
-def question_accuracy(prediction: str, answers: list[str], *, normalize_references: str = "official") -> float:
+def question_accuracy(
+    prediction: str, answers: list[str], *, normalize_references: str = "official"
+) -> float:
     """One question's accuracy: mean over the leave-one-out subsets of min(1, matches / 3)."""
     predicted = normalize_answer(prediction)
     references = _reference_forms(answers, normalize_references)

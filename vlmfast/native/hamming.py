@@ -13,7 +13,9 @@ def available() -> bool:
     return _extension.load("_C") is not None
 
 
-def hamming_pairs(hashes: np.ndarray, max_distance: int, *, method: str = "auto", threads: int | None = None) -> np.ndarray:
+def hamming_pairs(
+    hashes: np.ndarray, max_distance: int, *, method: str = "auto", threads: int | None = None
+) -> np.ndarray:
     """(P, 2) int64 pairs (i, j), i < j, sorted, with popcount(hashes[i] ^ hashes[j]) <= max_distance.
 
     hashes: (N,) uint64, C-contiguous (the caller validated it). method: "banded" (pigeonhole
