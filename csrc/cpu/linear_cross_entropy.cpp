@@ -1,0 +1,370 @@
+// Fused linear + cross-entropy on the CPU, in O(N D + V D + V R) memory.
+//
+// The maths, for one row with logits z (V,), label y, label smoothing eps and row scale s:
+//   lse = log sum_v exp(z_v),   loss = lse - (1 - eps) z_y - eps / V sum_v z_v,
+//   G_v = s * d loss / d z_v = s (softmax_v - (1 - eps) [v == y] - eps / V),
+//   d hidden = G W,   d W = G^T hidden,   d bias = sum over rows of G.
+//
+// The work (Liger-Kernel's order: the gradients are formed while the logits are at hand, so the
+// logits GEMM runs once). Rows go in blocks of R. Each thread owns a fixed range of the vocabulary
+// for the whole call. For a block it computes the logits of the block's rows against its
+// vocabulary rows into LT, a (V, R) buffer (transposed: one vocabulary row per line, so the
+// per-row statistics below are vector loops over rows), keeping per row a running (max, sum of
+// exp, sum of logits) (online log-sum-exp). The threads' partials are merged per row into lse and
+// the loss. With gradients, each thread turns its lines of LT into G in place and adds G^T hidden
+// into its own rows of a float32 d W (ownership never changes, so no races and no per-thread
+// copies), then the threads split the feature dim to form d hidden = G W for the block.
+//
+// Every product runs through one register block: kMR output rows x kNR = 32 columns (two 16-float
+// vectors), 12 vector accumulators, one broadcast and two FMAs per loaded pair; operands are read
+// through (row, depth) strides so the three GEMMs share it without repacking G.
+#include "cpu/linear_cross_entropy.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "common/dtype.h"
+#include "common/parallel.h"
+
+// ISO C++17 builds do not fuse a * b + c into one FMA; the micro-kernel is written for it.
+#pragma GCC optimize("fp-contract=fast")
+// 64-byte vectors cross only inlined calls; the ABI note GCC gives for them does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace vlmfast::cpu {
+namespace {
+
+constexpr int64_t kMR = 6;     // output rows of the register block
+constexpr int64_t kNR = 32;    // output columns of the register block
+constexpr int64_t kUnit = 96;  // rows of a logit block and vocabulary rows per thread share: a
+                               // multiple of kMR, kNR and 16 (one vector of rows)
+constexpr int64_t kKC = 256;   // vocabulary depth of one d hidden sweep: kKC x kNR floats = 32 KiB
+constexpr int64_t kLogitBudget = int64_t(1) << 24;  // floats in LT (64 MiB) before R stops growing
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+#define LCE_INLINE __attribute__((always_inline)) inline
+
+LCE_INLINE v16f load16(const float* p) {
+  v16f v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+LCE_INLINE v16i load16i(const int32_t* p) {
+  v16i v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+LCE_INLINE void store16(float* p, v16f v) { __builtin_memcpy(p, &v, sizeof v); }
+LCE_INLINE v16f splat16(float x) { return v16f{} + x; }
+LCE_INLINE v16f max16(v16f a, v16f b) { return a > b ? a : b; }
+LCE_INLINE float sum16(v16f v) {
+  float s = 0.0f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+// e^x for x <= 0 (the only arguments here): x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-7
+// Taylor polynomial (relative error < 1e-8), 2^n written into the exponent bits. x < -87
+// (including -inf) gives 0.
+LCE_INLINE v16f exp16(v16f x) {
+  const v16f round_magic = splat16(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const v16f shifted = x * 1.44269504088896341f + round_magic;
+  const v16f n = shifted - round_magic;
+  v16f r = x - n * 0.693145751953125f;  // ln 2 in two parts (Cody-Waite): r stays exact
+  r = r - n * 1.428606765330187e-06f;
+  v16f p = splat16(1.0f / 5040.0f);
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const v16i two_n = ((v16i)shifted - (v16i)round_magic + 127) << 23;
+  const v16f result = p * (v16f)two_n;
+  return x < -87.0f ? splat16(0.0f) : result;
+}
+
+// C[r][c] (+)= sum_{k < K} A[r * ars + k * aks] * B[k * bks + c] for r < kMR, c < kNR.
+LCE_INLINE void micro_kernel(const float* A, int64_t ars, int64_t aks, const float* B, int64_t bks,
+                             int64_t K, float* C, int64_t ldc, bool accumulate) {
+  v16f acc[kMR][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < kMR; ++r) {
+    acc[r][0] = accumulate ? load16(C + r * ldc) : splat16(0.0f);
+    acc[r][1] = accumulate ? load16(C + r * ldc + 16) : splat16(0.0f);
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const v16f b0 = load16(B + k * bks), b1 = load16(B + k * bks + 16);
+#pragma GCC unroll 6
+    for (int r = 0; r < kMR; ++r) {
+      const v16f a = splat16(A[r * ars + k * aks]);
+      acc[r][0] += a * b0;
+      acc[r][1] += a * b1;
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < kMR; ++r) {
+    store16(C + r * ldc, acc[r][0]);
+    store16(C + r * ldc + 16, acc[r][1]);
+  }
+}
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Everything the per-thread work functions read. Float32 operands, zero-padded:
+//   Wf (Vp, Dp) the weight; Hp the hidden rows packed as panels of H^T, panel q, depth k,
+//   column c at Hp[(q * D + k) * kNR + c] = hidden[q * kNR + c][k]; Hf (Np, Dp) the hidden rows;
+//   LT (Vp, R) the logits (then G) of the current block; dWf (Vp, Dp) the d W accumulator.
+struct Work {
+  int64_t N, D, V, Dp, Vp, R;
+  float eps;
+  const float* bias;
+  const float* Wf;
+  const float* Hp;
+  const float* Hf;
+  float* LT;
+  float* dWf;
+  const float* lse_blk;    // (R,) lse of the block's rows
+  const float* scale_blk;  // (R,) the rows' gradient scales, 0 for ignored and padding rows
+  const int32_t* label_blk;  // (R,) the rows' labels, -1 for ignored and padding rows
+  float* dHb;              // (R, Dp) float32 d hidden of the block
+};
+
+// Logits of block rows [panel0 * 32, panel0 * 32 + rows) (rows a multiple of kUnit) against
+// vocabulary rows [v0, v1) into LT, and their running (max m, sum of exp s, sum sz) per row.
+VLMFAST_MULTIVERSION void logits_range(const Work& w, int64_t v0, int64_t v1, int64_t panel0,
+                                       int64_t rows, float* m, float* s, float* sz) {
+  const int64_t R = w.R;
+  for (int64_t vt = v0; vt < v1; vt += kMR) {
+    // logits^T[v][r] = sum_k W[v][k] H[r][k]: one weight tile (kMR rows, in L1) against every
+    // panel of the block (in L2), so the weight streams from memory once per block.
+    for (int64_t q = 0; q < rows / kNR; ++q)
+      micro_kernel(w.Wf + vt * w.Dp, w.Dp, 1, w.Hp + (panel0 + q) * w.D * kNR, kNR, w.D,
+                   w.LT + vt * R + q * kNR, R, false);
+    const int64_t live = std::min<int64_t>(kMR, w.V - vt);  // padding vocabulary rows stay out
+    if (live <= 0) continue;
+    if (w.bias != nullptr)
+      for (int64_t i = 0; i < live; ++i) {
+        const v16f b = splat16(w.bias[vt + i]);
+        float* line = w.LT + (vt + i) * R;
+        for (int64_t r = 0; r < rows; r += 16) store16(line + r, load16(line + r) + b);
+      }
+    // Online log-sum-exp: s <- s e^(m - m') + sum_v e^(z_v - m') with m' the new max.
+    for (int64_t r = 0; r < rows; r += 16) {
+      const v16f m_old = load16(m + r);
+      v16f m_new = m_old;
+      for (int64_t i = 0; i < live; ++i) m_new = max16(m_new, load16(w.LT + (vt + i) * R + r));
+      v16f sum = load16(s + r) * exp16(m_old - m_new), total = load16(sz + r);
+      for (int64_t i = 0; i < live; ++i) {
+        const v16f z = load16(w.LT + (vt + i) * R + r);
+        sum += exp16(z - m_new);
+        total += z;
+      }
+      store16(m + r, m_new);
+      store16(s + r, sum);
+      store16(sz + r, total);
+    }
+  }
+}
+
+// For vocabulary rows [v0, v1): LT -> G in place, grad_bias += row sums of G, and
+// dWf[v] += sum_r G[v][r] Hf[block row r] (block rows from r0, `rows` of them).
+VLMFAST_MULTIVERSION void grads_range(const Work& w, int64_t v0, int64_t v1, int64_t r0,
+                                      int64_t rows, float* grad_bias) {
+  const int64_t R = w.R;
+  const v16f uniform = splat16(w.eps / static_cast<float>(w.V));
+  const v16f target = splat16(1.0f - w.eps);
+  for (int64_t vt = v0; vt < v1; vt += kMR) {
+    for (int64_t i = 0; i < kMR; ++i) {
+      const int64_t v = vt + i;
+      float* line = w.LT + v * R;
+      if (v >= w.V) {
+        for (int64_t r = 0; r < rows; ++r) line[r] = 0.0f;
+        continue;
+      }
+      const v16i vv = v16i{} + static_cast<int32_t>(v);
+      v16f line_sum = splat16(0.0f);
+      for (int64_t r = 0; r < rows; r += 16) {
+        const v16f p = exp16(load16(line + r) - load16(w.lse_blk + r));
+        const v16f onehot = load16i(w.label_blk + r) == vv ? target : splat16(0.0f);
+        const v16f g = load16(w.scale_blk + r) * (p - onehot - uniform);
+        store16(line + r, g);
+        line_sum += g;
+      }
+      if (grad_bias != nullptr) grad_bias[v] += sum16(line_sum);
+    }
+    // d W[v][d] += sum_r G[v][r] H[r][d]: the G tile (kMR lines) against the block's hidden rows.
+    for (int64_t p = 0; p < w.Dp / kNR; ++p)
+      micro_kernel(w.LT + vt * R, R, 1, w.Hf + r0 * w.Dp + p * kNR, w.Dp, rows,
+                   w.dWf + vt * w.Dp + p * kNR, w.Dp, true);
+  }
+}
+
+// d hidden[r][d] = sum_v G[v][r] W[v][d] for the 32 feature columns of panel p and block rows
+// [0, rows), into dHb. The vocabulary goes in kKC-deep sweeps so the weight slab (kKC x 32) stays
+// in L1 while every row tile passes over it.
+VLMFAST_MULTIVERSION void hidden_grad_panel(const Work& w, int64_t p, int64_t rows) {
+  const int64_t R = w.R;
+  for (int64_t vc = 0; vc < w.Vp; vc += kKC) {
+    const int64_t depth = std::min(kKC, w.Vp - vc);
+    for (int64_t rt = 0; rt < rows; rt += kMR)
+      micro_kernel(w.LT + vc * R + rt, 1, R, w.Wf + vc * w.Dp + p * kNR, w.Dp, depth,
+                   w.dHb + rt * w.Dp + p * kNR, w.Dp, vc > 0);
+  }
+}
+
+int thread_index() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+int thread_count() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+template <typename T>
+void run(const LinearCrossEntropyShape& s, const T* hidden, const T* weight, const float* bias,
+         const int64_t* labels, const LinearCrossEntropyOptions& o, float* lse, float* loss_rows,
+         const float* row_scale, T* grad_hidden, T* grad_weight, float* grad_bias, int threads) {
+  const bool grads = row_scale != nullptr;
+  const int64_t N = s.N, D = s.D, V = s.V;
+  const int64_t Dp = round_up(D, kNR), Vp = round_up(V, kUnit);
+  const int64_t R = kUnit * std::clamp<int64_t>(kLogitBudget / (Vp * kUnit), 1, round_up(N, kUnit) / kUnit);
+  const int64_t Np = round_up(N, R);
+  const int nthreads = resolve_threads(threads);
+
+  std::unique_ptr<float[]> Wf(new float[Vp * Dp]);
+  std::unique_ptr<float[]> LT(new float[Vp * R]);
+  std::vector<float> Hp(Np * D, 0.0f);
+  std::vector<float> Hf(grads ? Np * Dp : 0, 0.0f);
+  std::unique_ptr<float[]> dWf(grads ? new float[Vp * Dp] : nullptr);
+  std::vector<float> dHb(grads ? R * Dp : 0);
+  std::vector<float> run_max(nthreads * R), run_sum(nthreads * R), run_total(nthreads * R);
+  std::vector<float> target_logit(R), lse_blk(R), scale_blk(R);
+  std::vector<int32_t> label_blk(R);
+  const Work w{N, D, V, Dp, Vp, R, o.label_smoothing, bias, Wf.get(), Hp.data(), Hf.data(),
+               LT.get(), dWf.get(), lse_blk.data(), scale_blk.data(), label_blk.data(),
+               dHb.data()};
+  auto valid_label = [&](int64_t y) { return y != o.ignore_index && y >= 0 && y < V; };
+  const float eps = o.label_smoothing;
+
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int64_t nt = thread_count(), t = thread_index();
+    // This thread's vocabulary rows for the whole call, in whole kUnit shares.
+    const int64_t units = Vp / kUnit;
+    const int64_t v0 = units * t / nt * kUnit, v1 = units * (t + 1) / nt * kUnit;
+    float* m = run_max.data() + t * R;
+    float* sm = run_sum.data() + t * R;
+    float* sz = run_total.data() + t * R;
+
+#pragma omp for schedule(static) nowait
+    for (int64_t v = 0; v < Vp; ++v) {
+      float* dst = Wf.get() + v * Dp;
+      const T* src = weight + v * s.weight_stride;
+      for (int64_t k = 0; k < Dp; ++k) dst[k] = (v < V && k < D) ? to_float(src[k]) : 0.0f;
+    }
+#pragma omp for schedule(static) nowait
+    for (int64_t q = 0; q < N / kNR + 1; ++q)
+      for (int64_t c = 0; c < kNR && q * kNR + c < N; ++c) {
+        const T* src = hidden + (q * kNR + c) * s.hidden_stride;
+        for (int64_t k = 0; k < D; ++k) Hp[(q * D + k) * kNR + c] = to_float(src[k]);
+      }
+    if (grads) {
+#pragma omp for schedule(static) nowait
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t k = 0; k < D; ++k) Hf[i * Dp + k] = to_float(hidden[i * s.hidden_stride + k]);
+      for (int64_t v = v0; v < v1; ++v) {
+        std::fill(dWf.get() + v * Dp, dWf.get() + (v + 1) * Dp, 0.0f);
+        if (grad_bias != nullptr && v < V) grad_bias[v] = 0.0f;
+      }
+    }
+#pragma omp barrier
+
+    for (int64_t r0 = 0; r0 < N; r0 += R) {
+      const int64_t rows = std::min(R, N - r0), live_rows = round_up(rows, kUnit);
+      std::fill(m, m + live_rows, -std::numeric_limits<float>::infinity());
+      std::fill(sm, sm + live_rows, 0.0f);
+      std::fill(sz, sz + live_rows, 0.0f);
+      if (v1 > v0) logits_range(w, v0, v1, r0 / kNR, live_rows, m, sm, sz);
+      for (int64_t r = 0; r < rows; ++r) {  // the target logits that fall in this thread's rows
+        const int64_t y = labels[r0 + r];
+        if (valid_label(y) && y >= v0 && y < v1) target_logit[r] = LT[y * R + r];
+      }
+#pragma omp barrier
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < live_rows; ++r) {
+        float M = -std::numeric_limits<float>::infinity(), S = 0.0f, Z = 0.0f;
+        for (int64_t u = 0; u < nt; ++u) M = std::max(M, run_max[u * R + r]);
+        for (int64_t u = 0; u < nt; ++u) {
+          const float mu = run_max[u * R + r];
+          if (mu > -std::numeric_limits<float>::infinity()) S += run_sum[u * R + r] * std::exp(mu - M);
+          Z += run_total[u * R + r];
+        }
+        const float row_lse = M + std::log(S);
+        const int64_t row = r0 + r;
+        const bool valid = row < N && valid_label(labels[row]);
+        if (row < N) {
+          lse[row] = row_lse;
+          loss_rows[row] = valid ? row_lse - (1.0f - eps) * target_logit[r] - eps / V * Z : 0.0f;
+        }
+        lse_blk[r] = row_lse;
+        scale_blk[r] = grads && valid ? row_scale[row] : 0.0f;
+        label_blk[r] = valid ? static_cast<int32_t>(labels[row]) : -1;
+      }
+      if (!grads) continue;  // the loop's barrier above protects LT and the partials
+      if (v1 > v0) grads_range(w, v0, v1, r0, live_rows, grad_bias);
+#pragma omp barrier
+#pragma omp for schedule(static)
+      for (int64_t p = 0; p < Dp / kNR; ++p) {
+        hidden_grad_panel(w, p, live_rows);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t k = p * kNR; k < std::min(D, (p + 1) * kNR); ++k)
+            grad_hidden[(r0 + r) * D + k] = from_float<T>(dHb[r * Dp + k]);
+      }
+    }
+    if (grads) {
+#pragma omp for schedule(static)
+      for (int64_t v = 0; v < V; ++v)
+        for (int64_t k = 0; k < D; ++k) grad_weight[v * D + k] = from_float<T>(dWf[v * Dp + k]);
+    }
+  }
+}
+
+}  // namespace
+
+void linear_cross_entropy(const LinearCrossEntropyShape& shape, const void* hidden,
+                          const void* weight, const float* bias, const int64_t* labels,
+                          const LinearCrossEntropyOptions& options, float* lse, float* loss_rows,
+                          const float* row_scale, void* grad_hidden, void* grad_weight,
+                          float* grad_bias, int dtype, int threads) {
+  switch (dtype_from_tag(dtype)) {
+    case DType::Float32:
+      return run(shape, static_cast<const float*>(hidden), static_cast<const float*>(weight), bias,
+                 labels, options, lse, loss_rows, row_scale, static_cast<float*>(grad_hidden),
+                 static_cast<float*>(grad_weight), grad_bias, threads);
+    case DType::Float16:
+      return run(shape, static_cast<const Half*>(hidden), static_cast<const Half*>(weight), bias,
+                 labels, options, lse, loss_rows, row_scale, static_cast<Half*>(grad_hidden),
+                 static_cast<Half*>(grad_weight), grad_bias, threads);
+    case DType::BFloat16:
+      return run(shape, static_cast<const BFloat16*>(hidden), static_cast<const BFloat16*>(weight),
+                 bias, labels, options, lse, loss_rows, row_scale,
+                 static_cast<BFloat16*>(grad_hidden), static_cast<BFloat16*>(grad_weight),
+                 grad_bias, threads);
+  }
+}
+
+}  // namespace vlmfast::cpu
