@@ -159,7 +159,7 @@ def test_bucketised_positions_match_transformers(valid):
     assert torch.equal(bucketised_position_ids(mask, side), ids_hf)
 
 
-# ----------------------------------------------------------------------------- bad input
+# ----------------------------------------------------------------------------- defaults, bad input
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -167,11 +167,24 @@ def tiny(tmp_path_factory):
     hf = SmolVLMForConditionalGeneration(HFSmolVLMConfig(**hf_config_dict())).eval()
     path = tmp_path_factory.mktemp("smolvlm-bad")
     hf.save_pretrained(path)
-    return SmolVLM.from_pretrained(path), path
+    return SmolVLM.from_pretrained(path), path, hf
+
+
+def test_generate_defaults_follow_the_checkpoint(tiny):
+    """No eos / pad given: both take the checkpoint's generation_config.json (eos 2, pad 0)."""
+    model, path, hf = tiny
+    assert (path / "generation_config.json").is_file()
+    assert model.generation_defaults == {"eos_token_id": hf.generation_config.eos_token_id,
+                                         "pad_token_id": hf.generation_config.pad_token_id}
+    ids, mask, pixels, pixel_mask = build_batch([(1, 2, 3, None), (0, 3, 1, None)], seed=7)
+    with torch.no_grad():
+        expected = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels[:, :1],
+                               pixel_attention_mask=pixel_mask[:, :1], do_sample=False, max_new_tokens=5)
+    assert torch.equal(model.generate(ids, pixels[:, :1], pixel_mask[:, :1], mask, max_new_tokens=5), expected)
 
 
 def test_image_token_count_mismatch(tiny):
-    model, _ = tiny
+    model, *_ = tiny
     ids, mask, pixels, pixel_mask = build_batch([(1, 2, 2, None), (5, 2, 2, None)])
     with pytest.raises(ValueError, match=r"input_ids: expected image_seq_len=4 image tokens .* \[4, 4\] per row .* got \[4, 20\]"):
         model(ids, pixels[:, :1], pixel_mask[:, :1])
@@ -183,7 +196,7 @@ def test_image_token_count_mismatch(tiny):
 
 
 def test_prompt_too_long_for_cache(tiny):
-    model, _ = tiny
+    model, *_ = tiny
     ids, mask, _, _ = build_batch([(0, 6, 0, None), (0, 4, 0, None)])
     cache = model.new_cache(2, 8)
     with pytest.raises(ValueError, match="input_ids: 9 more tokens after 0 cached do not fit the cache's max_len=8"):
@@ -193,7 +206,7 @@ def test_prompt_too_long_for_cache(tiny):
 
 
 def test_unknown_checkpoint_layout(tiny, tmp_path):
-    _, path = tiny
+    _, path, _ = tiny
     config = json.loads((path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "llava"}))
     (tmp_path / "model.safetensors").symlink_to(path / "model.safetensors")
@@ -217,7 +230,7 @@ def test_unknown_checkpoint_layout(tiny, tmp_path):
     ("labels", r"labels: expected the shape of input_ids \(2, 10\), got \(2, 9\)"),
 ])
 def test_bad_input_names_the_argument(tiny, case, match):
-    model, _ = tiny
+    model, *_ = tiny
     ids, mask, pixels, pixel_mask = build_batch([(1, 3, 3, None), (1, 2, 4, None)])
     with pytest.raises((ValueError, TypeError), match=match):
         if case == "ids_rank":

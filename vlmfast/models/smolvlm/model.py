@@ -9,6 +9,9 @@ Shapes (as transformers' SmolVLMForConditionalGeneration takes them):
   attention_mask        (B, L), 0 on (left) padding (None: no padding)
 """
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,6 +54,16 @@ def fuse_gate_up(state: dict) -> dict:
     return out
 
 
+def read_generation_defaults(path) -> dict:
+    """eos_token_id / pad_token_id of a checkpoint's generation_config.json (what transformers'
+    generate uses by default), {} when there is none."""
+    file = Path(path) / "generation_config.json"
+    if not file.is_file():
+        return {}
+    values = json.loads(file.read_text())
+    return {k: values[k] for k in ("eos_token_id", "pad_token_id") if values.get(k) is not None}
+
+
 def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """bool (B, L) key validity -> bool (B, 1, L, L): causal and valid keys only. A padding
     query (which no valid key precedes) also attends itself, so that no row is empty: its
@@ -67,6 +80,7 @@ class SmolVLM(nn.Module):
         self.config = config
         self.model = _Body(config, device=device, dtype=dtype)
         text = config.text_config
+        self.generation_defaults = {}  # eos / pad ids of the checkpoint's generation_config.json
         self.lm_head = None
         if not config.tied:
             self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False, device=device, dtype=dtype)
@@ -84,6 +98,7 @@ class SmolVLM(nn.Module):
         if config.tied:
             state.pop("lm_head.weight", None)  # the embeddings are the head
         checkpoint.load_state(model, state, device=device, dtype=dtype)
+        model.generation_defaults = read_generation_defaults(path)
         return model.eval()
 
     @property
@@ -256,9 +271,19 @@ class SmolVLM(nn.Module):
         cache.advance(1)
         return self.head(hidden[:, 0]).float()
 
-    def generate(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None, **kwargs):
-        """Batched generation with a static KV cache; see vlmfast.generation.generate for options.
-        Returns int (B, L + new); greedy output equals transformers' generate(do_sample=False)."""
+    def generate(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None, *,
+                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 eos_token_id=None, **options) -> torch.Tensor:
+        """Batched generation with a static KV cache, rows left-padded. Returns int (B, L + new);
+        greedy output equals transformers' generate(do_sample=False). eos_token_id None: the
+        checkpoint's generation_config.json, else its decoder config. More options (pad_token_id,
+        streamer, generator, cache, decode_step): vlmfast.generation.generate."""
         from vlmfast.generation.generate import generate
 
-        return generate(self, input_ids, pixel_values, pixel_attention_mask, attention_mask, **kwargs)
+        if eos_token_id is None:
+            eos_token_id = self.generation_defaults.get("eos_token_id")
+        if options.get("pad_token_id") is None and self.generation_defaults.get("pad_token_id") is not None:
+            options["pad_token_id"] = self.generation_defaults["pad_token_id"]
+        return generate(self, input_ids, pixel_values, pixel_attention_mask, attention_mask,
+                        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                        eos_token_id=eos_token_id, **options)

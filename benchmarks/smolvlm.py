@@ -1,0 +1,146 @@
+"""SmolVLM: prefill and decode of vlmfast against transformers' generate, same random-weight
+model (a transformers SmolVLMForConditionalGeneration saved and loaded into vlmfast).
+
+    from benchmarks.smolvlm import run
+    results = run(torch.device("cpu"), torch.bfloat16)        # SmolVLM2-256M dimensions
+    python -m benchmarks.smolvlm [--device cuda] [--dtype bfloat16] [--quick] [--json out.jsonl]
+
+Cases (TARGETS.md): prefill of one 512 x 512 image (64 image tokens) + a prompt at batch 1, and
+decode at batch 1 and 32. Decode time per step = (generate of N tokens - generate of 1 token) /
+(N - 1): the prompt, the first token and start-up cancel, for both implementations alike. Each
+Result's ms is per step (decode) or per call (prefill); extra holds tokens/s of both.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+
+import torch
+
+from vlmfast.bench.timing import Result, time_ms
+from vlmfast.models.smolvlm import SmolVLM
+
+IMAGE_TOKEN = 49190
+# SmolVLM2-256M-Video-Instruct's dimensions
+FULL = dict(
+    text_config=dict(vocab_size=49280, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, max_position_embeddings=8192,
+                     rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, pad_token_id=2,
+                     tie_word_embeddings=False),
+    vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       image_size=512, patch_size=16),
+    scale_factor=4, image_token_id=IMAGE_TOKEN,
+)
+QUICK = dict(
+    text_config=dict(vocab_size=49280, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, pad_token_id=2),
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       image_size=64, patch_size=16),
+    scale_factor=2, image_token_id=IMAGE_TOKEN,
+)
+
+
+def build_pair(spec: dict, device, dtype):
+    """(transformers model, vlmfast model) with the same random weights, both in dtype on device."""
+    import transformers
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    hf = SmolVLMForConditionalGeneration(SmolVLMConfig(**spec)).to(dtype).eval()
+    with tempfile.TemporaryDirectory() as path:
+        hf.save_pretrained(path)
+        ours = SmolVLM.from_pretrained(path, device=device, dtype=dtype)
+    return hf.to(device), ours
+
+
+def prompt(batch: int, text: int, image_tokens: int, device, seed=0):
+    """Left-padded prompts: row b has b % 4 fewer text tokens (padding) and, when image_tokens,
+    the image tokens after the first 5 text tokens."""
+    g = torch.Generator().manual_seed(seed)
+    L = text + image_tokens
+    ids = torch.randint(3, 49000, (batch, L), generator=g)
+    mask = torch.ones(batch, L, dtype=torch.long)
+    for b in range(batch):
+        mask[b, : b % 4] = 0
+    ids[mask == 0] = 2
+    if image_tokens:
+        ids[:, 5 + 3 : 5 + 3 + image_tokens] = IMAGE_TOKEN
+    return ids.to(device), mask.to(device)
+
+
+def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[Result]:
+    spec = QUICK if quick else FULL
+    hf, ours = build_pair(spec, device, dtype)
+    vision = spec["vision_config"]
+    size = vision["image_size"]
+    image_tokens = (size // vision["patch_size"] // spec["scale_factor"]) ** 2
+    n_new = 4 if quick else 17
+    repeats = dict(warmup=1, repeats=2 if quick else 3)
+    name = str(dtype).removeprefix("torch.")
+    results = []
+
+    # prefill: one image + a prompt, batch 1
+    ids, mask = prompt(1, 20, image_tokens, device)
+    pixels = torch.randn(1, 1, 3, size, size, device=device, dtype=dtype)
+    cache = ours.new_cache(1, ids.shape[1] + n_new)
+
+    def ours_prefill():
+        with torch.inference_mode():
+            cache.reset()
+            ours.prefill(ids, pixels, None, mask.bool(), cache)
+
+    def hf_prefill():
+        with torch.inference_mode():
+            hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True, logits_to_keep=1)
+
+    ms, peer_ms = time_ms(ours_prefill, device, **repeats), time_ms(hf_prefill, device, **repeats)
+    results.append(Result("smolvlm", f"prefill b=1 1 image ({image_tokens} tokens) + {ids.shape[1] - image_tokens} "
+                          f"text {name}", "vlmfast", ms, "transformers", peer_ms))
+
+    # decode, text prompts (the image only changes the prefill)
+    for batch in (1, 32) if not quick else (1, 3):
+        ids, mask = prompt(batch, 32, 0, device, seed=batch)
+        cache = ours.new_cache(batch, ids.shape[1] + n_new)
+
+        def ours_gen(n):
+            return ours.generate(ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[], cache=cache)
+
+        def hf_gen(n):
+            with torch.inference_mode():
+                return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=False, pad_token_id=2)
+
+        per_step = []
+        for gen in (ours_gen, hf_gen):
+            full = time_ms(lambda: gen(n_new), device, **repeats)
+            one = time_ms(lambda: gen(1), device, **repeats)
+            per_step.append(max(full - one, 1e-6) / (n_new - 1))
+        same = torch.equal(ours_gen(n_new), hf_gen(n_new)) if dtype == torch.float32 else None
+        ms, peer_ms = per_step
+        results.append(Result("smolvlm", f"decode b={batch} {name}", "vlmfast", ms, "transformers", peer_ms,
+                              extra={"tokens_per_s": batch * 1e3 / ms, "peer_tokens_per_s": batch * 1e3 / peer_ms,
+                                     "greedy_equal": same}))
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    results = run(torch.device(args.device), getattr(torch, args.dtype), args.quick)
+    for r in results:
+        extra = " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.extra.items())
+        print(f"{r.case:55s} vlmfast {r.ms:9.2f} ms  transformers {r.peer_ms:9.2f} ms  {r.speedup:5.2f}x  {extra}")
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in results:
+                f.write(json.dumps({**r.__dict__, "speedup": r.speedup}) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
