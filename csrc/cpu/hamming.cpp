@@ -122,6 +122,8 @@ std::vector<int64_t> hamming_pairs_all(const uint64_t* hashes, int64_t n, int ma
 
 std::vector<int64_t> hamming_pairs_banded(const uint64_t* hashes, int64_t n, int max_distance,
                                           int threads) {
+  // 64 one-bit bands is the finest split; past that every pair qualifies anyway.
+  if (max_distance >= 64) return hamming_pairs_all(hashes, n, max_distance, threads);
   threads = resolve_threads(threads);
   const int bands = max_distance + 1;
   // Widths as even as possible, wider bands first: 5 bands -> 13, 13, 13, 13, 12 bits.

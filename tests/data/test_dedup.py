@@ -76,6 +76,27 @@ def test_threads_do_not_change_the_result():
     assert np.array_equal(one, find_duplicate_pairs(hashes, 4, method="all", threads=2))
 
 
+def test_numpy_fallback_without_the_extension(monkeypatch):
+    from vlmfast.data import dedup
+
+    class NoExtension:
+        warned = []
+
+        @staticmethod
+        def load(name):
+            return None
+
+        @classmethod
+        def warn_missing(cls, name, fallback):
+            cls.warned.append((name, fallback))
+
+    monkeypatch.setattr(dedup, "_extension", NoExtension)
+    hashes = _hashes_with_near_pairs(200, seed=12, planted=50)
+    got = find_duplicate_pairs(hashes, 4)
+    assert [tuple(p) for p in got.tolist()] == _brute(hashes, 4)
+    assert NoExtension.warned == [("_C", "numpy")]
+
+
 def test_input_forms():
     hashes = [0, 1, 3, 2**64 - 1, 2**64 - 2, 7 << 40]
     expected = _brute(np.array(hashes, dtype=np.uint64), 2)

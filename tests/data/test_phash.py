@@ -65,6 +65,7 @@ def test_paths_and_many(tmp_path):
     expected = [_reference(Image.open(p)) for p in paths]
     assert [phash(p) for p in paths] == expected
     assert phash(str(paths[0])) == expected[0]
+    assert phash(np.asarray(images[0])) == _reference(images[0])
     assert phash_many(paths, threads=2).tolist() == expected
     assert phash_many(paths, threads=1).dtype == np.uint64
 
@@ -77,8 +78,10 @@ def test_near_copies_are_close():
 
 
 def test_bad_input(tmp_path):
-    with pytest.raises(TypeError, match="image: expected a PIL.Image.Image or a path, got int"):
+    with pytest.raises(TypeError, match="image: expected a PIL.Image.Image, a path or a uint8 array, got int"):
         phash(3)
+    with pytest.raises(ValueError, match=r"image: expected a uint8 array \(H, W\), \(H, W, 3\) or \(H, W, 4\), got float64"):
+        phash(np.zeros((4, 4)))
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("hello")
     with pytest.raises(ValueError, match="image: cannot read .*notes.png"):

@@ -132,6 +132,10 @@ def test_bad_input(metric):
         metric("a dog", [["a dog"]])
 
 
-def test_bleu_bad_n():
+def test_bad_order_and_sigma():
     with pytest.raises(ValueError, match="n: expected a positive int"):
         bleu(["a"], [["a"]], n=0)
+    with pytest.raises(ValueError, match="n: expected a positive int"):
+        cider_d(["a"], [["a"]], n=0)
+    with pytest.raises(ValueError, match="sigma: expected a positive length-penalty width, got 0"):
+        cider_d(["a"], [["a"]], sigma=0)

@@ -34,6 +34,14 @@ def _dct_rows() -> np.ndarray:
 def _open(image) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
+    if isinstance(image, np.ndarray):
+        channels_ok = image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))
+        if image.dtype != np.uint8 or not channels_ok:
+            raise ValueError(
+                "image: expected a uint8 array (H, W), (H, W, 3) or (H, W, 4), "
+                f"got {image.dtype} {image.shape}"
+            )
+        return Image.fromarray(image)
     if isinstance(image, (str, os.PathLike)):
         try:
             with Image.open(image) as opened:
@@ -41,7 +49,7 @@ def _open(image) -> Image.Image:
                 return opened
         except (OSError, Image.DecompressionBombError) as error:
             raise ValueError(f"image: cannot read {os.fspath(image)!r} as an image ({error})") from error
-    raise TypeError(f"image: expected a PIL.Image.Image or a path, got {type(image).__name__}")
+    raise TypeError(f"image: expected a PIL.Image.Image, a path or a uint8 array, got {type(image).__name__}")
 
 
 def phash_bits(image) -> np.ndarray:
@@ -54,7 +62,8 @@ def phash_bits(image) -> np.ndarray:
 
 
 def phash(image) -> int:
-    """The 64-bit perceptual hash of an image (a PIL image or a path) as a Python int.
+    """The 64-bit perceptual hash of an image (a PIL image, a path, or a uint8 (H, W[, C]) array
+    as decoded) as a Python int.
 
     Equals `int(str(imagehash.phash(image)), 16)`. Near-identical images have hashes a small
     Hamming distance apart (see vlmfast.data.find_duplicates).

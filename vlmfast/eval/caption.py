@@ -22,6 +22,11 @@ CIDER_SIGMA = 6.0
 ROUGE_BETA = 1.2
 
 
+def _check_order(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a positive int (the highest n-gram order), got {n!r}")
+
+
 def ngram_counts(words: list[str], max_n: int) -> Counter:
     """Counts of every n-gram (as a tuple of words) of order 1..max_n."""
     counts = Counter()
@@ -44,8 +49,7 @@ def bleu(candidates: list[str], references: list[list[str]], n: int = 4) -> list
     of the reference length closest to the candidate's (the shorter one on a tie).
     """
     candidates, references = _checks.candidates_and_references(candidates, references)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected a positive int (the highest n-gram order), got {n!r}")
+    _check_order(n)
     matched = [0] * n
     totals = [0] * n
     candidate_length = 0
@@ -112,6 +116,9 @@ def cider_d(
     mean over its references.
     """
     candidates, references = _checks.candidates_and_references(candidates, references)
+    _check_order(n)
+    if not sigma > 0:
+        raise ValueError(f"sigma: expected a positive length-penalty width, got {sigma!r}")
     cooked_refs = [[ngram_counts(ref.split(), n) for ref in refs] for refs in references]
     document_frequency = Counter()
     for refs in cooked_refs:
