@@ -20,8 +20,18 @@ import torch
 import triton
 import triton.language as tl
 
-from vlmfast.kernels._common import INTERPRETING, to_dtype_of
+from vlmfast.kernels._common import INTERPRETING, _round_to_bfloat16, to_dtype_of
 from vlmfast.ops import _alloc
+
+
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr):
+    # a @ b + acc, fp32 accumulate. The interpreter's dot mis-multiplies bfloat16, so it gets the
+    # operands in float32 (exact for 16-bit values: the same products as the tensor cores).
+    if INTERPRETING:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -34,7 +44,7 @@ def _dot_tile(x_ptr, y_ptr, rows, cols, D, sx, sy, BLOCK_M: tl.constexpr, BLOCK_
         k_ok = k < D
         xt = tl.load(x_ptr + rows[:, None] * sx + k[None, :], mask=k_ok[None, :], other=0.0)
         yt = tl.load(y_ptr + cols[:, None] * sy + k[None, :], mask=k_ok[None, :], other=0.0)
-        acc = tl.dot(xt, tl.trans(yt), acc, input_precision=PRECISION)
+        acc = _mma(xt, tl.trans(yt), acc, PRECISION)
     return acc
 
 
@@ -56,7 +66,7 @@ def _log1p_unit(e):
 
 @triton.jit
 def _row_lse_kernel(
-    x_ptr, y_ptr, scale_ptr, lse_ptr, B, D, sx, sy,
+    x_ptr, y_ptr, scale_ptr, lse_ptr, term_ptr, B, D, sx, sy,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -65,16 +75,21 @@ def _row_lse_kernel(
     scale = tl.load(scale_ptr).to(tl.float32)
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    diag = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, B, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         dots = _dot_tile(x_ptr, y_ptr, safe_rows, tl.minimum(cols, B - 1), D, sx, sy,
                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         logits = tl.where((cols < B)[None, :], dots * scale, float("-inf"))
+        diag += tl.sum(tl.where(rows[:, None] == cols[None, :], logits, 0.0), 1)
         # Online log-sum-exp: rescale the running sum to the new max.
         m_new = tl.maximum(m, tl.max(logits, 1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), 1)
         m = m_new
     tl.store(lse_ptr + rows, m + tl.log(s), mask=rows < B)
+    # The row's loss term R_i - l_ii, formed before R_i is rounded: l_ii and the max come from
+    # the same tile values, so it stays accurate when the loss is near 0 (R_i ~ l_ii ~ scale).
+    tl.store(term_ptr + rows, (m - diag) + tl.log(s), mask=rows < B)
 
 
 @triton.jit
@@ -144,7 +159,13 @@ def _row_grad_kernel(
         gsum += tl.sum(g, 1)
         # d x_i += sum_j G_ij y_j over this program's feature columns
         yd = tl.load(y_ptr + safe_cols[:, None] * sy + d_out[None, :], mask=d_ok[None, :], other=0.0)
-        acc = tl.dot(g.to(yd.dtype), yd, acc, input_precision=PRECISION)
+        # G enters the MMA in the features' dtype (bf16/fp16 tensor cores on a GPU), rounded
+        # to nearest (by hand under the interpreter, whose cast truncates).
+        if ROUND_BF16 and yd.dtype == tl.bfloat16:
+            g_op = _round_to_bfloat16(g)
+        else:
+            g_op = g.to(yd.dtype)
+        acc = _mma(g_op, yd, acc, PRECISION)
     out = dx_ptr + rows[:, None] * D + d_out[None, :]
     tl.store(out, to_dtype_of(acc * scale, dx_ptr, ROUND_BF16), mask=row_ok[:, None] & d_ok[None, :])
     if pid_d == 0:
@@ -186,13 +207,15 @@ def _prepare(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _row_lse(x, y, scale) -> torch.Tensor:
+def _row_lse(x, y, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, R - diag): the row log-sum-exps of scale * x @ y.T and the rows' loss terms."""
     B, D = x.shape
     lse = _alloc.empty(B, dtype=torch.float32, device=x.device)
+    term = _alloc.empty_like(lse)
     config = _config(x)
     grid = (triton.cdiv(B, config["BLOCK_M"]),)
-    _row_lse_kernel[grid](x, y, scale, lse, B, D, x.stride(0), y.stride(0), **config)
-    return lse
+    _row_lse_kernel[grid](x, y, scale, lse, term, B, D, x.stride(0), y.stride(0), **config)
+    return lse, term
 
 
 def _scale32(t: torch.Tensor) -> torch.Tensor:
@@ -203,10 +226,9 @@ def infonce_forward(a, b, scale):
     """(loss, row_lse, col_lse): float32 (), (B,), (B,). The column pass is the row pass of b a^T."""
     a, b = _prepare(a), _prepare(b)
     s = _scale32(scale)
-    row_lse = _row_lse(a, b, s)
-    col_lse = _row_lse(b, a, s)
-    diag = (a.float() * b.float()).sum(1)
-    loss = (row_lse.sum() + col_lse.sum() - 2 * s[0] * diag.sum()) / (2 * a.shape[0])
+    row_lse, row_term = _row_lse(a, b, s)
+    col_lse, col_term = _row_lse(b, a, s)
+    loss = (row_term.sum() + col_term.sum()) / (2 * a.shape[0])
     return loss, row_lse, col_lse
 
 

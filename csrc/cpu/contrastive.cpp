@@ -152,13 +152,12 @@ struct Operands {
 };
 
 template <typename T>
-void copy_rows(const T* src, int64_t stride, int64_t B, int64_t D, float* dst, int64_t Dp,
-               int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t i = 0; i < B; ++i)
-    for (int64_t k = 0; k < D; ++k) dst[i * Dp + k] = to_float(src[i * stride + k]);
+VLMFAST_INLINE void copy_row(const T* src, int64_t D, float* dst) {
+  for (int64_t k = 0; k < D; ++k) dst[k] = to_float(src[k]);
 }
 
+// One parallel loop over panels of kNR rows: convert the panel's rows of a and b to float32 and
+// pack the same rows of b as a panel of b^T (one pass, no barrier between the steps).
 template <typename T>
 Operands prepare(const PairShape& s, const void* a, const void* b, int threads) {
   Operands o;
@@ -168,15 +167,20 @@ Operands prepare(const PairShape& s, const void* a, const void* b, int threads) 
   o.Dp = round_up(s.D, 16);
   o.a.assign(o.Bp * o.Dp, 0.0f);
   o.b.assign(o.Bp * o.Dp, 0.0f);
-  copy_rows(static_cast<const T*>(a), s.a_stride, s.B, s.D, o.a.data(), o.Dp, threads);
-  copy_rows(static_cast<const T*>(b), s.b_stride, s.B, s.D, o.b.data(), o.Dp, threads);
-  o.bt.resize(o.Bp * o.D);
+  o.bt.assign(o.Bp * o.D, 0.0f);
+  const T* a_in = static_cast<const T*>(a);
+  const T* b_in = static_cast<const T*>(b);
   const int64_t panels = o.Bp / kNR;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t p = 0; p < panels; ++p)
+  for (int64_t p = 0; p < panels; ++p) {
+    for (int64_t i = p * kNR; i < std::min((p + 1) * kNR, o.B); ++i) {
+      copy_row(a_in + i * s.a_stride, o.D, o.a.data() + i * o.Dp);
+      copy_row(b_in + i * s.b_stride, o.D, o.b.data() + i * o.Dp);
+    }
     for (int64_t k = 0; k < o.D; ++k)
       for (int64_t c = 0; c < kNR; ++c)
         o.bt[(p * o.D + k) * kNR + c] = o.b[(p * kNR + c) * o.Dp + k];
+  }
   return o;
 }
 
@@ -188,23 +192,40 @@ Operands prepare_any(const PairShape& s, const void* a, const void* b, int dtype
   }
 }
 
-// out (B, D) contiguous in T = multiplier * src (Bp, Dp) float32.
+// The end of a backward, one parallel loop over rows: sum the threads' partials of d b (threads x
+// Bp x Dp) and store multiplier * d a and multiplier * d b as (B, D) in T.
 template <typename T>
-void store_rows(const float* src, int64_t B, int64_t D, int64_t Dp, float multiplier, void* out,
-                int threads) {
-  T* dst = static_cast<T*>(out);
+void store_grads(const float* da, const float* db_partials, int64_t n, int nthreads,
+                 const Operands& o, float multiplier, void* grad_a, void* grad_b, int threads) {
+  T* out_a = static_cast<T*>(grad_a);
+  T* out_b = static_cast<T*>(grad_b);
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t i = 0; i < B; ++i)
-    for (int64_t k = 0; k < D; ++k) dst[i * D + k] = from_float<T>(multiplier * src[i * Dp + k]);
+  for (int64_t i = 0; i < o.B; ++i)
+    for (int64_t k = 0; k < o.D; ++k) {
+      float sum = 0.0f;
+      for (int t = 0; t < nthreads; ++t) sum += db_partials[t * n + i * o.Dp + k];
+      out_a[i * o.D + k] = from_float<T>(multiplier * da[i * o.Dp + k]);
+      out_b[i * o.D + k] = from_float<T>(multiplier * sum);
+    }
 }
 
-void store_rows_any(const float* src, int64_t B, int64_t D, int64_t Dp, float multiplier, void* out,
-                    int dtype, int threads) {
+void store_grads_any(const float* da, const float* db_partials, int64_t n, int nthreads,
+                     const Operands& o, float multiplier, void* grad_a, void* grad_b, int dtype) {
   switch (dtype_from_tag(dtype)) {
-    case DType::Float16: return store_rows<Half>(src, B, D, Dp, multiplier, out, threads);
-    case DType::BFloat16: return store_rows<BFloat16>(src, B, D, Dp, multiplier, out, threads);
-    default: return store_rows<float>(src, B, D, Dp, multiplier, out, threads);
+    case DType::Float16:
+      return store_grads<Half>(da, db_partials, n, nthreads, o, multiplier, grad_a, grad_b, nthreads);
+    case DType::BFloat16:
+      return store_grads<BFloat16>(da, db_partials, n, nthreads, o, multiplier, grad_a, grad_b, nthreads);
+    default:
+      return store_grads<float>(da, db_partials, n, nthreads, o, multiplier, grad_a, grad_b, nthreads);
   }
+}
+
+// Threads worth starting: one per block of kTile rows at most (a thread with no block would only
+// wait at the barriers, which costs a scheduler time slice on a busy machine).
+int useful_threads(int threads, int64_t B) {
+  const int64_t blocks = round_up(B, kTile) / kTile;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(resolve_threads(threads), blocks)));
 }
 
 // ----------------------------------------------------------------------------- micro-kernels
@@ -312,10 +333,11 @@ VLMFAST_INLINE void tile_sums(const float* G, const float* S, double* g_dot, dou
 // ----------------------------------------------------------------------------- tiles
 
 // Forward of one InfoNCE tile: online update of the row stats (row_m, row_s: the tile's rows) and
-// of this thread's column stats (col_m, col_s: the tile's columns). S is scratch.
+// of this thread's column stats (col_m, col_s: the tile's columns); the diagonal logits l_ii the
+// tile holds go to diag (indexed by i). S is scratch.
 VLMFAST_MULTIVERSION void infonce_forward_tile(const Operands& o, int64_t i0, int64_t j0, float scale,
                                                float* S, float* row_m, float* row_s, float* col_m,
-                                               float* col_s) {
+                                               float* col_s, float* diag) {
   dot_tile(o, i0, j0, S);
   const int64_t rows = std::min(kTile, o.B - i0);
   // Logits; the padding columns become -inf so they vanish from every max and sum.
@@ -323,6 +345,8 @@ VLMFAST_MULTIVERSION void infonce_forward_tile(const Operands& o, int64_t i0, in
     for (int64_t c = 0; c < kTile; c += 16)
       vstore(S + r * kTile + c,
              lanes_below(j0 + c, o.B) ? vload(S + r * kTile + c) * scale : splat(kNegInf));
+  for (int64_t i = std::max(i0, j0); i < std::min({i0 + rows, j0 + kTile, o.B}); ++i)
+    diag[i] = S[(i - i0) * kTile + (i - j0)];
   // Rows: R_i = m + log(sum_j exp(l_ij - m)), m the running max (finite: every tile has a column).
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = S + r * kTile;
@@ -413,24 +437,18 @@ VLMFAST_MULTIVERSION void siglip_backward_tile(const Operands& o, int64_t i0, in
 
 // ----------------------------------------------------------------------------- drivers
 
-// Sum over threads of the per-thread partials (threads x Bp x Dp) into the first one.
-void reduce_partials(std::vector<float>& partials, int64_t n, int nthreads, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t e = 0; e < n; ++e) {
-    float s = partials[e];
-    for (int t = 1; t < nthreads; ++t) s += partials[t * n + e];
-    partials[e] = s;
-  }
-}
-
 }  // namespace
 
 double infonce_forward(const PairShape& shape, const void* a, const void* b, float scale,
                        float* row_lse, float* col_lse, int dtype, int threads) {
-  const int nthreads = resolve_threads(threads);
+  const int nthreads = useful_threads(threads, shape.B);
   const Operands o = prepare_any(shape, a, b, dtype, nthreads);
   const int64_t Bp = o.Bp, blocks = Bp / kTile;
   std::vector<float> col_m(nthreads * Bp, kNegInf), col_s(nthreads * Bp, 0.0f);
+  // The loss terms R_i - l_ii and C_j - l_jj are formed as (max - l_ii) + log(sum) from the very
+  // float values the tiles used, before R_i is rounded: near a loss of 0 (R_i ~ l_ii ~ scale)
+  // subtracting rounded sums would lose all the digits that matter.
+  std::vector<float> diag(Bp, 0.0f), row_term(Bp, 0.0f);
 #pragma omp parallel num_threads(nthreads)
   {
     const int t = thread_index();
@@ -443,9 +461,11 @@ double infonce_forward(const PairShape& shape, const void* a, const void* b, flo
       std::fill(row_s, row_s + kTile, 0.0f);
       for (int64_t j0 = 0; j0 < o.B; j0 += kTile)
         infonce_forward_tile(o, i0, j0, scale, S.data(), row_m, row_s, col_m.data() + t * Bp + j0,
-                             col_s.data() + t * Bp + j0);
-      for (int64_t r = 0; r < std::min(kTile, o.B - i0); ++r)
+                             col_s.data() + t * Bp + j0, diag.data());
+      for (int64_t r = 0; r < std::min(kTile, o.B - i0); ++r) {
         row_lse[i0 + r] = row_m[r] + std::log(row_s[r]);
+        row_term[i0 + r] = (row_m[r] - diag[i0 + r]) + std::log(row_s[r]);
+      }
     }
   }
   // Merge the threads' column stats: C_j = M + log(sum_t s_t exp(m_t - M)), M = max_t m_t.
@@ -457,11 +477,7 @@ double infonce_forward(const PairShape& shape, const void* a, const void* b, flo
     for (int t = 0; t < nthreads; ++t)
       if (col_s[t * Bp + j] > 0.0f) s += col_s[t * Bp + j] * std::exp(col_m[t * Bp + j] - m);
     col_lse[j] = m + std::log(s);
-    // l_jj from the same float32 features the tiles used.
-    double diag = 0.0;
-    for (int64_t k = 0; k < o.D; ++k)
-      diag += static_cast<double>(o.a[j * o.Dp + k]) * o.b[j * o.Dp + k];
-    total += static_cast<double>(row_lse[j]) + col_lse[j] - 2.0 * scale * diag;
+    total += static_cast<double>(row_term[j]) + ((m - diag[j]) + std::log(s));
   }
   return total / (2.0 * o.B);
 }
@@ -469,7 +485,7 @@ double infonce_forward(const PairShape& shape, const void* a, const void* b, flo
 double infonce_backward(const PairShape& shape, const void* a, const void* b, float scale,
                         const float* row_lse, const float* col_lse, float grad, void* grad_a,
                         void* grad_b, int dtype, int threads) {
-  const int nthreads = resolve_threads(threads);
+  const int nthreads = useful_threads(threads, shape.B);
   const Operands o = prepare_any(shape, a, b, dtype, nthreads);
   const int64_t Bp = o.Bp, n = Bp * o.Dp, blocks = Bp / kTile;
   // Padded copies so a tile's vector loads never leave the arrays (padding lanes are masked).
@@ -489,9 +505,7 @@ double infonce_backward(const PairShape& shape, const void* a, const void* b, fl
         infonce_backward_tile(o, ib * kTile, j0, scale, R.data(), C.data(), coef, S.data(),
                               G.data(), da.data(), db.data() + t * n, &dscale[t]);
   }
-  reduce_partials(db, n, nthreads, nthreads);
-  store_rows_any(da.data(), o.B, o.D, o.Dp, scale, grad_a, dtype, nthreads);
-  store_rows_any(db.data(), o.B, o.D, o.Dp, scale, grad_b, dtype, nthreads);
+  store_grads_any(da.data(), db.data(), n, nthreads, o, scale, grad_a, grad_b, dtype);
   double total = 0.0;
   for (double v : dscale) total += v;
   return total;
@@ -499,7 +513,7 @@ double infonce_backward(const PairShape& shape, const void* a, const void* b, fl
 
 double siglip_forward(const PairShape& shape, const void* a, const void* b, float scale, float bias,
                       int dtype, int threads) {
-  const int nthreads = resolve_threads(threads);
+  const int nthreads = useful_threads(threads, shape.B);
   const Operands o = prepare_any(shape, a, b, dtype, nthreads);
   const int64_t blocks = o.Bp / kTile;
   double total = 0.0;
@@ -517,7 +531,7 @@ double siglip_forward(const PairShape& shape, const void* a, const void* b, floa
 void siglip_backward(const PairShape& shape, const void* a, const void* b, float scale, float bias,
                      float grad, void* grad_a, void* grad_b, double* grad_scale_bias, int dtype,
                      int threads) {
-  const int nthreads = resolve_threads(threads);
+  const int nthreads = useful_threads(threads, shape.B);
   const Operands o = prepare_any(shape, a, b, dtype, nthreads);
   const int64_t n = o.Bp * o.Dp, blocks = o.Bp / kTile;
   std::vector<float> da(n, 0.0f), db(static_cast<size_t>(nthreads) * n, 0.0f);
@@ -533,9 +547,7 @@ void siglip_backward(const PairShape& shape, const void* a, const void* b, float
         siglip_backward_tile(o, ib * kTile, j0, scale, bias, coef, S.data(), G.data(), da.data(),
                              db.data() + t * n, &dscale[t], &dbias[t]);
   }
-  reduce_partials(db, n, nthreads, nthreads);
-  store_rows_any(da.data(), o.B, o.D, o.Dp, scale, grad_a, dtype, nthreads);
-  store_rows_any(db.data(), o.B, o.D, o.Dp, scale, grad_b, dtype, nthreads);
+  store_grads_any(da.data(), db.data(), n, nthreads, o, scale, grad_a, grad_b, dtype);
   grad_scale_bias[0] = grad_scale_bias[1] = 0.0;
   for (int t = 0; t < nthreads; ++t) {
     grad_scale_bias[0] += dscale[t];
