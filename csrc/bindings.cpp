@@ -10,6 +10,7 @@
 #include <string>
 
 #include "cpu/attention.h"
+#include "cpu/contrastive.h"
 #include "cpu/hamming.h"
 #include "cpu/patch_embed.h"
 #include "cpu/rope_2d.h"
@@ -52,6 +53,65 @@ static py::dict cpu_features() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "vlmfast CPU kernels (torch-free; see vlmfast/native for the launchers)";
   m.def("cpu_features", &cpu_features);
+
+  // Contrastive losses: features (B, D) with row strides (a_stride, b_stride), feature dim contiguous.
+  m.def(
+      "infonce_forward",
+      [](uintptr_t a, uintptr_t b, int64_t B, int64_t D, int64_t a_stride, int64_t b_stride,
+         float scale, uintptr_t row_lse, uintptr_t col_lse, int dtype, int threads) {
+        py::gil_scoped_release release;
+        return vlmfast::cpu::infonce_forward({B, D, a_stride, b_stride}, ptr<const void>(a),
+                                             ptr<const void>(b), scale, ptr<float>(row_lse),
+                                             ptr<float>(col_lse), dtype, threads);
+      },
+      py::arg("a"), py::arg("b"), py::arg("B"), py::arg("D"), py::arg("a_stride"),
+      py::arg("b_stride"), py::arg("scale"), py::arg("row_lse"), py::arg("col_lse"),
+      py::arg("dtype"), py::arg("threads"));
+
+  m.def(
+      "infonce_backward",
+      [](uintptr_t a, uintptr_t b, int64_t B, int64_t D, int64_t a_stride, int64_t b_stride,
+         float scale, uintptr_t row_lse, uintptr_t col_lse, float grad, uintptr_t grad_a,
+         uintptr_t grad_b, int dtype, int threads) {
+        py::gil_scoped_release release;
+        return vlmfast::cpu::infonce_backward(
+            {B, D, a_stride, b_stride}, ptr<const void>(a), ptr<const void>(b), scale,
+            ptr<const float>(row_lse), ptr<const float>(col_lse), grad, ptr<void>(grad_a),
+            ptr<void>(grad_b), dtype, threads);
+      },
+      py::arg("a"), py::arg("b"), py::arg("B"), py::arg("D"), py::arg("a_stride"),
+      py::arg("b_stride"), py::arg("scale"), py::arg("row_lse"), py::arg("col_lse"),
+      py::arg("grad"), py::arg("grad_a"), py::arg("grad_b"), py::arg("dtype"), py::arg("threads"));
+
+  m.def(
+      "siglip_forward",
+      [](uintptr_t a, uintptr_t b, int64_t B, int64_t D, int64_t a_stride, int64_t b_stride,
+         float scale, float bias, int dtype, int threads) {
+        py::gil_scoped_release release;
+        return vlmfast::cpu::siglip_forward({B, D, a_stride, b_stride}, ptr<const void>(a),
+                                            ptr<const void>(b), scale, bias, dtype, threads);
+      },
+      py::arg("a"), py::arg("b"), py::arg("B"), py::arg("D"), py::arg("a_stride"),
+      py::arg("b_stride"), py::arg("scale"), py::arg("bias"), py::arg("dtype"), py::arg("threads"));
+
+  // Returns (grad_scale, grad_bias).
+  m.def(
+      "siglip_backward",
+      [](uintptr_t a, uintptr_t b, int64_t B, int64_t D, int64_t a_stride, int64_t b_stride,
+         float scale, float bias, float grad, uintptr_t grad_a, uintptr_t grad_b, int dtype,
+         int threads) {
+        double scale_bias[2];
+        {
+          py::gil_scoped_release release;
+          vlmfast::cpu::siglip_backward({B, D, a_stride, b_stride}, ptr<const void>(a),
+                                        ptr<const void>(b), scale, bias, grad, ptr<void>(grad_a),
+                                        ptr<void>(grad_b), scale_bias, dtype, threads);
+        }
+        return std::make_pair(scale_bias[0], scale_bias[1]);
+      },
+      py::arg("a"), py::arg("b"), py::arg("B"), py::arg("D"), py::arg("a_stride"),
+      py::arg("b_stride"), py::arg("scale"), py::arg("bias"), py::arg("grad"), py::arg("grad_a"),
+      py::arg("grad_b"), py::arg("dtype"), py::arg("threads"));
 
   // Hamming pair search (csrc/cpu/hamming.h): the pairs come back as the bytes of an int64 array
   // [i0, j0, i1, j1, ...], which vlmfast/native/hamming.py views with numpy (no copy per pair).

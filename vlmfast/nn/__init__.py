@@ -1,7 +1,9 @@
 """Modules built on vlmfast.ops."""
 
 from vlmfast.nn.attention import Attention
+from vlmfast.nn.losses import ClipLoss, SigLipLoss
 from vlmfast.nn.patch_embed import PatchEmbed
 from vlmfast.nn.rotary import Rotary2D, RotaryMixed2D
 
 __all__ = ["Attention", "PatchEmbed", "Rotary2D", "RotaryMixed2D"]
+__all__ += ["ClipLoss", "SigLipLoss"]

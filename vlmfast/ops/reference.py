@@ -210,3 +210,91 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen=None, is_causal=False, scal
         piece = [t[start:end].transpose(0, 1) for t in (q, k, v)]
         out[start:end] = _attention_math(*piece, None, scale, is_causal)[0].transpose(0, 1)
     return out
+
+
+# ----------------------------------------------------------------------------- contrastive losses
+
+def _unit_rows(x, normalize: bool = True) -> torch.Tensor:
+    """x / max(||x||, 1e-12) row by row (torch.nn.functional.normalize) when `normalize`."""
+    return torch.nn.functional.normalize(x, dim=-1, eps=1e-12) if normalize else x
+
+
+def contrastive_logits(image_features, text_features, logit_scale, normalize: bool = True):
+    """(B, B) logits = logit_scale * n(img) @ n(txt).T in the features' dtype, as open_clip forms
+    them (a 0-dim scale does not change the dtype)."""
+    a, b = _unit_rows(image_features, normalize), _unit_rows(text_features, normalize)
+    return logit_scale.reshape(()) * a @ b.T
+
+
+def infonce_loss(image_features, text_features, logit_scale, normalize: bool = True):
+    """open_clip's ClipLoss: (CE(logits, arange(B)) + CE(logits.T, arange(B))) / 2."""
+    logits = contrastive_logits(image_features, text_features, logit_scale, normalize)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    ce = torch.nn.functional.cross_entropy
+    return (ce(logits, labels) + ce(logits.T, labels)) / 2
+
+
+def siglip_loss(image_features, text_features, logit_scale, logit_bias, normalize: bool = True):
+    """open_clip's SigLipLoss: -sum(logsigmoid(labels * logits)) / B, labels = 2I - 1,
+    logits = logit_scale * n(img) @ n(txt).T + logit_bias."""
+    logits = contrastive_logits(image_features, text_features, logit_scale, normalize)
+    logits = logits + logit_bias.reshape(())
+    labels = 2 * torch.eye(logits.shape[0], dtype=logits.dtype, device=logits.device) - 1
+    return -torch.nn.functional.logsigmoid(labels * logits).sum() / logits.shape[0]
+
+
+# The materialised forward / backward of the fused kernels: the fallback of the vlmfast::infonce_*
+# and vlmfast::siglip_* custom ops. a, b are the (already normalised) features, scale and bias
+# 0-dim; computed in float32 (float64 for float64 features).
+
+def _compute_dtype(a):
+    return torch.float64 if a.dtype == torch.float64 else torch.float32
+
+
+def infonce_forward_stats(a, b, scale):
+    """(loss, row_lse (B,), col_lse (B,)) of logits = scale * a @ b.T."""
+    dtype = _compute_dtype(a)
+    logits = scale.to(dtype) * (a.to(dtype) @ b.to(dtype).T)
+    row_lse, col_lse = logits.logsumexp(1), logits.logsumexp(0)
+    diag = logits.diagonal()
+    # Per-row terms first: near a loss of 0 each sum alone is ~B * scale and would cancel.
+    loss = ((row_lse - diag) + (col_lse - diag)).sum() / (2 * a.shape[0])
+    return loss, row_lse, col_lse
+
+
+def _feature_grads(g, a, b, scale, dots):
+    # d a = s G b, d b = s G^T a, d s = sum G * (a . b)
+    dtype = g.dtype
+    a, b, s = a.to(dtype), b.to(dtype), scale.to(dtype)
+    return (s * g @ b).to(a.dtype), (s * g.T @ a).to(b.dtype), (g * dots).sum()
+
+
+def infonce_grads(grad, a, b, scale, row_lse, col_lse):
+    """(d a, d b, d scale) of grad * loss: G = grad (P + Q - 2I) / (2B), P / Q the row / column
+    softmaxes of the logits."""
+    dtype = _compute_dtype(a)
+    dots = a.to(dtype) @ b.to(dtype).T
+    logits = scale.to(dtype) * dots
+    p = torch.exp(logits - row_lse.to(dtype)[:, None])
+    q = torch.exp(logits - col_lse.to(dtype)[None, :])
+    eye = torch.eye(a.shape[0], dtype=dtype, device=a.device)
+    g = grad.to(dtype) * (p + q - 2 * eye) / (2 * a.shape[0])
+    da, db, ds = _feature_grads(g, a, b, scale, dots)
+    return da.to(a.dtype), db.to(b.dtype), ds
+
+
+def siglip_forward_loss(a, b, scale, bias):
+    """The SigLIP loss of already-normalised features."""
+    dtype = _compute_dtype(a)
+    return siglip_loss(a.to(dtype), b.to(dtype), scale.to(dtype), bias.to(dtype), normalize=False)
+
+
+def siglip_grads(grad, a, b, scale, bias):
+    """(d a, d b, d scale, d bias) of grad * loss: G = grad (sigmoid(logits) - I) / B."""
+    dtype = _compute_dtype(a)
+    dots = a.to(dtype) @ b.to(dtype).T
+    logits = scale.to(dtype) * dots + bias.to(dtype)
+    eye = torch.eye(a.shape[0], dtype=dtype, device=a.device)
+    g = grad.to(dtype) * (torch.sigmoid(logits) - eye) / a.shape[0]
+    da, db, ds = _feature_grads(g, a, b, scale, dots)
+    return da.to(a.dtype), db.to(b.dtype), ds, g.sum()
