@@ -9,10 +9,9 @@
 //
 // Tiles are converted to float32 once, when packed into thread-local buffers padded to a multiple
 // of 16 in the head dim ("width"): K and V transposed (width x 64) for the score products, rows
-// (64 x width) for the products that run over keys. The float kernels below (score tile,
-// accumulate, softmax steps) are separate multi-versioned functions: OpenMP outlines a parallel
-// region into a function of its own, which target_clones would not reach, so the hot loops must be
-// functions the region calls.
+// (64 x width) for the products that run over keys. Each job (a pair, a row block, a key block)
+// runs in a function multi-versioned for AVX-512 / AVX2 (see "Jobs" below), and so do the float
+// kernels on packed tiles (score tile, accumulate, softmax steps).
 #include "cpu/attention.h"
 
 #include <algorithm>
@@ -58,7 +57,8 @@ VLMFAST_INLINE v16 splat(float x) { return v16{} + x; }
 
 // Horizontal reductions by halving: four shuffles instead of sixteen lane extracts.
 template <typename Op>
-VLMFAST_INLINE float reduce(v16 v, Op op) {
+VLMFAST_INLINE float reduce(const v16& input, Op op) {
+  v16 v = input;
   v = op(v, __builtin_shuffle(v, v16i{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
   v = op(v, __builtin_shuffle(v, v16i{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
   v = op(v, __builtin_shuffle(v, v16i{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
@@ -66,18 +66,19 @@ VLMFAST_INLINE float reduce(v16 v, Op op) {
   return v[0];
 }
 
-VLMFAST_INLINE float reduce_max(v16 v) {
-  return reduce(v, [](v16 a, v16 b) { return a > b ? a : b; });
+VLMFAST_INLINE float reduce_max(const v16& v) {
+  return reduce(v, [](const v16& a, const v16& b) -> v16 { return a > b ? a : b; });
 }
 
-VLMFAST_INLINE float reduce_sum(v16 v) {
-  return reduce(v, [](v16 a, v16 b) { return a + b; });
+VLMFAST_INLINE float reduce_sum(const v16& v) {
+  return reduce(v, [](const v16& a, const v16& b) -> v16 { return a + b; });
 }
 
 // 2^x, about 1 ulp for x in [-126, 127]; exactly 0 below -126 (so -inf -> 0, masked keys vanish).
 // x = n + f with n = round(x), |f| <= 1/2; 2^f by its degree-7 Taylor polynomial (truncation error
 // < 6e-9), 2^n by building the exponent bits.
-VLMFAST_INLINE v16 exp2v(v16 x) {
+VLMFAST_INLINE v16 exp2v(const v16& input) {
+  v16 x = input;
   const v16 lo = splat(-126.0f), hi = splat(127.0f);
   const auto underflow = x < lo;
   x = x < lo ? lo : x;
@@ -288,7 +289,7 @@ struct RowBlock {
   const float* bias[kMaxRowBlock];
 };
 
-void describe_rows(const Plan& p, const AttentionBias& bias, int64_t b, int64_t kv_head,
+VLMFAST_INLINE void describe_rows(const Plan& p, const AttentionBias& bias, int64_t b, int64_t kv_head,
                    int64_t first, int64_t count, RowBlock& r) {
   r.first = first;
   r.count = count;
@@ -305,13 +306,13 @@ void describe_rows(const Plan& p, const AttentionBias& bias, int64_t b, int64_t 
 }
 
 // Key blocks a row block can see: all, or up to its last row's position when causal.
-int64_t visible_key_blocks(const Plan& p, const RowBlock& r) {
+VLMFAST_INLINE int64_t visible_key_blocks(const Plan& p, const RowBlock& r) {
   if (!p.s.causal) return p.key_blocks;
   return std::min(p.key_blocks, ceil_div(std::min(p.s.kv_len, r.max_pos + 1), kKeyBlock));
 }
 
 // Adds the bias (in base 2) and -inf for keys past the causal diagonal and past the last key.
-void mask_scores(const Plan& p, const AttentionBias& bias, const RowBlock& r, int64_t first_key,
+VLMFAST_INLINE void mask_scores(const Plan& p, const AttentionBias& bias, const RowBlock& r, int64_t first_key,
                  int64_t keys, float* S) {
   const bool causal = p.s.causal && first_key + keys - 1 > r.min_pos;
   const int64_t key_stride = bias.strides[3];
@@ -406,7 +407,7 @@ VLMFAST_INLINE T* row_of(const AttentionOutput& t, int64_t b, int64_t head, int6
 
 // dst (count, width) = t's rows of the block, times mult, zero-padded past E.
 template <typename T>
-void pack_query_rows(const AttentionInput& t, const Plan& p, int64_t b, const RowBlock& r,
+VLMFAST_INLINE void pack_query_rows(const AttentionInput& t, const Plan& p, int64_t b, const RowBlock& r,
                      float mult, float* dst) {
   const int64_t E = p.s.head_dim;
   for (int64_t i = 0; i < r.count; ++i) {
@@ -419,7 +420,7 @@ void pack_query_rows(const AttentionInput& t, const Plan& p, int64_t b, const Ro
 
 // dst (width, 64) = the transpose of `keys` rows of src (row stride `stride`), zero-padded.
 template <typename T>
-void pack_transposed(const T* src, int64_t stride, int64_t keys, const Plan& p, float* dst) {
+VLMFAST_INLINE void pack_transposed(const T* src, int64_t stride, int64_t keys, const Plan& p, float* dst) {
   const int64_t E = p.s.head_dim;
   for (int64_t j = 0; j < keys; ++j) {
     const T* row = src + j * stride;
@@ -432,13 +433,13 @@ void pack_transposed(const T* src, int64_t stride, int64_t keys, const Plan& p, 
 
 // Float rows of a multiple-of-16 head dim are used where they are, without packing.
 template <typename T>
-bool rows_in_place(const Plan& p) {
+VLMFAST_INLINE bool rows_in_place(const Plan& p) {
   return std::is_same_v<T, float> && p.s.head_dim == p.width;
 }
 
 // dst (keys, width) = `keys` rows of src (row stride `stride`) as floats, zero-padded past E.
 template <typename T>
-void pack_key_rows(const T* src, int64_t stride, int64_t keys, const Plan& p, float* dst) {
+VLMFAST_INLINE void pack_key_rows(const T* src, int64_t stride, int64_t keys, const Plan& p, float* dst) {
   const int64_t E = p.s.head_dim;
   for (int64_t j = 0; j < keys; ++j) {
     const T* row = src + j * stride;
@@ -450,7 +451,7 @@ void pack_key_rows(const T* src, int64_t stride, int64_t keys, const Plan& p, fl
 
 // `keys` rows from src as a float tile with row stride ld: in place, or packed into `buffer`.
 template <typename T>
-const float* key_rows(const T* src, int64_t stride, int64_t keys, const Plan& p, float* buffer,
+VLMFAST_INLINE const float* key_rows(const T* src, int64_t stride, int64_t keys, const Plan& p, float* buffer,
                       int64_t& ld) {
   if (rows_in_place<T>(p)) {
     ld = stride;
@@ -463,7 +464,7 @@ const float* key_rows(const T* src, int64_t stride, int64_t keys, const Plan& p,
 
 // Writes the block's rows of a (count, width) float accumulator times mult.
 template <typename T>
-void store_query_rows(const AttentionOutput& t, const Plan& p, int64_t b, const RowBlock& r,
+VLMFAST_INLINE void store_query_rows(const AttentionOutput& t, const Plan& p, int64_t b, const RowBlock& r,
                       const float* acc, float mult) {
   for (int64_t i = 0; i < r.count; ++i) {
     T* dst = row_of<T>(t, b, r.head[i], r.pos[i]);
@@ -485,7 +486,7 @@ struct ForwardArgs {
 // Runs the online softmax of a row block over key blocks [kb_begin, kb_end): leaves the row
 // maxima m (base 2), sums l and the unnormalised output acc (count, width).
 template <typename T>
-void forward_rows(const Plan& p, const ForwardArgs& a, int64_t b, int64_t kv_head,
+VLMFAST_INLINE void forward_rows(const Plan& p, const ForwardArgs& a, int64_t b, int64_t kv_head,
                   const RowBlock& r, int64_t kb_begin, int64_t kb_end, Scratch& w, float* m,
                   float* l, float* acc) {
   const int64_t E = p.s.head_dim, width = p.width;
@@ -519,7 +520,7 @@ void forward_rows(const Plan& p, const ForwardArgs& a, int64_t b, int64_t kv_hea
 
 // out = acc / l and lse = ln(2) * m + ln(l); a row with l = 0 saw no key: out = 0, lse = -inf.
 template <typename T>
-void finish_rows(const Plan& p, const ForwardArgs& a, int64_t b, const RowBlock& r,
+VLMFAST_INLINE void finish_rows(const Plan& p, const ForwardArgs& a, int64_t b, const RowBlock& r,
                  const float* m, const float* l, const float* acc) {
   for (int64_t i = 0; i < r.count; ++i) {
     T* out = row_of<T>(a.out, b, r.head[i], r.pos[i]);
@@ -532,91 +533,85 @@ void finish_rows(const Plan& p, const ForwardArgs& a, int64_t b, const RowBlock&
   }
 }
 
+// How the forward splits its work. Enough (batch, kv head) pairs: one job per pair, which packs
+// each K/V tile once for all its row blocks. Otherwise one job per row block; and when even those
+// are fewer than the threads (decode: a handful of query rows, thousands of keys), the keys are
+// split too and the partial (m, l, acc) of the splits merged afterwards.
+struct ForwardSchedule {
+  int64_t pairs, tasks, splits, jobs, slot;  // slot: floats of one split's (m, l, acc)
+  bool per_pair, keep;
+
+  ForwardSchedule(const Plan& p, int threads) {
+    pairs = p.s.batch * p.s.kv_heads;
+    tasks = pairs * p.row_blocks;
+    per_pair = pairs >= 4 * threads;
+    splits = 1;
+    if (tasks < threads && p.key_blocks > 1) splits = std::min(p.key_blocks, ceil_div(threads, tasks));
+    slot = p.block_rows * (p.width + 2);
+    jobs = per_pair ? pairs : tasks * splits;
+    keep = per_pair && p.row_blocks > 1 && worth_keeping(2 * p.key_blocks * kKeyBlock * p.width);
+  }
+};
+
 template <typename T>
-VLMFAST_INLINE void forward_impl(const AttentionShape& shape, const ForwardArgs& a, int threads) {
-  const Plan p = make_plan(shape, threads);
-  const int64_t pairs = shape.batch * shape.kv_heads;
-  const int64_t tasks = pairs * p.row_blocks;
-  if (tasks == 0) return;
-  // Enough (batch, kv head) pairs: one job per pair, which packs each K/V tile once for all its
-  // row blocks. Otherwise one job per row block; and when even those are fewer than the threads
-  // (decode: a handful of query rows, thousands of keys), the keys are split too and the partial
-  // (m, l, acc) of the splits merged afterwards.
-  const bool per_pair = pairs >= 4 * threads;
-  int64_t splits = 1;
-  if (tasks < threads && p.key_blocks > 1) splits = std::min(p.key_blocks, ceil_div(threads, tasks));
-  const int64_t slot = p.block_rows * (p.width + 2);  // m, l, acc of one split of one task
-  std::vector<float> partial(splits > 1 ? static_cast<size_t>(tasks * splits * slot) : 0);
-  const int64_t jobs = per_pair ? pairs : tasks * splits;
-  const bool keep = per_pair && p.row_blocks > 1 &&
-                    worth_keeping(2 * p.key_blocks * kKeyBlock * p.width);
-
-#pragma omp parallel num_threads(threads)
-  {
-    Scratch w;
-    RowBlock r;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t job = 0; job < jobs; ++job) {
-      const int64_t task = per_pair ? job * p.row_blocks : job / splits;
-      const int64_t split = per_pair ? 0 : job % splits;
-      const int64_t pair = task / p.row_blocks;
-      const int64_t b = pair / shape.kv_heads, kv_head = pair % shape.kv_heads;
-      w.keys.reset(p.key_blocks, p.width * kKeyBlock, keep);
-      w.values.reset(p.key_blocks, kKeyBlock * p.width, keep);
-      const int64_t rb_end = per_pair ? p.row_blocks : task % p.row_blocks + 1;
-      for (int64_t rb = task % p.row_blocks; rb < rb_end; ++rb) {
-        const int64_t first = rb * p.block_rows;
-        describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
-        const int64_t kb_end = visible_key_blocks(p, r);
-        if (splits == 1) {
-          float* stats = w.stats.get(2 * kMaxRowBlock);
-          float* acc = w.acc.get(kMaxRowBlock * p.width);
-          forward_rows<T>(p, a, b, kv_head, r, 0, kb_end, w, stats, stats + kMaxRowBlock, acc);
-          finish_rows<T>(p, a, b, r, stats, stats + kMaxRowBlock, acc);
-        } else {
-          float* part = partial.data() + job * slot;
-          forward_rows<T>(p, a, b, kv_head, r, kb_end * split / splits,
-                          kb_end * (split + 1) / splits, w, part, part + p.block_rows,
-                          part + 2 * p.block_rows);
-        }
-      }
-    }
-  }
-  if (splits == 1) return;
-
-#pragma omp parallel num_threads(threads)
-  {
-    Scratch w;
-    RowBlock r;
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t rb = task % p.row_blocks, pair = task / p.row_blocks;
-      const int64_t b = pair / shape.kv_heads, kv_head = pair % shape.kv_heads;
-      const int64_t first = rb * p.block_rows;
-      describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
-      float* m = w.stats.get(2 * kMaxRowBlock);
-      float* l = m + kMaxRowBlock;
+VLMFAST_INLINE void forward_job(const Plan& p, const ForwardArgs& a, const ForwardSchedule& sch,
+                                int64_t job, Scratch& w, float* partial) {
+  const int64_t task = sch.per_pair ? job * p.row_blocks : job / sch.splits;
+  const int64_t split = sch.per_pair ? 0 : job % sch.splits;
+  const int64_t pair = task / p.row_blocks;
+  const int64_t b = pair / p.s.kv_heads, kv_head = pair % p.s.kv_heads;
+  w.keys.reset(p.key_blocks, p.width * kKeyBlock, sch.keep);
+  w.values.reset(p.key_blocks, kKeyBlock * p.width, sch.keep);
+  RowBlock r;
+  const int64_t rb_end = sch.per_pair ? p.row_blocks : task % p.row_blocks + 1;
+  for (int64_t rb = task % p.row_blocks; rb < rb_end; ++rb) {
+    const int64_t first = rb * p.block_rows;
+    describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
+    const int64_t kb_end = visible_key_blocks(p, r);
+    if (sch.splits == 1) {
+      float* stats = w.stats.get(2 * kMaxRowBlock);
       float* acc = w.acc.get(kMaxRowBlock * p.width);
-      std::fill(acc, acc + r.count * p.width, 0.0f);
-      for (int64_t i = 0; i < r.count; ++i) {
-        // Merge: M = max_s m_s; l = sum_s 2^(m_s - M) l_s; acc = sum_s 2^(m_s - M) acc_s.
-        float top = -kInf;
-        for (int64_t sp = 0; sp < splits; ++sp)
-          top = std::max(top, partial[(task * splits + sp) * slot + i]);
-        m[i] = top;
-        l[i] = 0.0f;
-        if (top == -kInf) continue;
-        for (int64_t sp = 0; sp < splits; ++sp) {
-          const float* part = partial.data() + (task * splits + sp) * slot;
-          const float weight = std::exp2(part[i] - top);
-          l[i] += weight * part[p.block_rows + i];
-          const float* pacc = part + 2 * p.block_rows + i * p.width;
-          for (int64_t e = 0; e < p.width; ++e) acc[i * p.width + e] += weight * pacc[e];
-        }
-      }
-      finish_rows<T>(p, a, b, r, m, l, acc);
+      forward_rows<T>(p, a, b, kv_head, r, 0, kb_end, w, stats, stats + kMaxRowBlock, acc);
+      finish_rows<T>(p, a, b, r, stats, stats + kMaxRowBlock, acc);
+    } else {
+      float* part = partial + job * sch.slot;
+      forward_rows<T>(p, a, b, kv_head, r, kb_end * split / sch.splits,
+                      kb_end * (split + 1) / sch.splits, w, part, part + p.block_rows,
+                      part + 2 * p.block_rows);
     }
   }
+}
+
+// Merges the key splits of one task: M = max_s m_s; l = sum_s 2^(m_s - M) l_s;
+// acc = sum_s 2^(m_s - M) acc_s; then writes out and lse.
+template <typename T>
+VLMFAST_INLINE void merge_splits(const Plan& p, const ForwardArgs& a, const ForwardSchedule& sch,
+                                 int64_t task, Scratch& w, const float* partial) {
+  const int64_t rb = task % p.row_blocks, pair = task / p.row_blocks;
+  const int64_t b = pair / p.s.kv_heads, kv_head = pair % p.s.kv_heads;
+  const int64_t first = rb * p.block_rows;
+  RowBlock r;
+  describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
+  float* m = w.stats.get(2 * kMaxRowBlock);
+  float* l = m + kMaxRowBlock;
+  float* acc = w.acc.get(kMaxRowBlock * p.width);
+  std::fill(acc, acc + r.count * p.width, 0.0f);
+  for (int64_t i = 0; i < r.count; ++i) {
+    float top = -kInf;
+    for (int64_t sp = 0; sp < sch.splits; ++sp)
+      top = std::max(top, partial[(task * sch.splits + sp) * sch.slot + i]);
+    m[i] = top;
+    l[i] = 0.0f;
+    if (top == -kInf) continue;
+    for (int64_t sp = 0; sp < sch.splits; ++sp) {
+      const float* part = partial + (task * sch.splits + sp) * sch.slot;
+      const float weight = std::exp2(part[i] - top);
+      l[i] += weight * part[p.block_rows + i];
+      const float* pacc = part + 2 * p.block_rows + i * p.width;
+      for (int64_t e = 0; e < p.width; ++e) acc[i * p.width + e] += weight * pacc[e];
+    }
+  }
+  finish_rows<T>(p, a, b, r, m, l, acc);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -630,10 +625,13 @@ struct BackwardArgs {
   const float* delta;  // D = rowsum(dO * O), (B, H, L)
 };
 
+// Floats of one packed backward row block: [q | dO | lse2 | D].
+int64_t backward_row_tile(const Plan& p) { return 2 * p.block_rows * (p.width + 1); }
+
 // Packs a row block's q (scaled to base 2), dO, lse (base 2; +inf for an empty row so that its
 // probabilities are 2^-inf = 0) and D.
 template <typename T>
-void pack_backward_rows(const Plan& p, const BackwardArgs& a, int64_t b, const RowBlock& r,
+VLMFAST_INLINE void pack_backward_rows(const Plan& p, const BackwardArgs& a, int64_t b, const RowBlock& r,
                         float* q, float* dout, float* lse2, float* delta) {
   pack_query_rows<T>(a.q, p, b, r, p.q_mult, q);
   pack_query_rows<T>(a.dout, p, b, r, 1.0f, dout);
@@ -645,7 +643,7 @@ void pack_backward_rows(const Plan& p, const BackwardArgs& a, int64_t b, const R
 }
 
 // Recomputes one (row block, key block) tile: leaves P in s and dS in ds.
-void backward_tile(const Plan& p, const AttentionBias& bias, const RowBlock& r,
+VLMFAST_INLINE void backward_tile(const Plan& p, const AttentionBias& bias, const RowBlock& r,
                    int64_t first_key, int64_t keys, const float* q, const float* dout,
                    const float* lse2, const float* delta, const float* kt, const float* vt,
                    float* s, float* ds) {
@@ -659,7 +657,7 @@ void backward_tile(const Plan& p, const AttentionBias& bias, const RowBlock& r,
 // dk, dv of one key block, from every query row of its (batch, kv head) that can see it; with
 // dq_acc (rows, width) also adds dS k to the query rows' dq.
 template <typename T>
-void backward_key_block(const Plan& p, const BackwardArgs& a, int64_t b, int64_t kv_head,
+VLMFAST_INLINE void backward_key_block(const Plan& p, const BackwardArgs& a, int64_t b, int64_t kv_head,
                         int64_t kb, Scratch& w, float* dq_acc) {
   const int64_t width = p.width;
   const int64_t first_key = kb * kKeyBlock;
@@ -670,7 +668,7 @@ void backward_key_block(const Plan& p, const BackwardArgs& a, int64_t b, int64_t
   float* ds = w.dscores.get(kMaxRowBlock * kKeyBlock);
   float* dk = w.dk.get(kKeyBlock * width);
   float* dv = w.dv.get(kKeyBlock * width);
-  const int64_t rows_tile = p.block_rows * width;
+  const int64_t rows_tile = p.block_rows * width;  // see backward_row_tile
   const T* k_rows = row_of<T>(a.k, b, kv_head, first_key);
   pack_transposed(k_rows, a.k.strides[2], keys, p, kt);
   pack_transposed(row_of<T>(a.v, b, kv_head, first_key), a.v.strides[2], keys, p, vt);
@@ -714,7 +712,7 @@ void backward_key_block(const Plan& p, const BackwardArgs& a, int64_t b, int64_t
 
 // dq of one row block: dq_i = scale * sum_j dS_ij k_j over the key blocks it sees.
 template <typename T>
-void backward_query_block(const Plan& p, const BackwardArgs& a, int64_t b, int64_t kv_head,
+VLMFAST_INLINE void backward_query_block(const Plan& p, const BackwardArgs& a, int64_t b, int64_t kv_head,
                           int64_t rb, Scratch& w) {
   const int64_t width = p.width;
   float* kt = w.kt.get(width * kKeyBlock);
@@ -747,90 +745,172 @@ void backward_query_block(const Plan& p, const BackwardArgs& a, int64_t b, int64
   store_query_rows<T>(a.dq, p, b, r, dq, p.s.scale);
 }
 
+// D_i = rowsum(dO_i * O_i) for the (B * H * L) query rows [first, first + count).
 template <typename T>
-VLMFAST_INLINE void backward_impl(const AttentionShape& shape, BackwardArgs a, int threads,
-                                  AttentionBackwardStrategy strategy) {
+VLMFAST_INLINE void delta_rows(const Plan& p, const BackwardArgs& a, int64_t first, int64_t count,
+                               float* delta) {
+  for (int64_t row = first; row < first + count; ++row) {
+    const int64_t pos = row % p.s.q_len, bh = row / p.s.q_len;
+    const T* o = row_of<T>(a.out, bh / p.s.heads, bh % p.s.heads, pos);
+    const T* g = row_of<T>(a.dout, bh / p.s.heads, bh % p.s.heads, pos);
+    float sum = 0.0f;
+    for (int64_t e = 0; e < p.s.head_dim; ++e) sum += to_float(o[e]) * to_float(g[e]);
+    delta[row] = sum;
+  }
+}
+
+// Fused backward of one (batch, kv head): every key block's dk, dv, and dq accumulated in a
+// thread-local buffer that this job alone writes.
+template <typename T>
+VLMFAST_INLINE void backward_pair(const Plan& p, const BackwardArgs& a, int64_t pair,
+                                  bool keep_rows, Scratch& w) {
+  const int64_t b = pair / p.s.kv_heads, kv_head = pair % p.s.kv_heads;
+  float* dq = w.dq.get(p.rows * p.width);
+  std::fill(dq, dq + p.rows * p.width, 0.0f);
+  w.rows.reset(p.row_blocks, backward_row_tile(p), keep_rows);
+  for (int64_t kb = 0; kb < p.key_blocks; ++kb) backward_key_block<T>(p, a, b, kv_head, kb, w, dq);
+  RowBlock r;
+  for (int64_t first = 0; first < p.rows; first += p.block_rows) {
+    describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
+    store_query_rows<T>(a.dq, p, b, r, dq + first * p.width, p.s.scale);
+  }
+}
+
+// First pass of the two-pass backward: dk, dv of one (batch, kv head, key block).
+template <typename T>
+VLMFAST_INLINE void backward_keys_only(const Plan& p, const BackwardArgs& a, int64_t job,
+                                       Scratch& w) {
+  const int64_t pair = job / p.key_blocks, kb = job % p.key_blocks;
+  w.rows.reset(p.row_blocks, backward_row_tile(p), false);
+  backward_key_block<T>(p, a, pair / p.s.kv_heads, pair % p.s.kv_heads, kb, w, nullptr);
+}
+
+// Second pass: dq of one (batch, kv head, row block).
+template <typename T>
+VLMFAST_INLINE void backward_queries_only(const Plan& p, const BackwardArgs& a, int64_t job,
+                                          Scratch& w) {
+  const int64_t pair = job / p.row_blocks, rb = job % p.row_blocks;
+  backward_query_block<T>(p, a, pair / p.s.kv_heads, pair % p.s.kv_heads, rb, w);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Jobs, one multi-versioned function per element type and kind of job. OpenMP outlines each
+// parallel region into a function of its own that target_clones does not reach, so the regions
+// below only hand out jobs and every job runs in a function compiled for AVX-512 / AVX2.
+
+#define VLMFAST_ATTENTION_JOBS(T, SUFFIX)                                                       \
+  VLMFAST_MULTIVERSION void forward_job_##SUFFIX(const Plan& p, const ForwardArgs& a,            \
+                                                 const ForwardSchedule& sch, int64_t job,        \
+                                                 Scratch& w, float* partial) {                   \
+    forward_job<T>(p, a, sch, job, w, partial);                                                 \
+  }                                                                                             \
+  VLMFAST_MULTIVERSION void merge_splits_##SUFFIX(const Plan& p, const ForwardArgs& a,           \
+                                                  const ForwardSchedule& sch, int64_t task,      \
+                                                  Scratch& w, const float* partial) {            \
+    merge_splits<T>(p, a, sch, task, w, partial);                                               \
+  }                                                                                             \
+  VLMFAST_MULTIVERSION void delta_rows_##SUFFIX(const Plan& p, const BackwardArgs& a,            \
+                                                int64_t first, int64_t count, float* delta) {    \
+    delta_rows<T>(p, a, first, count, delta);                                                   \
+  }                                                                                             \
+  VLMFAST_MULTIVERSION void backward_pair_##SUFFIX(const Plan& p, const BackwardArgs& a,         \
+                                                   int64_t pair, bool keep_rows, Scratch& w) {   \
+    backward_pair<T>(p, a, pair, keep_rows, w);                                                 \
+  }                                                                                             \
+  VLMFAST_MULTIVERSION void backward_keys_only_##SUFFIX(const Plan& p, const BackwardArgs& a,    \
+                                                        int64_t job, Scratch& w) {               \
+    backward_keys_only<T>(p, a, job, w);                                                        \
+  }                                                                                             \
+  VLMFAST_MULTIVERSION void backward_queries_only_##SUFFIX(const Plan& p, const BackwardArgs& a, \
+                                                           int64_t job, Scratch& w) {            \
+    backward_queries_only<T>(p, a, job, w);                                                     \
+  }                                                                                             \
+  template <>                                                                                   \
+  struct Jobs<T> {                                                                              \
+    static void forward(const Plan& p, const ForwardArgs& a, const ForwardSchedule& sch,        \
+                        int64_t job, Scratch& w, float* partial) {                              \
+      forward_job_##SUFFIX(p, a, sch, job, w, partial);                                         \
+    }                                                                                           \
+    static void merge(const Plan& p, const ForwardArgs& a, const ForwardSchedule& sch,          \
+                      int64_t task, Scratch& w, const float* partial) {                         \
+      merge_splits_##SUFFIX(p, a, sch, task, w, partial);                                       \
+    }                                                                                           \
+    static void delta(const Plan& p, const BackwardArgs& a, int64_t first, int64_t count,       \
+                      float* delta) {                                                           \
+      delta_rows_##SUFFIX(p, a, first, count, delta);                                           \
+    }                                                                                           \
+    static void pair(const Plan& p, const BackwardArgs& a, int64_t pair, bool keep, Scratch& w) { \
+      backward_pair_##SUFFIX(p, a, pair, keep, w);                                              \
+    }                                                                                           \
+    static void keys(const Plan& p, const BackwardArgs& a, int64_t job, Scratch& w) {           \
+      backward_keys_only_##SUFFIX(p, a, job, w);                                                \
+    }                                                                                           \
+    static void queries(const Plan& p, const BackwardArgs& a, int64_t job, Scratch& w) {        \
+      backward_queries_only_##SUFFIX(p, a, job, w);                                             \
+    }                                                                                           \
+  };
+
+template <typename T>
+struct Jobs;
+
+VLMFAST_ATTENTION_JOBS(float, f32)
+VLMFAST_ATTENTION_JOBS(Half, f16)
+VLMFAST_ATTENTION_JOBS(BFloat16, bf16)
+
+template <typename T>
+void forward_impl(const AttentionShape& shape, const ForwardArgs& a, int threads) {
+  const Plan p = make_plan(shape, threads);
+  const ForwardSchedule sch(p, threads);
+  if (sch.tasks == 0) return;
+  std::vector<float> partial(sch.splits > 1 ? static_cast<size_t>(sch.tasks * sch.splits * sch.slot) : 0);
+#pragma omp parallel num_threads(threads)
+  {
+    Scratch w;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t job = 0; job < sch.jobs; ++job) Jobs<T>::forward(p, a, sch, job, w, partial.data());
+    if (sch.splits > 1) {
+#pragma omp for schedule(static)
+      for (int64_t task = 0; task < sch.tasks; ++task) Jobs<T>::merge(p, a, sch, task, w, partial.data());
+    }
+  }
+}
+
+template <typename T>
+void backward_impl(const AttentionShape& shape, BackwardArgs a, int threads,
+                   AttentionBackwardStrategy strategy) {
   const Plan p = make_plan(shape, threads);
   const int64_t pairs = shape.batch * shape.kv_heads;
   if (pairs == 0) return;
-
-  // D_i = rowsum(dO_i * O_i), once per query row.
-  std::vector<float> delta(static_cast<size_t>(shape.batch * shape.heads * shape.q_len));
-  const int64_t E = shape.head_dim;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t row = 0; row < static_cast<int64_t>(delta.size()); ++row) {
-    const int64_t pos = row % shape.q_len, bh = row / shape.q_len;
-    const T* o = row_of<T>(a.out, bh / shape.heads, bh % shape.heads, pos);
-    const T* g = row_of<T>(a.dout, bh / shape.heads, bh % shape.heads, pos);
-    float sum = 0.0f;
-    for (int64_t e = 0; e < E; ++e) sum += to_float(o[e]) * to_float(g[e]);
-    delta[row] = sum;
-  }
+  const int64_t query_rows = shape.batch * shape.heads * shape.q_len;
+  std::vector<float> delta(static_cast<size_t>(query_rows));
   a.delta = delta.data();
-
-  // Fused: one task per (batch, kv head) owns all of its dq rows, so dq accumulates in a
+  // Fused: one job per (batch, kv head) owns all of its dq rows, so dq accumulates in a
   // thread-local buffer with no second pass; it needs enough pairs to balance the threads.
   if (strategy == AttentionBackwardStrategy::Auto)
     strategy = pairs >= 4 * threads && worth_keeping(p.rows * p.width)
                    ? AttentionBackwardStrategy::Fused
                    : AttentionBackwardStrategy::TwoPass;
-
-  const int64_t row_tile = 2 * p.block_rows * (p.width + 1);
-  const bool keep_rows = worth_keeping(p.row_blocks * row_tile);
-  if (strategy == AttentionBackwardStrategy::Fused) {
-#pragma omp parallel num_threads(threads)
-    {
-      Scratch w;
-      RowBlock r;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t pair = 0; pair < pairs; ++pair) {
-        const int64_t b = pair / shape.kv_heads, kv_head = pair % shape.kv_heads;
-        float* dq = w.dq.get(p.rows * p.width);
-        std::fill(dq, dq + p.rows * p.width, 0.0f);
-        w.rows.reset(p.row_blocks, row_tile, keep_rows);
-        for (int64_t kb = 0; kb < p.key_blocks; ++kb) backward_key_block<T>(p, a, b, kv_head, kb, w, dq);
-        for (int64_t first = 0; first < p.rows; first += p.block_rows) {
-          describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
-          store_query_rows<T>(a.dq, p, b, r, dq + first * p.width, shape.scale);
-        }
-      }
-    }
-    return;
-  }
-
-  // Two passes: dk, dv per (batch, kv head, key block); then dq per (batch, kv head, row block).
+  const bool keep_rows = worth_keeping(p.row_blocks * backward_row_tile(p));
+  constexpr int64_t kDeltaRows = 256;
 #pragma omp parallel num_threads(threads)
   {
     Scratch w;
+#pragma omp for schedule(static)
+    for (int64_t first = 0; first < query_rows; first += kDeltaRows)
+      Jobs<T>::delta(p, a, first, std::min(kDeltaRows, query_rows - first), delta.data());
+    // (the implicit barrier: every D is ready)
+    if (strategy == AttentionBackwardStrategy::Fused) {
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t job = 0; job < pairs * p.key_blocks; ++job) {
-      const int64_t pair = job / p.key_blocks, kb = job % p.key_blocks;
-      w.rows.reset(p.row_blocks, row_tile, false);
-      backward_key_block<T>(p, a, pair / shape.kv_heads, pair % shape.kv_heads, kb, w, nullptr);
-    }
+      for (int64_t pair = 0; pair < pairs; ++pair) Jobs<T>::pair(p, a, pair, keep_rows, w);
+    } else {
+      // dk, dv per (batch, kv head, key block); then dq per (batch, kv head, row block).
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t job = 0; job < pairs * p.row_blocks; ++job) {
-      const int64_t pair = job / p.row_blocks, rb = job % p.row_blocks;
-      backward_query_block<T>(p, a, pair / shape.kv_heads, pair % shape.kv_heads, rb, w);
+      for (int64_t job = 0; job < pairs * p.key_blocks; ++job) Jobs<T>::keys(p, a, job, w);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t job = 0; job < pairs * p.row_blocks; ++job) Jobs<T>::queries(p, a, job, w);
     }
   }
 }
-
-// ----------------------------------------------------------------------------------------------
-// Entry points, one per element type.
-
-#define VLMFAST_ATTENTION_ENTRY(T, SUFFIX)                                                       \
-  void forward_##SUFFIX(const AttentionShape& s, const ForwardArgs& a, int threads) {           \
-    forward_impl<T>(s, a, threads);                                                              \
-  }                                                                                              \
-  void backward_##SUFFIX(const AttentionShape& s, const BackwardArgs& a, int threads,           \
-                         AttentionBackwardStrategy strategy) {                                   \
-    backward_impl<T>(s, a, threads, strategy);                                                   \
-  }
-
-VLMFAST_ATTENTION_ENTRY(float, f32)
-VLMFAST_ATTENTION_ENTRY(Half, f16)
-VLMFAST_ATTENTION_ENTRY(BFloat16, bf16)
 
 void check_shape(const AttentionShape& s) {
   if (s.batch < 0 || s.heads < 0 || s.q_len < 0 || s.kv_len < 0 || s.head_dim < 1 ||
@@ -847,9 +927,9 @@ void attention_forward(const AttentionShape& shape, AttentionInput q, AttentionI
   threads = resolve_threads(threads);
   const ForwardArgs a{q, k, v, bias, out, lse};
   switch (dtype_from_tag(dtype)) {
-    case DType::Float32: return forward_f32(shape, a, threads);
-    case DType::Float16: return forward_f16(shape, a, threads);
-    case DType::BFloat16: return forward_bf16(shape, a, threads);
+    case DType::Float32: return forward_impl<float>(shape, a, threads);
+    case DType::Float16: return forward_impl<Half>(shape, a, threads);
+    case DType::BFloat16: return forward_impl<BFloat16>(shape, a, threads);
   }
 }
 
@@ -864,9 +944,9 @@ void attention_backward(const AttentionShape& shape, AttentionInput grad_out, At
   const BackwardArgs a{grad_out, q, k, v, out, lse, bias, dq, dk, dv, nullptr};
   const auto how = static_cast<AttentionBackwardStrategy>(strategy);
   switch (dtype_from_tag(dtype)) {
-    case DType::Float32: return backward_f32(shape, a, threads, how);
-    case DType::Float16: return backward_f16(shape, a, threads, how);
-    case DType::BFloat16: return backward_bf16(shape, a, threads, how);
+    case DType::Float32: return backward_impl<float>(shape, a, threads, how);
+    case DType::Float16: return backward_impl<Half>(shape, a, threads, how);
+    case DType::BFloat16: return backward_impl<BFloat16>(shape, a, threads, how);
   }
 }
 
