@@ -39,6 +39,23 @@ def test_cache_is_written_in_place_and_matches_a_full_forward(model):
     assert torch.equal(out[:, L:], full[:, L - 1:-1].argmax(-1))
 
 
+def test_static_shape_decode_equals_the_sliced_one(model):
+    """The graph-capturable step (index_copy_ into the cache, attention over all slots under
+    the key mask) gives the same logits and tokens as the step that slices the cache."""
+    ids, mask, pixels, pixel_mask = build_batch(ROWS, seed=7)
+    B, L = ids.shape
+    dynamic = model.generate(ids, pixels, pixel_mask, mask, max_new_tokens=6, eos_token_id=[])
+    static = model.generate(ids, pixels, pixel_mask, mask, max_new_tokens=6, eos_token_id=[], static_shapes=True)
+    assert torch.equal(static, dynamic)
+    with torch.no_grad():
+        caches = [model.new_cache(B, L + 12) for _ in range(2)]
+        (l0, p0), (l1, p1) = (model.prefill(ids, pixels, pixel_mask, mask.bool(), c) for c in caches)
+        slot = torch.tensor([L])
+        a = model.decode_step(dynamic[:, L], p0 + 1, caches[0])
+        b = model.decode_step_static(dynamic[:, L], p1 + 1, slot, caches[1])
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_left_padded_batch_equals_each_row_alone(model):
     ids, mask, pixels, pixel_mask = build_batch(ROWS, seed=3)
     batched = model.generate(ids, pixels, pixel_mask, mask, max_new_tokens=7, eos_token_id=[])

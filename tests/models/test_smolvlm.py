@@ -183,6 +183,17 @@ def test_generate_defaults_follow_the_checkpoint(tiny):
     assert torch.equal(model.generate(ids, pixels[:, :1], pixel_mask[:, :1], mask, max_new_tokens=5), expected)
 
 
+def test_auto_dtype_loads_in_the_preferred_dtype(tiny):
+    from vlmfast.models.smolvlm.model import preferred_dtype
+
+    _, path, _ = tiny
+    model = SmolVLM.from_pretrained(path, dtype="auto")
+    flags = open("/proc/cpuinfo").read().split()
+    expected = torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+    assert preferred_dtype("cpu") == expected == model.dtype
+    assert all(p.dtype == expected for p in model.parameters())
+
+
 def test_image_token_count_mismatch(tiny):
     model, *_ = tiny
     ids, mask, pixels, pixel_mask = build_batch([(1, 2, 2, None), (5, 2, 2, None)])

@@ -6,9 +6,11 @@ buffers: per step no allocation grows with the sequence and no Python work depen
 length. After a row emits a stop token it receives pad_token_id until every row has stopped
 (transformers' convention, so outputs match token for token).
 
-CUDA graphs: `decode_step` is the hook. Any callable with model.decode_step's signature
-(tokens (B,), positions (B,), cache, padded) -> logits (B, V) may be passed, e.g. one that
-replays a graph captured over a cache of fixed max_len reading all of it under the key mask.
+CUDA graphs: `static_shapes=True` runs model.decode_step_static, whose shapes and control
+flow do not change between steps (the slot is a tensor, attention reads the whole cache under
+its key mask): that is the function to capture. `decode_step` is the hook to pass the replaying
+callable: any callable with model.decode_step's signature (tokens (B,), positions (B,), cache,
+padded) -> logits (B, V) that advances cache.length by one.
 """
 
 from collections.abc import Callable
@@ -27,11 +29,24 @@ def _emit(streamer, tokens: torch.Tensor) -> None:
         streamer(tokens)
 
 
+def _static_step(model, device) -> Callable:
+    """model.decode_step_static behind decode_step's signature; the slot lives in one buffer."""
+    slot = torch.zeros(1, dtype=torch.long, device=device)
+
+    def step(tokens, positions, cache, padded=True):
+        slot.fill_(cache.length)
+        logits = model.decode_step_static(tokens, positions, slot, cache)
+        cache.advance(1)
+        return logits
+
+    return step
+
+
 @torch.inference_mode()
 def generate(model, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None, *,
              max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              eos_token_id=None, pad_token_id: int | None = None, streamer=None,
-             generator: torch.Generator | None = None, cache=None,
+             generator: torch.Generator | None = None, cache=None, static_shapes: bool = False,
              decode_step: Callable | None = None) -> torch.Tensor:
     """Generates up to max_new_tokens tokens per row.
 
@@ -47,6 +62,7 @@ def generate(model, input_ids, pixel_values=None, pixel_attention_mask=None, att
         streamer: called with each new column of tokens, int (B,) (or an object with put(tokens)
             and optionally end()).
         cache: a StaticKVCache to reuse (reset here); it must hold L + max_new_tokens slots.
+        static_shapes: decode with model.decode_step_static (graph-capturable shapes).
         decode_step: replaces model.decode_step (the CUDA-graph hook).
     Returns:
         int64 (B, L + T), the prompt followed by T <= max_new_tokens new tokens (fewer when
@@ -73,7 +89,7 @@ def generate(model, input_ids, pixel_values=None, pixel_attention_mask=None, att
     else:
         cache.reset()
     cache.check_room(B, L + max_new_tokens, what="input_ids")
-    step_fn = decode_step or model.decode_step
+    step_fn = decode_step or (_static_step(model, input_ids.device) if static_shapes else model.decode_step)
     padded = not bool(mask.all())
 
     out = torch.empty(B, L + max_new_tokens, dtype=torch.long, device=input_ids.device)

@@ -40,7 +40,8 @@ class DecoderAttention(nn.Module):
     def forward(self, x, cos, sin, attn_mask=None, is_causal=False, kv=None, slot: int = 0):
         """x: (B, L, D); cos, sin: (B * L, E/2) float32, row b * L + i for token i of row b.
         attn_mask: bool broadcastable to (B, 1, L, S) or None. kv: (k, v) cache buffers
-        (B, Hkv, max_len, E) or None. Returns (B, L, D)."""
+        (B, Hkv, max_len, E) or None; slot: the first slot written (an int), or an int64 (L,)
+        tensor of slots, then attention reads all max_len slots (S = max_len). Returns (B, L, D)."""
         B, L, _ = x.shape
         H, Hkv, E = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(x).view(B * L, H + 2 * Hkv, E)
@@ -50,10 +51,17 @@ class DecoderAttention(nn.Module):
         v = qkv[:, H + Hkv :].view(B, L, Hkv, E).transpose(1, 2)
         if kv is not None:
             k_cache, v_cache = kv
-            k_cache[:, :, slot : slot + L].copy_(k)
-            v_cache[:, :, slot : slot + L].copy_(v)
-            if slot > 0:  # earlier tokens live only in the cache
-                k, v = k_cache[:, :, : slot + L], v_cache[:, :, : slot + L]
+            if isinstance(slot, torch.Tensor):
+                # static shapes (CUDA-graph capturable): write through an index tensor, attend
+                # to the whole cache; the caller's key mask hides the slots not written yet
+                k_cache.index_copy_(2, slot, k)
+                v_cache.index_copy_(2, slot, v)
+                k, v = k_cache, v_cache
+            else:
+                k_cache[:, :, slot : slot + L].copy_(k)
+                v_cache[:, :, slot : slot + L].copy_(v)
+                if slot > 0:  # earlier tokens live only in the cache
+                    k, v = k_cache[:, :, : slot + L], v_cache[:, :, : slot + L]
         out = _ops.attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, H * E))
 

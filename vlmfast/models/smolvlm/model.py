@@ -54,6 +54,19 @@ def fuse_gate_up(state: dict) -> dict:
     return out
 
 
+def preferred_dtype(device=None) -> torch.dtype:
+    """bfloat16 on a GPU that supports it and on a CPU with native bf16 arithmetic (AVX512-BF16
+    or AMX, where bf16 GEMMs beat float32 and halve the bytes a decode step reads); else float32."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return torch.float32
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
 def read_generation_defaults(path) -> dict:
     """eos_token_id / pad_token_id of a checkpoint's generation_config.json (what transformers'
     generate uses by default), {} when there is none."""
@@ -90,7 +103,10 @@ class SmolVLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None) -> "SmolVLM":
         """A directory in Hugging Face layout (config.json + safetensors) of a SmolVLM, SmolVLM2
-        or Idefics3 checkpoint. dtype: the parameters' dtype (None keeps float32)."""
+        or Idefics3 checkpoint. dtype: the parameters' dtype (None keeps float32; "auto":
+        bfloat16 where the device computes it natively, see preferred_dtype)."""
+        if dtype == "auto":
+            dtype = preferred_dtype(device)
         config = SmolVLMConfig.from_hf(checkpoint.read_config(path))
         with torch.device("meta"):
             model = cls(config)
@@ -260,15 +276,27 @@ class SmolVLM(nn.Module):
 
     def decode_step(self, tokens, positions, cache, padded: bool = True) -> torch.Tensor:
         """One token per row into slot cache.length. tokens int (B,), positions int (B,) (their
-        rotary positions). padded=False skips the key mask (no row has padding). Returns
-        logits (B, V) float32. This is the function a CUDA graph would capture (its shapes
-        depend only on cache.length through the slice of the cache it reads)."""
+        rotary positions). padded=False skips the key mask (no row has padding). Reads the
+        cache up to the current slot only (shapes change every step). Returns logits (B, V)
+        float32."""
         slot = cache.length
         cache.key_mask[:, slot] = True
         embeds = self.model.text_model.embed_tokens(tokens[:, None])
         mask = cache.attention_mask(slot + 1) if padded else None
         hidden = self.model.text_model(embeds, positions[:, None], attn_mask=mask, cache=cache, slot=slot)
         cache.advance(1)
+        return self.head(hidden[:, 0]).float()
+
+    def decode_step_static(self, tokens, positions, slot, cache) -> torch.Tensor:
+        """decode_step with shapes and Python control flow that do not depend on the step: the
+        slot is an int64 (1,) tensor, keys/values are written with index_copy_ and attention
+        reads all max_len slots under the key mask. This is the function to capture in a CUDA
+        graph (static input buffers tokens/positions/slot, updated in place between replays);
+        the caller advances cache.length. Returns logits (B, V) float32."""
+        cache.key_mask.index_fill_(1, slot, True)
+        embeds = self.model.text_model.embed_tokens(tokens[:, None])
+        hidden = self.model.text_model(embeds, positions[:, None], attn_mask=cache.attention_mask(cache.max_len),
+                                       cache=cache, slot=slot)
         return self.head(hidden[:, 0]).float()
 
     def generate(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None, *,
