@@ -260,6 +260,12 @@ def test_bad_input_names_the_argument(tiny, case, match):
             model.loss(ids, ids[:, 1:], pixels, pixel_mask)
 
 
+def test_public_name():
+    import vlmfast.models
+
+    assert vlmfast.models.SmolVLM is SmolVLM
+
+
 def test_image_seq_len_from_config():
     cfg = SmolVLMConfig.from_hf({"model_type": "smolvlm", "scale_factor": 4,
                                  "vision_config": {"image_size": 512, "patch_size": 16, "hidden_size": 768,

@@ -7,6 +7,8 @@
 from vlmfast.models.clip import CLIP
 from vlmfast.models.config import CLIPConfig, SigLIPConfig, TextConfig, VisionConfig, ViTConfig
 from vlmfast.models.siglip import SigLIP
+from vlmfast.models.smolvlm import SmolVLM, SmolVLMConfig
 from vlmfast.models.vit import ViT
 
-__all__ = ["CLIP", "SigLIP", "ViT", "CLIPConfig", "SigLIPConfig", "ViTConfig", "TextConfig", "VisionConfig"]
+__all__ = ["CLIP", "SigLIP", "ViT", "CLIPConfig", "SigLIPConfig", "ViTConfig", "TextConfig", "VisionConfig",
+           "SmolVLM", "SmolVLMConfig"]
