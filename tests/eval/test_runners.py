@@ -275,6 +275,13 @@ def test_vqa(tmp_path):
     assert report["predictions"][0] == {"question_id": 1, "answer": "The Red."}
     assert seen_prompts[2] == "Q: How many dots? A:"
     assert json.loads((tmp_path / "vqa.json").read_text()) == report
+    # Questions that name their image file instead (TextVQA / VizWiz style).
+    data = json.loads(qpath.read_text())
+    for q in data["questions"]:
+        q["image"] = f"COCO_val2014_{q.pop('image_id'):012d}.jpg"
+    qpath.write_text(json.dumps(data))
+    again = runners.run_vqa(fake_vqa, qpath, apath, tmp_path / "val", image_file="unused", show_progress=False)
+    assert again["accuracy"] == report["accuracy"]
 
 
 def test_vqa_bad_input(tmp_path):

@@ -340,7 +340,8 @@ def run_vqa(generate, questions, annotations, image_root, *,
     questions: JSON {"questions": [{"question_id", "image_id", "question"}]};
     annotations: JSON {"annotations": [{"question_id", "answers": [{"answer"}], "answer_type"?,
     "question_type"?}]}. The image of a question is image_root / image_file.format(image_id=...)
-    (VQA v2 val names by default). Each prompt is prompt.format(question=...).
+    (VQA v2 val names by default), or image_root / its "image" field when it has one.
+    Each prompt is prompt.format(question=...).
     Returns accuracy in [0, 1] overall and per answer / question type, and the predictions in
     the official results format ([{"question_id", "answer"}]).
     """
@@ -364,9 +365,12 @@ def run_vqa(generate, questions, annotations, image_root, *,
         qid = qfile.field(entry, "question_id", where, (int, str))
         if qid not in truth:
             raise afile.error("annotations", f"no annotation for question_id {qid!r} ({where} of the questions file)")
-        image_id = qfile.field(entry, "image_id", where, (int, str))
+        if isinstance(entry.get("image"), str):  # sets that name the file (TextVQA, VizWiz style)
+            path = Path(image_root) / entry["image"]
+        else:
+            path = image_root_path(image_root, image_file, qfile.field(entry, "image_id", where, (int, str)))
         question = qfile.field(entry, "question", where, str)
-        items.append((qid, image_root_path(image_root, image_file, image_id), question, f"questions file {where}"))
+        items.append((qid, path, question, f"questions file {where}"))
 
     predictions, scores = [], []
     by_answer_type, by_question_type = {}, {}
