@@ -1,6 +1,7 @@
 #include "cpu/patch_embed.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -22,16 +23,28 @@ namespace {
 
 // ------------------------------------------------------------------------------------------
 // The algebra of the fold. The reference computes, per output d and patch row r,
-//   out[r, d] = b[d] + sum_k W[d, k] * (x[r, k] * scale[c(k)] + shift[c(k)])
-//             = (b[d] + sum_k W[d, k] * shift[c(k)]) + sum_k (W[d, k] * scale[c(k)]) * x[r, k]
-//             =  b'[d]                               + sum_k W'[d, k] * x[r, k].
-// So the GEMM runs on the raw image values (uint8 0..255 are exact in float32) against the
-// scaled weight W', and the shift collapses into the bias b'. This is exact in real arithmetic;
-// in float32 it trades the rounding of x_n for the rounding of W' (one ulp per weight) and of b'
-// (summed in double, so one ulp), which keeps the result within the 1e-5 relative rule.
+//   out[r, d] = b[d] + sum_k W[d, k] * (x[r, k] * scale[c] + shift[c])          (c = c(k))
+// With a per-channel centre m[c] (the raw value that normalises to about 0: round(255 mean) for
+// uint8, mean for float images) and x * scale + shift = (x - m) * scale + (shift + m * scale):
+//   out[r, d] = (b[d] + sum_k W[d, k] * (shift[c] + m[c] * scale[c]))
+//             + sum_k (W[d, k] * scale[c]) * (x[r, k] - m[c])
+//             =  b'[d] + sum_k W'[d, k] * x'[r, k].
+// So the GEMM runs on centred raw values x' (exact for uint8: integers in -255..255) against the
+// scaled weight W', and what is left of the shift collapses into the bias b' (summed in double).
+// Exact in real arithmetic. The centring matters in float32: folding the whole shift into b'
+// (m = 0) makes sum W' x and b' two large terms that cancel (an image near the mean with
+// positive weights lost 10x the tolerance that way); centred, every term has the size of the
+// reference's own W x_n, and the error stays that of the reference.
 // ------------------------------------------------------------------------------------------
 
 constexpr int NR = 32;  // output columns per micro-tile: two 16-float vectors
+
+// The folded operands of one call (see the algebra above).
+struct Folded {
+  const float* weight;  // W' packed in column panels (pack_weight)
+  const float* bias;    // b' (D rounded up to NR)
+  const float* center;  // m (C,)
+};
 
 struct AlignedFloats {
   float* data = nullptr;
@@ -69,8 +82,8 @@ inline const T* patch_origin(const PatchImage& im, const Geometry& g, int64_t r)
 // panel[k * MR + m] = x[r0 + panel_index * MR + m, k]; rows past `count` are zero.
 // This is the im2col of the GEMM, done once per row block straight from the image.
 template <typename T, int MR>
-inline void pack_rows(const PatchImage& im, const Geometry& g, int64_t r0, int64_t count,
-                      float* packed) {
+inline void pack_rows(const PatchImage& im, const Geometry& g, const float* center, int64_t r0,
+                      int64_t count, float* packed) {
   const int64_t p = im.patch, panels = (count + MR - 1) / MR;
   for (int64_t panel = 0; panel < panels; ++panel) {
     float* dst = packed + panel * g.K * MR;
@@ -85,7 +98,8 @@ inline void pack_rows(const PatchImage& im, const Geometry& g, int64_t r0, int64
         for (int64_t i = 0; i < p; ++i) {
           const T* src = origin + c * im.strides[1] + i * im.strides[2];
           float* out = dst + (c * g.pp + i * p) * MR + m;
-          for (int64_t j = 0; j < p; ++j) out[j * MR] = load_value(src + j * im.strides[3]);
+          const float m_c = center[c];
+          for (int64_t j = 0; j < p; ++j) out[j * MR] = load_value(src + j * im.strides[3]) - m_c;
         }
       }
     }
@@ -93,11 +107,12 @@ inline void pack_rows(const PatchImage& im, const Geometry& g, int64_t r0, int64
 }
 
 // W' = W * scale[c(k)] packed in column panels of NR, k-major: packed[(d / NR) * K * NR + k * NR
-// + d % NR]; columns past D are zero. b'[d] = b[d] + sum_k W[d, k] shift[c(k)], summed in double.
+// + d % NR]; columns past D are zero. b'[d] = b[d] + sum_k W[d, k] (shift[c] + m[c] scale[c]),
+// summed in double.
 template <typename W>
 void pack_weight(const W* weight, const W* bias, int64_t D, int64_t K, int64_t pp,
-                 const float* scale, const float* shift, float* packed, float* bias_folded,
-                 int64_t d) {
+                 const float* scale, const float* shift, const float* center, float* packed,
+                 float* bias_folded, int64_t d) {
   float* col = packed + (d / NR) * K * NR + d % NR;
   if (d >= D) {
     for (int64_t k = 0; k < K; ++k) col[k * NR] = 0.0f;
@@ -109,7 +124,8 @@ void pack_weight(const W* weight, const W* bias, int64_t D, int64_t K, int64_t p
     const float w = to_float(row[k]);
     const int64_t c = k / pp;
     col[k * NR] = w * scale[c];
-    shifted += static_cast<double>(w) * shift[c];
+    shifted += static_cast<double>(w) * (static_cast<double>(shift[c]) +
+                                         static_cast<double>(center[c]) * scale[c]);
   }
   bias_folded[d] = static_cast<float>(shifted);
 }
@@ -184,15 +200,14 @@ static_assert(MC % MR_AVX512 == 0 && MC % MR_PORTABLE == 0, "MC must hold whole 
 // One block of rows: pack it from the image, then every (column panel, row panel) tile.
 template <typename T, typename O, int MR, bool AVX512>
 __attribute__((always_inline)) inline void forward_block(const PatchImage& im, const Geometry& g,
-                                                         const float* w_packed,
-                                                         const float* bias_folded, O* out,
-                                                         int64_t D, int64_t r0, int64_t count,
+                                                         const Folded& f, O* out, int64_t D,
+                                                         int64_t r0, int64_t count,
                                                          float* a_packed) {
   alignas(64) float tile[MR * NR];
-  pack_rows<T, MR>(im, g, r0, count, a_packed);
+  pack_rows<T, MR>(im, g, f.center, r0, count, a_packed);
   const int64_t panels = (count + MR - 1) / MR, d_panels = (D + NR - 1) / NR;
   for (int64_t dp = 0; dp < d_panels; ++dp) {
-    const float* b = w_packed + dp * g.K * NR;
+    const float* b = f.weight + dp * g.K * NR;
     for (int64_t panel = 0; panel < panels; ++panel) {
 #if VLMFAST_HAVE_AVX512_PATH
       if constexpr (AVX512) {
@@ -202,21 +217,20 @@ __attribute__((always_inline)) inline void forward_block(const PatchImage& im, c
       {
         micro_kernel_portable<MR>(a_packed + panel * g.K * MR, b, g.K, tile);
       }
-      store_tile<O, MR>(tile, bias_folded, out, D, r0 + panel * MR, count - panel * MR, dp * NR);
+      store_tile<O, MR>(tile, f.bias, out, D, r0 + panel * MR, count - panel * MR, dp * NR);
     }
   }
 }
 
 template <typename O>
-using BlockFn = void (*)(const PatchImage&, const Geometry&, const float*, const float*, O*,
-                         int64_t, int64_t, int64_t, float*);
+using BlockFn = void (*)(const PatchImage&, const Geometry&, const Folded&, O*, int64_t, int64_t,
+                         int64_t, float*);
 
 // Blocks of rows are shared out to the threads; the block function carries the instruction set
 // (OpenMP's outlined region would not inherit a target attribute, so the kernel lives below it).
 template <typename O>
-void forward_rows(BlockFn<O> block_fn, const PatchImage& im, const Geometry& g,
-                  const float* w_packed, const float* bias_folded, O* out, int64_t D,
-                  int threads) {
+void forward_rows(BlockFn<O> block_fn, const PatchImage& im, const Geometry& g, const Folded& f,
+                  O* out, int64_t D, int threads) {
   const int64_t blocks = (g.rows + MC - 1) / MC;
 #pragma omp parallel num_threads(threads)
   {
@@ -224,37 +238,36 @@ void forward_rows(BlockFn<O> block_fn, const PatchImage& im, const Geometry& g,
 #pragma omp for schedule(dynamic, 1)
     for (int64_t block = 0; block < blocks; ++block) {
       const int64_t r0 = block * MC;
-      block_fn(im, g, w_packed, bias_folded, out, D, r0, std::min(MC, g.rows - r0), a_packed.data);
+      block_fn(im, g, f, out, D, r0, std::min(MC, g.rows - r0), a_packed.data);
     }
   }
 }
 
 template <typename W>
 void fold_weight(const W* weight, const W* bias, int64_t D, int64_t K, int64_t pp,
-                 const float* scale, const float* shift, float* w_packed, float* bias_folded,
-                 int threads) {
+                 const float* scale, const float* shift, const float* center, float* w_packed,
+                 float* bias_folded, int threads) {
   const int64_t padded = ((D + NR - 1) / NR) * NR;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t d = 0; d < padded; ++d)
-    pack_weight(weight, bias, D, K, pp, scale, shift, w_packed, bias_folded, d);
+    pack_weight(weight, bias, D, K, pp, scale, shift, center, w_packed, bias_folded, d);
 }
 
 // Block functions per (image type, output type): the AVX-512 one behind a target attribute, the
 // portable one multi-versioned for AVX2 and the baseline.
 #if VLMFAST_HAVE_AVX512_PATH
 template <typename T, typename O>
-VLMFAST_AVX512 void block_avx512(const PatchImage& im, const Geometry& g, const float* w,
-                                 const float* bf, O* out, int64_t D, int64_t r0, int64_t count,
-                                 float* a_packed) {
-  forward_block<T, O, MR_AVX512, true>(im, g, w, bf, out, D, r0, count, a_packed);
+VLMFAST_AVX512 void block_avx512(const PatchImage& im, const Geometry& g, const Folded& f, O* out,
+                                 int64_t D, int64_t r0, int64_t count, float* a_packed) {
+  forward_block<T, O, MR_AVX512, true>(im, g, f, out, D, r0, count, a_packed);
 }
 #endif
 
 #define VLMFAST_PATCH_PORTABLE(T, O, NAME)                                                     \
-  VLMFAST_MULTIVERSION void NAME(const PatchImage& im, const Geometry& g, const float* w,       \
-                                 const float* bf, O* out, int64_t D, int64_t r0, int64_t count, \
+  VLMFAST_MULTIVERSION void NAME(const PatchImage& im, const Geometry& g, const Folded& f,     \
+                                 O* out, int64_t D, int64_t r0, int64_t count,                 \
                                  float* a_packed) {                                             \
-    forward_block<T, O, MR_PORTABLE, false>(im, g, w, bf, out, D, r0, count, a_packed);         \
+    forward_block<T, O, MR_PORTABLE, false>(im, g, f, out, D, r0, count, a_packed);             \
   }
 VLMFAST_PATCH_PORTABLE(uint8_t, float, portable_u8_f32)
 VLMFAST_PATCH_PORTABLE(uint8_t, Half, portable_u8_f16)
@@ -275,14 +288,14 @@ bool cpu_has_avx512() {
 }
 
 template <typename T, typename O>
-void run_forward(const PatchImage& im, const Geometry& g, const float* w, const float* bf, O* out,
-                 int64_t D, int threads, BlockFn<O> portable) {
+void run_forward(const PatchImage& im, const Geometry& g, const Folded& f, O* out, int64_t D,
+                 int threads, BlockFn<O> portable) {
   BlockFn<O> block_fn = portable;
 #if VLMFAST_HAVE_AVX512_PATH
   static const bool avx512 = cpu_has_avx512();
   if (avx512) block_fn = block_avx512<T, O>;
 #endif
-  forward_rows<O>(block_fn, im, g, w, bf, out, D, threads);
+  forward_rows<O>(block_fn, im, g, f, out, D, threads);
 }
 
 // ---------------------------------------------------------------------------- gather
@@ -348,33 +361,40 @@ void patch_embed_forward(const PatchImage& image, const void* weight, const void
   const int64_t padded = ((D + NR - 1) / NR) * NR;
   AlignedFloats w_packed(static_cast<size_t>(padded * g.K));
   std::vector<float> bias_folded(static_cast<size_t>(padded), 0.0f);
+  // The centre m[c]: the raw value whose normalised value is 0 (an integer for uint8, so x - m
+  // stays exact); the fold is exact for any m, this one keeps the float32 terms small.
+  std::vector<float> center(static_cast<size_t>(image.C));
+  for (int64_t c = 0; c < image.C; ++c) {
+    const double m = scale[c] != 0.0f ? -static_cast<double>(shift[c]) / scale[c] : 0.0;
+    center[c] = image.dtype == kImageUint8 ? static_cast<float>(std::clamp(std::nearbyint(m), 0.0, 255.0))
+                                           : static_cast<float>(m);
+  }
   switch (wtype) {
     case DType::Float32:
       fold_weight(static_cast<const float*>(weight), static_cast<const float*>(bias), D, g.K, g.pp,
-                  scale, shift, w_packed.data, bias_folded.data(), threads);
+                  scale, shift, center.data(), w_packed.data, bias_folded.data(), threads);
       break;
     case DType::Float16:
       fold_weight(static_cast<const Half*>(weight), static_cast<const Half*>(bias), D, g.K, g.pp,
-                  scale, shift, w_packed.data, bias_folded.data(), threads);
+                  scale, shift, center.data(), w_packed.data, bias_folded.data(), threads);
       break;
     case DType::BFloat16:
       fold_weight(static_cast<const BFloat16*>(weight), static_cast<const BFloat16*>(bias), D, g.K,
-                  g.pp, scale, shift, w_packed.data, bias_folded.data(), threads);
+                  g.pp, scale, shift, center.data(), w_packed.data, bias_folded.data(), threads);
       break;
   }
-  const float* w = w_packed.data;
-  const float* bf = bias_folded.data();
+  const Folded f{w_packed.data, bias_folded.data(), center.data()};
   const bool u8 = image.dtype == kImageUint8;
   switch (wtype) {
     case DType::Float32:
-      if (u8) return run_forward<uint8_t, float>(image, g, w, bf, static_cast<float*>(out), D, threads, portable_u8_f32);
-      return run_forward<float, float>(image, g, w, bf, static_cast<float*>(out), D, threads, portable_f32_f32);
+      if (u8) return run_forward<uint8_t, float>(image, g, f, static_cast<float*>(out), D, threads, portable_u8_f32);
+      return run_forward<float, float>(image, g, f, static_cast<float*>(out), D, threads, portable_f32_f32);
     case DType::Float16:
-      if (u8) return run_forward<uint8_t, Half>(image, g, w, bf, static_cast<Half*>(out), D, threads, portable_u8_f16);
-      return run_forward<Half, Half>(image, g, w, bf, static_cast<Half*>(out), D, threads, portable_f16_f16);
+      if (u8) return run_forward<uint8_t, Half>(image, g, f, static_cast<Half*>(out), D, threads, portable_u8_f16);
+      return run_forward<Half, Half>(image, g, f, static_cast<Half*>(out), D, threads, portable_f16_f16);
     case DType::BFloat16:
-      if (u8) return run_forward<uint8_t, BFloat16>(image, g, w, bf, static_cast<BFloat16*>(out), D, threads, portable_u8_bf16);
-      return run_forward<BFloat16, BFloat16>(image, g, w, bf, static_cast<BFloat16*>(out), D, threads, portable_bf16_bf16);
+      if (u8) return run_forward<uint8_t, BFloat16>(image, g, f, static_cast<BFloat16*>(out), D, threads, portable_u8_bf16);
+      return run_forward<BFloat16, BFloat16>(image, g, f, static_cast<BFloat16*>(out), D, threads, portable_bf16_bf16);
   }
 }
 

@@ -86,6 +86,25 @@ def test_float32_equals_conv2d_on_normalised_images(backend):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("as_float", [False, True], ids=["u8", "float"])
+def test_float32_near_the_mean_with_positive_weights(backend, as_float):
+    """The worst case for folding the normalisation into the weights: images at the mean (x_n
+    about 0), a small std and all-positive weights make sum W' x and the folded bias two large
+    terms that cancel. The result must still meet the float32 rule."""
+    generator = torch.Generator().manual_seed(5)
+    mean, std = (0.5, 0.45, 0.4), (0.05, 0.05, 0.05)
+    images = (torch.tensor(mean) * 255).round().to(torch.uint8).view(1, 1, 1, 3).repeat(2, 32, 32, 1)
+    images[:, ::7] += 1
+    if as_float:
+        images = images.permute(0, 3, 1, 2).float() / 255
+    weight = torch.rand(64, 3, 16, 16, generator=generator) * 0.05
+    bias = torch.randn(64, generator=generator)
+    images, weight, bias = images.to(backend.device), weight.to(backend.device), bias.to(backend.device)
+    got = ops.patch_embed(images, weight, bias, mean=mean, std=std)
+    exact_images = images if images.dtype == torch.uint8 else images.double()
+    assert_close(got, reference.patch_embed(exact_images, weight.double(), bias.double(), mean, std))
+
+
 def test_strided_float_images_need_no_copy(backend):
     """Channels-last float images and a crop (a view with gaps) give the contiguous answer."""
     generator = torch.Generator().manual_seed(1)
