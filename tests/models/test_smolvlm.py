@@ -73,6 +73,24 @@ def test_logits_match_transformers(pair):
     assert_close(actual, expected, name="logits")
 
 
+def test_bfloat16_logits_within_twice_transformers_error(pair):
+    """bf16: our error against float64 transformers is at most 2x transformers' own bf16 error
+    (the DESIGN.md rule), on the real tokens of a left-padded batch with images."""
+    import copy
+
+    hf, _, path = pair
+    ours = SmolVLM.from_pretrained(path, dtype=torch.bfloat16)
+    ids, mask, pixels, pixel_mask = build_batch(ROWS, seed=6)
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_attention_mask=pixel_mask)
+    expected = _hf_logits64(hf, pixel_values=pixels, **inputs)
+    with torch.no_grad():
+        hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)(pixel_values=pixels.bfloat16(), **inputs).logits
+        actual = ours(ids, pixels, pixel_mask, mask)
+    valid = mask.bool()
+    assert actual.dtype == torch.bfloat16
+    assert_close(actual[valid], expected[valid], hf_bf16[valid], name="bf16 logits")
+
+
 def test_logits_left_padded_and_text_only(pair):
     hf, ours, _ = pair
     ids, mask, _, _ = build_batch([(0, 9, 0, None), (0, 4, 0, None), (0, 1, 0, None)], seed=2)
