@@ -5,7 +5,8 @@ each K step of the loop gathers its (BLOCK_M, BLOCK_K) tile of patches straight 
 (row r = patch (b, py, px), column k = (c, i, j)), normalises it (x * scale[c] + shift[c], float32)
 and rounds it to the weight's dtype, as the reference rounds the normalised image, before tl.dot.
 The image is addressed by the strides of its logical (b, c, h, w) dims, so uint8 (B, H, W, C) and
-float (B, C, H, W) share one kernel.
+float (B, C, H, W) share one kernel. The patch size is a compile-time constant (one compile per
+p in use: 14, 16, 32 in practice), so the (c, i, j) index arithmetic divides by constants.
 """
 
 import torch
@@ -37,9 +38,9 @@ def _patch_tile(img_ptr, scale_ptr, shift_ptr, rows, k, ROWS, K, N, GRID_W, P,
 @triton.jit
 def _patch_embed_kernel(
     img_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, out_ptr,
-    ROWS, D, K, N, GRID_W, P,
+    ROWS, D, K, N, GRID_W,
     s_b, s_c, s_h, s_w,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
+    P: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -70,8 +71,8 @@ def _patch_embed_kernel(
 
 @triton.jit
 def _patch_gather_kernel(
-    img_ptr, scale_ptr, shift_ptr, out_ptr, ROWS, K, N, GRID_W, P, s_b, s_c, s_h, s_w,
-    ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    img_ptr, scale_ptr, shift_ptr, out_ptr, ROWS, K, N, GRID_W, s_b, s_c, s_h, s_w,
+    P: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -110,8 +111,8 @@ def forward(images, weight, bias, scale, shift) -> torch.Tensor:
     grid = (triton.cdiv(rows, blocks["BLOCK_M"]), triton.cdiv(d, blocks["BLOCK_N"]))
     _patch_embed_kernel[grid](
         images, weight, bias if bias is not None else weight, scale.float().contiguous(),
-        shift.float().contiguous(), out, rows, d, k, n, gw, patch, *strides,
-        HAS_BIAS=bias is not None, IEEE=weight.dtype == torch.float32,
+        shift.float().contiguous(), out, rows, d, k, n, gw, *strides,
+        P=patch, HAS_BIAS=bias is not None, IEEE=weight.dtype == torch.float32,
         UPCAST=INTERPRETING and weight.dtype == torch.bfloat16, ROUND_BF16=INTERPRETING,
         **blocks,
     )
@@ -126,6 +127,6 @@ def gather(images, patch: int, scale, shift, dtype: torch.dtype) -> torch.Tensor
     block_m, block_k = 32, 64
     _patch_gather_kernel[(triton.cdiv(rows, block_m), triton.cdiv(k, block_k))](
         images, scale.float().contiguous(), shift.float().contiguous(), out, rows, k, gh * gw, gw,
-        patch, *strides, ROUND_BF16=INTERPRETING, BLOCK_M=block_m, BLOCK_K=block_k,
+        *strides, P=patch, ROUND_BF16=INTERPRETING, BLOCK_M=block_m, BLOCK_K=block_k,
     )
     return out
