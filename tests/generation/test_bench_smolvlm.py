@@ -1,0 +1,17 @@
+"""benchmarks/smolvlm.py runs end to end (quick shapes) and both implementations agree."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+
+def test_smolvlm_benchmark_quick_runs():
+    from benchmarks.smolvlm import run
+
+    results = run(torch.device("cpu"), torch.float32, quick=True)
+    assert [r.case.split(" ")[0] for r in results] == ["prefill", "decode", "decode"]
+    for r in results:
+        assert r.suite == "smolvlm" and r.ms > 0 and r.peer == "transformers" and r.peer_ms > 0
+    for r in results[1:]:
+        assert r.extra["greedy_equal"] is True and r.extra["tokens_per_s"] > 0
