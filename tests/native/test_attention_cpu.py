@@ -208,7 +208,11 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="q, k, v: expected one of float32"):
         native.forward(q, k.double(), v, scale=1.0, is_causal=False, bias=None)
     with pytest.raises(ValueError, match=r"k, v: expected \(1, Hkv, S, 16\)"):
-        native.forward(q, k[..., :8], v, scale=1.0, is_causal=False, bias=None)
+        native.forward(q, k[..., :8], v[..., :8], scale=1.0, is_causal=False, bias=None)
+    with pytest.raises(ValueError, match=r"q, k, v: expected \(B, H, L, E\) and \(B, Hkv, S, E\)"):
+        native.forward(q, k, v[:, :, :3], scale=1.0, is_causal=False, bias=None)
+    with pytest.raises(ValueError, match="q, k, v: expected CPU tensors"):
+        native.forward(q.to("meta"), k, v, scale=1.0, is_causal=False, bias=None)
     with pytest.raises(ValueError, match="k: expected a head count dividing 4"):
         native.forward(q, k[:, :1].expand(1, 3, 6, 16), v[:, :1].expand(1, 3, 6, 16), scale=1.0,
                        is_causal=False, bias=None)

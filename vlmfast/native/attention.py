@@ -8,7 +8,8 @@ float32, natural log. A row with no key to attend gives out = 0, lse = -inf and 
 
 import torch
 
-from vlmfast.native._common import DTYPE_TAGS, dtype_tag, launch_args, module_for
+from vlmfast import _extension
+from vlmfast.native._common import DTYPE_TAGS, dtype_tag
 from vlmfast.ops import _alloc
 
 # Backward work split (csrc/cpu/attention.h: AttentionBackwardStrategy).
@@ -21,36 +22,44 @@ def _head_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check(q, k, v, bias) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(
-            f"q, k, v: expected (B, H, L, E) and (B, Hkv, S, E), got {tuple(q.shape)}, "
+            f"q, k, v: expected (B, H, L, E) and (B, Hkv, S, E) twice, got {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
     batch, heads, length, dim = q.shape
-    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != dim:
-        raise ValueError(
-            f"k, v: expected ({batch}, Hkv, S, {dim}) both, got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    if k.shape[1] < 1 or heads % k.shape[1]:
-        raise ValueError(f"k: expected a head count dividing {heads}, got {k.shape[1]}")
-    if q.dtype not in DTYPE_TAGS or k.dtype != q.dtype or v.dtype != q.dtype:
+    kv_batch, kv_heads, keys, kv_dim = k.shape
+    if kv_batch != batch or kv_dim != dim:
+        raise ValueError(f"k, v: expected ({batch}, Hkv, S, {dim}), got {tuple(k.shape)}")
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"k: expected a head count dividing {heads}, got {kv_heads}")
+    dtype = q.dtype
+    if dtype not in DTYPE_TAGS or k.dtype != dtype or v.dtype != dtype:
         raise TypeError(
             f"q, k, v: expected one of float32, float16, bfloat16, all alike, got "
             f"{q.dtype}, {k.dtype}, {v.dtype}"
         )
+    if q.device.type != "cpu" or k.device.type != "cpu" or v.device.type != "cpu":
+        raise ValueError(f"q, k, v: expected CPU tensors, got {q.device}, {k.device}, {v.device}")
     if bias is not None:
-        expected = (batch, heads, length, k.shape[2])
-        if tuple(bias.shape) != expected or bias.dtype != torch.float32:
+        expected = (batch, heads, length, keys)
+        if bias.shape != expected or bias.dtype != torch.float32 or bias.device.type != "cpu":
             raise ValueError(
-                f"bias: expected float32 {expected} (expand() a broadcast mask), got "
-                f"{bias.dtype} {tuple(bias.shape)}"
+                f"bias: expected float32 {expected} on the CPU (expand() a broadcast mask), got "
+                f"{bias.dtype} {tuple(bias.shape)} on {bias.device}"
             )
 
 
-def _bias_args(bias) -> dict:
+def _bias_args(bias) -> tuple:
+    """(address, strides) of the bias; address 0 for none."""
     if bias is None:
-        return {"bias": 0, "bias_strides": (0, 0, 0, 0)}
-    return {"bias": bias.data_ptr(), "bias_strides": bias.stride()}
+        return 0, (0, 0, 0, 0)
+    return bias.data_ptr(), bias.stride()
+
+
+def _module():
+    """vlmfast._C: these kernels run on CPU tensors only (the dispatcher checked it was built)."""
+    return _extension.load("_C")
 
 
 def _sizes(q, k) -> tuple:
@@ -64,11 +73,12 @@ def forward(q, k, v, *, scale: float, is_causal: bool, bias=None):
     q, k, v = (_head_dim_contiguous(t) for t in (q, k, v))
     out = _alloc.empty_like(q)
     lse = _alloc.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    module_for(q.device).attention_forward(
-        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
-        sizes=_sizes(q, k), q_strides=q.stride()[:3], k_strides=k.stride()[:3],
-        v_strides=v.stride()[:3], out_strides=out.stride()[:3], scale=float(scale),
-        is_causal=bool(is_causal), dtype=dtype_tag(q), **_bias_args(bias), **launch_args(q.device),
+    bias_ptr, bias_strides = _bias_args(bias)
+    # Positional arguments: a decode step is short enough for keyword parsing to show.
+    _module().attention_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), bias_ptr, out.data_ptr(), lse.data_ptr(),
+        _sizes(q, k), q.stride()[:3], k.stride()[:3], v.stride()[:3], bias_strides,
+        out.stride()[:3], float(scale), bool(is_causal), dtype_tag(q), torch.get_num_threads(),
     )
     return out, lse
 
@@ -96,14 +106,15 @@ def _backward(grad_out, q, k, v, out, lse, *, scale, is_causal, bias, strategy: 
     dq = _alloc.empty_like(q)
     dk = _alloc.empty_like(k)
     dv = _alloc.empty_like(v)
-    module_for(q.device).attention_backward(
+    bias_ptr, bias_strides = _bias_args(bias)
+    _module().attention_backward(
         grad_out=grad_out.data_ptr(), q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
-        out=out.data_ptr(), lse=lse.data_ptr(), dq=dq.data_ptr(), dk=dk.data_ptr(),
-        dv=dv.data_ptr(), sizes=_sizes(q, k), grad_out_strides=grad_out.stride()[:3],
-        q_strides=q.stride()[:3], k_strides=k.stride()[:3], v_strides=v.stride()[:3],
-        out_strides=out.stride()[:3], dq_strides=dq.stride()[:3], dk_strides=dk.stride()[:3],
+        out=out.data_ptr(), lse=lse.data_ptr(), bias=bias_ptr, dq=dq.data_ptr(),
+        dk=dk.data_ptr(), dv=dv.data_ptr(), sizes=_sizes(q, k),
+        grad_out_strides=grad_out.stride()[:3], q_strides=q.stride()[:3],
+        k_strides=k.stride()[:3], v_strides=v.stride()[:3], out_strides=out.stride()[:3],
+        bias_strides=bias_strides, dq_strides=dq.stride()[:3], dk_strides=dk.stride()[:3],
         dv_strides=dv.stride()[:3], scale=float(scale), is_causal=bool(is_causal),
-        dtype=dtype_tag(q), strategy=STRATEGIES[strategy], **_bias_args(bias),
-        **launch_args(q.device),
+        dtype=dtype_tag(q), threads=torch.get_num_threads(), strategy=STRATEGIES[strategy],
     )
     return dq, dk, dv
