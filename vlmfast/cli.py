@@ -1,0 +1,125 @@
+"""The `vlmfast` command.
+
+Each subcommand is one entry of COMMANDS: name -> (help, add_arguments(parser), run(args) -> exit
+code). To add one, write those two functions in your module and register them:
+
+    from vlmfast.cli import COMMANDS
+    COMMANDS["bench"] = ("run the benchmarks", add_bench_arguments, run_bench)
+
+(or add the entry below; the modules are imported lazily inside `run`, so `vlmfast --help` stays fast).
+"""
+
+import argparse
+import json
+import sys
+
+
+# ----------------------------------------------------------------------------- demo
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="vlmfast-demo", help="where the trained model is saved (default ./vlmfast-demo)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the full demo)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="print only the final report (JSON)")
+
+
+def _run_demo(args) -> int:
+    from vlmfast.train.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(out=args.out, seed=args.seed, threads=args.threads)
+    if args.steps is not None:
+        cfg.steps = args.steps
+    if args.batch_size is not None:
+        cfg.batch_size = args.batch_size
+    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    report = run_demo(cfg, log=log)
+    if args.quiet:
+        print(json.dumps({k: v for k, v in report.items() if k != "classes"}, indent=2))
+    else:
+        print(
+            f"zero-shot accuracy {report['zero_shot_accuracy']:.1%} over {report['num_classes']} classes "
+            f"({report['num_test_images']} held-out images)\n"
+            f"image->text R@1 {report['image_to_text']['R@1']:.1%}  R@5 {report['image_to_text']['R@5']:.1%}\n"
+            f"text->image R@1 {report['text_to_image']['R@1']:.1%}  R@5 {report['text_to_image']['R@5']:.1%}\n"
+            f"trained {report['steps']} steps in {report['train_seconds']:.1f} s; model saved to {report['out']}"
+        )
+    return 0
+
+
+# ----------------------------------------------------------------------------- embed / zeroshot
+
+def _add_model_and_images(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face CLIP or SigLIP layout)")
+    p.add_argument("--images", required=True, help="a directory of images (recursive) or a text file of paths")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def _add_embed(p: argparse.ArgumentParser) -> None:
+    _add_model_and_images(p)
+    p.add_argument("--out", required=True, help="output directory: shard-NNNNN.{npy,safetensors} + .paths.txt")
+    p.add_argument("--shard-size", type=int, default=4096, help="images per output shard")
+    p.add_argument("--format", default="npy", choices=["npy", "safetensors"])
+
+
+def _run_embed(args) -> int:
+    from vlmfast.models.embedding import embed_folder
+
+    summary = embed_folder(
+        args.model, args.images, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
+        fmt=args.format, device=args.device, dtype=args.dtype,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _add_zeroshot(p: argparse.ArgumentParser) -> None:
+    _add_model_and_images(p)
+    p.add_argument("--labels", required=True, help="comma-separated class names, or a file with one per line")
+    p.add_argument("--templates", default=None,
+                   help="prompt templates with {} for the label, '|'-separated or a file (default: 'a photo of a {}.')")
+    p.add_argument("--top-k", type=int, default=1)
+
+
+def _run_zeroshot(args) -> int:
+    from vlmfast.models.embedding import zeroshot_folder
+
+    for row in zeroshot_folder(
+        args.model, args.images, args.labels, templates=args.templates, batch_size=args.batch_size,
+        top_k=args.top_k, device=args.device, dtype=args.dtype,
+    ):
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+COMMANDS = {
+    "demo": ("train a small CLIP on the built-in shapes data set and report zero-shot accuracy", _add_demo, _run_demo),
+    "embed": ("embed a folder of images with a CLIP/SigLIP checkpoint (sharded, resumable)", _add_embed, _run_embed),
+    "zeroshot": ("zero-shot classify images with a CLIP/SigLIP checkpoint", _add_zeroshot, _run_zeroshot),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmfast", description="fast vision-language models on PyTorch")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args._run(args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"vlmfast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

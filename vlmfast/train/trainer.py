@@ -1,0 +1,203 @@
+"""Contrastive training of CLIP / SigLIP: AdamW, linear warmup + cosine decay, optional bf16
+autocast, gradient accumulation, atomic checkpoints with exact resume, a JSONL metrics log.
+
+Exact resume rests on two choices: the batch of a step is a pure function of the step number
+(`batches(step, micro)`, never an iterator's hidden position), and the learning rate is a pure
+function of the step (no scheduler state). The checkpoint then needs only the step, the model,
+AdamW's state and the RNG states, and a resumed run repeats the uninterrupted one bit for bit.
+
+Data parallel (torchrun) hook: wrap `model` in DistributedDataParallel before handing it over,
+make `batches` return each rank's shard of the step's batch, and give the fused losses the
+process group (`vlmfast.ops.infonce_loss(..., group=)`) so each rank sees the global negatives;
+only rank 0 should write checkpoints and the log (`is_main`).
+"""
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from vlmfast.models import _ops
+
+CHECKPOINT_NAME = "trainer_state.pt"
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps its temperature at 1/100
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
+    grad_accum: int = 1
+    max_grad_norm: float | None = None
+    bf16: bool = False  # torch.autocast(bfloat16) around the forward
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0  # steps; 0: only at the end
+    log_path: str | None = None
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps: expected at least 1, got {self.steps}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum: expected at least 1, got {self.grad_accum}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"warmup_steps: expected 0 <= warmup_steps <= steps={self.steps}, got {self.warmup_steps}")
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup over warmup_steps, then cosine from lr to lr * min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def contrastive_loss(model, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE, or SigLIP's sigmoid loss when the model has a logit_bias."""
+    img = model.encode_image(pixel_values).float()
+    txt = model.encode_text(input_ids, attention_mask).float()
+    scale = model.logit_scale.float().exp().reshape(())
+    if getattr(model, "logit_bias", None) is not None:
+        return _ops.siglip_loss(img, txt, scale, model.logit_bias.float().reshape(()))
+    return _ops.clip_loss(img, txt, scale)
+
+
+def _param_groups(model, weight_decay: float):
+    """Decay matrices only: biases, norms, scales and 1-d embeddings are left alone (open_clip)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def atomic_torch_save(obj, target: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class Trainer:
+    """trainer = Trainer(model, cfg, batches); trainer.fit() -> list of per-step losses.
+
+    batches(step, micro) -> (pixel_values, input_ids, attention_mask or None) for micro-batch
+    `micro` (0 .. grad_accum-1) of `step`. loss_fn(model, *batch) -> scalar, contrastive_loss
+    by default. A checkpoint in cfg.checkpoint_dir is resumed from automatically.
+    """
+
+    def __init__(self, model, cfg: TrainConfig, batches, *, loss_fn=contrastive_loss, is_main: bool = True):
+        self.model, self.cfg, self.batches, self.loss_fn, self.is_main = model, cfg, batches, loss_fn, is_main
+        fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **fused
+        )
+        self.step = 0
+        self.losses: list[float] = []
+        if cfg.checkpoint_dir and (Path(cfg.checkpoint_dir) / CHECKPOINT_NAME).is_file():
+            self.load_checkpoint()
+
+    # -------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "losses": self.losses,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "config": asdict(self.cfg),
+        }
+
+    def save_checkpoint(self) -> None:
+        if not (self.cfg.checkpoint_dir and self.is_main):
+            return
+        folder = Path(self.cfg.checkpoint_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(self.state_dict(), folder / CHECKPOINT_NAME)
+
+    def load_checkpoint(self) -> None:
+        state = torch.load(Path(self.cfg.checkpoint_dir) / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.step, self.losses = state["step"], list(state["losses"])
+        self._truncate_log()
+
+    def _truncate_log(self) -> None:
+        """Drops log lines of steps after the checkpoint: the resumed run writes them again."""
+        if not (self.cfg.log_path and self.is_main and Path(self.cfg.log_path).is_file()):
+            return
+        lines = Path(self.cfg.log_path).read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) < self.step]
+        Path(self.cfg.log_path).write_text("".join(line + "\n" for line in kept))
+
+    def _log(self, record: dict) -> None:
+        if self.cfg.log_path and self.is_main:
+            Path(self.cfg.log_path).parent.mkdir(parents=True, exist_ok=True)
+            with open(self.cfg.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # -------------------------------------------------------------------------- loop
+    def train_step(self) -> float:
+        cfg, model = self.cfg, self.model
+        lr = learning_rate(cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = self.batches(self.step, micro)
+            device_type = next(model.parameters()).device.type
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = self.loss_fn(model, *batch) / cfg.grad_accum
+            loss.backward()
+            total += float(loss.detach())
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if hasattr(model, "logit_scale"):
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        self.step += 1
+        self.losses.append(total)
+        record = {"step": self.step - 1, "loss": total, "lr": lr, "time": time.time()}
+        if hasattr(model, "logit_scale"):
+            record["logit_scale"] = float(model.logit_scale.detach().float().exp().reshape(-1)[0])
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        self._log(record)
+        return total
+
+    def fit(self, *, stop_at: int | None = None, callback=None) -> list[float]:
+        """Trains from the current step to cfg.steps (or to stop_at, to simulate an interruption);
+        callback(trainer) runs after each step. Returns every step's loss since step 0."""
+        end = self.cfg.steps if stop_at is None else min(stop_at, self.cfg.steps)
+        while self.step < end:
+            self.train_step()
+            if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            if callback is not None:
+                callback(self)
+        if self.step == self.cfg.steps:
+            self.save_checkpoint()
+        return self.losses
