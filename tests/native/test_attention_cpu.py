@@ -111,13 +111,17 @@ def _bias(kind, batch, heads, length, keys, gen):
         small = torch.zeros(batch, 1, 1, keys).masked_fill(~keep, float("-inf"))
     elif kind == "full":
         small = torch.randn(batch, heads, length, keys, generator=gen)
+    elif kind == "per_row":  # (B, H, L, 1): stride 0 over keys
+        small = torch.randn(batch, heads, length, 1, generator=gen)
+    elif kind == "transposed":  # a (S, L) tensor seen as (L, S): key stride L
+        small = torch.randn(keys, length, generator=gen).t()
     else:  # (L, S), shared by every batch and head
         small = torch.randn(length, keys, generator=gen)
         small[:, 1::3] = float("-inf")
     return small.expand(batch, heads, length, keys)
 
 
-@pytest.mark.parametrize("kind", ["key_padding", "full", "rows_keys"])
+@pytest.mark.parametrize("kind", ["key_padding", "full", "rows_keys", "per_row", "transposed"])
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_bias(kind, is_causal):
     q, k, v, grad = random_inputs(2, 4, 2, 45, 131, 72, torch.float32, seed=11)
@@ -201,6 +205,19 @@ def test_decode_key_splits(threads, thread_count):
     check_attention(q, k, v, grad)
     q, k, v, grad = random_inputs(1, 8, 2, 3, 517, 72, torch.bfloat16, seed=1)
     check_attention(q, k, v, grad, is_causal=True)
+
+
+@pytest.mark.parametrize("dim", [1, 3, 256])
+def test_extreme_head_dims(dim):
+    check_attention(*random_inputs(1, 2, 1, 20, 70, dim, torch.float32, seed=dim), is_causal=True)
+
+
+def test_long_keys_beyond_the_tile_cache(threads):
+    """Enough pairs for one job per (batch, kv head) but too many keys to keep every packed tile:
+    the forward repacks them per row block instead."""
+    threads(1)
+    q, k, v, grad = random_inputs(1, 4, 4, 80, 17000, 128, torch.float32, seed=5)
+    check_attention(q, k, v, grad, strategies=["fused"])
 
 
 def test_bad_inputs():
