@@ -212,6 +212,22 @@ def test_auto_dtype_loads_in_the_preferred_dtype(tiny):
     assert all(p.dtype == expected for p in model.parameters())
 
 
+def test_plain_torch_fallbacks_give_the_same_answer(tiny, monkeypatch):
+    """With no fused op (vlmfast/models/smolvlm/_ops.py's fallbacks), the same logits and loss."""
+    from vlmfast.models.smolvlm import _ops
+
+    model, *_ = tiny
+    ids, mask, pixels, pixel_mask = build_batch(ROWS, seed=8)
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    with torch.no_grad():
+        fused = model(ids, pixels, pixel_mask, mask), model.loss(ids, labels, pixels, pixel_mask, mask)
+        monkeypatch.setattr(_ops, "_op", lambda name: None)
+        plain = model(ids, pixels, pixel_mask, mask), model.loss(ids, labels, pixels, pixel_mask, mask)
+    valid = mask.bool()
+    torch.testing.assert_close(fused[0][valid], plain[0][valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused[1], plain[1], rtol=1e-5, atol=1e-6)
+
+
 def test_image_token_count_mismatch(tiny):
     model, *_ = tiny
     ids, mask, pixels, pixel_mask = build_batch([(1, 2, 2, None), (5, 2, 2, None)])

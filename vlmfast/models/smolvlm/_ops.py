@@ -41,3 +41,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy of hidden @ weight.T (float32 logits) against labels, -100 ignored,
+    without the (N, V) logits in memory when the fused op exists. hidden (B, L, D), weight
+    (V, D), labels int64 (B, L). Returns a float32 scalar."""
+    fused = _op("linear_cross_entropy")
+    if fused is not None:
+        return fused(hidden, weight, labels, ignore_index=-100)
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)

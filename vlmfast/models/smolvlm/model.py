@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmfast.models import checkpoint
+from vlmfast.models.smolvlm import _ops
 from vlmfast.models.smolvlm.config import SmolVLMConfig
 from vlmfast.models.smolvlm.connector import Connector
 from vlmfast.models.smolvlm.decoder import Decoder
@@ -125,10 +126,14 @@ class SmolVLM(nn.Module):
     def device(self) -> torch.device:
         return self.model.text_model.embed_tokens.weight.device
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """(V, D): the lm_head's weight, the embedding matrix when the head is tied."""
+        return self.model.text_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., D) -> logits (..., V); the embedding matrix when the head is tied."""
-        weight = self.model.text_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        """(..., D) -> logits (..., V)."""
+        return F.linear(hidden, self.head_weight)
 
     # ------------------------------------------------------------------ validation
 
@@ -244,13 +249,14 @@ class SmolVLM(nn.Module):
 
     def loss(self, input_ids, labels, pixel_values=None, pixel_attention_mask=None, attention_mask=None) -> torch.Tensor:
         """Mean next-token cross entropy: logits at i predict labels[i + 1]; -100 is ignored
-        (transformers' ForCausalLMLoss, float32 logits). labels: int (B, L)."""
+        (transformers' ForCausalLMLoss, float32 logits), fused with the head so that the
+        (B, L, V) logits are never held. labels: int (B, L)."""
         _checks.integer("labels", labels)
         if tuple(labels.shape) != tuple(input_ids.shape):
             raise ValueError(f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, got {_checks.shape_of(labels)}")
-        logits = self.forward(input_ids, pixel_values, pixel_attention_mask, attention_mask).float()
-        targets = F.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        hidden = self.hidden_states(input_ids, pixel_values, pixel_attention_mask, attention_mask)
+        targets = F.pad(labels, (0, 1), value=-100)[:, 1:].to(device=hidden.device, dtype=torch.long)
+        return _ops.linear_cross_entropy(hidden, self.head_weight, targets)
 
     # ------------------------------------------------------------------ cached steps (generation)
 
