@@ -20,6 +20,8 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="vlmfast-demo", help="where the trained model is saved (default ./vlmfast-demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the full demo)")
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--train-images", type=int, default=None, help="size of the generated training set")
+    p.add_argument("--test-images", type=int, default=None, help="held-out images for the evaluation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="print only the final report (JSON)")
@@ -31,8 +33,9 @@ def _run_demo(args) -> int:
     cfg = DemoConfig(out=args.out, seed=args.seed, threads=args.threads)
     if args.steps is not None:
         cfg.steps = args.steps
-    if args.batch_size is not None:
-        cfg.batch_size = args.batch_size
+    for name in ("batch_size", "train_images", "test_images"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, flush=True))
     report = run_demo(cfg, log=log)
     if args.quiet:

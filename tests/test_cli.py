@@ -1,0 +1,121 @@
+"""The `vlmfast` command: a tiny demo end to end (outputs exist, report fields, the saved model
+loads in vlmfast and transformers), embed (shards, resume) and zeroshot on its model; the full
+demo's accuracy under VLMFAST_SLOW=1."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlmfast.cli import COMMANDS, build_parser, main
+from vlmfast.data.synthetic import CLASSES, SyntheticShapes
+from vlmfast.models import CLIP
+
+REPORT_FIELDS = {"zero_shot_accuracy", "num_classes", "image_to_text", "text_to_image", "steps", "train_seconds", "out"}
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "model"
+    code = main(["demo", "--steps", "3", "--batch-size", "16", "--train-images", "64", "--test-images", "24",
+                 "--out", str(out), "--threads", "1", "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_tiny_demo_writes_the_model_and_the_report(demo_dir, capsys):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json",
+                 "report.json", "metrics.jsonl"):
+        assert (demo_dir / name).is_file(), name
+    report = json.loads((demo_dir / "report.json").read_text())
+    assert REPORT_FIELDS <= set(report)
+    assert report["num_classes"] == len(CLASSES) >= 8 and report["steps"] == 3
+    assert 0.0 <= report["zero_shot_accuracy"] <= 1.0 and set(report["image_to_text"]) == {"R@1", "R@5"}
+    assert len((demo_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    model = CLIP.from_pretrained(demo_dir)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.CLIPModel.from_pretrained(demo_dir).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hf.get_image_features(pixels).pooler_output, model.encode_image(pixels),
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    ds = SyntheticShapes(7, seed=5)
+    for i in range(7):
+        Image.fromarray(ds[i].image).save(folder / f"img{i}.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    return folder
+
+
+def test_embed_writes_resumable_shards(demo_dir, image_dir, tmp_path):
+    out = tmp_path / "emb"
+    args = ["embed", "--model", str(demo_dir), "--images", str(image_dir), "--out", str(out),
+            "--shard-size", "3", "--batch-size", "2", "--device", "cpu"]
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shards"] == ["shard-00000.npy", "shard-00001.npy", "shard-00002.npy"]
+    feats = np.concatenate([np.load(out / s) for s in manifest["shards"]])
+    paths = sum(((out / s.replace(".npy", ".paths.txt")).read_text().splitlines() for s in manifest["shards"]), [])
+    assert len(paths) == 7 and feats.shape == (7, 64) and not any("broken" in p for p in paths)
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-5)
+    model = CLIP.from_pretrained(demo_dir)
+    from vlmfast.train.demo import IMAGE_MEAN, IMAGE_STD
+
+    image = torch.from_numpy(np.array(Image.open(paths[4]).convert("RGB")))[None]
+    with torch.no_grad():
+        direct = torch.nn.functional.normalize(
+            model.encode_image(image, mean=torch.tensor(IMAGE_MEAN), std=torch.tensor(IMAGE_STD)), dim=-1)
+    np.testing.assert_allclose(feats[4], direct[0].numpy(), rtol=1e-4, atol=1e-5)
+
+    second = out / "shard-00001.npy"
+    expected_second = np.load(second)
+    second.unlink()
+    before = {p: p.stat().st_mtime_ns for p in out.glob("shard-0000[02].npy")}
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["skipped_shards"] == 2
+    assert {p: p.stat().st_mtime_ns for p in out.glob("shard-0000[02].npy")} == before
+    np.testing.assert_allclose(np.load(second), expected_second, rtol=1e-6)
+
+
+def test_embed_safetensors_and_zeroshot(demo_dir, image_dir, tmp_path, capsys):
+    out = tmp_path / "emb"
+    assert main(["embed", "--model", str(demo_dir), "--images", str(image_dir), "--out", str(out), "--format",
+                 "safetensors", "--device", "cpu"]) == 0
+    from safetensors.torch import load_file
+
+    assert load_file(out / "shard-00000.safetensors")["embeddings"].shape == (7, 64)
+    capsys.readouterr()
+    labels = ",".join(CLASSES)
+    assert main(["zeroshot", "--model", str(demo_dir), "--images", str(image_dir), "--labels", labels,
+                 "--templates", "a {}|a picture of a {}", "--top-k", "2", "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(rows) == 7 and all(len(r["labels"]) == 2 and r["labels"][0] in CLASSES for r in rows)
+    assert all(r["scores"][0] >= r["scores"][1] for r in rows)
+
+
+def test_errors_are_reported_not_raised(demo_dir, tmp_path, capsys):
+    assert main(["embed", "--model", str(demo_dir), "--images", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert "--images" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["nonsense"])
+
+
+def test_subcommands_are_registered_in_one_table():
+    assert {"demo", "embed", "zeroshot"} <= set(COMMANDS)
+    assert build_parser().parse_args(["demo", "--steps", "5"]).steps == 5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("VLMFAST_SLOW") != "1", reason="the full demo takes minutes; set VLMFAST_SLOW=1")
+def test_full_demo_reaches_80_percent(tmp_path):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["zero_shot_accuracy"] >= 0.80, report
