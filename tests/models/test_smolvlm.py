@@ -15,7 +15,9 @@ from transformers import Idefics3Config, Idefics3ForConditionalGeneration  # noq
 from transformers import SmolVLMConfig as HFSmolVLMConfig  # noqa: E402
 from transformers import SmolVLMForConditionalGeneration  # noqa: E402
 
-from tests.models.smolvlm_helpers import IMAGE_SEQ_LEN, IMAGE_TOKEN, PAD, build_batch, hf_config_dict  # noqa: E402
+from tests.models.smolvlm_helpers import (  # noqa: E402
+    IMAGE_SEQ_LEN, IMAGE_SIZE, IMAGE_TOKEN, PAD, build_batch, hf_config_dict,
+)
 from tests.tolerance import assert_close  # noqa: E402
 from vlmfast.models.smolvlm import SmolVLM, SmolVLMConfig  # noqa: E402
 from vlmfast.models.smolvlm.vision import bucketised_position_ids  # noqa: E402
@@ -124,6 +126,43 @@ def test_greedy_generate_matches_transformers(pair):
     actual = ours.generate(ids, pixels, pixel_mask, mask, eos_token_id=stop, **kw)
     assert torch.equal(actual, expected), (actual[:, ids.shape[1]:], expected[:, ids.shape[1]:])
     assert actual.shape[1] == ids.shape[1] + 8 and (actual[0, ids.shape[1] + 4:] == PAD).all()
+
+
+def test_processed_images_match_transformers(pair):
+    """uint8 images of different sizes through vlmfast's SmolVLM image processor (split into
+    2 x 2, 2 x 1, 1 x 2 tiles + global images, one image unsplit; samples padded with empty
+    frames), then ours against transformers: logits and greedy generate."""
+    import numpy as np
+    from PIL import Image
+
+    from vlmfast.processing.smolvlm import SmolVLMImageProcessor
+
+    hf, ours, _ = pair
+    rng = np.random.default_rng(0)
+    image = lambda h, w: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))  # noqa: E731
+    split = SmolVLMImageProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    whole = SmolVLMImageProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                  do_image_splitting=False)
+    tiled = split([[image(50, 70)], [image(64, 30)], [image(20, 64), image(33, 33)]])
+    single = whole([[image(40, 21)]])
+    frames = [2 * 2 + 1, 2 * 1 + 1, (1 * 2 + 1) + (2 * 2 + 1), 1]
+    count = max(frames)
+    pixels = torch.zeros(4, count, 3, IMAGE_SIZE, IMAGE_SIZE)
+    pixel_mask = torch.zeros(4, count, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.long)
+    pixels[:3, : tiled.pixel_values.shape[1]] = tiled.pixel_values
+    pixel_mask[:3, : tiled.pixel_values.shape[1]] = tiled.pixel_attention_mask
+    pixels[3, :1], pixel_mask[3, :1] = single.pixel_values[0], single.pixel_attention_mask[0]
+    assert [int(f) for f in (pixel_mask.flatten(2).any(-1)).sum(1)] == frames
+    ids, mask, _, _ = build_batch([(n, 3 + b, 2, None) for b, n in enumerate(frames)], seed=9)
+    expected = _hf_logits64(hf, input_ids=ids, attention_mask=mask, pixel_values=pixels, pixel_attention_mask=pixel_mask)
+    with torch.no_grad():
+        actual = ours(ids, pixels, pixel_mask, mask)
+    valid = mask.bool()
+    assert_close(actual[valid], expected[valid], name="logits")
+    with torch.no_grad():
+        generated = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, pixel_attention_mask=pixel_mask,
+                                do_sample=False, max_new_tokens=6, eos_token_id=None, pad_token_id=PAD)
+    assert torch.equal(ours.generate(ids, pixels, pixel_mask, mask, max_new_tokens=6, eos_token_id=[]), generated)
 
 
 def test_loss_and_gradients_match_transformers(pair):
