@@ -12,6 +12,7 @@
 #include "cpu/attention.h"
 #include "cpu/contrastive.h"
 #include "cpu/hamming.h"
+#include "cpu/linear_cross_entropy.h"
 #include "cpu/patch_embed.h"
 #include "cpu/rope_2d.h"
 #include "cpu/rotary.h"
@@ -266,4 +267,29 @@ PYBIND11_MODULE(_C, m) {
       py::arg("v_strides"), py::arg("out_strides"), py::arg("bias_strides"),
       py::arg("dq_strides"), py::arg("dk_strides"), py::arg("dv_strides"), py::arg("scale"),
       py::arg("is_causal"), py::arg("dtype"), py::arg("threads"), py::arg("strategy"));
+
+  // Linear + cross-entropy (csrc/cpu/linear_cross_entropy.h): sizes = (N, D, V), strides = the
+  // row strides of hidden and weight; bias, row_scale, grad_* = 0 for none (row_scale = 0: no
+  // gradients).
+  m.def(
+      "linear_cross_entropy",
+      [](uintptr_t hidden, uintptr_t weight, uintptr_t bias, uintptr_t labels,
+         const std::array<int64_t, 3>& sizes, const std::array<int64_t, 2>& strides,
+         int64_t ignore_index, float label_smoothing, int64_t block_rows, uintptr_t lse,
+         uintptr_t loss_rows,
+         uintptr_t row_scale, uintptr_t grad_hidden, uintptr_t grad_weight, uintptr_t grad_bias,
+         int dtype, int threads) {
+        py::gil_scoped_release release;
+        vlmfast::cpu::linear_cross_entropy(
+            {sizes[0], sizes[1], sizes[2], strides[0], strides[1]}, ptr<const void>(hidden),
+            ptr<const void>(weight), ptr<const float>(bias), ptr<const int64_t>(labels),
+            {ignore_index, label_smoothing, block_rows}, ptr<float>(lse), ptr<float>(loss_rows),
+            ptr<const float>(row_scale), ptr<void>(grad_hidden), ptr<void>(grad_weight),
+            ptr<float>(grad_bias), dtype, threads);
+      },
+      py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("labels"), py::arg("sizes"),
+      py::arg("strides"), py::arg("ignore_index"), py::arg("label_smoothing"),
+      py::arg("block_rows"), py::arg("lse"),
+      py::arg("loss_rows"), py::arg("row_scale"), py::arg("grad_hidden"), py::arg("grad_weight"),
+      py::arg("grad_bias"), py::arg("dtype"), py::arg("threads"));
 }

@@ -241,7 +241,9 @@ void run(const LinearCrossEntropyShape& s, const T* hidden, const T* weight, con
   const bool grads = row_scale != nullptr;
   const int64_t N = s.N, D = s.D, V = s.V;
   const int64_t Dp = round_up(D, kNR), Vp = round_up(V, kUnit);
-  const int64_t R = kUnit * std::clamp<int64_t>(kLogitBudget / (Vp * kUnit), 1, round_up(N, kUnit) / kUnit);
+  const int64_t blocks_wanted = o.block_rows > 0 ? round_up(o.block_rows, kUnit) / kUnit
+                                                 : kLogitBudget / (Vp * kUnit);
+  const int64_t R = kUnit * std::clamp<int64_t>(blocks_wanted, 1, round_up(N, kUnit) / kUnit);
   const int64_t Np = round_up(N, R);
   const int nthreads = resolve_threads(threads);
 

@@ -18,6 +18,8 @@ struct LinearCrossEntropyShape {
 struct LinearCrossEntropyOptions {
   int64_t ignore_index;   // rows with this label (or any label outside [0, V)) have no loss
   float label_smoothing;  // eps: the target is (1 - eps) onehot + eps / V
+  int64_t block_rows;     // rows per logit block, rounded up to 96; 0: chosen from V (tests
+                          // set it small to cover several blocks)
 };
 
 // Writes per row the log-sum-exp `lse` (N,) and the loss `loss_rows` (N,) (0 for ignored rows):

@@ -14,13 +14,15 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def forward(hidden, weight, bias, labels, ignore_index: int, label_smoothing: float, row_scale=None):
+def forward(hidden, weight, bias, labels, ignore_index: int, label_smoothing: float, row_scale=None,
+            block_rows: int = 0):
     """(loss_rows, lse, grad_hidden, grad_weight, grad_bias).
 
     loss_rows, lse: float32 (N,), the per-row loss (0 on ignored rows) and log-sum-exp. With
     row_scale (N,) given, the gradients of sum_i row_scale_i * loss_i: grad_hidden (N, D) and
     grad_weight (V, D) in the inputs' dtype, grad_bias float32 (V,) (None without a bias);
-    without row_scale all three are None.
+    without row_scale all three are None. block_rows: rows per logit block (0: the kernel's
+    choice, about 64 MiB of float32 logits; tests make it small to cover several blocks).
     """
     hidden, weight = _rows(hidden), _rows(weight)
     labels = labels.to(torch.int64).contiguous()
@@ -42,7 +44,7 @@ def forward(hidden, weight, bias, labels, ignore_index: int, label_smoothing: fl
     module_for(device).linear_cross_entropy(
         hidden=hidden.data_ptr(), weight=weight.data_ptr(), bias=address(bias32),
         labels=labels.data_ptr(), sizes=(n, d, v), strides=(hidden.stride(0), weight.stride(0)),
-        ignore_index=int(ignore_index), label_smoothing=float(label_smoothing), lse=lse.data_ptr(),
+        ignore_index=int(ignore_index), label_smoothing=float(label_smoothing), block_rows=int(block_rows), lse=lse.data_ptr(),
         loss_rows=loss_rows.data_ptr(), row_scale=address(scale32), grad_hidden=address(grad_hidden),
         grad_weight=address(grad_weight), grad_bias=address(grad_bias), dtype=dtype_tag(hidden),
         **launch_args(device),

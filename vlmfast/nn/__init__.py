@@ -7,3 +7,5 @@ from vlmfast.nn.rotary import Rotary2D, RotaryMixed2D
 
 __all__ = ["Attention", "PatchEmbed", "Rotary2D", "RotaryMixed2D"]
 __all__ += ["ClipLoss", "SigLipLoss"]
+from vlmfast.nn.cross_entropy import LinearCrossEntropy  # noqa: E402
+__all__ += ["LinearCrossEntropy"]

@@ -14,3 +14,5 @@ from vlmfast.ops.attention import attention_varlen, scaled_dot_product_attention
 
 __all__ = ["PackedPatches", "pack_images", "patchify_image", "apply_rotary_emb", "patch_embed", "rope_2d", "reference", "scaled_dot_product_attention", "attention_varlen"]
 __all__ += ["infonce_loss", "siglip_loss"]
+from vlmfast.ops.cross_entropy import linear_cross_entropy  # noqa: E402
+__all__ += ["linear_cross_entropy"]

@@ -49,7 +49,10 @@ def _rows_and_grads(op, hidden, weight, bias, labels, ignore_index, label_smooth
     loss_rows, lse = reference.lce_rows(hidden, weight, bias, labels, ignore_index, label_smoothing)
     grads = (None, None, None)
     if row_scale is not None:
-        grads = reference.lce_grads(hidden, weight, bias, labels, row_scale, ignore_index, label_smoothing)
+        grad_hidden, grad_weight, grad_bias = reference.lce_grads(
+            hidden, weight, bias, labels, row_scale, ignore_index, label_smoothing
+        )
+        grads = (grad_hidden, grad_weight, grad_bias if bias is not None else None)
     return (loss_rows, lse, *grads)
 
 

@@ -298,3 +298,72 @@ def siglip_grads(grad, a, b, scale, bias):
     g = grad.to(dtype) * (torch.sigmoid(logits) - eye) / a.shape[0]
     da, db, ds = _feature_grads(g, a, b, scale, dots)
     return da.to(a.dtype), db.to(b.dtype), ds, g.sum()
+
+
+# ----------------------------------------------------------------------------- linear cross-entropy
+# The materialised version of vlmfast.ops.linear_cross_entropy: the (N, V) logits in float32
+# (float64 for float64 input). "mean" over zero non-ignored labels gives 0 (torch gives NaN).
+
+def _lce_dtype(hidden):
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+def lce_logits(hidden, weight, bias=None, softcap=None):
+    """(N, V) logits = hidden @ weight.T (+ bias), then softcap * tanh(logits / softcap)."""
+    dtype = _lce_dtype(hidden)
+    logits = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+def lce_valid(labels, ignore_index: int, vocab: int):
+    """(N,) bool: the rows that have a loss (label not ignore_index and in [0, V))."""
+    return (labels != ignore_index) & (labels >= 0) & (labels < vocab)
+
+
+def lce_reduce(loss_rows, valid, reduction: str):
+    """sum / mean over the valid rows (mean of none is 0) or the rows themselves."""
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    return total / valid.sum().clamp(min=1).to(total.dtype) if reduction == "mean" else total
+
+
+def linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index: int = -100,
+                         reduction: str = "mean", label_smoothing: float = 0.0, softcap=None):
+    """F.cross_entropy(hidden @ weight.T + bias, labels) in float32 on (N, D) hidden, (V, D) weight."""
+    import torch.nn.functional as F
+
+    logits = lce_logits(hidden, weight, bias, softcap)
+    valid = lce_valid(labels, ignore_index, weight.shape[0])
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    rows = F.cross_entropy(logits, safe, reduction="none", label_smoothing=label_smoothing)
+    return lce_reduce(torch.where(valid, rows, torch.zeros_like(rows)), valid, reduction)
+
+
+def lce_rows(hidden, weight, bias, labels, ignore_index: int, label_smoothing: float):
+    """(loss_rows, lse), (N,) each: loss_i = lse_i - (1 - eps) z_iy - eps / V sum_v z_iv, 0 when ignored."""
+    logits = lce_logits(hidden, weight, bias)
+    valid = lce_valid(labels, ignore_index, weight.shape[0])
+    lse = logits.logsumexp(-1)
+    target = logits.gather(1, torch.where(valid, labels, 0)[:, None])[:, 0]
+    eps = label_smoothing
+    rows = lse - (1 - eps) * target - eps / weight.shape[0] * logits.sum(-1)
+    return torch.where(valid, rows, torch.zeros_like(rows)), lse
+
+
+def lce_grads(hidden, weight, bias, labels, row_scale, ignore_index: int, label_smoothing: float):
+    """(d hidden, d weight, d bias) of sum_i row_scale_i * loss_i: G = s (softmax - (1 - eps) onehot
+    - eps / V) on valid rows; d hidden = G W, d weight = G^T hidden, d bias = sum_i G_i (float32)."""
+    logits = lce_logits(hidden, weight, bias)
+    vocab = weight.shape[0]
+    valid = lce_valid(labels, ignore_index, vocab)
+    onehot = torch.nn.functional.one_hot(torch.where(valid, labels, 0), vocab).to(logits.dtype)
+    g = logits.softmax(-1) - (1 - label_smoothing) * onehot - label_smoothing / vocab
+    g = g * torch.where(valid, row_scale.to(g.dtype), torch.zeros_like(row_scale, dtype=g.dtype))[:, None]
+    grad_hidden = (g @ weight.to(g.dtype)).to(hidden.dtype)
+    grad_weight = (g.T @ hidden.to(g.dtype)).to(weight.dtype)
+    return grad_hidden, grad_weight, g.sum(0)
