@@ -195,30 +195,47 @@ VLMFAST_MULTIVERSION void tile_accumulate(const float* A, int64_t a_rs, int64_t 
 // One online-softmax step over a (rows, 64) tile of base-2 scores, turned into probabilities in
 // place: m_new = max(m, rowmax), p = 2^(s - m_new), l = l * 2^(m - m_new) + rowsum(p), and the
 // output accumulator rescaled by 2^(m - m_new). While a row has seen only masked keys (m_new =
-// -inf) it is evaluated against 0, which keeps p = 0 and avoids -inf - -inf.
+// -inf) it is evaluated against 0, which keeps p = 0 and avoids -inf - -inf. Written as separate
+// passes (row maxima; the rescale factors of 16 rows at a time; exponentials) so that rows do not
+// wait on one another's reductions.
 VLMFAST_MULTIVERSION void online_softmax_step(float* S, int64_t rows, float* m, float* l,
                                               float* acc, int64_t width) {
+  alignas(64) float m_new[kMaxRowBlock], m_old[kMaxRowBlock], ref[kMaxRowBlock],
+      alpha[kMaxRowBlock], sums[kMaxRowBlock];
   for (int64_t i = 0; i < rows; ++i) {
-    float* s = S + i * kKeyBlock;
+    const float* s = S + i * kKeyBlock;
     v16 row_max = load(s);
     for (int c = 1; c < kKeyVectors; ++c) {
       const v16 x = load(s + c * kLanes);
       row_max = x > row_max ? x : row_max;
     }
-    const float m_new = std::max(m[i], reduce_max(row_max));
-    const float m_use = m_new == -kInf ? 0.0f : m_new;
-    const float alpha = std::exp2(m[i] - m_use);
+    m_old[i] = m[i];
+    m_new[i] = std::max(m[i], reduce_max(row_max));
+  }
+  const int64_t padded = (rows + kLanes - 1) / kLanes * kLanes;
+  for (int64_t i = rows; i < padded; ++i) m_old[i] = m_new[i] = 0.0f;
+  for (int64_t i = 0; i < padded; i += kLanes) {
+    v16 top = load(m_new + i);
+    top = top == -kInf ? splat(0.0f) : top;
+    store(ref + i, top);
+    store(alpha + i, exp2v(load(m_old + i) - top));
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    float* s = S + i * kKeyBlock;
     v16 sum{};
     for (int c = 0; c < kKeyVectors; ++c) {
-      const v16 p = exp2v(load(s + c * kLanes) - m_use);
+      const v16 p = exp2v(load(s + c * kLanes) - ref[i]);
       store(s + c * kLanes, p);
       sum += p;
     }
-    l[i] = l[i] * alpha + reduce_sum(sum);
-    m[i] = m_new;
-    if (alpha != 1.0f) {
+    sums[i] = reduce_sum(sum);
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    l[i] = l[i] * alpha[i] + sums[i];
+    m[i] = m_new[i];
+    if (alpha[i] != 1.0f) {
       float* a = acc + i * width;
-      for (int64_t e = 0; e < width; e += kLanes) store(a + e, load(a + e) * alpha);
+      for (int64_t e = 0; e < width; e += kLanes) store(a + e, load(a + e) * alpha[i]);
     }
   }
 }
