@@ -209,6 +209,24 @@ PYBIND11_MODULE(_C, m) {
       py::arg("image"), py::arg("image_dtype"), py::arg("sizes"), py::arg("image_strides"),
       py::arg("scale"), py::arg("shift"), py::arg("out"), py::arg("out_dtype"), py::arg("threads"));
 
+  m.def(
+      "patch_embed_weight_grad",
+      [](uintptr_t image, int image_dtype, const std::array<int64_t, 5>& sizes,
+         const std::array<int64_t, 4>& image_strides, uintptr_t scale, uintptr_t shift,
+         uintptr_t grad, int64_t D, int64_t ldg, uintptr_t grad_weight, int threads) {
+        py::gil_scoped_release release;
+        vlmfast::cpu::PatchImage im{ptr<const void>(image), image_dtype, sizes[0], sizes[1],
+                                    sizes[2], sizes[3], sizes[4],
+                                    {image_strides[0], image_strides[1], image_strides[2],
+                                     image_strides[3]}};
+        vlmfast::cpu::patch_embed_weight_grad(im, ptr<const float>(scale), ptr<const float>(shift),
+                                              ptr<const float>(grad), D, ldg,
+                                              ptr<float>(grad_weight), threads);
+      },
+      py::arg("image"), py::arg("image_dtype"), py::arg("sizes"), py::arg("image_strides"),
+      py::arg("scale"), py::arg("shift"), py::arg("grad"), py::arg("D"), py::arg("ldg"),
+      py::arg("grad_weight"), py::arg("threads"));
+
   // Attention (csrc/cpu/attention.h): sizes = (B, H, Hkv, L, S, E); strides of dims 0-2 per
   // tensor (the head dim is contiguous); bias = 0 for none, else float32 read through 4 strides.
   m.def(

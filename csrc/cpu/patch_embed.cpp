@@ -298,6 +298,180 @@ void run_forward(const PatchImage& im, const Geometry& g, const Folded& f, O* ou
   forward_rows<O>(block_fn, im, g, f, out, D, threads);
 }
 
+// ---------------------------------------------------------------------------- weight gradient
+//
+// dW[d, k] = sum_r g[r, d] * x_n[r, k] over the B * N patch rows r: a GEMM whose reduction runs
+// over the patches. Computed as C = dW^T (K x D) with the same MR x 32 micro-tiles: A = the
+// normalised patches (packed from the image per chunk of rows, like the forward, but not
+// folded: this is the gradient of the conv weight itself), B = g read in place (row r's
+// columns d0..d0 + 31 are contiguous, rows ldg apart). Each thread owns whole blocks of k, so
+// the reduction needs no atomics; C tiles accumulate in a per-thread buffer across row chunks.
+
+constexpr int64_t GRAD_KC = 96;   // k columns per thread task (a multiple of every MR)
+constexpr int64_t GRAD_RC = 128;  // patch rows per chunk of the reduction
+
+// Packs the normalised patch values of rows [r0, r0 + count) and columns [k0, k0 + GRAD_KC) as
+// panels of MR columns, row-major inside: packed[(kp * count + r) * MR + m] = x_n[r0 + r, k0 +
+// kp * MR + m]; columns past K are zero.
+template <typename T, int MR>
+inline void pack_grad_rows(const PatchImage& im, const Geometry& g, const float* scale,
+                           const float* shift, const int64_t* k_offset, const int64_t* k_channel,
+                           int64_t k0, int64_t r0, int64_t count, float* packed) {
+  const int64_t k_count = std::min(GRAD_KC, g.K - k0);
+  for (int64_t r = 0; r < count; ++r) {
+    const T* origin = patch_origin<T>(im, g, r0 + r);
+    for (int64_t kk = 0; kk < GRAD_KC; ++kk) {
+      float v = 0.0f;
+      if (kk < k_count) {
+        const int64_t c = k_channel[kk];
+        v = load_value(origin + k_offset[kk]) * scale[c] + shift[c];
+      }
+      packed[((kk / MR) * count + r) * MR + kk % MR] = v;
+    }
+  }
+}
+
+// tile (MR x 32, row-major) += sum_r a[r][m] * b[r * ldb + n].
+template <int MR>
+__attribute__((always_inline)) inline void micro_kernel_acc_portable(const float* a, const float* b,
+                                                                     int64_t ldb, int64_t rows,
+                                                                     float* tile) {
+  float acc[MR][NR];
+  std::memcpy(acc, tile, sizeof acc);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* br = b + r * ldb;
+    for (int m = 0; m < MR; ++m) {
+      const float am = a[r * MR + m];
+      for (int n = 0; n < NR; ++n) acc[m][n] += am * br[n];
+    }
+  }
+  std::memcpy(tile, acc, sizeof acc);
+}
+
+#if VLMFAST_HAVE_AVX512_PATH
+template <int MR>
+VLMFAST_AVX512 inline void micro_kernel_acc_avx512(const float* a, const float* b, int64_t ldb,
+                                                   int64_t rows, float* tile) {
+  __m512 lo[MR], hi[MR];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) {
+    lo[m] = _mm512_loadu_ps(tile + m * NR);
+    hi[m] = _mm512_loadu_ps(tile + m * NR + 16);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 b0 = _mm512_loadu_ps(b + r * ldb);
+    const __m512 b1 = _mm512_loadu_ps(b + r * ldb + 16);
+    const float* ar = a + r * MR;
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const __m512 am = _mm512_set1_ps(ar[m]);
+      lo[m] = _mm512_fmadd_ps(am, b0, lo[m]);
+      hi[m] = _mm512_fmadd_ps(am, b1, hi[m]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) {
+    _mm512_storeu_ps(tile + m * NR, lo[m]);
+    _mm512_storeu_ps(tile + m * NR + 16, hi[m]);
+  }
+}
+#endif
+
+struct GradArgs {
+  const float* scale;
+  const float* shift;
+  const float* grad;  // (rows, ldg) float32
+  int64_t D, ldg;
+  float* grad_weight;  // (D, K) float32
+};
+
+// One task: the columns [k0, k0 + GRAD_KC) of dW for every d.
+template <typename T, int MR, bool AVX512>
+__attribute__((always_inline)) inline void weight_grad_task(const PatchImage& im, const Geometry& g,
+                                                            const GradArgs& args, int64_t k0,
+                                                            float* a_packed, float* acc) {
+  constexpr int64_t k_panels = GRAD_KC / MR;
+  const int64_t d_panels = (args.D + NR - 1) / NR;
+  int64_t k_offset[GRAD_KC], k_channel[GRAD_KC];
+  for (int64_t kk = 0; kk < GRAD_KC; ++kk) {
+    const int64_t k = std::min(k0 + kk, g.K - 1);
+    const int64_t c = k / g.pp, i = (k % g.pp) / im.patch, j = k % im.patch;
+    k_channel[kk] = c;
+    k_offset[kk] = c * im.strides[1] + i * im.strides[2] + j * im.strides[3];
+  }
+  std::memset(acc, 0, sizeof(float) * d_panels * k_panels * MR * NR);
+  for (int64_t r0 = 0; r0 < g.rows; r0 += GRAD_RC) {
+    const int64_t count = std::min(GRAD_RC, g.rows - r0);
+    pack_grad_rows<T, MR>(im, g, args.scale, args.shift, k_offset, k_channel, k0, r0, count,
+                          a_packed);
+    for (int64_t dp = 0; dp < d_panels; ++dp) {
+      const float* b = args.grad + r0 * args.ldg + dp * NR;
+      for (int64_t kp = 0; kp < k_panels; ++kp) {
+        float* tile = acc + (dp * k_panels + kp) * MR * NR;
+#if VLMFAST_HAVE_AVX512_PATH
+        if constexpr (AVX512) {
+          micro_kernel_acc_avx512<MR>(a_packed + kp * count * MR, b, args.ldg, count, tile);
+        } else
+#endif
+        {
+          micro_kernel_acc_portable<MR>(a_packed + kp * count * MR, b, args.ldg, count, tile);
+        }
+      }
+    }
+  }
+  // acc holds dW^T tiles: tile (dp, kp)[m][n] = dW[dp * 32 + n, k0 + kp * MR + m].
+  const int64_t k_count = std::min(GRAD_KC, g.K - k0);
+  for (int64_t dp = 0; dp < d_panels; ++dp)
+    for (int64_t kk = 0; kk < k_count; ++kk) {
+      const float* row = acc + (dp * k_panels + kk / MR) * MR * NR + (kk % MR) * NR;
+      for (int64_t n = 0; n < NR && dp * NR + n < args.D; ++n)
+        args.grad_weight[(dp * NR + n) * g.K + k0 + kk] = row[n];
+    }
+}
+
+template <typename T>
+using GradTaskFn = void (*)(const PatchImage&, const Geometry&, const GradArgs&, int64_t, float*,
+                            float*);
+
+#if VLMFAST_HAVE_AVX512_PATH
+template <typename T>
+VLMFAST_AVX512 void grad_task_avx512(const PatchImage& im, const Geometry& g, const GradArgs& a,
+                                     int64_t k0, float* packed, float* acc) {
+  weight_grad_task<T, MR_AVX512, true>(im, g, a, k0, packed, acc);
+}
+#endif
+
+#define VLMFAST_GRAD_PORTABLE(T, NAME)                                                        \
+  VLMFAST_MULTIVERSION void NAME(const PatchImage& im, const Geometry& g, const GradArgs& a,   \
+                                 int64_t k0, float* packed, float* acc) {                     \
+    weight_grad_task<T, MR_PORTABLE, false>(im, g, a, k0, packed, acc);                       \
+  }
+VLMFAST_GRAD_PORTABLE(uint8_t, grad_task_u8)
+VLMFAST_GRAD_PORTABLE(float, grad_task_f32)
+VLMFAST_GRAD_PORTABLE(Half, grad_task_f16)
+VLMFAST_GRAD_PORTABLE(BFloat16, grad_task_bf16)
+#undef VLMFAST_GRAD_PORTABLE
+
+template <typename T>
+void run_weight_grad(const PatchImage& im, const GradArgs& args, int threads,
+                     GradTaskFn<T> portable) {
+  const Geometry g(im);
+  GradTaskFn<T> task = portable;
+#if VLMFAST_HAVE_AVX512_PATH
+  static const bool avx512 = cpu_has_avx512();
+  if (avx512) task = grad_task_avx512<T>;
+#endif
+  const int64_t tasks = (g.K + GRAD_KC - 1) / GRAD_KC;
+  const int64_t d_padded = ((args.D + NR - 1) / NR) * NR;
+#pragma omp parallel num_threads(threads)
+  {
+    AlignedFloats packed(static_cast<size_t>(GRAD_KC * GRAD_RC));
+    AlignedFloats acc(static_cast<size_t>(GRAD_KC * d_padded));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) task(im, g, args, t * GRAD_KC, packed.data, acc.data);
+  }
+}
+
 // ---------------------------------------------------------------------------- gather
 
 template <typename T, typename O>
@@ -409,6 +583,22 @@ void patch_gather(const PatchImage& image, const float* scale, const float* shif
     case DType::Float32: return u8 ? gather_u8_f32(image, scale, shift, out, threads) : gather_f32_f32(image, scale, shift, out, threads);
     case DType::Float16: return u8 ? gather_u8_f16(image, scale, shift, out, threads) : gather_f16_f16(image, scale, shift, out, threads);
     case DType::BFloat16: return u8 ? gather_u8_bf16(image, scale, shift, out, threads) : gather_bf16_bf16(image, scale, shift, out, threads);
+  }
+}
+
+void patch_embed_weight_grad(const PatchImage& image, const float* scale, const float* shift,
+                             const float* grad, int64_t D, int64_t ldg, float* grad_weight,
+                             int threads) {
+  check_image(image);
+  threads = resolve_threads(threads);
+  if (ldg < ((D + NR - 1) / NR) * NR)
+    throw std::invalid_argument("vlmfast: patch_embed_weight_grad needs grad rows padded to a multiple of 32");
+  const GradArgs args{scale, shift, grad, D, ldg, grad_weight};
+  switch (image.dtype) {
+    case 0: return run_weight_grad<float>(image, args, threads, grad_task_f32);
+    case 1: return run_weight_grad<Half>(image, args, threads, grad_task_f16);
+    case 2: return run_weight_grad<BFloat16>(image, args, threads, grad_task_bf16);
+    default: return run_weight_grad<uint8_t>(image, args, threads, grad_task_u8);
   }
 }
 

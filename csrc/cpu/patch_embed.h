@@ -33,4 +33,11 @@ void patch_embed_forward(const PatchImage& image, const void* weight, const void
 void patch_gather(const PatchImage& image, const float* scale, const float* shift, void* out,
                   int out_dtype, int threads);
 
+// grad_weight (D, K) float32 = grad^T @ normalised patches: the weight gradient of the conv.
+// grad: (B * N, ldg) float32 row-major, ldg >= D rounded up to a multiple of 32 (the columns
+// from D on are read but do not matter).
+void patch_embed_weight_grad(const PatchImage& image, const float* scale, const float* shift,
+                             const float* grad, int64_t D, int64_t ldg, float* grad_weight,
+                             int threads);
+
 }  // namespace vlmfast::cpu

@@ -137,6 +137,27 @@ def test_no_bias_and_weight_only_gradient(backend):
     assert_close(weight.grad, w64.grad, name="grad_weight")
 
 
+@pytest.mark.parametrize("as_uint8", [True, False], ids=["u8", "float"])
+def test_weight_gradient_over_many_rows(backend, as_uint8):
+    """More patch rows than one chunk of the C++ weight-gradient reduction (128), K = 196 not a
+    multiple of its column block (96), D = 40 not a multiple of its 32-column panels."""
+    generator = torch.Generator().manual_seed(6)
+    if as_uint8:
+        images = torch.randint(0, 256, (3, 84, 140, 1), dtype=torch.uint8, generator=generator)
+    else:
+        images = torch.randn(3, 1, 84, 140, generator=generator)
+    images = images.to(backend.device)
+    weight = torch.randn(40, 1, 14, 14, generator=generator).to(backend.device).requires_grad_()
+    bias = torch.randn(40, generator=generator).to(backend.device).requires_grad_()
+    grad = torch.randn(3, 60, 40, generator=generator).to(backend.device)
+    ops.patch_embed(images, weight, bias, mean=(0.3,), std=(0.2,)).backward(grad)
+    w64, b64 = weight.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    exact_images = images if as_uint8 else images.double()
+    reference.patch_embed(exact_images, w64, b64, (0.3,), (0.2,)).backward(grad.double())
+    assert_close(weight.grad, w64.grad, name="grad_weight")
+    assert_close(bias.grad, b64.grad, name="grad_bias")
+
+
 def test_empty_batch(backend):
     images = torch.zeros(0, 32, 32, 3, dtype=torch.uint8, device=backend.device)
     weight = torch.randn(8, 3, 16, 16, device=backend.device)
@@ -164,6 +185,9 @@ def test_opcheck_patch_ops():
     torch.library.opcheck(op, (images, weight, bias, scale, shift))
     torch.library.opcheck(op, (float_images, weight, None, scale, shift))
     torch.library.opcheck(torch.ops.vlmfast.patch_gather.default, (images, 16, scale, shift, torch.float32))
+    grad = torch.randn(2 * 6, 6, generator=generator)
+    torch.library.opcheck(torch.ops.vlmfast.patch_weight_grad.default, (grad, images, 16, scale, shift))
+    torch.library.opcheck(torch.ops.vlmfast.patch_weight_grad.default, (grad, float_images.detach(), 16, scale, shift))
 
 
 def test_torch_compile_fullgraph():

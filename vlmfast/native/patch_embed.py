@@ -58,3 +58,19 @@ def gather(images, patch: int, scale, shift, dtype: torch.dtype) -> torch.Tensor
         out_dtype=DTYPE_TAGS[dtype], **launch_args(images.device),
     )
     return out
+
+
+def weight_grad(grad_rows, images, patch: int, scale, shift) -> torch.Tensor:
+    """(D, C * p * p) in grad_rows' dtype: grad_rows (B * N, D)^T @ normalised patches (C++ only)."""
+    args = _image_args(images, patch)
+    d = grad_rows.shape[1]
+    padded = -(-d // 32) * 32  # the kernel reads grad rows in 32-column panels
+    grad32 = torch.nn.functional.pad(grad_rows.float(), (0, padded - d)).contiguous()
+    _, channels, _, _, _ = args["sizes"]
+    out = _alloc.empty(d, channels * patch * patch, dtype=torch.float32, device=images.device)
+    scale32, shift32 = scale.float().contiguous(), shift.float().contiguous()
+    module_for(images.device).patch_embed_weight_grad(
+        **args, scale=scale32.data_ptr(), shift=shift32.data_ptr(), grad=grad32.data_ptr(), D=d,
+        ldg=padded, grad_weight=out.data_ptr(), **launch_args(images.device),
+    )
+    return out.to(grad_rows.dtype)

@@ -13,8 +13,9 @@ Layers: public function (validates, turns mean/std into a per-channel affine x *
   cuda:   csrc/cuda/patch_embed.cu gathers normalised patches (B * N, C * p * p) in the weight's
           dtype, then torch.addmm (cuBLAS) runs the GEMM;
   reference: ops/reference.py.
-The backward (weight, bias and float images) is two GEMMs on the gathered patches
-(`vlmfast::patch_gather`, same backends) and the grad output.
+The backward: the weight gradient grad^T @ patches is `vlmfast::patch_weight_grad` (C++: one
+kernel packing the patches from the image inside the GEMM; elsewhere `vlmfast::patch_gather`
+then a matmul), the bias gradient a sum, the float images' gradient grad @ W scattered back.
 """
 
 from collections.abc import Sequence
@@ -59,6 +60,27 @@ def patch_gather(
 def _(images, patch, scale, shift, dtype):
     b, c, gh, gw = _grid(images, patch)
     return images.new_empty(b * gh * gw, c * patch * patch, dtype=dtype)
+
+
+@torch.library.custom_op("vlmfast::patch_weight_grad", mutates_args=())
+def patch_weight_grad(
+    grad: torch.Tensor, images: torch.Tensor, patch: int, scale: torch.Tensor, shift: torch.Tensor
+) -> torch.Tensor:
+    """(D, C * p * p) in grad's dtype: grad (B * N, D)^T @ the normalised patches, the weight
+    gradient of the conv. C++: one fused kernel (patches packed from the image inside the GEMM);
+    elsewhere the patches are gathered, then one matmul."""
+    backend = _dispatch.select("patch_weight_grad", grad.device, grad.dtype)
+    if backend == "cpp" and grad.numel() > 0:
+        from vlmfast.native import patch_embed as native_patch_embed
+
+        return native_patch_embed.weight_grad(grad, images, patch, scale, shift)
+    return grad.T @ patch_gather(images, patch, scale, shift, grad.dtype)
+
+
+@patch_weight_grad.register_fake
+def _(grad, images, patch, scale, shift):
+    _, c, _, _ = _grid(images, patch)
+    return grad.new_empty(grad.shape[1], c * patch * patch)
 
 
 @torch.library.custom_op("vlmfast::patch_embed_fwd", mutates_args=())
@@ -116,8 +138,7 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[1]:
         # dW = grad^T @ normalised patches (the affine is inside the patches, so this is the
         # gradient of the conv weight itself, not of any folded weight).
-        patches = patch_gather(images, patch, scale, shift, weight.dtype)
-        grad_weight = (grad_rows.T @ patches).view_as(weight)
+        grad_weight = patch_weight_grad(grad_rows, images, patch, scale, shift).view_as(weight)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = grad_rows.sum(0)
     if ctx.needs_input_grad[0]:
