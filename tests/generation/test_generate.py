@@ -122,6 +122,13 @@ def test_bfloat16_generation_runs():
     out = model.generate(ids, pixels, pixel_mask, mask, max_new_tokens=4, eos_token_id=[])
     assert out.shape == (3, ids.shape[1] + 4) and out.dtype == torch.long
     assert model.new_cache(3, 10).dtype == torch.bfloat16
+    from vlmfast.models.smolvlm import packing
+
+    if packing.available(torch.bfloat16):  # generate packed the CPU bf16 weights, same tokens
+        assert packing._ATTR in model.model.text_model.layers[0].mlp.gate_up.__dict__
+        model.unpack_weights()
+        model.auto_pack = False
+        assert torch.equal(model.generate(ids, pixels, pixel_mask, mask, max_new_tokens=4, eos_token_id=[]), out)
 
 
 def test_bad_generation_options(model):

@@ -267,6 +267,45 @@ def test_plain_torch_fallbacks_give_the_same_answer(tiny, monkeypatch):
     torch.testing.assert_close(fused[1], plain[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_cpu_weights(dtype):
+    """pack_weights: the same logits (bf16: the same oneDNN kernels; fp32: rounding only), the
+    same greedy tokens; a weight changed in place or a dtype change falls back to the plain path;
+    gradients never use the packed copy."""
+    from tests.models.smolvlm_helpers import tiny_model
+    from vlmfast.models.smolvlm import packing
+
+    if not packing.available(dtype):
+        pytest.skip(f"no oneDNN packing for {dtype} here")
+    model = tiny_model(seed=2, dtype=dtype)
+    model.auto_pack = False
+    ids, mask, pixels, pixel_mask = build_batch(ROWS, seed=10)
+    with torch.no_grad():
+        plain = model(ids, pixels, pixel_mask, mask)
+        plain_tokens = model.generate(ids, pixels, pixel_mask, mask, max_new_tokens=5, eos_token_id=[])
+        assert model.pack_weights()
+        packed = model(ids, pixels, pixel_mask, mask)
+        packed_tokens = model.generate(ids, pixels, pixel_mask, mask, max_new_tokens=5, eos_token_id=[])
+    valid = mask.bool()
+    tol = dict(rtol=0, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[valid], plain[valid], **tol)
+    assert torch.equal(packed_tokens, plain_tokens)
+    qkv = model.model.text_model.layers[0].self_attn.qkv
+    with torch.no_grad():
+        qkv.weight.mul_(1.5)  # stale packed copy: must not be used
+        changed = model(ids, pixels, pixel_mask, mask)
+        model.unpack_weights()
+        expected = model(ids, pixels, pixel_mask, mask)
+        model.pack_weights()
+    torch.testing.assert_close(changed[valid], expected[valid], **tol)
+    loss = model.loss(ids, torch.where(valid, ids, -100), pixels, pixel_mask, mask)
+    loss.backward()
+    assert qkv.weight.grad is not None and torch.isfinite(qkv.weight.grad).all()
+    model.to(torch.float64)  # a dtype change: the packed copies go stale, float64 runs plainly
+    with torch.no_grad():
+        assert model(ids, pixels.double(), pixel_mask, mask).dtype == torch.float64
+
+
 def test_image_token_count_mismatch(tiny):
     model, *_ = tiny
     ids, mask, pixels, pixel_mask = build_batch([(1, 2, 2, None), (5, 2, 2, None)])

@@ -89,6 +89,11 @@ def generate(model, input_ids, pixel_values=None, pixel_attention_mask=None, att
     else:
         cache.reset()
     cache.check_room(B, L + max_new_tokens, what="input_ids")
+    if getattr(model, "auto_pack", False) and not getattr(model, "_packed_once", False):
+        # CPU bf16: oneDNN-packed weights, same results, about 2x faster GEMV (models/smolvlm/packing.py)
+        model._packed_once = True
+        if model.dtype == torch.bfloat16:
+            model.pack_weights()
     step_fn = decode_step or (_static_step(model, input_ids.device) if static_shapes else model.decode_step)
     padded = not bool(mask.all())
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmfast.models.smolvlm import _ops
+from vlmfast.models.smolvlm import _ops, packing
 from vlmfast.models.smolvlm.config import SmolVLMTextConfig
 
 
@@ -44,7 +44,7 @@ class DecoderAttention(nn.Module):
         tensor of slots, then attention reads all max_len slots (S = max_len). Returns (B, L, D)."""
         B, L, _ = x.shape
         H, Hkv, E = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv(x).view(B * L, H + 2 * Hkv, E)
+        qkv = packing.linear(x, self.qkv, self.qkv.weight, self.qkv.bias).view(B * L, H + 2 * Hkv, E)
         qk = _ops.rotary(qkv[:, : H + Hkv], cos, sin)  # q and k heads rotated in one call
         q = qk[:, :H].view(B, L, H, E).transpose(1, 2)
         k = qk[:, H:].view(B, L, Hkv, E).transpose(1, 2)
@@ -63,7 +63,8 @@ class DecoderAttention(nn.Module):
                 if slot > 0:  # earlier tokens live only in the cache
                     k, v = k_cache[:, :, : slot + L], v_cache[:, :, : slot + L]
         out = _ops.attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, H * E))
+        out = out.transpose(1, 2).reshape(B, L, H * E)
+        return packing.linear(out, self.o_proj, self.o_proj.weight, self.o_proj.bias)
 
 
 class SwiGLU(nn.Module):
@@ -74,8 +75,9 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, device=device, dtype=dtype)
 
     def forward(self, x):
-        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = packing.linear(x, self.gate_up, self.gate_up.weight, self.gate_up.bias)
+        gate, up = gate_up.split(self.intermediate, dim=-1)
+        return packing.linear(F.silu(gate) * up, self.down_proj, self.down_proj.weight, self.down_proj.bias)
 
 
 class DecoderLayer(nn.Module):

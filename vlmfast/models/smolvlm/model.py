@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmfast.models import checkpoint
-from vlmfast.models.smolvlm import _ops
+from vlmfast.models.smolvlm import _ops, packing
 from vlmfast.models.smolvlm.config import SmolVLMConfig
 from vlmfast.models.smolvlm.connector import Connector
 from vlmfast.models.smolvlm.decoder import Decoder
@@ -95,6 +95,7 @@ class SmolVLM(nn.Module):
         self.model = _Body(config, device=device, dtype=dtype)
         text = config.text_config
         self.generation_defaults = {}  # eos / pad ids of the checkpoint's generation_config.json
+        self.auto_pack = True  # generate() packs bf16 CPU weights on first use (pack_weights)
         self.lm_head = None
         if not config.tied:
             self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False, device=device, dtype=dtype)
@@ -133,7 +134,29 @@ class SmolVLM(nn.Module):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) -> logits (..., V)."""
-        return F.linear(hidden, self.head_weight)
+        return packing.linear(hidden, self._head_holder(), self.head_weight)
+
+    def _head_holder(self) -> nn.Module:
+        # the module whose packed copy of the head weight is used (the tied head has no Linear)
+        return self.lm_head if self.lm_head is not None else self.model.text_model.embed_tokens
+
+    def pack_weights(self) -> bool:
+        """Packs the decoder's and the head's weights for CPU inference (oneDNN layout, about 2x
+        faster GEMV in a decode step; see packing.py). Costs one more copy of those weights;
+        gradients-on calls and weights changed later use the plain path. Returns whether it
+        packed (CPU with oneDNN for this dtype)."""
+        if self.device.type != "cpu" or not packing.available(self.dtype):
+            return False
+        layers = [m for layer in self.model.text_model.layers
+                  for m in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj)]
+        for m in layers:
+            packing.pack(m)
+        packing.pack(self._head_holder(), self.head_weight)
+        return True
+
+    def unpack_weights(self) -> None:
+        for m in self.modules():
+            packing.unpack(m)
 
     # ------------------------------------------------------------------ validation
 
