@@ -21,6 +21,8 @@ Head dims that are not powers of two (40, 72, 80) load BLOCK_E = next power of t
 mask: nothing is padded in memory.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -568,32 +570,51 @@ def _block_e(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _forward_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Fixed per-head-dim tiles for Hopper (no autotuning: one compile per head dim)."""
+# Tiles per head dim, fixed (no autotuning: one compile per variant), chosen for Hopper by
+# compiling each variant for sm_90a and keeping the largest tiles that ptxas fits in 255
+# registers a thread with no (or a few bytes of) spill. A bias holds one more float32 tile, and
+# rotary the partner tile and two float32 table tiles per streamed tile: both take narrower
+# streamed tiles. (Still spilling, 1-2 KB a thread: the rotary dk/dv kernel from E = 72 on.)
+
+
+def _forward_config(head_dim: int, dtype: torch.dtype, length: int, rotary: bool = False,
+                    bias: bool = False) -> dict:
     if INTERPRETING:
         return dict(BLOCK_M=16, BLOCK_N=16)
     block_e = _block_e(head_dim)
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    if block_e <= 64 and length <= 64:
+        # Short sequences (ViT-B/32: 50 tokens) waste less of a 64-row tile.
+        return dict(BLOCK_M=64, BLOCK_N=32 if rotary else 64, num_warps=4, num_stages=2 if rotary else 3)
     if block_e <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=32 if rotary else 64, num_warps=8, num_stages=2 if rotary else 3)
     if block_e <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=128, BLOCK_N=32 if rotary or bias else 64, num_warps=8,
+                    num_stages=2 if rotary else 3)
+    return dict(BLOCK_M=64, BLOCK_N=32 if rotary else 64, num_warps=8, num_stages=2)
 
 
-def _backward_configs(head_dim: int, dtype: torch.dtype) -> tuple[dict, dict]:
+def _backward_configs(head_dim: int, dtype: torch.dtype, rotary: bool = False,
+                      bias: bool = False) -> tuple[dict, dict]:
     """(dk/dv config, dq config): the dk/dv kernel holds BLOCK_N keys and streams queries, the
-    dq kernel the other way round."""
+    dq kernel the other way round (the 32 x 128 / 128 x 32 split of the Triton tutorial)."""
     if INTERPRETING:
         return dict(BLOCK_M=16, BLOCK_N=16), dict(BLOCK_M=16, BLOCK_N=16)
     block_e = _block_e(head_dim)
     if dtype == torch.float32:
-        small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+        small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
         return small, dict(small)
+    if block_e <= 64:
+        if rotary:
+            return (dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+                    dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2))
+        return (dict(BLOCK_M=32, BLOCK_N=64 if bias else 128, num_warps=8, num_stages=3),
+                dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3))
     if block_e <= 128:
-        return (dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3),
-                dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3))
+        kv = dict(BLOCK_M=64, BLOCK_N=32) if bias and not rotary else dict(BLOCK_M=32, BLOCK_N=64)
+        return (dict(kv, num_warps=8, num_stages=2),
+                dict(BLOCK_M=64, BLOCK_N=32 if rotary else 64, num_warps=8, num_stages=2))
     return (dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
             dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2))
 
@@ -620,27 +641,32 @@ def _rotary_args(rotary, device):
 
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 132  # the interpreter: pretend to be an H100 so the same choices get tested
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
 def use_decode(q: torch.Tensor, k: torch.Tensor, *, rotary, varlen: bool = False) -> bool:
-    """Split-KV wins when the query side is too short to fill the GPU: few query rows per kv
-    head (decode: 1 to a few tokens) against a longer KV cache."""
+    """Split-KV (flash-decoding) for a few queries against a longer KV cache: the regular
+    kernel would pad each (batch, head) to a BLOCK_M-row tile and leave the GPU underfilled;
+    the decode kernel packs the GROUP * L rows of a kv head into one small tile and splits the
+    keys over programs instead."""
     if rotary is not None or varlen:
         return False
-    batch, heads, length, _ = q.shape
-    group = heads // k.shape[1]
-    block_m = _forward_config(q.shape[-1], q.dtype)["BLOCK_M"]
-    few_programs = triton.cdiv(length, block_m) * batch * heads < _sm_count(q.device)
-    return group * length <= 64 and k.shape[2] >= 2 * _decode_block_n() and few_programs
+    length, group = q.shape[2], q.shape[1] // k.shape[1]
+    return length <= 16 and group * length <= 64 and k.shape[2] >= 2 * _decode_block_n(q.shape[-1])
 
 
-def _decode_block_n() -> int:
-    return 16 if INTERPRETING else 64
+def _decode_block_n(head_dim: int) -> int:
+    # E 256: 32-key tiles keep the K/V pipeline stages within shared memory.
+    return 16 if INTERPRETING else (64 if _block_e(head_dim) <= 128 else 32)
 
 
 def forward(q, k, v, *, scale: float, is_causal: bool, bias=None, rotary=None):
@@ -656,7 +682,7 @@ def forward(q, k, v, *, scale: float, is_causal: bool, bias=None, rotary=None):
         return out, lse.fill_(float("-inf"))
     bias_t, bias_strides = _bias_args(bias, q.device)
     cos, sin, half = _rotary_args(rotary, q.device)
-    config = _forward_config(head_dim, q.dtype)
+    config = _forward_config(head_dim, q.dtype, length, rotary is not None, bias is not None)
     grid = (triton.cdiv(length, config["BLOCK_M"]), batch * heads)
     _fwd_kernel[grid](
         q, k, v, bias_t, cos, sin, out, lse, lse,
@@ -675,7 +701,7 @@ def forward_decode(q, k, v, *, scale: float, is_causal: bool, bias=None):
     batch, heads, length, head_dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    block_n = _decode_block_n()
+    block_n = _decode_block_n(head_dim)
     blocks = triton.cdiv(keys, block_n)
     # About two programs per SM over all (batch, kv head, chunk).
     splits = max(1, min(blocks, triton.cdiv(2 * _sm_count(q.device), batch * kv_heads)))
@@ -721,7 +747,7 @@ def _backward(grad_out, q, k, v, out, lse, dq, dk, dv, *, scale, is_causal, bias
     )
     bias_t, bias_strides = _bias_args(bias, q.device)
     cos, sin, half = _rotary_args(rotary, q.device)
-    kv_config, q_config = _backward_configs(head_dim, q.dtype)
+    kv_config, q_config = _backward_configs(head_dim, q.dtype, rotary is not None, bias is not None)
     common = dict(IS_CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, ROTARY=rotary is not None,
                   VARLEN=varlen, BLOCK_E=block_e, DOT_PRECISION=_dot_precision(q.dtype),
                   ROUND_BF16=INTERPRETING)
@@ -776,7 +802,7 @@ def forward_varlen(q, k, v, cu_seqlens, max_seqlen: int, *, scale: float, is_cau
         return out, lse
     bias_t, _ = _bias_args(None, q.device)
     cos, sin, half = _rotary_args(rotary, q.device)
-    config = _forward_config(head_dim, q.dtype)
+    config = _forward_config(head_dim, q.dtype, max_seqlen, rotary is not None)
     grid = (triton.cdiv(max_seqlen, config["BLOCK_M"]), n_seq * heads)
     _fwd_kernel[grid](
         q, k, v, bias_t, cos, sin, out, lse, cu_seqlens,

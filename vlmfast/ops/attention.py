@@ -37,7 +37,7 @@ def _dense_forward(backend, q, k, v, bias, scale, is_causal, cos, sin):
                                         rotary=rotary)
     if rotary is not None:
         q, k = _rotate(q, cos, sin, False, 2), _rotate(k, cos, sin, False, 2)
-    if backend in ("cpp", "cuda"):
+    if backend == "cpp":
         from vlmfast.native import attention as native_attention
 
         return native_attention.forward(q, k, v, scale=scale, is_causal=is_causal, bias=bias)
@@ -53,7 +53,7 @@ def _dense_backward(backend, grad, q, k, v, out, lse, bias, scale, is_causal, co
                                          bias=bias, rotary=rotary)
     if rotary is not None:
         q, k = _rotate(q, cos, sin, False, 2), _rotate(k, cos, sin, False, 2)
-    if backend in ("cpp", "cuda"):
+    if backend == "cpp":
         from vlmfast.native import attention as native_attention
 
         dq, dk, dv = native_attention.backward(grad, q, k, v, out, lse, scale=scale,
@@ -66,8 +66,14 @@ def _dense_backward(backend, grad, q, k, v, out, lse, bias, scale, is_causal, co
     return dq, dk, dv
 
 
+# There is no CUDA C++ attention kernel: on CUDA tensors Triton is the kernel, and a forced
+# VLMFAST_BACKEND=cuda runs it too (the call is still counted as "cuda").
+_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")}
+
+
 def _backend(op: str, tensor: torch.Tensor) -> str:
-    return _dispatch.select(op, tensor.device, tensor.dtype)
+    backend = _dispatch.select(op, tensor.device, tensor.dtype, order=_ORDER)
+    return "triton" if backend == "cuda" else backend
 
 
 # ----------------------------------------------------------------------------- dense custom ops
