@@ -196,8 +196,16 @@ def test_torch_compile_fullgraph():
 
     compiled = torch.compile(embed, fullgraph=True)
     images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
-    weight, bias = torch.randn(16, 3, 16, 16), torch.randn(16)
-    torch.testing.assert_close(compiled(images, weight, bias), embed(images, weight, bias))
+    weight = torch.randn(16, 3, 16, 16, requires_grad=True)
+    bias = torch.randn(16, requires_grad=True)
+    out = compiled(images, weight, bias)
+    torch.testing.assert_close(out, embed(images, weight, bias))
+    # The compiled graph trains too: its backward runs the registered gradient ops.
+    out.square().sum().backward()
+    compiled_grads = weight.grad, bias.grad
+    weight.grad = bias.grad = None
+    embed(images, weight, bias).square().sum().backward()
+    torch.testing.assert_close(compiled_grads, (weight.grad, bias.grad))
 
 
 # --------------------------------------------------------------------------- bad input
