@@ -3,6 +3,9 @@ and torch's SDPA, values and gradients; fully-masked rows, rotary, GQA, decode, 
 (opcheck, torch.compile) and bad input."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -453,3 +456,63 @@ def _varlen_args(cu=(0, 3, 8), dtype=torch.int32, total=8, k_heads=2, k_dim=32):
 def test_varlen_rejects(args, max_seqlen, kwargs, error, message):
     with pytest.raises(error, match=message):
         ops.attention_varlen(*args, max_seqlen, **kwargs)
+
+
+# --------------------------------------------------------------------------- Hopper code generation
+
+_SM90_SCRIPT = r"""
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vlmfast.kernels import attention as ka
+
+INTS = {"H", "GROUP", "L", "S", "E", "HALF", "CHUNK", "NSPLIT"}
+FLOAT32_POINTERS = {"Bias", "Cos", "Sin", "Lse", "Delta", "OutPart", "LsePart"}
+
+
+def signature(fn):
+    sig = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name == "scale":
+            sig[p.name] = "fp32"
+        elif p.name[0].isupper() and p.name not in INTS:
+            sig[p.name] = "*fp32" if p.name in FLOAT32_POINTERS else "*i32" if p.name == "CuSeqlens" else "*bf16"
+        else:
+            sig[p.name] = "i32"
+    return sig
+
+
+def compile_for_sm90(fn, config, **constexprs):
+    meta = {k: v for k, v in config.items() if k.startswith("BLOCK")}
+    options = {k: v for k, v in config.items() if k.startswith("num_")}
+    kernel = triton.compile(ASTSource(fn, signature(fn), dict(constexprs, **meta)),
+                            target=GPUTarget("cuda", 90, 32), options=options)
+    assert kernel.metadata.shared <= 232448, (fn.__name__, config, kernel.metadata.shared)
+
+
+for head_dim, length, rotary, bias, causal, varlen in [
+    (64, 50, False, False, False, False), (64, 197, False, True, False, False), (72, 729, True, False, True, False),
+    (80, 577, False, True, True, False), (64, 300, True, False, True, True), (256, 64, False, True, True, False),
+]:
+    common = dict(IS_CAUSAL=causal, HAS_BIAS=bias, ROTARY=rotary, VARLEN=varlen, BLOCK_E=ka._block_e(head_dim),
+                  DOT_PRECISION="tf32", ROUND_BF16=False)
+    compile_for_sm90(ka._fwd_kernel, ka._forward_config(head_dim, torch.bfloat16, length, rotary, bias), **common)
+    kv_config, q_config = ka._backward_configs(head_dim, torch.bfloat16, rotary, bias)
+    compile_for_sm90(ka._dkdv_kernel, kv_config, **common)
+    compile_for_sm90(ka._dq_kernel, q_config, **common)
+compile_for_sm90(ka._decode_split_kernel, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3), IS_CAUSAL=False,
+                 HAS_BIAS=True, BLOCK_E=128, DOT_PRECISION="tf32", ROUND_BF16=False)
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("VLMFAST_SLOW") != "1", reason="compiles every kernel for sm_90a (minutes): VLMFAST_SLOW=1")
+def test_kernels_compile_for_hopper_within_shared_memory():
+    """Without a GPU: the real (not interpreted) kernels with the launchers' tile configs compile
+    for sm_90a and fit an H100's 227 KB of shared memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
