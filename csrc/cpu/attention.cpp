@@ -435,17 +435,57 @@ VLMFAST_INLINE void pack_query_rows(const AttentionInput& t, const Plan& p, int6
   }
 }
 
-// dst (width, 64) = the transpose of `keys` rows of src (row stride `stride`), zero-padded.
-template <typename T>
-VLMFAST_INLINE void pack_transposed(const T* src, int64_t stride, int64_t keys, const Plan& p, float* dst) {
-  const int64_t E = p.s.head_dim;
-  for (int64_t j = 0; j < keys; ++j) {
-    const T* row = src + j * stride;
-    for (int64_t e = 0; e < E; ++e) dst[e * kKeyBlock + j] = to_float(row[e]);
+// One butterfly stage of a 16 x 16 transpose: rows i and i + S (bit S of i clear) swap their
+// off-diagonal S x S blocks. The four stages S = 8, 4, 2, 1 swap every bit of the row index with
+// the same bit of the lane index, i.e. transpose (64 two-source shuffles for 256 floats).
+template <int S>
+VLMFAST_INLINE void transpose_stage(v16 (&r)[kLanes], const v16i& lo, const v16i& hi) {
+  for (int i = 0; i < kLanes; ++i) {
+    if (i & S) continue;
+    const v16 a = r[i], b = r[i + S];
+    r[i] = __builtin_shuffle(a, b, lo);
+    r[i + S] = __builtin_shuffle(a, b, hi);
   }
-  for (int64_t e = 0; e < E; ++e)
-    for (int64_t j = keys; j < kKeyBlock; ++j) dst[e * kKeyBlock + j] = 0.0f;
-  std::fill(dst + E * kKeyBlock, dst + p.width * kKeyBlock, 0.0f);
+}
+
+VLMFAST_INLINE void transpose16(v16 (&r)[kLanes]) {
+  transpose_stage<8>(r, v16i{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                     v16i{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  transpose_stage<4>(r, v16i{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                     v16i{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+  transpose_stage<2>(r, v16i{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                     v16i{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+  transpose_stage<1>(r, v16i{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+                     v16i{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+}
+
+// `count` (<= 16) elements of src as floats, zero past count.
+template <typename T>
+VLMFAST_INLINE v16 load_converted(const T* src, int64_t count) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (count == kLanes) return load(src);
+  }
+  alignas(64) float tmp[kLanes];
+  for (int64_t i = 0; i < kLanes; ++i) tmp[i] = i < count ? to_float(src[i]) : 0.0f;
+  return load(tmp);
+}
+
+// dst (width, 64) = the transpose of `keys` rows of src (row stride `stride`), zero-padded;
+// 16 x 16 blocks transposed in registers.
+template <typename T>
+VLMFAST_INLINE void pack_transposed(const T* src, int64_t stride, int64_t keys, const Plan& p,
+                                    float* dst) {
+  const int64_t E = p.s.head_dim;
+  for (int64_t j0 = 0; j0 < kKeyBlock; j0 += kLanes) {
+    for (int64_t e0 = 0; e0 < p.width; e0 += kLanes) {
+      const int64_t count = std::min<int64_t>(kLanes, E - e0);
+      v16 r[kLanes];
+      for (int i = 0; i < kLanes; ++i)
+        r[i] = j0 + i < keys ? load_converted(src + (j0 + i) * stride + e0, count) : v16{};
+      transpose16(r);
+      for (int t = 0; t < kLanes; ++t) store(dst + (e0 + t) * kKeyBlock + j0, r[t]);
+    }
+  }
 }
 
 // Float rows of a multiple-of-16 head dim are used where they are, without packing.
