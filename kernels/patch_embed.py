@@ -15,6 +15,7 @@ import triton.language as tl
 
 from vlmfast.kernels._common import INTERPRETING, to_dtype_of
 from vlmfast.ops import _alloc
+from vlmfast.ops.patch_embed import channels_first
 
 
 @triton.jit
@@ -83,14 +84,10 @@ def _patch_gather_kernel(
 
 
 def _geometry(images: torch.Tensor, patch: int):
-    """(B, C, H, W) sizes and the (b, c, h, w) element strides of uint8 BHWC or float BCHW."""
-    if images.dtype == torch.uint8:
-        b, h, w, c = images.shape
-        sb, sh, sw, sc = images.stride()
-    else:
-        b, c, h, w = images.shape
-        sb, sc, sh, sw = images.stride()
-    return (b, c, h // patch, w // patch), (sb, sc, sh, sw)
+    """(B, C, H / p, W / p) and the (b, c, h, w) element strides of uint8 BHWC or float BCHW."""
+    view = channels_first(images)
+    b, c, h, w = view.shape
+    return (b, c, h // patch, w // patch), view.stride()
 
 
 def _gemm_blocks(device: torch.device) -> dict:

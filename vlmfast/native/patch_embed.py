@@ -8,23 +8,18 @@ import torch
 
 from vlmfast.native._common import DTYPE_TAGS, dtype_tag, launch_args, module_for
 from vlmfast.ops import _alloc
+from vlmfast.ops.patch_embed import channels_first
 
 IMAGE_UINT8_TAG = 3  # csrc/cpu/patch_embed.h: kImageUint8
 
 
 def _image_args(images: torch.Tensor, patch: int) -> dict:
     """image address, element-type tag, (B, C, H, W, p) and the (b, c, h, w) strides."""
-    if images.dtype == torch.uint8:
-        b, h, w, c = images.shape
-        sb, sh, sw, sc = images.stride()
-        tag = IMAGE_UINT8_TAG
-    else:
-        b, c, h, w = images.shape
-        sb, sc, sh, sw = images.stride()
-        tag = DTYPE_TAGS[images.dtype]
+    view = channels_first(images)
+    tag = IMAGE_UINT8_TAG if images.dtype == torch.uint8 else DTYPE_TAGS[images.dtype]
     return {
-        "image": images.data_ptr(), "image_dtype": tag, "sizes": (b, c, h, w, patch),
-        "image_strides": (sb, sc, sh, sw),
+        "image": images.data_ptr(), "image_dtype": tag, "sizes": (*view.shape, patch),
+        "image_strides": view.stride(),
     }
 
 

@@ -27,12 +27,15 @@ from vlmfast.ops import _checks, _dispatch, reference
 # ----------------------------------------------------------------------------- custom ops
 
 
+def channels_first(images: torch.Tensor) -> torch.Tensor:
+    """The logical (B, C, H, W) view of uint8 (B, H, W, C) or float (B, C, H, W) images, no copy:
+    kernels address the image through this view's strides, whatever the memory layout."""
+    return images.permute(0, 3, 1, 2) if images.dtype == torch.uint8 else images
+
+
 def _grid(images: torch.Tensor, patch: int) -> tuple[int, int, int, int]:
     """(B, C, H / p, W / p) of uint8 (B, H, W, C) or float (B, C, H, W) images."""
-    if images.dtype == torch.uint8:
-        b, h, w, c = images.shape
-    else:
-        b, c, h, w = images.shape
+    b, c, h, w = channels_first(images).shape
     return b, c, h // patch, w // patch
 
 
@@ -93,22 +96,22 @@ def patch_embed_fwd(
     backend = _dispatch.select("patch_embed", weight.device, weight.dtype)
     patch = weight.shape[-1]
     b, _, gh, gw = _grid(images, patch)
-    if images.numel() == 0 or weight.shape[0] == 0:
-        return _patch_gemm(reference.patch_gather(images, patch, scale, shift, weight.dtype), weight, bias, b, gh * gw)
-    if backend == "triton":
+    empty = images.numel() == 0 or weight.shape[0] == 0
+    if backend == "triton" and not empty:
         from vlmfast.kernels import patch_embed as triton_patch_embed
 
         return triton_patch_embed.forward(images, weight, bias, scale, shift)
-    if backend == "cpp":
+    if backend == "cpp" and not empty:
         from vlmfast.native import patch_embed as native_patch_embed
 
         return native_patch_embed.forward(images, weight, bias, scale, shift)
-    if backend == "cuda":
+    if backend == "cuda" and not empty:
         from vlmfast.native import patch_embed as native_patch_embed
 
         patches = native_patch_embed.gather(images, patch, scale, shift, weight.dtype)
-        return _patch_gemm(patches, weight, bias, b, gh * gw)
-    return _patch_gemm(reference.patch_gather(images, patch, scale, shift, weight.dtype), weight, bias, b, gh * gw)
+    else:
+        patches = reference.patch_gather(images, patch, scale, shift, weight.dtype)
+    return _patch_gemm(patches, weight, bias, b, gh * gw)
 
 
 def _patch_gemm(patches, weight, bias, batch: int, tokens: int) -> torch.Tensor:
