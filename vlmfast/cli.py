@@ -23,7 +23,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-images", type=int, default=None, help="size of the generated training set")
     p.add_argument("--test-images", type=int, default=None, help="held-out images for the evaluation")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="print only the final report (JSON)")
 
 
