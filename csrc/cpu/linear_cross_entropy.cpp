@@ -245,7 +245,11 @@ void run(const LinearCrossEntropyShape& s, const T* hidden, const T* weight, con
                                                  : kLogitBudget / (Vp * kUnit);
   const int64_t R = kUnit * std::clamp<int64_t>(blocks_wanted, 1, round_up(N, kUnit) / kUnit);
   const int64_t Np = round_up(N, R);
-  const int nthreads = resolve_threads(threads);
+  // Threads meet at four barriers per block; on a small problem (or a busy machine) waiting for a
+  // descheduled thread costs more than the work, so small problems run on one thread, and no
+  // thread is started without a share of the vocabulary.
+  const bool small = N * Dp * Vp < (int64_t(1) << 25);
+  const int nthreads = small ? 1 : static_cast<int>(std::min<int64_t>(resolve_threads(threads), Vp / kUnit));
 
   std::unique_ptr<float[]> Wf(new float[Vp * Dp]);
   std::unique_ptr<float[]> LT(new float[Vp * R]);

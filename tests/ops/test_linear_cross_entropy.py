@@ -17,7 +17,7 @@ from vlmfast.ops import reference
 # the interpreter, which is slow: it gets fewer rows.
 CASES = {
     "default": [(1, 16, 1), (7, 72, 97), (131, 16, 1000), (131, 72, 1000)],
-    "triton": [(1, 16, 1), (7, 72, 97), (19, 16, 1000), (17, 72, 197)],
+    "triton": [(1, 16, 1), (7, 72, 97), (19, 16, 300), (17, 72, 197)],
 }
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -158,10 +158,11 @@ def test_batched_hidden_and_tied_weight_module(backend):
 
 
 def test_cpp_several_row_blocks_and_threads():
-    """Rows in 96-row blocks, each thread owning a share of the vocabulary."""
+    """Rows in 96-row blocks, each thread owning a share of the vocabulary (the problem is big
+    enough for the kernel to start every thread torch allows)."""
     from vlmfast.native import linear_cross_entropy as native_lce
 
-    hidden, weight, labels, bias = _inputs(300, 72, 1000, bias=True, ignored=(7, 150))
+    hidden, weight, labels, bias = _inputs(300, 72, 2000, bias=True, ignored=(7, 150))
     scale = torch.rand(300) + 0.5
     loss_rows, lse, gh, gw, gb = native_lce.forward(hidden, weight, bias, labels, -100, 0.05, scale, block_rows=96)
     rows64, lse64 = reference.lce_rows(hidden.double(), weight.double(), bias.double(), labels, -100, 0.05)
