@@ -6,3 +6,6 @@ Each module adds its public names below (additive edits only: several people own
 # Near-duplicate removal (perceptual hashes, Hamming pair search).
 from vlmfast.data.dedup import DedupResult, dedup_folder, find_duplicate_pairs, find_duplicates  # noqa: E402
 from vlmfast.data.phash import phash, phash_many  # noqa: E402
+
+# The built-in data set: coloured shapes with captions (vlmfast demo trains on it).
+from vlmfast.data.synthetic import CLASSES, SyntheticShapes, caption_vocabulary  # noqa: E402
