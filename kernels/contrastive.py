@@ -25,10 +25,10 @@ from vlmfast.ops import _alloc
 
 
 @triton.jit
-def _mma(a, b, acc, PRECISION: tl.constexpr):
+def _mma(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     # a @ b + acc, fp32 accumulate. The interpreter's dot mis-multiplies bfloat16, so it gets the
     # operands in float32 (exact for 16-bit values: the same products as the tensor cores).
-    if INTERPRETING:
+    if INTERPRETED:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc, input_precision=PRECISION)
@@ -36,7 +36,7 @@ def _mma(a, b, acc, PRECISION: tl.constexpr):
 
 @triton.jit
 def _dot_tile(x_ptr, y_ptr, rows, cols, D, sx, sy, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
     # (BLOCK_M, BLOCK_N) fp32 dots x[rows] . y[cols]; rows/cols past B load as zeros.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
@@ -44,7 +44,7 @@ def _dot_tile(x_ptr, y_ptr, rows, cols, D, sx, sy, BLOCK_M: tl.constexpr, BLOCK_
         k_ok = k < D
         xt = tl.load(x_ptr + rows[:, None] * sx + k[None, :], mask=k_ok[None, :], other=0.0)
         yt = tl.load(y_ptr + cols[:, None] * sy + k[None, :], mask=k_ok[None, :], other=0.0)
-        acc = _mma(xt, tl.trans(yt), acc, PRECISION)
+        acc = _mma(xt, tl.trans(yt), acc, PRECISION, INTERPRETED)
     return acc
 
 
@@ -68,6 +68,7 @@ def _log1p_unit(e):
 def _row_lse_kernel(
     x_ptr, y_ptr, scale_ptr, lse_ptr, term_ptr, B, D, sx, sy,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     # Rows past B read row B - 1 (clamped) so their loads need no mask; they are not stored.
@@ -79,7 +80,7 @@ def _row_lse_kernel(
     for n0 in range(0, B, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         dots = _dot_tile(x_ptr, y_ptr, safe_rows, tl.minimum(cols, B - 1), D, sx, sy,
-                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, INTERPRETED)
         logits = tl.where((cols < B)[None, :], dots * scale, float("-inf"))
         diag += tl.sum(tl.where(rows[:, None] == cols[None, :], logits, 0.0), 1)
         # Online log-sum-exp: rescale the running sum to the new max.
@@ -96,6 +97,7 @@ def _row_lse_kernel(
 def _siglip_rows_kernel(
     x_ptr, y_ptr, scale_ptr, bias_ptr, out_ptr, B, D, sx, sy,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     safe_rows = tl.minimum(rows, B - 1)
@@ -105,7 +107,7 @@ def _siglip_rows_kernel(
     for n0 in range(0, B, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         dots = _dot_tile(x_ptr, y_ptr, safe_rows, tl.minimum(cols, B - 1), D, sx, sy,
-                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, INTERPRETED)
         logits = dots * scale + bias
         # -logsigmoid(y l) = softplus(-y l); y = +1 on the diagonal, -1 elsewhere.
         z = tl.where(rows[:, None] == cols[None, :], -logits, logits)
@@ -118,9 +120,9 @@ def _siglip_rows_kernel(
 def _row_grad_kernel(
     x_ptr, y_ptr, scale_ptr, bias_ptr, grad_ptr, lse_x_ptr, lse_y_ptr, dx_ptr, gdot_ptr, gsum_ptr,
     B, D, sx, sy, inv_norm,
-    SIGLIP: tl.constexpr, ROUND_BF16: tl.constexpr,
+    SIGLIP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     pid_m, pid_d = tl.program_id(0), tl.program_id(1)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -143,7 +145,7 @@ def _row_grad_kernel(
         col_ok = cols < B
         safe_cols = tl.minimum(cols, B - 1)
         dots = _dot_tile(x_ptr, y_ptr, safe_rows, safe_cols, D, sx, sy,
-                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                         BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, INTERPRETED)
         diagonal = rows[:, None] == cols[None, :]
         if SIGLIP:
             # d loss / d l_ij = (sigmoid(l_ij) - [i == j]) / B
@@ -161,13 +163,13 @@ def _row_grad_kernel(
         yd = tl.load(y_ptr + safe_cols[:, None] * sy + d_out[None, :], mask=d_ok[None, :], other=0.0)
         # G enters the MMA in the features' dtype (bf16/fp16 tensor cores on a GPU), rounded
         # to nearest (by hand under the interpreter, whose cast truncates).
-        if ROUND_BF16 and yd.dtype == tl.bfloat16:
+        if INTERPRETED and yd.dtype == tl.bfloat16:
             g_op = _round_to_bfloat16(g)
         else:
             g_op = g.to(yd.dtype)
-        acc = _mma(g_op, yd, acc, PRECISION)
+        acc = _mma(g_op, yd, acc, PRECISION, INTERPRETED)
     out = dx_ptr + rows[:, None] * D + d_out[None, :]
-    tl.store(out, to_dtype_of(acc * scale, dx_ptr, ROUND_BF16), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(out, to_dtype_of(acc * scale, dx_ptr, INTERPRETED), mask=row_ok[:, None] & d_ok[None, :])
     if pid_d == 0:
         tl.store(gdot_ptr + rows, gdot, mask=row_ok)
         tl.store(gsum_ptr + rows, gsum, mask=row_ok)
@@ -184,20 +186,25 @@ def _config(x: torch.Tensor) -> dict:
     if x.is_cuda:
         wide = x.dtype == torch.float32
         return dict(BLOCK_M=64 if wide else 128, BLOCK_N=64 if wide else 128, BLOCK_K=32 if wide else 64,
-                    PRECISION=precision, num_warps=8, num_stages=2 if wide else 3)
+                    PRECISION=precision, INTERPRETED=False, num_warps=8, num_stages=2 if wide else 3)
     return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=max(16, min(64, triton.next_power_of_2(D))),
-                PRECISION=precision)
+                PRECISION=precision, INTERPRETED=INTERPRETING)
 
 
 def _grad_config(x: torch.Tensor) -> dict:
-    """The backward holds a (BLOCK_M, BLOCK_DO) fp32 accumulator: BLOCK_DO covers D up to 512 in
-    one program on a GPU (no recomputation of the logits per feature chunk), 64 x 512 fp32 over 8 warps."""
+    """The backward holds a (BLOCK_M, BLOCK_DO) fp32 accumulator next to the logit tile. On a GPU
+    the sizes are the largest that compile for sm_90 without register spills (checked with
+    cuobjdump -res-usage on the cubins, no GPU needed): bf16/fp16 64 x 32 tiles with 256 feature
+    columns per program (D = 512: two programs per row block, each recomputing the logits),
+    fp32 32 x 32 tiles with 256."""
     config = _config(x)
     D = x.shape[1]
     if x.is_cuda:
-        config.update(BLOCK_M=64, BLOCK_N=64, BLOCK_DO=min(512, triton.next_power_of_2(D)))
+        block_do = min(256, max(16, triton.next_power_of_2(D)))
         if x.dtype == torch.float32:
-            config.update(BLOCK_M=32, BLOCK_N=32, BLOCK_DO=min(256, triton.next_power_of_2(D)))
+            config.update(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_DO=block_do, num_stages=2)
+        else:
+            config.update(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_DO=block_do, num_stages=2)
     else:
         config.update(BLOCK_DO=max(16, min(64, triton.next_power_of_2(D))))
     return config
@@ -253,7 +260,7 @@ def _row_grad(x, y, scale, bias, grad, lse_x, lse_y, siglip: bool):
     grid = (triton.cdiv(B, config["BLOCK_M"]), triton.cdiv(D, config["BLOCK_DO"]))
     _row_grad_kernel[grid](
         x, y, scale, bias, grad, lse_x, lse_y, dx, gdot, gsum, B, D, x.stride(0), y.stride(0),
-        1.0 / B if siglip else 0.5 / B, SIGLIP=siglip, ROUND_BF16=INTERPRETING, **config,
+        1.0 / B if siglip else 0.5 / B, SIGLIP=siglip, **config,
     )
     return dx, gdot, gsum
 

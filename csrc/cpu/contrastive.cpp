@@ -60,6 +60,8 @@ VLMFAST_INLINE v16f vload(const float* p) {
   return v;
 }
 VLMFAST_INLINE void vstore(float* p, v16f v) { __builtin_memcpy(p, &v, sizeof v); }
+// For constants only: with a run-time x, GCC keeps the 0 + x (IEEE: -0 + 0 is +0) before the
+// broadcast. The micro-kernels multiply `vector * scalar` instead, which is one vbroadcastss.
 VLMFAST_INLINE v16f splat(float x) { return v16f{} + x; }
 VLMFAST_INLINE v16f vmax(v16f x, v16f y) { return x > y ? x : y; }
 VLMFAST_INLINE v16f vabs(v16f x) { return x < 0.0f ? -x : x; }
@@ -244,9 +246,9 @@ VLMFAST_INLINE void dot_block(const float* a, int64_t lda, const float* panel, i
     const v16f b0 = vload(panel + k * kNR), b1 = vload(panel + k * kNR + 16);
 #pragma GCC unroll 6
     for (int r = 0; r < kMR; ++r) {
-      const v16f x = splat(a[r * lda + k]);
-      acc[r][0] += x * b0;
-      acc[r][1] += x * b1;
+      const float x = a[r * lda + k];
+      acc[r][0] += b0 * x;
+      acc[r][1] += b1 * x;
     }
   }
 #pragma GCC unroll 6
@@ -285,8 +287,8 @@ VLMFAST_INLINE void gemm_block(const float* G, int64_t g_row, int64_t g_col, int
     for (int v = 0; v < NV; ++v) xv[v] = vload(x + m * ldx + 16 * v);
 #pragma GCC unroll 6
     for (int r = 0; r < kMR; ++r) {
-      const v16f g = splat(G[r * g_row + m * g_col]);
-      for (int v = 0; v < NV; ++v) acc[r][v] += g * xv[v];
+      const float g = G[r * g_row + m * g_col];
+      for (int v = 0; v < NV; ++v) acc[r][v] += xv[v] * g;
     }
   }
 #pragma GCC unroll 6
