@@ -317,6 +317,25 @@ def test_three_dim_inputs_and_strided_views(backend):
     assert_close(out, expected)
 
 
+@pytest.mark.parametrize("length, keys", [(0, 5), (4, 0), (0, 0)])
+def test_empty_queries_or_keys(backend, length, keys):
+    """No queries: an empty result; no keys: every row has nothing to attend, so zeros."""
+    q = _randn(2, 2, length, 32, device=backend.device).requires_grad_()
+    k, v = (_randn(2, 2, keys, 32, device=backend.device).requires_grad_() for _ in range(2))
+    out = ops.scaled_dot_product_attention(q, k, v)
+    assert out.shape == q.shape and (out == 0).all()
+    out.sum().backward()
+    assert (q.grad == 0).all() and k.grad.shape == k.shape
+
+
+def test_five_dim_inputs(backend):
+    q, k, v = (_randn(2, 3, 4, 9, 32, device=backend.device) for _ in range(3))
+    mask = torch.rand(3, 1, 9, 9, device=backend.device) > 0.3
+    mask[..., 0] = True
+    out = ops.scaled_dot_product_attention(q, k, v, mask)
+    assert_close(out, reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), mask))
+
+
 def test_dropout_and_other_value_dims_go_to_torch():
     q, k, v = torch.randn(1, 2, 9, 32), torch.randn(1, 2, 9, 32), torch.randn(1, 2, 9, 32)
     torch.manual_seed(0)

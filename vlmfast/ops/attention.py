@@ -317,7 +317,7 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
         t = t.contiguous()
     if t.dim() == 3:
         return t.unsqueeze(0)
-    return t.reshape(-1, *t.shape[-3:])
+    return t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:])
 
 
 # ----------------------------------------------------------------------------- public functions
