@@ -2,6 +2,8 @@
 written in place and agrees with a full forward, a left-padded batch equals each row alone,
 streaming sees every token, stop tokens stop rows, a reused cache gives the same output."""
 
+import os
+
 import pytest
 import torch
 
@@ -54,6 +56,22 @@ def test_static_shape_decode_equals_the_sliced_one(model):
         a = model.decode_step(dynamic[:, L], p0 + 1, caches[0])
         b = model.decode_step_static(dynamic[:, L], p1 + 1, slot, caches[1])
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(os.environ.get("VLMFAST_SLOW") != "1", reason="compiles for ~40 s; VLMFAST_SLOW=1")
+def test_static_decode_step_compiles_fullgraph(model):
+    """The CUDA-graph hook's function traces as one graph (no breaks) and gives the same logits."""
+    ids, mask, pixels, pixel_mask = build_batch(ROWS, seed=8)
+    B, L = ids.shape
+    slot = torch.tensor([L])
+    step = torch.compile(model.decode_step_static, fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        outs = []
+        for fn in (step, model.decode_step_static):
+            cache = model.new_cache(B, L + 4)
+            logits, pos = model.prefill(ids, pixels, pixel_mask, mask.bool(), cache)
+            outs.append(fn(logits.argmax(-1), pos + 1, slot, cache))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
 def test_left_padded_batch_equals_each_row_alone(model):
