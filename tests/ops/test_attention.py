@@ -351,6 +351,9 @@ def test_float64_runs_the_reference():
     out = ops.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    bias = torch.randn(9, 9, dtype=torch.float64)  # kept in float64: float32 would be 1e-8 off
+    torch.testing.assert_close(ops.scaled_dot_product_attention(q, k, v, bias),
+                               F.scaled_dot_product_attention(q, k, v, bias), rtol=1e-12, atol=1e-12)
 
 
 def test_float_mask_that_requires_grad_gets_it():

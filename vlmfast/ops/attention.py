@@ -285,9 +285,10 @@ def _check_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def _mask_to_bias(attn_mask, target: tuple, device) -> torch.Tensor:
+def _mask_to_bias(attn_mask, target: tuple, device, dtype: torch.dtype) -> torch.Tensor:
     """attn_mask (bool: True takes part; float: added) broadcastable to target = (..., L, S) as a
-    float32 additive bias expanded (stride 0 where broadcast) to target."""
+    float32 additive bias expanded (stride 0 where broadcast) to target (float64 for float64
+    queries, which run the reference)."""
     _checks.tensor("attn_mask", attn_mask)
     if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
         raise TypeError(f"attn_mask: expected a bool or floating tensor, got {attn_mask.dtype}")
@@ -304,10 +305,10 @@ def _mask_to_bias(attn_mask, target: tuple, device) -> torch.Tensor:
         )
     if attn_mask.dtype == torch.bool:
         # Converted at the mask's own size (a key-padding mask stays (B, 1, 1, S)), then expanded.
-        bias = torch.zeros(attn_mask.shape, dtype=torch.float32, device=device)
+        bias = torch.zeros(attn_mask.shape, dtype=dtype, device=device)
         bias = bias.masked_fill(~attn_mask, float("-inf"))
     else:
-        bias = attn_mask.to(torch.float32)
+        bias = attn_mask.to(dtype)
     return bias.expand(target)
 
 
@@ -381,7 +382,8 @@ def scaled_dot_product_attention(
         raise ValueError(f"dropout_p: expected a probability in [0, 1], got {dropout_p!r}")
     target = (*query.shape[:-2], length, keys)
     if attn_mask is not None:
-        bias = _mask_to_bias(attn_mask, target, query.device)
+        bias_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+        bias = _mask_to_bias(attn_mask, target, query.device, bias_dtype)
     if rotary is not None:
         _check_rotary(rotary, length, head_dim, query.device, "L")
         if keys != length:
