@@ -293,10 +293,11 @@ def test_decode_uses_split_kv(backend):
     from vlmfast.kernels import attention as triton_attention
 
     g = torch.Generator().manual_seed(11)
+    keys = 2 * triton_attention._decode_block_n(64) + 3  # two key blocks and a partial one
     q = _randn(2, 8, 2, 64, device=backend.device, generator=g)
-    k, v = (_randn(2, 2, 67, 64, device=backend.device, generator=g) for _ in range(2))
+    k, v = (_randn(2, 2, keys, 64, device=backend.device, generator=g) for _ in range(2))
     assert triton_attention.use_decode(q, k, rotary=None)
-    mask = _mask("key_padding", 2, 8, 2, 67, g).to(backend.device)
+    mask = _mask("key_padding", 2, 8, 2, keys, g).to(backend.device)
     grad = _randn(2, 8, 2, 64, device=backend.device, generator=g)
     _compare_with_reference(q, k, v, grad, mask, enable_gqa=True)
 
