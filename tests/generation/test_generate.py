@@ -157,3 +157,14 @@ def test_bad_generation_options(model):
         model.generate(ids, max_new_tokens=2, do_sample=True, temperature=-1.0)
     with pytest.raises(ValueError, match="max_len: expected a positive int"):
         StaticKVCache(2, 1, 2, 0, 16)
+
+
+def test_padding_inferred_as_transformers_does():
+    from vlmfast.generation.generate import infer_padding
+
+    ids = torch.tensor([[0, 0, 5, 6], [4, 5, 6, 7]])
+    stops = torch.tensor([2])
+    assert infer_padding(ids, None, stops).all()  # no pad id: nothing is padding
+    assert infer_padding(ids, 2, torch.tensor([2])).all()  # pad id is a stop token
+    assert infer_padding(ids, 9, stops).all()  # pad id absent from the prompt
+    assert torch.equal(infer_padding(ids, 0, stops), ids != 0)

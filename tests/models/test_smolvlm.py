@@ -238,6 +238,12 @@ def test_generate_defaults_follow_the_checkpoint(tiny):
         expected = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels[:, :1],
                                pixel_attention_mask=pixel_mask[:, :1], do_sample=False, max_new_tokens=5)
     assert torch.equal(model.generate(ids, pixels[:, :1], pixel_mask[:, :1], mask, max_new_tokens=5), expected)
+    # no attention_mask: padding inferred from the pad id (row 1 is left-padded with PAD = 0)
+    assert (ids[1] == PAD).any()
+    with torch.no_grad():
+        expected = hf.generate(input_ids=ids, pixel_values=pixels[:, :1], pixel_attention_mask=pixel_mask[:, :1],
+                               do_sample=False, max_new_tokens=5)
+    assert torch.equal(model.generate(ids, pixels[:, :1], pixel_mask[:, :1], max_new_tokens=5), expected)
 
 
 def test_auto_dtype_loads_in_the_preferred_dtype(tiny):

@@ -29,6 +29,18 @@ def _emit(streamer, tokens: torch.Tensor) -> None:
         streamer(tokens)
 
 
+def infer_padding(input_ids: torch.Tensor, pad_token_id: int | None, stops: torch.Tensor | None) -> torch.Tensor:
+    """No attention_mask given: transformers' rule. Tokens equal to the pad id are padding when
+    the prompt holds one and the pad id is not a stop token; otherwise nothing is padding.
+    Returns bool (B, L), True on real tokens."""
+    if pad_token_id is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    is_pad = input_ids == pad_token_id
+    if not bool(is_pad.any()) or (stops is not None and bool((stops == pad_token_id).any())):
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    return ~is_pad
+
+
 def _static_step(model, device) -> Callable:
     """model.decode_step_static behind decode_step's signature; the slot lives in one buffer."""
     slot = torch.zeros(1, dtype=torch.long, device=device)
@@ -53,7 +65,8 @@ def generate(model, input_ids, pixel_values=None, pixel_attention_mask=None, att
     Arguments:
         model: a SmolVLM (anything with check_inputs / new_cache / prefill / decode_step).
         input_ids: int (B, L), left-padded; pixel_values, pixel_attention_mask: as model.forward.
-        attention_mask: (B, L), 0 on the left padding; None: no padding.
+        attention_mask: (B, L), 0 on the left padding; None: tokens equal to pad_token_id are
+            padding if the prompt holds any and it is not a stop token (transformers' rule).
         max_new_tokens: tokens to add at most.
         do_sample, temperature, top_p, generator: sampling (greedy when do_sample is False).
         eos_token_id: an id or a list of ids that stop a row; None: the decoder config's eos
@@ -79,11 +92,15 @@ def generate(model, input_ids, pixel_values=None, pixel_attention_mask=None, att
         eos_token_id = None
     stops = stop_token_tensor(eos_token_id, input_ids.device)
     if pad_token_id is None:
-        pad_token_id = text.pad_token_id if text.pad_token_id is not None else (
-            int(stops[0]) if stops is not None else 0)
+        pad_token_id = text.pad_token_id
+    if attention_mask is not None:
+        mask = attention_mask.to(torch.bool)
+    else:
+        mask = infer_padding(input_ids, pad_token_id, stops)
+    if pad_token_id is None:  # transformers' fallback: stopped rows receive the first stop id
+        pad_token_id = int(stops[0]) if stops is not None else 0
 
     B, L = input_ids.shape
-    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(torch.bool)
     if cache is None:
         cache = model.new_cache(B, L + max_new_tokens)
     else:
