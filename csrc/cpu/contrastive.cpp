@@ -20,7 +20,7 @@
 // once at the end. The backward makes one pass too: per tile it recomputes the dots, forms G, and
 // does two GEMM-like updates, d a[I] += G b[J] (rows owned by the thread) and d b[J] += G^T a[I]
 // (into a per-thread partial of d b, summed at the end). Every product runs through one register
-// block: kMR output rows x 32 columns (two 16-float vectors), 12 vector accumulators, one
+// block: kMR = 8 output rows x 32 columns (two 16-float vectors), 16 vector accumulators, one
 // broadcast and two FMAs per loaded pair. Features are copied to float32 first (any input dtype),
 // padded with zeros to whole tiles; text features are also packed column panel by column panel for
 // the dot products.
@@ -43,7 +43,7 @@
 namespace vlmfast::cpu {
 namespace {
 
-constexpr int64_t kMR = 6;     // output rows of a register block
+constexpr int64_t kMR = 8;     // output rows of a register block (8 beat 6 and 12 here)
 constexpr int64_t kNR = 32;    // output columns of a register block: two 16-float vectors
 constexpr int64_t kTile = 96;  // rows = columns of a cache tile; a multiple of kMR and kNR
 constexpr int64_t kKC = 256;   // depth of one sweep over a packed panel: kKC x kNR floats = 32 KiB (L1)
@@ -237,21 +237,21 @@ int useful_threads(int threads, int64_t B) {
 VLMFAST_INLINE void dot_block(const float* a, int64_t lda, const float* panel, int64_t k0,
                               int64_t k1, float* s, bool accumulate) {
   v16f acc[kMR][2];
-#pragma GCC unroll 6
+#pragma GCC unroll 8
   for (int r = 0; r < kMR; ++r) {
     acc[r][0] = accumulate ? vload(s + r * kTile) : splat(0.0f);
     acc[r][1] = accumulate ? vload(s + r * kTile + 16) : splat(0.0f);
   }
   for (int64_t k = k0; k < k1; ++k) {
     const v16f b0 = vload(panel + k * kNR), b1 = vload(panel + k * kNR + 16);
-#pragma GCC unroll 6
+#pragma GCC unroll 8
     for (int r = 0; r < kMR; ++r) {
       const float x = a[r * lda + k];
       acc[r][0] += b0 * x;
       acc[r][1] += b1 * x;
     }
   }
-#pragma GCC unroll 6
+#pragma GCC unroll 8
   for (int r = 0; r < kMR; ++r) {
     vstore(s + r * kTile, acc[r][0]);
     vstore(s + r * kTile + 16, acc[r][1]);
@@ -279,19 +279,19 @@ template <int NV>
 VLMFAST_INLINE void gemm_block(const float* G, int64_t g_row, int64_t g_col, int64_t n,
                                const float* x, int64_t ldx, float* out, int64_t ldo) {
   v16f acc[kMR][NV];
-#pragma GCC unroll 6
+#pragma GCC unroll 8
   for (int r = 0; r < kMR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = vload(out + r * ldo + 16 * v);
   for (int64_t m = 0; m < n; ++m) {
     v16f xv[NV];
     for (int v = 0; v < NV; ++v) xv[v] = vload(x + m * ldx + 16 * v);
-#pragma GCC unroll 6
+#pragma GCC unroll 8
     for (int r = 0; r < kMR; ++r) {
       const float g = G[r * g_row + m * g_col];
       for (int v = 0; v < NV; ++v) acc[r][v] += xv[v] * g;
     }
   }
-#pragma GCC unroll 6
+#pragma GCC unroll 8
   for (int r = 0; r < kMR; ++r)
     for (int v = 0; v < NV; ++v) vstore(out + r * ldo + 16 * v, acc[r][v]);
 }
