@@ -140,6 +140,46 @@ def test_scale_of_shape_one_gets_a_gradient_of_its_shape(backend, name):
         assert_close(arg.grad, arg64.grad, name="d scalar")
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("name", ["infonce", "siglip"])
+def test_strided_features(backend, name, normalize):
+    # The kernels see views: rows of a wider buffer (row stride 2D) and every other column
+    # (feature stride 2, copied by the launcher); gradients flow back into the buffers.
+    B, D = _case(backend, 3)
+    img, txt, scale, bias = _inputs(B, 2 * D, scale=1.0, bias=-1.0)
+    img, txt = img / math.sqrt(2 * D), txt / math.sqrt(2 * D)
+    views = lambda i, t: (i[:, :D], t[:, ::2])
+    assert views(img, txt)[0].stride() == (2 * D, 1)
+    args = lambda *rest: rest[:1] if name == "infonce" else rest
+
+    def fused(i, t, *rest):
+        return FUSED[name](*views(i, t), *rest, normalize=normalize)
+
+    def oracle(i, t, *rest):
+        return ORACLES[name](*views(i, t), *rest, normalize=normalize)
+
+    leaves = [x.clone().requires_grad_() for x in (img, txt, scale, bias)]
+    loss = fused(*leaves[:2], *args(*leaves[2:]))
+    grads = torch.autograd.grad(loss, leaves[:2] + list(args(*leaves[2:])))
+    leaves64 = [x.double().requires_grad_() for x in (img, txt, scale, bias)]
+    loss64 = oracle(*leaves64[:2], *args(*leaves64[2:]))
+    grads64 = torch.autograd.grad(loss64, leaves64[:2] + list(args(*leaves64[2:])))
+    assert_close(loss.detach(), loss64.detach(), name="loss")
+    for grad, grad64 in zip(grads, grads64):
+        assert_close(grad, grad64, name="grad")
+
+
+@pytest.mark.parametrize("name", ["infonce", "siglip"])
+def test_float64_runs_the_reference(name):
+    img, txt, scale, bias = (t.double() for t in _inputs(13, 9))
+    loss, grads = _loss_and_grads(FUSED[name], name, img, txt, scale, bias)
+    expected, expected_grads = _loss_and_grads(ORACLES[name], name, img, txt, scale, bias)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
 def test_large_feature_dim(backend):
     B, D = (9, 2048) if backend.name == "triton" else (100, 2048)
     _check("infonce", *_inputs(B, D))
