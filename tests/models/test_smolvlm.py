@@ -143,8 +143,10 @@ def test_processed_images_match_transformers(pair):
     split = SmolVLMImageProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
     whole = SmolVLMImageProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
                                   do_image_splitting=False)
-    tiled = split([[image(50, 70)], [image(64, 30)], [image(20, 64), image(33, 33)]])
-    single = whole([[image(40, 21)]])
+    images = [[image(50, 70)], [image(64, 30)], [image(20, 64), image(33, 33)]]
+    tiled, tiled_u8 = split(images), split(images, output="uint8")
+    narrow = [[image(40, 21)]]
+    single, single_u8 = whole(narrow), whole(narrow, output="uint8")
     frames = [2 * 2 + 1, 2 * 1 + 1, (1 * 2 + 1) + (2 * 2 + 1), 1]
     count = max(frames)
     pixels = torch.zeros(4, count, 3, IMAGE_SIZE, IMAGE_SIZE)
@@ -159,6 +161,13 @@ def test_processed_images_match_transformers(pair):
         actual = ours(ids, pixels, pixel_mask, mask)
     valid = mask.bool()
     assert_close(actual[valid], expected[valid], name="logits")
+    # the same images as decoded uint8 (B, N, H, W, C): normalised inside the patch embedding
+    decoded = torch.zeros(4, count, IMAGE_SIZE, IMAGE_SIZE, 3, dtype=torch.uint8)
+    decoded[:3, : tiled_u8.pixel_values.shape[1]] = tiled_u8.pixel_values
+    decoded[3, :1] = single_u8.pixel_values[0]
+    with torch.no_grad():
+        from_uint8 = ours(ids, decoded, pixel_mask, mask)
+    assert_close(from_uint8[valid], expected[valid], name="logits from uint8 images")
     with torch.no_grad():
         generated = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, pixel_attention_mask=pixel_mask,
                                 do_sample=False, max_new_tokens=6, eos_token_id=None, pad_token_id=PAD)
@@ -312,6 +321,16 @@ def test_packed_cpu_weights(dtype):
         assert model(ids, pixels.double(), pixel_mask, mask).dtype == torch.float64
 
 
+def test_image_normalization_from_the_checkpoint(tiny, tmp_path):
+    _, path, _ = tiny
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).symlink_to(path / name)
+    assert SmolVLM.from_pretrained(tmp_path).image_normalization == ((0.5,) * 3, (0.5,) * 3)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.4, 0.5, 0.6],
+                                                                 "image_std": [0.2, 0.3, 0.25]}))
+    assert SmolVLM.from_pretrained(tmp_path).image_normalization == ((0.4, 0.5, 0.6), (0.2, 0.3, 0.25))
+
+
 def test_image_token_count_mismatch(tiny):
     model, *_ = tiny
     ids, mask, pixels, pixel_mask = build_batch([(1, 2, 2, None), (5, 2, 2, None)])
@@ -354,6 +373,8 @@ def test_unknown_checkpoint_layout(tiny, tmp_path):
     ("ids_float", "input_ids: expected an integer tensor"),
     ("pixels_rank", r"pixel_values: expected \(B, N, C, H, W\) = \(2, N, 3, H, W\), got \(2, 3, 32, 32\)"),
     ("pixels_patch", "pixel_values: expected H and W multiples of patch_size=8, got 30 x 32"),
+    ("pixels_uint8_layout", r"pixel_values: expected uint8 \(B, N, H, W, C\) = \(2, N, H, W, 3\), got \(2, 1, 3, 32, 32\)"),
+    ("pixels_not_square", r"pixel_values: expected square tiles \(H == W\) of a multiple of patch_size \* scale_factor = 16"),
     ("pixel_mask", r"pixel_attention_mask: expected \(B, N, H, W\) = \(2, 1, 32, 32\), got \(2, 32, 32\)"),
     ("attention_mask", r"attention_mask: expected \(B, L\) = \(2, 10\), got \(2, 9\)"),
     ("labels", r"labels: expected the shape of input_ids \(2, 10\), got \(2, 9\)"),
@@ -370,6 +391,10 @@ def test_bad_input_names_the_argument(tiny, case, match):
             model(ids, pixels[:, 0])
         elif case == "pixels_patch":
             model(ids, pixels[..., :30, :])
+        elif case == "pixels_uint8_layout":
+            model(ids, pixels.to(torch.uint8))
+        elif case == "pixels_not_square":
+            model(ids, pixels[..., :16, :])
         elif case == "pixel_mask":
             model(ids, pixels, pixel_mask[:, 0])
         elif case == "attention_mask":

@@ -4,7 +4,10 @@
 Shapes (as transformers' SmolVLMForConditionalGeneration takes them):
   input_ids             int (B, L), image_seq_len image tokens per image, in image order
   pixel_values          float (B, N, C, H, W), N images per row (tiles + global image), rows
-                        with fewer padded with all-zero images (dropped, as transformers does)
+                        with fewer padded with all-zero images (dropped, as transformers does);
+                        or uint8 (B, N, H, W, C) as decoded (the image processor's
+                        output="uint8"): normalised inside the patch embedding with
+                        model.image_normalization, padding images told by an all-0 pixel mask
   pixel_attention_mask  (B, N, H, W), nonzero on real pixels (None: all real)
   attention_mask        (B, L), 0 on (left) padding (None: no padding)
 """
@@ -78,6 +81,18 @@ def read_generation_defaults(path) -> dict:
     return {k: values[k] for k in ("eos_token_id", "pad_token_id") if values.get(k) is not None}
 
 
+def read_image_normalization(path, default):
+    """(image_mean, image_std) of a checkpoint's preprocessor_config.json, else `default`.
+    Only uint8 pixel_values use it (float ones arrive normalised)."""
+    file = Path(path) / "preprocessor_config.json"
+    if not file.is_file():
+        return default
+    values = json.loads(file.read_text())
+    if values.get("image_mean") is None or values.get("image_std") is None:
+        return default
+    return tuple(float(m) for m in values["image_mean"]), tuple(float(s) for s in values["image_std"])
+
+
 def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """bool (B, L) key validity -> bool (B, 1, L, L): causal and valid keys only. A padding
     query (which no valid key precedes) also attends itself, so that no row is empty: its
@@ -96,6 +111,8 @@ class SmolVLM(nn.Module):
         text = config.text_config
         self.generation_defaults = {}  # eos / pad ids of the checkpoint's generation_config.json
         self.auto_pack = True  # generate() packs bf16 CPU weights on first use (pack_weights)
+        # (mean, std) for uint8 pixel_values: the checkpoint's preprocessor_config.json, else SmolVLM's
+        self.image_normalization = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         self.lm_head = None
         if not config.tied:
             self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False, device=device, dtype=dtype)
@@ -117,6 +134,7 @@ class SmolVLM(nn.Module):
             state.pop("lm_head.weight", None)  # the embeddings are the head
         checkpoint.load_state(model, state, device=device, dtype=dtype)
         model.generation_defaults = read_generation_defaults(path)
+        model.image_normalization = read_image_normalization(path, model.image_normalization)
         return model.eval()
 
     @property
@@ -175,15 +193,23 @@ class SmolVLM(nn.Module):
             if pixel_attention_mask is not None:
                 raise ValueError("pixel_attention_mask: given without pixel_values")
             return
-        _checks.floating("pixel_values", pixel_values)
         vis = self.config.vision_config
         p = vis.patch_size
-        if pixel_values.dim() != 5 or pixel_values.shape[0] != B or pixel_values.shape[2] != vis.num_channels:
-            raise ValueError(
-                f"pixel_values: expected (B, N, C, H, W) = ({B}, N, {vis.num_channels}, H, W), "
-                f"got {_checks.shape_of(pixel_values)}"
-            )
-        H, W = pixel_values.shape[-2:]
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.dtype == torch.uint8:
+            if pixel_values.dim() != 5 or pixel_values.shape[0] != B or pixel_values.shape[4] != vis.num_channels:
+                raise ValueError(
+                    f"pixel_values: expected uint8 (B, N, H, W, C) = ({B}, N, H, W, {vis.num_channels}), "
+                    f"got {_checks.shape_of(pixel_values)}"
+                )
+            H, W = pixel_values.shape[2:4]
+        else:
+            _checks.floating("pixel_values", pixel_values)
+            if pixel_values.dim() != 5 or pixel_values.shape[0] != B or pixel_values.shape[2] != vis.num_channels:
+                raise ValueError(
+                    f"pixel_values: expected (B, N, C, H, W) = ({B}, N, {vis.num_channels}, H, W), "
+                    f"got {_checks.shape_of(pixel_values)}"
+                )
+            H, W = pixel_values.shape[-2:]
         if H % p or W % p:
             raise ValueError(f"pixel_values: expected H and W multiples of patch_size={p}, got {H} x {W}")
         side = H // p
@@ -210,20 +236,27 @@ class SmolVLM(nn.Module):
         An image whose pixels are all 0 is padding (transformers' rule) and is skipped.
         """
         B, N = pixel_values.shape[:2]
+        decoded = pixel_values.dtype == torch.uint8
         tiles = pixel_values.reshape(B * N, *pixel_values.shape[2:])
-        real = (tiles != 0).flatten(1).any(dim=1)
+        pixel_mask = None
+        if pixel_attention_mask is not None:
+            pixel_mask = pixel_attention_mask.reshape(B * N, *pixel_attention_mask.shape[2:])
+        if decoded:  # a black uint8 image is all 0 too: padding is what the pixel mask leaves out
+            real = torch.ones(B * N, dtype=torch.bool, device=tiles.device) if pixel_mask is None \
+                else pixel_mask.flatten(1).any(dim=1)
+        else:
+            real = (tiles != 0).flatten(1).any(dim=1)
         images_per_row = real.view(B, N).sum(dim=1).cpu()
         if not bool(real.any()):
             return None, images_per_row
-        tiles = tiles[real].to(self.dtype)
+        tiles = tiles[real] if decoded else tiles[real].to(self.dtype)
         p = self.config.vision_config.patch_size
-        if pixel_attention_mask is None:
-            patch_mask = torch.ones(tiles.shape[0], tiles.shape[2] // p, tiles.shape[3] // p,
-                                    dtype=torch.bool, device=tiles.device)
+        H, W = (tiles.shape[1], tiles.shape[2]) if decoded else (tiles.shape[2], tiles.shape[3])
+        if pixel_mask is None:
+            patch_mask = torch.ones(tiles.shape[0], H // p, W // p, dtype=torch.bool, device=tiles.device)
         else:
-            pixel_mask = pixel_attention_mask.reshape(B * N, *pixel_attention_mask.shape[2:])[real]
-            patch_mask = patch_mask_from_pixels(pixel_mask, p)
-        hidden = self.model.vision_model(tiles, patch_mask)
+            patch_mask = patch_mask_from_pixels(pixel_mask[real], p)
+        hidden = self.model.vision_model(tiles, patch_mask, self.image_normalization)
         return self.model.connector(hidden), images_per_row
 
     def embed(self, input_ids, pixel_values=None, pixel_attention_mask=None) -> torch.Tensor:
@@ -233,7 +266,8 @@ class SmolVLM(nn.Module):
         tokens_per_row = is_image.sum(dim=1).cpu()
         seq = self.config.image_seq_len
         if pixel_values is not None:  # tiles smaller than image_size give fewer tokens
-            seq = (pixel_values.shape[-1] // self.config.vision_config.patch_size // self.config.scale_factor) ** 2
+            width = pixel_values.shape[3] if pixel_values.dtype == torch.uint8 else pixel_values.shape[-1]
+            seq = (width // self.config.vision_config.patch_size // self.config.scale_factor) ** 2
         if pixel_values is None:
             images_per_row, features = torch.zeros_like(tokens_per_row), None
         else:

@@ -46,15 +46,22 @@ class VisionEmbeddings(nn.Module):
         )
         self.position_embedding = nn.Embedding(cfg.patches_per_side**2, cfg.hidden_size, device=device, dtype=dtype)
 
-    def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
-        """pixel_values (N, C, H, W) normalised; patch_mask bool (N, H/p, W/p). Returns (N, H/p * W/p, D)."""
+    def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor, normalization=None) -> torch.Tensor:
+        """pixel_values float (N, C, H, W) normalised, or uint8 (N, H, W, C) as decoded with
+        normalization = (mean, std) applied inside the patch embedding (after the 1/255);
+        patch_mask bool (N, H/p, W/p). Returns (N, H/p * W/p, D)."""
         conv = self.patch_embedding
-        x = _ops.patch_embed(pixel_values.to(conv.weight.dtype), conv.weight, conv.bias)
+        if pixel_values.dtype == torch.uint8:
+            mean, std = normalization
+            x = _ops.patch_embed(pixel_values, conv.weight, conv.bias, mean=mean, std=std)
+        else:
+            x = _ops.patch_embed(pixel_values.to(conv.weight.dtype), conv.weight, conv.bias)
         return x + self.position_embedding(bucketised_position_ids(patch_mask, self.patches_per_side))
 
 
 class VisionTransformer(nn.Module):
-    """(N, C, H, W) tiles + bool (N, H/p, W/p) patch masks -> (N, H/p * W/p, D) features."""
+    """(N, C, H, W) float tiles (or uint8 (N, H, W, C) + normalization) + bool (N, H/p, W/p)
+    patch masks -> (N, H/p * W/p, D) features."""
 
     def __init__(self, cfg: SmolVLMVisionConfig, *, device=None, dtype=None):
         super().__init__()
@@ -63,8 +70,8 @@ class VisionTransformer(nn.Module):
         self.encoder = Encoder(cfg, device=device, dtype=dtype)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, device=device, dtype=dtype)
 
-    def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
-        x = self.embeddings(pixel_values, patch_mask)
+    def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor, normalization=None) -> torch.Tensor:
+        x = self.embeddings(pixel_values, patch_mask, normalization)
         keys = patch_mask.reshape(patch_mask.shape[0], 1, 1, -1)
         # a tile without padding needs no mask: the unmasked kernel path is the fast one
         mask = None if bool(keys.all()) else keys
