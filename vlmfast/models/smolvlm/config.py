@@ -104,7 +104,9 @@ class SmolVLMTextConfig:
         if self.hidden_act != "silu":
             raise ValueError(f"text_config.hidden_act: expected 'silu' (SwiGLU), got {self.hidden_act!r}")
         if self.rope_type not in ROPE_TYPES:
-            raise ValueError(f"text_config.rope_parameters: rope_type expected one of {ROPE_TYPES}, got {self.rope_type!r}")
+            raise ValueError(
+                f"text_config.rope_parameters: rope_type expected one of {ROPE_TYPES}, got {self.rope_type!r}"
+            )
         self.eos_token_id = _first(self.eos_token_id)
 
     @classmethod

@@ -30,7 +30,8 @@ class RMSNorm(nn.Module):
 class DecoderAttention(nn.Module):
     def __init__(self, cfg: SmolVLMTextConfig, *, device=None, dtype=None):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
         width = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.qkv = nn.Linear(cfg.hidden_size, width, bias=cfg.attention_bias, device=device, dtype=dtype)
         self.o_proj = nn.Linear(
@@ -71,8 +72,9 @@ class SwiGLU(nn.Module):
     def __init__(self, cfg: SmolVLMTextConfig, *, device=None, dtype=None):
         super().__init__()
         self.intermediate = cfg.intermediate_size
-        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias, device=device, dtype=dtype)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, device=device, dtype=dtype)
+        kw = dict(bias=cfg.mlp_bias, device=device, dtype=dtype)
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, **kw)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
 
     def forward(self, x):
         gate_up = packing.linear(x, self.gate_up, self.gate_up.weight, self.gate_up.bias)

@@ -188,7 +188,9 @@ class SmolVLM(nn.Module):
         if attention_mask is not None:
             _checks.tensor("attention_mask", attention_mask)
             if tuple(attention_mask.shape) != (B, L):
-                raise ValueError(f"attention_mask: expected (B, L) = ({B}, {L}), got {_checks.shape_of(attention_mask)}")
+                raise ValueError(
+                    f"attention_mask: expected (B, L) = ({B}, {L}), got {_checks.shape_of(attention_mask)}"
+                )
         if pixel_values is None:
             if pixel_attention_mask is not None:
                 raise ValueError("pixel_attention_mask: given without pixel_values")
@@ -224,7 +226,8 @@ class SmolVLM(nn.Module):
             expected = (B, pixel_values.shape[1], H, W)
             if tuple(pixel_attention_mask.shape) != expected:
                 raise ValueError(
-                    f"pixel_attention_mask: expected (B, N, H, W) = {expected}, got {_checks.shape_of(pixel_attention_mask)}"
+                    f"pixel_attention_mask: expected (B, N, H, W) = {expected}, "
+                    f"got {_checks.shape_of(pixel_attention_mask)}"
                 )
 
     # ------------------------------------------------------------------ images
@@ -304,13 +307,16 @@ class SmolVLM(nn.Module):
         return self.head(self.hidden_states(input_ids, pixel_values, pixel_attention_mask, attention_mask,
                                             position_ids=position_ids))
 
-    def loss(self, input_ids, labels, pixel_values=None, pixel_attention_mask=None, attention_mask=None) -> torch.Tensor:
+    def loss(self, input_ids, labels, pixel_values=None, pixel_attention_mask=None,
+             attention_mask=None) -> torch.Tensor:
         """Mean next-token cross entropy: logits at i predict labels[i + 1]; -100 is ignored
         (transformers' ForCausalLMLoss, float32 logits), fused with the head so that the
         (B, L, V) logits are never held. labels: int (B, L)."""
         _checks.integer("labels", labels)
         if tuple(labels.shape) != tuple(input_ids.shape):
-            raise ValueError(f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, got {_checks.shape_of(labels)}")
+            raise ValueError(
+                f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, got {_checks.shape_of(labels)}"
+            )
         hidden = self.hidden_states(input_ids, pixel_values, pixel_attention_mask, attention_mask)
         targets = F.pad(labels, (0, 1), value=-100)[:, 1:].to(device=hidden.device, dtype=torch.long)
         return _ops.linear_cross_entropy(hidden, self.head_weight, targets)
