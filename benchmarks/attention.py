@@ -76,8 +76,16 @@ def _implementations(q, k, v, rotary):
     if rotary is not None:
         impls["vlmfast+rotary"] = lambda a, b, c: ops.scaled_dot_product_attention(
             a, b, c, enable_gqa=gqa, rotary=rotary)
+    if gqa:
+        # Most torch backends lack GQA: give them K/V already repeated per query head (outside
+        # the timing, which favours torch), as transformers' repeat_kv does.
+        group = q.shape[1] // k.shape[1]
+        k_rep, v_rep = (t.detach().repeat_interleave(group, dim=1) for t in (k, v))
     for name, backend in TORCH_BACKENDS.items():
-        impls[name] = (backend, lambda a, b, c: F.scaled_dot_product_attention(a, b, c, enable_gqa=gqa))
+        if gqa:
+            impls[name] = (backend, lambda a, b, c: F.scaled_dot_product_attention(a, k_rep, v_rep))
+        else:
+            impls[name] = (backend, lambda a, b, c: F.scaled_dot_product_attention(a, b, c))
     return impls
 
 
@@ -94,8 +102,8 @@ def _measure(shape_name, impls, q, k, v, grad, device, flops, backward_too=True)
                 with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
                     fn()  # compiles / checks support before timing
                     ms = time_ms(fn, device)
-            except RuntimeError:
-                continue  # this torch backend does not support the shape or device
+            except (RuntimeError, NotImplementedError, ValueError):
+                continue  # this torch backend does not support the shape, dtype or device
             work = flops(pass_name == "fwd+bwd")
             rows.append({"shape": shape_name, "pass": pass_name, "impl": name, "ms": ms,
                          "tflops": work / ms / 1e9})

@@ -7,6 +7,10 @@ for what the kernels do not cover) -> custom ops `vlmfast::attention_fwd` / `_bw
 kernels/attention.py (Triton: forward with the log-sum-exp, backward recomputing the tiles,
 split-KV decode), vlmfast/native/attention.py (C++), or ops/reference.py.
 
+On CUDA, a few queries per kv head (L <= 16: decoding) against a longer KV cache take the
+split-KV ("flash-decoding") kernel: the keys are split over programs, then a small kernel
+combines the partial results by their log-sum-exp.
+
 Rows with no key to attend (every key masked) give zeros and zero gradients, not NaN.
 """
 
