@@ -122,11 +122,10 @@ def load_state(model: torch.nn.Module, hf_state: dict, *, device=None, dtype=Non
         if wrong:
             lines.append(f"wrong shapes: {wrong}")
         raise ValueError(f"checkpoint does not match {type(model).__name__}:\n  " + "\n  ".join(lines))
-    params = dict(model.state_dict())
+    params = model.state_dict()
     for key, value in state.items():
-        target = dtype if (dtype is not None and value.is_floating_point()) else params[key].dtype
-        if not value.is_floating_point():
-            target = value.dtype
+        # floating tensors take the requested dtype (default: the module's, float32); others stay
+        target = (dtype or params[key].dtype) if value.is_floating_point() else value.dtype
         state[key] = value.to(device=device or "cpu", dtype=target)
     model.load_state_dict(state, strict=True, assign=True)
 

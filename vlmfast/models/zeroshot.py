@@ -28,6 +28,8 @@ def embed_texts(model, tokenizer, texts, *, batch_size: int = 256, normalize: bo
     out = []
     for start in range(0, len(texts), batch_size):
         ids, mask = tokenizer(texts[start : start + batch_size], device=device)
+        if getattr(tokenizer, "pad_to_context", False):
+            mask = None  # SigLIP was trained attending to its padding: its tokenizer gives no mask
         out.append(model.encode_text(ids, mask).float())
     feats = torch.cat(out)
     return F.normalize(feats, dim=-1) if normalize else feats
