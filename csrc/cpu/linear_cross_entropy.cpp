@@ -24,7 +24,16 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+// bfloat16 inputs on CPUs with AVX512-BF16: the three GEMMs take bf16 operands two depths at a
+// time (vdpbf16ps: twice the products per instruction of float32 FMAs), accumulating in float32.
+#define LCE_BF16_DOTS 1
+#define LCE_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
+#endif
 
 #include "common/dtype.h"
 #include "common/parallel.h"
@@ -120,6 +129,12 @@ int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 //   Wf (Vp, Dp) the weight; Hp the hidden rows packed as panels of H^T, panel q, depth k,
 //   column c at Hp[(q * D + k) * kNR + c] = hidden[q * kNR + c][k]; Hf (Np, Dp) the hidden rows;
 //   LT (Vp, R) the logits (then G) of the current block; dWf (Vp, Dp) the d W accumulator.
+// The bf16 path keeps bf16 bits instead, in layouts where the two depths of a pair are adjacent:
+//   Wb (Vp, Dp) the weight; Hp2 panel q, depth pair kp, column c, parity e at
+//   Hp2[((q * Dp/2 + kp) * kNR + c) * 2 + e] = hidden[q * kNR + c][2 kp + e]; Hr2 the hidden
+//   rows in row pairs, Hr2[((r/2) * Dp + d) * 2 + r%2] = hidden[r][d]; Wv2 the weight in
+//   vocabulary pairs, Wv2[((v/2) * Dp + d) * 2 + v%2] = W[v][d]; G in bf16 twice, Gb1 (Vp, R)
+//   as LT and Gb2[((v/2) * R + r) * 2 + v%2] = G[v][r].
 struct Work {
   int64_t N, D, V, Dp, Vp, R;
   float eps;
@@ -133,7 +148,66 @@ struct Work {
   const float* scale_blk;  // (R,) the rows' gradient scales, 0 for ignored and padding rows
   const int32_t* label_blk;  // (R,) the rows' labels, -1 for ignored and padding rows
   float* dHb;              // (R, Dp) float32 d hidden of the block
+  const uint16_t* Wb = nullptr;
+  const uint16_t* Wv2 = nullptr;
+  const uint16_t* Hp2 = nullptr;
+  const uint16_t* Hr2 = nullptr;
+  uint16_t* Gb1 = nullptr;
+  uint16_t* Gb2 = nullptr;
 };
+
+// Bias and the online log-sum-exp of the kMR logit lines from vt (rows a multiple of 16).
+LCE_INLINE void tile_stats(const Work& w, int64_t vt, int64_t rows, float* m, float* s, float* sz) {
+  const int64_t R = w.R;
+  const int64_t live = std::min<int64_t>(kMR, w.V - vt);  // padding vocabulary rows stay out
+  if (live <= 0) return;
+  if (w.bias != nullptr)
+    for (int64_t i = 0; i < live; ++i) {
+      const v16f b = splat16(w.bias[vt + i]);
+      float* line = w.LT + (vt + i) * R;
+      for (int64_t r = 0; r < rows; r += 16) store16(line + r, load16(line + r) + b);
+    }
+  // s <- s e^(m - m') + sum_v e^(z_v - m') with m' the new max.
+  for (int64_t r = 0; r < rows; r += 16) {
+    const v16f m_old = load16(m + r);
+    v16f m_new = m_old;
+    for (int64_t i = 0; i < live; ++i) m_new = max16(m_new, load16(w.LT + (vt + i) * R + r));
+    v16f sum = load16(s + r) * exp16(m_old - m_new), total = load16(sz + r);
+    for (int64_t i = 0; i < live; ++i) {
+      const v16f z = load16(w.LT + (vt + i) * R + r);
+      sum += exp16(z - m_new);
+      total += z;
+    }
+    store16(m + r, m_new);
+    store16(s + r, sum);
+    store16(sz + r, total);
+  }
+}
+
+// The kMR logit lines from vt -> G in place (0 on padding lines); grad_bias += their row sums.
+LCE_INLINE void tile_grads(const Work& w, int64_t vt, int64_t rows, float* grad_bias) {
+  const int64_t R = w.R;
+  const v16f uniform = splat16(w.eps / static_cast<float>(w.V));
+  const v16f target = splat16(1.0f - w.eps);
+  for (int64_t i = 0; i < kMR; ++i) {
+    const int64_t v = vt + i;
+    float* line = w.LT + v * R;
+    if (v >= w.V) {
+      for (int64_t r = 0; r < rows; ++r) line[r] = 0.0f;
+      continue;
+    }
+    const v16i vv = v16i{} + static_cast<int32_t>(v);
+    v16f line_sum = splat16(0.0f);
+    for (int64_t r = 0; r < rows; r += 16) {
+      const v16f p = exp16(load16(line + r) - load16(w.lse_blk + r));
+      const v16f onehot = load16i(w.label_blk + r) == vv ? target : splat16(0.0f);
+      const v16f g = load16(w.scale_blk + r) * (p - onehot - uniform);
+      store16(line + r, g);
+      line_sum += g;
+    }
+    if (grad_bias != nullptr) grad_bias[v] += sum16(line_sum);
+  }
+}
 
 // Logits of block rows [panel0 * 32, panel0 * 32 + rows) (rows a multiple of kUnit) against
 // vocabulary rows [v0, v1) into LT, and their running (max m, sum of exp s, sum sz) per row.
@@ -146,29 +220,7 @@ VLMFAST_MULTIVERSION void logits_range(const Work& w, int64_t v0, int64_t v1, in
     for (int64_t q = 0; q < rows / kNR; ++q)
       micro_kernel(w.Wf + vt * w.Dp, w.Dp, 1, w.Hp + (panel0 + q) * w.D * kNR, kNR, w.D,
                    w.LT + vt * R + q * kNR, R, false);
-    const int64_t live = std::min<int64_t>(kMR, w.V - vt);  // padding vocabulary rows stay out
-    if (live <= 0) continue;
-    if (w.bias != nullptr)
-      for (int64_t i = 0; i < live; ++i) {
-        const v16f b = splat16(w.bias[vt + i]);
-        float* line = w.LT + (vt + i) * R;
-        for (int64_t r = 0; r < rows; r += 16) store16(line + r, load16(line + r) + b);
-      }
-    // Online log-sum-exp: s <- s e^(m - m') + sum_v e^(z_v - m') with m' the new max.
-    for (int64_t r = 0; r < rows; r += 16) {
-      const v16f m_old = load16(m + r);
-      v16f m_new = m_old;
-      for (int64_t i = 0; i < live; ++i) m_new = max16(m_new, load16(w.LT + (vt + i) * R + r));
-      v16f sum = load16(s + r) * exp16(m_old - m_new), total = load16(sz + r);
-      for (int64_t i = 0; i < live; ++i) {
-        const v16f z = load16(w.LT + (vt + i) * R + r);
-        sum += exp16(z - m_new);
-        total += z;
-      }
-      store16(m + r, m_new);
-      store16(s + r, sum);
-      store16(sz + r, total);
-    }
+    tile_stats(w, vt, rows, m, s, sz);
   }
 }
 
@@ -177,27 +229,8 @@ VLMFAST_MULTIVERSION void logits_range(const Work& w, int64_t v0, int64_t v1, in
 VLMFAST_MULTIVERSION void grads_range(const Work& w, int64_t v0, int64_t v1, int64_t r0,
                                       int64_t rows, float* grad_bias) {
   const int64_t R = w.R;
-  const v16f uniform = splat16(w.eps / static_cast<float>(w.V));
-  const v16f target = splat16(1.0f - w.eps);
   for (int64_t vt = v0; vt < v1; vt += kMR) {
-    for (int64_t i = 0; i < kMR; ++i) {
-      const int64_t v = vt + i;
-      float* line = w.LT + v * R;
-      if (v >= w.V) {
-        for (int64_t r = 0; r < rows; ++r) line[r] = 0.0f;
-        continue;
-      }
-      const v16i vv = v16i{} + static_cast<int32_t>(v);
-      v16f line_sum = splat16(0.0f);
-      for (int64_t r = 0; r < rows; r += 16) {
-        const v16f p = exp16(load16(line + r) - load16(w.lse_blk + r));
-        const v16f onehot = load16i(w.label_blk + r) == vv ? target : splat16(0.0f);
-        const v16f g = load16(w.scale_blk + r) * (p - onehot - uniform);
-        store16(line + r, g);
-        line_sum += g;
-      }
-      if (grad_bias != nullptr) grad_bias[v] += sum16(line_sum);
-    }
+    tile_grads(w, vt, rows, grad_bias);
     // d W[v][d] += sum_r G[v][r] H[r][d]: the G tile (kMR lines) against the block's hidden rows.
     for (int64_t p = 0; p < w.Dp / kNR; ++p)
       micro_kernel(w.LT + vt * R, R, 1, w.Hf + r0 * w.Dp + p * kNR, w.Dp, rows,
@@ -217,6 +250,90 @@ VLMFAST_MULTIVERSION void hidden_grad_panel(const Work& w, int64_t p, int64_t ro
                    w.dHb + rt * w.Dp + p * kNR, w.Dp, vc > 0);
   }
 }
+
+#ifdef LCE_BF16_DOTS
+// C[r][c] (+)= sum_{kp < KP} sum_{e < 2} A[r * ars + kp * akps + e] * B[kp * bkps + 2 c + e] for
+// r < kMR, c < kNR, on bf16 bits: the pair (A0, A1) is broadcast and vdpbf16ps adds A0 B0 + A1 B1
+// to each float32 lane.
+LCE_BF16_TARGET LCE_INLINE void micro_kernel_bf16(const uint16_t* A, int64_t ars, int64_t akps,
+                                                  const uint16_t* B, int64_t bkps, int64_t KP,
+                                                  float* C, int64_t ldc, bool accumulate) {
+  __m512 acc[kMR][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < kMR; ++r) {
+    acc[r][0] = accumulate ? _mm512_loadu_ps(C + r * ldc) : _mm512_setzero_ps();
+    acc[r][1] = accumulate ? _mm512_loadu_ps(C + r * ldc + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t kp = 0; kp < KP; ++kp) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(B + kp * bkps);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(B + kp * bkps + 32);
+#pragma GCC unroll 6
+    for (int r = 0; r < kMR; ++r) {
+      int32_t pair;
+      __builtin_memcpy(&pair, A + r * ars + kp * akps, sizeof pair);
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < kMR; ++r) {
+    _mm512_storeu_ps(C + r * ldc, acc[r][0]);
+    _mm512_storeu_ps(C + r * ldc + 16, acc[r][1]);
+  }
+}
+
+LCE_BF16_TARGET void logits_range_bf16(const Work& w, int64_t v0, int64_t v1, int64_t panel0,
+                                       int64_t rows, float* m, float* s, float* sz) {
+  const int64_t R = w.R, half = w.Dp / 2;
+  for (int64_t vt = v0; vt < v1; vt += kMR) {
+    for (int64_t q = 0; q < rows / kNR; ++q)
+      micro_kernel_bf16(w.Wb + vt * w.Dp, w.Dp, 2, w.Hp2 + (panel0 + q) * half * 2 * kNR, 2 * kNR,
+                        half, w.LT + vt * R + q * kNR, R, false);
+    tile_stats(w, vt, rows, m, s, sz);
+  }
+}
+
+LCE_BF16_TARGET void grads_range_bf16(const Work& w, int64_t v0, int64_t v1, int64_t r0,
+                                      int64_t rows, float* grad_bias) {
+  const int64_t R = w.R;
+  for (int64_t vt = v0; vt < v1; vt += kMR) {
+    tile_grads(w, vt, rows, grad_bias);
+    // G in bf16 (rounded to nearest even), in both layouts the gradient GEMMs read.
+    for (int64_t i = 0; i < kMR; ++i) {
+      const int64_t v = vt + i;
+      const float* line = w.LT + v * R;
+      for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t bits = from_float<BFloat16>(line[r]).bits;
+        w.Gb1[v * R + r] = bits;
+        w.Gb2[((v / 2) * R + r) * 2 + (v & 1)] = bits;
+      }
+    }
+    // d W[v][d] += sum_r G[v][r] H[r][d], over row pairs
+    for (int64_t p = 0; p < w.Dp / kNR; ++p)
+      micro_kernel_bf16(w.Gb1 + vt * R, R, 2, w.Hr2 + (r0 / 2) * w.Dp * 2 + p * 2 * kNR, 2 * w.Dp,
+                        rows / 2, w.dWf + vt * w.Dp + p * kNR, w.Dp, true);
+  }
+}
+
+LCE_BF16_TARGET void hidden_grad_panel_bf16(const Work& w, int64_t p, int64_t rows) {
+  const int64_t R = w.R;
+  for (int64_t vc = 0; vc < w.Vp; vc += kKC) {
+    const int64_t depth = std::min(kKC, w.Vp - vc);
+    for (int64_t rt = 0; rt < rows; rt += kMR)
+      micro_kernel_bf16(w.Gb2 + ((vc / 2) * R + rt) * 2, 2, 2 * R,
+                        w.Wv2 + ((vc / 2) * w.Dp + p * kNR) * 2, 2 * w.Dp, depth / 2,
+                        w.dHb + rt * w.Dp + p * kNR, w.Dp, vc > 0);
+  }
+}
+
+bool cpu_has_bf16_dots() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+}
+#else
+bool cpu_has_bf16_dots() { return false; }
+#endif
 
 int thread_index() {
 #ifdef _OPENMP
@@ -251,10 +368,21 @@ void run(const LinearCrossEntropyShape& s, const T* hidden, const T* weight, con
   const bool small = N * Dp * Vp < (int64_t(1) << 25);
   const int nthreads = small ? 1 : static_cast<int>(std::min<int64_t>(resolve_threads(threads), Vp / kUnit));
 
-  std::unique_ptr<float[]> Wf(new float[Vp * Dp]);
+  // bf16 operands for the GEMMs where the CPU multiplies them natively; float32 copies otherwise.
+  bool bf16_dots = false;
+  if constexpr (std::is_same_v<T, BFloat16>) bf16_dots = cpu_has_bf16_dots();
+  const int64_t fp32_ops = bf16_dots ? 0 : 1;
+  std::unique_ptr<float[]> Wf(new float[fp32_ops * Vp * Dp]);
   std::unique_ptr<float[]> LT(new float[Vp * R]);
-  std::vector<float> Hp(Np * D, 0.0f);
-  std::vector<float> Hf(grads ? Np * Dp : 0, 0.0f);
+  std::vector<float> Hp(fp32_ops * Np * D, 0.0f);
+  std::vector<float> Hf(grads ? fp32_ops * Np * Dp : 0, 0.0f);
+  const int64_t bf16_ops = bf16_dots ? 1 : 0;
+  std::unique_ptr<uint16_t[]> Wb(new uint16_t[bf16_ops * Vp * Dp]);
+  std::unique_ptr<uint16_t[]> Wv2(new uint16_t[(grads ? bf16_ops : 0) * Vp * Dp]);
+  std::vector<uint16_t> Hp2(bf16_ops * Np * Dp, 0);
+  std::vector<uint16_t> Hr2(grads ? bf16_ops * Np * Dp : 0, 0);
+  std::unique_ptr<uint16_t[]> Gb1(new uint16_t[(grads ? bf16_ops : 0) * Vp * R]);
+  std::unique_ptr<uint16_t[]> Gb2(new uint16_t[(grads ? bf16_ops : 0) * Vp * R]);
   std::unique_ptr<float[]> dWf(grads ? new float[Vp * Dp] : nullptr);
   std::vector<float> dHb(grads ? R * Dp : 0);
   std::vector<float> run_max(nthreads * R), run_sum(nthreads * R), run_total(nthreads * R);
@@ -262,7 +390,7 @@ void run(const LinearCrossEntropyShape& s, const T* hidden, const T* weight, con
   std::vector<int32_t> label_blk(R);
   const Work w{N, D, V, Dp, Vp, R, o.label_smoothing, bias, Wf.get(), Hp.data(), Hf.data(),
                LT.get(), dWf.get(), lse_blk.data(), scale_blk.data(), label_blk.data(),
-               dHb.data()};
+               dHb.data(), Wb.get(), Wv2.get(), Hp2.data(), Hr2.data(), Gb1.get(), Gb2.get()};
   auto valid_label = [&](int64_t y) { return y != o.ignore_index && y >= 0 && y < V; };
   const float eps = o.label_smoothing;
 
@@ -276,22 +404,51 @@ void run(const LinearCrossEntropyShape& s, const T* hidden, const T* weight, con
     float* sm = run_sum.data() + t * R;
     float* sz = run_total.data() + t * R;
 
+    if (bf16_dots) {
+      // T is BFloat16 here: its bits are copied as they are.
+      auto bits = [](const T& x) -> uint16_t {
+        uint16_t b;
+        std::memcpy(&b, &x, sizeof b);
+        return b;
+      };
 #pragma omp for schedule(static) nowait
-    for (int64_t v = 0; v < Vp; ++v) {
-      float* dst = Wf.get() + v * Dp;
-      const T* src = weight + v * s.weight_stride;
-      for (int64_t k = 0; k < Dp; ++k) dst[k] = (v < V && k < D) ? to_float(src[k]) : 0.0f;
-    }
-#pragma omp for schedule(static) nowait
-    for (int64_t q = 0; q < N / kNR + 1; ++q)
-      for (int64_t c = 0; c < kNR && q * kNR + c < N; ++c) {
-        const T* src = hidden + (q * kNR + c) * s.hidden_stride;
-        for (int64_t k = 0; k < D; ++k) Hp[(q * D + k) * kNR + c] = to_float(src[k]);
+      for (int64_t v = 0; v < Vp; ++v) {
+        const T* src = weight + v * s.weight_stride;
+        for (int64_t k = 0; k < Dp; ++k) {
+          const uint16_t b = (v < V && k < D) ? bits(src[k]) : 0;
+          Wb[v * Dp + k] = b;
+          if (grads) Wv2[((v / 2) * Dp + k) * 2 + (v & 1)] = b;
+        }
       }
-    if (grads) {
 #pragma omp for schedule(static) nowait
-      for (int64_t i = 0; i < N; ++i)
-        for (int64_t k = 0; k < D; ++k) Hf[i * Dp + k] = to_float(hidden[i * s.hidden_stride + k]);
+      for (int64_t i = 0; i < N; ++i) {
+        const T* src = hidden + i * s.hidden_stride;
+        const int64_t q = i / kNR, c = i % kNR;
+        for (int64_t k = 0; k < D; ++k) {
+          Hp2[((q * (Dp / 2) + k / 2) * kNR + c) * 2 + (k & 1)] = bits(src[k]);
+          if (grads) Hr2[((i / 2) * Dp + k) * 2 + (i & 1)] = bits(src[k]);
+        }
+      }
+    } else {
+#pragma omp for schedule(static) nowait
+      for (int64_t v = 0; v < Vp; ++v) {
+        float* dst = Wf.get() + v * Dp;
+        const T* src = weight + v * s.weight_stride;
+        for (int64_t k = 0; k < Dp; ++k) dst[k] = (v < V && k < D) ? to_float(src[k]) : 0.0f;
+      }
+#pragma omp for schedule(static) nowait
+      for (int64_t q = 0; q < N / kNR + 1; ++q)
+        for (int64_t c = 0; c < kNR && q * kNR + c < N; ++c) {
+          const T* src = hidden + (q * kNR + c) * s.hidden_stride;
+          for (int64_t k = 0; k < D; ++k) Hp[(q * D + k) * kNR + c] = to_float(src[k]);
+        }
+      if (grads) {
+#pragma omp for schedule(static) nowait
+        for (int64_t i = 0; i < N; ++i)
+          for (int64_t k = 0; k < D; ++k) Hf[i * Dp + k] = to_float(hidden[i * s.hidden_stride + k]);
+      }
+    }
+    if (grads) {
       for (int64_t v = v0; v < v1; ++v) {
         std::fill(dWf.get() + v * Dp, dWf.get() + (v + 1) * Dp, 0.0f);
         if (grad_bias != nullptr && v < V) grad_bias[v] = 0.0f;
@@ -304,7 +461,13 @@ void run(const LinearCrossEntropyShape& s, const T* hidden, const T* weight, con
       std::fill(m, m + live_rows, -std::numeric_limits<float>::infinity());
       std::fill(sm, sm + live_rows, 0.0f);
       std::fill(sz, sz + live_rows, 0.0f);
-      if (v1 > v0) logits_range(w, v0, v1, r0 / kNR, live_rows, m, sm, sz);
+      if (v1 > v0) {
+#ifdef LCE_BF16_DOTS
+        if (bf16_dots) logits_range_bf16(w, v0, v1, r0 / kNR, live_rows, m, sm, sz);
+        else
+#endif
+          logits_range(w, v0, v1, r0 / kNR, live_rows, m, sm, sz);
+      }
       for (int64_t r = 0; r < rows; ++r) {  // the target logits that fall in this thread's rows
         const int64_t y = labels[r0 + r];
         if (valid_label(y) && y >= v0 && y < v1) target_logit[r] = LT[y * R + r];
@@ -331,11 +494,21 @@ void run(const LinearCrossEntropyShape& s, const T* hidden, const T* weight, con
         label_blk[r] = valid ? static_cast<int32_t>(labels[row]) : -1;
       }
       if (!grads) continue;  // the loop's barrier above protects LT and the partials
-      if (v1 > v0) grads_range(w, v0, v1, r0, live_rows, grad_bias);
+      if (v1 > v0) {
+#ifdef LCE_BF16_DOTS
+        if (bf16_dots) grads_range_bf16(w, v0, v1, r0, live_rows, grad_bias);
+        else
+#endif
+          grads_range(w, v0, v1, r0, live_rows, grad_bias);
+      }
 #pragma omp barrier
 #pragma omp for schedule(static)
       for (int64_t p = 0; p < Dp / kNR; ++p) {
-        hidden_grad_panel(w, p, live_rows);
+#ifdef LCE_BF16_DOTS
+        if (bf16_dots) hidden_grad_panel_bf16(w, p, live_rows);
+        else
+#endif
+          hidden_grad_panel(w, p, live_rows);
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t k = p * kNR; k < std::min(D, (p + 1) * kNR); ++k)
             grad_hidden[(r0 + r) * D + k] = from_float<T>(dHb[r * Dp + k]);
