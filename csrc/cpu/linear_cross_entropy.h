@@ -28,8 +28,9 @@ struct LinearCrossEntropyOptions {
 //   G_iv = row_scale_i (softmax_iv - (1 - eps) [v == y_i] - eps / V)  (0 on ignored rows),
 //   grad_hidden = G weight (N, D contiguous, the inputs' dtype), grad_weight = G^T hidden (V, D
 //   contiguous, the inputs' dtype), grad_bias = sum_i G_i (float32 (V,), when not null).
-// Memory: float32 copies of hidden and weight, a float32 (V, D) gradient accumulator and one
-// (V, R) block of logits for R rows at a time (R chosen to keep it near 64 MiB).
+// Memory: copies of hidden and weight (float32, or bf16 in dot-product layouts for bfloat16 input
+// on CPUs with AVX512-BF16), a float32 (V, D) gradient accumulator and one float32 (V, R) block
+// of logits for R rows at a time (R chosen to keep it near 64 MiB).
 void linear_cross_entropy(const LinearCrossEntropyShape& shape, const void* hidden,
                           const void* weight, const float* bias, const int64_t* labels,
                           const LinearCrossEntropyOptions& options, float* lse, float* loss_rows,
