@@ -304,30 +304,48 @@ void run_forward(const PatchImage& im, const Geometry& g, const Folded& f, O* ou
 // over the patches. Computed as C = dW^T (K x D) with the same MR x 32 micro-tiles: A = the
 // normalised patches (packed from the image per chunk of rows, like the forward, but not
 // folded: this is the gradient of the conv weight itself), B = g read in place (row r's
-// columns d0..d0 + 31 are contiguous, rows ldg apart). Each thread owns whole blocks of k, so
-// the reduction needs no atomics; C tiles accumulate in a per-thread buffer across row chunks.
+// columns d0..d0 + 31 are contiguous, rows ldg apart). A task owns a block of k (up to
+// GRAD_KC_MAX, all of K for p <= 16 with 3 channels) and a range of d panels, so the reduction
+// needs no atomics; its C tiles accumulate in a per-thread buffer across chunks of rows. Whole
+// patches per task keep the image reads sequential (splitting K instead made each task fetch a
+// few scattered lines per patch, and the packing cost a quarter of the time).
 
-constexpr int64_t GRAD_KC = 96;   // k columns per thread task (a multiple of every MR)
-constexpr int64_t GRAD_RC = 128;  // patch rows per chunk of the reduction
+constexpr int64_t GRAD_KC_MAX = 768;  // k columns per task at most (a multiple of every MR)
+constexpr int64_t GRAD_RC = 128;      // patch rows per chunk of the reduction
+static_assert(GRAD_KC_MAX % MR_AVX512 == 0 && GRAD_KC_MAX % MR_PORTABLE == 0, "whole panels");
 
-// Packs the normalised patch values of rows [r0, r0 + count) and columns [k0, k0 + GRAD_KC) as
+struct GradArgs {
+  const float* scale;
+  const float* shift;
+  const float* grad;  // (rows, ldg) float32
+  int64_t D, ldg;
+  float* grad_weight;  // (D, K) float32
+  int64_t kc;          // k columns per task, a multiple of MR
+};
+
+// Packs the normalised patch values of rows [r0, r0 + count) and columns [k0, k0 + kc) as
 // panels of MR columns, row-major inside: packed[(kp * count + r) * MR + m] = x_n[r0 + r, k0 +
-// kp * MR + m]; columns past K are zero.
+// kp * MR + m]; columns past K are zero. Walks each patch in (c, i, j) order, as stored.
 template <typename T, int MR>
-inline void pack_grad_rows(const PatchImage& im, const Geometry& g, const float* scale,
-                           const float* shift, const int64_t* k_offset, const int64_t* k_channel,
+inline void pack_grad_rows(const PatchImage& im, const Geometry& g, const GradArgs& args,
                            int64_t k0, int64_t r0, int64_t count, float* packed) {
-  const int64_t k_count = std::min(GRAD_KC, g.K - k0);
+  const int64_t p = im.patch, k_end = std::min(k0 + args.kc, g.K);
   for (int64_t r = 0; r < count; ++r) {
     const T* origin = patch_origin<T>(im, g, r0 + r);
-    for (int64_t kk = 0; kk < GRAD_KC; ++kk) {
-      float v = 0.0f;
-      if (kk < k_count) {
-        const int64_t c = k_channel[kk];
-        v = load_value(origin + k_offset[kk]) * scale[c] + shift[c];
+    int64_t k = k0;
+    while (k < k_end) {
+      // One run of a patch row: (c, i, j..) for consecutive k.
+      const int64_t c = k / g.pp, i = (k % g.pp) / p, j0 = k % p;
+      const int64_t run = std::min(p - j0, k_end - k);
+      const T* src = origin + c * im.strides[1] + i * im.strides[2] + j0 * im.strides[3];
+      const float sc = args.scale[c], sh = args.shift[c];
+      for (int64_t t = 0; t < run; ++t) {
+        const int64_t kk = k - k0 + t;
+        packed[((kk / MR) * count + r) * MR + kk % MR] = load_value(src + t * im.strides[3]) * sc + sh;
       }
-      packed[((kk / MR) * count + r) * MR + kk % MR] = v;
+      k += run;
     }
+    for (int64_t kk = k_end - k0; kk < args.kc; ++kk) packed[((kk / MR) * count + r) * MR + kk % MR] = 0.0f;
   }
 }
 
@@ -377,35 +395,19 @@ VLMFAST_AVX512 inline void micro_kernel_acc_avx512(const float* a, const float* 
 }
 #endif
 
-struct GradArgs {
-  const float* scale;
-  const float* shift;
-  const float* grad;  // (rows, ldg) float32
-  int64_t D, ldg;
-  float* grad_weight;  // (D, K) float32
-};
-
-// One task: the columns [k0, k0 + GRAD_KC) of dW for every d.
+// One task: columns [k0, k0 + kc) of dW for the d panels [dp0, dp1).
 template <typename T, int MR, bool AVX512>
 __attribute__((always_inline)) inline void weight_grad_task(const PatchImage& im, const Geometry& g,
                                                             const GradArgs& args, int64_t k0,
+                                                            int64_t dp0, int64_t dp1,
                                                             float* a_packed, float* acc) {
-  constexpr int64_t k_panels = GRAD_KC / MR;
-  const int64_t d_panels = (args.D + NR - 1) / NR;
-  int64_t k_offset[GRAD_KC], k_channel[GRAD_KC];
-  for (int64_t kk = 0; kk < GRAD_KC; ++kk) {
-    const int64_t k = std::min(k0 + kk, g.K - 1);
-    const int64_t c = k / g.pp, i = (k % g.pp) / im.patch, j = k % im.patch;
-    k_channel[kk] = c;
-    k_offset[kk] = c * im.strides[1] + i * im.strides[2] + j * im.strides[3];
-  }
+  const int64_t k_panels = args.kc / MR, d_panels = dp1 - dp0;
   std::memset(acc, 0, sizeof(float) * d_panels * k_panels * MR * NR);
   for (int64_t r0 = 0; r0 < g.rows; r0 += GRAD_RC) {
     const int64_t count = std::min(GRAD_RC, g.rows - r0);
-    pack_grad_rows<T, MR>(im, g, args.scale, args.shift, k_offset, k_channel, k0, r0, count,
-                          a_packed);
+    pack_grad_rows<T, MR>(im, g, args, k0, r0, count, a_packed);
     for (int64_t dp = 0; dp < d_panels; ++dp) {
-      const float* b = args.grad + r0 * args.ldg + dp * NR;
+      const float* b = args.grad + r0 * args.ldg + (dp0 + dp) * NR;
       for (int64_t kp = 0; kp < k_panels; ++kp) {
         float* tile = acc + (dp * k_panels + kp) * MR * NR;
 #if VLMFAST_HAVE_AVX512_PATH
@@ -419,32 +421,34 @@ __attribute__((always_inline)) inline void weight_grad_task(const PatchImage& im
       }
     }
   }
-  // acc holds dW^T tiles: tile (dp, kp)[m][n] = dW[dp * 32 + n, k0 + kp * MR + m].
-  const int64_t k_count = std::min(GRAD_KC, g.K - k0);
+  // acc holds dW^T tiles: tile (dp, kp)[m][n] = dW[(dp0 + dp) * 32 + n, k0 + kp * MR + m].
+  const int64_t k_count = std::min(args.kc, g.K - k0);
   for (int64_t dp = 0; dp < d_panels; ++dp)
     for (int64_t kk = 0; kk < k_count; ++kk) {
       const float* row = acc + (dp * k_panels + kk / MR) * MR * NR + (kk % MR) * NR;
-      for (int64_t n = 0; n < NR && dp * NR + n < args.D; ++n)
-        args.grad_weight[(dp * NR + n) * g.K + k0 + kk] = row[n];
+      const int64_t d0 = (dp0 + dp) * NR;
+      for (int64_t n = 0; n < NR && d0 + n < args.D; ++n)
+        args.grad_weight[(d0 + n) * g.K + k0 + kk] = row[n];
     }
 }
 
-template <typename T>
-using GradTaskFn = void (*)(const PatchImage&, const Geometry&, const GradArgs&, int64_t, float*,
-                            float*);
+using GradTaskFn = void (*)(const PatchImage&, const Geometry&, const GradArgs&, int64_t, int64_t,
+                            int64_t, float*, float*);
 
 #if VLMFAST_HAVE_AVX512_PATH
 template <typename T>
 VLMFAST_AVX512 void grad_task_avx512(const PatchImage& im, const Geometry& g, const GradArgs& a,
-                                     int64_t k0, float* packed, float* acc) {
-  weight_grad_task<T, MR_AVX512, true>(im, g, a, k0, packed, acc);
+                                     int64_t k0, int64_t dp0, int64_t dp1, float* packed,
+                                     float* acc) {
+  weight_grad_task<T, MR_AVX512, true>(im, g, a, k0, dp0, dp1, packed, acc);
 }
 #endif
 
 #define VLMFAST_GRAD_PORTABLE(T, NAME)                                                        \
   VLMFAST_MULTIVERSION void NAME(const PatchImage& im, const Geometry& g, const GradArgs& a,   \
-                                 int64_t k0, float* packed, float* acc) {                     \
-    weight_grad_task<T, MR_PORTABLE, false>(im, g, a, k0, packed, acc);                       \
+                                 int64_t k0, int64_t dp0, int64_t dp1, float* packed,         \
+                                 float* acc) {                                                \
+    weight_grad_task<T, MR_PORTABLE, false>(im, g, a, k0, dp0, dp1, packed, acc);             \
   }
 VLMFAST_GRAD_PORTABLE(uint8_t, grad_task_u8)
 VLMFAST_GRAD_PORTABLE(float, grad_task_f32)
@@ -453,22 +457,32 @@ VLMFAST_GRAD_PORTABLE(BFloat16, grad_task_bf16)
 #undef VLMFAST_GRAD_PORTABLE
 
 template <typename T>
-void run_weight_grad(const PatchImage& im, const GradArgs& args, int threads,
-                     GradTaskFn<T> portable) {
+void run_weight_grad(const PatchImage& im, GradArgs args, int threads, GradTaskFn portable) {
   const Geometry g(im);
-  GradTaskFn<T> task = portable;
+  GradTaskFn task = portable;
+  int mr = MR_PORTABLE;
 #if VLMFAST_HAVE_AVX512_PATH
   static const bool avx512 = cpu_has_avx512();
-  if (avx512) task = grad_task_avx512<T>;
+  if (avx512) {
+    task = grad_task_avx512<T>;
+    mr = MR_AVX512;
+  }
 #endif
-  const int64_t tasks = (g.K + GRAD_KC - 1) / GRAD_KC;
-  const int64_t d_padded = ((args.D + NR - 1) / NR) * NR;
+  // Tasks: k blocks x d ranges, at least one per thread (d split when K fits in one block).
+  args.kc = std::min<int64_t>(GRAD_KC_MAX, ((g.K + mr - 1) / mr) * mr);
+  const int64_t k_tasks = (g.K + args.kc - 1) / args.kc, d_panels = (args.D + NR - 1) / NR;
+  const int64_t d_tasks = std::min<int64_t>(d_panels, std::max<int64_t>(1, (threads + k_tasks - 1) / k_tasks));
+  const int64_t panels_per_task = (d_panels + d_tasks - 1) / d_tasks;
 #pragma omp parallel num_threads(threads)
   {
-    AlignedFloats packed(static_cast<size_t>(GRAD_KC * GRAD_RC));
-    AlignedFloats acc(static_cast<size_t>(GRAD_KC * d_padded));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; ++t) task(im, g, args, t * GRAD_KC, packed.data, acc.data);
+    AlignedFloats packed(static_cast<size_t>(args.kc * GRAD_RC));
+    AlignedFloats acc(static_cast<size_t>(args.kc * panels_per_task * NR));
+#pragma omp for schedule(dynamic, 1) collapse(2)
+    for (int64_t kt = 0; kt < k_tasks; ++kt)
+      for (int64_t dt = 0; dt < d_tasks; ++dt) {
+        const int64_t dp0 = dt * panels_per_task, dp1 = std::min(d_panels, dp0 + panels_per_task);
+        if (dp0 < dp1) task(im, g, args, kt * args.kc, dp0, dp1, packed.data, acc.data);
+      }
   }
 }
 
@@ -593,7 +607,7 @@ void patch_embed_weight_grad(const PatchImage& image, const float* scale, const 
   threads = resolve_threads(threads);
   if (ldg < ((D + NR - 1) / NR) * NR)
     throw std::invalid_argument("vlmfast: patch_embed_weight_grad needs grad rows padded to a multiple of 32");
-  const GradArgs args{scale, shift, grad, D, ldg, grad_weight};
+  const GradArgs args{scale, shift, grad, D, ldg, grad_weight, 0};
   switch (image.dtype) {
     case 0: return run_weight_grad<float>(image, args, threads, grad_task_f32);
     case 1: return run_weight_grad<Half>(image, args, threads, grad_task_f16);
