@@ -162,7 +162,7 @@ def _fwd_kernel(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
-    h = pid_bh % H
+    h = (pid_bh % H).to(tl.int64)  # head offsets h * stride may pass 2**31
     hk = h // GROUP
     seq_start, L, S = _sequence(CuSeqlens, b, L, S, VARLEN)
     m0 = pid_m * BLOCK_M
@@ -234,7 +234,7 @@ def _decode_split_kernel(
     pid_bh = tl.program_id(1)
     hkv = H // GROUP
     b = (pid_bh // hkv).to(tl.int64)
-    hk = pid_bh % hkv
+    hk = (pid_bh % hkv).to(tl.int64)
     r = tl.arange(0, BLOCK_M)
     r_ok = r < GROUP * L
     h = hk * GROUP + r // L
@@ -327,7 +327,7 @@ def _bwd_preprocess_kernel(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
-    h = pid_bh % H
+    h = (pid_bh % H).to(tl.int64)  # head offsets h * stride may pass 2**31
     seq_start, L, S = _sequence(CuSeqlens, b, L, L, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if pid_m * BLOCK_M >= L:
@@ -403,7 +403,7 @@ def _dkdv_kernel(
     pid_bh = tl.program_id(1)
     hkv = H // GROUP
     b = pid_bh // hkv
-    hk = pid_bh % hkv
+    hk = (pid_bh % hkv).to(tl.int64)
     seq_start, L, S = _sequence(CuSeqlens, b, L, S, VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= S:
@@ -516,7 +516,7 @@ def _dq_kernel(
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
-    h = pid_bh % H
+    h = (pid_bh % H).to(tl.int64)  # head offsets h * stride may pass 2**31
     hk = h // GROUP
     seq_start, L, S = _sequence(CuSeqlens, b, L, S, VARLEN)
     m0 = pid_m * BLOCK_M
