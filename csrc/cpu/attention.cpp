@@ -161,9 +161,9 @@ VLMFAST_INLINE void accumulate_rows(const float* A, int64_t a_rs, int64_t a_cs, 
 }
 
 template <int R>
-VLMFAST_INLINE void accumulate_row_group(const float* A, int64_t a_rs, int64_t a_cs,
-                                         const float* B, int64_t ldb, int64_t count, float* C,
-                                         int64_t ldc, int64_t width) {
+VLMFAST_INLINE void accumulate_row_group(const float* A, int64_t a_rs, int64_t a_cs, const float* B,
+                                         int64_t ldb, int64_t count, float* C, int64_t ldc,
+                                         int64_t width) {
   int64_t e = 0;
   for (; e + 4 * kLanes <= width; e += 4 * kLanes)
     accumulate_rows<R, 4>(A, a_rs, a_cs, B + e, ldb, count, C + e, ldc);
@@ -306,8 +306,8 @@ struct RowBlock {
   const float* bias[kMaxRowBlock];
 };
 
-VLMFAST_INLINE void describe_rows(const Plan& p, const AttentionBias& bias, int64_t b, int64_t kv_head,
-                   int64_t first, int64_t count, RowBlock& r) {
+VLMFAST_INLINE void describe_rows(const Plan& p, const AttentionBias& bias, int64_t b,
+                                  int64_t kv_head, int64_t first, int64_t count, RowBlock& r) {
   r.first = first;
   r.count = count;
   for (int64_t i = 0; i < count; ++i) {
@@ -329,8 +329,8 @@ VLMFAST_INLINE int64_t visible_key_blocks(const Plan& p, const RowBlock& r) {
 }
 
 // Adds the bias (in base 2) and -inf for keys past the causal diagonal and past the last key.
-VLMFAST_INLINE void mask_scores(const Plan& p, const AttentionBias& bias, const RowBlock& r, int64_t first_key,
-                 int64_t keys, float* S) {
+VLMFAST_INLINE void mask_scores(const Plan& p, const AttentionBias& bias, const RowBlock& r,
+                                int64_t first_key, int64_t keys, float* S) {
   const bool causal = p.s.causal && first_key + keys - 1 > r.min_pos;
   const int64_t key_stride = bias.strides[3];
   for (int64_t i = 0; i < r.count; ++i) {
@@ -424,8 +424,8 @@ VLMFAST_INLINE T* row_of(const AttentionOutput& t, int64_t b, int64_t head, int6
 
 // dst (count, width) = t's rows of the block, times mult, zero-padded past E.
 template <typename T>
-VLMFAST_INLINE void pack_query_rows(const AttentionInput& t, const Plan& p, int64_t b, const RowBlock& r,
-                     float mult, float* dst) {
+VLMFAST_INLINE void pack_query_rows(const AttentionInput& t, const Plan& p, int64_t b,
+                                    const RowBlock& r, float mult, float* dst) {
   const int64_t E = p.s.head_dim;
   for (int64_t i = 0; i < r.count; ++i) {
     const T* src = row_of<T>(t, b, r.head[i], r.pos[i]);
@@ -496,7 +496,8 @@ VLMFAST_INLINE bool rows_in_place(const Plan& p) {
 
 // dst (keys, width) = `keys` rows of src (row stride `stride`) as floats, zero-padded past E.
 template <typename T>
-VLMFAST_INLINE void pack_key_rows(const T* src, int64_t stride, int64_t keys, const Plan& p, float* dst) {
+VLMFAST_INLINE void pack_key_rows(const T* src, int64_t stride, int64_t keys, const Plan& p,
+                                  float* dst) {
   const int64_t E = p.s.head_dim;
   for (int64_t j = 0; j < keys; ++j) {
     const T* row = src + j * stride;
@@ -508,8 +509,8 @@ VLMFAST_INLINE void pack_key_rows(const T* src, int64_t stride, int64_t keys, co
 
 // `keys` rows from src as a float tile with row stride ld: in place, or packed into `buffer`.
 template <typename T>
-VLMFAST_INLINE const float* key_rows(const T* src, int64_t stride, int64_t keys, const Plan& p, float* buffer,
-                      int64_t& ld) {
+VLMFAST_INLINE const float* key_rows(const T* src, int64_t stride, int64_t keys, const Plan& p,
+                                     float* buffer, int64_t& ld) {
   if (rows_in_place<T>(p)) {
     ld = stride;
     return reinterpret_cast<const float*>(src);
@@ -521,8 +522,8 @@ VLMFAST_INLINE const float* key_rows(const T* src, int64_t stride, int64_t keys,
 
 // Writes the block's rows of a (count, width) float accumulator times mult.
 template <typename T>
-VLMFAST_INLINE void store_query_rows(const AttentionOutput& t, const Plan& p, int64_t b, const RowBlock& r,
-                      const float* acc, float mult) {
+VLMFAST_INLINE void store_query_rows(const AttentionOutput& t, const Plan& p, int64_t b,
+                                     const RowBlock& r, const float* acc, float mult) {
   for (int64_t i = 0; i < r.count; ++i) {
     T* dst = row_of<T>(t, b, r.head[i], r.pos[i]);
     const float* a = acc + i * p.width;
@@ -544,8 +545,8 @@ struct ForwardArgs {
 // maxima m (base 2), sums l and the unnormalised output acc (count, width).
 template <typename T>
 VLMFAST_INLINE void forward_rows(const Plan& p, const ForwardArgs& a, int64_t b, int64_t kv_head,
-                  const RowBlock& r, int64_t kb_begin, int64_t kb_end, Scratch& w, float* m,
-                  float* l, float* acc) {
+                                 const RowBlock& r, int64_t kb_begin, int64_t kb_end, Scratch& w,
+                                 float* m, float* l, float* acc) {
   const int64_t E = p.s.head_dim, width = p.width;
   float* q = w.q.get(kMaxRowBlock * width);
   float* s = w.scores.get(kMaxRowBlock * kKeyBlock);
@@ -578,7 +579,7 @@ VLMFAST_INLINE void forward_rows(const Plan& p, const ForwardArgs& a, int64_t b,
 // out = acc / l and lse = ln(2) * m + ln(l); a row with l = 0 saw no key: out = 0, lse = -inf.
 template <typename T>
 VLMFAST_INLINE void finish_rows(const Plan& p, const ForwardArgs& a, int64_t b, const RowBlock& r,
-                 const float* m, const float* l, const float* acc) {
+                                const float* m, const float* l, const float* acc) {
   for (int64_t i = 0; i < r.count; ++i) {
     T* out = row_of<T>(a.out, b, r.head[i], r.pos[i]);
     float* lse = a.lse + (b * p.s.heads + r.head[i]) * p.s.q_len + r.pos[i];
@@ -603,7 +604,8 @@ struct ForwardSchedule {
     tasks = pairs * p.row_blocks;
     per_pair = pairs >= 4 * threads;
     splits = 1;
-    if (tasks < threads && p.key_blocks > 1) splits = std::min(p.key_blocks, ceil_div(threads, tasks));
+    if (tasks < threads && p.key_blocks > 1)
+      splits = std::min(p.key_blocks, ceil_div(threads, tasks));
     slot = p.block_rows * (p.width + 2);
     jobs = per_pair ? pairs : tasks * splits;
     keep = per_pair && p.row_blocks > 1 && worth_keeping(2 * p.key_blocks * kKeyBlock * p.width);
@@ -688,8 +690,9 @@ int64_t backward_row_tile(const Plan& p) { return 2 * p.block_rows * (p.width + 
 // Packs a row block's q (scaled to base 2), dO, lse (base 2; +inf for an empty row so that its
 // probabilities are 2^-inf = 0) and D.
 template <typename T>
-VLMFAST_INLINE void pack_backward_rows(const Plan& p, const BackwardArgs& a, int64_t b, const RowBlock& r,
-                        float* q, float* dout, float* lse2, float* delta) {
+VLMFAST_INLINE void pack_backward_rows(const Plan& p, const BackwardArgs& a, int64_t b,
+                                       const RowBlock& r, float* q, float* dout, float* lse2,
+                                       float* delta) {
   pack_query_rows<T>(a.q, p, b, r, p.q_mult, q);
   pack_query_rows<T>(a.dout, p, b, r, 1.0f, dout);
   for (int64_t i = 0; i < r.count; ++i) {
@@ -701,9 +704,9 @@ VLMFAST_INLINE void pack_backward_rows(const Plan& p, const BackwardArgs& a, int
 
 // Recomputes one (row block, key block) tile: leaves P in s and dS in ds.
 VLMFAST_INLINE void backward_tile(const Plan& p, const AttentionBias& bias, const RowBlock& r,
-                   int64_t first_key, int64_t keys, const float* q, const float* dout,
-                   const float* lse2, const float* delta, const float* kt, const float* vt,
-                   float* s, float* ds) {
+                                  int64_t first_key, int64_t keys, const float* q,
+                                  const float* dout, const float* lse2, const float* delta,
+                                  const float* kt, const float* vt, float* s, float* ds) {
   tile_scores(q, p.width, kt, p.s.head_dim, s, r.count);  // s = q k^T (scaled, base 2)
   mask_scores(p, bias, r, first_key, keys, s);
   tile_probabilities(s, lse2, r.count);                   // P = 2^(s - lse2)
@@ -714,8 +717,8 @@ VLMFAST_INLINE void backward_tile(const Plan& p, const AttentionBias& bias, cons
 // dk, dv of one key block, from every query row of its (batch, kv head) that can see it; with
 // dq_acc (rows, width) also adds dS k to the query rows' dq.
 template <typename T>
-VLMFAST_INLINE void backward_key_block(const Plan& p, const BackwardArgs& a, int64_t b, int64_t kv_head,
-                        int64_t kb, Scratch& w, float* dq_acc) {
+VLMFAST_INLINE void backward_key_block(const Plan& p, const BackwardArgs& a, int64_t b,
+                                       int64_t kv_head, int64_t kb, Scratch& w, float* dq_acc) {
   const int64_t width = p.width;
   const int64_t first_key = kb * kKeyBlock;
   const int64_t keys = std::min(kKeyBlock, p.s.kv_len - first_key);
@@ -730,8 +733,8 @@ VLMFAST_INLINE void backward_key_block(const Plan& p, const BackwardArgs& a, int
   pack_transposed(k_rows, a.k.strides[2], keys, p, kt);
   pack_transposed(row_of<T>(a.v, b, kv_head, first_key), a.v.strides[2], keys, p, vt);
   int64_t ldk = 0;
-  const float* k = dq_acc ? key_rows(k_rows, a.k.strides[2], keys, p, w.krows.get(kKeyBlock * width), ldk)
-                          : nullptr;
+  const float* k = nullptr;
+  if (dq_acc) k = key_rows(k_rows, a.k.strides[2], keys, p, w.krows.get(kKeyBlock * width), ldk);
   std::fill(dk, dk + keys * width, 0.0f);
   std::fill(dv, dv + keys * width, 0.0f);
 
@@ -755,7 +758,8 @@ VLMFAST_INLINE void backward_key_block(const Plan& p, const BackwardArgs& a, int
     tile_accumulate(ds, 1, kKeyBlock, q, width, r.count, dk, width, keys, width);
     // dq_i += sum_j dS_ij k_j (times scale when written)
     if (dq_acc)
-      tile_accumulate(ds, kKeyBlock, 1, k, ldk, keys, dq_acc + first * width, width, r.count, width);
+      tile_accumulate(ds, kKeyBlock, 1, k, ldk, keys, dq_acc + first * width, width, r.count,
+                      width);
   }
   for (int64_t j = 0; j < keys; ++j) {
     T* dk_row = row_of<T>(a.dk, b, kv_head, first_key + j);
@@ -769,8 +773,8 @@ VLMFAST_INLINE void backward_key_block(const Plan& p, const BackwardArgs& a, int
 
 // dq of one row block: dq_i = scale * sum_j dS_ij k_j over the key blocks it sees.
 template <typename T>
-VLMFAST_INLINE void backward_query_block(const Plan& p, const BackwardArgs& a, int64_t b, int64_t kv_head,
-                          int64_t rb, Scratch& w) {
+VLMFAST_INLINE void backward_query_block(const Plan& p, const BackwardArgs& a, int64_t b,
+                                         int64_t kv_head, int64_t rb, Scratch& w) {
   const int64_t width = p.width;
   float* kt = w.kt.get(width * kKeyBlock);
   float* vt = w.vt.get(width * kKeyBlock);
@@ -919,15 +923,18 @@ void forward_impl(const AttentionShape& shape, const ForwardArgs& a, int threads
   const Plan p = make_plan(shape, threads);
   const ForwardSchedule sch(p, threads);
   if (sch.tasks == 0) return;
-  std::vector<float> partial(sch.splits > 1 ? static_cast<size_t>(sch.tasks * sch.splits * sch.slot) : 0);
+  const int64_t partial_floats = sch.splits > 1 ? sch.tasks * sch.splits * sch.slot : 0;
+  std::vector<float> partial(static_cast<size_t>(partial_floats));
 #pragma omp parallel num_threads(threads)
   {
     Scratch w;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t job = 0; job < sch.jobs; ++job) Jobs<T>::forward(p, a, sch, job, w, partial.data());
+    for (int64_t job = 0; job < sch.jobs; ++job)
+      Jobs<T>::forward(p, a, sch, job, w, partial.data());
     if (sch.splits > 1) {
 #pragma omp for schedule(static)
-      for (int64_t task = 0; task < sch.tasks; ++task) Jobs<T>::merge(p, a, sch, task, w, partial.data());
+      for (int64_t task = 0; task < sch.tasks; ++task)
+        Jobs<T>::merge(p, a, sch, task, w, partial.data());
     }
   }
 }
@@ -996,7 +1003,8 @@ void attention_backward(const AttentionShape& shape, AttentionInput grad_out, At
                         AttentionOutput dv, int dtype, int threads, int strategy) {
   check_shape(shape);
   if (strategy < 0 || strategy > 2)
-    throw std::invalid_argument("vlmfast attention: unknown backward strategy " + std::to_string(strategy));
+    throw std::invalid_argument("vlmfast attention: unknown backward strategy " +
+                                std::to_string(strategy));
   threads = resolve_threads(threads);
   const BackwardArgs a{grad_out, q, k, v, out, lse, bias, dq, dk, dv, nullptr};
   const auto how = static_cast<AttentionBackwardStrategy>(strategy);
