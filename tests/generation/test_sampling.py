@@ -4,10 +4,12 @@ sampled tokens stay in the nucleus, bad options raise ValueError naming the argu
 import pytest
 import torch
 
-from vlmfast.generation.sampling import check_sampling, next_tokens, stop_token_tensor, top_p_filter
+from vlmfast.generation.sampling import check_sampling, next_tokens, stop_token_tensor, top_k_filter, top_p_filter
 
 transformers = pytest.importorskip("transformers")
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper  # noqa: E402
+from transformers.generation.logits_process import (  # noqa: E402
+    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+)
 
 
 def _logits(batch=3, vocab=113, seed=0):
@@ -19,6 +21,15 @@ def test_top_p_equals_transformers(top_p):
     logits = _logits()
     expected = TopPLogitsWarper(top_p)(None, logits.clone())
     torch.testing.assert_close(top_p_filter(logits, top_p), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("top_k", [1, 7, 112, 113, 500])
+def test_top_k_equals_transformers(top_k):
+    logits = _logits()
+    logits[0, 3] = logits[0, 4]  # a tie at the boundary is kept by both
+    expected = TopKLogitsWarper(top_k)(None, logits.clone())
+    torch.testing.assert_close(top_k_filter(logits, top_k), expected, rtol=0, atol=0)
+    assert top_k_filter(logits, 0) is logits and top_k_filter(logits, None) is logits
 
 
 def test_temperature_then_top_p_keep_the_nucleus():
@@ -52,6 +63,7 @@ def test_sampling_is_reproducible_with_a_generator():
     (dict(do_sample=True, temperature=1.0, top_p=0.0), r"top_p: expected a float in \(0, 1\]"),
     (dict(do_sample=True, temperature=1.0, top_p=1.5), r"top_p: expected a float in \(0, 1\]"),
     (dict(do_sample=1, temperature=1.0, top_p=1.0), "do_sample: expected a bool"),
+    (dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=-1), r"top_k: expected None or an int >= 0"),
 ])
 def test_bad_sampling_options(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):

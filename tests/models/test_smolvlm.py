@@ -128,6 +128,20 @@ def test_greedy_generate_matches_transformers(pair):
     assert actual.shape[1] == ids.shape[1] + 8 and (actual[0, ids.shape[1] + 4:] == PAD).all()
 
 
+def test_sampling_matches_transformers_for_the_same_seed(pair):
+    """temperature, top-k and top-p: the same draws as transformers' for the same torch seed."""
+    hf, ours, _ = pair
+    ids, mask, pixels, pixel_mask = build_batch(ROWS, seed=11)
+    kw = dict(do_sample=True, temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=6, pad_token_id=PAD)
+    for seed in range(2):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            expected = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                                   pixel_attention_mask=pixel_mask, eos_token_id=None, **kw)
+        torch.manual_seed(seed)
+        assert torch.equal(ours.generate(ids, pixels, pixel_mask, mask, eos_token_id=[], **kw), expected)
+
+
 def test_processed_images_match_transformers(pair):
     """uint8 images of different sizes through vlmfast's SmolVLM image processor (split into
     2 x 2, 2 x 1, 1 x 2 tiles + global images, one image unsplit; samples padded with empty

@@ -57,7 +57,7 @@ def _static_step(model, device) -> Callable:
 @torch.inference_mode()
 def generate(model, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None, *,
              max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             eos_token_id=None, pad_token_id: int | None = None, streamer=None,
+             top_k: int | None = None, eos_token_id=None, pad_token_id: int | None = None, streamer=None,
              generator: torch.Generator | None = None, cache=None, static_shapes: bool = False,
              decode_step: Callable | None = None) -> torch.Tensor:
     """Generates up to max_new_tokens tokens per row.
@@ -68,7 +68,9 @@ def generate(model, input_ids, pixel_values=None, pixel_attention_mask=None, att
         attention_mask: (B, L), 0 on the left padding; None: tokens equal to pad_token_id are
             padding if the prompt holds any and it is not a stop token (transformers' rule).
         max_new_tokens: tokens to add at most.
-        do_sample, temperature, top_p, generator: sampling (greedy when do_sample is False).
+        do_sample, temperature, top_p, top_k, generator: sampling (greedy when do_sample is
+            False); the same draws as transformers' for the same torch seed (pass its top_k, or
+            top_k=0 to transformers: its default is 50, ours is off).
         eos_token_id: an id or a list of ids that stop a row; None: the decoder config's eos
             token; -1 / []: never stop early.
         pad_token_id: what a stopped row receives (None: the config's pad, else the first stop id).
@@ -84,7 +86,7 @@ def generate(model, input_ids, pixel_values=None, pixel_attention_mask=None, att
     model.check_inputs(input_ids, pixel_values, pixel_attention_mask, attention_mask)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
-    check_sampling(do_sample, temperature, top_p)
+    check_sampling(do_sample, temperature, top_p, top_k)
     text = model.config.text_config
     if eos_token_id is None:
         eos_token_id = text.eos_token_id
@@ -120,7 +122,8 @@ def generate(model, input_ids, pixel_values=None, pixel_attention_mask=None, att
     logits, positions = model.prefill(input_ids, pixel_values, pixel_attention_mask, mask, cache)
     produced = 0
     for step in range(max_new_tokens):
-        tokens = next_tokens(logits, do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator)
+        tokens = next_tokens(logits, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                             generator=generator)
         if stops is not None:
             tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad_token_id))
         out[:, L + step] = tokens

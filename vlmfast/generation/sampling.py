@@ -1,14 +1,18 @@
-"""Choosing the next token from logits: greedy, temperature, top-p (nucleus), stop tokens.
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p (nucleus), stop tokens.
 
 Same meaning as transformers' generate: with do_sample=False the argmax (first index on ties);
-with do_sample=True logits / temperature, then top-p keeps the smallest set of most likely
-tokens whose probability reaches top_p (always at least one), then one multinomial draw.
+with do_sample=True logits / temperature, then top-k keeps the k largest (ties at the k-th
+kept), then top-p keeps the smallest set of most likely tokens whose probability reaches top_p
+(always at least one), then one multinomial draw (same draws as transformers for the same
+torch seed). Note transformers' own default is top_k=50; here top_k is off unless given.
 """
 
 import torch
 
 
-def check_sampling(do_sample: bool, temperature: float, top_p: float) -> None:
+def check_sampling(do_sample: bool, temperature: float, top_p: float, top_k: int | None = None) -> None:
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k: expected None or an int >= 0 (0: off), got {top_k!r}")
     if not isinstance(do_sample, bool):
         raise TypeError(f"do_sample: expected a bool, got {type(do_sample).__name__}")
     if not float(temperature) > 0:
@@ -33,13 +37,21 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def top_k_filter(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """logits (B, V) -> (B, V) with -inf below each row's k-th largest value (None / 0: off)."""
+    if not top_k or top_k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
 def next_tokens(logits: torch.Tensor, *, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits float (B, V) -> int64 (B,)."""
     if not do_sample:
         return logits.argmax(dim=-1)
     scores = logits / temperature if temperature != 1.0 else logits
-    scores = top_p_filter(scores, top_p)
+    scores = top_p_filter(top_k_filter(scores, top_k), top_p)
     probs = scores.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
