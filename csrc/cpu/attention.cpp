@@ -197,8 +197,9 @@ VLMFAST_MULTIVERSION void tile_accumulate(const float* A, int64_t a_rs, int64_t 
 // output accumulator rescaled by 2^(m - m_new). While a row has seen only masked keys (m_new =
 // -inf) it is evaluated against 0, which keeps p = 0 and avoids -inf - -inf. Written as separate
 // passes (row maxima; the rescale factors of 16 rows at a time; exponentials) so that rows do not
-// wait on one another's reductions.
-VLMFAST_MULTIVERSION void online_softmax_step(float* S, int64_t rows, float* m, float* l,
+// wait on one another's reductions. Returns false, changing nothing, when every score of the tile
+// is -inf (a padded or causally hidden key block): then p = 0 and the tile adds nothing.
+VLMFAST_MULTIVERSION bool online_softmax_step(float* S, int64_t rows, float* m, float* l,
                                               float* acc, int64_t width) {
   alignas(64) float m_new[kMaxRowBlock], m_old[kMaxRowBlock], ref[kMaxRowBlock],
       alpha[kMaxRowBlock], sums[kMaxRowBlock];
@@ -210,8 +211,14 @@ VLMFAST_MULTIVERSION void online_softmax_step(float* S, int64_t rows, float* m, 
       row_max = x > row_max ? x : row_max;
     }
     m_old[i] = m[i];
-    m_new[i] = std::max(m[i], reduce_max(row_max));
+    m_new[i] = reduce_max(row_max);
   }
+  bool any_key = false;
+  for (int64_t i = 0; i < rows; ++i) {
+    any_key |= m_new[i] > -kInf;
+    m_new[i] = std::max(m_old[i], m_new[i]);
+  }
+  if (!any_key) return false;
   const int64_t padded = (rows + kLanes - 1) / kLanes * kLanes;
   for (int64_t i = rows; i < padded; ++i) m_old[i] = m_new[i] = 0.0f;
   for (int64_t i = 0; i < padded; i += kLanes) {
@@ -238,6 +245,17 @@ VLMFAST_MULTIVERSION void online_softmax_step(float* S, int64_t rows, float* m, 
       for (int64_t e = 0; e < width; e += kLanes) store(a + e, load(a + e) * alpha[i]);
     }
   }
+  return true;
+}
+
+// Whether any score of a (rows, 64) tile is above -inf, i.e. any key of the tile takes part.
+VLMFAST_MULTIVERSION bool tile_has_keys(const float* S, int64_t rows) {
+  v16 top = splat(-kInf);
+  for (int64_t i = 0; i < rows * kKeyBlock; i += kLanes) {
+    const v16 x = load(S + i);
+    top = x > top ? x : top;
+  }
+  return reduce_max(top) > -kInf;
 }
 
 // P = 2^(s - lse2) in place (lse2: the row's log-sum-exp in base 2, +inf for an empty row).
@@ -563,7 +581,7 @@ VLMFAST_INLINE void forward_rows(const Plan& p, const ForwardArgs& a, int64_t b,
         kb, [&](float* t) { pack_transposed(k_rows, a.k.strides[2], keys, p, t); });
     tile_scores(q, width, kt, E, s, r.count);  // s = q k^T (scaled, base 2)
     mask_scores(p, a.bias, r, first_key, keys, s);
-    online_softmax_step(s, r.count, m, l, acc, width);  // s = p
+    if (!online_softmax_step(s, r.count, m, l, acc, width)) continue;  // s = p
     int64_t ldv = width;
     const float* v = nullptr;
     if (rows_in_place<T>(p)) {
@@ -702,16 +720,19 @@ VLMFAST_INLINE void pack_backward_rows(const Plan& p, const BackwardArgs& a, int
   }
 }
 
-// Recomputes one (row block, key block) tile: leaves P in s and dS in ds.
-VLMFAST_INLINE void backward_tile(const Plan& p, const AttentionBias& bias, const RowBlock& r,
+// Recomputes one (row block, key block) tile: leaves P in s and dS in ds; false (and nothing
+// computed) when no key of the tile takes part, so that P = dS = 0.
+VLMFAST_INLINE bool backward_tile(const Plan& p, const AttentionBias& bias, const RowBlock& r,
                                   int64_t first_key, int64_t keys, const float* q,
                                   const float* dout, const float* lse2, const float* delta,
                                   const float* kt, const float* vt, float* s, float* ds) {
   tile_scores(q, p.width, kt, p.s.head_dim, s, r.count);  // s = q k^T (scaled, base 2)
   mask_scores(p, bias, r, first_key, keys, s);
+  if (!tile_has_keys(s, r.count)) return false;
   tile_probabilities(s, lse2, r.count);                   // P = 2^(s - lse2)
   tile_scores(dout, p.width, vt, p.s.head_dim, ds, r.count);  // dP = dO v^T
   tile_score_grads(s, ds, delta, r.count);                 // dS = P (dP - D)
+  return true;
 }
 
 // dk, dv of one key block, from every query row of its (batch, kv head) that can see it; with
@@ -752,7 +773,8 @@ VLMFAST_INLINE void backward_key_block(const Plan& p, const BackwardArgs& a, int
     const float* dout = q + rows_tile;
     const float* lse2 = q + 2 * rows_tile;
     const float* delta = lse2 + p.block_rows;
-    backward_tile(p, a.bias, r, first_key, keys, q, dout, lse2, delta, kt, vt, s, ds);
+    if (!backward_tile(p, a.bias, r, first_key, keys, q, dout, lse2, delta, kt, vt, s, ds))
+      continue;
     // dv_j += sum_i P_ij dO_i ; dk_j += sum_i dS_ij q_i (q here carries scale * log2 e)
     tile_accumulate(s, 1, kKeyBlock, dout, width, r.count, dv, width, keys, width);
     tile_accumulate(ds, 1, kKeyBlock, q, width, r.count, dk, width, keys, width);
@@ -800,8 +822,8 @@ VLMFAST_INLINE void backward_query_block(const Plan& p, const BackwardArgs& a, i
     pack_transposed(row_of<T>(a.v, b, kv_head, first_key), a.v.strides[2], keys, p, vt);
     int64_t ldk;
     const float* k = key_rows(k_rows, a.k.strides[2], keys, p, kbuf, ldk);
-    backward_tile(p, a.bias, r, first_key, keys, q, dout, lse2, delta, kt, vt, s, ds);
-    tile_accumulate(ds, kKeyBlock, 1, k, ldk, keys, dq, width, r.count, width);
+    if (backward_tile(p, a.bias, r, first_key, keys, q, dout, lse2, delta, kt, vt, s, ds))
+      tile_accumulate(ds, kKeyBlock, 1, k, ldk, keys, dq, width, r.count, width);
   }
   store_query_rows<T>(a.dq, p, b, r, dq, p.s.scale);
 }

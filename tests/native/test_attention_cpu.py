@@ -111,6 +111,10 @@ def _bias(kind, batch, heads, length, keys, gen):
         small = torch.zeros(batch, 1, 1, keys).masked_fill(~keep, float("-inf"))
     elif kind == "full":
         small = torch.randn(batch, heads, length, keys, generator=gen)
+    elif kind == "padded_tail":  # (B, 1, 1, S) masking whole 64-key blocks at the end
+        small = torch.zeros(batch, 1, 1, keys)
+        for i in range(batch):
+            small[i, ..., 10 + 60 * i:] = float("-inf")
     elif kind == "per_row":  # (B, H, L, 1): stride 0 over keys
         small = torch.randn(batch, heads, length, 1, generator=gen)
     elif kind == "transposed":  # a (S, L) tensor seen as (L, S): key stride L
@@ -121,7 +125,8 @@ def _bias(kind, batch, heads, length, keys, gen):
     return small.expand(batch, heads, length, keys)
 
 
-@pytest.mark.parametrize("kind", ["key_padding", "full", "rows_keys", "per_row", "transposed"])
+@pytest.mark.parametrize("kind", ["key_padding", "padded_tail", "full", "rows_keys", "per_row",
+                                  "transposed"])
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_bias(kind, is_causal):
     q, k, v, grad = random_inputs(2, 4, 2, 45, 131, 72, torch.float32, seed=11)
