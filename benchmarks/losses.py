@@ -12,15 +12,14 @@ H200 B = 65536 <= 40 ms with <= 1 GiB extra, and B = 1,048,576 runs).
 Each row (a dict): loss, B, D, dtype, impl ("vlmfast" / "materialised"), ms (median forward +
 backward to both features and the scale), speedup (materialised ms / vlmfast ms, on the vlmfast
 row), extra_mib (measured peak memory beyond the inputs: torch.cuda.max_memory_allocated on a GPU;
-on the CPU the growth of the peak RSS of a fresh subprocess that runs one step, since tracemalloc
-does not see torch's allocations) and model_extra_mib (what the algorithm must hold: B x B float32
+on the CPU the growth of the peak RSS (VmHWM) of a fresh subprocess over one step, since
+tracemalloc does not see torch's allocations) and model_extra_mib (what the algorithm must hold: B x B float32
 matrices for the materialised loss, O(B D) feature copies and partials for the fused one).
 """
 
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -108,16 +107,26 @@ def _cuda_extra_mib(fn, device) -> float:
     return (torch.cuda.max_memory_allocated(device) - base) / MIB
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
 def _child_peak_rss(name: str, impl: str, B: int) -> None:
-    """Runs in a fresh process: prints how much one step raised the peak RSS (MiB)."""
+    """Runs in a fresh process: prints how far one step raised the peak RSS above the RSS before
+    it (MiB). The peak is the process's VmHWM, reset to the current RSS just before the step
+    (ru_maxrss would not do: Linux carries it over from the parent across fork and exec)."""
     inputs = make_inputs(B, torch.device("cpu"), torch.float32)
     fn = fused(name) if impl == "vlmfast" else materialised(name)
-    if impl == "vlmfast":
-        step(fn, name, *make_inputs(8, torch.device("cpu"), torch.float32))  # load the kernels first
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step(fn, name, *make_inputs(8, torch.device("cpu"), torch.float32))  # first-call allocations
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to VmRSS
     step(fn, name, *inputs)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) / 1024)  # ru_maxrss is in KiB on Linux
+    print((_status_kib("VmHWM") - before) / 1024)
 
 
 def cpu_extra_mib(name: str, impl: str, B: int) -> float | None:
