@@ -38,7 +38,7 @@ def test_tiny_demo_writes_the_model_and_the_report(demo_dir, capsys):
     model = CLIP.from_pretrained(demo_dir)
     transformers = pytest.importorskip("transformers")
     hf = transformers.CLIPModel.from_pretrained(demo_dir).eval()
-    pixels = torch.randn(2, 3, 32, 32)
+    pixels = torch.randn(2, 3, 24, 24)
     with torch.no_grad():
         torch.testing.assert_close(hf.get_image_features(pixels).pooler_output, model.encode_image(pixels),
                                    rtol=1e-4, atol=1e-5)
@@ -47,7 +47,7 @@ def test_tiny_demo_writes_the_model_and_the_report(demo_dir, capsys):
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
-    ds = SyntheticShapes(7, seed=5)
+    ds = SyntheticShapes(7, seed=5, image_size=24)
     for i in range(7):
         Image.fromarray(ds[i].image).save(folder / f"img{i}.png")
     (folder / "broken.png").write_bytes(b"not an image")

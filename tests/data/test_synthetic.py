@@ -27,7 +27,8 @@ def test_classes_captions_and_pixels_agree():
     for caption, label, image in zip(captions, labels, images):
         colour, shape = CLASSES[label].split()
         words = caption.split()
-        assert colour in words and shape in words and set(words) <= vocab
+        assert shape in words and set(words) <= vocab
+        assert set(words) & set(COLOURS) <= {colour}  # a colour, when named, is the drawn one
         # the most saturated pixel is the named colour (nearest reference colour)
         flat = image.reshape(-1, 3).astype(int)
         brightest = flat[np.argmax(flat.max(1) - flat.min(1))]

@@ -97,8 +97,8 @@ class SyntheticShapes:
         grey = int(rng.integers(60, 200))  # a neutral background: the colour word is the shape's
         background = tuple(int(v) for v in np.clip(grey + rng.integers(-10, 11, size=3), 0, 255))
         # centre moved a little so positions are regions, not points
-        cx, cy = np.array(POSITIONS[position_name]) + rng.uniform(-0.06, 0.06, size=2)
-        size = SIZES[size_name] * rng.uniform(0.85, 1.15)
+        cx, cy = np.array(POSITIONS[position_name]) + rng.uniform(-0.03, 0.03, size=2)
+        size = SIZES[size_name] * rng.uniform(0.95, 1.05)
         margin = size / 2
         centre = (float(np.clip(cx, margin, 1 - margin)), float(np.clip(cy, margin, 1 - margin)))
         image = _draw(shape, colour, background, size, centre, self.image_size)

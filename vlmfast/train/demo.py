@@ -1,8 +1,10 @@
 """`vlmfast demo`: train a small CLIP on the built-in shapes data set on the CPU, then measure
 zero-shot accuracy and Recall@K on held-out images and save the model in Hugging Face layout.
 
-The model: a 32x32-pixel ViT (patch 4, 64 wide) and a word-level text transformer over the
-captions' vocabulary, trained with the InfoNCE loss. Held-out images come from another seed, so
+The model: a 24x24-pixel ViT (patch 4, 36 patches, 64 wide, 2 layers) and a one-layer word-level
+text transformer over the captions' vocabulary, trained with the InfoNCE loss (1000 steps of 64
+pairs). Colour is learnt within a few dozen steps, shape later: fewer steps leave shape at chance
+on some seeds. Held-out images come from another seed, so
 no test image was seen in training.
 """
 
@@ -27,11 +29,11 @@ IMAGE_STD = (0.25, 0.25, 0.25)
 @dataclass
 class DemoConfig:
     out: str = "vlmfast-demo"
-    steps: int = 600
+    steps: int = 1000
     batch_size: int = 64
     train_images: int = 8192
     test_images: int = 600
-    image_size: int = 32
+    image_size: int = 24  # 24 px learnt shape in fewer steps than 32 px (fewer tokens to pool)
     lr: float = 3e-3
     seed: int = 0
     # One thread by default: 64-wide matrices gain little from a second one, and on a busy machine
