@@ -3,6 +3,8 @@
 #include "common/dtype.h"
 #include "common/parallel.h"
 
+#include <algorithm>
+
 namespace vlmfast::cpu {
 namespace {
 
@@ -35,15 +37,13 @@ __attribute__((always_inline)) inline void rotate_row(const T* x, const float* c
   for (int64_t e = 2 * half; e < E; ++e) out[e] = x[e];
 }
 
+// Rows [begin, end) of the (A, L, M) grid of head vectors.
 template <typename T>
-__attribute__((always_inline)) inline void forward_impl(const RotaryShape& s, const T* x,
+__attribute__((always_inline)) inline void forward_rows(const RotaryShape& s, const T* x,
                                                         const float* cos, const float* sin, T* out,
-                                                        bool interleaved, bool conjugate,
-                                                        int threads) {
-  const int64_t rows = s.A * s.L * s.M;
-  const float sin_sign = conjugate ? -1.0f : 1.0f;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
+                                                        bool interleaved, float sin_sign,
+                                                        int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
     int64_t m = r % s.M, l = (r / s.M) % s.L, a = r / (s.M * s.L);
     const T* x_row = x + a * s.x_strides[0] + l * s.x_strides[1] + m * s.x_strides[2];
     T* out_row = out + a * s.out_strides[0] + l * s.out_strides[1] + m * s.out_strides[2];
@@ -52,15 +52,13 @@ __attribute__((always_inline)) inline void forward_impl(const RotaryShape& s, co
   }
 }
 
+// Table gradients of sequence positions [begin, end): each (l, i) sums over the A * M rows that
+// share its angle, so no two tasks write the same entry.
 template <typename T>
-__attribute__((always_inline)) inline void table_backward_impl(const RotaryShape& s, const T* grad,
-                                                               const T* x, float* grad_cos,
-                                                               float* grad_sin, bool interleaved,
-                                                               int threads) {
-  // One sequence position per task: each (l, i) sums over the A * M rows that share its angle,
-  // so no two threads write the same entry.
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t l = 0; l < s.L; ++l) {
+__attribute__((always_inline)) inline void table_backward_positions(
+    const RotaryShape& s, const T* grad, const T* x, float* grad_cos, float* grad_sin,
+    bool interleaved, int64_t begin, int64_t end) {
+  for (int64_t l = begin; l < end; ++l) {
     float* dc = grad_cos + l * s.half_rotary;
     float* ds = grad_sin + l * s.half_rotary;
     for (int64_t i = 0; i < s.half_rotary; ++i) dc[i] = ds[i] = 0.0f;
@@ -81,46 +79,70 @@ __attribute__((always_inline)) inline void table_backward_impl(const RotaryShape
   }
 }
 
-// Multi-versioned entry points, one per element type (target_clones cannot take templates).
-#define VLMFAST_ROTARY_ENTRY(T, SUFFIX)                                                         \
-  VLMFAST_MULTIVERSION void forward_##SUFFIX(const RotaryShape& s, const void* x,               \
-                                             const float* cos, const float* sin, void* out,     \
-                                             bool interleaved, bool conjugate, int threads) {   \
-    forward_impl(s, static_cast<const T*>(x), cos, sin, static_cast<T*>(out), interleaved,      \
-                 conjugate, threads);                                                           \
+// Multi-versioned workers, one per element type (target_clones cannot take templates). They are
+// called from inside the OpenMP regions below: a clone attribute on a function holding the
+// `omp parallel` would not reach the loop body, which OpenMP outlines into a function of its own.
+#define VLMFAST_ROTARY_WORKERS(T, SUFFIX)                                                       \
+  VLMFAST_MULTIVERSION void forward_rows_##SUFFIX(const RotaryShape& s, const void* x,          \
+                                                  const float* cos, const float* sin, void* out, \
+                                                  bool interleaved, float sin_sign,              \
+                                                  int64_t begin, int64_t end) {                  \
+    forward_rows(s, static_cast<const T*>(x), cos, sin, static_cast<T*>(out), interleaved,      \
+                 sin_sign, begin, end);                                                         \
   }                                                                                             \
   VLMFAST_MULTIVERSION void table_backward_##SUFFIX(const RotaryShape& s, const void* g,        \
                                                     const void* x, float* dc, float* ds,        \
-                                                    bool interleaved, int threads) {            \
-    table_backward_impl(s, static_cast<const T*>(g), static_cast<const T*>(x), dc, ds,          \
-                        interleaved, threads);                                                  \
+                                                    bool interleaved, int64_t begin,            \
+                                                    int64_t end) {                              \
+    table_backward_positions(s, static_cast<const T*>(g), static_cast<const T*>(x), dc, ds,     \
+                             interleaved, begin, end);                                          \
   }
 
-VLMFAST_ROTARY_ENTRY(float, f32)
-VLMFAST_ROTARY_ENTRY(Half, f16)
-VLMFAST_ROTARY_ENTRY(BFloat16, bf16)
+VLMFAST_ROTARY_WORKERS(float, f32)
+VLMFAST_ROTARY_WORKERS(Half, f16)
+VLMFAST_ROTARY_WORKERS(BFloat16, bf16)
+
+// Splits [0, n) into one contiguous chunk per thread and runs work(begin, end) on each.
+template <typename Work> void parallel_chunks(int64_t n, int threads, Work&& work) {
+  threads = static_cast<int>(std::min<int64_t>(resolve_threads(threads), std::max<int64_t>(n, 1)));
+#pragma omp parallel num_threads(threads)
+  {
+#ifdef _OPENMP
+    const int64_t parts = omp_get_num_threads(), part = omp_get_thread_num();
+#else
+    const int64_t parts = 1, part = 0;
+#endif
+    const int64_t begin = n * part / parts, end = n * (part + 1) / parts;
+    if (begin < end) work(begin, end);
+  }
+}
 
 }  // namespace
 
 void rotary_forward(const RotaryShape& shape, const void* x, const float* cos, const float* sin,
                     void* out, int dtype, bool interleaved, bool conjugate, int threads) {
-  threads = resolve_threads(threads);
-  switch (dtype_from_tag(dtype)) {
-    case DType::Float32: return forward_f32(shape, x, cos, sin, out, interleaved, conjugate, threads);
-    case DType::Float16: return forward_f16(shape, x, cos, sin, out, interleaved, conjugate, threads);
-    case DType::BFloat16: return forward_bf16(shape, x, cos, sin, out, interleaved, conjugate, threads);
-  }
+  const float sin_sign = conjugate ? -1.0f : 1.0f;
+  const DType type = dtype_from_tag(dtype);
+  parallel_chunks(shape.A * shape.L * shape.M, threads, [&](int64_t begin, int64_t end) {
+    switch (type) {
+      case DType::Float32: return forward_rows_f32(shape, x, cos, sin, out, interleaved, sin_sign, begin, end);
+      case DType::Float16: return forward_rows_f16(shape, x, cos, sin, out, interleaved, sin_sign, begin, end);
+      case DType::BFloat16: return forward_rows_bf16(shape, x, cos, sin, out, interleaved, sin_sign, begin, end);
+    }
+  });
 }
 
 void rotary_table_backward(const RotaryShape& shape, const void* grad, const void* x,
                            float* grad_cos, float* grad_sin, int dtype, bool interleaved,
                            int threads) {
-  threads = resolve_threads(threads);
-  switch (dtype_from_tag(dtype)) {
-    case DType::Float32: return table_backward_f32(shape, grad, x, grad_cos, grad_sin, interleaved, threads);
-    case DType::Float16: return table_backward_f16(shape, grad, x, grad_cos, grad_sin, interleaved, threads);
-    case DType::BFloat16: return table_backward_bf16(shape, grad, x, grad_cos, grad_sin, interleaved, threads);
-  }
+  const DType type = dtype_from_tag(dtype);
+  parallel_chunks(shape.L, threads, [&](int64_t begin, int64_t end) {
+    switch (type) {
+      case DType::Float32: return table_backward_f32(shape, grad, x, grad_cos, grad_sin, interleaved, begin, end);
+      case DType::Float16: return table_backward_f16(shape, grad, x, grad_cos, grad_sin, interleaved, begin, end);
+      case DType::BFloat16: return table_backward_bf16(shape, grad, x, grad_cos, grad_sin, interleaved, begin, end);
+    }
+  });
 }
 
 }  // namespace vlmfast::cpu
