@@ -6,13 +6,24 @@ VLMFAST_BACKEND=triton|cpp|cuda|reference.
 """
 
 from vlmfast.ops import reference
+from vlmfast.ops.attention import attention_varlen, scaled_dot_product_attention
+from vlmfast.ops.cross_entropy import linear_cross_entropy
 from vlmfast.ops.losses import infonce_loss, siglip_loss
 from vlmfast.ops.patch_embed import patch_embed
 from vlmfast.ops.patching import PackedPatches, pack_images, patchify_image
 from vlmfast.ops.rotary import apply_rotary_emb, rope_2d
-from vlmfast.ops.attention import attention_varlen, scaled_dot_product_attention
 
-__all__ = ["PackedPatches", "pack_images", "patchify_image", "apply_rotary_emb", "patch_embed", "rope_2d", "reference", "scaled_dot_product_attention", "attention_varlen"]
-__all__ += ["infonce_loss", "siglip_loss"]
-from vlmfast.ops.cross_entropy import linear_cross_entropy  # noqa: E402
-__all__ += ["linear_cross_entropy"]
+__all__ = [
+    "scaled_dot_product_attention",
+    "attention_varlen",
+    "apply_rotary_emb",
+    "rope_2d",
+    "infonce_loss",
+    "siglip_loss",
+    "patch_embed",
+    "pack_images",
+    "patchify_image",
+    "PackedPatches",
+    "linear_cross_entropy",
+    "reference",
+]
