@@ -6,13 +6,13 @@ one (loss, B), measured in the same run:
     pytest benchmarks/test_losses_bench.py --benchmark-only --benchmark-enable
 
 In the normal test run (--benchmark-disable) the batch shrinks to 97 so the module only checks that
-every case runs and that vlmfast agrees with the peer. Peak memory: benchmarks/losses.py.
+every case runs and that vlmfast agrees with the peer. Peak memory: vlmfast/bench/losses.py.
 """
 
 import pytest
 import torch
 
-from benchmarks.losses import fused, make_inputs, materialised, step
+from vlmfast.bench.losses import fused, make_inputs, materialised, step
 
 SIZES = [1024, 2048, 4096, 8192]
 TINY = 97

@@ -12,7 +12,7 @@ every case runs and agrees with torch.
 import pytest
 import torch
 
-from benchmarks.patch_embed import MEAN, STD, torch_sequence
+from vlmfast.bench.patch_embed import MEAN, STD, torch_sequence
 from vlmfast import ops
 
 SHAPE = (32, 224, 224, 3)

@@ -1,4 +1,4 @@
-"""benchmarks/smolvlm.py runs end to end (quick shapes) and both implementations agree."""
+"""vlmfast/bench/smolvlm.py runs end to end (quick shapes) and both implementations agree."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ pytest.importorskip("transformers")
 
 
 def test_smolvlm_benchmark_quick_runs():
-    from benchmarks.smolvlm import run
+    from vlmfast.bench.smolvlm import run
 
     results = run(torch.device("cpu"), torch.float32, quick=True)
     assert [r.case.split(" ")[0] for r in results] == ["prefill", "decode", "decode"]

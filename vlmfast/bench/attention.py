@@ -1,29 +1,22 @@
 """vlmfast attention against every torch SDPA backend, forward and forward+backward.
 
-    from benchmarks.attention import run
-    rows = run(torch.device("cuda"), torch.bfloat16)     # the TARGETS.md shapes (H100/H200)
-    rows = run(torch.device("cpu"), torch.float32)       # ViT-B/16 batch 8 on the CPU
-
-    python -m benchmarks.attention [--device cuda] [--dtype bfloat16] [--quick] [--json out.jsonl]
-
-Each row: shape, pass ("fwd" or "fwd+bwd"), impl ("vlmfast", "vlmfast+rotary", "torch-math",
-"torch-efficient", "torch-flash", "torch-cudnn"), ms (median: CUDA events via
-triton.testing.do_bench on a GPU, wall clock on the CPU), TFLOP/s (4 B H L S E for the forward,
-2.5x that more for the backward) and `ratio` = the best torch backend's ms / this row's ms.
-Backends that fail on the shape (e.g. cuDNN without support, flash with E = 72) are skipped.
+One Result per (shape, pass): vlmfast's ms against the fastest torch SDPA backend of the same run
+(peer = "torch-math", "torch-efficient", "torch-flash" or "torch-cudnn"); extra["backends_ms"]
+holds every implementation's ms (vlmfast+rotary: the rotary applied inside the kernel). ms:
+median, CUDA events on a GPU, wall clock on the CPU; TFLOP/s: 4 B H L S E for the forward, 2.5x
+that more for the backward. Backends that fail on the shape (cuDNN without support, flash with
+E = 72, anything on the CPU but math) are left out. Shapes: TARGETS.md's on a GPU, ViT-B/16 at
+batch 8 on the CPU, and one SmolVLM2 decode step (GQA, 1 query).
 """
 
-import argparse
 import contextlib
-import json
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vlmfast import ops
-from vlmfast.bench.timing import time_ms
+from vlmfast.bench.timing import Result, time_ms
 
 # (B, H, L, E), from TARGETS.md: ViT-B/32, ViT-B/16, ViT-L/14-336, SigLIP-so400m, SmolVLM vision.
 GPU_SHAPES = [(256, 12, 50, 64), (256, 12, 197, 64), (64, 16, 577, 64), (64, 16, 729, 72), (64, 12, 1024, 64)]
@@ -89,8 +82,9 @@ def _implementations(q, k, v, rotary):
     return impls
 
 
-def _measure(shape_name, impls, q, k, v, grad, device, flops, backward_too=True):
-    rows = []
+def _measure(case: str, impls, q, k, v, grad, device, flops, backward_too=True) -> list[Result]:
+    """Times every implementation on every pass; one Result per pass for vlmfast."""
+    backends_ms = {"fwd": {}, "fwd+bwd": {}}
     for name, impl in impls.items():
         backend = None
         if isinstance(impl, tuple):
@@ -101,69 +95,39 @@ def _measure(shape_name, impls, q, k, v, grad, device, flops, backward_too=True)
             try:
                 with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
                     fn()  # compiles / checks support before timing
-                    ms = time_ms(fn, device)
+                    backends_ms[pass_name][name] = time_ms(fn, device)
             except (RuntimeError, NotImplementedError, ValueError):
                 continue  # this torch backend does not support the shape, dtype or device
-            work = flops(pass_name == "fwd+bwd")
-            rows.append({"shape": shape_name, "pass": pass_name, "impl": name, "ms": ms,
-                         "tflops": work / ms / 1e9})
-    for pass_name in ("fwd", "fwd+bwd"):
-        peers = [r["ms"] for r in rows if r["pass"] == pass_name and r["impl"].startswith("torch")]
-        for r in rows:
-            if r["pass"] == pass_name:
-                r["best_torch_ms"] = min(peers) if peers else None
-                r["ratio"] = min(peers) / r["ms"] if peers else None
-    return rows
+    results = []
+    for pass_name, timings in backends_ms.items():
+        if "vlmfast" not in timings:
+            continue
+        ms = timings["vlmfast"]
+        torch_ms = {name: t for name, t in timings.items() if name.startswith("torch-")}
+        peer = min(torch_ms, key=torch_ms.get) if torch_ms else None
+        results.append(Result("attention", f"{case} {pass_name}", "vlmfast", ms, peer,
+                              torch_ms[peer] if peer else None, tflops=flops(pass_name == "fwd+bwd") / ms / 1e9,
+                              extra={"backends_ms": timings}))
+    return results
 
 
-def run(device, dtype=None, *, quick: bool = False) -> list[dict]:
-    """Rows as described in the module docstring, for every shape of the device."""
+def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[Result]:
+    """Results as described in the module docstring, for every shape of the device."""
     device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     shapes = QUICK_SHAPES if quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
-    rows = []
+    name = str(dtype).removeprefix("torch.")
+    results = []
     for batch, heads, length, head_dim in shapes:
         q, k, v, grad = _inputs(batch, heads, heads, length, length, head_dim, dtype, device)
         angles = torch.rand(length, head_dim // 2, device=device) * 6.28
         rotary = (angles.cos(), angles.sin())
-        name = f"{batch}x{heads}x{length}x{head_dim}"
-        rows += _measure(name, _implementations(q, k, v, rotary), q, k, v, grad, device,
-                         lambda bwd, s=(batch, heads, length, length, head_dim): attention_flops(*s, bwd))
+        case = f"{batch}x{heads}x{length}x{head_dim} {name}"
+        results += _measure(case, _implementations(q, k, v, rotary), q, k, v, grad, device,
+                            lambda bwd, s=(batch, heads, length, length, head_dim): attention_flops(*s, bwd))
     d = DECODE if not quick else dict(batch=2, heads=4, kv_heads=2, keys=70, head_dim=64)
     q, k, v, grad = _inputs(d["batch"], d["heads"], d["kv_heads"], 1, d["keys"], d["head_dim"], dtype, device)
-    name = f"decode {d['batch']}x{d['heads']}/{d['kv_heads']}x1x{d['keys']}x{d['head_dim']}"
-    rows += _measure(name, _implementations(q, k, v, None), q, k, v, grad, device,
-                     lambda bwd: attention_flops(d["batch"], d["heads"], 1, d["keys"], d["head_dim"], bwd),
-                     backward_too=False)
-    for r in rows:
-        r.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                 dtype=str(dtype).removeprefix("torch."))
-    return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    header = ["shape", "pass", "impl", "ms", "TFLOP/s", "best torch / this"]
-    lines = [header] + [[r["shape"], r["pass"], r["impl"], f"{r['ms']:.3f}", f"{r['tflops']:.3g}",
-                         f"{r['ratio']:.2f}x" if r["ratio"] else ""] for r in rows]
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in lines)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default=None, help="append the rows as JSON lines")
-    args = parser.parse_args(argv)
-    rows = run(args.device, getattr(torch, args.dtype) if args.dtype else None, quick=args.quick)
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    case = f"decode {d['batch']}x{d['heads']}/{d['kv_heads']}x1x{d['keys']}x{d['head_dim']} {name}"
+    results += _measure(case, _implementations(q, k, v, None), q, k, v, grad, device,
+                        lambda bwd: attention_flops(d["batch"], d["heads"], 1, d["keys"], d["head_dim"], bwd),
+                        backward_too=False)
+    return results

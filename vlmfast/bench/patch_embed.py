@@ -1,23 +1,15 @@
 """Patch embedding from uint8 images: vlmfast against torch's permute + float + normalise + conv2d
 and against the bare GEMM that sequence contains (TARGETS.md).
 
-    from benchmarks.patch_embed import run
-    results = run(torch.device("cpu"), torch.float32)        # 32 x 224 x 224 x 3, p 16, D 768
-    results = run(torch.device("cuda"), torch.bfloat16)      # batch 256 on a GPU
-
-    python -m benchmarks.patch_embed [--device cuda] [--dtype bfloat16] [--quick] [--json out.jsonl]
-
+Shapes: 32 x 224 x 224 x 3, p 16, D 768 on the CPU; batch 256 (and a ViT-L/14-336 batch) on a GPU.
 Each Result: vlmfast's ms against the torch sequence (peer, `speedup` = peer ms / ms), TFLOP/s of
 the GEMM (2 B N K D), and in `extra` the bare GEMM's ms (a (B N, K) @ (K, D) matmul of the
 weight's dtype, what any implementation must at least do) with `gemm_over` = ms / GEMM ms (target
 <= 1.2 on a GPU). On a GPU both vlmfast backends are timed: Triton (the default: the patch gather
-inside the GEMM's K loop) and CUDA (gather kernel + cuBLAS).
+inside the GEMM's K loop) and CUDA (gather kernel + cuBLAS), each its own case.
 """
 
-import argparse
-import json
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +86,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
                     ms = time_ms(lambda: ops.patch_embed(images, weight, bias, mean=MEAN, std=STD), device)
                 name = "vlmfast" + (f"-{backend}" if backend else "")
                 case = f"{batch}x{side}x{side}x{channels} u8, p{patch}, D{d}, {str(dtype).removeprefix('torch.')}"
+                case += f" [{backend}]" if backend else ""
                 results.append(Result(
                     "patch_embed", case, name, ms, "torch permute+float+normalise+conv2d", peer_ms,
                     tflops=flops / ms / 1e9,
@@ -118,38 +111,3 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
         results.append(Result("patch_embed", case, "vlmfast", ms, "torch permute+float+normalise+conv2d",
                               peer_ms, tflops=3 * flops / ms / 1e9))
     return results
-
-
-def format_table(results: list[Result]) -> str:
-    header = ["case", "impl", "ms", "TFLOP/s", "torch ms", "speedup", "GEMM ms", "ms / GEMM"]
-    lines = [header]
-    for r in results:
-        gemm = r.extra.get("gemm_ms")
-        lines.append([r.case, r.impl, f"{r.ms:.3f}", f"{r.tflops:.3g}", f"{r.peer_ms:.3f}", f"{r.speedup:.2f}x",
-                      f"{gemm:.3f}" if gemm else "", f"{r.extra['gemm_over']:.2f}" if gemm else ""])
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in lines)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default=None, help="append the results as JSON lines")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    results = run(device, dtype, quick=args.quick)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"patch_embed on {where}, torch {torch.__version__}")
-    print(format_table(results))
-    if args.json:
-        with open(args.json, "a") as f:
-            for r in results:
-                f.write(json.dumps({**vars(r), "speedup": r.speedup, "device": where}) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,6 @@
 """SmolVLM: prefill and decode of vlmfast against transformers' generate, same random-weight
-model (a transformers SmolVLMForConditionalGeneration saved and loaded into vlmfast).
-
-    from benchmarks.smolvlm import run
-    results = run(torch.device("cpu"), torch.bfloat16)        # SmolVLM2-256M dimensions
-    python -m benchmarks.smolvlm [--device cuda] [--dtype bfloat16] [--quick] [--json out.jsonl]
+model (a transformers SmolVLMForConditionalGeneration saved and loaded into vlmfast), with
+SmolVLM2-256M's dimensions (quick: a 2-layer toy of the same structure).
 
 Cases (TARGETS.md): prefill of one 512 x 512 image (64 image tokens) + a prompt at batch 1, and
 decode at batch 1 and 32. Decode time per step = (generate of N tokens - generate of 1 token) /
@@ -11,9 +8,6 @@ decode at batch 1 and 32. Decode time per step = (generate of N tokens - generat
 Result's ms is per step (decode) or per call (prefill); extra holds tokens/s of both.
 """
 
-import argparse
-import json
-import sys
 import tempfile
 
 import torch
@@ -47,6 +41,7 @@ def build_pair(spec: dict, device, dtype):
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # save_pretrained's shard bar in the table
     torch.manual_seed(0)
     hf = SmolVLMForConditionalGeneration(SmolVLMConfig(**spec)).to(dtype).eval()
     with tempfile.TemporaryDirectory() as path:
@@ -123,24 +118,3 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
                               extra={"tokens_per_s": batch * 1e3 / ms, "peer_tokens_per_s": batch * 1e3 / peer_ms,
                                      "greedy_equal": same}))
     return results
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
-    results = run(torch.device(args.device), getattr(torch, args.dtype), args.quick)
-    for r in results:
-        extra = " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.extra.items())
-        print(f"{r.case:55s} vlmfast {r.ms:9.2f} ms  transformers {r.peer_ms:9.2f} ms  {r.speedup:5.2f}x  {extra}")
-    if args.json:
-        with open(args.json, "a") as f:
-            for r in results:
-                f.write(json.dumps({**r.__dict__, "speedup": r.speedup}) + "\n")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
