@@ -108,8 +108,43 @@ def test_errors_are_reported_not_raised(demo_dir, tmp_path, capsys):
         main(["nonsense"])
 
 
+def test_eval_zeroshot_agrees_with_the_zeroshot_command(demo_dir, tmp_path, capsys):
+    """`vlmfast eval zeroshot` (runner over a folder per class) and `vlmfast zeroshot` (per-image
+    predictions) are two code paths over the same model: the runner's top-1 must equal the share
+    of per-image predictions that name the right class."""
+    data = tmp_path / "classes"
+    ds = SyntheticShapes(24, seed=9, image_size=24)
+    for i in range(len(ds)):
+        folder = data / CLASSES[ds[i].label].replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(ds[i].image).save(folder / f"{i}.png")
+    report_file = tmp_path / "report.json"
+    assert main(["eval", "zeroshot", "--model", str(demo_dir), "--data", str(data), "--template", "a {}",
+                 "--device", "cpu", "--report", str(report_file)]) == 0
+    report = json.loads(report_file.read_text())
+    capsys.readouterr()
+    present = sorted(p.name.replace("_", " ") for p in data.iterdir())
+    assert main(["zeroshot", "--model", str(demo_dir), "--images", str(data), "--labels", ",".join(present),
+                 "--templates", "a {}", "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    correct = [r["labels"][0] == os.path.basename(os.path.dirname(r["path"])).replace("_", " ") for r in rows]
+    assert len(rows) == 24
+    assert report["top1"] == pytest.approx(sum(correct) / len(correct))
+
+
+def test_dedup_groups_a_resized_copy(tmp_path, capsys):
+    ds = SyntheticShapes(3, seed=2, image_size=96)
+    for i in range(3):
+        Image.fromarray(ds[i].image).save(tmp_path / f"{i}.png")
+    Image.fromarray(ds[0].image).resize((64, 64)).save(tmp_path / "0-small.png")
+    report_file = tmp_path / "dedup.json"
+    assert main(["dedup", str(tmp_path), "--report", str(report_file)]) == 0
+    report = json.loads(report_file.read_text())
+    assert [sorted(group) for group in report["groups"]] == [["0-small.png", "0.png"]]
+
+
 def test_subcommands_are_registered_in_one_table():
-    assert {"demo", "embed", "zeroshot"} <= set(COMMANDS)
+    assert {"demo", "embed", "zeroshot", "bench", "eval", "dedup"} <= set(COMMANDS)
     assert build_parser().parse_args(["demo", "--steps", "5"]).steps == 5
 
 

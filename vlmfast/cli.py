@@ -98,10 +98,49 @@ def _run_zeroshot(args) -> int:
     return 0
 
 
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    from vlmfast.bench import runner
+
+    runner.add_arguments(p)
+
+
+def _run_bench(args) -> int:
+    from vlmfast.bench import runner
+
+    return runner.run(args)
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    from vlmfast.eval.commands import add_eval_arguments
+
+    add_eval_arguments(p)
+
+
+def _run_eval(args) -> int:
+    from vlmfast.eval.commands import run_eval
+
+    return run_eval(args)
+
+
+def _add_dedup(p: argparse.ArgumentParser) -> None:
+    from vlmfast.eval.commands import add_dedup_arguments
+
+    add_dedup_arguments(p)
+
+
+def _run_dedup(args) -> int:
+    from vlmfast.eval.commands import run_dedup
+
+    return run_dedup(args)
+
+
 COMMANDS = {
     "demo": ("train a small CLIP on the built-in shapes data set and report zero-shot accuracy", _add_demo, _run_demo),
     "embed": ("embed a folder of images with a CLIP/SigLIP checkpoint (sharded, resumable)", _add_embed, _run_embed),
     "zeroshot": ("zero-shot classify images with a CLIP/SigLIP checkpoint", _add_zeroshot, _run_zeroshot),
+    "bench": ("benchmark the ops and models against their peers (same run, same machine)", _add_bench, _run_bench),
+    "eval": ("evaluate a CLIP/SigLIP checkpoint: zero-shot or retrieval, JSON report", _add_eval, _run_eval),
+    "dedup": ("find near-duplicate images (perceptual hash, Hamming distance)", _add_dedup, _run_dedup),
 }
 
 
