@@ -29,6 +29,8 @@ tests_status=${PIPESTATUS[0]}
 
 echo "== benchmarks"
 timeout 240 $py -m vlmfast.bench.runner all --device cuda --json "$out/bench.jsonl" 2>&1 | tee "$out/bench.txt"
+# The README's Markdown table of this run (benchmarks/results/ keeps the records worth publishing).
+$py -m vlmfast.bench.runner --report --results "$out/bench.jsonl" >"$out/report.md" 2>&1
 
 echo "== summary"
 echo "tests exit status: $tests_status ($(grep -o '[0-9]* passed\|[0-9]* failed' "$out/tests.log" | tr '\n' ' '))"
