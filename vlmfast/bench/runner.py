@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--json", type=Path, nargs="?", const=report.DEFAULT_JSON, default=None,
-                        help=f"append results as JSON lines to this file (no value: {report.DEFAULT_JSON})")
+                        help=f"append results as JSON lines to this file (no value, put last: {report.DEFAULT_JSON})")
     parser.add_argument("--quick", action="store_true", help="small shapes: checks that every suite runs")
     parser.add_argument("--no-peaks", action="store_true", help="skip measuring the machine's peaks")
     parser.add_argument("--report", action="store_true",
