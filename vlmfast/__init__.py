@@ -10,5 +10,6 @@ backend (Triton, then the PyTorch reference) with one warning.
 __version__ = "0.1.0"
 
 from vlmfast import nn, ops  # noqa: E402
+from vlmfast.patching_transformers import patch_transformers  # noqa: E402
 
-__all__ = ["ops", "nn", "__version__"]
+__all__ = ["ops", "nn", "patch_transformers", "__version__"]
