@@ -6,7 +6,7 @@ from torch import nn
 
 from vlmfast.models import checkpoint
 from vlmfast.models.config import CLIPConfig
-from vlmfast.models.layers import Encoder, init_weights
+from vlmfast.models.layers import Encoder, init_weights, set_gradient_checkpointing
 from vlmfast.models.text import TextTransformer
 from vlmfast.models.vit import VisionEmbeddings
 
@@ -75,6 +75,11 @@ class CLIP(nn.Module):
 
     def forward(self, pixel_values, input_ids, attention_mask=None):
         return self.logits(self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask))
+
+    def set_gradient_checkpointing(self, enable: bool = True):
+        """Recompute each encoder layer's activations in the backward (both towers) instead of
+        keeping them; same loss and gradients, less memory. Returns self."""
+        return set_gradient_checkpointing(self, enable)
 
     # -------------------------------------------------------------------------- checkpoints
     @classmethod

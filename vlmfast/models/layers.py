@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vlmfast.models import _ops
 
@@ -93,11 +94,29 @@ class Encoder(nn.Module):
             )
             for _ in range(cfg.num_hidden_layers)
         )
+        # set_gradient_checkpointing(model, True) turns it on: each layer's activations are
+        # recomputed in the backward instead of kept (memory for ~1 extra forward).
+        self.gradient_checkpointing = False
 
     def forward(self, x, attn_mask=None, is_causal: bool = False):
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, attn_mask=attn_mask, is_causal=is_causal)
+            if checkpointing:
+                x = checkpoint(layer, x, attn_mask=attn_mask, is_causal=is_causal, use_reentrant=False)
+            else:
+                x = layer(x, attn_mask=attn_mask, is_causal=is_causal)
         return x
+
+
+def set_gradient_checkpointing(model: nn.Module, enable: bool = True) -> nn.Module:
+    """Checkpoint every Encoder layer of `model` (torch.utils.checkpoint, non-reentrant) or stop
+    doing it. Returns model."""
+    encoders = [m for m in model.modules() if isinstance(m, Encoder)]
+    if not encoders:
+        raise TypeError(f"model: expected a module holding an Encoder (CLIP, SigLIP, a tower), got {type(model).__name__}")
+    for encoder in encoders:
+        encoder.gradient_checkpointing = bool(enable)
+    return model
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 
 from vlmfast.models import _ops, checkpoint
 from vlmfast.models.config import SigLIPConfig
-from vlmfast.models.layers import MLP, Encoder, init_weights
+from vlmfast.models.layers import MLP, Encoder, init_weights, set_gradient_checkpointing
 from vlmfast.models.text import TextTransformer
 from vlmfast.models.vit import VisionEmbeddings
 
@@ -118,6 +118,11 @@ class SigLIP(nn.Module):
 
     def forward(self, pixel_values, input_ids, attention_mask=None):
         return self.logits(self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask))
+
+    def set_gradient_checkpointing(self, enable: bool = True):
+        """Recompute each encoder layer's activations in the backward (both towers) instead of
+        keeping them; same loss and gradients, less memory. Returns self."""
+        return set_gradient_checkpointing(self, enable)
 
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None) -> "SigLIP":

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from vlmfast.models import _ops
+from vlmfast.models.layers import set_gradient_checkpointing
 
 CHECKPOINT_NAME = "trainer_state.pt"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps its temperature at 1/100
@@ -40,6 +41,7 @@ class TrainConfig:
     grad_accum: int = 1
     max_grad_norm: float | None = None
     bf16: bool = False  # torch.autocast(bfloat16) around the forward
+    gradient_checkpointing: bool = False  # recompute encoder layers in the backward (less memory)
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0  # steps; 0: only at the end
     log_path: str | None = None
@@ -103,6 +105,8 @@ class Trainer:
 
     def __init__(self, model, cfg: TrainConfig, batches, *, loss_fn=contrastive_loss, is_main: bool = True):
         self.model, self.cfg, self.batches, self.loss_fn, self.is_main = model, cfg, batches, loss_fn, is_main
+        if cfg.gradient_checkpointing:
+            set_gradient_checkpointing(model, True)
         fused = {"fused": True} if next(model.parameters()).is_cuda else {}
         self.optimizer = torch.optim.AdamW(
             _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **fused
