@@ -11,5 +11,6 @@ __version__ = "0.1.0"
 
 from vlmfast import nn, ops  # noqa: E402
 from vlmfast.patching_transformers import patch_transformers  # noqa: E402
+from vlmfast.pipelines import pipeline  # noqa: E402
 
-__all__ = ["ops", "nn", "patch_transformers", "__version__"]
+__all__ = ["ops", "nn", "patch_transformers", "pipeline", "__version__"]

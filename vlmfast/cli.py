@@ -134,6 +134,18 @@ def _run_dedup(args) -> int:
     return run_dedup(args)
 
 
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    from vlmfast.generation.commands import add_generate_arguments
+
+    add_generate_arguments(p)
+
+
+def _run_generate(args) -> int:
+    from vlmfast.generation.commands import run_generate
+
+    return run_generate(args)
+
+
 COMMANDS = {
     "demo": ("train a small CLIP on the built-in shapes data set and report zero-shot accuracy", _add_demo, _run_demo),
     "embed": ("embed a folder of images with a CLIP/SigLIP checkpoint (sharded, resumable)", _add_embed, _run_embed),
@@ -141,6 +153,8 @@ COMMANDS = {
     "bench": ("benchmark the ops and models against their peers (same run, same machine)", _add_bench, _run_bench),
     "eval": ("evaluate a CLIP/SigLIP checkpoint: zero-shot or retrieval, JSON report", _add_eval, _run_eval),
     "dedup": ("find near-duplicate images (perceptual hash, Hamming distance)", _add_dedup, _run_dedup),
+    "generate": ("generate text from images + a prompt with a SmolVLM checkpoint (or a resumable JSONL batch)",
+                 _add_generate, _run_generate),
 }
 
 
