@@ -91,13 +91,15 @@ class ImageTextToTextPipeline:
 
     # ------------------------------------------------------------------ generation
 
-    def __call__(self, images=None, prompts=None, *, max_new_tokens: int | None = None, **generate_options) -> list[str]:
+    def __call__(self, images=None, prompts=None, *, max_new_tokens: int | None = None,
+                 **generate_options) -> list[str]:
         """(images, prompts): images[i] is an image, a path, a list of them or None for prompts[i];
         or one chat conversation / a list of conversations as the first argument.
         Returns one generated string per prompt / conversation."""
         if prompts is None and _is_conversation(images):
             conversations, samples = self._from_conversations([images])
-        elif prompts is None and isinstance(images, (list, tuple)) and images and all(_is_conversation(c) for c in images):
+        elif prompts is None and isinstance(images, (list, tuple)) and images \
+                and all(_is_conversation(c) for c in images):
             conversations, samples = self._from_conversations(images)
         elif prompts is None:
             raise TypeError("prompts: expected prompts with the images, or chat messages as the first argument")

@@ -45,6 +45,20 @@ def test_chat_template_matches_transformers(folders, generation):
     assert batched == [theirs.apply_chat_template(c, add_generation_prompt=generation) for c in CONVERSATIONS]
 
 
+def test_transformers_default_template_with_string_contents(folders):
+    """transformers' SmolVLM fallback template (string contents, video slots), passed explicitly."""
+    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+
+    ours, theirs = folders
+    conversations = CONVERSATIONS + [[{"role": "system", "content": "Be brief."}, _user(None, "What?")]]
+    for conversation in conversations:
+        for generation in (True, False):
+            expected = theirs.apply_chat_template(conversation, chat_template=DEFAULT_CHAT_TEMPLATE,
+                                                  add_generation_prompt=generation)
+            assert ours.apply_chat_template(conversation, chat_template=DEFAULT_CHAT_TEMPLATE,
+                                            add_generation_prompt=generation) == expected
+
+
 @pytest.mark.parametrize("where", ["chat_template.json", "tokenizer_config.json"])
 def test_chat_template_read_from_each_place(tmp_path, where):
     proc = SmolVLMProcessor.from_pretrained(write_processor_files(tmp_path, template_file=where))
@@ -81,7 +95,8 @@ def test_inputs_match_transformers_single_prompt_and_text_only(folders):
     got = ours(texts)
     want = theirs(text=texts, return_tensors="pt", padding=True)
     assert set(got) == {"input_ids", "attention_mask"}
-    assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["attention_mask"], want["attention_mask"])
+    for key in ("input_ids", "attention_mask"):
+        assert torch.equal(got[key], want[key]), key
 
 
 def test_decode_matches_transformers(folders):

@@ -60,14 +60,17 @@ def add_generative_tasks(tasks) -> None:
     """`eval vqa` and `eval caption`: a SmolVLM checkpoint through vlmfast.pipeline."""
     vqa = tasks.add_parser("vqa", help="VQA accuracy of a SmolVLM checkpoint (VQA v2 questions + annotations JSON)")
     _add_vlm(vqa, max_new_tokens=10)
-    vqa.add_argument("--questions", required=True, help="VQA questions JSON {questions: [{question_id, image_id, question}]}")
-    vqa.add_argument("--annotations", required=True, help="VQA annotations JSON {annotations: [{question_id, answers}]}")
+    vqa.add_argument("--questions", required=True,
+                     help="VQA questions JSON {questions: [{question_id, image_id, question}]}")
+    vqa.add_argument("--annotations", required=True,
+                     help="VQA annotations JSON {annotations: [{question_id, answers}]}")
     vqa.add_argument("--images", required=True, help="the image folder")
     vqa.add_argument("--image-file", default="COCO_val2014_{image_id:012d}.jpg",
                      help="image file name from image_id (default: VQA v2 val names)")
     vqa.add_argument("--prompt", default="{question}\nAnswer the question using a single word or phrase.",
                      help="prompt with {question} (default asks for a short answer)")
-    caption = tasks.add_parser("caption", help="BLEU / CIDEr-D / ROUGE-L of a SmolVLM checkpoint on COCO-style captions")
+    caption = tasks.add_parser("caption",
+                               help="BLEU / CIDEr-D / ROUGE-L of a SmolVLM checkpoint on COCO-style captions")
     _add_vlm(caption, max_new_tokens=32)
     caption.add_argument("--annotations", required=True, help="COCO captions or Karpathy-split JSON")
     caption.add_argument("--images", required=True, help="the folder the JSON's file names are relative to")

@@ -116,7 +116,8 @@ class SmolVLMProcessor:
         template, preprocessor_config.json (images) and processor_config.json (image_seq_len)."""
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"path: expected tokenizer.json in {path} (slow-tokenizer-only checkpoints are not supported)")
+            raise FileNotFoundError(f"path: expected tokenizer.json in {path} "
+                                    "(slow-tokenizer-only checkpoints are not supported)")
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         settings = _read_json(path / "tokenizer_config.json")
         special = {}
@@ -156,7 +157,8 @@ class SmolVLMProcessor:
                             "or a list of conversations")
         batched = isinstance(messages[0], (list, tuple))
         conversations = messages if batched else [messages]
-        special = {k: v for k, v in self.special_tokens.items() if k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        names = ("bos_token", "eos_token", "pad_token", "unk_token")
+        special = {k: v for k, v in self.special_tokens.items() if k in names}
         texts = [render_chat_template(template, list(c), add_generation_prompt=add_generation_prompt,
                                       **special, **variables) for c in conversations]
         return texts if batched else texts[0]
