@@ -7,5 +7,6 @@
 
 from vlmfast.models.smolvlm.config import SmolVLMConfig, SmolVLMTextConfig, SmolVLMVisionConfig
 from vlmfast.models.smolvlm.model import SmolVLM
+from vlmfast.models.smolvlm.processor import SmolVLMProcessor
 
-__all__ = ["SmolVLM", "SmolVLMConfig", "SmolVLMTextConfig", "SmolVLMVisionConfig"]
+__all__ = ["SmolVLM", "SmolVLMConfig", "SmolVLMProcessor", "SmolVLMTextConfig", "SmolVLMVisionConfig"]
