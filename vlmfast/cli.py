@@ -151,7 +151,7 @@ COMMANDS = {
     "embed": ("embed a folder of images with a CLIP/SigLIP checkpoint (sharded, resumable)", _add_embed, _run_embed),
     "zeroshot": ("zero-shot classify images with a CLIP/SigLIP checkpoint", _add_zeroshot, _run_zeroshot),
     "bench": ("benchmark the ops and models against their peers (same run, same machine)", _add_bench, _run_bench),
-    "eval": ("evaluate a CLIP/SigLIP checkpoint: zero-shot or retrieval, JSON report", _add_eval, _run_eval),
+    "eval": ("evaluate a checkpoint: zeroshot / retrieval (CLIP, SigLIP), vqa / caption (SmolVLM); JSON report", _add_eval, _run_eval),
     "dedup": ("find near-duplicate images (perceptual hash, Hamming distance)", _add_dedup, _run_dedup),
     "generate": ("generate text from images + a prompt with a SmolVLM checkpoint (or a resumable JSONL batch)",
                  _add_generate, _run_generate),

@@ -1,4 +1,4 @@
-"""`vlmfast eval zeroshot|retrieval` and `vlmfast dedup`: the runners on checkpoint folders."""
+"""`vlmfast eval zeroshot|retrieval|vqa|caption` and `vlmfast dedup`: the runners on checkpoint folders."""
 
 import argparse
 import json
