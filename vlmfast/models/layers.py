@@ -113,7 +113,9 @@ def set_gradient_checkpointing(model: nn.Module, enable: bool = True) -> nn.Modu
     doing it. Returns model."""
     encoders = [m for m in model.modules() if isinstance(m, Encoder)]
     if not encoders:
-        raise TypeError(f"model: expected a module holding an Encoder (CLIP, SigLIP, a tower), got {type(model).__name__}")
+        raise TypeError(
+            f"model: expected a module holding an Encoder (CLIP, SigLIP, a tower), got {type(model).__name__}"
+        )
     for encoder in encoders:
         encoder.gradient_checkpointing = bool(enable)
     return model
