@@ -137,3 +137,14 @@ def test_unsupported_model_raises():
                                                           num_attention_heads=2, intermediate_size=16))
     with pytest.raises(TypeError, match="model_type 'bert'"):
         vlmfast.patch_transformers(bert)
+
+
+def test_patched_model_saves_a_plain_checkpoint(tmp_path):
+    model = vlmfast.patch_transformers(_tiny("clip"))
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.CLIPModel.from_pretrained(tmp_path).eval()
+    assert reloaded.config._attn_implementation != "vlmfast"
+    assert type(reloaded.vision_model.embeddings.patch_embedding) is torch.nn.Conv2d
+    inputs = _inputs(True)
+    torch.testing.assert_close(reloaded(**inputs).logits_per_image, model(**inputs).logits_per_image,
+                               rtol=1e-5, atol=1e-5)
