@@ -74,13 +74,26 @@ def forward(q, k, v, *, scale: float, is_causal: bool, bias=None):
     out = _alloc.empty_like(q)
     lse = _alloc.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     bias_ptr, bias_strides = _bias_args(bias)
+    sizes = _sizes(q, k)
     # Positional arguments: a decode step is short enough for keyword parsing to show.
     _module().attention_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), bias_ptr, out.data_ptr(), lse.data_ptr(),
-        _sizes(q, k), q.stride()[:3], k.stride()[:3], v.stride()[:3], bias_strides,
-        out.stride()[:3], float(scale), bool(is_causal), dtype_tag(q), torch.get_num_threads(),
+        sizes, q.stride()[:3], k.stride()[:3], v.stride()[:3], bias_strides,
+        out.stride()[:3], float(scale), bool(is_causal), DTYPE_TAGS[q.dtype], _threads_for(sizes),
     )
     return out, lse
+
+
+# Below this many multiply-adds (B * H * L * S * E) a call runs on one thread: starting the
+# OpenMP team costs more than it saves (a decode step against a short KV cache: ~74k).
+PARALLEL_MIN_WORK = 1 << 17
+
+
+def _threads_for(sizes: tuple) -> int:
+    batch, heads, _, length, keys, dim = sizes
+    if batch * heads * length * keys * dim < PARALLEL_MIN_WORK:
+        return 1
+    return torch.get_num_threads()
 
 
 def backward(grad_out, q, k, v, out, lse, *, scale: float, is_causal: bool, bias=None):

@@ -14,6 +14,7 @@ combines the partial results by their log-sum-exp.
 Rows with no key to attend (every key masked) give zeros and zero gradients, not NaN.
 """
 
+import functools
 import math
 
 import torch
@@ -42,9 +43,7 @@ def _dense_forward(backend, q, k, v, bias, scale, is_causal, cos, sin):
     if rotary is not None:
         q, k = _rotate(q, cos, sin, False, 2), _rotate(k, cos, sin, False, 2)
     if backend == "cpp":
-        from vlmfast.native import attention as native_attention
-
-        return native_attention.forward(q, k, v, scale=scale, is_causal=is_causal, bias=bias)
+        return _native().forward(q, k, v, scale=scale, is_causal=is_causal, bias=bias)
     return reference.attention_forward(q, k, v, bias, scale, is_causal)
 
 
@@ -58,9 +57,7 @@ def _dense_backward(backend, grad, q, k, v, out, lse, bias, scale, is_causal, co
     if rotary is not None:
         q, k = _rotate(q, cos, sin, False, 2), _rotate(k, cos, sin, False, 2)
     if backend == "cpp":
-        from vlmfast.native import attention as native_attention
-
-        dq, dk, dv = native_attention.backward(grad, q, k, v, out, lse, scale=scale,
+        dq, dk, dv = _native().backward(grad, q, k, v, out, lse, scale=scale,
                                                is_causal=is_causal, bias=bias)
     else:
         dq, dk, dv = reference.attention_backward(grad, q, k, v, out, lse, bias, scale, is_causal)
@@ -68,6 +65,15 @@ def _dense_backward(backend, grad, q, k, v, out, lse, bias, scale, is_causal, co
         # The rotation is orthogonal: the gradient goes back through its transpose.
         dq, dk = _rotate(dq, cos, sin, True, 2), _rotate(dk, cos, sin, True, 2)
     return dq, dk, dv
+
+
+@functools.cache
+def _native():
+    """vlmfast/native/attention.py, imported on first use (an import statement per call shows
+    in a decode step)."""
+    from vlmfast.native import attention as native_attention
+
+    return native_attention
 
 
 # There is no CUDA C++ attention kernel: on CUDA tensors Triton is the kernel, and a forced
@@ -298,29 +304,35 @@ def _mask_to_bias(attn_mask, target: tuple, device, dtype: torch.dtype) -> torch
         raise TypeError(f"attn_mask: expected a bool or floating tensor, got {attn_mask.dtype}")
     if attn_mask.device != device:
         raise ValueError(f"attn_mask: expected a tensor on {device} like query, got {attn_mask.device}")
-    try:
-        broadcast = torch.broadcast_shapes(attn_mask.shape, target)
-    except RuntimeError:
-        broadcast = None
-    if broadcast != torch.Size(target):
+    if not _broadcasts_to(attn_mask.shape, target):
         raise ValueError(
             f"attn_mask: expected a shape broadcastable to (..., L, S) = {tuple(target)}, got "
             f"{_checks.shape_of(attn_mask)}"
         )
     if attn_mask.dtype == torch.bool:
-        # Converted at the mask's own size (a key-padding mask stays (B, 1, 1, S)), then expanded.
-        bias = torch.zeros(attn_mask.shape, dtype=dtype, device=device)
-        bias = bias.masked_fill(~attn_mask, float("-inf"))
+        # Converted at the mask's own size (a key-padding mask stays (B, 1, 1, S)), then
+        # expanded; one where() instead of zeros + masked_fill (a decode step feels each op).
+        bias = torch.where(attn_mask, 0.0, float("-inf")).to(dtype)
     else:
         bias = attn_mask.to(dtype)
     return bias.expand(target)
+
+
+def _broadcasts_to(shape, target: tuple) -> bool:
+    """Whether `shape` broadcasts to exactly `target` (torch.broadcast_shapes costs ~50 us)."""
+    if len(shape) > len(target):
+        return False
+    return all(size == 1 or size == want for size, want in zip(reversed(shape), reversed(target)))
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
     """(N, L, E) -> (1, N, L, E); (..., H, L, E) -> (prod(...), H, L, E); last dim stride 1."""
     if t.stride(-1) != 1:
         t = t.contiguous()
-    if t.dim() == 3:
+    rank = t.dim()
+    if rank == 4:  # the usual case: no reshape (a decode step feels every op)
+        return t
+    if rank == 3:
         return t.unsqueeze(0)
     return t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:])
 
@@ -408,8 +420,28 @@ def scaled_dot_product_attention(
     cos = sin = None
     if rotary is not None:
         cos, sin = rotary
-    out, _ = attention_fwd(q4, k4, v4, bias4, scale, bool(is_causal), cos, sin)
-    return out.view(query.shape)
+    out = _dense_attention(q4, k4, v4, bias4, scale, bool(is_causal), cos, sin)
+    return out if out.dim() == query.dim() else out.view(query.shape)
+
+
+def _dense_attention(q, k, v, bias, scale: float, is_causal: bool, cos, sin) -> torch.Tensor:
+    """The output of the dense forward. An eager call with nothing to differentiate runs the
+    backend directly: the custom op's dispatch and autograd wrapper cost ~15 us a call, several
+    times the kernel of a decode step. Compiling and training go through the custom op."""
+    if (
+        not torch.compiler.is_compiling()
+        and q.device.type in _EAGER_DEVICES
+        and not (torch.is_grad_enabled() and _any_requires_grad(q, k, v, cos, sin))
+    ):
+        return _dense_forward(_backend("attention", q), q, k, v, bias, scale, is_causal, cos, sin)[0]
+    return attention_fwd(q, k, v, bias, scale, is_causal, cos, sin)[0]
+
+
+_EAGER_DEVICES = ("cpu", "cuda")  # not meta / fake tensors: those need the op's fake impl
+
+
+def _any_requires_grad(*tensors) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def _as_4d_bias(bias: torch.Tensor, batch_heads) -> torch.Tensor:
