@@ -234,11 +234,13 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t bias, uintptr_t out, uintptr_t lse,
          const std::array<int64_t, 6>& sizes, const Strides3& q_strides, const Strides3& k_strides,
          const Strides3& v_strides, const std::array<int64_t, 4>& bias_strides,
-         const Strides3& out_strides, float scale, bool is_causal, int dtype, int threads) {
+         const Strides3& out_strides, float scale, bool is_causal, int dtype, int threads,
+         uintptr_t rotary_cos, uintptr_t rotary_sin, int64_t rotary_half, int64_t rotary_stride) {
         py::gil_scoped_release release;
         namespace c = vlmfast::cpu;
         const c::AttentionShape shape{sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5],
-                                      scale, is_causal};
+                                      scale, is_causal, ptr<const float>(rotary_cos),
+                                      ptr<const float>(rotary_sin), rotary_half, rotary_stride};
         auto in = [](uintptr_t a, const Strides3& s) {
           return c::AttentionInput{ptr<const void>(a), {s[0], s[1], s[2]}};
         };
@@ -251,7 +253,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"), py::arg("out"), py::arg("lse"),
       py::arg("sizes"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"),
       py::arg("bias_strides"), py::arg("out_strides"), py::arg("scale"), py::arg("is_causal"),
-      py::arg("dtype"), py::arg("threads"));
+      py::arg("dtype"), py::arg("threads"), py::arg("rotary_cos") = 0, py::arg("rotary_sin") = 0,
+      py::arg("rotary_half") = 0, py::arg("rotary_stride") = 0);
 
   m.def(
       "attention_backward",
@@ -261,11 +264,13 @@ PYBIND11_MODULE(_C, m) {
          const Strides3& q_strides, const Strides3& k_strides, const Strides3& v_strides,
          const Strides3& out_strides, const std::array<int64_t, 4>& bias_strides,
          const Strides3& dq_strides, const Strides3& dk_strides, const Strides3& dv_strides,
-         float scale, bool is_causal, int dtype, int threads, int strategy) {
+         float scale, bool is_causal, int dtype, int threads, int strategy, uintptr_t rotary_cos,
+         uintptr_t rotary_sin, int64_t rotary_half, int64_t rotary_stride) {
         py::gil_scoped_release release;
         namespace c = vlmfast::cpu;
         const c::AttentionShape shape{sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5],
-                                      scale, is_causal};
+                                      scale, is_causal, ptr<const float>(rotary_cos),
+                                      ptr<const float>(rotary_sin), rotary_half, rotary_stride};
         auto in = [](uintptr_t a, const Strides3& s) {
           return c::AttentionInput{ptr<const void>(a), {s[0], s[1], s[2]}};
         };
@@ -284,7 +289,9 @@ PYBIND11_MODULE(_C, m) {
       py::arg("sizes"), py::arg("grad_out_strides"), py::arg("q_strides"), py::arg("k_strides"),
       py::arg("v_strides"), py::arg("out_strides"), py::arg("bias_strides"),
       py::arg("dq_strides"), py::arg("dk_strides"), py::arg("dv_strides"), py::arg("scale"),
-      py::arg("is_causal"), py::arg("dtype"), py::arg("threads"), py::arg("strategy"));
+      py::arg("is_causal"), py::arg("dtype"), py::arg("threads"), py::arg("strategy"),
+      py::arg("rotary_cos") = 0, py::arg("rotary_sin") = 0, py::arg("rotary_half") = 0,
+      py::arg("rotary_stride") = 0);
 
   // Linear + cross-entropy (csrc/cpu/linear_cross_entropy.h): sizes = (N, D, V), strides = the
   // row strides of hidden and weight; bias, row_scale, grad_* = 0 for none (row_scale = 0: no

@@ -440,16 +440,35 @@ VLMFAST_INLINE T* row_of(const AttentionOutput& t, int64_t b, int64_t head, int6
   return static_cast<T*>(t.data) + b * t.strides[0] + head * t.strides[1] + pos * t.strides[2];
 }
 
-// dst (count, width) = t's rows of the block, times mult, zero-padded past E.
+// Rotates the float row x in place by the rotary table row `pos` (sign -1: the inverse
+// rotation, which takes a gradient back through it): for i < R/2, with c, s that row's cos, sin,
+// (x_i, x_{i+R/2}) -> (x_i c - sign x_{i+R/2} s, x_{i+R/2} c + sign x_i s).
+VLMFAST_INLINE void rotate_row(const Plan& p, int64_t pos, float* x, float sign) {
+  const int64_t half = p.s.rotary_half;
+  const float* c = p.s.rotary_cos + pos * p.s.rotary_stride;
+  const float* sn = p.s.rotary_sin + pos * p.s.rotary_stride;
+  float* hi = x + half;
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = x[i], x2 = hi[i], s = sign * sn[i];
+    x[i] = x1 * c[i] - x2 * s;
+    hi[i] = x2 * c[i] + x1 * s;
+  }
+}
+
+// dst (count, width) = t's rows of the block, times mult, zero-padded past E; rotated by each
+// row's position when `rotate` and the plan has rotary tables (q: yes; dO: no).
 template <typename T>
 VLMFAST_INLINE void pack_query_rows(const AttentionInput& t, const Plan& p, int64_t b,
-                                    const RowBlock& r, float mult, float* dst) {
+                                    const RowBlock& r, float mult, float* dst,
+                                    bool rotate = false) {
   const int64_t E = p.s.head_dim;
+  rotate = rotate && p.s.rotary_half > 0;
   for (int64_t i = 0; i < r.count; ++i) {
     const T* src = row_of<T>(t, b, r.head[i], r.pos[i]);
     float* d = dst + i * p.width;
     for (int64_t e = 0; e < E; ++e) d[e] = to_float(src[e]) * mult;
     for (int64_t e = E; e < p.width; ++e) d[e] = 0.0f;
+    if (rotate) rotate_row(p, r.pos[i], d, 1.0f);
   }
 }
 
@@ -538,15 +557,38 @@ VLMFAST_INLINE const float* key_rows(const T* src, int64_t stride, int64_t keys,
   return buffer;
 }
 
-// Writes the block's rows of a (count, width) float accumulator times mult.
+// Writes the block's rows of a (count, width) float accumulator times mult (the accumulator
+// is consumed: with `unrotate` and rotary tables, each row is first rotated back in place).
 template <typename T>
 VLMFAST_INLINE void store_query_rows(const AttentionOutput& t, const Plan& p, int64_t b,
-                                     const RowBlock& r, const float* acc, float mult) {
+                                     const RowBlock& r, float* acc, float mult,
+                                     bool unrotate = false) {
+  unrotate = unrotate && p.s.rotary_half > 0;
   for (int64_t i = 0; i < r.count; ++i) {
     T* dst = row_of<T>(t, b, r.head[i], r.pos[i]);
-    const float* a = acc + i * p.width;
+    float* a = acc + i * p.width;
+    if (unrotate) rotate_row(p, r.pos[i], a, -1.0f);
     for (int64_t e = 0; e < p.s.head_dim; ++e) dst[e] = from_float<T>(a[e] * mult);
   }
+}
+
+// Packs the key tile [first_key, first_key + keys): kt (width, 64) = its transpose, rotated by
+// the key positions when the plan has rotary tables. Returns the (rotated) rows as floats with
+// row stride ld when rotary or want_rows (rotary: rows in `buffer`, converted and rotated once,
+// then transposed from there), else nullptr.
+template <typename T>
+VLMFAST_INLINE const float* pack_keys(const T* src, int64_t stride, int64_t keys,
+                                      int64_t first_key, const Plan& p, bool want_rows,
+                                      float* kt, float* buffer, int64_t& ld) {
+  if (p.s.rotary_half == 0) {
+    pack_transposed(src, stride, keys, p, kt);
+    return want_rows ? key_rows(src, stride, keys, p, buffer, ld) : nullptr;
+  }
+  pack_key_rows(src, stride, keys, p, buffer);
+  for (int64_t j = 0; j < keys; ++j) rotate_row(p, first_key + j, buffer + j * p.width, 1.0f);
+  pack_transposed(static_cast<const float*>(buffer), p.width, keys, p, kt);
+  ld = p.width;
+  return buffer;
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -568,7 +610,7 @@ VLMFAST_INLINE void forward_rows(const Plan& p, const ForwardArgs& a, int64_t b,
   const int64_t E = p.s.head_dim, width = p.width;
   float* q = w.q.get(kMaxRowBlock * width);
   float* s = w.scores.get(kMaxRowBlock * kKeyBlock);
-  pack_query_rows<T>(a.q, p, b, r, p.q_mult, q);
+  pack_query_rows<T>(a.q, p, b, r, p.q_mult, q, /*rotate=*/true);
   std::fill(m, m + r.count, -kInf);
   std::fill(l, l + r.count, 0.0f);
   std::fill(acc, acc + r.count * width, 0.0f);
@@ -577,8 +619,11 @@ VLMFAST_INLINE void forward_rows(const Plan& p, const ForwardArgs& a, int64_t b,
     const int64_t keys = std::min(kKeyBlock, p.s.kv_len - first_key);
     const T* k_rows = row_of<T>(a.k, b, kv_head, first_key);
     const T* v_rows = row_of<T>(a.v, b, kv_head, first_key);
-    const float* kt = w.keys.get(
-        kb, [&](float* t) { pack_transposed(k_rows, a.k.strides[2], keys, p, t); });
+    const float* kt = w.keys.get(kb, [&](float* t) {
+      int64_t ld;
+      pack_keys(k_rows, a.k.strides[2], keys, first_key, p, false, t,
+                w.krows.get(kKeyBlock * width), ld);
+    });
     tile_scores(q, width, kt, E, s, r.count);  // s = q k^T (scaled, base 2)
     mask_scores(p, a.bias, r, first_key, keys, s);
     if (!online_softmax_step(s, r.count, m, l, acc, width)) continue;  // s = p
@@ -711,7 +756,7 @@ template <typename T>
 VLMFAST_INLINE void pack_backward_rows(const Plan& p, const BackwardArgs& a, int64_t b,
                                        const RowBlock& r, float* q, float* dout, float* lse2,
                                        float* delta) {
-  pack_query_rows<T>(a.q, p, b, r, p.q_mult, q);
+  pack_query_rows<T>(a.q, p, b, r, p.q_mult, q, /*rotate=*/true);
   pack_query_rows<T>(a.dout, p, b, r, 1.0f, dout);
   for (int64_t i = 0; i < r.count; ++i) {
     const int64_t at = (b * p.s.heads + r.head[i]) * p.s.q_len + r.pos[i];
@@ -751,11 +796,10 @@ VLMFAST_INLINE void backward_key_block(const Plan& p, const BackwardArgs& a, int
   float* dv = w.dv.get(kKeyBlock * width);
   const int64_t rows_tile = p.block_rows * width;  // see backward_row_tile
   const T* k_rows = row_of<T>(a.k, b, kv_head, first_key);
-  pack_transposed(k_rows, a.k.strides[2], keys, p, kt);
-  pack_transposed(row_of<T>(a.v, b, kv_head, first_key), a.v.strides[2], keys, p, vt);
   int64_t ldk = 0;
-  const float* k = nullptr;
-  if (dq_acc) k = key_rows(k_rows, a.k.strides[2], keys, p, w.krows.get(kKeyBlock * width), ldk);
+  const float* k = pack_keys(k_rows, a.k.strides[2], keys, first_key, p, dq_acc != nullptr, kt,
+                             w.krows.get(kKeyBlock * width), ldk);
+  pack_transposed(row_of<T>(a.v, b, kv_head, first_key), a.v.strides[2], keys, p, vt);
   std::fill(dk, dk + keys * width, 0.0f);
   std::fill(dv, dv + keys * width, 0.0f);
 
@@ -786,6 +830,8 @@ VLMFAST_INLINE void backward_key_block(const Plan& p, const BackwardArgs& a, int
   for (int64_t j = 0; j < keys; ++j) {
     T* dk_row = row_of<T>(a.dk, b, kv_head, first_key + j);
     T* dv_row = row_of<T>(a.dv, b, kv_head, first_key + j);
+    // dk is in the rotated space: back through the (orthogonal) rotation's transpose.
+    if (p.s.rotary_half > 0) rotate_row(p, first_key + j, dk + j * width, -1.0f);
     for (int64_t e = 0; e < p.s.head_dim; ++e) {
       dk_row[e] = from_float<T>(dk[j * width + e] * kLn2);  // undo the log2(e) carried by q
       dv_row[e] = from_float<T>(dv[j * width + e]);
@@ -818,14 +864,13 @@ VLMFAST_INLINE void backward_query_block(const Plan& p, const BackwardArgs& a, i
     const int64_t first_key = kb * kKeyBlock;
     const int64_t keys = std::min(kKeyBlock, p.s.kv_len - first_key);
     const T* k_rows = row_of<T>(a.k, b, kv_head, first_key);
-    pack_transposed(k_rows, a.k.strides[2], keys, p, kt);
-    pack_transposed(row_of<T>(a.v, b, kv_head, first_key), a.v.strides[2], keys, p, vt);
     int64_t ldk;
-    const float* k = key_rows(k_rows, a.k.strides[2], keys, p, kbuf, ldk);
+    const float* k = pack_keys(k_rows, a.k.strides[2], keys, first_key, p, true, kt, kbuf, ldk);
+    pack_transposed(row_of<T>(a.v, b, kv_head, first_key), a.v.strides[2], keys, p, vt);
     if (backward_tile(p, a.bias, r, first_key, keys, q, dout, lse2, delta, kt, vt, s, ds))
       tile_accumulate(ds, kKeyBlock, 1, k, ldk, keys, dq, width, r.count, width);
   }
-  store_query_rows<T>(a.dq, p, b, r, dq, p.s.scale);
+  store_query_rows<T>(a.dq, p, b, r, dq, p.s.scale, /*unrotate=*/true);
 }
 
 // D_i = rowsum(dO_i * O_i) for the (B * H * L) query rows [first, first + count).
@@ -855,7 +900,7 @@ VLMFAST_INLINE void backward_pair(const Plan& p, const BackwardArgs& a, int64_t 
   RowBlock r;
   for (int64_t first = 0; first < p.rows; first += p.block_rows) {
     describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
-    store_query_rows<T>(a.dq, p, b, r, dq + first * p.width, p.s.scale);
+    store_query_rows<T>(a.dq, p, b, r, dq + first * p.width, p.s.scale, /*unrotate=*/true);
   }
 }
 
@@ -1002,6 +1047,9 @@ void check_shape(const AttentionShape& s) {
   if (s.batch < 0 || s.heads < 0 || s.q_len < 0 || s.kv_len < 0 || s.head_dim < 1 ||
       s.kv_heads < 1 || s.heads % s.kv_heads != 0)
     throw std::invalid_argument("vlmfast attention: invalid sizes (need E >= 1, H % Hkv == 0)");
+  if (s.rotary_half < 0 || 2 * s.rotary_half > s.head_dim ||
+      (s.rotary_half > 0 && (s.rotary_cos == nullptr || s.rotary_sin == nullptr)))
+    throw std::invalid_argument("vlmfast attention: invalid rotary tables (need R/2 <= E/2)");
 }
 
 }  // namespace

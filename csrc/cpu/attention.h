@@ -17,6 +17,13 @@ struct AttentionShape {
   int64_t batch, heads, kv_heads, q_len, kv_len, head_dim;  // B, H, Hkv, L, S, E
   float scale;
   bool causal;
+  // Optional rotary (non-interleaved, rotate-half) applied to q and k as they are packed:
+  // float32 cos/sin tables, row p (row stride rotary_stride, >= max(L, S) rows) for position p,
+  // rotary_half = R/2 <= E/2 columns; 0 for none. The backward works in the rotated space and
+  // applies the inverse rotation to dq and dk.
+  const float* rotary_cos = nullptr;
+  const float* rotary_sin = nullptr;
+  int64_t rotary_half = 0, rotary_stride = 0;
 };
 
 struct AttentionInput {    // a read-only (B, *, *, E) tensor

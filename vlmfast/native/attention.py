@@ -67,19 +67,25 @@ def _sizes(q, k) -> tuple:
     return (batch, heads, k.shape[1], length, k.shape[2], dim)
 
 
-def forward(q, k, v, *, scale: float, is_causal: bool, bias=None):
-    """(out, lse): out (B, H, L, E) in q's dtype, contiguous; lse (B, H, L) float32."""
+def forward(q, k, v, *, scale: float, is_causal: bool, bias=None, rotary=None):
+    """(out, lse): out (B, H, L, E) in q's dtype, contiguous; lse (B, H, L) float32.
+
+    rotary: None, or float32 (cos, sin) tables, each (P, R/2) with P >= max(L, S) and
+    R <= E, row p for position p: q and k are rotated (non-interleaved, as
+    vlmfast.ops.apply_rotary_emb) inside the kernel as they are packed, with no extra pass."""
     _check(q, k, v, bias)
     q, k, v = (_head_dim_contiguous(t) for t in (q, k, v))
     out = _alloc.empty_like(q)
     lse = _alloc.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     bias_ptr, bias_strides = _bias_args(bias)
+    tables = _rotary_tables(rotary, q, k)
     sizes = _sizes(q, k)
     # Positional arguments: a decode step is short enough for keyword parsing to show.
     _module().attention_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), bias_ptr, out.data_ptr(), lse.data_ptr(),
         sizes, q.stride()[:3], k.stride()[:3], v.stride()[:3], bias_strides,
         out.stride()[:3], float(scale), bool(is_causal), DTYPE_TAGS[q.dtype], _threads_for(sizes),
+        *_rotary_args(tables),
     )
     return out, lse
 
@@ -96,13 +102,48 @@ def _threads_for(sizes: tuple) -> int:
     return torch.get_num_threads()
 
 
-def backward(grad_out, q, k, v, out, lse, *, scale: float, is_causal: bool, bias=None):
+def _rotary_tables(rotary, q, k):
+    """The checked (cos, sin) float32 tables with contiguous rows and one row stride, or None.
+    The caller keeps them alive while the kernel runs (they may be copies)."""
+    if rotary is None:
+        return None
+    cos, sin = rotary
+    positions, dim = max(q.shape[2], k.shape[2]), q.shape[3]
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 2 or t.shape != cos.shape or t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(
+                f"rotary {name}: expected float32 (P, R/2) on the CPU, the same shape for cos and "
+                f"sin, got {t.dtype} {tuple(t.shape)} on {t.device}"
+            )
+    if cos.shape[0] < positions or not 1 <= cos.shape[1] <= dim // 2:
+        raise ValueError(
+            f"rotary: expected tables (P, R/2) with P >= max(L, S) = {positions} and "
+            f"1 <= R/2 <= E/2 = {dim // 2}, got {tuple(cos.shape)}"
+        )
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():  # the kernel takes one row stride
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin
+
+
+def _rotary_args(tables) -> tuple:
+    """(cos address, sin address, R/2, row stride) of checked tables; zeros for none."""
+    if tables is None:
+        return (0, 0, 0, 0)
+    cos, sin = tables
+    return cos.data_ptr(), sin.data_ptr(), cos.shape[1], cos.stride(0)
+
+
+def backward(grad_out, q, k, v, out, lse, *, scale: float, is_causal: bool, bias=None,
+             rotary=None):
     """(dq, dk, dv): dq (B, H, L, E) like q; dk, dv (B, Hkv, S, E) like k, v (summed over the
-    query heads of each group). Recomputes the probabilities from q, k and lse."""
-    return _backward(grad_out, q, k, v, out, lse, scale=scale, is_causal=is_causal, bias=bias)
+    query heads of each group). Recomputes the probabilities from q, k and lse. With rotary
+    (the tables the forward got), q and k are the unrotated inputs and dq, dk their gradients."""
+    return _backward(grad_out, q, k, v, out, lse, scale=scale, is_causal=is_causal, bias=bias,
+                     rotary=rotary)
 
 
-def _backward(grad_out, q, k, v, out, lse, *, scale, is_causal, bias, strategy: str = "auto"):
+def _backward(grad_out, q, k, v, out, lse, *, scale, is_causal, bias, strategy: str = "auto",
+              rotary=None):
     """backward with the work split forced (tests run both: "fused", "two_pass")."""
     _check(q, k, v, bias)
     if grad_out.shape != q.shape or out.shape != q.shape:
@@ -120,6 +161,8 @@ def _backward(grad_out, q, k, v, out, lse, *, scale, is_causal, bias, strategy: 
     dk = _alloc.empty_like(k)
     dv = _alloc.empty_like(v)
     bias_ptr, bias_strides = _bias_args(bias)
+    tables = _rotary_tables(rotary, q, k)
+    rotary_cos, rotary_sin, rotary_half, rotary_stride = _rotary_args(tables)
     _module().attention_backward(
         grad_out=grad_out.data_ptr(), q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
         out=out.data_ptr(), lse=lse.data_ptr(), bias=bias_ptr, dq=dq.data_ptr(),
@@ -129,5 +172,7 @@ def _backward(grad_out, q, k, v, out, lse, *, scale, is_causal, bias, strategy: 
         bias_strides=bias_strides, dq_strides=dq.stride()[:3], dk_strides=dk.stride()[:3],
         dv_strides=dv.stride()[:3], scale=float(scale), is_causal=bool(is_causal),
         dtype=dtype_tag(q), threads=torch.get_num_threads(), strategy=STRATEGIES[strategy],
+        rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_half=rotary_half,
+        rotary_stride=rotary_stride,
     )
     return dq, dk, dv

@@ -40,11 +40,20 @@ def _dense_forward(backend, q, k, v, bias, scale, is_causal, cos, sin):
 
         return triton_attention.forward(q, k, v, scale=scale, is_causal=is_causal, bias=bias,
                                         rotary=rotary)
+    if backend == "cpp":
+        # The C++ kernel rotates q and k as it packs them (float32 tables, no extra pass).
+        return _native().forward(q, k, v, scale=scale, is_causal=is_causal, bias=bias,
+                                 rotary=_float32_tables(rotary))
     if rotary is not None:
         q, k = _rotate(q, cos, sin, False, 2), _rotate(k, cos, sin, False, 2)
-    if backend == "cpp":
-        return _native().forward(q, k, v, scale=scale, is_causal=is_causal, bias=bias)
     return reference.attention_forward(q, k, v, bias, scale, is_causal)
+
+
+def _float32_tables(rotary):
+    """The (cos, sin) tables as the C++ kernel reads them (float32), or None."""
+    if rotary is None:
+        return None
+    return tuple(t.detach().to(torch.float32) for t in rotary)
 
 
 def _dense_backward(backend, grad, q, k, v, out, lse, bias, scale, is_causal, cos, sin):
@@ -54,13 +63,13 @@ def _dense_backward(backend, grad, q, k, v, out, lse, bias, scale, is_causal, co
 
         return triton_attention.backward(grad, q, k, v, out, lse, scale=scale, is_causal=is_causal,
                                          bias=bias, rotary=rotary)
+    if backend == "cpp":
+        # Rotation inside the kernel; dq, dk come back already through its inverse.
+        return _native().backward(grad, q, k, v, out, lse, scale=scale, is_causal=is_causal,
+                                  bias=bias, rotary=_float32_tables(rotary))
     if rotary is not None:
         q, k = _rotate(q, cos, sin, False, 2), _rotate(k, cos, sin, False, 2)
-    if backend == "cpp":
-        dq, dk, dv = _native().backward(grad, q, k, v, out, lse, scale=scale,
-                                               is_causal=is_causal, bias=bias)
-    else:
-        dq, dk, dv = reference.attention_backward(grad, q, k, v, out, lse, bias, scale, is_causal)
+    dq, dk, dv = reference.attention_backward(grad, q, k, v, out, lse, bias, scale, is_causal)
     if rotary is not None:
         # The rotation is orthogonal: the gradient goes back through its transpose.
         dq, dk = _rotate(dq, cos, sin, True, 2), _rotate(dk, cos, sin, True, 2)
