@@ -31,10 +31,23 @@ def reference(q, k, v, scale, is_causal, bias):
     return probs @ v, torch.logsumexp(scores, dim=-1)
 
 
-def reference_with_grads(q, k, v, grad, scale, is_causal, bias, dtype):
-    """(out, lse, dq, dk, dv) of the reference computed in `dtype`."""
+def rotate(x, cos, sin):
+    """Non-interleaved rotary of the first R = 2 * cos.shape[-1] dims of x (..., P, E), row p of
+    the tables for position p: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    half = cos.shape[-1]
+    cos, sin = cos[: x.shape[-2]].to(x.dtype), sin[: x.shape[-2]].to(x.dtype)
+    x1, x2, rest = x[..., :half], x[..., half: 2 * half], x[..., 2 * half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+
+
+def reference_with_grads(q, k, v, grad, scale, is_causal, bias, dtype, rotary=None):
+    """(out, lse, dq, dk, dv) of the reference computed in `dtype` (rotary applied to q and k
+    first, the gradients taken through it)."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out, lse = reference(*leaves, scale, is_causal, bias)
+    q_in, k_in = leaves[0], leaves[1]
+    if rotary is not None:
+        q_in, k_in = rotate(q_in, *rotary), rotate(k_in, *rotary)
+    out, lse = reference(q_in, k_in, leaves[2], scale, is_causal, bias)
     out.backward(grad.to(dtype))
     return (out.detach(), lse.detach(), *(t.grad for t in leaves))
 
@@ -56,20 +69,20 @@ def check_lse(lse, expected64):
 
 
 def check_attention(q, k, v, grad, *, is_causal=False, bias=None, scale=None,
-                    strategies=STRATEGIES):
+                    strategies=STRATEGIES, rotary=None):
     """Runs forward and every backward strategy and compares all five results."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, lse = native.forward(q, k, v, scale=scale, is_causal=is_causal, bias=bias)
-    exact = reference_with_grads(q, k, v, grad, scale, is_causal, bias, torch.float64)
+    out, lse = native.forward(q, k, v, scale=scale, is_causal=is_causal, bias=bias, rotary=rotary)
+    exact = reference_with_grads(q, k, v, grad, scale, is_causal, bias, torch.float64, rotary)
     low = None
     if q.dtype != torch.float32:
-        low = reference_with_grads(q, k, v, grad, scale, is_causal, bias, q.dtype)
+        low = reference_with_grads(q, k, v, grad, scale, is_causal, bias, q.dtype, rotary)
     assert out.dtype == q.dtype and lse.dtype == torch.float32 and out.is_contiguous()
     assert_close(out, exact[0], low and low[0], name="out")
     check_lse(lse, exact[1])
     for strategy in strategies:
         grads = native._backward(grad, q, k, v, out, lse, scale=scale, is_causal=is_causal,
-                                 bias=bias, strategy=strategy)
+                                 bias=bias, strategy=strategy, rotary=rotary)
         for name, actual, index, like in zip(("dq", "dk", "dv"), grads, (2, 3, 4), (q, k, v)):
             assert actual.dtype == like.dtype and actual.shape == like.shape
             assert_close(actual, exact[index], low and low[index], factor=3.0,
@@ -242,3 +255,77 @@ def test_bad_inputs():
         native.forward(q, k, v, scale=1.0, is_causal=False, bias=torch.zeros(1, 4, 5, 6).half())
     with pytest.raises(ValueError, match=r"lse: expected \(1, 4, 5\)"):
         native.backward(q, q, k, v, q, torch.zeros(1, 4), scale=1.0, is_causal=False, bias=None)
+
+
+# ----------------------------------------------------------------------------- rotary in the kernel
+
+
+def rotary_tables(positions, half, seed=0):
+    """float32 (positions, half) cos and sin of random angles (any angles: the kernel must not
+    assume a frequency layout)."""
+    angles = torch.rand(positions, half, generator=torch.Generator().manual_seed(seed)) * 6.3
+    return angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "heads,kv_heads,length,dim,half,is_causal",
+    [
+        (4, 4, 197, 64, 32, False),  # full rotary, R = E
+        (6, 3, 113, 40, 8, True),    # partial R = 16 < E = 40, GQA, causal
+        (9, 3, 70, 64, 16, True),    # SmolVLM2-like GQA 3 kv heads, partial
+        (2, 1, 37, 80, 40, False),   # E = 80 (padded to 96 inside)
+    ],
+)
+def test_rotary_inside_the_kernel(dtype, heads, kv_heads, length, dim, half, is_causal):
+    """out, lse, dq, dk, dv with the tables given to the kernel == rotate q, k then attend."""
+    q, k, v, grad = random_inputs(2, heads, kv_heads, length, length, dim, dtype, seed=heads)
+    check_attention(q, k, v, grad, is_causal=is_causal, rotary=rotary_tables(length, half, dim))
+
+
+def test_rotary_equals_apply_then_attend():
+    """The same kernel given rotated inputs (vlmfast.ops.apply_rotary_emb first, as the op layer
+    does for learnable tables): equal up to float32 rounding, values and gradients."""
+    from vlmfast.ops import apply_rotary_emb
+
+    q, k, v, grad = random_inputs(1, 6, 2, 97, 97, 64, torch.float32, seed=3)
+    cos, sin = rotary_tables(97, 24, seed=4)
+    bias = torch.zeros(1, 1, 1, 97).masked_fill(torch.arange(97) < 5, float("-inf")).expand(1, 6, 97, 97)
+    fused_out, fused_lse = native.forward(q, k, v, scale=0.125, is_causal=True, bias=bias, rotary=(cos, sin))
+    q_rot, k_rot = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+    out, lse = native.forward(q_rot, k_rot, v, scale=0.125, is_causal=True, bias=bias)
+    torch.testing.assert_close(fused_out, out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(fused_lse, lse, atol=2e-5, rtol=1e-4)
+    fused = native.backward(grad, q, k, v, fused_out, fused_lse, scale=0.125, is_causal=True,
+                            bias=bias, rotary=(cos, sin))
+    leaves = [t.clone().requires_grad_() for t in (q, k)]
+    rotated = [apply_rotary_emb(t, cos, sin) for t in leaves]
+    dq_rot, dk_rot, dv = native.backward(grad, *rotated, v, out, lse, scale=0.125, is_causal=True,
+                                         bias=bias)
+    torch.autograd.backward(rotated, [dq_rot, dk_rot])  # through the rotation's transpose
+    for name, actual, expected in zip(("dq", "dk", "dv"), fused, (leaves[0].grad, leaves[1].grad, dv)):
+        torch.testing.assert_close(actual, expected, atol=5e-5, rtol=1e-4, msg=name)
+
+
+def test_rotary_tables_with_extra_rows_and_strides():
+    """Tables longer than the sequence (a precomputed cache sliced by position) and views with a
+    row stride: only the first max(L, S) rows are read."""
+    q, k, v, grad = random_inputs(1, 4, 2, 50, 50, 32, torch.float32, seed=6)
+    cos_all, sin_all = rotary_tables(300, 16, seed=7)
+    both = torch.cat((cos_all, sin_all), dim=1)  # (300, 32): cos and sin views, row stride 32
+    check_attention(q, k, v, grad, rotary=(both[:, :16], both[:, 16:]), strategies=["auto"])
+
+
+def test_rotary_bad_tables():
+    q, k, v, _ = random_inputs(1, 4, 2, 5, 5, 16, torch.float32)
+    cos, sin = rotary_tables(5, 4)
+    with pytest.raises(ValueError, match=r"rotary cos: expected float32 \(P, R/2\)"):
+        native.forward(q, k, v, scale=1.0, is_causal=False, rotary=(cos.double(), sin))
+    with pytest.raises(ValueError, match=r"rotary sin: expected float32 \(P, R/2\)"):
+        native.forward(q, k, v, scale=1.0, is_causal=False, rotary=(cos, sin[:, :2]))
+    with pytest.raises(ValueError, match=r"P >= max\(L, S\) = 5"):
+        native.forward(q, k, v, scale=1.0, is_causal=False, rotary=(cos[:4], sin[:4]))
+    wide = rotary_tables(5, 9)
+    with pytest.raises(ValueError, match=r"1 <= R/2 <= E/2 = 8"):
+        native.backward(q, q, k, v, q, torch.zeros(1, 4, 5), scale=1.0, is_causal=False,
+                        rotary=wide)
