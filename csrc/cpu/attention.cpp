@@ -445,14 +445,32 @@ VLMFAST_INLINE T* row_of(const AttentionOutput& t, int64_t b, int64_t head, int6
 // (x_i, x_{i+R/2}) -> (x_i c - sign x_{i+R/2} s, x_{i+R/2} c + sign x_i s).
 VLMFAST_INLINE void rotate_row(const Plan& p, int64_t pos, float* x, float sign) {
   const int64_t half = p.s.rotary_half;
-  const float* c = p.s.rotary_cos + pos * p.s.rotary_stride;
-  const float* sn = p.s.rotary_sin + pos * p.s.rotary_stride;
-  float* hi = x + half;
+  const float* __restrict c = p.s.rotary_cos + pos * p.s.rotary_stride;
+  const float* __restrict sn = p.s.rotary_sin + pos * p.s.rotary_stride;
+  float* __restrict lo = x;
+  float* __restrict hi = x + half;  // [0, half) and [half, 2 half) never overlap
   for (int64_t i = 0; i < half; ++i) {
-    const float x1 = x[i], x2 = hi[i], s = sign * sn[i];
-    x[i] = x1 * c[i] - x2 * s;
+    const float x1 = lo[i], x2 = hi[i], s = sign * sn[i];
+    lo[i] = x1 * c[i] - x2 * s;
     hi[i] = x2 * c[i] + x1 * s;
   }
+}
+
+// d (width) = the E elements of src as floats times mult, rotated by the table row `pos` as
+// they are converted (one pass: no separate copy and rotate), zero-padded past E.
+template <typename T>
+VLMFAST_INLINE void convert_rotated(const Plan& p, int64_t pos, const T* __restrict src,
+                                    float mult, float* __restrict d) {
+  const int64_t half = p.s.rotary_half, E = p.s.head_dim;
+  const float* __restrict c = p.s.rotary_cos + pos * p.s.rotary_stride;
+  const float* __restrict sn = p.s.rotary_sin + pos * p.s.rotary_stride;
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = to_float(src[i]) * mult, x2 = to_float(src[i + half]) * mult;
+    d[i] = x1 * c[i] - x2 * sn[i];
+    d[i + half] = x2 * c[i] + x1 * sn[i];
+  }
+  for (int64_t e = 2 * half; e < E; ++e) d[e] = to_float(src[e]) * mult;
+  for (int64_t e = E; e < p.width; ++e) d[e] = 0.0f;
 }
 
 // dst (count, width) = t's rows of the block, times mult, zero-padded past E; rotated by each
@@ -466,9 +484,12 @@ VLMFAST_INLINE void pack_query_rows(const AttentionInput& t, const Plan& p, int6
   for (int64_t i = 0; i < r.count; ++i) {
     const T* src = row_of<T>(t, b, r.head[i], r.pos[i]);
     float* d = dst + i * p.width;
+    if (rotate) {
+      convert_rotated(p, r.pos[i], src, mult, d);
+      continue;
+    }
     for (int64_t e = 0; e < E; ++e) d[e] = to_float(src[e]) * mult;
     for (int64_t e = E; e < p.width; ++e) d[e] = 0.0f;
-    if (rotate) rotate_row(p, r.pos[i], d, 1.0f);
   }
 }
 
@@ -584,8 +605,8 @@ VLMFAST_INLINE const float* pack_keys(const T* src, int64_t stride, int64_t keys
     pack_transposed(src, stride, keys, p, kt);
     return want_rows ? key_rows(src, stride, keys, p, buffer, ld) : nullptr;
   }
-  pack_key_rows(src, stride, keys, p, buffer);
-  for (int64_t j = 0; j < keys; ++j) rotate_row(p, first_key + j, buffer + j * p.width, 1.0f);
+  for (int64_t j = 0; j < keys; ++j)
+    convert_rotated(p, first_key + j, src + j * stride, 1.0f, buffer + j * p.width);
   pack_transposed(static_cast<const float*>(buffer), p.width, keys, p, kt);
   ld = p.width;
   return buffer;
