@@ -19,6 +19,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -38,6 +39,8 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 
 #define VLMFAST_INLINE inline __attribute__((always_inline))
+// A packing lambda inlined into the multi-versioned job that calls it (see TileCache::get).
+#define VLMFAST_PACKER __attribute__((always_inline))
 
 constexpr int kLanes = 16;
 constexpr int64_t kKeyBlock = 64;                // keys per tile
@@ -368,6 +371,8 @@ VLMFAST_INLINE void mask_scores(const Plan& p, const AttentionBias& bias, const 
 }
 
 struct alignas(64) Chunk {
+  Chunk() {}  // left uninitialised: every buffer is written before it is read, and zeroing
+              // ~64 KB of scratch per thread showed in a decode step
   float f[kLanes];
 };
 
@@ -396,8 +401,10 @@ class TileCache {
     ready_.assign(keep ? static_cast<size_t>(tiles) : 0, 0);
   }
 
+  // Forced inline with its fill (the callers' lambdas are VLMFAST_PACKER): a call left out of
+  // line would run the packing compiled for baseline x86-64, outside the target_clones.
   template <typename Fill>
-  float* get(int64_t i, Fill&& fill) {
+  VLMFAST_INLINE float* get(int64_t i, Fill&& fill) {
     if (!keep_) {
       fill(base_);
       return base_;
@@ -640,7 +647,7 @@ VLMFAST_INLINE void forward_rows(const Plan& p, const ForwardArgs& a, int64_t b,
     const int64_t keys = std::min(kKeyBlock, p.s.kv_len - first_key);
     const T* k_rows = row_of<T>(a.k, b, kv_head, first_key);
     const T* v_rows = row_of<T>(a.v, b, kv_head, first_key);
-    const float* kt = w.keys.get(kb, [&](float* t) {
+    const float* kt = w.keys.get(kb, [&](float* t) VLMFAST_PACKER {
       int64_t ld;
       pack_keys(k_rows, a.k.strides[2], keys, first_key, p, false, t,
                 w.krows.get(kKeyBlock * width), ld);
@@ -654,7 +661,9 @@ VLMFAST_INLINE void forward_rows(const Plan& p, const ForwardArgs& a, int64_t b,
       v = reinterpret_cast<const float*>(v_rows);
       ldv = a.v.strides[2];
     } else {
-      v = w.values.get(kb, [&](float* t) { pack_key_rows(v_rows, a.v.strides[2], keys, p, t); });
+      v = w.values.get(kb, [&](float* t) VLMFAST_PACKER {
+        pack_key_rows(v_rows, a.v.strides[2], keys, p, t);
+      });
     }
     tile_accumulate(s, kKeyBlock, 1, v, ldv, keys, acc, width, r.count, width);  // acc += p v
   }
@@ -688,8 +697,10 @@ struct ForwardSchedule {
     tasks = pairs * p.row_blocks;
     per_pair = pairs >= 4 * threads;
     splits = 1;
-    if (tasks < threads && p.key_blocks > 1)
-      splits = std::min(p.key_blocks, ceil_div(threads, tasks));
+    // Split the keys so that the jobs are a multiple of the threads: 3 decode tasks (one per kv
+    // head) on 2 threads would otherwise take two rounds of whole tasks.
+    if (!per_pair && threads > 1 && p.key_blocks > 1 && tasks < 4 * threads && tasks % threads)
+      splits = std::min(p.key_blocks, int64_t{threads} / std::gcd(tasks, int64_t{threads}));
     slot = p.block_rows * (p.width + 2);
     jobs = per_pair ? pairs : tasks * splits;
     keep = per_pair && p.row_blocks > 1 && worth_keeping(2 * p.key_blocks * kKeyBlock * p.width);
@@ -831,7 +842,7 @@ VLMFAST_INLINE void backward_key_block(const Plan& p, const BackwardArgs& a, int
     const int64_t first = rb * p.block_rows;
     describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
     // [q | dO | lse2 | D] of the row block, packed once per job (w.rows, see backward_impl).
-    const float* q = w.rows.get(rb, [&](float* t) {
+    const float* q = w.rows.get(rb, [&](float* t) VLMFAST_PACKER {
       pack_backward_rows<T>(p, a, b, r, t, t + rows_tile, t + 2 * rows_tile,
                             t + 2 * rows_tile + p.block_rows);
     });

@@ -84,22 +84,10 @@ def forward(q, k, v, *, scale: float, is_causal: bool, bias=None, rotary=None):
     _module().attention_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), bias_ptr, out.data_ptr(), lse.data_ptr(),
         sizes, q.stride()[:3], k.stride()[:3], v.stride()[:3], bias_strides,
-        out.stride()[:3], float(scale), bool(is_causal), DTYPE_TAGS[q.dtype], _threads_for(sizes),
+        out.stride()[:3], float(scale), bool(is_causal), DTYPE_TAGS[q.dtype], torch.get_num_threads(),
         *_rotary_args(tables),
     )
     return out, lse
-
-
-# Below this many multiply-adds (B * H * L * S * E) a call runs on one thread: starting the
-# OpenMP team costs more than it saves (a decode step against a short KV cache: ~74k).
-PARALLEL_MIN_WORK = 1 << 17
-
-
-def _threads_for(sizes: tuple) -> int:
-    batch, heads, _, length, keys, dim = sizes
-    if batch * heads * length * keys * dim < PARALLEL_MIN_WORK:
-        return 1
-    return torch.get_num_threads()
 
 
 def _rotary_tables(rotary, q, k):
