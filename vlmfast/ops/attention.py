@@ -439,6 +439,7 @@ def _dense_attention(q, k, v, bias, scale: float, is_causal: bool, cos, sin) -> 
     times the kernel of a decode step. Compiling and training go through the custom op."""
     if (
         not torch.compiler.is_compiling()
+        and type(q) is torch.Tensor  # not a fake / functional / other subclass: those trace
         and q.device.type in _EAGER_DEVICES
         and not (torch.is_grad_enabled() and _any_requires_grad(q, k, v, cos, sin))
     ):
