@@ -61,7 +61,7 @@ def describe(device: torch.device) -> dict:
 
 def measured_peaks(device: torch.device, dtype: torch.dtype) -> dict:
     """TFLOP/s of a large GEMM and GB/s of a large copy, measured now on `device`."""
-    n = 8192 if device.type == "cuda" else 1024
+    n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     gemm_ms = time_ms(lambda: a @ b, device, repeats=5)
