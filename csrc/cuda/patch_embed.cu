@@ -7,22 +7,11 @@
 #include <string>
 #include <type_traits>
 
+#include "cuda/common.cuh"
 #include "cuda/patch_embed.cuh"
 
 namespace vlmfast::cuda {
 namespace {
-
-__device__ __forceinline__ float load_float(const uint8_t* p) { return static_cast<float>(*p); }
-__device__ __forceinline__ float load_float(const float* p) { return *p; }
-__device__ __forceinline__ float load_float(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float load_float(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-
-template <typename T> __device__ __forceinline__ T store_cast(float v);
-template <> __device__ __forceinline__ float store_cast<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half store_cast<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 store_cast<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // One thread per output element, consecutive threads along a patch row's K = C * p * p columns
 // (coalesced stores; the loads of one (c, i) image row are contiguous runs of p pixels).
@@ -45,15 +34,6 @@ __global__ void patch_gather_kernel(PatchImage im, const float* __restrict__ sca
     const T* src = image + b * im.strides[0] + c * im.strides[1] + (py * p + i) * im.strides[2] +
                    (px * p + j) * im.strides[3];
     out[idx] = store_cast<O>(load_float(src) * scale[c] + shift[c]);
-  }
-}
-
-template <typename Fn> void with_float_type(int dtype, Fn&& fn) {
-  switch (dtype) {
-    case 0: fn(static_cast<float*>(nullptr)); break;
-    case 1: fn(static_cast<__half*>(nullptr)); break;
-    case 2: fn(static_cast<__nv_bfloat16*>(nullptr)); break;
-    default: throw std::invalid_argument("vlmfast: unknown dtype tag " + std::to_string(dtype));
   }
 }
 
@@ -81,9 +61,7 @@ void patch_gather(const PatchImage& image, const float* scale, const float* shif
     if (image.dtype == kImageUint8) launch(static_cast<uint8_t*>(nullptr));
     else launch(static_cast<O*>(nullptr));
   });
-  const cudaError_t status = cudaGetLastError();
-  if (status != cudaSuccess)
-    throw std::runtime_error(std::string("vlmfast CUDA patch_gather: ") + cudaGetErrorString(status));
+  check_launch("patch_gather");
 }
 
 }  // namespace vlmfast::cuda

@@ -5,21 +5,11 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda/common.cuh"
 #include "cuda/rotary.cuh"
 
 namespace vlmfast::cuda {
 namespace {
-
-__device__ __forceinline__ float load_float(const float* p) { return *p; }
-__device__ __forceinline__ float load_float(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float load_float(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-
-template <typename T> __device__ __forceinline__ T store_cast(float v);
-template <> __device__ __forceinline__ float store_cast<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half store_cast<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 store_cast<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 __device__ __forceinline__ void pair_index(int64_t i, int64_t half, bool interleaved, int64_t& a,
                                            int64_t& b) {
@@ -92,20 +82,6 @@ __global__ void rope_2d_kernel(const int64_t* __restrict__ positions, int64_t n,
   sincosf(col_angle, s + quarter + j, c + quarter + j);
 }
 
-void check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess)
-    throw std::runtime_error(std::string("vlmfast CUDA ") + what + ": " + cudaGetErrorString(status));
-}
-
-template <typename Fn> void with_dtype(int dtype, Fn&& fn) {
-  switch (dtype) {
-    case 0: fn(static_cast<float*>(nullptr)); break;
-    case 1: fn(static_cast<__half*>(nullptr)); break;
-    case 2: fn(static_cast<__nv_bfloat16*>(nullptr)); break;
-    default: throw std::invalid_argument("vlmfast: unknown dtype tag " + std::to_string(dtype));
-  }
-}
-
 }  // namespace
 
 void rotary_forward(const RotaryShape& shape, const void* x, const float* cos, const float* sin,
@@ -114,25 +90,25 @@ void rotary_forward(const RotaryShape& shape, const void* x, const float* cos, c
   // 32 threads across a row's pairs, 8 rows per block; enough blocks to fill the GPU.
   const dim3 block(32, 8);
   const int64_t blocks = std::min<int64_t>((rows + block.y - 1) / block.y, 65535 * 8);
-  with_dtype(dtype, [&](auto* tag) {
+  with_float_type(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     rotary_kernel<T><<<blocks, block, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
         shape, static_cast<const T*>(x), cos, sin, static_cast<T*>(out), interleaved,
         conjugate ? -1.f : 1.f, rows);
   });
-  check(cudaGetLastError(), "rotary_forward");
+  check_launch("rotary_forward");
 }
 
 void rotary_table_backward(const RotaryShape& shape, const void* grad, const void* x,
                            float* grad_cos, float* grad_sin, int dtype, bool interleaved,
                            uintptr_t stream) {
-  with_dtype(dtype, [&](auto* tag) {
+  with_float_type(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     table_backward_kernel<T><<<shape.L, 128, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
         shape, static_cast<const T*>(grad), static_cast<const T*>(x), grad_cos, grad_sin,
         interleaved);
   });
-  check(cudaGetLastError(), "rotary_table_backward");
+  check_launch("rotary_table_backward");
 }
 
 void rope_2d_forward(const int64_t* positions, int64_t n, const float* inv_freq, int64_t quarter,
@@ -141,7 +117,7 @@ void rope_2d_forward(const int64_t* positions, int64_t n, const float* inv_freq,
   const int threads = 256;
   rope_2d_kernel<<<(total + threads - 1) / threads, threads, 0,
                    reinterpret_cast<cudaStream_t>(stream)>>>(positions, n, inv_freq, quarter, cos, sin);
-  check(cudaGetLastError(), "rope_2d_forward");
+  check_launch("rope_2d_forward");
 }
 
 }  // namespace vlmfast::cuda
