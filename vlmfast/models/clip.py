@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmfast.models import checkpoint
 from vlmfast.models.config import CLIPConfig
-from vlmfast.models.layers import Encoder, init_weights, set_gradient_checkpointing
+from vlmfast.models.dual_encoder import DualEncoder
+from vlmfast.models.layers import Encoder, init_weights
 from vlmfast.models.text import TextTransformer
 from vlmfast.models.vit import VisionEmbeddings
 
@@ -30,7 +30,7 @@ class CLIPVisionTransformer(nn.Module):
         return self.post_layernorm(self.forward_tokens(pixel_values, mean=mean, std=std)[:, 0])
 
 
-class CLIP(nn.Module):
+class CLIP(DualEncoder):
     """Both towers, projections and the learnable log logit scale, as transformers' CLIPModel.
 
     encode_image(pixel_values (B, C, H, W) float, or uint8 (B, H, W, C) with mean/std) -> (B, P)
@@ -72,22 +72,3 @@ class CLIP(nn.Module):
         img, txt = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
         logits_per_text = txt @ img.T * self.logit_scale.exp()
         return logits_per_text.T, logits_per_text
-
-    def forward(self, pixel_values, input_ids, attention_mask=None):
-        return self.logits(self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask))
-
-    def set_gradient_checkpointing(self, enable: bool = True):
-        """Recompute each encoder layer's activations in the backward (both towers) instead of
-        keeping them; same loss and gradients, less memory. Returns self."""
-        return set_gradient_checkpointing(self, enable)
-
-    # -------------------------------------------------------------------------- checkpoints
-    @classmethod
-    def from_pretrained(cls, path, *, device=None, dtype=None) -> "CLIP":
-        """Loads a Hugging Face CLIPModel directory (config.json + safetensors, sharded too), strictly."""
-        config = cls.config_class.from_hf(checkpoint.read_config(path))
-        return checkpoint.build_pretrained(cls, config, path, device=device, dtype=dtype)
-
-    def save_pretrained(self, path, *, max_shard_bytes: int | None = None) -> None:
-        """Writes a directory transformers' CLIPModel.from_pretrained loads."""
-        checkpoint.save_checkpoint(path, self.config.to_hf(), self, max_shard_bytes=max_shard_bytes)

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmfast.models import _ops, checkpoint
+from vlmfast.models import _ops
 from vlmfast.models.config import SigLIPConfig
-from vlmfast.models.layers import MLP, Encoder, init_weights, set_gradient_checkpointing
+from vlmfast.models.dual_encoder import DualEncoder
+from vlmfast.models.layers import MLP, Encoder, init_weights
 from vlmfast.models.text import TextTransformer
 from vlmfast.models.vit import VisionEmbeddings
 
@@ -77,7 +78,7 @@ class SigLIPVisionTransformer(nn.Module):
         return self.head(x) if self.head is not None else x.mean(dim=1)
 
 
-class SigLIP(nn.Module):
+class SigLIP(DualEncoder):
     """transformers' SiglipModel: encode_image / encode_text -> (B, D) (unnormalised),
     forward -> (logits_per_image, logits_per_text) = scale * cos + bias."""
 
@@ -115,21 +116,3 @@ class SigLIP(nn.Module):
         img, txt = F.normalize(image_embeds, dim=-1), F.normalize(text_embeds, dim=-1)
         logits_per_text = txt @ img.T * self.logit_scale.exp() + self.logit_bias
         return logits_per_text.T, logits_per_text
-
-    def forward(self, pixel_values, input_ids, attention_mask=None):
-        return self.logits(self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask))
-
-    def set_gradient_checkpointing(self, enable: bool = True):
-        """Recompute each encoder layer's activations in the backward (both towers) instead of
-        keeping them; same loss and gradients, less memory. Returns self."""
-        return set_gradient_checkpointing(self, enable)
-
-    @classmethod
-    def from_pretrained(cls, path, *, device=None, dtype=None) -> "SigLIP":
-        """Loads a Hugging Face SiglipModel directory (config.json + safetensors, sharded too), strictly."""
-        config = cls.config_class.from_hf(checkpoint.read_config(path))
-        return checkpoint.build_pretrained(cls, config, path, device=device, dtype=dtype)
-
-    def save_pretrained(self, path, *, max_shard_bytes: int | None = None) -> None:
-        """Writes a directory transformers' SiglipModel.from_pretrained loads."""
-        checkpoint.save_checkpoint(path, self.config.to_hf(), self, max_shard_bytes=max_shard_bytes)
