@@ -37,8 +37,7 @@
 // The extension is built as ISO C++17, which turns off fusing a * b + c into one FMA; the
 // micro-kernels below are written for it.
 #pragma GCC optimize("fp-contract=fast")
-// 64-byte vectors cross only inlined calls; the ABI note GCC gives for them does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#include "common/vec16.h"  // after the pragma: its helpers are compiled with it too
 
 namespace vlmfast::cpu {
 namespace {
@@ -48,28 +47,9 @@ constexpr int64_t kNR = 32;    // output columns of a register block: two 16-flo
 constexpr int64_t kTile = 96;  // rows = columns of a cache tile; a multiple of kMR and kNR
 constexpr int64_t kKC = 256;   // depth of one sweep over a packed panel: kKC x kNR floats = 32 KiB (L1)
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-#define VLMFAST_INLINE __attribute__((always_inline)) inline
-
 const float kNegInf = -std::numeric_limits<float>::infinity();
 
-VLMFAST_INLINE v16f vload(const float* p) {
-  v16f v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-VLMFAST_INLINE void vstore(float* p, v16f v) { __builtin_memcpy(p, &v, sizeof v); }
-// For constants only: with a run-time x, GCC keeps the 0 + x (IEEE: -0 + 0 is +0) before the
-// broadcast. The micro-kernels multiply `vector * scalar` instead, which is one vbroadcastss.
-VLMFAST_INLINE v16f splat(float x) { return v16f{} + x; }
-VLMFAST_INLINE v16f vmax(v16f x, v16f y) { return x > y ? x : y; }
 VLMFAST_INLINE v16f vabs(v16f x) { return x < 0.0f ? -x : x; }
-VLMFAST_INLINE float hsum(v16f v) {
-  float s = 0.0f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
-}
 VLMFAST_INLINE float hmax(v16f v) {
   float m = v[0];
   for (int i = 1; i < 16; ++i) m = std::max(m, v[i]);
@@ -79,28 +59,6 @@ VLMFAST_INLINE float hmax(v16f v) {
 VLMFAST_INLINE v16i lanes_below(int64_t j0, int64_t B) {
   const v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   return (lane + static_cast<int32_t>(j0)) < static_cast<int32_t>(B);
-}
-
-// e^x: x = n ln2 + r with |r| <= ln2 / 2 (n rounded with the 1.5 * 2^23 trick), e^r by its Taylor
-// polynomial to degree 7 (relative error < 1e-8, below float rounding), 2^n put in the exponent
-// bits. Inputs below -87 (including -inf) give 0; NaN stays NaN. Inputs here are always <= ~0.
-VLMFAST_INLINE v16f vexp(v16f x) {
-  const v16f magic = splat(12582912.0f);
-  v16f shifted = x * 1.44269504088896341f + magic;
-  v16f n = shifted - magic;
-  v16f r = x - n * 0.693145751953125f;  // ln 2 split in two (Cody-Waite) keeps r exact
-  r = r - n * 1.428606765330187e-06f;
-  v16f p = splat(1.0f / 5040.0f);
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  v16i exponent = ((v16i)shifted - (v16i)magic + 127) << 23;
-  v16f result = p * (v16f)exponent;
-  return x < -87.0f ? splat(0.0f) : result;
 }
 
 // log(1 + e) for e in [0, 1]: 2 atanh(u) with u = e / (2 + e) <= 1/3, odd series to u^15

@@ -40,8 +40,7 @@
 
 // ISO C++17 builds do not fuse a * b + c into one FMA; the micro-kernel is written for it.
 #pragma GCC optimize("fp-contract=fast")
-// 64-byte vectors cross only inlined calls; the ABI note GCC gives for them does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#include "common/vec16.h"  // after the pragma: its helpers are compiled with it too
 
 namespace vlmfast::cpu {
 namespace {
@@ -53,73 +52,28 @@ constexpr int64_t kUnit = 96;  // rows of a logit block and vocabulary rows per 
 constexpr int64_t kKC = 256;   // vocabulary depth of one d hidden sweep: kKC x kNR floats = 32 KiB
 constexpr int64_t kLogitBudget = int64_t(1) << 24;  // floats in LT (64 MiB) before R stops growing
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-#define LCE_INLINE __attribute__((always_inline)) inline
-
-LCE_INLINE v16f load16(const float* p) {
-  v16f v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-LCE_INLINE v16i load16i(const int32_t* p) {
-  v16i v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-LCE_INLINE void store16(float* p, v16f v) { __builtin_memcpy(p, &v, sizeof v); }
-LCE_INLINE v16f splat16(float x) { return v16f{} + x; }
-LCE_INLINE v16f max16(v16f a, v16f b) { return a > b ? a : b; }
-LCE_INLINE float sum16(v16f v) {
-  float s = 0.0f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
-}
-
-// e^x for x <= 0 (the only arguments here): x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-7
-// Taylor polynomial (relative error < 1e-8), 2^n written into the exponent bits. x < -87
-// (including -inf) gives 0.
-LCE_INLINE v16f exp16(v16f x) {
-  const v16f round_magic = splat16(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const v16f shifted = x * 1.44269504088896341f + round_magic;
-  const v16f n = shifted - round_magic;
-  v16f r = x - n * 0.693145751953125f;  // ln 2 in two parts (Cody-Waite): r stays exact
-  r = r - n * 1.428606765330187e-06f;
-  v16f p = splat16(1.0f / 5040.0f);
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const v16i two_n = ((v16i)shifted - (v16i)round_magic + 127) << 23;
-  const v16f result = p * (v16f)two_n;
-  return x < -87.0f ? splat16(0.0f) : result;
-}
-
 // C[r][c] (+)= sum_{k < K} A[r * ars + k * aks] * B[k * bks + c] for r < kMR, c < kNR.
-LCE_INLINE void micro_kernel(const float* A, int64_t ars, int64_t aks, const float* B, int64_t bks,
+VLMFAST_INLINE void micro_kernel(const float* A, int64_t ars, int64_t aks, const float* B, int64_t bks,
                              int64_t K, float* C, int64_t ldc, bool accumulate) {
   v16f acc[kMR][2];
 #pragma GCC unroll 6
   for (int r = 0; r < kMR; ++r) {
-    acc[r][0] = accumulate ? load16(C + r * ldc) : splat16(0.0f);
-    acc[r][1] = accumulate ? load16(C + r * ldc + 16) : splat16(0.0f);
+    acc[r][0] = accumulate ? vload(C + r * ldc) : splat(0.0f);
+    acc[r][1] = accumulate ? vload(C + r * ldc + 16) : splat(0.0f);
   }
   for (int64_t k = 0; k < K; ++k) {
-    const v16f b0 = load16(B + k * bks), b1 = load16(B + k * bks + 16);
+    const v16f b0 = vload(B + k * bks), b1 = vload(B + k * bks + 16);
 #pragma GCC unroll 6
     for (int r = 0; r < kMR; ++r) {
-      const v16f a = splat16(A[r * ars + k * aks]);
+      const v16f a = splat(A[r * ars + k * aks]);
       acc[r][0] += a * b0;
       acc[r][1] += a * b1;
     }
   }
 #pragma GCC unroll 6
   for (int r = 0; r < kMR; ++r) {
-    store16(C + r * ldc, acc[r][0]);
-    store16(C + r * ldc + 16, acc[r][1]);
+    vstore(C + r * ldc, acc[r][0]);
+    vstore(C + r * ldc + 16, acc[r][1]);
   }
 }
 
@@ -157,38 +111,38 @@ struct Work {
 };
 
 // Bias and the online log-sum-exp of the kMR logit lines from vt (rows a multiple of 16).
-LCE_INLINE void tile_stats(const Work& w, int64_t vt, int64_t rows, float* m, float* s, float* sz) {
+VLMFAST_INLINE void tile_stats(const Work& w, int64_t vt, int64_t rows, float* m, float* s, float* sz) {
   const int64_t R = w.R;
   const int64_t live = std::min<int64_t>(kMR, w.V - vt);  // padding vocabulary rows stay out
   if (live <= 0) return;
   if (w.bias != nullptr)
     for (int64_t i = 0; i < live; ++i) {
-      const v16f b = splat16(w.bias[vt + i]);
+      const v16f b = splat(w.bias[vt + i]);
       float* line = w.LT + (vt + i) * R;
-      for (int64_t r = 0; r < rows; r += 16) store16(line + r, load16(line + r) + b);
+      for (int64_t r = 0; r < rows; r += 16) vstore(line + r, vload(line + r) + b);
     }
   // s <- s e^(m - m') + sum_v e^(z_v - m') with m' the new max.
   for (int64_t r = 0; r < rows; r += 16) {
-    const v16f m_old = load16(m + r);
+    const v16f m_old = vload(m + r);
     v16f m_new = m_old;
-    for (int64_t i = 0; i < live; ++i) m_new = max16(m_new, load16(w.LT + (vt + i) * R + r));
-    v16f sum = load16(s + r) * exp16(m_old - m_new), total = load16(sz + r);
+    for (int64_t i = 0; i < live; ++i) m_new = vmax(m_new, vload(w.LT + (vt + i) * R + r));
+    v16f sum = vload(s + r) * vexp(m_old - m_new), total = vload(sz + r);
     for (int64_t i = 0; i < live; ++i) {
-      const v16f z = load16(w.LT + (vt + i) * R + r);
-      sum += exp16(z - m_new);
+      const v16f z = vload(w.LT + (vt + i) * R + r);
+      sum += vexp(z - m_new);
       total += z;
     }
-    store16(m + r, m_new);
-    store16(s + r, sum);
-    store16(sz + r, total);
+    vstore(m + r, m_new);
+    vstore(s + r, sum);
+    vstore(sz + r, total);
   }
 }
 
 // The kMR logit lines from vt -> G in place (0 on padding lines); grad_bias += their row sums.
-LCE_INLINE void tile_grads(const Work& w, int64_t vt, int64_t rows, float* grad_bias) {
+VLMFAST_INLINE void tile_grads(const Work& w, int64_t vt, int64_t rows, float* grad_bias) {
   const int64_t R = w.R;
-  const v16f uniform = splat16(w.eps / static_cast<float>(w.V));
-  const v16f target = splat16(1.0f - w.eps);
+  const v16f uniform = splat(w.eps / static_cast<float>(w.V));
+  const v16f target = splat(1.0f - w.eps);
   for (int64_t i = 0; i < kMR; ++i) {
     const int64_t v = vt + i;
     float* line = w.LT + v * R;
@@ -197,15 +151,15 @@ LCE_INLINE void tile_grads(const Work& w, int64_t vt, int64_t rows, float* grad_
       continue;
     }
     const v16i vv = v16i{} + static_cast<int32_t>(v);
-    v16f line_sum = splat16(0.0f);
+    v16f line_sum = splat(0.0f);
     for (int64_t r = 0; r < rows; r += 16) {
-      const v16f p = exp16(load16(line + r) - load16(w.lse_blk + r));
-      const v16f onehot = load16i(w.label_blk + r) == vv ? target : splat16(0.0f);
-      const v16f g = load16(w.scale_blk + r) * (p - onehot - uniform);
-      store16(line + r, g);
+      const v16f p = vexp(vload(line + r) - vload(w.lse_blk + r));
+      const v16f onehot = vload(w.label_blk + r) == vv ? target : splat(0.0f);
+      const v16f g = vload(w.scale_blk + r) * (p - onehot - uniform);
+      vstore(line + r, g);
       line_sum += g;
     }
-    if (grad_bias != nullptr) grad_bias[v] += sum16(line_sum);
+    if (grad_bias != nullptr) grad_bias[v] += hsum(line_sum);
   }
 }
 
@@ -255,7 +209,7 @@ VLMFAST_MULTIVERSION void hidden_grad_panel(const Work& w, int64_t p, int64_t ro
 // C[r][c] (+)= sum_{kp < KP} sum_{e < 2} A[r * ars + kp * akps + e] * B[kp * bkps + 2 c + e] for
 // r < kMR, c < kNR, on bf16 bits: the pair (A0, A1) is broadcast and vdpbf16ps adds A0 B0 + A1 B1
 // to each float32 lane.
-LCE_BF16_TARGET LCE_INLINE void micro_kernel_bf16(const uint16_t* A, int64_t ars, int64_t akps,
+LCE_BF16_TARGET VLMFAST_INLINE void micro_kernel_bf16(const uint16_t* A, int64_t ars, int64_t akps,
                                                   const uint16_t* B, int64_t bkps, int64_t KP,
                                                   float* C, int64_t ldc, bool accumulate) {
   __m512 acc[kMR][2];
