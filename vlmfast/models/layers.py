@@ -109,9 +109,10 @@ class Encoder(nn.Module):
 
 
 def set_gradient_checkpointing(model: nn.Module, enable: bool = True) -> nn.Module:
-    """Checkpoint every Encoder layer of `model` (torch.utils.checkpoint, non-reentrant) or stop
-    doing it. Returns model."""
-    encoders = [m for m in model.modules() if isinstance(m, Encoder)]
+    """Checkpoint every layer of every stack in `model` (torch.utils.checkpoint, non-reentrant)
+    or stop doing it. Returns model. A stack is an Encoder or any module with a bool
+    `gradient_checkpointing` attribute that its forward honours (SmolVLM's Decoder)."""
+    encoders = [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
     if not encoders:
         raise TypeError(
             f"model: expected a module holding an Encoder (CLIP, SigLIP, a tower), got {type(model).__name__}"

@@ -12,6 +12,7 @@ the cache up to slot + L.
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vlmfast.models.smolvlm import _ops, packing
 from vlmfast.models.smolvlm.config import SmolVLMTextConfig
@@ -118,6 +119,9 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self._inv_freq = {"cpu": inverse_frequencies(cfg)}  # per device; not a parameter: stays float32
+        # set_gradient_checkpointing(model, True) turns it on: without a cache and with gradients
+        # on, each layer's activations are recomputed in the backward instead of kept
+        self.gradient_checkpointing = False
 
     def rotary_tables(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (B, L) -> cos, sin float32 (B * L, E/2), rounded through `dtype` as
@@ -138,7 +142,11 @@ class Decoder(nn.Module):
         hidden states (B, L, D)."""
         cos, sin = self.rotary_tables(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
+        checkpointing = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
+            if checkpointing:
+                x = checkpoint(layer, x, cos, sin, attn_mask, is_causal, use_reentrant=False)
+                continue
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             x = layer(x, cos, sin, attn_mask, is_causal, kv, slot)
         return self.norm(x)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmfast.models import checkpoint
+from vlmfast.models.layers import set_gradient_checkpointing
 from vlmfast.models.smolvlm import _ops, packing
 from vlmfast.models.smolvlm.config import SmolVLMConfig
 from vlmfast.models.smolvlm.connector import Connector
@@ -157,6 +158,12 @@ class SmolVLM(nn.Module):
     def _head_holder(self) -> nn.Module:
         # the module whose packed copy of the head weight is used (the tied head has no Linear)
         return self.lm_head if self.lm_head is not None else self.model.text_model.embed_tokens
+
+    def set_gradient_checkpointing(self, enable: bool = True) -> "SmolVLM":
+        """Recompute each vision encoder layer and each decoder layer in the backward instead of
+        keeping their activations (about one more forward of compute for much less memory).
+        Generation (a KV cache) and no-grad calls never checkpoint. Returns self."""
+        return set_gradient_checkpointing(self, enable)
 
     def pack_weights(self) -> bool:
         """Packs the decoder's and the head's weights for CPU inference (oneDNN layout, about 2x
