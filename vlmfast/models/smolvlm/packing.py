@@ -43,6 +43,9 @@ def unpack(layer: nn.Module) -> None:
 def linear(x: torch.Tensor, layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), through layer's packed copy of weight when it is current.
     x (..., K), weight (N, K) -> (..., N)."""
+    add_adapters = getattr(layer, "add_adapters", None)
+    if add_adapters is not None:  # a LoRA layer (vlmfast.train.lora): its low-rank term joins every call
+        return add_adapters(x, F.linear(x, weight, bias))
     entry = layer.__dict__.get(_ATTR)
     if entry is not None and not torch.is_grad_enabled() and x.device.type == "cpu":
         packed, packed_from, version, pointer, dtype = entry
