@@ -9,3 +9,7 @@ from vlmfast.data.phash import phash, phash_many  # noqa: E402
 
 # The built-in data set: coloured shapes with captions (vlmfast demo trains on it).
 from vlmfast.data.synthetic import CLASSES, SyntheticShapes, caption_vocabulary  # noqa: E402
+
+# Image-text instruction data (JSONL chat format) for `vlmfast finetune`, and its built-in example set.
+from vlmfast.data.instruction_collate import InstructionCollator, answer_spans  # noqa: E402
+from vlmfast.data.instructions import InstructionExample, read_instructions, write_instruction_examples  # noqa: E402
