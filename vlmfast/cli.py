@@ -146,6 +146,18 @@ def _run_generate(args) -> int:
     return run_generate(args)
 
 
+def _add_finetune(p: argparse.ArgumentParser) -> None:
+    from vlmfast.train.finetune_cli import add_finetune_arguments
+
+    add_finetune_arguments(p)
+
+
+def _run_finetune(args) -> int:
+    from vlmfast.train.finetune_cli import run_finetune
+
+    return run_finetune(args)
+
+
 COMMANDS = {
     "demo": ("train a small CLIP on the built-in shapes data set and report zero-shot accuracy", _add_demo, _run_demo),
     "embed": ("embed a folder of images with a CLIP/SigLIP checkpoint (sharded, resumable)", _add_embed, _run_embed),
@@ -155,6 +167,8 @@ COMMANDS = {
     "dedup": ("find near-duplicate images (perceptual hash, Hamming distance)", _add_dedup, _run_dedup),
     "generate": ("generate text from images + a prompt with a SmolVLM checkpoint (or a resumable JSONL batch)",
                  _add_generate, _run_generate),
+    "finetune": ("fine-tune a SmolVLM on an image-text instruction JSONL (LoRA, freezing, resumable)",
+                 _add_finetune, _run_finetune),
 }
 
 

@@ -1,0 +1,230 @@
+"""`vlmfast finetune`: SmolVLM fine-tuning on an image-text instruction JSONL.
+
+    report = finetune("SmolVLM2-256M-Video-Instruct", "train.jsonl", "out/", steps=200, lora_rank=16)
+
+The glue between the pieces: the data (vlmfast.data.instructions: JSONL, answer-only labels),
+the model (SmolVLM.loss: the fused linear + cross-entropy, no (tokens x vocabulary) logits),
+LoRA / freezing (vlmfast.train.lora / freeze) and the Trainer (AdamW, warmup + cosine,
+accumulation, bf16 autocast, gradient checkpointing, atomic checkpoints, exact resume).
+
+The out folder holds, as it runs: finetune_config.json (the options: a re-run must match them),
+checkpoint/trainer_state.pt (every checkpoint_every steps and at the end), metrics.jsonl (one
+line a step); at the end the merged model in Hugging Face layout (config.json, safetensors, the
+tokenizer and processor files of the base model) and report.json. Running the same call again
+after an interruption resumes from the checkpoint and ends with the same weights, bit for bit.
+
+The batch of a step is a pure function of the step (what exact resume needs): sample k of the
+run (k = (step * grad_accum + micro) * batch_size + j) is example order_e[k mod N] of epoch
+e = k // N, where order_e is a permutation drawn from (seed, e).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlmfast.data.instruction_collate import InstructionCollator
+from vlmfast.data.instructions import read_instructions
+from vlmfast.train.trainer import Trainer, TrainConfig
+
+CONFIG_NAME = "finetune_config.json"
+# Options that do not change the trajectory of a run: a resumed run may change them.
+FREE_OPTIONS = ("checkpoint_every", "threads", "device")
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 4
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    lora_rank: int = 0  # 0: full fine-tuning (of the parts not frozen)
+    lora_alpha: float | None = None  # None: 2 * rank
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] | None = None  # None: vlmfast.train.lora.DEFAULT_TARGETS
+    freeze_vision: bool = False
+    freeze_decoder: bool = False
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 0  # steps; 0: only at the end
+    max_length: int | None = None
+    seed: int = 0
+    device: str | None = None  # None: cuda when available
+    threads: int | None = None  # torch CPU threads; None: torch's choice
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected at least 1, got {getattr(self, name)}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank: expected 0 (no LoRA) or a positive rank, got {self.lora_rank}")
+        if self.lora_rank == 0 and (self.lora_alpha is not None or self.lora_targets is not None):
+            raise ValueError("lora_alpha, lora_targets: given without lora_rank (set lora_rank > 0 to use LoRA)")
+        if self.freeze_vision and self.freeze_decoder and self.lora_rank == 0:
+            raise ValueError("freeze_vision, freeze_decoder: both frozen without LoRA leaves only the connector and "
+                             "embeddings to train; use lora_rank or freeze less")
+        if isinstance(self.lora_targets, str):
+            self.lora_targets = tuple(t for t in self.lora_targets.split(",") if t)
+        elif self.lora_targets is not None:
+            self.lora_targets = tuple(self.lora_targets)
+
+    def trajectory(self) -> dict:
+        """The options a resumed run must share with the interrupted one."""
+        options = dataclasses.asdict(self)
+        for name in FREE_OPTIONS:
+            options.pop(name)
+        options["lora_targets"] = list(self.lora_targets) if self.lora_targets is not None else None
+        return options
+
+
+class InstructionBatches:
+    """batches(step, micro) -> (input_ids, labels, attention_mask, pixel_values, pixel_attention_mask)
+    on `device`: micro-batch `micro` of `step`, a pure function of (step, micro) (module docstring)."""
+
+    def __init__(self, examples, collator: InstructionCollator, *, batch_size: int, grad_accum: int, seed: int,
+                 device=None):
+        self.examples, self.collator = examples, collator
+        self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
+        self.device = device
+        self._orders: dict[int, np.ndarray] = {}
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))}
+        return self._orders[epoch]
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        first = (step * self.grad_accum + micro) * self.batch_size
+        n = len(self.examples)
+        return [int(self.order(k // n)[k % n]) for k in range(first, first + self.batch_size)]
+
+    def __call__(self, step: int, micro: int):
+        batch = self.collator([self.examples[i] for i in self.indices(step, micro)])
+        move = (lambda t: t.to(self.device)) if self.device is not None else (lambda t: t)
+        return (move(batch["input_ids"]), move(batch["labels"]), move(batch["attention_mask"]),
+                move(batch["pixel_values"]) if "pixel_values" in batch else None,
+                move(batch["pixel_attention_mask"]) if "pixel_attention_mask" in batch else None)
+
+
+def instruction_loss(model, input_ids, labels, attention_mask, pixel_values=None, pixel_attention_mask=None):
+    """SmolVLM's next-token loss on the labelled (answer) tokens: Trainer's loss_fn."""
+    return model.loss(input_ids, labels, pixel_values, pixel_attention_mask, attention_mask)
+
+
+def _check_resume(out: Path, cfg: FinetuneConfig) -> None:
+    """A re-run into the same out folder must use the options of the run it continues."""
+    saved_file = out / CONFIG_NAME
+    if not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text())
+    current = cfg.trajectory()
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        raise ValueError(f"out: {out} holds a run started with other options ({detail}); rerun with the same "
+                         "options to resume it, or choose another --out")
+
+
+def prepare_model(model_dir, cfg: FinetuneConfig, device):
+    """The base model in float32 (autocast does the bf16 math) with LoRA and freezing applied."""
+    from vlmfast.models.smolvlm import SmolVLM
+    from vlmfast.train.freeze import freeze
+    from vlmfast.train.lora import DEFAULT_TARGETS, apply_lora
+
+    model = SmolVLM.from_pretrained(model_dir, device=device, dtype=torch.float32)
+    torch.manual_seed(cfg.seed)  # LoRA's A init (and dropout) draw from the seeded generator
+    if cfg.lora_rank:
+        apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2.0 * cfg.lora_rank, dropout=cfg.lora_dropout,
+                   targets=cfg.lora_targets or DEFAULT_TARGETS)
+    if cfg.freeze_vision or cfg.freeze_decoder:
+        freeze(model, vision=cfg.freeze_vision, decoder=cfg.freeze_decoder)
+    return model.train()
+
+
+def _progress(log, cfg: FinetuneConfig, started: float, tokens: list[int]):
+    def callback(trainer):
+        elapsed = time.perf_counter() - started
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        log(f"step {trainer.step}/{cfg.steps}  loss {trainer.losses[-1]:.4f}  lr {lr:.2e}  "
+            f"{sum(tokens) / max(elapsed, 1e-9):.0f} tok/s  {elapsed:.1f} s")
+    return callback
+
+
+def finetune(model, data, out, *, log=print, **options) -> dict:
+    """Fine-tunes the SmolVLM checkpoint folder `model` on the JSONL file `data` and saves the result
+    (LoRA merged) in Hugging Face layout in `out`. options: FinetuneConfig's fields. log(str)
+    receives a progress line per step (None: silent). Returns the report (also out/report.json)."""
+    from vlmfast.models.smolvlm import SmolVLMProcessor
+    from vlmfast.train.lora import lora_layers, merge_lora
+
+    cfg = FinetuneConfig(**options)
+    log = log or (lambda message: None)
+    model_dir, out = Path(model), Path(out)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"model: expected a SmolVLM checkpoint folder with config.json, got {model_dir}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    examples = read_instructions(data)
+    processor = SmolVLMProcessor.from_pretrained(model_dir, padding_side="right")
+    collator = InstructionCollator(processor, max_length=cfg.max_length)
+
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resume(out, cfg)
+    (out / CONFIG_NAME).write_text(json.dumps(cfg.trajectory(), indent=2))
+    model = prepare_model(model_dir, cfg, device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log(f"{len(examples)} examples, {trainable:,} of {total:,} parameters trained, {cfg.steps} steps of "
+        f"{cfg.batch_size * cfg.grad_accum} examples on {device}")
+
+    batches = InstructionBatches(examples, collator, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                                 seed=cfg.seed, device=device)
+    tokens: list[int] = []
+
+    def counted(step, micro):  # the progress line's tokens/s: real (unpadded) tokens
+        batch = batches(step, micro)
+        tokens.append(int(batch[2].sum()))
+        return batch
+
+    train_cfg = TrainConfig(
+        steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8,
+        warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio, grad_accum=cfg.grad_accum,
+        max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16, gradient_checkpointing=cfg.gradient_checkpointing,
+        checkpoint_dir=str(out / "checkpoint"), checkpoint_every=cfg.checkpoint_every,
+        log_path=str(out / "metrics.jsonl"),
+    )
+    trainer = Trainer(model, train_cfg, counted, loss_fn=instruction_loss)
+    resumed_from = trainer.step
+    if resumed_from:
+        log(f"resuming from the checkpoint at step {resumed_from}")
+    started = time.perf_counter()
+    losses = trainer.fit(callback=_progress(log, cfg, started, tokens))
+    seconds = time.perf_counter() - started
+
+    model.eval()
+    if lora_layers(model):
+        merge_lora(model)
+    model.save_pretrained(out, processor_from=model_dir)
+    report = {
+        "out": str(out), "steps": cfg.steps, "resumed_from": resumed_from, "examples": len(examples),
+        "trainable_parameters": trainable, "parameters": total, "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None, "train_seconds": seconds,
+        "tokens_per_second": sum(tokens) / seconds if seconds > 0 and tokens else None,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    log(f"saved to {out} (loss {report['first_loss']:.4f} -> {report['last_loss']:.4f})")
+    return report
+
+
+__all__ = ["FinetuneConfig", "InstructionBatches", "finetune", "instruction_loss", "prepare_model"]
