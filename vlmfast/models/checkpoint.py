@@ -3,11 +3,14 @@ key mapping between Hugging Face names and ours (in this one place), and strict 
 
 Our modules use Hugging Face's names except one thing: q_proj/k_proj/v_proj of every attention
 layer are one fused `qkv` Linear (one GEMM instead of three). Loading concatenates them, saving
-splits them back. Pickle files (pytorch_model.bin) are never read.
+splits them back (rows [H*E | Hkv*E | Hkv*E]: with grouped-query attention the three parts
+differ). Pickle files (pytorch_model.bin) are never read.
 """
 
 import json
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -48,14 +51,33 @@ def hf_to_native(state: dict) -> dict:
     return out
 
 
+def qkv_split_sizes(state: dict, prefix: str, rows: int) -> tuple[int, int, int]:
+    """Rows of q, k and v in the fused `{prefix}.qkv` tensor of `rows` rows: q has as many as the
+    output projection (o_proj or out_proj) has inputs (H*E), k and v share the rest equally
+    (Hkv*E each; fewer than q under grouped-query attention)."""
+    for out_name in ("o_proj", "out_proj"):
+        out_weight = state.get(f"{prefix}.{out_name}.weight")
+        if out_weight is not None:
+            q_rows = out_weight.shape[1]
+            if q_rows < rows and (rows - q_rows) % 2 == 0:
+                kv_rows = (rows - q_rows) // 2
+                return q_rows, kv_rows, kv_rows
+            raise ValueError(
+                f"{prefix}.qkv: expected H*E + 2*Hkv*E rows with H*E = {q_rows} (the inputs of "
+                f"{prefix}.{out_name}), got {rows}"
+            )
+    raise ValueError(f"{prefix}.qkv: no {prefix}.o_proj.weight or out_proj.weight to tell the q/k/v split sizes")
+
+
 def native_to_hf(state: dict) -> dict:
     """Ours -> Hugging Face keys; every tensor contiguous and owning its memory (safetensors
-    refuses shared storage)."""
+    refuses shared storage). Fused q/k/v are split by qkv_split_sizes."""
     out = {}
     for key, value in state.items():
         parts = key.rsplit(".", 2)
         if len(parts) == 3 and parts[1] == "qkv":
-            for name, chunk in zip(_QKV, value.chunk(3, dim=0)):
+            sizes = qkv_split_sizes(state, parts[0], value.shape[0])
+            for name, chunk in zip(_QKV, value.split(sizes, dim=0)):
                 out[f"{parts[0]}.{name}.{parts[2]}"] = chunk.detach().clone().contiguous()
         else:
             out[key] = value.detach().clone().contiguous()
@@ -146,13 +168,23 @@ def _atomic_write(target: Path, write) -> None:
 
 
 def save_checkpoint(path, config: dict, model: torch.nn.Module, *, max_shard_bytes: int | None = None) -> None:
-    """Writes config.json and the weights in Hugging Face layout (sharded with an index when the
-    weights exceed max_shard_bytes), each file atomically."""
+    """Writes config.json and the model's weights in Hugging Face layout (see write_checkpoint)."""
+    write_checkpoint(path, config, native_to_hf(model.state_dict()), max_shard_bytes=max_shard_bytes)
+
+
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def write_checkpoint(path, config: dict, hf_state: dict, *, max_shard_bytes: int | None = None) -> None:
+    """Writes config.json (its "dtype" set to the weights') and Hugging Face-keyed tensors as
+    model.safetensors, or as shards of at most max_shard_bytes with an index; each file
+    atomically. Weight files of an earlier save that this one does not name are removed."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = native_to_hf(model.state_dict())
+    state = hf_state
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     config = {**config, "dtype": dtype}
+    config.pop("torch_dtype", None)  # the older name of "dtype": one of the two only
     _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
 
     shards, current, size = [], {}, 0
@@ -169,6 +201,7 @@ def save_checkpoint(path, config: dict, model: torch.nn.Module, *, max_shard_byt
     if len(shards) == 1:
         _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(shards[0], tmp, metadata=meta))
         (path / INDEX_NAME).unlink(missing_ok=True)
+        _remove_stale_shards(path, keep=set())
         return
     weight_map = {}
     for i, shard in enumerate(shards):
@@ -179,6 +212,39 @@ def save_checkpoint(path, config: dict, model: torch.nn.Module, *, max_shard_byt
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     _atomic_write(path / INDEX_NAME, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
     (path / WEIGHTS_NAME).unlink(missing_ok=True)
+    _remove_stale_shards(path, keep=set(weight_map.values()))
+
+
+def _remove_stale_shards(path: Path, keep: set) -> None:
+    # a reader globbing the folder (or a later index) must not pick up shards of an older save
+    for file in path.iterdir():
+        if _SHARD_NAME.fullmatch(file.name) and file.name not in keep:
+            file.unlink()
+
+
+# Processor, tokenizer and generation files of a checkpoint (everything but config and weights).
+PROCESSOR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+    "video_preprocessor_config.json", "processor_config.json", "generation_config.json",
+)
+
+
+def copy_processor_files(source, target) -> list[str]:
+    """Copies the PROCESSOR_FILES that exist in checkpoint directory `source` into `target`
+    (atomically each). Returns the names copied."""
+    source, target = Path(source), Path(target)
+    if not source.is_dir():
+        raise FileNotFoundError(f"processor_from: expected a checkpoint directory, got {source}")
+    copied = []
+    for name in PROCESSOR_FILES:
+        src = source / name
+        if not src.is_file():
+            continue
+        if not (target / name).exists() or not (target / name).samefile(src):
+            _atomic_write(target / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
+        copied.append(name)
+    return copied
 
 
 def build_pretrained(cls, config, path, *, device=None, dtype=None):

@@ -4,14 +4,17 @@ The three layouts share one architecture (a SigLIP-style vision tower over varia
 pixel shuffle + one projection, a Llama decoder); they differ only in names and defaults:
   smolvlm   (SmolVLM and SmolVLM2; model_type "smolvlm", vision "smolvlm_vision")
   idefics3  (model_type "idefics3", vision "idefics3_vision")
-Only fields that change the computation are kept; anything else in config.json is ignored.
+Only fields that change the computation are kept; anything else in config.json is ignored when
+loading, and kept when saving (to_hf starts from the dict the config was read from).
 """
 
-from dataclasses import dataclass, field, fields
+import copy
+from dataclasses import asdict, dataclass, field, fields
 
 # model_type -> its vision tower's model_type; the decoder is a Llama in every supported layout.
 LAYOUTS = {"smolvlm": "smolvlm_vision", "idefics3": "idefics3_vision"}
 TEXT_LAYOUTS = ("llama",)
+ARCHITECTURES = {"smolvlm": "SmolVLMForConditionalGeneration", "idefics3": "Idefics3ForConditionalGeneration"}
 ROPE_TYPES = ("default", "linear")
 
 
@@ -58,6 +61,9 @@ class SmolVLMVisionConfig:
     @property
     def patches_per_side(self) -> int:
         return self.image_size // self.patch_size
+
+    def to_hf(self, model_type: str) -> dict:
+        return {**asdict(self), "model_type": model_type}
 
 
 @dataclass
@@ -122,6 +128,15 @@ class SmolVLMTextConfig:
         kwargs["rope_factor"] = float(rope.get("factor", 1.0))
         return cls(**kwargs)
 
+    def to_hf(self) -> dict:
+        """transformers' LlamaConfig dict (rope in transformers 5's rope_parameters)."""
+        d = asdict(self)
+        rope = {"rope_type": d.pop("rope_type"), "rope_theta": d.pop("rope_theta")}
+        factor = d.pop("rope_factor")
+        if rope["rope_type"] != "default":
+            rope["factor"] = factor
+        return {**d, "rope_parameters": rope, "model_type": "llama"}
+
 
 @dataclass
 class SmolVLMConfig:
@@ -133,6 +148,9 @@ class SmolVLMConfig:
     image_token_id: int = 128257
     tie_word_embeddings: bool = False
     model_type: str = "smolvlm"
+    # the config.json dict this config was read from (None when built directly): to_hf keeps
+    # its fields, those vlmfast does not read included
+    hf_dict: dict | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.model_type not in LAYOUTS:
@@ -177,4 +195,31 @@ class SmolVLMConfig:
             image_token_id=int(d.get("image_token_id", 128257)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             model_type=model_type,
+            hf_dict=copy.deepcopy(d),
         )
+
+    def to_hf(self) -> dict:
+        """The config.json dict transformers' SmolVLMForConditionalGeneration (Idefics3's for
+        that layout) reads. A config read from a checkpoint gives that checkpoint's dict back
+        unchanged while its values are the same; a changed one has them updated in place."""
+        built = {
+            "architectures": [ARCHITECTURES[self.model_type]],
+            "model_type": self.model_type,
+            "image_token_id": self.image_token_id,
+            "scale_factor": self.scale_factor,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "vision_config": self.vision_config.to_hf(LAYOUTS[self.model_type]),
+            "text_config": self.text_config.to_hf(),
+        }
+        if self.hf_dict is None:
+            return built
+        if SmolVLMConfig.from_hf(self.hf_dict) == self:
+            return copy.deepcopy(self.hf_dict)
+        merged = copy.deepcopy(self.hf_dict)
+        for name in ("vision_config", "text_config"):
+            part = dict(merged.get(name) or {})
+            if name == "text_config":  # older rope fields would contradict rope_parameters
+                part.pop("rope_theta", None)
+                part.pop("rope_scaling", None)
+            built[name] = {**part, **built[name]}
+        return {**merged, **built}

@@ -59,6 +59,22 @@ def fuse_gate_up(state: dict) -> dict:
     return out
 
 
+def split_gate_up(state: dict) -> dict:
+    """fuse_gate_up undone: `...mlp.gate_up.*` -> `...mlp.gate_proj.*` + `...mlp.up_proj.*`
+    (equal halves, gate first), each an owning contiguous tensor (what safetensors writes)."""
+    out = {}
+    for key, value in state.items():
+        prefix, _, kind = key.rpartition(".")
+        owner, _, proj = prefix.rpartition(".")
+        if proj == "gate_up" and owner.endswith("mlp"):
+            gate, up = value.chunk(2, dim=0)
+            out[f"{owner}.gate_proj.{kind}"] = gate.clone().contiguous()
+            out[f"{owner}.up_proj.{kind}"] = up.clone().contiguous()
+        else:
+            out[key] = value
+    return out
+
+
 def preferred_dtype(device=None) -> torch.dtype:
     """bfloat16 on a GPU that supports it and on a CPU with native bf16 arithmetic (AVX512-BF16
     or AMX, where bf16 GEMMs beat float32 and halve the bytes a decode step reads); else float32."""
@@ -137,6 +153,25 @@ class SmolVLM(nn.Module):
         model.generation_defaults = read_generation_defaults(path)
         model.image_normalization = read_image_normalization(path, model.image_normalization)
         return model.eval()
+
+    def save_pretrained(self, path, *, max_shard_bytes: int | None = None, processor_from=None) -> None:
+        """Writes a checkpoint directory that transformers' SmolVLMForConditionalGeneration and
+        SmolVLM.from_pretrained load: config.json (a loaded checkpoint's own, fields vlmfast does
+        not read kept), the weights under Hugging Face keys (q/k/v and gate/up split back; a tied
+        head writes no lm_head.weight, as transformers does), sharded with an index above
+        max_shard_bytes, each file atomically. processor_from: a checkpoint directory whose
+        tokenizer / processor / generation files (checkpoint.PROCESSOR_FILES) are copied, so the
+        output is complete for vlmfast's pipeline and transformers' AutoProcessor."""
+        if processor_from is not None and not Path(processor_from).is_dir():
+            raise FileNotFoundError(f"processor_from: expected a checkpoint directory, got {processor_from}")
+        state = split_gate_up(checkpoint.native_to_hf(self.state_dict()))
+        checkpoint.write_checkpoint(path, self.config.to_hf(), state, max_shard_bytes=max_shard_bytes)
+        copied = checkpoint.copy_processor_files(processor_from, path) if processor_from is not None else []
+        if "generation_config.json" not in copied and self.generation_defaults:
+            # the stop / pad ids the loaded checkpoint generated with, so a reload generates the same
+            target = Path(path) / "generation_config.json"
+            text = json.dumps(self.generation_defaults, indent=2)
+            checkpoint._atomic_write(target, lambda tmp: Path(tmp).write_text(text))
 
     @property
     def dtype(self) -> torch.dtype:
