@@ -2,6 +2,7 @@
 built-in example set, the labels (decoded back to exactly the answers, token ids equal to the
 inference processor's), truncation, and the step -> batch function."""
 
+import copy
 import json
 
 import pytest
@@ -223,3 +224,15 @@ def test_bad_finetune_options():
     with pytest.raises(ValueError, match="freeze_vision, freeze_decoder: both frozen without LoRA"):
         FinetuneConfig(freeze_vision=True, freeze_decoder=True)
     assert FinetuneConfig(lora_rank=2, lora_targets="q_proj,v_proj").lora_targets == ("q_proj", "v_proj")
+
+
+def test_an_answer_first_conversation_and_a_template_that_is_not_turn_by_turn(processor, tmp_path):
+    path = _write_jsonl(tmp_path, [{"images": [], "messages": [_answer("Hello there."), _user(ASK), _answer("A cat.")]}])
+    (example,) = read_instructions(path)
+    batch = InstructionCollator(processor)([example])
+    decoded = [processor.decode(r, skip_special_tokens=False) for r in _labelled_runs(batch["labels"][0])]
+    assert decoded == [f" Hello there.{EOT}", f" A cat.{EOT}"]
+    counting = copy.copy(processor)  # the number of turns first: a prefix rendering is not a prefix
+    counting.chat_template = "{{ messages | length }}" + processor.chat_template
+    with pytest.raises(ValueError, match=r"data\.jsonl:1: messages\[0\]: the chat template does not render"):
+        InstructionCollator(counting)([example])

@@ -37,6 +37,18 @@ class EncodedExample:
     labels: list[int]
 
 
+def _render_prefix(processor, messages: list[dict]) -> str:
+    """The conversation so far plus the generation prompt; also for no messages at all (an
+    answer first), which processor.apply_chat_template refuses."""
+    if messages:
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    from vlmfast.models.smolvlm.chat_template import render_chat_template
+
+    special = {k: v for k, v in processor.special_tokens.items() if k in ("bos_token", "eos_token", "pad_token",
+                                                                          "unk_token")}
+    return render_chat_template(processor.chat_template, [], add_generation_prompt=True, **special)
+
+
 def answer_spans(processor, messages: list[dict], source: str = "messages") -> tuple[str, list[tuple[int, int]]]:
     """The conversation's text (images as <image>) and the [start, end) character spans of its
     assistant answers (answer text + end-of-turn token)."""
@@ -46,7 +58,7 @@ def answer_spans(processor, messages: list[dict], source: str = "messages") -> t
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = processor.apply_chat_template(messages[:i], add_generation_prompt=True) if i else ""
+        prompt = _render_prefix(processor, messages[:i])
         upto = processor.apply_chat_template(messages[: i + 1])
         if not (upto.startswith(prompt) and full.startswith(upto)):
             raise ValueError(f"{source}: messages[{i}]: the chat template does not render the conversation turn by "
