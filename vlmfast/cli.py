@@ -38,6 +38,8 @@ def _run_demo(args) -> int:
             setattr(cfg, name, getattr(args, name))
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, flush=True))
     report = run_demo(cfg, log=log)
+    if report is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     if args.quiet:
         print(json.dumps({k: v for k, v in report.items() if k != "classes"}, indent=2))
     else:

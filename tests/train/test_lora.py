@@ -59,7 +59,8 @@ def test_fresh_adapters_change_nothing():
     batch = smolvlm_batch()
     with torch.no_grad():
         before = model(*batch)
-        assert apply_lora(model, rank=4) == 2 * 4 + 2 * 4  # 2 decoder layers: qkv o_proj gate_up down_proj; 2 vision: qkv out_proj fc1 fc2
+        # 2 decoder layers (qkv, o_proj, gate_up, down_proj) + 2 vision layers (qkv, out_proj, fc1, fc2)
+        assert apply_lora(model, rank=4) == 2 * 4 + 2 * 4
         assert torch.equal(model(*batch), before)
     clip, (pixels, ids) = tiny_clip(), clip_inputs()
     with torch.no_grad():

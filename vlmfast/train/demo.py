@@ -6,6 +6,10 @@ text transformer over the captions' vocabulary, trained with the InfoNCE loss (1
 pairs). Colour is learnt within a few dozen steps, shape later: fewer steps leave shape at chance
 on some seeds. Held-out images come from another seed, so
 no test image was seen in training.
+
+Under `torchrun --nproc-per-node N vlmfast demo` (or python -m vlmfast.cli demo) every rank
+builds the same data, trains on its 1/N of each step's batch (the InfoNCE loss still sees the
+whole batch's negatives), and rank 0 alone logs, evaluates, saves and reports.
 """
 
 import json
@@ -20,6 +24,7 @@ from vlmfast.data.synthetic import CLASSES, PROMPT_TEMPLATES, SyntheticShapes, c
 from vlmfast.models import CLIP, CLIPConfig, TextConfig, VisionConfig
 from vlmfast.models.tokenizer import word_tokenizer
 from vlmfast.models.zeroshot import classify, embed_images, embed_texts, zero_shot_classifier
+from vlmfast.train import distributed
 from vlmfast.train.trainer import Trainer, TrainConfig
 
 IMAGE_MEAN = (0.5, 0.5, 0.5)
@@ -79,18 +84,30 @@ def evaluate(model, tokenizer, images: np.ndarray, captions, labels: np.ndarray,
     }
 
 
-def run_demo(cfg: DemoConfig, log=print) -> dict:
-    """Trains, evaluates, saves; returns the report (also written to out/report.json)."""
+def run_demo(cfg: DemoConfig, log=print) -> dict | None:
+    """Trains, evaluates, saves; returns the report (also written to out/report.json). Under
+    torchrun (see the module's docstring) ranks other than 0 train only and return None."""
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    started_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    parallel = distributed.init_from_environment()
+    started_group = started_group and parallel.enabled
     try:
-        return _run_demo(cfg, log)
+        if not parallel.is_main:
+            log = lambda message: None  # noqa: E731  (rank 0 reports)
+        return _run_demo(cfg, log, parallel)
     finally:
         torch.set_num_threads(threads)
+        if started_group:
+            torch.distributed.destroy_process_group()
 
 
-def _run_demo(cfg: DemoConfig, log) -> dict:
+def _run_demo(cfg: DemoConfig, log, parallel: distributed.DataParallel) -> dict | None:
+    if cfg.batch_size % parallel.world:
+        raise ValueError(
+            f"batch_size: expected a multiple of the {parallel.world} torchrun ranks, got {cfg.batch_size}"
+        )
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     started = time.perf_counter()
@@ -106,7 +123,7 @@ def _run_demo(cfg: DemoConfig, log) -> dict:
     mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
     log(f"data: {len(train)} training pairs, {len(test)} held-out images, {len(CLASSES)} classes "
-        f"({time.perf_counter() - started:.1f} s)")
+        f"({time.perf_counter() - started:.1f} s)" + (f"; {parallel.world} ranks" if parallel.enabled else ""))
 
     model = demo_model(tokenizer.vocab_size, cfg.image_size, context)
 
@@ -123,9 +140,10 @@ def _run_demo(cfg: DemoConfig, log) -> dict:
 
     train_cfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, weight_decay=0.05, warmup_steps=max(1, cfg.steps // 15),
                             min_lr_ratio=0.02, log_path=str(out / "metrics.jsonl"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    trainer = Trainer(model, train_cfg, batches)
+    if parallel.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    trainer = Trainer(model, train_cfg, batches)  # each rank keeps its rows of every batch
     every = max(1, cfg.steps // 10)
 
     def progress(t):
@@ -135,6 +153,8 @@ def _run_demo(cfg: DemoConfig, log) -> dict:
     t0 = time.perf_counter()
     losses = trainer.fit(callback=progress)
     train_seconds = time.perf_counter() - t0
+    if not parallel.is_main:
+        return None
 
     report = evaluate(model, tokenizer, test_images, test_captions, test_labels)
     model.save_pretrained(out)
@@ -146,7 +166,8 @@ def _run_demo(cfg: DemoConfig, log) -> dict:
         "image_mean": list(IMAGE_MEAN), "image_std": list(IMAGE_STD), "resample": 3,
     }, indent=2))
     report.update({
-        "steps": cfg.steps, "batch_size": cfg.batch_size, "final_loss": losses[-1] if losses else None,
+        "steps": cfg.steps, "batch_size": cfg.batch_size, "world_size": parallel.world,
+        "final_loss": losses[-1] if losses else None,
         "train_seconds": round(train_seconds, 2), "total_seconds": round(time.perf_counter() - started, 2),
         "out": str(out), "classes": list(CLASSES),
     })

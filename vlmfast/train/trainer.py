@@ -6,12 +6,14 @@ Exact resume rests on two choices: the batch of a step is a pure function of the
 function of the step (no scheduler state). The checkpoint then needs only the step, the model,
 AdamW's state and the RNG states, and a resumed run repeats the uninterrupted one bit for bit.
 
-Data parallel (torchrun) hook: wrap `model` in DistributedDataParallel before handing it over,
-make `batches` return each rank's shard of the step's batch, and give the fused losses the
-process group (`vlmfast.ops.infonce_loss(..., group=)`) so each rank sees the global negatives;
-only rank 0 should write checkpoints and the log (`is_main`).
+Data parallel (torchrun): when torch.distributed is initialised with more than one rank, each
+rank trains on its shard of every step's batch (vlmfast.train.distributed: rank 0's weights are
+broadcast once, gradients averaged by one all-reduce per step), a loss_fn with a `group`
+keyword (contrastive_loss) computes the loss over the global batch, and only rank 0 writes
+checkpoints and the log. The checkpoint keeps every rank's RNG state, so resume stays exact.
 """
 
+import inspect
 import json
 import math
 import os
@@ -22,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from vlmfast.models import _ops
+from vlmfast import ops
 from vlmfast.models.layers import set_gradient_checkpointing
+from vlmfast.train import distributed
 
 CHECKPOINT_NAME = "trainer_state.pt"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps its temperature at 1/100
@@ -64,14 +67,26 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def contrastive_loss(model, pixel_values, input_ids, attention_mask=None) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE, or SigLIP's sigmoid loss when the model has a logit_bias."""
+def contrastive_loss(model, pixel_values, input_ids, attention_mask=None, *, group=None) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE, or SigLIP's sigmoid loss when the model has a logit_bias.
+    group: a process group (data parallel): the loss of the global batch gathered from every
+    rank, with gradients such that their average over the ranks is the global gradient."""
     img = model.encode_image(pixel_values).float()
     txt = model.encode_text(input_ids, attention_mask).float()
+    if group is not None:
+        context = distributed.current(group)
+        img, txt = distributed.global_loss_features(img, context), distributed.global_loss_features(txt, context)
     scale = model.logit_scale.float().exp().reshape(())
     if getattr(model, "logit_bias", None) is not None:
-        return _ops.siglip_loss(img, txt, scale, model.logit_bias.float().reshape(()))
-    return _ops.clip_loss(img, txt, scale)
+        return ops.siglip_loss(img, txt, scale, model.logit_bias.float().reshape(()), group=group)
+    return ops.infonce_loss(img, txt, scale, group=group)
+
+
+def _takes_group(loss_fn) -> bool:
+    try:
+        return "group" in inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _param_groups(model, weight_decay: float):
@@ -101,10 +116,23 @@ class Trainer:
     batches(step, micro) -> (pixel_values, input_ids, attention_mask or None) for micro-batch
     `micro` (0 .. grad_accum-1) of `step`. loss_fn(model, *batch) -> scalar, contrastive_loss
     by default. A checkpoint in cfg.checkpoint_dir is resumed from automatically.
+
+    Data parallel (torch.distributed initialised, `group` or the whole world with > 1 rank):
+    batches returns the step's global batch and each rank keeps its rows (distributed.shard), or,
+    with batches_are_local=True, already returns this rank's shard (trainer.parallel.rank /
+    .world say which). A loss_fn with a `group` keyword gets the group; any other loss_fn is a
+    per-rank loss whose gradients are averaged. is_main (default: rank 0) writes checkpoints and
+    the log; every rank must call fit() alike (the collectives are in step).
     """
 
-    def __init__(self, model, cfg: TrainConfig, batches, *, loss_fn=contrastive_loss, is_main: bool = True):
-        self.model, self.cfg, self.batches, self.loss_fn, self.is_main = model, cfg, batches, loss_fn, is_main
+    def __init__(self, model, cfg: TrainConfig, batches, *, loss_fn=contrastive_loss, is_main: bool | None = None,
+                 group=None, batches_are_local: bool = False):
+        self.model, self.cfg, self.batches, self.loss_fn = model, cfg, batches, loss_fn
+        self.parallel = distributed.current(group)
+        self.is_main = self.parallel.is_main if is_main is None else is_main
+        self.batches_are_local = batches_are_local
+        self._loss_kwargs = {"group": self.parallel.group} if self.parallel.enabled and _takes_group(loss_fn) else {}
+        distributed.broadcast_state(model, self.parallel)  # identical replicas before the first step
         if cfg.gradient_checkpointing:
             set_gradient_checkpointing(model, True)
         fused = {"fused": True} if next(model.parameters()).is_cuda else {}
@@ -128,20 +156,38 @@ class Trainer:
             "config": asdict(self.cfg),
         }
 
+    def _rng_states_of_every_rank(self) -> list:
+        """[(cpu, cuda states)] of every rank in rank order (a collective under data parallel)."""
+        mine = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+        if not self.parallel.enabled:
+            return [mine]
+        states = [None] * self.parallel.world
+        torch.distributed.all_gather_object(states, mine, group=self.parallel.group)
+        return states
+
     def save_checkpoint(self) -> None:
-        if not (self.cfg.checkpoint_dir and self.is_main):
+        if not self.cfg.checkpoint_dir:
             return
-        folder = Path(self.cfg.checkpoint_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(self.state_dict(), folder / CHECKPOINT_NAME)
+        rng_states = self._rng_states_of_every_rank()  # every rank takes part, only is_main writes
+        if self.is_main:
+            folder = Path(self.cfg.checkpoint_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            state = self.state_dict()
+            state["rng_per_rank"] = rng_states
+            atomic_torch_save(state, folder / CHECKPOINT_NAME)
+        distributed.barrier(self.parallel)  # the file exists for every rank once anyone goes on
 
     def load_checkpoint(self) -> None:
         state = torch.load(Path(self.cfg.checkpoint_dir) / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        rng_cpu, rng_cuda = state["rng_cpu"], state["rng_cuda"]
+        per_rank = state.get("rng_per_rank") or []
+        if len(per_rank) == self.parallel.world:  # the same world size: each rank its own stream back
+            rng_cpu, rng_cuda = per_rank[self.parallel.rank]
+        torch.set_rng_state(rng_cpu)
+        if rng_cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng_cuda)
         self.step, self.losses = state["step"], list(state["losses"])
         self._truncate_log()
 
@@ -169,11 +215,16 @@ class Trainer:
         total = 0.0
         for micro in range(cfg.grad_accum):
             batch = self.batches(self.step, micro)
+            if not self.batches_are_local:
+                batch = distributed.shard(batch, self.parallel)
             device_type = next(model.parameters()).device.type
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = self.loss_fn(model, *batch) / cfg.grad_accum
+                loss = self.loss_fn(model, *batch, **self._loss_kwargs) / cfg.grad_accum
             loss.backward()
             total += float(loss.detach())
+        # data parallel: one all-reduce after the last micro-batch averages the ranks' gradients
+        distributed.average_gradients(distributed.trainable(model), self.parallel)
+        total = distributed.mean_over_ranks(total, self.parallel, next(model.parameters()).device)
         grad_norm = None
         if cfg.max_grad_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
