@@ -85,7 +85,8 @@ def test_full_fine_tune_lowers_the_loss_and_a_frozen_tower_stays_bit_identical(c
                       gradient_checkpointing=True, **FAST)
     after = _mean_loss(SmolVLM.from_pretrained(tmp_path), collated)
     assert after < before - 0.3, (before, after)
-    assert report["steps"] == 8 and report["resumed_from"] == 0 and report["trainable_parameters"] < report["parameters"]
+    assert report["steps"] == 8 and report["resumed_from"] == 0
+    assert report["trainable_parameters"] < report["parameters"]
     base, tuned = load_file(checkpoint / "model.safetensors"), load_file(tmp_path / "model.safetensors")
     assert set(base) == set(tuned)
     for name in base:

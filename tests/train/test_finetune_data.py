@@ -102,7 +102,8 @@ def test_plain_string_content_reads_as_one_text_part(tmp_path):
      r"messages\[1\]\.content: an assistant turn cannot hold images"),
     ({"images": [], "messages": [{"role": "robot", "content": "hi"}, _answer("x")]}, r"messages\[0\]\.role"),
     ({"images": [], "messages": [_user({"type": "text"}), _answer("x")]}, r"messages\[0\]\.content\[0\]\.text"),
-    ({"images": [], "messages": [_user(ASK), _answer("  ")]}, r"messages\[1\]\.content: the assistant's answer is empty"),
+    ({"images": [], "messages": [_user(ASK), _answer("  ")]},
+     r"messages\[1\]\.content: the assistant's answer is empty"),
     ({"images": "a.png"}, r"messages: expected a non-empty list"),
     ("{not json", r"not valid JSON"),
     ("[1, 2]", r"expected a JSON object"),
@@ -227,7 +228,8 @@ def test_bad_finetune_options():
 
 
 def test_an_answer_first_conversation_and_a_template_that_is_not_turn_by_turn(processor, tmp_path):
-    path = _write_jsonl(tmp_path, [{"images": [], "messages": [_answer("Hello there."), _user(ASK), _answer("A cat.")]}])
+    messages = [_answer("Hello there."), _user(ASK), _answer("A cat.")]
+    path = _write_jsonl(tmp_path, [{"images": [], "messages": messages}])
     (example,) = read_instructions(path)
     batch = InstructionCollator(processor)([example])
     decoded = [processor.decode(r, skip_special_tokens=False) for r in _labelled_runs(batch["labels"][0])]
