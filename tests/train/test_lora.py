@@ -210,6 +210,35 @@ def test_merge_changes_only_the_targeted_rows_of_fused_layers():
             assert not changed, key
 
 
+def test_adapters_equal_low_rank_updates_of_transformers_unfused_projections(tmp_path):
+    """peft's semantics end to end: our fused model with adapters gives the logits of transformers'
+    SmolVLM (separate q/k/v, gate/up projections, GQA) whose projection p got W_p += alpha/r B_p A_p."""
+    transformers = pytest.importorskip("transformers")
+    from tests.models.smolvlm_helpers import hf_config_dict
+    from vlmfast.models.smolvlm import SmolVLM
+    from vlmfast.train.lora import lora_layers
+
+    torch.manual_seed(0)
+    hf = transformers.SmolVLMForConditionalGeneration(transformers.SmolVLMConfig(**hf_config_dict())).eval()
+    hf.save_pretrained(tmp_path)
+    ours = SmolVLM.from_pretrained(tmp_path)
+    apply_lora(ours, rank=3, alpha=6.0, targets=KNOWN_TARGETS)
+    perturb(ours)
+    hf_modules = dict(hf.named_modules())
+    with torch.no_grad():
+        for name, layer in lora_layers(ours):
+            owner = name.rpartition(".")[0]  # ...self_attn (qkv), ...mlp (gate_up), or the layer's parent
+            for target in layer.adapted:
+                projection = hf_modules[f"{owner}.{target}"]
+                projection.weight += 2.0 * layer.lora_B[target] @ layer.lora_A[target]
+    ids, mask, pixels, pixel_mask = build_batch(ROWS)
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, pixel_attention_mask=pixel_mask).logits
+        got = ours(ids, pixels, pixel_mask, mask)
+    valid = mask.bool()  # padded positions attend nothing useful: not compared
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- training
 
 
