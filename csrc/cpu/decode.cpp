@@ -1,0 +1,451 @@
+#include "cpu/decode.h"
+
+#include "common/dtype.h"
+#include "common/parallel.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define VLMFAST_DECODE_X86 1
+// 512-bit vectors cross only inlined helpers here; the ABI note GCC gives for them does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+// GCC 12's AVX-512 headers build shuffles on _mm512_undefined_ps(), which it then flags.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace vlmfast::cpu {
+namespace {
+
+// ------------------------------------------------------------------ matrix-vector products
+// out[b * N + n] = sum_k w[n * K + k] x[b * K + k] for output rows n in [n0, n1). Rows of w go
+// four at a time (adjacent rows: one contiguous stream for the prefetcher); each group of four
+// is read from memory once and reused from L1 for every row b of x.
+
+#ifdef VLMFAST_DECODE_X86
+#define VLMFAST_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// 32 bf16 values from p + k; past `full` (the K tail) only the lanes of `tail`, the rest zero.
+VLMFAST_BF16_TARGET __attribute__((always_inline)) inline __m512bh load_bf16(const uint16_t* p, int64_t k,
+                                                                           int64_t full, __mmask32 tail) {
+  return (__m512bh)(k < full ? _mm512_loadu_si512(p + k) : _mm512_maskz_loadu_epi16(tail, p + k));
+}
+
+__attribute__((target("avx512f"))) __attribute__((always_inline)) inline __m512 load_f32(
+    const float* p, int64_t k, int64_t full, __mmask16 tail) {
+  return k < full ? _mm512_loadu_ps(p + k) : _mm512_maskz_loadu_ps(tail, p + k);
+}
+
+// The 16 lanes' sum (halves folded: 8 adds' worth of latency, no store).
+__attribute__((target("avx512f"))) __attribute__((always_inline)) inline float hsum512(__m512 v) {
+  __m512 t = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0x4E));
+  t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, 0xB1));
+  __m128 r = _mm512_castps512_ps128(t);
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+
+VLMFAST_BF16_TARGET void gemv_bf16_avx512(
+    const uint16_t* w, const uint16_t* x, float* out, int64_t B, int64_t N, int64_t K, int64_t n0,
+    int64_t n1) {
+  const int64_t full = K / 32 * 32;
+  // vdpbf16ps multiplies 32 bf16 pairs into 16 float lanes; the K tail is zero-filled by a mask
+  const __mmask32 tail = static_cast<__mmask32>((1ull << (K - full)) - 1);
+  auto load = [=](const uint16_t* p, int64_t k) VLMFAST_BF16_TARGET { return load_bf16(p, k, full, tail); };
+  const int64_t end = K > full ? full + 32 : full;
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const uint16_t* w0 = w + n * K;
+    const uint16_t* w1 = w0 + K;
+    const uint16_t* w2 = w1 + K;
+    const uint16_t* w3 = w2 + K;
+    for (int64_t b = 0; b < B; ++b) {
+      const uint16_t* xb = x + b * K;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t k = 0; k < end; k += 32) {
+        const __m512bh xv = load(xb, k);
+        a0 = _mm512_dpbf16_ps(a0, load(w0, k), xv);
+        a1 = _mm512_dpbf16_ps(a1, load(w1, k), xv);
+        a2 = _mm512_dpbf16_ps(a2, load(w2, k), xv);
+        a3 = _mm512_dpbf16_ps(a3, load(w3, k), xv);
+      }
+      float* o = out + b * N + n;
+      o[0] = hsum512(a0);
+      o[1] = hsum512(a1);
+      o[2] = hsum512(a2);
+      o[3] = hsum512(a3);
+    }
+  }
+  for (; n < n1; ++n) {
+    const uint16_t* wn = w + n * K;
+    for (int64_t b = 0; b < B; ++b) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t k = 0; k < end; k += 32) a = _mm512_dpbf16_ps(a, load(wn, k), load(x + b * K, k));
+      out[b * N + n] = hsum512(a);
+    }
+  }
+}
+
+__attribute__((target("avx512f"))) void gemv_f32_avx512(const float* w, const float* x, float* out,
+                                                        int64_t B, int64_t N, int64_t K, int64_t n0,
+                                                        int64_t n1) {
+  const int64_t full = K / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (K - full)) - 1);
+  auto load = [=](const float* p, int64_t k) __attribute__((target("avx512f"))) {
+    return load_f32(p, k, full, tail);
+  };
+  const int64_t end = K > full ? full + 16 : full;
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const float* w0 = w + n * K;
+    for (int64_t b = 0; b < B; ++b) {
+      const float* xb = x + b * K;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t k = 0; k < end; k += 16) {
+        const __m512 xv = load(xb, k);
+        a0 = _mm512_fmadd_ps(load(w0, k), xv, a0);
+        a1 = _mm512_fmadd_ps(load(w0 + K, k), xv, a1);
+        a2 = _mm512_fmadd_ps(load(w0 + 2 * K, k), xv, a2);
+        a3 = _mm512_fmadd_ps(load(w0 + 3 * K, k), xv, a3);
+      }
+      float* o = out + b * N + n;
+      o[0] = hsum512(a0);
+      o[1] = hsum512(a1);
+      o[2] = hsum512(a2);
+      o[3] = hsum512(a3);
+    }
+  }
+  for (; n < n1; ++n) {
+    for (int64_t b = 0; b < B; ++b) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t k = 0; k < end; k += 16) a = _mm512_fmadd_ps(load(w + n * K, k), load(x + b * K, k), a);
+      out[b * N + n] = hsum512(a);
+    }
+  }
+}
+#endif
+
+// Any CPU: 16 float partial sums per dot product (lane-wise, so the compiler may vectorise it
+// without reordering a sum).
+template <typename T>
+void gemv_portable(const T* w, const T* x, float* out, int64_t B, int64_t N, int64_t K, int64_t n0,
+                   int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t b = 0; b < B; ++b) {
+      float lanes[16] = {};
+      for (int64_t k = 0; k < K; ++k) lanes[k % 16] += to_float(w[n * K + k]) * to_float(x[b * K + k]);
+      float sum = 0.0f;
+      for (float lane : lanes) sum += lane;
+      out[b * N + n] = sum;
+    }
+  }
+}
+
+struct CpuSupport {
+  bool avx512f = false, avx512_bf16 = false;
+};
+
+const CpuSupport& cpu_support() {
+  static const CpuSupport support = [] {
+    CpuSupport s;
+#ifdef VLMFAST_DECODE_X86
+    __builtin_cpu_init();
+    s.avx512f = __builtin_cpu_supports("avx512f");
+    s.avx512_bf16 = s.avx512f && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+#endif
+    return s;
+  }();
+  return support;
+}
+
+template <typename T> inline float round_to(float v) { return to_float(from_float<T>(v)); }
+template <> inline float round_to<float>(float v) { return v; }
+
+// Rows [n0, n1) of out (B, N) = round_T(x @ w^T + bias): the eager model's linear rounds its
+// float32 accumulation (bias included) to its dtype once.
+template <typename T>
+void gemv_rows(const T* w, const T* bias, const T* x, float* out, int64_t B, int64_t N, int64_t K,
+               int64_t n0, int64_t n1) {
+  if (n0 >= n1) return;
+  bool done = false;
+#ifdef VLMFAST_DECODE_X86
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (cpu_support().avx512_bf16) {
+      gemv_bf16_avx512(reinterpret_cast<const uint16_t*>(w), reinterpret_cast<const uint16_t*>(x),
+                       out, B, N, K, n0, n1);
+      done = true;
+    }
+  } else {
+    if (cpu_support().avx512f) {
+      gemv_f32_avx512(w, x, out, B, N, K, n0, n1);
+      done = true;
+    }
+  }
+#endif
+  if (!done) gemv_portable(w, x, out, B, N, K, n0, n1);
+  for (int64_t b = 0; b < B; ++b) {
+    float* o = out + b * N;
+    for (int64_t n = n0; n < n1; ++n) o[n] = round_to<T>(bias ? o[n] + to_float(bias[n]) : o[n]);
+  }
+}
+
+// This thread's share [n0, n1) of N output rows, in multiples of 4 (the kernels' row group).
+inline void share(int64_t N, int tid, int team, int64_t& n0, int64_t& n1) {
+  const int64_t groups = (N + 3) / 4;
+  const int64_t per = (groups + team - 1) / team;
+  n0 = std::min(N, tid * per * 4);
+  n1 = std::min(N, n0 + per * 4);
+}
+
+// ------------------------------------------------------------------ the small per-row stages
+
+// out (D,) = round_T(weight * round_T(x * rsqrt(mean(x^2) + eps))): Llama's RMSNorm, in the
+// order the eager model rounds (normalised in float32, rounded, then scaled).
+template <typename T>
+void rms_norm_row(const float* x, const T* weight, T* out, int64_t D, float eps) {
+  float sum = 0.0f;
+  for (int64_t i = 0; i < D; ++i) sum += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(sum / static_cast<float>(D) + eps);
+  for (int64_t i = 0; i < D; ++i) out[i] = from_float<T>(to_float(weight[i]) * round_to<T>(x[i] * inv));
+}
+
+// Rotates the q and k heads of one row's qkv (float, values already in T's precision) in place,
+// rounding to T, and writes the row's k and v heads into cache slot `slot`.
+template <typename T>
+void rotate_and_cache(const DecodeShape& s, float* qkv_row, const float* cos, const float* sin,
+                      T* k_cache, T* v_cache, int64_t b) {
+  const int64_t E = s.E, half = E / 2;
+  for (int64_t head = 0; head < s.H + s.Hkv; ++head) {
+    float* v = qkv_row + head * E;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = v[i], c = v[i + half];
+      v[i] = round_to<T>(a * cos[i] - c * sin[i]);
+      v[i + half] = round_to<T>(c * cos[i] + a * sin[i]);
+    }
+  }
+  for (int64_t g = 0; g < s.Hkv; ++g) {
+    const int64_t at = ((b * s.Hkv + g) * s.max_len + s.slot) * E;
+    const float* k = qkv_row + (s.H + g) * E;
+    const float* v = qkv_row + (s.H + s.Hkv + g) * E;
+    for (int64_t e = 0; e < E; ++e) {
+      k_cache[at + e] = from_float<T>(k[e]);
+      v_cache[at + e] = from_float<T>(v[e]);
+    }
+  }
+}
+
+// Query head h of row b against the cache slots [0, slot] of its key/value head:
+// out = softmax(scale q.k_s, masked) @ v_s, rounded to T. scores: slot + 1 floats of scratch,
+// acc: E floats.
+template <typename T>
+__attribute__((always_inline)) inline void attend_one(const DecodeShape& s, const float* q,
+                                                      const T* k_cache, const T* v_cache,
+                                                      const bool* key_mask, int64_t b, int64_t h,
+                                                      float* scores, float* acc, T* out) {
+  const int64_t E = s.E, S = s.slot + 1;
+  const int64_t g = h / (s.H / s.Hkv);
+  const T* keys = k_cache + (b * s.Hkv + g) * s.max_len * E;
+  const T* values = v_cache + (b * s.Hkv + g) * s.max_len * E;
+  const bool* mask = key_mask ? key_mask + b * s.max_len : nullptr;
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+  float top = minus_inf;
+  for (int64_t j = 0; j < S; ++j) {
+    if (mask && !mask[j]) {
+      scores[j] = minus_inf;
+      continue;
+    }
+    const T* k = keys + j * E;
+    float lanes[16] = {};
+    for (int64_t e = 0; e < E; ++e) lanes[e % 16] += q[e] * to_float(k[e]);
+    float dot = 0.0f;
+    for (float lane : lanes) dot += lane;
+    scores[j] = dot * s.scale;
+    top = std::max(top, scores[j]);
+  }
+  float total = 0.0f;
+  for (int64_t e = 0; e < E; ++e) acc[e] = 0.0f;
+  for (int64_t j = 0; j < S; ++j) {
+    if (scores[j] == minus_inf) continue;
+    const float p = std::exp(scores[j] - top);
+    total += p;
+    const T* v = values + j * E;
+    for (int64_t e = 0; e < E; ++e) acc[e] += p * to_float(v[e]);
+  }
+  const float inv = 1.0f / total;  // slot `slot` is always real: total >= 1
+  for (int64_t e = 0; e < E; ++e) out[e] = from_float<T>(acc[e] * inv);
+}
+
+// Tasks (b, h) = [begin, end) of B * H, compiled for the widest vectors the CPU has.
+#define VLMFAST_DEFINE_ATTEND(T, SUFFIX)                                                         \
+  VLMFAST_MULTIVERSION void attend_##SUFFIX(const DecodeShape& s, const float* qkv,             \
+                                            const void* k_cache, const void* v_cache,           \
+                                            const bool* key_mask, int64_t begin, int64_t end,   \
+                                            int64_t step, float* scores, float* acc, void* out) { \
+    const int64_t width = (s.H + 2 * s.Hkv) * s.E;                                               \
+    for (int64_t task = begin; task < end; task += step) {                                       \
+      const int64_t b = task / s.H, h = task % s.H;                                              \
+      attend_one<T>(s, qkv + b * width + h * s.E, static_cast<const T*>(k_cache),                \
+                    static_cast<const T*>(v_cache), key_mask, b, h, scores, acc,                 \
+                    static_cast<T*>(out) + (b * s.H + h) * s.E);                                 \
+    }                                                                                            \
+  }
+VLMFAST_DEFINE_ATTEND(float, f32)
+VLMFAST_DEFINE_ATTEND(BFloat16, bf16)
+#undef VLMFAST_DEFINE_ATTEND
+
+template <typename T>
+void attend(const DecodeShape& s, const float* qkv, const void* k, const void* v, const bool* mask,
+            int64_t begin, int64_t end, int64_t step, float* scores, float* acc, T* out) {
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    attend_bf16(s, qkv, k, v, mask, begin, end, step, scores, acc, out);
+  } else {
+    attend_f32(s, qkv, k, v, mask, begin, end, step, scores, acc, out);
+  }
+}
+
+inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+// ------------------------------------------------------------------ the step
+
+template <typename T>
+void step(const DecodeShape& s, const int64_t* tokens, const T* embed,
+          const std::vector<DecodeLayer>& layers, const T* final_norm, const T* head,
+          const float* cos, const float* sin, const bool* key_mask, float* logits, int threads) {
+  const int64_t B = s.B, D = s.D, E = s.E, half = E / 2, I = s.I;
+  const int64_t Q = s.H * E, W = (s.H + 2 * s.Hkv) * E;
+  const int team_size = resolve_threads(threads);
+  std::vector<float> x(B * D), qkv(B * W), proj(B * D), gate_up(B * 2 * I);
+  std::vector<T> normed(B * D), attended(B * Q), act(B * I);
+  std::vector<float> scores(team_size * (s.slot + 1)), acc(team_size * E);
+
+#pragma omp parallel num_threads(team_size)
+  {
+    int tid = 0, team = 1;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+    team = omp_get_num_threads();
+#endif
+    int64_t n0, n1;
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const DecodeLayer& layer = layers[l];
+#pragma omp single
+      {
+        for (int64_t b = 0; b < B; ++b) {
+          float* xb = x.data() + b * D;
+          if (l == 0) {
+            for (int64_t i = 0; i < D; ++i) xb[i] = to_float(embed[tokens[b] * D + i]);
+          } else {  // the previous layer's MLP residual
+            for (int64_t i = 0; i < D; ++i) xb[i] = round_to<T>(xb[i] + proj[b * D + i]);
+          }
+          rms_norm_row(xb, static_cast<const T*>(layer.input_norm), normed.data() + b * D, D, s.eps);
+        }
+      }
+      share(W, tid, team, n0, n1);
+      gemv_rows(static_cast<const T*>(layer.qkv), static_cast<const T*>(layer.qkv_bias), normed.data(),
+                qkv.data(), B, W, D, n0, n1);
+#pragma omp barrier
+#pragma omp single
+      for (int64_t b = 0; b < B; ++b)
+        rotate_and_cache(s, qkv.data() + b * W, cos + b * half, sin + b * half,
+                         static_cast<T*>(layer.k_cache), static_cast<T*>(layer.v_cache), b);
+      attend<T>(s, qkv.data(), layer.k_cache, layer.v_cache, key_mask, tid, B * s.H, team,
+                scores.data() + tid * (s.slot + 1), acc.data() + tid * E, attended.data());
+#pragma omp barrier
+      share(D, tid, team, n0, n1);
+      gemv_rows(static_cast<const T*>(layer.o_proj), static_cast<const T*>(layer.o_bias), attended.data(),
+                proj.data(), B, D, Q, n0, n1);
+#pragma omp barrier
+#pragma omp single
+      for (int64_t b = 0; b < B; ++b) {
+        float* xb = x.data() + b * D;
+        for (int64_t i = 0; i < D; ++i) xb[i] = round_to<T>(xb[i] + proj[b * D + i]);
+        rms_norm_row(xb, static_cast<const T*>(layer.post_norm), normed.data() + b * D, D, s.eps);
+      }
+      share(2 * I, tid, team, n0, n1);
+      gemv_rows(static_cast<const T*>(layer.gate_up), static_cast<const T*>(layer.gate_up_bias),
+                normed.data(), gate_up.data(), B, 2 * I, D, n0, n1);
+#pragma omp barrier
+#pragma omp single
+      for (int64_t b = 0; b < B; ++b) {
+        const float* g = gate_up.data() + b * 2 * I;
+        for (int64_t i = 0; i < I; ++i) act[b * I + i] = from_float<T>(round_to<T>(silu(g[i])) * g[I + i]);
+      }
+      share(D, tid, team, n0, n1);
+      gemv_rows(static_cast<const T*>(layer.down), static_cast<const T*>(layer.down_bias), act.data(),
+                proj.data(), B, D, I, n0, n1);
+#pragma omp barrier
+    }
+#pragma omp single
+    for (int64_t b = 0; b < B; ++b) {
+      float* xb = x.data() + b * D;
+      for (int64_t i = 0; i < D; ++i) xb[i] = round_to<T>(xb[i] + proj[b * D + i]);
+      rms_norm_row(xb, final_norm, normed.data() + b * D, D, s.eps);
+    }
+    share(s.V, tid, team, n0, n1);
+    gemv_rows<T>(head, nullptr, normed.data(), logits, B, s.V, D, n0, n1);
+  }
+}
+
+void check_shape(const DecodeShape& s, size_t layers) {
+  auto fail = [](const std::string& what) { throw std::invalid_argument("decode_step: " + what); };
+  if (s.B < 1 || s.D < 1 || s.I < 1 || s.V < 1 || s.layers < 1) fail("sizes must be positive");
+  if (s.H < 1 || s.Hkv < 1 || s.H % s.Hkv != 0) fail("expected H a positive multiple of Hkv");
+  if (s.E < 2 || s.E % 2 != 0) fail("expected an even head dim");
+  if (s.slot < 0 || s.slot >= s.max_len) fail("slot outside the cache");
+  if (static_cast<int64_t>(layers) != s.layers) fail("layer table does not match the layer count");
+}
+
+}  // namespace
+
+void decode_step(const DecodeShape& shape, const int64_t* tokens, const void* embed,
+                 const std::vector<DecodeLayer>& layers, const void* final_norm, const void* head,
+                 const float* cos, const float* sin, const bool* key_mask, float* logits,
+                 int dtype, int threads) {
+  check_shape(shape, layers.size());
+  switch (dtype_from_tag(dtype)) {
+    case DType::Float32:
+      return step<float>(shape, tokens, static_cast<const float*>(embed), layers,
+                         static_cast<const float*>(final_norm), static_cast<const float*>(head), cos,
+                         sin, key_mask, logits, threads);
+    case DType::BFloat16:
+      return step<BFloat16>(shape, tokens, static_cast<const BFloat16*>(embed), layers,
+                            static_cast<const BFloat16*>(final_norm),
+                            static_cast<const BFloat16*>(head), cos, sin, key_mask, logits, threads);
+    default:
+      throw std::invalid_argument("decode_step: expected float32 or bfloat16 weights");
+  }
+}
+
+void decode_gemv(const void* w, const void* bias, const void* x, float* out, int64_t B, int64_t N,
+                 int64_t K, int dtype, int threads) {
+  const DType type = dtype_from_tag(dtype);
+  if (type == DType::Float16) throw std::invalid_argument("decode_gemv: expected float32 or bfloat16");
+  const int team_size = resolve_threads(threads);
+#pragma omp parallel num_threads(team_size)
+  {
+    int tid = 0, team = 1;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+    team = omp_get_num_threads();
+#endif
+    int64_t n0, n1;
+    share(N, tid, team, n0, n1);
+    if (type == DType::Float32) {
+      gemv_rows(static_cast<const float*>(w), static_cast<const float*>(bias),
+                static_cast<const float*>(x), out, B, N, K, n0, n1);
+    } else {
+      gemv_rows(static_cast<const BFloat16*>(w), static_cast<const BFloat16*>(bias),
+                static_cast<const BFloat16*>(x), out, B, N, K, n0, n1);
+    }
+  }
+}
+
+bool decode_has_avx512_bf16() { return cpu_support().avx512_bf16; }
+
+}  // namespace vlmfast::cpu

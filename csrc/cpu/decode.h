@@ -1,0 +1,69 @@
+// One decode step of a Llama-style decoder stack (SmolLM2, SmolVLM's text model) on the CPU, for
+// a few rows at a time: entry point bound in csrc/bindings.cpp.
+//
+// At a few rows a step is weight streaming: every weight is read once per step, so the step is
+// one call (one OpenMP region, barriers between the stages) over the plain row-major weights,
+// with no second (packed) copy of them and no Python between the layers. Per layer:
+//   x += o_proj(attention(rotary(qkv(rms_norm(x)))))     keys/values written into the cache
+//   x += down(silu(gate) * up),  [gate; up] = gate_up(rms_norm(x))
+// then logits = head(rms_norm(x)). Dot products accumulate in float32 (AVX512-BF16 vdpbf16ps for
+// bfloat16 weights where the CPU has it); every intermediate is rounded to the model's dtype at
+// the points where the eager model rounds it, so bfloat16 results stay as close to the reference
+// as the eager path's.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace vlmfast::cpu {
+
+struct DecodeShape {
+  int64_t B;             // rows, one new token each
+  int64_t D;             // hidden size
+  int64_t H, Hkv, E;     // query heads, key/value heads (H % Hkv == 0), head dim (even)
+  int64_t I;             // MLP intermediate size
+  int64_t V;             // head rows (vocabulary)
+  int64_t layers;
+  int64_t max_len;       // cache slots per row
+  int64_t slot;          // the slot this step writes; attention reads slots [0, slot]
+  float eps;             // RMSNorm epsilon
+  float scale;           // softmax scale
+};
+
+// One layer's tensors, all contiguous, in the model's dtype. Weights are (out, in) row-major
+// (nn.Linear's layout); a null bias means none.
+struct DecodeLayer {
+  const void* input_norm;    // (D,)
+  const void* qkv;           // ((H + 2 Hkv) E, D): q heads, k heads, v heads
+  const void* qkv_bias;      // ((H + 2 Hkv) E,) or null
+  const void* o_proj;        // (D, H E)
+  const void* o_bias;        // (D,) or null
+  const void* post_norm;     // (D,)
+  const void* gate_up;       // (2 I, D): gate rows then up rows
+  const void* gate_up_bias;  // (2 I,) or null
+  const void* down;          // (D, I)
+  const void* down_bias;     // (D,) or null
+  void* k_cache;             // (B, Hkv, max_len, E)
+  void* v_cache;             // (B, Hkv, max_len, E)
+};
+constexpr int kDecodeLayerFields = 12;  // pointers per DecodeLayer (Python passes them flat)
+
+// tokens int64 (B,) index embed (rows of D); cos, sin float32 (B, E/2), the rotary angles of each
+// row's new token (rotate-half pairs (i, i + E/2)); key_mask bool (B, max_len), true on slots that
+// hold real tokens (null: all of [0, slot] are real); logits float32 (B, V), written.
+// dtype: Float32 or BFloat16 (csrc/common/dtype.h tags).
+void decode_step(const DecodeShape& shape, const int64_t* tokens, const void* embed,
+                 const std::vector<DecodeLayer>& layers, const void* final_norm, const void* head,
+                 const float* cos, const float* sin, const bool* key_mask, float* logits,
+                 int dtype, int threads);
+
+// out (B, N) float32 = x (B, K) @ w (N, K)^T (+ bias), rounded to the dtype, rows of w split
+// between threads: the
+// matrix-vector kernel of decode_step, exposed for its tests and benchmark.
+void decode_gemv(const void* w, const void* bias, const void* x, float* out, int64_t B, int64_t N,
+                 int64_t K, int dtype, int threads);
+
+// Whether the bfloat16 dot products run on AVX512-BF16 here (else a float32 fallback).
+bool decode_has_avx512_bf16();
+
+}  // namespace vlmfast::cpu

@@ -1,0 +1,62 @@
+"""Launchers of the CPU decode kernels in csrc/cpu/decode.cpp (a whole decoder stack per call).
+
+The caller (vlmfast/models/smolvlm/fast_decode.py) checks shapes, dtypes and contiguity once per
+model; these functions only pass addresses.
+"""
+
+import torch
+
+from vlmfast import _extension
+from vlmfast.native._common import dtype_tag
+from vlmfast.ops import _alloc
+
+# Must match csrc/cpu/decode.h (kDecodeLayerFields and the field order of DecodeLayer).
+LAYER_FIELDS = ("input_norm", "qkv", "qkv_bias", "o_proj", "o_bias", "post_norm", "gate_up", "gate_up_bias",
+                "down", "down_bias", "k_cache", "v_cache")
+
+
+def module():
+    """vlmfast._C when it has the decode kernels, else None."""
+    native = _extension.load("_C")
+    return native if native is not None and hasattr(native, "decode_step") else None
+
+
+def has_avx512_bf16() -> bool:
+    native = module()
+    return bool(native is not None and native.decode_has_avx512_bf16())
+
+
+def layer_table(layers: list[dict]) -> torch.Tensor:
+    """int64 (len(layers), 12): each layer's tensors' addresses in LAYER_FIELDS order (0 for a
+    missing bias). The tensors must stay alive (and in place) while the table is used."""
+    rows = [[0 if layer.get(name) is None else layer[name].data_ptr() for name in LAYER_FIELDS] for layer in layers]
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def step(shape: tuple, eps: float, scale: float, tokens: torch.Tensor, embed: torch.Tensor, table: torch.Tensor,
+         final_norm: torch.Tensor, head: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         key_mask: torch.Tensor | None, threads: int) -> torch.Tensor:
+    """One decode step. shape = (B, D, H, Hkv, E, I, V, layers, max_len, slot); tokens int64 (B,);
+    cos, sin float32 (B, E/2) contiguous; key_mask bool (B, max_len) or None. Writes each layer's
+    keys/values at `slot` and returns logits float32 (B, V)."""
+    logits = _alloc.empty(shape[0], shape[6], dtype=torch.float32, device=tokens.device)
+    module().decode_step(
+        shape=shape, eps=eps, scale=scale, tokens=tokens.data_ptr(), embed=embed.data_ptr(),
+        layer_table=table.data_ptr(), final_norm=final_norm.data_ptr(), head=head.data_ptr(), cos=cos.data_ptr(),
+        sin=sin.data_ptr(), key_mask=0 if key_mask is None else key_mask.data_ptr(), logits=logits.data_ptr(),
+        dtype=dtype_tag(embed), threads=threads,
+    )
+    return logits
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, threads: int | None = None):
+    """x (B, K) @ weight (N, K)^T + bias, float32 (B, N) holding values rounded to weight's dtype:
+    decode_step's matrix-vector kernel. All contiguous, one dtype (float32 or bfloat16)."""
+    B, K = x.shape
+    N = weight.shape[0]
+    out = _alloc.empty(B, N, dtype=torch.float32, device=x.device)
+    module().decode_gemv(
+        w=weight.data_ptr(), bias=0 if bias is None else bias.data_ptr(), x=x.data_ptr(), out=out.data_ptr(),
+        B=B, N=N, K=K, dtype=dtype_tag(weight), threads=threads or torch.get_num_threads(),
+    )
+    return out
