@@ -73,6 +73,7 @@ def _worker(rank: int, port: int, root: str):
     from pathlib import Path
 
     torch.set_num_threads(1)
+    distributed.BUCKET_ELEMENTS = 1000  # several all-reduce buckets even for the tiny models
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=120))
     try:

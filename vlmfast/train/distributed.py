@@ -110,23 +110,38 @@ def global_loss_features(x: torch.Tensor, context: DataParallel) -> torch.Tensor
     return _ScaleGradient.apply(x, float(context.world))
 
 
+# Gradients travel in buckets of at most this many elements (one all-reduce each), so the flat
+# copy costs at most one bucket of memory beside the gradients themselves.
+BUCKET_ELEMENTS = 1 << 25
+
+
 def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
 @torch.no_grad()
 def average_gradients(params: list[nn.Parameter], context: DataParallel) -> None:
-    """All-reduces the gradients of `params` to their mean over the ranks: one flat buffer per
-    dtype and device, one collective each. A parameter without a gradient on this rank counts as
-    zeros (every rank must make the same calls in the same order)."""
+    """All-reduces the gradients of `params` to their mean over the ranks: flat buffers of one
+    dtype and device, up to BUCKET_ELEMENTS each, one collective per buffer. A parameter without
+    a gradient on this rank counts as zeros (every rank must make the same calls in order)."""
     if not context.enabled:
         return
-    buckets: dict = {}
+    by_kind: dict = {}
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
-    for grads in buckets.values():
+        by_kind.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    buckets = []
+    for grads in by_kind.values():
+        bucket, size = [], 0
+        for g in grads:
+            if bucket and size + g.numel() > BUCKET_ELEMENTS:
+                buckets.append(bucket)
+                bucket, size = [], 0
+            bucket.append(g)
+            size += g.numel()
+        buckets.append(bucket)
+    for grads in buckets:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=context.group)
         flat.div_(context.world)
