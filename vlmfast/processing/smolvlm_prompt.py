@@ -10,6 +10,10 @@ per frame after pixel shuffle: (tile / patch)^2 / scale_factor^2 (64 for SmolVLM
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from vlmfast.processing.number_words import number_words
+
 FAKE_TOKEN = "<fake_token_around_image>"
 IMAGE_TOKEN = "<image>"
 GLOBAL_TOKEN = "<global-img>"
@@ -73,3 +77,38 @@ def expand_image_tokens(
             out.append(piece)
         expanded.append("".join(out))
     return expanded
+
+
+# SmolVLM2's video prompt (transformers' SmolVLMProcessor.replace_video_token)
+VIDEO_TOKEN = "<video>"
+VIDEO_INTRO = "You are provided the following series of {frame_count} frames from a {video_duration} [H:MM:SS] video.\n"
+FRAME_TIMESTAMP = "\nFrame from {timestamp}:"
+MEDIA_OUTRO = "\n\n"
+DEFAULT_VIDEO_FPS = 24  # transformers' stand-in when a video's fps is unknown (it warns)
+
+
+def video_prompt(
+    frame_count: int,
+    timestamps: list[float],
+    duration: float | None,
+    image_seq_len: int,
+    *,
+    fake_token: str = FAKE_TOKEN,
+    image_token: str = IMAGE_TOKEN,
+    global_token: str = GLOBAL_TOKEN,
+) -> str:
+    """The text a <video> becomes: an intro with the frame count in words and the duration as
+    H:MM:SS (whole seconds; the last timestamp when the duration is unknown), then per frame
+    "\\nFrame from MM:SS:" and one unsplit image's prompt, then a blank line.
+
+    frame_count: what transformers writes, the frame count of the padded batch (the most frames
+    of a video in the same call), not necessarily this video's own.
+    """
+    seconds = int(duration) if duration is not None else int(timestamps[-1])
+    text = VIDEO_INTRO.format(frame_count=number_words(frame_count), video_duration=str(timedelta(seconds=seconds)))
+    frame = image_prompt(0, 0, image_seq_len, fake_token=fake_token, image_token=image_token,
+                         global_token=global_token)
+    for second in timestamps:
+        minutes, rest = int(second // 60), int(second % 60)
+        text += FRAME_TIMESTAMP.format(timestamp=f"{minutes:02d}:{rest:02d}") + frame
+    return text + MEDIA_OUTRO
