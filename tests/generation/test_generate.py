@@ -140,9 +140,15 @@ def test_bfloat16_generation_runs():
     out = model.generate(ids, pixels, pixel_mask, mask, max_new_tokens=4, eos_token_id=[])
     assert out.shape == (3, ids.shape[1] + 4) and out.dtype == torch.long
     assert model.new_cache(3, 10).dtype == torch.bfloat16
-    from vlmfast.models.smolvlm import packing
+    from vlmfast.models.smolvlm import fast_decode, packing
 
-    if packing.available(torch.bfloat16):  # generate packed the CPU bf16 weights, same tokens
+    with torch.inference_mode():
+        native = fast_decode.will_run(model, ids[:, -1], model.new_cache(3, ids.shape[1] + 4))
+    if native:  # the native CPU step reads the plain weights: no packed copy, the eager path's tokens
+        assert packing._ATTR not in model.model.text_model.layers[0].mlp.gate_up.__dict__
+        model.fast_decode = model.auto_pack = False
+        assert torch.equal(model.generate(ids, pixels, pixel_mask, mask, max_new_tokens=4, eos_token_id=[]), out)
+    elif packing.available(torch.bfloat16):  # generate packed the CPU bf16 weights, same tokens
         assert packing._ATTR in model.model.text_model.layers[0].mlp.gate_up.__dict__
         model.unpack_weights()
         model.auto_pack = False

@@ -41,6 +41,15 @@ def infer_padding(input_ids: torch.Tensor, pad_token_id: int | None, stops: torc
     return ~is_pad
 
 
+def _decodes_natively(model, input_ids: torch.Tensor, cache) -> bool:
+    """Whether model.decode_step will run the native CPU step (models/smolvlm/fast_decode.py)."""
+    if not getattr(model, "fast_decode", False):
+        return False
+    from vlmfast.models.smolvlm import fast_decode
+
+    return fast_decode.will_run(model, input_ids[:, -1], cache)
+
+
 def _static_step(model, device) -> Callable:
     """model.decode_step_static behind decode_step's signature; the slot lives in one buffer."""
     slot = torch.zeros(1, dtype=torch.long, device=device)
@@ -108,8 +117,10 @@ def generate(model, input_ids, pixel_values=None, pixel_attention_mask=None, att
     else:
         cache.reset()
     cache.check_room(B, L + max_new_tokens, what="input_ids")
-    if getattr(model, "auto_pack", False) and not getattr(model, "_packed_once", False):
-        # CPU bf16: oneDNN-packed weights, same results, about 2x faster GEMV (models/smolvlm/packing.py)
+    if (getattr(model, "auto_pack", False) and not getattr(model, "_packed_once", False)
+            and not (decode_step is None and not static_shapes and _decodes_natively(model, input_ids, cache))):
+        # CPU bf16: oneDNN-packed weights, same results, about 2x faster GEMV (models/smolvlm/packing.py);
+        # not when the native decode step runs: it reads the plain weights, a packed copy would only cost memory
         model._packed_once = True
         if model.dtype == torch.bfloat16:
             model.pack_weights()

@@ -21,7 +21,7 @@ from torch import nn
 
 from vlmfast.models import checkpoint
 from vlmfast.models.layers import set_gradient_checkpointing
-from vlmfast.models.smolvlm import _ops, packing
+from vlmfast.models.smolvlm import _ops, fast_decode, packing
 from vlmfast.models.smolvlm.config import SmolVLMConfig
 from vlmfast.models.smolvlm.connector import Connector
 from vlmfast.models.smolvlm.decoder import Decoder
@@ -128,6 +128,7 @@ class SmolVLM(nn.Module):
         text = config.text_config
         self.generation_defaults = {}  # eos / pad ids of the checkpoint's generation_config.json
         self.auto_pack = True  # generate() packs bf16 CPU weights on first use (pack_weights)
+        self.fast_decode = True  # decode_step runs natively on a CPU where it can (fast_decode.py)
         # (mean, std) for uint8 pixel_values: the checkpoint's preprocessor_config.json, else SmolVLM's
         self.image_normalization = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         self.lm_head = None
@@ -389,7 +390,11 @@ class SmolVLM(nn.Module):
         """One token per row into slot cache.length. tokens int (B,), positions int (B,) (their
         rotary positions). padded=False skips the key mask (no row has padding). Reads the
         cache up to the current slot only (shapes change every step). Returns logits (B, V)
-        float32."""
+        float32. On a CPU, a few rows run natively in one call (fast_decode.py)."""
+        if self.fast_decode and fast_decode.applies(self, tokens, cache):
+            logits = fast_decode.decode_step(self, tokens, positions, cache, padded)
+            if logits is not None:
+                return logits
         slot = cache.length
         cache.key_mask[:, slot] = True
         embeds = self.model.text_model.embed_tokens(tokens[:, None])

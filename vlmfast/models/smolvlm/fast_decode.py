@@ -1,0 +1,148 @@
+"""The CPU fast path of SmolVLM's decode step: the whole decoder stack and the head in one native
+call (csrc/cpu/decode.cpp), so Python runs once per token instead of ~12 torch ops per layer, and
+the weights are read in place (no packed second copy: half the memory of the packed path).
+
+Used by SmolVLM.decode_step when `applies` says so: CPU, gradients off, bfloat16 weights on a CPU
+with AVX512-BF16 or float32 weights on one with AVX-512, at most MAX_ROWS rows, the plain modules
+the model was built with (no hooks, no replaced Linear), a contiguous cache in the model's dtype,
+and no forced VLMFAST_BACKEND other than cpp. Anything else runs the eager path, which gives the
+same answer up to float32 summation order.
+"""
+
+import torch
+from torch import nn
+
+from vlmfast.models.smolvlm import decoder as _decoder
+from vlmfast.native import decode as _native
+from vlmfast.ops import _dispatch
+
+# Above a few rows a step is no longer weight streaming: the eager path's GEMMs win.
+MAX_ROWS = 8
+_ATTR = "_vlmfast_fast_decode"
+
+
+def _plain(module: nn.Module, kind: type) -> bool:
+    hooks = (module._forward_hooks, module._forward_pre_hooks)
+    return type(module) is kind and not any(hooks)
+
+
+def _layer_tensors(layer) -> dict | None:
+    """The tensors of one DecoderLayer by decode.LAYER_FIELDS name, None if a module was replaced."""
+    attn, mlp = layer.self_attn, layer.mlp
+    parts = ((layer, _decoder.DecoderLayer), (attn, _decoder.DecoderAttention), (mlp, _decoder.SwiGLU),
+             (layer.input_layernorm, _decoder.RMSNorm), (layer.post_attention_layernorm, _decoder.RMSNorm),
+             (attn.qkv, nn.Linear), (attn.o_proj, nn.Linear), (mlp.gate_up, nn.Linear), (mlp.down_proj, nn.Linear))
+    if not all(_plain(m, kind) for m, kind in parts):
+        return None
+    return {"input_norm": layer.input_layernorm.weight, "qkv": attn.qkv.weight, "qkv_bias": attn.qkv.bias,
+            "o_proj": attn.o_proj.weight, "o_bias": attn.o_proj.bias, "post_norm": layer.post_attention_layernorm.weight,
+            "gate_up": mlp.gate_up.weight, "gate_up_bias": mlp.gate_up.bias, "down": mlp.down_proj.weight,
+            "down_bias": mlp.down_proj.bias}
+
+
+def _dtype_supported(dtype: torch.dtype) -> bool:
+    native = _native.module()
+    if native is None:
+        return False
+    features = native.cpu_features()
+    if dtype == torch.bfloat16:
+        return _native.has_avx512_bf16()
+    return dtype == torch.float32 and bool(features.get("avx512f"))
+
+
+class _Plan:
+    """The weights' addresses for one model state and one cache (rebuilt when either moves)."""
+
+    def __init__(self, model, cache):
+        text = model.model.text_model
+        self.tensors = []
+        layers = []
+        for i, layer in enumerate(text.layers):
+            tensors = _layer_tensors(layer)
+            if tensors is None:
+                raise _NotPlain
+            tensors["k_cache"], tensors["v_cache"] = cache.keys[i], cache.values[i]
+            layers.append(tensors)
+        self.tensors = [t for layer in layers for t in layer.values() if t is not None]
+        self.tensors += [text.embed_tokens.weight, text.norm.weight, model.head_weight]
+        self.key = _state_key(self.tensors)
+        self.table = _native.layer_table(layers)
+        self.embed, self.final_norm, self.head = text.embed_tokens.weight, text.norm.weight, model.head_weight
+        self.cache_keys = cache.keys[0]
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def _state_key(tensors) -> tuple:
+    return tuple(t.data_ptr() for t in tensors)
+
+
+def _eligible_tensors(model, cache) -> bool:
+    dtype = model.dtype
+    tensors = [p for p in model.model.text_model.parameters()] + [model.head_weight]
+    if any(t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        return False
+    buffers = cache.keys + cache.values
+    return all(b.dtype == dtype and b.device.type == "cpu" and b.is_contiguous() for b in buffers)
+
+
+def applies(model, tokens: torch.Tensor, cache) -> bool:
+    """Whether decode_step can run natively for these rows and this cache (see the module doc)."""
+    if torch.is_grad_enabled() or tokens.device.type != "cpu" or tokens.shape[0] > MAX_ROWS:
+        return False
+    if _dispatch.forced_backend() not in (None, "cpp"):
+        return False
+    if not _dtype_supported(model.dtype):
+        return False
+    cfg = model.config.text_config
+    if getattr(cfg, "rope_type", "default") not in ("default", "linear"):
+        return False
+    if model.model.text_model.norm.__class__ is not _decoder.RMSNorm:
+        return False
+    return True
+
+
+def will_run(model, tokens: torch.Tensor, cache) -> bool:
+    """Whether model.decode_step will take the native path for these rows and this cache."""
+    return applies(model, tokens, cache) and _plan_for(model, cache) is not None
+
+
+def _plan_for(model, cache) -> "_Plan | None":
+    plan = model.__dict__.get(_ATTR)
+    if plan is not None and plan.cache_keys is cache.keys[0] and _state_key(plan.tensors) == plan.key:
+        return plan
+    model.__dict__.pop(_ATTR, None)
+    if not _eligible_tensors(model, cache):
+        return None
+    try:
+        plan = _Plan(model, cache)
+    except _NotPlain:
+        return None
+    model.__dict__[_ATTR] = plan
+    return plan
+
+
+def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, cache, padded: bool = True):
+    """SmolVLM.decode_step natively: tokens int (B,), positions int (B,) -> logits float32 (B, V),
+    keys/values written at slot cache.length, which advances by one. Returns None (having done
+    nothing) when this model or cache cannot run here; the caller then runs the eager step."""
+    plan = _plan_for(model, cache)
+    if plan is None:
+        return None
+    text_cfg = model.config.text_config
+    text = model.model.text_model
+    slot = cache.length
+    B = tokens.shape[0]
+    cache.key_mask[:, slot] = True
+    cos, sin = text.rotary_tables(positions[:, None], model.dtype)  # (B, E/2) each, as the eager path
+    shape = (B, text_cfg.hidden_size, text_cfg.num_attention_heads, text_cfg.num_key_value_heads, text_cfg.head_dim,
+             text_cfg.intermediate_size, plan.head.shape[0], len(text.layers), cache.max_len, slot)
+    logits = _native.step(
+        shape, float(text_cfg.rms_norm_eps), text_cfg.head_dim ** -0.5, tokens.to(torch.int64).contiguous(),
+        plan.embed, plan.table, plan.final_norm, plan.head, cos.contiguous(), sin.contiguous(),
+        cache.key_mask if padded else None, torch.get_num_threads(),
+    )
+    cache.advance(1)
+    return logits
