@@ -5,6 +5,7 @@ the checkpoint's processor (chat template, tiling, tokenizer) and SmolVLM's batc
     pipe([image], ["What is in this image?"])                      # -> ["A cat on a mat."]
     pipe([{"role": "user", "content": [{"type": "image", "image": "cat.jpg"},
                                        {"type": "text", "text": "What is this?"}]}])
+    pipe(prompts=["What happens?"], videos=[frames], video_metadata=[{"fps": 30}])  # SmolVLM2 video
 
 As a `generate(images, prompts) -> list[str]` callable it plugs into vlmfast.eval.runners.run_vqa /
 run_caption. Greedy by default; the answer is the decoded new tokens without special tokens,
@@ -91,11 +92,15 @@ class ImageTextToTextPipeline:
 
     # ------------------------------------------------------------------ generation
 
-    def __call__(self, images=None, prompts=None, *, max_new_tokens: int | None = None,
-                 **generate_options) -> list[str]:
+    def __call__(self, images=None, prompts=None, *, videos=None, video_metadata=None,
+                 max_new_tokens: int | None = None, **generate_options) -> list[str]:
         """(images, prompts): images[i] is an image, a path, a list of them or None for prompts[i];
-        or one chat conversation / a list of conversations as the first argument.
+        or one chat conversation / a list of conversations as the first argument;
+        or (prompts, videos=): one video per prompt (frames, a uint8 (T, H, W, 3) array or a
+        frame folder; see SmolVLMProcessor), video_metadata: None or one dict per video ({"fps"}).
         Returns one generated string per prompt / conversation."""
+        if videos is not None:
+            return self._videos(prompts, videos, video_metadata, max_new_tokens, generate_options)
         if prompts is None and _is_conversation(images):
             conversations, samples = self._from_conversations([images])
         elif prompts is None and isinstance(images, (list, tuple)) and images \
@@ -112,16 +117,40 @@ class ImageTextToTextPipeline:
                                            max_new_tokens=max_new_tokens, **generate_options)
         return outputs
 
+    def _videos(self, prompts, videos, video_metadata, max_new_tokens, generate_options) -> list[str]:
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts: expected a string or a non-empty list of strings with videos=")
+        if not isinstance(videos, (list, tuple)) or len(videos) != len(prompts):
+            raise ValueError(f"videos: expected a list of one video per prompt ({len(prompts)})")
+        if video_metadata is not None and (not isinstance(video_metadata, (list, tuple))
+                                           or len(video_metadata) != len(prompts)):
+            raise ValueError(f"video_metadata: expected None or one dict per video ({len(prompts)})")
+        texts = self.processor.apply_chat_template(
+            [[{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": p}]}] for p in prompts],
+            add_generation_prompt=True)
+        outputs = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = slice(start, start + self.batch_size)
+            metadata = None if video_metadata is None else list(video_metadata[batch])
+            inputs = self.processor(texts[batch], videos=list(videos[batch]), video_metadata=metadata)
+            outputs += self._generate(inputs, max_new_tokens, generate_options)
+        return outputs
+
     @torch.inference_mode()
-    def generate_texts(self, texts: list[str], images: list[list], *, max_new_tokens: int | None = None,
-                       **generate_options) -> list[str]:
-        """Prompt texts (chat template applied, one <image> per image) -> decoded new tokens."""
-        inputs = self.processor(texts, images if any(images) else None)
+    def _generate(self, inputs, max_new_tokens, generate_options) -> list[str]:
         device = self.model.device
         inputs = {k: v.to(device) for k, v in inputs.items()}
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens or self.max_new_tokens, **generate_options)
         new_tokens = out[:, inputs["input_ids"].shape[1]:]
         return [text.strip() for text in self.processor.batch_decode(new_tokens.cpu(), skip_special_tokens=True)]
+
+    @torch.inference_mode()
+    def generate_texts(self, texts: list[str], images: list[list], *, max_new_tokens: int | None = None,
+                       **generate_options) -> list[str]:
+        """Prompt texts (chat template applied, one <image> per image) -> decoded new tokens."""
+        inputs = self.processor(texts, images if any(images) else None)
+        return self._generate(inputs, max_new_tokens, generate_options)
 
 
 def pipeline(task: str, model, *, device=None, dtype=None, max_new_tokens: int = 64, batch_size: int = 8):

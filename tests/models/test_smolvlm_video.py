@@ -154,7 +154,8 @@ def test_sampled_videos_of_different_lengths_and_sizes_match_transformers(proces
         add_generation_prompt=True)
     # 40 frames at 10 fps (4 s: 8 wanted at 2 fps, 6 at most) and 5 frames at 2 fps (5 kept)
     videos = [_frames(40, 50, 70, 1), _frames(5, 30, 20, 2)]
-    metadata = [{"fps": 10, "total_num_frames": 40, "duration": 4.0}, {"fps": 2, "total_num_frames": 5, "duration": 2.5}]
+    metadata = [{"fps": 10, "total_num_frames": 40, "duration": 4.0},
+                {"fps": 2, "total_num_frames": 5, "duration": 2.5}]
     got = _compare(ours, theirs, texts, videos, metadata, do_sample_frames=True)
     assert got["pixel_values"].shape == (2, 6, 3, TILE, TILE)
     assert (got["pixel_values"][1, 5] == 0).all()  # the shorter video's padding frame
@@ -285,3 +286,23 @@ def test_bad_video_input_names_the_argument(processors):
         ours("<video>", videos=3)
     with pytest.raises(FileNotFoundError, match=r"videos\[0\]: expected a directory of frame images"):
         ours("<video>", videos="/nonexistent/frames")
+
+
+def test_pipeline_takes_videos(checkpoint, processors):
+    import vlmfast
+
+    ours, _ = processors
+    videos = [_frames(12, 30, 40, 12), [Image.fromarray(f) for f in _frames(2, 20, 20, 13)]]
+    metadata = [{"fps": 4}, {"fps": 1}]
+    pipe = vlmfast.pipeline("image-text-to-text", model=checkpoint, max_new_tokens=4, batch_size=1)
+    answers = pipe(prompts=["What happens?", "Describe it."], videos=videos, video_metadata=metadata)
+    model = SmolVLM.from_pretrained(checkpoint)
+    for prompt, video, meta, answer in zip(["What happens?", "Describe it."], videos, metadata, answers):
+        text = ours.apply_chat_template([{"role": "user", "content": [{"type": "video"},
+                                                                      {"type": "text", "text": prompt}]}],
+                                        add_generation_prompt=True)
+        inputs = ours(text, videos=video, video_metadata=meta)
+        new = model.generate(**inputs, max_new_tokens=4)[:, inputs["input_ids"].shape[1]:]
+        assert answer == ours.batch_decode(new)[0].strip()
+    with pytest.raises(ValueError, match=r"videos: expected a list of one video per prompt \(2\)"):
+        pipe(prompts=["a", "b"], videos=[videos[0]])

@@ -63,7 +63,8 @@ VIDEO_CHAT_TEMPLATE = (
 def _has_video(conversations) -> bool:
     return any(isinstance(part, dict) and part.get("type") == "video"
                for conversation in conversations if isinstance(conversation, (list, tuple))
-               for message in conversation if isinstance(message, dict) and isinstance(message.get("content"), (list, tuple))
+               for message in conversation
+               if isinstance(message, dict) and isinstance(message.get("content"), (list, tuple))
                for part in message["content"])
 
 
