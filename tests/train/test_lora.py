@@ -3,6 +3,8 @@ formula applied to the unfused projections (peft's), and its merge; only adapter
 an adapter on one part of a fused qkv / gate_up layer changes only that part's rows; SmolVLM (GQA)
 and CLIP; merged models save and load back; bad arguments are named."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -181,6 +183,17 @@ def test_dropout_only_in_training():
         clip.train()
         torch.manual_seed(0)
         assert not torch.allclose(clip_outputs(clip, pixels, ids), first)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("VLMFAST_SLOW") != "1", reason="compiles for ~40 s; VLMFAST_SLOW=1")
+def test_lora_model_compiles_in_one_graph():
+    clip, (pixels, ids) = tiny_clip(), clip_inputs()
+    apply_lora(clip, rank=2, targets=("q_proj", "v_proj", "fc1"))
+    perturb(clip)
+    compiled = torch.compile(clip.encode_image, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(pixels), clip.encode_image(pixels), rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- merge slices
