@@ -23,7 +23,7 @@ from vlmfast.train import distributed
 from vlmfast.train.trainer import CHECKPOINT_NAME
 
 WORLD, GLOBAL_BATCH, STEPS = 2, 8, 4
-MODELS = ("clip", "siglip", "clip-per-rank-loss")
+MODELS = ("clip", "siglip", "clip-per-rank-loss", "clip-local-batches")
 
 
 def tiny(kind: str, seed: int = 0):
@@ -45,6 +45,15 @@ def global_batches(step, micro):
     return torch.randn(GLOBAL_BATCH, 3, 8, 8, generator=g), ids, None
 
 
+def local_batches(step, micro):
+    """This rank's rows only, as a loader that reads just its shard would give them."""
+    pixels, ids, mask = global_batches(step, micro)
+    if not dist.is_initialized():
+        return pixels, ids, mask
+    rows = slice(dist.get_rank() * GLOBAL_BATCH // WORLD, (dist.get_rank() + 1) * GLOBAL_BATCH // WORLD)
+    return pixels[rows], ids[rows], mask
+
+
 def per_rank_loss(model, pixel_values, input_ids, attention_mask=None):
     """A loss over this rank's rows only (a mean per row): no group keyword, gradients averaged."""
     return (model.encode_image(pixel_values) - model.encode_text(input_ids, attention_mask)).square().mean()
@@ -56,9 +65,12 @@ def config(folder, **kw):
 
 
 def train(kind, folder, *, seed=0, stop_at=None, **kw):
-    model = tiny("clip" if kind == "clip-per-rank-loss" else kind, seed=seed)
-    loss_fn = {"loss_fn": per_rank_loss} if kind == "clip-per-rank-loss" else {}
-    trainer = Trainer(model, config(folder, **kw), global_batches, **loss_fn)
+    model = tiny("siglip" if kind == "siglip" else "clip", seed=seed)
+    options = {"loss_fn": per_rank_loss} if kind == "clip-per-rank-loss" else {}
+    batches = global_batches
+    if kind == "clip-local-batches":
+        batches, options = local_batches, {"batches_are_local": True}
+    trainer = Trainer(model, config(folder, **kw), batches, **options)
     losses = trainer.fit(stop_at=stop_at)
     return losses, {k: v.clone() for k, v in model.state_dict().items()}
 

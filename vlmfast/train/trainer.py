@@ -122,7 +122,8 @@ class Trainer:
     with batches_are_local=True, already returns this rank's shard (trainer.parallel.rank /
     .world say which). A loss_fn with a `group` keyword gets the group; any other loss_fn is a
     per-rank loss whose gradients are averaged. is_main (default: rank 0) writes checkpoints and
-    the log; every rank must call fit() alike (the collectives are in step).
+    the log; every rank must call fit() alike (the collectives are in step) and see
+    cfg.checkpoint_dir (one machine or a shared file system): every rank resumes from it.
     """
 
     def __init__(self, model, cfg: TrainConfig, batches, *, loss_fn=contrastive_loss, is_main: bool | None = None,
