@@ -8,7 +8,7 @@ import torch
 
 from vlmfast import _extension
 from vlmfast.native._common import dtype_tag
-from vlmfast.ops import _alloc
+from vlmfast.ops import _alloc, _checks
 
 # Must match csrc/cpu/decode.h (kDecodeLayerFields and the field order of DecodeLayer).
 LAYER_FIELDS = ("input_norm", "qkv", "qkv_bias", "o_proj", "o_bias", "post_norm", "gate_up", "gate_up_bias",
@@ -52,8 +52,23 @@ def step(shape: tuple, eps: float, scale: float, tokens: torch.Tensor, embed: to
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, threads: int | None = None):
     """x (B, K) @ weight (N, K)^T + bias, float32 (B, N) holding values rounded to weight's dtype:
     decode_step's matrix-vector kernel. All contiguous, one dtype (float32 or bfloat16)."""
+    _checks.floating("x", x)
+    _checks.rank("x", x, 2, "(B, K)")
+    _checks.floating("weight", weight)
+    _checks.rank("weight", weight, 2, "(N, K)")
     B, K = x.shape
     N = weight.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"weight: expected (N, K) with K = {K} (x's), got {_checks.shape_of(weight)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias: expected (N,) = ({N},), got {_checks.shape_of(bias)}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype not in (torch.float32, torch.bfloat16) or t.dtype != weight.dtype:
+            raise TypeError(f"{name}: expected float32 or bfloat16, the dtype of weight ({weight.dtype}), got {t.dtype}")
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous CPU tensor")
     out = _alloc.empty(B, N, dtype=torch.float32, device=x.device)
     module().decode_gemv(
         w=weight.data_ptr(), bias=0 if bias is None else bias.data_ptr(), x=x.data_ptr(), out=out.data_ptr(),

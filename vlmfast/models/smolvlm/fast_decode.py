@@ -26,6 +26,26 @@ def _plain(module: nn.Module, kind: type) -> bool:
     return type(module) is kind and not any(hooks)
 
 
+def _decoder_modules(model) -> tuple:
+    """Every module the native step stands in for, found through the _modules dicts (no
+    nn.Module.__getattr__: this runs every step to notice a replaced module or a new hook)."""
+    text = model._modules["model"]._modules["text_model"]
+    found = [text, text._modules["norm"], text._modules["embed_tokens"], model._modules.get("lm_head")]
+    for layer in text._modules["layers"]._modules.values():
+        attn, mlp = layer._modules["self_attn"]._modules, layer._modules["mlp"]._modules
+        found += (layer, layer._modules["input_layernorm"], layer._modules["post_attention_layernorm"],
+                  attn["qkv"], attn["o_proj"], mlp["gate_up"], mlp["down_proj"])
+    return tuple(found)
+
+
+def _hooked(modules: tuple) -> bool:
+    from torch.nn.modules import module as _module
+
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules if m is not None)
+
+
 def _layer_tensors(layer) -> dict | None:
     """The tensors of one DecoderLayer by decode.LAYER_FIELDS name, None if a module was replaced."""
     attn, mlp = layer.self_attn, layer.mlp
@@ -69,6 +89,7 @@ class _Plan:
         self.table = _native.layer_table(layers)
         self.embed, self.final_norm, self.head = text.embed_tokens.weight, text.norm.weight, model.head_weight
         self.cache_keys = cache.keys[0]
+        self.modules = _decoder_modules(model)
 
 
 class _NotPlain(Exception):
@@ -111,14 +132,20 @@ def will_run(model, tokens: torch.Tensor, cache) -> bool:
 
 def _plan_for(model, cache) -> "_Plan | None":
     plan = model.__dict__.get(_ATTR)
-    if plan is not None and plan.cache_keys is cache.keys[0] and _state_key(plan.tensors) == plan.key:
-        return plan
+    if plan is not None:
+        modules = _decoder_modules(model)
+        if _hooked(modules):
+            return None
+        if plan.cache_keys is cache.keys[0] and modules == plan.modules and _state_key(plan.tensors) == plan.key:
+            return plan
     model.__dict__.pop(_ATTR, None)
     if not _eligible_tensors(model, cache):
         return None
     try:
         plan = _Plan(model, cache)
     except _NotPlain:
+        return None
+    if _hooked(plan.modules):
         return None
     model.__dict__[_ATTR] = plan
     return plan
