@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlmfast.data.instruction_collate import InstructionCollator
+from vlmfast.data.instruction_collate import IGNORE_INDEX, InstructionCollator
 from vlmfast.data.instructions import read_instructions
+from vlmfast.train import distributed
 from vlmfast.train.trainer import Trainer, TrainConfig
 
 CONFIG_NAME = "finetune_config.json"
@@ -89,13 +90,18 @@ class FinetuneConfig:
 
 class InstructionBatches:
     """batches(step, micro) -> (input_ids, labels, attention_mask, pixel_values, pixel_attention_mask)
-    on `device`: micro-batch `micro` of `step`, a pure function of (step, micro) (module docstring)."""
+    on `device`: micro-batch `micro` of `step`, a pure function of (step, micro) (module docstring).
+
+    batch_size is the global micro-batch; under data parallel (world ranks) this rank collates only
+    its contiguous share, rows [rank * batch_size / world, (rank + 1) * batch_size / world)."""
 
     def __init__(self, examples, collator: InstructionCollator, *, batch_size: int, grad_accum: int, seed: int,
-                 device=None):
+                 device=None, rank: int = 0, world: int = 1):
+        if batch_size % world:
+            raise ValueError(f"batch_size: expected a multiple of the {world} data-parallel ranks, got {batch_size}")
         self.examples, self.collator = examples, collator
         self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
-        self.device = device
+        self.device, self.rank, self.world = device, rank, world
         self._orders: dict[int, np.ndarray] = {}
 
     def order(self, epoch: int) -> np.ndarray:
@@ -108,17 +114,34 @@ class InstructionBatches:
         n = len(self.examples)
         return [int(self.order(k // n)[k % n]) for k in range(first, first + self.batch_size)]
 
+    def local_indices(self, step: int, micro: int) -> list[int]:
+        local = self.batch_size // self.world
+        return self.indices(step, micro)[self.rank * local:(self.rank + 1) * local]
+
     def __call__(self, step: int, micro: int):
-        batch = self.collator([self.examples[i] for i in self.indices(step, micro)])
+        batch = self.collator([self.examples[i] for i in self.local_indices(step, micro)])
         move = (lambda t: t.to(self.device)) if self.device is not None else (lambda t: t)
         return (move(batch["input_ids"]), move(batch["labels"]), move(batch["attention_mask"]),
                 move(batch["pixel_values"]) if "pixel_values" in batch else None,
                 move(batch["pixel_attention_mask"]) if "pixel_attention_mask" in batch else None)
 
 
-def instruction_loss(model, input_ids, labels, attention_mask, pixel_values=None, pixel_attention_mask=None):
-    """SmolVLM's next-token loss on the labelled (answer) tokens: Trainer's loss_fn."""
-    return model.loss(input_ids, labels, pixel_values, pixel_attention_mask, attention_mask)
+def instruction_loss(model, input_ids, labels, attention_mask, pixel_values=None, pixel_attention_mask=None, *,
+                     group=None):
+    """SmolVLM's next-token loss on the labelled (answer) tokens: Trainer's loss_fn.
+
+    group (data parallel, passed by the Trainer): each rank holds a share of the micro-batch and
+    its own mean; it is reweighted to sum_rank / count_global * world, so that after the Trainer
+    averages the ranks' gradients (and losses) the result is the mean over the global micro-batch's
+    answer tokens: what one process with the whole micro-batch computes."""
+    loss = model.loss(input_ids, labels, pixel_values, pixel_attention_mask, attention_mask)
+    if group is None:
+        return loss
+    local = (labels[:, 1:] != IGNORE_INDEX).sum().to(torch.float64)  # tokens the loss counts (shifted)
+    total = local.clone()
+    torch.distributed.all_reduce(total, group=group)
+    world = torch.distributed.get_world_size(group)
+    return loss * (local * world / total).to(loss.dtype)
 
 
 def _check_resume(out: Path, cfg: FinetuneConfig) -> None:
@@ -160,41 +183,72 @@ def _progress(log, cfg: FinetuneConfig, started: float, tokens: list[int]):
     return callback
 
 
-def finetune(model, data, out, *, log=print, **options) -> dict:
+def finetune(model, data, out, *, log=print, **options) -> dict | None:
     """Fine-tunes the SmolVLM checkpoint folder `model` on the JSONL file `data` and saves the result
     (LoRA merged) in Hugging Face layout in `out`. options: FinetuneConfig's fields. log(str)
-    receives a progress line per step (None: silent). Returns the report (also out/report.json)."""
+    receives a progress line per step (None: silent). Returns the report (also out/report.json).
+
+    Under torchrun (`torchrun --nproc-per-node N -m vlmfast.cli finetune ...`) every rank trains on
+    its share of each step's batch (batch_size is the global micro-batch, a multiple of N) and the
+    loss is the global batch's; rank 0 alone logs, checkpoints and saves, the others return None."""
+    cfg = FinetuneConfig(**options)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    started_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    parallel = distributed.init_from_environment()
+    started_group = started_group and parallel.enabled
+    try:
+        return _finetune(Path(model), data, Path(out), cfg, (log or _silent) if parallel.is_main else _silent,
+                         parallel)
+    finally:
+        torch.set_num_threads(threads)
+        if started_group:
+            torch.distributed.destroy_process_group()
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def _finetune(model_dir: Path, data, out: Path, cfg: FinetuneConfig, log, parallel) -> dict | None:
     from vlmfast.models.smolvlm import SmolVLMProcessor
     from vlmfast.train.lora import lora_layers, merge_lora
 
-    cfg = FinetuneConfig(**options)
-    log = log or (lambda message: None)
-    model_dir, out = Path(model), Path(out)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"model: expected a SmolVLM checkpoint folder with config.json, got {model_dir}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.batch_size % parallel.world:
+        raise ValueError(f"batch_size: expected a multiple of the {parallel.world} torchrun ranks, "
+                         f"got {cfg.batch_size}")
+    if cfg.device is not None:
+        device = torch.device(cfg.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())  # torchrun: this rank's LOCAL_RANK
+    else:
+        device = torch.device("cpu")
     examples = read_instructions(data)
     processor = SmolVLMProcessor.from_pretrained(model_dir, padding_side="right")
     collator = InstructionCollator(processor, max_length=cfg.max_length)
 
     out.mkdir(parents=True, exist_ok=True)
     _check_resume(out, cfg)
-    (out / CONFIG_NAME).write_text(json.dumps(cfg.trajectory(), indent=2))
+    distributed.barrier(parallel)  # every rank has read the old options before rank 0 writes them
+    if parallel.is_main:
+        (out / CONFIG_NAME).write_text(json.dumps(cfg.trajectory(), indent=2))
     model = prepare_model(model_dir, cfg, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    ranks = f" x {parallel.world} ranks" if parallel.enabled else ""
     log(f"{len(examples)} examples, {trainable:,} of {total:,} parameters trained, {cfg.steps} steps of "
-        f"{cfg.batch_size * cfg.grad_accum} examples on {device}")
+        f"{cfg.batch_size * cfg.grad_accum} examples on {device}{ranks}")
 
     batches = InstructionBatches(examples, collator, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                                 seed=cfg.seed, device=device)
+                                 seed=cfg.seed, device=device, rank=parallel.rank, world=parallel.world)
     tokens: list[int] = []
 
-    def counted(step, micro):  # the progress line's tokens/s: real (unpadded) tokens
+    def counted(step, micro):  # the progress line's tokens/s: real (unpadded) tokens, rank 0's x world
         batch = batches(step, micro)
-        tokens.append(int(batch[2].sum()))
+        tokens.append(int(batch[2].sum()) * parallel.world)
         return batch
 
     train_cfg = TrainConfig(
@@ -204,13 +258,15 @@ def finetune(model, data, out, *, log=print, **options) -> dict:
         checkpoint_dir=str(out / "checkpoint"), checkpoint_every=cfg.checkpoint_every,
         log_path=str(out / "metrics.jsonl"),
     )
-    trainer = Trainer(model, train_cfg, counted, loss_fn=instruction_loss)
+    trainer = Trainer(model, train_cfg, counted, loss_fn=instruction_loss, batches_are_local=True)
     resumed_from = trainer.step
     if resumed_from:
         log(f"resuming from the checkpoint at step {resumed_from}")
     started = time.perf_counter()
     losses = trainer.fit(callback=_progress(log, cfg, started, tokens))
     seconds = time.perf_counter() - started
+    if not parallel.is_main:
+        return None
 
     model.eval()
     if lora_layers(model):
@@ -218,9 +274,9 @@ def finetune(model, data, out, *, log=print, **options) -> dict:
     model.save_pretrained(out, processor_from=model_dir)
     report = {
         "out": str(out), "steps": cfg.steps, "resumed_from": resumed_from, "examples": len(examples),
-        "trainable_parameters": trainable, "parameters": total, "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None, "train_seconds": seconds,
-        "tokens_per_second": sum(tokens) / seconds if seconds > 0 and tokens else None,
+        "world_size": parallel.world, "trainable_parameters": trainable, "parameters": total,
+        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+        "train_seconds": seconds, "tokens_per_second": sum(tokens) / seconds if seconds > 0 and tokens else None,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     log(f"saved to {out} (loss {report['first_loss']:.4f} -> {report['last_loss']:.4f})")
