@@ -12,6 +12,7 @@
 #include "cpu/attention.h"
 #include "cpu/contrastive.h"
 #include "cpu/decode.h"
+#include "cpu/gemm.h"
 #include "cpu/hamming.h"
 #include "cpu/linear_cross_entropy.h"
 #include "cpu/patch_embed.h"
@@ -279,7 +280,8 @@ PYBIND11_MODULE(_C, m) {
          const std::array<int64_t, 6>& sizes, const Strides3& q_strides, const Strides3& k_strides,
          const Strides3& v_strides, const std::array<int64_t, 4>& bias_strides,
          const Strides3& out_strides, float scale, bool is_causal, int dtype, int threads,
-         uintptr_t rotary_cos, uintptr_t rotary_sin, int64_t rotary_half, int64_t rotary_stride) {
+         uintptr_t rotary_cos, uintptr_t rotary_sin, int64_t rotary_half, int64_t rotary_stride,
+         uintptr_t mask) {
         py::gil_scoped_release release;
         namespace c = vlmfast::cpu;
         const c::AttentionShape shape{sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5],
@@ -288,8 +290,10 @@ PYBIND11_MODULE(_C, m) {
         auto in = [](uintptr_t a, const Strides3& s) {
           return c::AttentionInput{ptr<const void>(a), {s[0], s[1], s[2]}};
         };
+        // mask (bool, read through bias_strides) replaces a float bias: pass one or the other.
         const c::AttentionBias b{ptr<const float>(bias),
-                                 {bias_strides[0], bias_strides[1], bias_strides[2], bias_strides[3]}};
+                                 {bias_strides[0], bias_strides[1], bias_strides[2], bias_strides[3]},
+                                 ptr<const uint8_t>(mask)};
         c::attention_forward(shape, in(q, q_strides), in(k, k_strides), in(v, v_strides), b,
                              c::AttentionOutput{ptr<void>(out), {out_strides[0], out_strides[1], out_strides[2]}},
                              ptr<float>(lse), dtype, threads);
@@ -298,7 +302,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("sizes"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"),
       py::arg("bias_strides"), py::arg("out_strides"), py::arg("scale"), py::arg("is_causal"),
       py::arg("dtype"), py::arg("threads"), py::arg("rotary_cos") = 0, py::arg("rotary_sin") = 0,
-      py::arg("rotary_half") = 0, py::arg("rotary_stride") = 0);
+      py::arg("rotary_half") = 0, py::arg("rotary_stride") = 0, py::arg("mask") = 0);
 
   m.def(
       "attention_backward",
@@ -361,4 +365,43 @@ PYBIND11_MODULE(_C, m) {
       py::arg("block_rows"), py::arg("lse"),
       py::arg("loss_rows"), py::arg("row_scale"), py::arg("grad_hidden"), py::arg("grad_weight"),
       py::arg("grad_bias"), py::arg("dtype"), py::arg("threads"));
+
+  // float32 GEMM of the Linear layers (csrc/cpu/gemm.h): matrices as (address, row stride,
+  // column stride) in elements; bias, pre = 0 for none; activation = ACTIVATION_TAGS of
+  // vlmfast/native/linear.py.
+  m.def("gemm_packed_b_size", &vlmfast::cpu::gemm_packed_b_size, py::arg("N"), py::arg("K"));
+  m.def(
+      "gemm_pack_b",
+      [](uintptr_t b, const std::array<int64_t, 2>& b_strides, int64_t N, int64_t K,
+         uintptr_t packed, int threads) {
+        py::gil_scoped_release release;
+        vlmfast::cpu::gemm_pack_b({ptr<const float>(b), b_strides[0], b_strides[1]}, N, K,
+                                  ptr<float>(packed), threads);
+      },
+      py::arg("b"), py::arg("b_strides"), py::arg("N"), py::arg("K"), py::arg("packed"),
+      py::arg("threads"));
+  m.def(
+      "gemm_forward",
+      [](uintptr_t a, const std::array<int64_t, 2>& a_strides, uintptr_t b_packed, uintptr_t bias,
+         int64_t M, int64_t N, int64_t K, int activation, uintptr_t out, int64_t ldo,
+         uintptr_t pre, int64_t ldp, int threads) {
+        py::gil_scoped_release release;
+        vlmfast::cpu::gemm_forward({ptr<const float>(a), a_strides[0], a_strides[1]},
+                                   ptr<const float>(b_packed), ptr<const float>(bias), M, N, K,
+                                   activation, ptr<float>(out), ldo, ptr<float>(pre), ldp,
+                                   threads);
+      },
+      py::arg("a"), py::arg("a_strides"), py::arg("b_packed"), py::arg("bias"), py::arg("M"),
+      py::arg("N"), py::arg("K"), py::arg("activation"), py::arg("out"), py::arg("ldo"),
+      py::arg("pre"), py::arg("ldp"), py::arg("threads"));
+  m.def(
+      "activation_backward",
+      [](uintptr_t grad, uintptr_t pre, uintptr_t grad_pre, int64_t count, int activation,
+         int threads) {
+        py::gil_scoped_release release;
+        vlmfast::cpu::activation_backward(ptr<const float>(grad), ptr<const float>(pre),
+                                          ptr<float>(grad_pre), count, activation, threads);
+      },
+      py::arg("grad"), py::arg("pre"), py::arg("grad_pre"), py::arg("count"),
+      py::arg("activation"), py::arg("threads"));
 }

@@ -8,15 +8,8 @@
 #include <vector>
 
 #include "common/dtype.h"
+#include "common/gemm_kernel.h"
 #include "common/parallel.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#include <immintrin.h>
-#define VLMFAST_HAVE_AVX512_PATH 1
-#define VLMFAST_AVX512 __attribute__((target("arch=x86-64-v4")))
-#else
-#define VLMFAST_HAVE_AVX512_PATH 0
-#endif
 
 namespace vlmfast::cpu {
 namespace {
@@ -37,25 +30,19 @@ namespace {
 // reference's own W x_n, and the error stays that of the reference.
 // ------------------------------------------------------------------------------------------
 
-constexpr int NR = 32;  // output columns per micro-tile: two 16-float vectors
+using gemm::AlignedFloats;
+using gemm::cpu_has_avx512;
+using gemm::micro_kernel_portable;
+using gemm::NR;
+#if VLMFAST_HAVE_AVX512_PATH
+using gemm::micro_kernel_avx512;
+#endif
 
 // The folded operands of one call (see the algebra above).
 struct Folded {
   const float* weight;  // W' packed in column panels (pack_weight)
   const float* bias;    // b' (D rounded up to NR)
   const float* center;  // m (C,)
-};
-
-struct AlignedFloats {
-  float* data = nullptr;
-  explicit AlignedFloats(size_t n) {
-    size_t bytes = ((n * sizeof(float) + 63) / 64) * 64;
-    data = static_cast<float*>(std::aligned_alloc(64, bytes > 0 ? bytes : 64));
-    if (!data) throw std::bad_alloc();
-  }
-  ~AlignedFloats() { std::free(data); }
-  AlignedFloats(const AlignedFloats&) = delete;
-  AlignedFloats& operator=(const AlignedFloats&) = delete;
 };
 
 inline float load_value(const uint8_t* p) { return static_cast<float>(*p); }
@@ -143,58 +130,12 @@ inline void store_tile(const float* tile, const float* bias_folded, O* out, int6
   }
 }
 
-// Portable micro-kernel: tile[m][n] = sum_k a[k][m] * b[k][n] over an MR x NR tile.
-template <int MR>
-__attribute__((always_inline)) inline void micro_kernel_portable(const float* a, const float* b,
-                                                                 int64_t K, float* tile) {
-  float acc[MR][NR] = {};
-  for (int64_t k = 0; k < K; ++k) {
-    const float* bk = b + k * NR;
-    for (int m = 0; m < MR; ++m) {
-      const float am = a[k * MR + m];
-      for (int n = 0; n < NR; ++n) acc[m][n] += am * bk[n];
-    }
-  }
-  std::memcpy(tile, acc, sizeof acc);
-}
-
-#if VLMFAST_HAVE_AVX512_PATH
-// AVX-512 micro-kernel: MR x 32 accumulators held in 2 * MR zmm registers; per k, two vector
-// loads of W' and MR broadcasts of x feed 2 * MR FMAs.
-// Not always_inline: the generic forward_block template calls it, and GCC refuses to force an
-// AVX-512 body into a function without the target; once forward_block is inlined into the
-// AVX-512 block function below, this call is inlined as usual.
-template <int MR>
-VLMFAST_AVX512 inline void micro_kernel_avx512(const float* a, const float* b, int64_t K,
-                                               float* tile) {
-  __m512 lo[MR], hi[MR];
-#pragma GCC unroll 16
-  for (int m = 0; m < MR; ++m) lo[m] = hi[m] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const __m512 b0 = _mm512_load_ps(b + k * NR);
-    const __m512 b1 = _mm512_load_ps(b + k * NR + 16);
-    const float* ak = a + k * MR;
-#pragma GCC unroll 16
-    for (int m = 0; m < MR; ++m) {
-      const __m512 am = _mm512_set1_ps(ak[m]);
-      lo[m] = _mm512_fmadd_ps(am, b0, lo[m]);
-      hi[m] = _mm512_fmadd_ps(am, b1, hi[m]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int m = 0; m < MR; ++m) {
-    _mm512_store_ps(tile + m * NR, lo[m]);
-    _mm512_store_ps(tile + m * NR + 16, hi[m]);
-  }
-}
-#endif
-
 // Rows per block: each thread packs MC rows of patches (MC x K floats, L2-resident) and sweeps
 // them against every column panel of W' (K x 32, reused MC / MR times from L2). MC is a multiple
 // of every MR below, so the packed block needs no extra room.
 constexpr int64_t MC = 96;
-constexpr int MR_AVX512 = 12;  // 24 accumulators + 2 W' vectors + 1 broadcast of 32 zmm
-constexpr int MR_PORTABLE = 4;
+constexpr int MR_AVX512 = gemm::MR_AVX512;
+constexpr int MR_PORTABLE = gemm::MR_PORTABLE;
 static_assert(MC % MR_AVX512 == 0 && MC % MR_PORTABLE == 0, "MC must hold whole panels");
 
 // One block of rows: pack it from the image, then every (column panel, row panel) tile.
@@ -276,16 +217,6 @@ VLMFAST_PATCH_PORTABLE(float, float, portable_f32_f32)
 VLMFAST_PATCH_PORTABLE(Half, Half, portable_f16_f16)
 VLMFAST_PATCH_PORTABLE(BFloat16, BFloat16, portable_bf16_bf16)
 #undef VLMFAST_PATCH_PORTABLE
-
-bool cpu_has_avx512() {
-#if VLMFAST_HAVE_AVX512_PATH
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
-#else
-  return false;
-#endif
-}
 
 template <typename T, typename O>
 void run_forward(const PatchImage& im, const Geometry& g, const Folded& f, O* out, int64_t D,

@@ -367,3 +367,19 @@ def lce_grads(hidden, weight, bias, labels, row_scale, ignore_index: int, label_
     grad_hidden = (g @ weight.to(g.dtype)).to(hidden.dtype)
     grad_weight = (g.T @ hidden.to(g.dtype)).to(weight.dtype)
     return grad_hidden, grad_weight, g.sum(0)
+
+
+# ----------------------------------------------------------------------------- linear (+ activation)
+
+LINEAR_ACTIVATIONS = {
+    "quick_gelu": lambda z: z * torch.sigmoid(1.702 * z),  # OpenAI CLIP
+    "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"),  # SigLIP
+    "gelu": torch.nn.functional.gelu,  # erf form (ViT)
+}
+
+
+def linear(x, weight, bias=None, activation=None) -> torch.Tensor:
+    """act(x (..., K) @ weight (N, K)^T + bias (N,)) -> (..., N); activation None or a key of
+    LINEAR_ACTIVATIONS."""
+    z = torch.nn.functional.linear(x, weight, bias)
+    return z if activation is None else LINEAR_ACTIVATIONS[activation](z)

@@ -1,0 +1,83 @@
+"""Launchers of the float32 GEMM in csrc/cpu/gemm.cpp (y = act(x W^T + b) and its backward).
+
+Matrices cross the boundary as (address, (row stride, column stride)), so transposed operands
+(the backward's W and dz^T) need no copy. The weight is packed into 32-column panels before a
+GEMM; in inference (no autograd, weight unchanged) the packed copy is cached per weight, keyed by
+its storage, its version counter, shape and strides, so a frozen model packs each weight once.
+"""
+
+import weakref
+
+import torch
+
+from vlmfast.native._common import launch_args, module_for
+from vlmfast.ops import _alloc
+
+# Must match csrc/cpu/gemm.h (enum class Activation).
+ACTIVATION_TAGS = {None: 0, "quick_gelu": 1, "gelu_tanh": 2, "gelu": 3}
+
+# weight tensor -> (key, packed); weak keys: the cache dies with the parameter.
+_packed_cache: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _matrix(t: torch.Tensor) -> tuple[int, tuple[int, int]]:
+    return t.data_ptr(), (t.stride(0), t.stride(1))
+
+
+def pack(b: torch.Tensor) -> torch.Tensor:
+    """B (N, K) float32, any strides -> its 32-column panels (flat float32)."""
+    module = module_for(b.device)
+    n, k = b.shape
+    packed = torch.empty(module.gemm_packed_b_size(n, k), dtype=torch.float32, device=b.device)
+    address, strides = _matrix(b)
+    module.gemm_pack_b(b=address, b_strides=strides, N=n, K=k, packed=packed.data_ptr(), **launch_args(b.device))
+    return packed
+
+
+def packed_weight(weight: torch.Tensor, cache: bool) -> torch.Tensor:
+    """weight (N, K) packed; with `cache`, reused while the weight's data and version stay."""
+    if not cache:
+        return pack(weight)
+    key = (weight.untyped_storage().data_ptr(), weight.storage_offset(), weight._version,
+           tuple(weight.shape), weight.stride())
+    hit = _packed_cache.get(weight)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    packed = pack(weight)
+    _packed_cache[weight] = (key, packed)
+    return packed
+
+
+def gemm(a: torch.Tensor, b_packed: torch.Tensor, n: int, bias: torch.Tensor | None = None,
+         activation: str | None = None, keep_pre: bool = False):
+    """act(a (M, K) @ B^T + bias) -> (out (M, n), pre (M, n) or None); B packed by `pack`."""
+    module = module_for(a.device)
+    m, k = a.shape
+    out = _alloc.empty(m, n, dtype=torch.float32, device=a.device)
+    pre = _alloc.empty(m, n, dtype=torch.float32, device=a.device) if keep_pre else None
+    if bias is not None:
+        bias = bias.contiguous()
+    address, strides = _matrix(a)
+    module.gemm_forward(
+        a=address, a_strides=strides, b_packed=b_packed.data_ptr(),
+        bias=bias.data_ptr() if bias is not None else 0, M=m, N=n, K=k,
+        activation=ACTIVATION_TAGS[activation], out=out.data_ptr(), ldo=n,
+        pre=pre.data_ptr() if pre is not None else 0, ldp=n, **launch_args(a.device),
+    )
+    return out, pre
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (M, K) @ b (N, K)^T, both any strides (float32)."""
+    return gemm(a, pack(b), b.shape[0])[0]
+
+
+def activation_backward(grad: torch.Tensor, pre: torch.Tensor, activation: str) -> torch.Tensor:
+    """grad * act'(pre), same shape; both float32."""
+    grad, pre = grad.contiguous(), pre.contiguous()
+    out = _alloc.empty_like(grad)
+    module_for(grad.device).activation_backward(
+        grad=grad.data_ptr(), pre=pre.data_ptr(), grad_pre=out.data_ptr(), count=grad.numel(),
+        activation=ACTIVATION_TAGS[activation], **launch_args(grad.device),
+    )
+    return out

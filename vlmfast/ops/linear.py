@@ -1,0 +1,185 @@
+"""Linear layer with a fused activation: y = act(x W^T + b), the models' qkv / proj / fc1 / fc2.
+
+    y = linear(x, weight, bias, activation="quick_gelu")     # (..., K) -> (..., N)
+
+Layers: public function (validates; routes what no kernel covers straight to PyTorch) -> custom
+ops `vlmfast::linear_fwd` / `vlmfast::linear_bwd` (fake impls + autograd) -> backend:
+  cpp:   csrc/cpu/gemm.cpp, float32 on the CPU with at least SMALL_M rows: packed panels,
+         12 x 32 AVX-512 micro-tiles, bias + activation in the GEMM's epilogue; the backward
+         runs dx = dz W and dW = dz^T x through the same kernel (transposed strides) after
+         dz = dy * act'(z) in one vectorised pass (vlmfast/native/linear.py);
+  anything else (CUDA: cuBLAS through torch; bfloat16/float16 and float64 on the CPU; fewer than
+  SMALL_M rows, where packing W costs more than it saves): torch.nn.functional.linear + the
+  activation, the reference (ops/reference.py).
+"""
+
+import torch
+
+from vlmfast.ops import _checks, _dispatch, reference
+
+ACTIVATIONS = (None, "quick_gelu", "gelu_tanh", "gelu")
+SMALL_M = 16  # below this many rows the weight's packing outweighs the GEMM's speed-up
+# No Triton kernel: CUDA goes to cuBLAS (reference), the CPU to the C++ GEMM.
+ORDER = {"cuda": ("reference",), "cpu": ("cpp", "reference")}
+
+
+def _activation_name(activation: str) -> str | None:
+    return None if activation == "none" else activation
+
+
+def _runs_kernel(backend: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (backend == "cpp" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.device.type == "cpu" and x.shape[0] >= SMALL_M and weight.shape[0] > 0)
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("vlmfast::linear_fwd", mutates_args=())
+def linear_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
+    keep_pre: bool, cache_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K), weight (N, K), bias (N,) or None -> (act(x W^T + b) (M, N), pre). pre is the
+    pre-activation x W^T + b (M, N) when keep_pre and an activation is set (the backward's
+    input), else an empty (0,) tensor. cache_weight: the weight will not change under this call
+    (no autograd on it), so its packed copy may be reused across calls."""
+    act = _activation_name(activation)
+    keep = keep_pre and act is not None
+    backend = _dispatch.select("linear", x.device, x.dtype, ORDER)
+    if _runs_kernel(backend, x, weight):
+        from vlmfast.native import linear as native_linear
+
+        packed = native_linear.packed_weight(weight, cache_weight)
+        out, pre = native_linear.gemm(x, packed, weight.shape[0], bias, act, keep_pre=keep)
+        return out, pre if pre is not None else x.new_empty(0)
+    z = torch.nn.functional.linear(x, weight, bias)
+    if act is None:
+        return z, x.new_empty(0)
+    return reference.LINEAR_ACTIVATIONS[act](z), z if keep else x.new_empty(0)
+
+
+@linear_fwd.register_fake
+def _(x, weight, bias, activation, keep_pre, cache_weight):
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    keep = keep_pre and _activation_name(activation) is not None
+    return out, x.new_empty(x.shape[0], weight.shape[0]) if keep else x.new_empty(0)
+
+
+def _grad_pre(grad, pre, activation):
+    """dz = dy * act'(z) through PyTorch's own derivative of the reference activation."""
+    with torch.enable_grad():
+        z = pre.detach().requires_grad_()
+        (dz,) = torch.autograd.grad(reference.LINEAR_ACTIVATIONS[activation](z), z, grad)
+    return dz
+
+
+@torch.library.custom_op("vlmfast::linear_bwd", mutates_args=())
+def linear_bwd(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    pre: torch.Tensor, activation: str, need_x: bool, need_weight: bool, need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad (M, N) of act(x W^T + b) -> (dx (M, K), dW (N, K), db (N,)); each is an empty (0,)
+    tensor when not needed. pre: the forward's pre-activation (M, N), or (0,) (then recomputed
+    when an activation needs it). dz = grad * act'(pre); dx = dz W; dW = dz^T x; db = sum dz."""
+    act = _activation_name(activation)
+    backend = _dispatch.select("linear", x.device, x.dtype, ORDER)
+    native = _runs_kernel(backend, x, weight)
+    if native:
+        from vlmfast.native import linear as native_linear
+    dz = grad
+    if act is not None:
+        if pre.numel() != grad.numel():
+            pre = torch.nn.functional.linear(x, weight, bias)
+        dz = native_linear.activation_backward(grad, pre, act) if native else _grad_pre(grad, pre, act)
+    empty = x.new_empty(0)
+    n, k = weight.shape
+    if native:
+        dx = native_linear.gemm(dz, native_linear.pack(weight.t()), k)[0] if need_x else empty
+        dw = native_linear.gemm(dz.t(), native_linear.pack(x.t()), k)[0] if need_weight else empty
+    else:
+        dx = dz @ weight if need_x else empty
+        dw = dz.t() @ x if need_weight else empty
+    db = dz.sum(0) if need_bias else empty
+    return dx, dw, db
+
+
+@linear_bwd.register_fake
+def _(grad, x, weight, bias, pre, activation, need_x, need_weight, need_bias):
+    n, k = weight.shape
+    return (x.new_empty(x.shape[0], k) if need_x else x.new_empty(0),
+            weight.new_empty(n, k) if need_weight else weight.new_empty(0),
+            weight.new_empty(n) if need_bias else weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, activation, _, _ = inputs
+    ctx.save_for_backward(x, weight, bias, output[1])
+    ctx.activation = activation
+
+
+def _backward(ctx, grad, _grad_pre_output):
+    x, weight, bias, pre = ctx.saved_tensors
+    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    need_bias = need_bias and bias is not None
+    dx, dw, db = linear_bwd(grad, x, weight, bias, pre, ctx.activation, need_x, need_weight, need_bias)
+    return (dx if need_x else None, dw if need_weight else None, db if need_bias else None,
+            None, None, None)
+
+
+linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public function
+
+
+def _validate(x, weight, bias, activation) -> None:
+    _checks.floating("x", x)
+    _checks.floating("weight", weight)
+    _checks.rank("weight", weight, 2, "(N, K) like nn.Linear.weight")
+    n, k = weight.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x: expected (..., K) with K = weight.shape[1] = {k}, got {_checks.shape_of(x)}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x: expected weight's dtype {weight.dtype}, got {x.dtype}")
+    if bias is not None:
+        _checks.floating("bias", bias)
+        if bias.shape != (n,):
+            raise ValueError(f"bias: expected (N,) = ({n},), got {_checks.shape_of(bias)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias: expected weight's dtype {weight.dtype}, got {bias.dtype}")
+    _checks.same_device(x=x, weight=weight, **({"bias": bias} if bias is not None else {}))
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """act(x @ weight^T + bias): torch.nn.functional.linear with the activation fused.
+
+    Arguments:
+        x: (..., K), any strides; float32, float16, bfloat16 or float64.
+        weight: (N, K) like nn.Linear.weight, x's dtype and device.
+        bias: (N,) or None.
+        activation: None, "quick_gelu" (z sigmoid(1.702 z), OpenAI CLIP), "gelu_tanh"
+            (SigLIP's gelu_pytorch_tanh) or "gelu" (erf form).
+    Returns:
+        (..., N) in x's dtype; differentiable in x, weight and bias. The C++ kernel runs float32
+        on the CPU for at least SMALL_M rows; everything else is PyTorch's own linear.
+
+    In inference (grad disabled, or a weight that does not require grad) the packed weight is
+    cached per weight tensor and refreshed when its version counter moves, which any in-place
+    update through the tensor itself does; writes through `weight.data` bypass the counter.
+    """
+    _validate(x, weight, bias, activation)
+    n, k = weight.shape
+    rows = x.reshape(-1, k)
+    if x.dtype != torch.float32 or x.device.type != "cpu" or rows.shape[0] < SMALL_M:
+        return reference.linear(x, weight, bias, activation)
+    tracked = (x, weight) if bias is None else (x, weight, bias)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
+    cache = not (torch.is_grad_enabled() and weight.requires_grad)
+    out, _ = linear_fwd(rows, weight, bias, activation or "none", needs_grad, cache)
+    return out.reshape(*x.shape[:-1], n)
