@@ -306,3 +306,18 @@ def test_pipeline_takes_videos(checkpoint, processors):
         assert answer == ours.batch_decode(new)[0].strip()
     with pytest.raises(ValueError, match=r"videos: expected a list of one video per prompt \(2\)"):
         pipe(prompts=["a", "b"], videos=[videos[0]])
+
+
+def test_uint8_output_is_the_float_output_before_normalising(processors):
+    """output="uint8" (for the model's fused normalisation): the same resized frames, channels
+    last, and padding frames told by a 0 mask (their pixels are 0 like a black frame's)."""
+    ours, _ = processors
+    videos = [_frames(5, 30, 50, 14), _frames(2, 40, 40, 15)]
+    as_float = ours.video_processor(videos)
+    as_uint8 = ours.video_processor(videos, output="uint8")
+    assert as_uint8.pixel_values.dtype == torch.uint8 and as_uint8.pixel_values.shape == (2, 5, TILE, TILE, 3)
+    table = torch.from_numpy(ours.video_processor._table)  # (256, 3)
+    rebuilt = torch.stack([table[:, c][as_uint8.pixel_values[..., c].long()] for c in range(3)], dim=2)
+    assert torch.equal(rebuilt[:, :2], as_float.pixel_values[:, :2])
+    assert torch.equal(rebuilt[0], as_float.pixel_values[0])
+    assert as_uint8.pixel_attention_mask[1, 2:].sum() == 0 and as_float.pixel_attention_mask[1, 2:].all()

@@ -10,6 +10,8 @@ returns float32 pixel_values equal to transformers' (use_fast=False), or with ou
 resized / cropped / tiled uint8 pixels channels-last for `ops.patch_embed(..., mean=, std=)`, with
 `mean, std = processor.patch_embed_normalization()`. SmolVLM prompts: expand_image_tokens(texts,
 batch.rows, batch.cols, image_seq_len) writes each <image> out as transformers' SmolVLMProcessor does.
+SmolVLM2 videos: SmolVLMVideoProcessor (frames sampled, resized, normalised, padded; see video.py
+for the accepted frame formats) and video_prompt.
 """
 
 from vlmfast.processing.auto import image_processor_from_pretrained
@@ -18,7 +20,9 @@ from vlmfast.processing.batch import ImageBatch
 from vlmfast.processing.loading import DEFAULT_MAX_PIXELS, LoadedImages, load_image, load_images
 from vlmfast.processing.resize_crop import CLIPImageProcessor, SiglipImageProcessor
 from vlmfast.processing.smolvlm import Idefics3ImageProcessor, SmolVLMImageProcessor
-from vlmfast.processing.smolvlm_prompt import expand_image_tokens, image_prompt
+from vlmfast.processing.smolvlm_prompt import expand_image_tokens, image_prompt, video_prompt
+from vlmfast.processing.smolvlm_video import SmolVLMVideoProcessor, VideoBatch
+from vlmfast.processing.video import VideoMetadata, read_frames, sample_frame_indices
 
 __all__ = [
     "CLIPImageProcessor",
@@ -29,9 +33,15 @@ __all__ = [
     "LoadedImages",
     "SiglipImageProcessor",
     "SmolVLMImageProcessor",
+    "SmolVLMVideoProcessor",
+    "VideoBatch",
+    "VideoMetadata",
     "expand_image_tokens",
     "image_processor_from_pretrained",
     "image_prompt",
     "load_image",
     "load_images",
+    "read_frames",
+    "sample_frame_indices",
+    "video_prompt",
 ]
