@@ -127,6 +127,24 @@ def test_lora_lowers_the_loss_and_changes_only_the_targeted_weights(checkpoint, 
     torch.testing.assert_close(ours[real], expected[real], rtol=1e-4, atol=1e-5)
 
 
+def test_lora_on_a_bfloat16_base_trains_float32_adapters_and_keeps_the_rest(checkpoint, data, collated, tmp_path):
+    options = dict(steps=8, lr=3e-2, lora_rank=4, lora_targets="q_proj,v_proj,down_proj", bf16=True,
+                   base_dtype="bfloat16", freeze_vision=True, **FAST)
+    model = prepare_model(checkpoint, FinetuneConfig(**options), torch.device("cpu"))
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert trained == {torch.float32} and frozen == {torch.bfloat16}
+    before = _mean_loss(SmolVLM.from_pretrained(checkpoint), collated)
+    finetune(checkpoint, data, tmp_path, log=None, **options)
+    assert _mean_loss(SmolVLM.from_pretrained(tmp_path).float(), collated) < before - 0.1
+    base, tuned = load_file(checkpoint / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    for name in base:
+        assert tuned[name].dtype == torch.bfloat16
+        changed = not torch.equal(base[name].to(torch.bfloat16), tuned[name])
+        assert changed == (".text_model." in name and name.endswith(("q_proj.weight", "v_proj.weight",
+                                                                    "down_proj.weight"))), name
+
+
 class Interrupted(Exception):
     pass
 

@@ -224,6 +224,10 @@ def test_bad_finetune_options():
         FinetuneConfig(lora_targets="q_proj")
     with pytest.raises(ValueError, match="freeze_vision, freeze_decoder: both frozen without LoRA"):
         FinetuneConfig(freeze_vision=True, freeze_decoder=True)
+    with pytest.raises(ValueError, match="base_dtype: expected 'float32' or 'bfloat16'"):
+        FinetuneConfig(base_dtype="float16")
+    with pytest.raises(ValueError, match="base_dtype: 'bfloat16' needs lora_rank > 0 and bf16"):
+        FinetuneConfig(base_dtype="bfloat16", bf16=True)
     assert FinetuneConfig(lora_rank=2, lora_targets="q_proj,v_proj").lora_targets == ("q_proj", "v_proj")
 
 

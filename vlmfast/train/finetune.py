@@ -56,6 +56,9 @@ class FinetuneConfig:
     freeze_vision: bool = False
     freeze_decoder: bool = False
     bf16: bool = False
+    # "bfloat16": the frozen base weights held in bf16 (half their memory; LoRA with bf16 only),
+    # the adapters and AdamW's state stay float32
+    base_dtype: str = "float32"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0  # steps; 0: only at the end
     max_length: int | None = None
@@ -74,6 +77,11 @@ class FinetuneConfig:
         if self.freeze_vision and self.freeze_decoder and self.lora_rank == 0:
             raise ValueError("freeze_vision, freeze_decoder: both frozen without LoRA leaves only the connector and "
                              "embeddings to train; use lora_rank or freeze less")
+        if self.base_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"base_dtype: expected 'float32' or 'bfloat16', got {self.base_dtype!r}")
+        if self.base_dtype == "bfloat16" and not (self.lora_rank and self.bf16):
+            raise ValueError("base_dtype: 'bfloat16' needs lora_rank > 0 and bf16 (the frozen base in bf16 under "
+                             "bf16 autocast; training bf16 weights themselves would lose AdamW's small updates)")
         if isinstance(self.lora_targets, str):
             self.lora_targets = tuple(t for t in self.lora_targets.split(",") if t)
         elif self.lora_targets is not None:
@@ -159,18 +167,22 @@ def _check_resume(out: Path, cfg: FinetuneConfig) -> None:
 
 
 def prepare_model(model_dir, cfg: FinetuneConfig, device):
-    """The base model in float32 (autocast does the bf16 math) with LoRA and freezing applied."""
+    """The base model in float32 (autocast does the bf16 math) or, with base_dtype="bfloat16", in
+    bf16, with LoRA and freezing applied; every trained parameter is float32."""
     from vlmfast.models.smolvlm import SmolVLM
     from vlmfast.train.freeze import freeze
     from vlmfast.train.lora import DEFAULT_TARGETS, apply_lora
 
-    model = SmolVLM.from_pretrained(model_dir, device=device, dtype=torch.float32)
+    model = SmolVLM.from_pretrained(model_dir, device=device, dtype=getattr(torch, cfg.base_dtype))
     torch.manual_seed(cfg.seed)  # LoRA's A init (and dropout) draw from the seeded generator
     if cfg.lora_rank:
         apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2.0 * cfg.lora_rank, dropout=cfg.lora_dropout,
                    targets=cfg.lora_targets or DEFAULT_TARGETS)
     if cfg.freeze_vision or cfg.freeze_decoder:
         freeze(model, vision=cfg.freeze_vision, decoder=cfg.freeze_decoder)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()  # adapters are made in the base's dtype: AdamW wants float32
     return model.train()
 
 

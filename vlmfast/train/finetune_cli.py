@@ -1,6 +1,7 @@
 """`vlmfast finetune --model DIR --data FILE.jsonl --out DIR [options]`: arguments and run.
 
-Re-running the same command after an interruption resumes from the checkpoint in --out.
+Re-running the same command after an interruption resumes from the checkpoint in --out. Data
+parallel: `torchrun --nproc-per-node N -m vlmfast.cli finetune ...` (--batch-size a multiple of N).
 """
 
 import argparse
@@ -29,6 +30,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
     p.add_argument("--freeze-decoder", action="store_true", help="do not train the decoder layers")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (weights and optimizer stay float32)")
+    p.add_argument("--base-dtype", default=defaults.base_dtype, choices=["float32", "bfloat16"],
+                   help="dtype of the frozen base weights; bfloat16 halves their memory (needs --lora-rank and --bf16)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in the backward")
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
                    help="steps between checkpoints (default 0: only at the end)")
@@ -44,8 +47,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 def run_finetune(args) -> int:
     options = {name: getattr(args, name) for name in (
         "steps", "lr", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "lora_rank", "lora_alpha",
-        "lora_dropout", "lora_targets", "freeze_vision", "freeze_decoder", "bf16", "gradient_checkpointing",
-        "checkpoint_every", "max_length", "seed", "device", "threads")}
+        "lora_dropout", "lora_targets", "freeze_vision", "freeze_decoder", "bf16", "base_dtype",
+        "gradient_checkpointing", "checkpoint_every", "max_length", "seed", "device", "threads")}
     log = None if args.quiet else (lambda message: print(message, flush=True))
     report = finetune(args.model, args.data, args.out, log=log, **options)
     if args.quiet:
