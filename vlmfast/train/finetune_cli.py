@@ -16,15 +16,17 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="JSONL: {'images': [...], 'messages': [...]} per line "
                                                  "(image paths relative to the file)")
     p.add_argument("--out", required=True, help="output folder: checkpoint, metrics.jsonl, then the merged model")
-    p.add_argument("--steps", type=int, default=defaults.steps)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per step")
-    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--steps", type=int, default=defaults.steps, help=f"optimizer steps (default {defaults.steps})")
+    p.add_argument("--lr", type=float, default=defaults.lr,
+                   help=f"peak learning rate, cosine decay after the warmup (default {defaults.lr})")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                   help=f"examples per micro-batch, over all ranks under torchrun (default {defaults.batch_size})")
+    p.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per step (default 1)")
+    p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="linear warmup (default 0)")
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW's, on matrices (default 0)")
     p.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help="0 (default): full fine-tuning")
     p.add_argument("--lora-alpha", type=float, default=None, help="default: 2 x rank")
-    p.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout)
+    p.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout, help="default 0")
     p.add_argument("--lora-targets", default=None,
                    help="comma-separated Linear names, e.g. q_proj,v_proj (default: every attention and MLP Linear)")
     p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
@@ -38,7 +40,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=None,
                    help="most tokens of an example: longer ones are cut at the end (never inside an image; "
                         "an example that cannot be cut is an error)")
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--seed", type=int, default=defaults.seed, help="data order and LoRA init (default 0)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="print only the final report (JSON)")
