@@ -18,7 +18,7 @@ from vlmfast.bench.timing import Result
 # Suite name -> module in vlmfast.bench with run(device, dtype, quick) -> list[Result].
 OP_SUITES = ["rotary", "attention", "losses", "patch_embed", "linear_cross_entropy"]
 # Model suites: end-to-end against transformers / open_clip; clip only once its module exists.
-MODEL_SUITES = [name for name in ("smolvlm", "clip") if importlib.util.find_spec(f"vlmfast.bench.{name}")]
+MODEL_SUITES = [name for name in ("smolvlm", "clip", "finetune") if importlib.util.find_spec(f"vlmfast.bench.{name}")]
 SUITES = {name: f"vlmfast.bench.{name}" for name in OP_SUITES + MODEL_SUITES}
 GROUPS = {"ops": OP_SUITES, "models": MODEL_SUITES, "all": None}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
