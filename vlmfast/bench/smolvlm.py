@@ -6,9 +6,16 @@ Cases (TARGETS.md): prefill of one 512 x 512 image (64 image tokens) + a prompt 
 decode at batch 1 and 32. Decode time per step = (generate of N tokens - generate of 1 token) /
 (N - 1): the prompt, the first token and start-up cancel, for both implementations alike. Each
 Result's ms is per step (decode) or per call (prefill); extra holds tokens/s of both.
+Peak memory: each implementation loads the saved checkpoint and generates 16 tokens for the
+prefill's image + prompt in a fresh process (smolvlm_memory.py); peak_mib is that process's peak
+resident set, loading included (extra: the peer's, and both after imports only).
 """
 
+import json
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -93,6 +100,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
     ms, peer_ms = time_ms(ours_prefill, device, **repeats), time_ms(hf_prefill, device, **repeats)
     results.append(Result("smolvlm", f"prefill b=1 1 image ({image_tokens} tokens) + {ids.shape[1] - image_tokens} "
                           f"text {name}", "vlmfast", ms, "transformers", peer_ms))
+    if device.type == "cpu":
+        results.append(peak_memory(hf, ids, mask, pixels, dtype, new_tokens=4 if quick else 16))
 
     # decode, text prompts (the image only changes the prefill)
     for batch in (1, 32) if not quick else (1, 3):
@@ -118,3 +127,26 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
                               extra={"tokens_per_s": batch * 1e3 / ms, "peer_tokens_per_s": batch * 1e3 / peer_ms,
                                      "greedy_equal": same}))
     return results
+
+
+def peak_memory(hf, ids, mask, pixels, dtype, *, new_tokens: int) -> Result:
+    """Peak resident set (MiB) of a fresh process that loads `hf`'s checkpoint and generates
+    new_tokens for (ids, mask, pixels), vlmfast against transformers (see smolvlm_memory.py)."""
+    script = Path(__file__).with_name("smolvlm_memory.py")
+    runs = {}
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_pretrained(folder)
+        inputs = Path(folder) / "inputs.pt"
+        torch.save({"input_ids": ids.cpu(), "attention_mask": mask.cpu(), "pixel_values": pixels.float().cpu()}, inputs)
+        for impl in ("vlmfast", "transformers"):
+            done = subprocess.run([sys.executable, str(script), impl, folder, str(inputs),
+                                   str(dtype).removeprefix("torch."), str(new_tokens)],
+                                  capture_output=True, text=True, check=True)
+            runs[impl] = json.loads(done.stdout.strip().splitlines()[-1])
+    ours, peer = runs["vlmfast"], runs["transformers"]
+    name = str(dtype).removeprefix("torch.")
+    return Result("smolvlm", f"memory: load + generate {new_tokens} tokens, 1 image b=1 {name}", "vlmfast",
+                  ours["ms"], "transformers", peer["ms"], peak_mib=ours["peak_mib"],
+                  extra={"peer_peak_mib": peer["peak_mib"], "baseline_mib": ours["baseline_mib"],
+                         "peer_baseline_mib": peer["baseline_mib"],
+                         "greedy_equal": ours["tokens"] == peer["tokens"] if dtype == torch.float32 else None})
