@@ -2,7 +2,8 @@
 
     report = finetune("SmolVLM2-256M-Video-Instruct", "train.jsonl", "out/", steps=200, lora_rank=16)
 
-The glue between the pieces: the data (vlmfast.data.instructions: JSONL, answer-only labels),
+The glue between the pieces: the data (vlmfast.data.instructions: the JSONL; .instruction_collate:
+batches with answer-only labels),
 the model (SmolVLM.loss: the fused linear + cross-entropy, no (tokens x vocabulary) logits),
 LoRA / freezing (vlmfast.train.lora / freeze) and the Trainer (AdamW, warmup + cosine,
 accumulation, bf16 autocast, gradient checkpointing, atomic checkpoints, exact resume).
@@ -16,6 +17,9 @@ after an interruption resumes from the checkpoint and ends with the same weights
 The batch of a step is a pure function of the step (what exact resume needs): sample k of the
 run (k = (step * grad_accum + micro) * batch_size + j) is example order_e[k mod N] of epoch
 e = k // N, where order_e is a permutation drawn from (seed, e).
+
+Under torchrun each rank collates its share of every micro-batch and the loss is reweighted to
+the global batch's mean (instruction_loss), so N ranks train as one process with the whole batch.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from vlmfast.train import distributed
 from vlmfast.train.trainer import Trainer, TrainConfig
 
 CONFIG_NAME = "finetune_config.json"
-# Options that do not change the trajectory of a run: a resumed run may change them.
+# Options a resumed run may change: they do not change what is computed (device: only its rounding).
 FREE_OPTIONS = ("checkpoint_every", "threads", "device")
 
 
