@@ -24,6 +24,17 @@ def patch_embed(images, weight, bias=None, mean=None, std=None) -> torch.Tensor:
     return _vops.patch_embed(images, weight, bias, mean=mean, std=std)
 
 
+# hidden_act names of the checkpoints -> the activation fused into the GEMM's epilogue.
+FUSED_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+                     "gelu_new": "gelu_tanh"}
+
+
+def linear(x, layer: torch.nn.Linear, activation: str | None = None) -> torch.Tensor:
+    """act(layer(x)): x (..., K) -> (..., N). activation: a value of FUSED_ACTIVATIONS or None.
+    float32 CPU inputs run vlmfast's GEMM (bias and activation fused); the rest is torch's."""
+    return _vops.linear(x, layer.weight, layer.bias, activation=activation)
+
+
 def clip_loss(image_features, text_features, logit_scale) -> torch.Tensor:
     """open_clip's ClipLoss. Features (B, D) (normalised inside); logit_scale the multiplier,
     already exp'd (scalar tensor). The fused kernel never holds the B x B logits."""

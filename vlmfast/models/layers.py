@@ -52,20 +52,24 @@ class SelfAttention(nn.Module):
     def forward(self, x, attn_mask=None, is_causal: bool = False):
         B, L, D = x.shape
         # (B, L, 3, H, E) -> three (B, H, L, E) views: no copy before the attention kernel
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = _ops.linear(x, self.qkv)
+        q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         out = _ops.attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, D))
+        return _ops.linear(out.transpose(1, 2).reshape(B, L, D), self.out_proj)
 
 
 class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, *, device=None, dtype=None):
         super().__init__()
         self.act = activation(act)
+        self.fused_act = _ops.FUSED_ACTIVATIONS.get(act)  # None: applied after fc1 by self.act
         self.fc1 = nn.Linear(hidden_size, intermediate_size, device=device, dtype=dtype)
         self.fc2 = nn.Linear(intermediate_size, hidden_size, device=device, dtype=dtype)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        if self.fused_act is not None:
+            return _ops.linear(_ops.linear(x, self.fc1, self.fused_act), self.fc2)
+        return _ops.linear(self.act(_ops.linear(x, self.fc1)), self.fc2)
 
 
 class EncoderLayer(nn.Module):

@@ -16,8 +16,9 @@ from vlmfast.ops import _alloc
 # Must match csrc/cpu/gemm.h (enum class Activation).
 ACTIVATION_TAGS = {None: 0, "quick_gelu": 1, "gelu_tanh": 2, "gelu": 3}
 
-# weight tensor -> (key, packed); weak keys: the cache dies with the parameter.
-_packed_cache: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
+# id(weight) -> (weak reference to weight, key, packed). Keyed by id (a tensor's == is
+# elementwise, so tensors cannot be dict keys); the entry leaves with the weight.
+_packed_cache: dict[int, tuple] = {}
 
 
 def _matrix(t: torch.Tensor) -> tuple[int, tuple[int, int]]:
@@ -40,11 +41,12 @@ def packed_weight(weight: torch.Tensor, cache: bool) -> torch.Tensor:
         return pack(weight)
     key = (weight.untyped_storage().data_ptr(), weight.storage_offset(), weight._version,
            tuple(weight.shape), weight.stride())
-    hit = _packed_cache.get(weight)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    ident = id(weight)
+    hit = _packed_cache.get(ident)
+    if hit is not None and hit[0]() is weight and hit[1] == key:
+        return hit[2]
     packed = pack(weight)
-    _packed_cache[weight] = (key, packed)
+    _packed_cache[ident] = (weakref.ref(weight, lambda _, i=ident: _packed_cache.pop(i, None)), key, packed)
     return packed
 
 

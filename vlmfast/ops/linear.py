@@ -66,12 +66,18 @@ def _(x, weight, bias, activation, keep_pre, cache_weight):
     return out, x.new_empty(x.shape[0], weight.shape[0]) if keep else x.new_empty(0)
 
 
-def _grad_pre(grad, pre, activation):
-    """dz = dy * act'(z) through PyTorch's own derivative of the reference activation."""
-    with torch.enable_grad():
-        z = pre.detach().requires_grad_()
-        (dz,) = torch.autograd.grad(reference.LINEAR_ACTIVATIONS[activation](z), z, grad)
-    return dz
+def _grad_pre(grad, z, activation):
+    """dz = dy * act'(z) in PyTorch (a custom op's body runs below autograd: no graph to ask)."""
+    if activation == "quick_gelu":  # s + 1.702 z s (1 - s), s = sigmoid(1.702 z)
+        s = torch.sigmoid(1.702 * z)
+        slope = s + 1.702 * z * s * (1 - s)
+    elif activation == "gelu_tanh":  # (1 + t) / 2 + z (1 - t^2) u'(z) / 2, t = tanh(u)
+        c = (2 / torch.pi) ** 0.5
+        t = torch.tanh(c * (z + 0.044715 * z**3))
+        slope = 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
+    else:  # gelu: Phi(z) + z phi(z)
+        slope = 0.5 * (1 + torch.erf(z * 0.5**0.5)) + z * torch.exp(-0.5 * z * z) / (2 * torch.pi) ** 0.5
+    return grad * slope
 
 
 @torch.library.custom_op("vlmfast::linear_bwd", mutates_args=())
@@ -92,16 +98,16 @@ def linear_bwd(
         if pre.numel() != grad.numel():
             pre = torch.nn.functional.linear(x, weight, bias)
         dz = native_linear.activation_backward(grad, pre, act) if native else _grad_pre(grad, pre, act)
-    empty = x.new_empty(0)
     n, k = weight.shape
     if native:
-        dx = native_linear.gemm(dz, native_linear.pack(weight.t()), k)[0] if need_x else empty
-        dw = native_linear.gemm(dz.t(), native_linear.pack(x.t()), k)[0] if need_weight else empty
+        dx = native_linear.gemm(dz, native_linear.pack(weight.t()), k)[0] if need_x else None
+        dw = native_linear.gemm(dz.t(), native_linear.pack(x.t()), k)[0] if need_weight else None
     else:
-        dx = dz @ weight if need_x else empty
-        dw = dz.t() @ x if need_weight else empty
-    db = dz.sum(0) if need_bias else empty
-    return dx, dw, db
+        dx = dz @ weight if need_x else None
+        dw = dz.t() @ x if need_weight else None
+    db = dz.sum(0) if need_bias else None
+    # Outputs may not alias each other: one fresh empty tensor per missing gradient.
+    return tuple(t if t is not None else x.new_empty(0) for t in (dx, dw, db))
 
 
 @linear_bwd.register_fake
