@@ -1,0 +1,74 @@
+"""AdamWInBackward: stepping each parameter from its gradient hook gives the weights and state
+of torch's AdamW step on the same gradients (tiny SmolVLM, with and without gradient
+checkpointing), frees every gradient, follows set_lr, and can be removed."""
+
+import copy
+
+import pytest
+import torch
+
+from tests.models.smolvlm_helpers import IMAGE_TOKEN, build_batch, tiny_model
+from vlmfast.train.adamw_in_backward import AdamWInBackward
+
+ROWS = [(5, 3, 4, None), (1, 2, 9, (17, 24))]
+OPTIONS = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1)
+
+
+def _loss(model, seed):
+    ids, mask, pixels, pixel_mask = build_batch(ROWS, seed=seed)
+    labels = torch.where(mask.bool() & (ids != IMAGE_TOKEN), ids, torch.full_like(ids, -100))
+    return model.loss(ids, labels, pixels, pixel_mask, mask)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_same_weights_as_adamw_after_steps(checkpointing, fused):
+    plain = tiny_model().train()
+    for p in plain.model.vision_model.embeddings.parameters():
+        p.requires_grad_(False)  # frozen parameters are left alone
+    stepped = copy.deepcopy(plain).set_gradient_checkpointing(checkpointing)
+    optimizer = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], fused=fused, **OPTIONS)
+    stepper = AdamWInBackward(stepped.parameters(), fused=fused, **OPTIONS)
+    for step in range(2):
+        _loss(plain, step).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _loss(stepped, step).backward()
+        assert all(p.grad is None for p in stepped.parameters())
+    weights = dict(stepped.named_parameters())
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(weights[name], p, rtol=1e-6, atol=1e-7, msg=name)
+    moved = weights["model.text_model.layers.0.mlp.gate_up.weight"]
+    assert not torch.equal(moved, tiny_model().model.text_model.layers[0].mlp.gate_up.weight)
+    first = stepper.optimizers[moved].state[moved]
+    assert float(first["step"]) == 2 and first["exp_avg_sq"].abs().sum() > 0
+
+
+def test_set_lr_and_remove():
+    model = tiny_model(seed=1).train()
+    stepper = AdamWInBackward(model.parameters(), lr=1e-2, weight_decay=0.0)
+    stepper.set_lr(0.0)
+    before = copy.deepcopy(model.state_dict())
+    _loss(model, 0).backward()  # lr 0: the state moves, the weights do not
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
+    stepper.remove()
+    _loss(model, 1).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_state_round_trip():
+    model = tiny_model(seed=2).train()
+    stepper = AdamWInBackward(model.parameters(), lr=1e-2)
+    _loss(model, 0).backward()
+    other = AdamWInBackward(copy.deepcopy(model).parameters(), lr=1e-2)
+    other.load_state_dict(stepper.state_dict())
+    with pytest.raises(ValueError, match="states: expected"):
+        other.load_state_dict(stepper.state_dict()[:1])
+
+
+def test_bad_params_name_the_argument():
+    with pytest.raises(ValueError, match="params: expected at least one parameter that requires grad"):
+        AdamWInBackward([torch.zeros(2)])
+    with pytest.raises(TypeError, match="params: expected tensors or parameter groups"):
+        AdamWInBackward([torch.zeros(2, requires_grad=True), 3.0], lr=1e-3)
