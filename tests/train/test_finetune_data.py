@@ -242,3 +242,12 @@ def test_an_answer_first_conversation_and_a_template_that_is_not_turn_by_turn(pr
     counting.chat_template = "{{ messages | length }}" + processor.chat_template
     with pytest.raises(ValueError, match=r"data\.jsonl:1: messages\[0\]: the chat template does not render"):
         InstructionCollator(counting)([example])
+
+
+def test_an_unreadable_image_is_reported_with_file_and_line_when_batched(processor, tmp_path):
+    path = _write_jsonl(tmp_path, [{"images": ["a.png"], "messages": [_user(IMAGE, ASK), _answer("Red.")]}],
+                        images=("a.png",))
+    (example,) = read_instructions(path)
+    (tmp_path / "a.png").write_bytes(b"not a png")  # broken after the file was read
+    with pytest.raises(ValueError, match=r"data\.jsonl:1: images\[0\]: .*a\.png: cannot open as an image"):
+        InstructionCollator(processor)([example])

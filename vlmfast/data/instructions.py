@@ -38,13 +38,16 @@ class InstructionExample:
     source: str
 
     def load_images(self) -> list[Image.Image]:
+        """Upright RGB images, decoded as vlmfast's pipeline decodes them (EXIF orientation,
+        palette / alpha / grey -> RGB); ValueError naming file:line for one that cannot be read."""
+        from vlmfast.processing.loading import load_image
+
         out = []
         for i, path in enumerate(self.images):
             try:
-                with Image.open(path) as image:
-                    out.append(image.convert("RGB"))
-            except OSError as err:
-                raise ValueError(f"{self.source}: images[{i}]: cannot read {path} ({err})") from err
+                out.append(load_image(path))
+            except ValueError as err:
+                raise ValueError(f"{self.source}: images[{i}]: {err}") from err
         return out
 
 
