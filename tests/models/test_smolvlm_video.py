@@ -182,6 +182,18 @@ def test_unsampled_frames_without_metadata_match_transformers(processors):
     assert got["pixel_values"].shape[1] == 7
 
 
+def test_frames_picked_from_a_longer_video_match_transformers(processors):
+    """Frames already chosen by the caller: their frames_indices and the original video's fps,
+    frame count and duration give the timestamps."""
+    ours, theirs = processors
+    metadata = [{"fps": 30, "total_num_frames": 3000, "duration": 100.0, "frames_indices": [0, 900, 1800, 2999]}]
+    got = _compare(ours, theirs, ["User:<video>What happens?"], [_frames(4, 24, 40, 16)], metadata)
+    prompt = ours.decode(got["input_ids"][0], skip_special_tokens=False)
+    assert "from a 0:01:40 [H:MM:SS] video" in prompt and "Frame from 01:39:" in prompt
+    with pytest.raises(ValueError, match=r"video_metadata\[0\]: the frames are already picked"):
+        ours("<video>", videos=_frames(4, 8, 8, 0), video_metadata=metadata, do_sample_frames=True)
+
+
 def test_frames_at_tile_size_match_without_any_resize(checkpoint, torchvision_stand_in, tmp_path):
     """Frames of exactly the tile size with video_size = the tile: neither transformers nor
     vlmfast resizes, so the stand-in plays no part in the pixels."""

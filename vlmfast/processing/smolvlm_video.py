@@ -148,6 +148,9 @@ class SmolVLMVideoProcessor(ImageProcessor):
             meta = read_metadata(None if video_metadata is None else video_metadata[v], len(frames),
                                  f"video_metadata[{v}]")
             if sample:
+                if meta.frames_indices != list(range(len(frames))) or meta.total_num_frames != len(frames):
+                    raise ValueError(f"video_metadata[{v}]: the frames are already picked from a longer video "
+                                     "(frames_indices); sample them there or pass do_sample_frames=False")
                 keep = sample_frame_indices(meta, max_frames=max_frames or self.max_frames, fps=fps or self.fps)
                 frames = frames[keep]
                 meta.frames_indices = [meta.frames_indices[i] for i in keep]

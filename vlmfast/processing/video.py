@@ -108,7 +108,9 @@ def video_list(videos) -> list:
 
 
 def read_metadata(value, total_num_frames: int, where: str) -> VideoMetadata:
-    """A video's metadata dict (or None) -> VideoMetadata. frames_indices defaults to every frame."""
+    """A video's metadata dict (or None) -> VideoMetadata. frames_indices (the positions of the
+    given frames in the original video) defaults to every frame; with it, total_num_frames and
+    duration may be the original video's."""
     if value is None:
         value = {}
     if not isinstance(value, dict):
@@ -119,15 +121,20 @@ def read_metadata(value, total_num_frames: int, where: str) -> VideoMetadata:
     fps = value.get("fps")
     if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0):
         raise ValueError(f"{where}: fps expected a positive number, got {fps!r}")
-    total = value.get("total_num_frames") or total_num_frames
-    if total != total_num_frames:
-        raise ValueError(f"{where}: total_num_frames {total} but the video has {total_num_frames} frames")
     indices = value.get("frames_indices")
-    indices = list(range(total_num_frames)) if indices is None else [int(i) for i in indices]
-    if len(indices) != total_num_frames:
-        raise ValueError(f"{where}: frames_indices has {len(indices)} entries for {total_num_frames} frames")
+    total = value.get("total_num_frames")
+    if indices is None:
+        if total is not None and total != total_num_frames:
+            raise ValueError(f"{where}: total_num_frames {total} but the video has {total_num_frames} frames "
+                             "(frames picked from a longer video need their frames_indices)")
+        indices = list(range(total_num_frames))
+    else:
+        indices = [int(i) for i in indices]
+        if len(indices) != total_num_frames:
+            raise ValueError(f"{where}: frames_indices has {len(indices)} entries for {total_num_frames} frames")
+        total = max(total or 0, max(indices) + 1)
     duration = value.get("duration")
-    return VideoMetadata(total_num_frames, None if fps is None else float(fps),
+    return VideoMetadata(total or total_num_frames, None if fps is None else float(fps),
                          None if duration is None else float(duration), indices)
 
 
