@@ -180,6 +180,9 @@ def test_bad_save_arguments(tmp_path):
     with pytest.raises(FileNotFoundError, match="processor_from: expected a checkpoint directory"):
         model.save_pretrained(tmp_path / "out", processor_from=tmp_path / "nowhere")
     assert not (tmp_path / "out").exists()  # nothing written before the check
+    with pytest.raises(ValueError, match="max_shard_bytes: expected None or a positive int, got 0"):
+        model.save_pretrained(tmp_path / "out", max_shard_bytes=0)
+    assert not (tmp_path / "out").exists()
     state = {"layers.0.self_attn.qkv.weight": torch.zeros(10, 4)}
     with pytest.raises(ValueError, match="no layers.0.self_attn.o_proj.weight"):
         checkpoint.native_to_hf(state)

@@ -179,6 +179,11 @@ def write_checkpoint(path, config: dict, hf_state: dict, *, max_shard_bytes: int
     """Writes config.json (its "dtype" set to the weights') and Hugging Face-keyed tensors as
     model.safetensors, or as shards of at most max_shard_bytes with an index; each file
     atomically. Weight files of an earlier save that this one does not name are removed."""
+    if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int)
+                                        or max_shard_bytes < 1):
+        raise ValueError(f"max_shard_bytes: expected None or a positive int, got {max_shard_bytes!r}")
+    if not hf_state:
+        raise ValueError("hf_state: expected at least one tensor to write")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = hf_state
