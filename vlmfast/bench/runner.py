@@ -16,7 +16,7 @@ from vlmfast.bench import machine, report
 from vlmfast.bench.timing import Result
 
 # Suite name -> module in vlmfast.bench with run(device, dtype, quick) -> list[Result].
-OP_SUITES = ["rotary", "attention", "losses", "patch_embed", "linear_cross_entropy"]
+OP_SUITES = ["rotary", "attention", "losses", "patch_embed", "linear_cross_entropy", "linear"]
 # Model suites: end-to-end against transformers / open_clip; clip only once its module exists.
 MODEL_SUITES = [name for name in ("smolvlm", "clip", "finetune") if importlib.util.find_spec(f"vlmfast.bench.{name}")]
 SUITES = {name: f"vlmfast.bench.{name}" for name in OP_SUITES + MODEL_SUITES}
