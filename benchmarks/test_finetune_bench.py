@@ -1,7 +1,8 @@
 """pytest-benchmark: one SmolVLM fine-tuning step (forward + backward + AdamW) of vlmfast against
 transformers' SmolVLMForConditionalGeneration with labels, same random weights and batch
 (SmolVLM2-256M dimensions, batch 2 x (one 512 x 512 image = 64 tokens + 100 text tokens), labels
-on the last 30), CPU, float32 and bf16 autocast, with and without gradient checkpointing. Each
+on the last 30), CPU, float32 and bf16 autocast, with and without gradient checkpointing (vlmfast also with checkpointing + AdamW in the backward).
+Each
 group holds vlmfast and transformers for one (dtype, setting), measured in the same run; the
 step's peak memory (vlmfast/bench/finetune.py: a fresh subprocess per side) goes into extra_info:
 
@@ -46,13 +47,15 @@ def batch(spec, benchmarking):
 
 
 @pytest.mark.parametrize("side", finetune.SIDES)
-@pytest.mark.parametrize("setting", finetune.SETTINGS)
+@pytest.mark.parametrize("setting", [*finetune.SETTINGS, finetune.IN_BACKWARD])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_train_step(benchmark, benchmarking, spec, pair, batch, side, setting, dtype_name):
     dtype = DTYPES[dtype_name]
     benchmark.group = f"smolvlm-train-step-cpu-{dtype_name}-{setting}-tokens{batch['input_ids'].numel()}"
+    if setting == finetune.IN_BACKWARD and side == "transformers":
+        pytest.skip("AdamW in the backward is measured for vlmfast only")
     model = finetune.build_side(side, spec, setting, "cpu", pair)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    optimizer = finetune.make_optimizer(model, setting)
     with torch.no_grad():
         before = finetune.loss_of(side, model, batch)
         # the same weights and batch: the other side's model gives the same loss

@@ -5,14 +5,20 @@ autograd), the same random weights (vlmfast/bench/smolvlm.py's build_pair) and t
 Batch (TARGETS.md / issue 10): `batch` rows of one 512 x 512 image (64 image tokens) + 100 text
 tokens, labels on the last 30 tokens (-100 elsewhere), no padding; SmolVLM2-256M's dimensions
 (quick: a 2-layer toy of the same structure, 4 image + 12 text tokens). float32 weights and
-AdamW state on both sides; the run's dtype bfloat16 means torch.autocast(bfloat16) around the
-forward on both sides (the Trainer's bf16 option), float32 means no autocast.
+AdamW state on both sides, torch's fused AdamW for both (on the CPU the default for-each AdamW
+takes ~4x longer, a cost both sides would share); the run's dtype bfloat16 means
+torch.autocast(bfloat16) around the forward on both sides (the Trainer's bf16 option), float32
+means no autocast.
 
-Settings: "plain" (every activation kept) and "checkpointing" (each vision encoder layer and
+Settings: "plain" (every activation kept), "checkpointing" (each vision encoder layer and
 decoder layer recomputed in the backward: vlmfast set_gradient_checkpointing, transformers
-gradient_checkpointing_enable, non-reentrant). Cases: vlmfast plain vs transformers plain,
-vlmfast checkpointing vs transformers plain (the memory option against the peer's default), and
-vlmfast checkpointing vs transformers checkpointing.
+activation_checkpointing_enable, non-reentrant) and, vlmfast only, "checkpointing+adamw_in_backward"
+(vlmfast.train.adamw_in_backward: each parameter updated and its gradient dropped as soon as the
+gradient is complete, the same AdamW update; the trick is plain PyTorch and would save the
+same ~1 GiB of gradients for transformers). Cases: vlmfast plain vs transformers plain, vlmfast
+checkpointing vs transformers plain (the memory option against the peer's default), vlmfast
+checkpointing vs transformers checkpointing (like for like), vlmfast checkpointing +
+AdamW-in-backward vs transformers plain.
 
 Each Result: ms per step, extra tokens/s of both (all B * L tokens through the decoder) and the
 loss of both (same model, same batch: equal up to rounding), peak_mib = vlmfast's step peak,
@@ -37,6 +43,7 @@ import torch
 
 from vlmfast.bench import smolvlm
 from vlmfast.bench.timing import Result, time_ms
+from vlmfast.train.adamw_in_backward import AdamWInBackward
 
 MIB = 2**20
 BATCH = {"cpu": 2, "cuda": 8}
@@ -44,8 +51,9 @@ TEXT_TOKENS, LABEL_TOKENS = 100, 30
 QUICK_TEXT_TOKENS, QUICK_LABEL_TOKENS = 12, 5
 SIDES = ("vlmfast", "transformers")
 SETTINGS = ("plain", "checkpointing")
+IN_BACKWARD = "checkpointing+adamw_in_backward"
 # (vlmfast setting, transformers setting) of each case
-CASES = [("plain", "plain"), ("checkpointing", "plain"), ("checkpointing", "checkpointing")]
+CASES = [("plain", "plain"), ("checkpointing", "plain"), ("checkpointing", "checkpointing"), (IN_BACKWARD, "plain")]
 
 
 def make_batch(spec: dict, batch: int, text_tokens: int, label_tokens: int, seed: int = 0):
@@ -75,7 +83,7 @@ def build_side(side: str, spec: dict, setting: str, device, pair=None) -> torch.
         del hf, ours
         gc.collect()
     model.to(device).train()
-    if setting == "checkpointing":
+    if "checkpointing" in setting.split("+"):
         if side == "vlmfast":
             model.set_gradient_checkpointing(True)
         else:
@@ -93,14 +101,23 @@ def loss_of(side: str, model, batch: dict) -> torch.Tensor:
     return model(**batch, use_cache=False).loss
 
 
+def make_optimizer(model, setting: str):
+    """torch's fused AdamW, or AdamWInBackward (the same update, made during the backward)."""
+    options = dict(lr=1e-5, fused=True)
+    if "adamw_in_backward" in setting.split("+"):
+        return AdamWInBackward(model.parameters(), **options)
+    return torch.optim.AdamW(model.parameters(), **options)
+
+
 def train_step(side: str, model, optimizer, batch: dict, dtype: torch.dtype) -> float:
     """One forward + backward + AdamW step; gradients set to None after. Returns the loss."""
     device_type = batch["input_ids"].device.type
     with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
         loss = loss_of(side, model, batch)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # AdamWInBackward steps here
+    if not isinstance(optimizer, AdamWInBackward):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
 
 
@@ -159,7 +176,7 @@ def measure(side: str, spec_name: str, setting: str, dtype_name: str, device: st
     if on_cpu:
         _return_freed_memory(libc, 64 * 1024)
     loaded = _rss_mib() if on_cpu else torch.cuda.memory_allocated(device) / MIB
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, **({"fused": True} if not on_cpu else {}))
+    optimizer = make_optimizer(model, setting)
     loss = train_step(side, model, optimizer, batch, dtype)  # AdamW state exists from here on
 
     peak = activation = None
