@@ -93,14 +93,16 @@ class ImageTextToTextPipeline:
     # ------------------------------------------------------------------ generation
 
     def __call__(self, images=None, prompts=None, *, videos=None, video_metadata=None,
-                 max_new_tokens: int | None = None, **generate_options) -> list[str]:
+                 do_sample_frames: bool | None = None, max_new_tokens: int | None = None,
+                 **generate_options) -> list[str]:
         """(images, prompts): images[i] is an image, a path, a list of them or None for prompts[i];
         or one chat conversation / a list of conversations as the first argument;
         or (prompts, videos=): one video per prompt (frames, a uint8 (T, H, W, 3) array or a
-        frame folder; see SmolVLMProcessor), video_metadata: None or one dict per video ({"fps"}).
+        frame folder; see SmolVLMProcessor), video_metadata: None or one dict per video ({"fps"}),
+        do_sample_frames: sample the frames at the checkpoint's fps / max_frames (None: its config).
         Returns one generated string per prompt / conversation."""
         if videos is not None:
-            return self._videos(prompts, videos, video_metadata, max_new_tokens, generate_options)
+            return self._videos(prompts, videos, video_metadata, do_sample_frames, max_new_tokens, generate_options)
         if prompts is None and _is_conversation(images):
             conversations, samples = self._from_conversations([images])
         elif prompts is None and isinstance(images, (list, tuple)) and images \
@@ -117,7 +119,8 @@ class ImageTextToTextPipeline:
                                            max_new_tokens=max_new_tokens, **generate_options)
         return outputs
 
-    def _videos(self, prompts, videos, video_metadata, max_new_tokens, generate_options) -> list[str]:
+    def _videos(self, prompts, videos, video_metadata, do_sample_frames, max_new_tokens,
+                generate_options) -> list[str]:
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts: expected a string or a non-empty list of strings with videos=")
@@ -133,7 +136,8 @@ class ImageTextToTextPipeline:
         for start in range(0, len(texts), self.batch_size):
             batch = slice(start, start + self.batch_size)
             metadata = None if video_metadata is None else list(video_metadata[batch])
-            inputs = self.processor(texts[batch], videos=list(videos[batch]), video_metadata=metadata)
+            inputs = self.processor(texts[batch], videos=list(videos[batch]), video_metadata=metadata,
+                                    do_sample_frames=do_sample_frames)
             outputs += self._generate(inputs, max_new_tokens, generate_options)
         return outputs
 

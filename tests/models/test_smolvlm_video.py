@@ -318,6 +318,14 @@ def test_pipeline_takes_videos(checkpoint, processors):
         assert answer == ours.batch_decode(new)[0].strip()
     with pytest.raises(ValueError, match=r"videos: expected a list of one video per prompt \(2\)"):
         pipe(prompts=["a", "b"], videos=[videos[0]])
+    sampled = pipe(prompts="What happens?", videos=[videos[0]], video_metadata=[metadata[0]], do_sample_frames=True)
+    text = ours.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}],
+        add_generation_prompt=True)
+    inputs = ours(text, videos=videos[0], video_metadata=metadata[0], do_sample_frames=True)
+    assert inputs["pixel_values"].shape[1] == 6  # 3 s at 2 fps out of 12 frames
+    new = model.generate(**inputs, max_new_tokens=4)[:, inputs["input_ids"].shape[1]:]
+    assert sampled == [ours.batch_decode(new)[0].strip()]
 
 
 def test_uint8_output_is_the_float_output_before_normalising(processors):
