@@ -13,7 +13,7 @@ from tests.models.smolvlm_checkpoint import write_processor_files
 from vlmfast.data import InstructionCollator, read_instructions, write_instruction_examples
 from vlmfast.data.instruction_collate import IGNORE_INDEX
 from vlmfast.models.smolvlm import SmolVLMProcessor
-from vlmfast.train.finetune import FinetuneConfig, InstructionBatches
+from vlmfast.train.finetune import FinetuneConfig, InstructionBatches, PrefetchedBatches
 
 EOT = "<end_of_utterance>"
 
@@ -211,6 +211,30 @@ def test_batches_are_a_pure_function_of_the_step(processor, examples_file):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     other = InstructionBatches(examples, InstructionCollator(processor), batch_size=2, grad_accum=2, seed=8)
     assert [other.indices(s, 0) for s in range(4)] != [batches.indices(s, 0) for s in range(4)]
+
+
+def test_prefetching_returns_the_same_batches_and_computes_each_once():
+    calls = []
+
+    def batches(step, micro):
+        calls.append((step, micro))
+        if step == 2 and micro == 1:
+            raise ValueError("data.jsonl:7: broken")
+        return torch.tensor([step, micro])
+
+    prefetched = PrefetchedBatches(batches, grad_accum=2, steps=4)
+    try:
+        for key in [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]:
+            assert prefetched(*key).tolist() == list(key)
+        with pytest.raises(ValueError, match="data.jsonl:7: broken"):  # an error is raised where it belongs
+            prefetched(2, 1)
+        assert prefetched(3, 1).tolist() == [3, 1]  # a jump (resume) is computed on the spot; nothing past step 3
+    finally:
+        prefetched.close()
+    # each key computed at most once ((3, 0), prefetched then skipped, may have been cancelled in time)
+    assert len(calls) == len(set(calls))
+    assert set(calls) - {(3, 0)} == {(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (3, 1)}
+    assert all(step < 4 for step, _ in calls)
 
 
 def test_bad_finetune_options():

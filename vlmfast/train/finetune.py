@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,9 +118,11 @@ class InstructionBatches:
         self._orders: dict[int, np.ndarray] = {}
 
     def order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))}
-        return self._orders[epoch]
+        orders = self._orders  # one local reference: the prefetch thread may replace the cache meanwhile
+        if epoch not in orders:
+            orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))}
+            self._orders = orders
+        return orders[epoch]
 
     def indices(self, step: int, micro: int) -> list[int]:
         first = (step * self.grad_accum + micro) * self.batch_size
@@ -136,6 +139,35 @@ class InstructionBatches:
         return (move(batch["input_ids"]), move(batch["labels"]), move(batch["attention_mask"]),
                 move(batch["pixel_values"]) if "pixel_values" in batch else None,
                 move(batch["pixel_attention_mask"]) if "pixel_attention_mask" in batch else None)
+
+
+class PrefetchedBatches:
+    """batches(step, micro) with the next micro-batch collated on a worker thread (images decoded
+    and tiled, text rendered and tokenised) while the model trains on this one. `batches` must be a
+    pure function of (step, micro): the results are the same as without prefetching, and a call for
+    any other key (a resumed run's first step) is simply computed on the spot."""
+
+    def __init__(self, batches, grad_accum: int, steps: int):
+        self.batches, self.grad_accum, self.steps = batches, grad_accum, steps  # nothing past step steps-1
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmfast-finetune-batches")
+        self._pending: dict[tuple[int, int], Future] = {}
+
+    def _following(self, step: int, micro: int) -> tuple[int, int]:
+        return (step, micro + 1) if micro + 1 < self.grad_accum else (step + 1, 0)
+
+    def __call__(self, step: int, micro: int):
+        future = self._pending.pop((step, micro), None)
+        for stale in self._pending.values():
+            stale.cancel()
+        following = self._following(step, micro)
+        self._pending = {following: self._pool.submit(self.batches, *following)} if following[0] < self.steps else {}
+        return future.result() if future is not None else self.batches(step, micro)
+
+    def close(self) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        self._pending = {}
+        self._pool.shutdown(wait=True)
 
 
 def instruction_loss(model, input_ids, labels, attention_mask, pixel_values=None, pixel_attention_mask=None, *,
@@ -258,8 +290,9 @@ def _finetune(model_dir: Path, data, out: Path, cfg: FinetuneConfig, log, parall
     log(f"{len(examples)} examples, {trainable:,} of {total:,} parameters trained, {cfg.steps} steps of "
         f"{cfg.batch_size * cfg.grad_accum} examples on {device}{ranks}")
 
-    batches = InstructionBatches(examples, collator, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                                 seed=cfg.seed, device=device, rank=parallel.rank, world=parallel.world)
+    batches = PrefetchedBatches(InstructionBatches(
+        examples, collator, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed, device=device,
+        rank=parallel.rank, world=parallel.world), cfg.grad_accum, cfg.steps)
     tokens: list[int] = []
 
     def counted(step, micro):  # the progress line's tokens/s: real (unpadded) tokens, rank 0's x world
@@ -279,7 +312,10 @@ def _finetune(model_dir: Path, data, out: Path, cfg: FinetuneConfig, log, parall
     if resumed_from:
         log(f"resuming from the checkpoint at step {resumed_from}")
     started = time.perf_counter()
-    losses = trainer.fit(callback=_progress(log, cfg, started, tokens))
+    try:
+        losses = trainer.fit(callback=_progress(log, cfg, started, tokens))
+    finally:
+        batches.close()
     seconds = time.perf_counter() - started
     if not parallel.is_main:
         return None
