@@ -39,9 +39,14 @@ struct AttentionOutput {   // a written (B, *, *, E) tensor
 struct AttentionBias {     // float32 (B, H, L, S), or data == nullptr for none
   const float* data;
   int64_t strides[4];
+  // Instead of data: a bool (one byte) (B, H, L, S) mask read through the same strides, false
+  // hiding the key (a key-padding mask as given, with no float bias made from it per call).
+  const uint8_t* mask = nullptr;
 };
 
-// out = softmax(scale * q k^T + bias) v and lse = logsumexp of the scores, per row.
+// out = softmax(scale * q k^T + bias) v and lse = logsumexp of the scores, per row (lse may be
+// nullptr when only out is wanted: inference). Below ~2^18 multiply-adds it runs on one thread
+// whatever `threads` says: waking a team costs more than a decode step over a short cache.
 void attention_forward(const AttentionShape& shape, AttentionInput q, AttentionInput k,
                        AttentionInput v, AttentionBias bias, AttentionOutput out, float* lse,
                        int dtype, int threads);
