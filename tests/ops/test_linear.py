@@ -134,6 +134,16 @@ def test_packed_weight_cache_follows_in_place_updates(monkeypatch):
         assert_close(linear(x, w2, b), reference.linear(x.double(), w2.double(), b.double()))
 
 
+def test_inference_mode_weights(monkeypatch):
+    # Tensors made under inference_mode have no version counter: their panels are not cached.
+    monkeypatch.setenv("VLMFAST_BACKEND", "cpp")
+    with torch.inference_mode():
+        x, w, b = (t.detach().clone() for t in _inputs((40, 24), 20, seed=13, requires_grad=False))
+        assert_close(linear(x, w, b), reference.linear(x.double(), w.double(), b.double()))
+        w.add_(0.5)
+        assert_close(linear(x, w, b), reference.linear(x.double(), w.double(), b.double()))
+
+
 def test_empty_rows_and_outputs():
     x = torch.randn(0, 24)
     w = torch.randn(20, 24)

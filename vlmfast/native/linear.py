@@ -37,7 +37,7 @@ def pack(b: torch.Tensor) -> torch.Tensor:
 
 def packed_weight(weight: torch.Tensor, cache: bool) -> torch.Tensor:
     """weight (N, K) packed; with `cache`, reused while the weight's data and version stay."""
-    if not cache:
+    if not cache or weight.is_inference():  # inference tensors keep no version counter
         return pack(weight)
     key = (weight.untyped_storage().data_ptr(), weight.storage_offset(), weight._version,
            tuple(weight.shape), weight.stride())
