@@ -153,3 +153,35 @@ def test_trainer_option_reaches_the_decoder_and_the_vision_tower():
 def test_bad_model_names_the_argument():
     with pytest.raises(TypeError, match="model: expected a module holding an Encoder"):
         set_gradient_checkpointing(torch.nn.Linear(2, 2))
+
+
+def test_bf16_autocast_head_runs_in_bf16_within_twice_transformers_error(tmp_path, monkeypatch):
+    """Under autocast the fused head + loss gets bf16 hidden states and weight (as transformers'
+    lm_head does); the loss is within twice transformers' autocast error of the float64 loss."""
+    transformers = pytest.importorskip("transformers")
+    from tests.models.smolvlm_helpers import hf_config_dict
+    from vlmfast.models.smolvlm import SmolVLM, _ops
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    hf = transformers.SmolVLMForConditionalGeneration(transformers.SmolVLMConfig(**hf_config_dict())).train()
+    hf.save_pretrained(tmp_path)
+    ours = SmolVLM.from_pretrained(tmp_path).train()
+    ids, labels, pixels, pixel_mask, mask = _batch(seed=12)
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_attention_mask=pixel_mask, labels=labels)
+    with torch.no_grad():
+        exact = hf.double()(pixel_values=pixels.double(), **inputs).loss.item()
+    hf.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hf_loss = hf(pixel_values=pixels, **inputs).loss.item()
+        seen = []
+        fused = _ops.linear_cross_entropy
+        monkeypatch.setattr(_ops, "linear_cross_entropy",
+                            lambda h, w, t: seen.append((h.dtype, w.dtype)) or fused(h, w, t))
+        loss = ours.loss(ids, labels, pixels, pixel_mask, mask)
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - exact) <= max(2 * abs(hf_loss - exact), 1e-3 * abs(exact))
+    loss.backward()
+    head = ours.lm_head.weight.grad
+    assert head.dtype == torch.float32 and torch.isfinite(head).all() and head.abs().sum() > 0

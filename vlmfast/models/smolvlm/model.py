@@ -21,7 +21,7 @@ from torch import nn
 
 from vlmfast.models import checkpoint
 from vlmfast.models.layers import set_gradient_checkpointing
-from vlmfast.models.smolvlm import _ops, fast_decode, packing
+from vlmfast.models.smolvlm import _ops, fast_decode, packing, weights_io
 from vlmfast.models.smolvlm.config import SmolVLMConfig
 from vlmfast.models.smolvlm.connector import Connector
 from vlmfast.models.smolvlm.decoder import Decoder
@@ -147,7 +147,9 @@ class SmolVLM(nn.Module):
         config = SmolVLMConfig.from_hf(checkpoint.read_config(path))
         with torch.device("meta"):
             model = cls(config)
-        state = fuse_gate_up(checkpoint.read_weights(path))
+        # read, not memory-mapped, with q/k/v and gate/up read straight into their fused
+        # tensors: the weights are held once, with no copy while loading (weights_io.py)
+        state = fuse_gate_up(weights_io.read_weights(path, fuse=True))
         if config.tied:
             state.pop("lm_head.weight", None)  # the embeddings are the head
         checkpoint.load_state(model, state, device=device, dtype=dtype)
@@ -295,13 +297,17 @@ class SmolVLM(nn.Module):
         images_per_row = real.view(B, N).sum(dim=1).cpu()
         if not bool(real.any()):
             return None, images_per_row
-        tiles = tiles[real] if decoded else tiles[real].to(self.dtype)
+        all_real = bool(real.all())
+        if not all_real:  # boolean indexing copies: only when there is padding to drop
+            tiles = tiles[real]
+        if not decoded:
+            tiles = tiles.to(self.dtype)  # no copy when already in the model's dtype
         p = self.config.vision_config.patch_size
         H, W = (tiles.shape[1], tiles.shape[2]) if decoded else (tiles.shape[2], tiles.shape[3])
         if pixel_mask is None:
             patch_mask = torch.ones(tiles.shape[0], H // p, W // p, dtype=torch.bool, device=tiles.device)
         else:
-            patch_mask = patch_mask_from_pixels(pixel_mask[real], p)
+            patch_mask = patch_mask_from_pixels(pixel_mask if all_real else pixel_mask[real], p)
         hidden = self.model.vision_model(tiles, patch_mask, self.image_normalization)
         return self.model.connector(hidden), images_per_row
 
@@ -362,7 +368,13 @@ class SmolVLM(nn.Module):
             )
         hidden = self.hidden_states(input_ids, pixel_values, pixel_attention_mask, attention_mask)
         targets = F.pad(labels, (0, 1), value=-100)[:, 1:].to(device=hidden.device, dtype=torch.long)
-        return _ops.linear_cross_entropy(hidden, self.head_weight, targets)
+        weight = self.head_weight
+        if torch.is_autocast_enabled(hidden.device.type):
+            # autocast runs transformers' lm_head GEMM in its low precision (the loss in float32):
+            # the fused head likewise, instead of float32 GEMMs at several times the cost
+            low = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(low), weight.to(low)
+        return _ops.linear_cross_entropy(hidden, weight, targets)
 
     # ------------------------------------------------------------------ cached steps (generation)
 
