@@ -90,6 +90,32 @@ def forward(q, k, v, *, scale: float, is_causal: bool, bias=None, rotary=None):
     return out, lse
 
 
+def forward_inference(q, k, v, sizes, strides, scale: float, is_causal: bool, bias_ptr: int,
+                      mask_ptr: int, bias_strides) -> torch.Tensor:
+    """out (B, H, L, E) only, no lse: the lean launch of an eager inference call (a decode step),
+    for inputs the caller has already checked as forward's _check would accept them.
+
+    sizes = (B, H, Hkv, L, S, E); q, k, v with a contiguous head dim, strides = the element
+    strides of their first three dims (as the caller read them); bias_ptr: a float32
+    additive bias, or mask_ptr: a bool mask (True takes part), either read through bias_strides
+    (4 element strides over (B, H, L, S), 0 where broadcast), 0 for none. The caller keeps the
+    bias or mask tensor alive across the call."""
+    _, heads, length, dim = q.shape
+    out = _alloc.empty(q.shape, dtype=q.dtype, device=_CPU)  # contiguous: strides known
+    q_strides, k_strides, v_strides = strides
+    # Positional arguments, no lse (nullptr): keyword parsing and an extra allocation show in a
+    # decode step of a few microseconds.
+    _module().attention_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), bias_ptr, out.data_ptr(), 0, sizes,
+        q_strides, k_strides, v_strides, bias_strides, (heads * length * dim, length * dim, dim),
+        scale, is_causal, DTYPE_TAGS[q.dtype], torch.get_num_threads(), 0, 0, 0, 0, mask_ptr,
+    )
+    return out
+
+
+_CPU = torch.device("cpu")
+
+
 def _rotary_tables(rotary, q, k):
     """The checked (cos, sin) float32 tables with contiguous rows and one row stride, or None.
     The caller keeps them alive while the kernel runs (they may be copies)."""

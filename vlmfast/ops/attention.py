@@ -16,6 +16,7 @@ Rows with no key to attend (every key masked) give zeros and zero gradients, not
 
 import functools
 import math
+import os
 
 import torch
 
@@ -179,14 +180,15 @@ def attention_varlen_fwd(
         rotary = None if cos is None else (cos, sin)
         return triton_attention.forward_varlen(q, k, v, cu_seqlens, max_seqlen, scale=scale,
                                                is_causal=is_causal, rotary=rotary)
-    # The other backends attend each sequence alone through the dense path.
-    if cos is not None:
-        q, k = _rotate(q, cos, sin, False, 0), _rotate(k, cos, sin, False, 0)
+    # The other backends attend each sequence alone through the dense path, which takes the
+    # sequence's rows of the tables (row p of the piece = packed row start + p): the C++ kernel
+    # rotates q and k as it packs them, with no separate pass over memory.
     out = q.new_zeros(q.shape)
     lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=_lse_dtype(q))
     for start, end in _sequences(cu_seqlens):
         piece_out, piece_lse = _dense_forward(
-            backend, *(_as_dense(t, start, end) for t in (q, k, v)), None, scale, is_causal, None, None)
+            backend, *(_as_dense(t, start, end) for t in (q, k, v)), None, scale, is_causal,
+            *_table_rows(cos, sin, start, end))
         out[start:end] = piece_out[0].transpose(0, 1)
         lse[:, start:end] = piece_lse[0]
     return out, lse
@@ -211,18 +213,23 @@ def attention_varlen_bwd(
         rotary = None if cos is None else (cos, sin)
         return triton_attention.backward_varlen(grad, q, k, v, out, lse, cu_seqlens, max_seqlen,
                                                 scale=scale, is_causal=is_causal, rotary=rotary)
-    if cos is not None:
-        q, k = _rotate(q, cos, sin, False, 0), _rotate(k, cos, sin, False, 0)
     dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     for start, end in _sequences(cu_seqlens):
         pieces = [_as_dense(t, start, end) for t in (grad, q, k, v, out)]
         piece_lse = lse[:, start:end].unsqueeze(0)
-        grads = _dense_backward(backend, *pieces, piece_lse, None, scale, is_causal, None, None)
+        # With tables, dq and dk come back through the inverse rotation already.
+        grads = _dense_backward(backend, *pieces, piece_lse, None, scale, is_causal,
+                                *_table_rows(cos, sin, start, end))
         for full, piece in zip((dq, dk, dv), grads):
             full[start:end] = piece[0].transpose(0, 1)
-    if cos is not None:
-        dq, dk = _rotate(dq, cos, sin, True, 0), _rotate(dk, cos, sin, True, 0)
     return dq, dk, dv
+
+
+def _table_rows(cos, sin, start: int, end: int) -> tuple:
+    """The rotary tables' rows [start, end) (views), or (None, None) without rotary."""
+    if cos is None:
+        return None, None
+    return cos[start:end], sin[start:end]
 
 
 @attention_varlen_bwd.register_fake
@@ -383,6 +390,10 @@ def scaled_dot_product_attention(
         (B, H, L, E) in query's dtype (the shape of query). A row with no key to attend (all
         masked) is 0, with zero gradients, where torch may give NaN.
     """
+    if rotary is None and not dropout_p:
+        out = _lean_cpu_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa)
+        if out is not None:
+            return out
     _check_qkv(query, key, value, "(B, H, L, E)", "(B, Hkv, S, E)", range(3, 9))
     if key.dim() != query.dim():
         raise ValueError(
@@ -431,6 +442,91 @@ def scaled_dot_product_attention(
         cos, sin = rotary
     out = _dense_attention(q4, k4, v4, bias4, scale, bool(is_causal), cos, sin)
     return out if out.dim() == query.dim() else out.view(query.shape)
+
+
+_LEAN_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16))
+
+
+def _lean_cpu_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa):
+    """The output of the common eager inference call on the CPU (a decode step: no gradient, not
+    compiling, plain 4-D tensors, no mask or a bool / float one), straight to the C++ launcher;
+    None for any other call, which then takes the full path (its checks raise the errors).
+
+    Why: validation, the bool mask -> float bias conversion, the custom op and the lse cost ~20 us
+    a call, twice torch's whole SDPA on a decode step over a short cache. Every condition below is
+    one that the full path would accept and send to the "cpp" backend with the same result; the
+    call is counted in _dispatch.calls as ("attention", "cpp") as the full path counts it.
+    """
+    if not (
+        type(query) is torch.Tensor and type(key) is torch.Tensor and type(value) is torch.Tensor
+        and query.is_cpu and key.is_cpu and value.is_cpu
+    ):
+        return None
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return None
+    dtype = query.dtype
+    if dtype not in _LEAN_DTYPES or key.dtype is not dtype or value.dtype is not dtype:
+        return None
+    q_shape, k_shape = query.shape, key.shape
+    if len(q_shape) != 4 or len(k_shape) != 4 or value.shape != k_shape:
+        return None
+    batch, heads, length, head_dim = q_shape
+    kv_batch, kv_heads, keys, kv_dim = k_shape
+    if (
+        kv_batch != batch or kv_dim != head_dim or not 0 < head_dim <= MAX_HEAD_DIM
+        or not (batch and heads and length and keys and kv_heads)
+        or (kv_heads != heads and not (enable_gqa and heads % kv_heads == 0))
+    ):
+        return None
+    q_strides, k_strides, v_strides = query.stride(), key.stride(), value.stride()
+    if q_strides[3] != 1 or k_strides[3] != 1 or v_strides[3] != 1:
+        return None
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    elif type(scale) is not float and type(scale) is not int:
+        return None
+    bias_ptr = mask_ptr = 0
+    bias_strides = (0, 0, 0, 0)
+    if attn_mask is not None:
+        if type(attn_mask) is not torch.Tensor or not attn_mask.is_cpu:
+            return None
+        if attn_mask.requires_grad and torch.is_grad_enabled():
+            return None
+        mask_shape = attn_mask.shape
+        if not _broadcasts_to(mask_shape, q_shape[:2] + (length, keys)):
+            return None
+        if attn_mask.dtype is torch.bool:
+            mask_ptr = attn_mask.data_ptr()
+        elif attn_mask.dtype is torch.float32:
+            bias_ptr = attn_mask.data_ptr()
+        else:
+            return None  # other float masks are converted on the full path
+        # Element strides over (B, H, L, S); 0 where the mask broadcasts.
+        pad = 4 - len(mask_shape)
+        bias_strides = (0,) * pad + tuple(
+            0 if size == 1 else stride for size, stride in zip(mask_shape, attn_mask.stride()))
+    if torch.compiler.is_compiling() or _lean_backend(dtype) != "cpp":
+        return None
+    _dispatch.calls[("attention", "cpp")] += 1
+    return _native().forward_inference(
+        query, key, value, (batch, heads, kv_heads, length, keys, head_dim),
+        (q_strides[:3], k_strides[:3], v_strides[:3]), float(scale), bool(is_causal), bias_ptr,
+        mask_ptr, bias_strides)
+
+
+def _lean_backend(dtype: torch.dtype) -> str:
+    """The backend _dispatch would choose for the attention of CPU tensors of `dtype`, without
+    counting the call (the lean path counts it only when it runs it)."""
+    forced = os.environ.get("VLMFAST_BACKEND")
+    # TRITON_INTERPRET matters only to a forced Triton (one more environment read, ~1 us, saved).
+    interpret = os.environ.get("TRITON_INTERPRET") if forced and "triton" in forced.lower() else None
+    return _cached_choice(dtype, forced, interpret)
+
+
+@functools.cache
+def _cached_choice(dtype: torch.dtype, forced: str | None, interpret: str | None) -> str:
+    # The environment is part of the key: the choice follows VLMFAST_BACKEND as select() does.
+    return _dispatch._choose("cpu", dtype, _ORDER)
 
 
 def _dense_attention(q, k, v, bias, scale: float, is_causal: bool, cos, sin) -> torch.Tensor:
