@@ -106,6 +106,27 @@ def _sequence(cu_ptr, b, L, S, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _softmax_step(acc, m_i, l_i, s, v, v_ptr, SAFE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  ROUND_BF16: tl.constexpr):
+    """One online-softmax step over a key block: s (BLOCK_M, BLOCK_N) base-2 scores (-inf where
+    masked), v (BLOCK_N, BLOCK_E) the block's values (v_ptr: their pointer, for the dtype of P).
+    m_i running max, l_i running sum of exp2(s - m_i), acc running P @ V, all float32.
+    SAFE: a row may have seen only -inf so far (bias, decode rows); subtract 0 for it instead
+    of -inf (exp2(-inf) = 0, no NaN)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if SAFE:
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new_safe = m_new
+    p = tl.math.exp2(s - m_new_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_new_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = _mma(to_dtype_of(p, v_ptr, ROUND_BF16), v, acc, DOT_PRECISION, ROUND_BF16)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _fwd_inner(
     acc, m_i, l_i, q, k_base, v_base, bias_rows, cos_ptr, sin_ptr,
     start, end, offs_m, m_ok, offs_n, offs_e, e_ok, seq_start, S, HALF,
@@ -131,20 +152,11 @@ def _fwd_inner(
             if IS_CAUSAL:
                 keep = keep & (n[None, :] <= offs_m[:, None])
             s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if HAS_BIAS:
-            # A row masked so far has m_new = -inf: subtract 0 instead (exp2(-inf) = 0, no NaN).
-            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new_safe = m_new
-        p = tl.math.exp2(s - m_new_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_new_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + n.to(tl.int64)[:, None] * svs + offs_e[None, :],
                     mask=n_ok[:, None] & e_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None]
-        acc = _mma(to_dtype_of(p, v_base, ROUND_BF16), v, acc, DOT_PRECISION, ROUND_BF16)
-        m_i = m_new
+        # Only a bias can hide every key a row has seen so far (causal rows always see key 0).
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, v_base, HAS_BIAS, DOT_PRECISION,
+                                      ROUND_BF16)
     return acc, m_i, l_i
 
 
@@ -268,15 +280,9 @@ def _decode_split_kernel(
         if IS_CAUSAL:
             keep = keep & (n[None, :] <= i[:, None])
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_new_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_new_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + n.to(tl.int64)[:, None] * svs + offs_e[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None]
-        acc = _mma(to_dtype_of(p, V, ROUND_BF16), v, acc, DOT_PRECISION, ROUND_BF16)
-        m_i = m_new
+        # Padding rows (r >= GROUP * L) and a chunk past a causal row's diagonal see no key.
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, V, True, DOT_PRECISION, ROUND_BF16)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
