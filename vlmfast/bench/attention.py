@@ -6,7 +6,8 @@ holds every implementation's ms (vlmfast+rotary: the rotary applied inside the k
 median, CUDA events on a GPU, wall clock on the CPU; TFLOP/s: 4 B H L S E for the forward, 2.5x
 that more for the backward. Backends that fail on the shape (cuDNN without support, flash with
 E = 72, anything on the CPU but math) are left out. Shapes: TARGETS.md's on a GPU, ViT-B/16 at
-batch 8 on the CPU, and one SmolVLM2 decode step (GQA, 1 query).
+batch 8 on the CPU, and SmolVLM2 decode steps (GQA, 1 query; batch 1 and 32, 128 to 2048 keys, with
+and without a key-padding mask).
 """
 
 import contextlib
@@ -22,8 +23,10 @@ from vlmfast.bench.timing import Result, time_ms
 GPU_SHAPES = [(256, 12, 50, 64), (256, 12, 197, 64), (64, 16, 577, 64), (64, 16, 729, 72), (64, 12, 1024, 64)]
 CPU_SHAPES = [(8, 12, 197, 64)]
 QUICK_SHAPES = [(2, 2, 33, 64)]
-# One decode step of SmolVLM2's decoder: 1 query, 9 heads on 3 kv heads, a 2048-token KV cache.
-DECODE = dict(batch=32, heads=9, kv_heads=3, keys=2048, head_dim=64)
+# Decode steps of SmolVLM2's decoder: 1 query, 9 heads on 3 kv heads, E = 64, at batch 1 and 32
+# over KV caches of 128, 512 and 2048 tokens, without and with a key-padding mask (B, 1, 1, S).
+DECODE = dict(heads=9, kv_heads=3, head_dim=64, batches=(1, 32), keys=(128, 512, 2048))
+DECODE_QUICK = dict(heads=4, kv_heads=2, head_dim=64, batches=(2,), keys=(70,))
 TORCH_BACKENDS = {
     "torch-math": SDPBackend.MATH,
     "torch-efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -124,10 +127,34 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
         case = f"{batch}x{heads}x{length}x{head_dim} {name}"
         results += _measure(case, _implementations(q, k, v, rotary), q, k, v, grad, device,
                             lambda bwd, s=(batch, heads, length, length, head_dim): attention_flops(*s, bwd))
-    d = DECODE if not quick else dict(batch=2, heads=4, kv_heads=2, keys=70, head_dim=64)
-    q, k, v, grad = _inputs(d["batch"], d["heads"], d["kv_heads"], 1, d["keys"], d["head_dim"], dtype, device)
-    case = f"decode {d['batch']}x{d['heads']}/{d['kv_heads']}x1x{d['keys']}x{d['head_dim']} {name}"
-    results += _measure(case, _implementations(q, k, v, None), q, k, v, grad, device,
-                        lambda bwd: attention_flops(d["batch"], d["heads"], 1, d["keys"], d["head_dim"], bwd),
-                        backward_too=False)
+    d = DECODE_QUICK if quick else DECODE
+    for batch in d["batches"]:
+        for keys in d["keys"]:
+            q, k, v, grad = _inputs(batch, d["heads"], d["kv_heads"], 1, keys, d["head_dim"], dtype, device)
+            for masked in (False, True):
+                mask = _key_padding(batch, keys, device) if masked else None
+                case = (f"decode {batch}x{d['heads']}/{d['kv_heads']}x1x{keys}x{d['head_dim']}"
+                        f"{' keypad' if masked else ''} {name}")
+                results += _measure(case, _decode_implementations(q, k, v, mask), q, k, v, grad, device,
+                                    lambda bwd, s=(batch, d["heads"], 1, keys, d["head_dim"]): attention_flops(*s, bwd),
+                                    backward_too=False)
     return results
+
+
+def _key_padding(batch: int, keys: int, device) -> torch.Tensor:
+    """bool (B, 1, 1, S): batch entry b left-padded by b * S / (2 B) slots, as a batched decode is."""
+    starts = torch.arange(batch) * keys // (2 * batch)
+    return (torch.arange(keys)[None, :] >= starts[:, None])[:, None, None, :].to(device)
+
+
+def _decode_implementations(q, k, v, mask):
+    """vlmfast and every torch SDPA backend on the same call (enable_gqa, the same mask), and
+    each torch backend also given K/V already repeated per query head (outside the timing, as
+    transformers' repeat_kv; some backends lack GQA): the peer is the fastest of them all."""
+    group = q.shape[1] // k.shape[1]
+    k_rep, v_rep = (t.detach().repeat_interleave(group, dim=1) for t in (k, v))
+    impls = {"vlmfast": lambda a, b, c: ops.scaled_dot_product_attention(a, b, c, mask, enable_gqa=True)}
+    for name, backend in TORCH_BACKENDS.items():
+        impls[name] = (backend, lambda a, b, c: F.scaled_dot_product_attention(a, b, c, mask, enable_gqa=True))
+        impls[f"{name}+repeat_kv"] = (backend, lambda a, b, c: F.scaled_dot_product_attention(a, k_rep, v_rep, mask))
+    return impls
