@@ -1,0 +1,66 @@
+"""vlmfast/models/smolvlm/weights_io.py: a checkpoint read without a memory map, groups fused in place."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vlmfast.models import checkpoint
+from vlmfast.models.smolvlm import weights_io
+from vlmfast.models.smolvlm.model import fuse_gate_up
+
+
+def write(folder, tensors_per_shard):
+    if len(tensors_per_shard) == 1:
+        save_file(tensors_per_shard[0], str(folder / "model.safetensors"))
+        return
+    weight_map = {}
+    for i, tensors in enumerate(tensors_per_shard):
+        name = f"model-{i + 1:05d}-of-{len(tensors_per_shard):05d}.safetensors"
+        save_file(tensors, str(folder / name))
+        weight_map.update({k: name for k in tensors})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def sample(g):
+    t = lambda *shape, dtype=torch.bfloat16: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
+    return {
+        "a.layers.0.self_attn.q_proj.weight": t(6, 5), "a.layers.0.self_attn.k_proj.weight": t(2, 5),
+        "a.layers.0.self_attn.v_proj.weight": t(2, 5), "a.layers.0.self_attn.q_proj.bias": t(6),
+        "a.layers.0.self_attn.k_proj.bias": t(2), "a.layers.0.self_attn.v_proj.bias": t(2),
+        "a.layers.0.mlp.gate_proj.weight": t(7, 5), "a.layers.0.mlp.up_proj.weight": t(7, 5),
+        "a.layers.1.mlp.gate_proj.weight": t(3, 5),  # no up_proj: stays unfused
+        "a.layers.1.self_attn.q_proj.weight": t(4, 5, dtype=torch.float32),  # dtypes differ: unfused
+        "a.layers.1.self_attn.k_proj.weight": t(4, 5), "a.layers.1.self_attn.v_proj.weight": t(4, 5),
+        "a.norm.weight": t(5, dtype=torch.float32), "a.ids": torch.arange(3), "a.flag": torch.tensor([True, False]),
+        "a.empty": torch.empty(0, 5),
+    }
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_read_equals_safetensors_and_fused_equals_loading(tmp_path, shards):
+    tensors = sample(torch.Generator().manual_seed(0))
+    keys = sorted(tensors)
+    write(tmp_path, [{k: tensors[k] for k in keys[i::shards]} for i in range(shards)])
+    expected = checkpoint.read_weights(tmp_path)
+    plain = weights_io.read_weights(tmp_path)
+    assert plain.keys() == expected.keys()
+    for k in expected:
+        assert plain[k].dtype == expected[k].dtype and torch.equal(plain[k], expected[k]), k
+    fused = weights_io.read_weights(tmp_path, fuse=True)
+    loading = fuse_gate_up(checkpoint.hf_to_native(expected))  # what loading makes of the checkpoint
+    if shards == 1:  # a group split between shards is fused later, by loading (a copy)
+        assert "a.layers.0.self_attn.qkv.weight" in fused and "a.layers.0.mlp.gate_up.weight" in fused
+    assert "a.layers.1.mlp.gate_proj.weight" in fused and "a.layers.1.self_attn.q_proj.weight" in fused
+    assert fuse_gate_up(checkpoint.hf_to_native(fused)).keys() == loading.keys()
+    for k, v in fuse_gate_up(checkpoint.hf_to_native(fused)).items():
+        assert v.dtype == loading[k].dtype and torch.equal(v, loading[k]), k
+
+
+def test_truncated_file(tmp_path):
+    write(tmp_path, [{"w": torch.randn(64, 64)}])
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="is truncated"):
+        weights_io.read_weights(tmp_path)
