@@ -215,114 +215,131 @@ void rms_norm_row(const float* x, const T* weight, T* out, int64_t D, float eps)
   for (int64_t i = 0; i < D; ++i) out[i] = from_float<T>(to_float(weight[i]) * round_to<T>(x[i] * inv));
 }
 
-// Rotates the q and k heads of one row's qkv (float, values already in T's precision) in place,
-// rounding to T, and writes the row's k and v heads into cache slot `slot`.
+// Rotates x (E,) in place by one token's angles (rotate-half pairs (i, i + E/2)), rounding to T.
 template <typename T>
-void rotate_and_cache(const DecodeShape& s, float* qkv_row, const float* cos, const float* sin,
-                      T* k_cache, T* v_cache, int64_t b) {
-  const int64_t E = s.E, half = E / 2;
-  for (int64_t head = 0; head < s.H + s.Hkv; ++head) {
-    float* v = qkv_row + head * E;
-    for (int64_t i = 0; i < half; ++i) {
-      const float a = v[i], c = v[i + half];
-      v[i] = round_to<T>(a * cos[i] - c * sin[i]);
-      v[i + half] = round_to<T>(c * cos[i] + a * sin[i]);
-    }
-  }
-  for (int64_t g = 0; g < s.Hkv; ++g) {
-    const int64_t at = ((b * s.Hkv + g) * s.max_len + s.slot) * E;
-    const float* k = qkv_row + (s.H + g) * E;
-    const float* v = qkv_row + (s.H + s.Hkv + g) * E;
-    for (int64_t e = 0; e < E; ++e) {
-      k_cache[at + e] = from_float<T>(k[e]);
-      v_cache[at + e] = from_float<T>(v[e]);
-    }
+__attribute__((always_inline)) inline void rotate(float* x, const float* cos, const float* sin, int64_t E) {
+  const int64_t half = E / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], c = x[i + half];
+    x[i] = round_to<T>(a * cos[i] - c * sin[i]);
+    x[i + half] = round_to<T>(c * cos[i] + a * sin[i]);
   }
 }
 
-// Query head h of row b against the cache slots [0, slot] of its key/value head:
-// out = softmax(scale q.k_s, masked) @ v_s, rounded to T. scores: slot + 1 floats of scratch,
-// acc: E floats.
+// One (row b, key/value head g) task: rotates g's query heads and key head in qkv_row (float,
+// values in T's precision), writes g's key and value into cache slot `slot`, then each query
+// head attends the cache slots [0, slot]: softmax(scale q.k_j, masked) @ v_j, rounded to T into
+// out_row (H E). A task owns its heads, so tasks need no synchronisation between them.
+// scores: slot + 1 floats of scratch; acc: E floats.
 template <typename T>
-__attribute__((always_inline)) inline void attend_one(const DecodeShape& s, const float* q,
-                                                      const T* k_cache, const T* v_cache,
-                                                      const bool* key_mask, int64_t b, int64_t h,
-                                                      float* scores, float* acc, T* out) {
-  const int64_t E = s.E, S = s.slot + 1;
-  const int64_t g = h / (s.H / s.Hkv);
-  const T* keys = k_cache + (b * s.Hkv + g) * s.max_len * E;
-  const T* values = v_cache + (b * s.Hkv + g) * s.max_len * E;
+__attribute__((always_inline)) inline void attend_group(const DecodeShape& s, float* qkv_row,
+                                                        const float* cos, const float* sin,
+                                                        T* k_cache, T* v_cache, const bool* key_mask,
+                                                        int64_t b, int64_t g, float* scores,
+                                                        float* acc, T* out_row) {
+  const int64_t E = s.E, S = s.slot + 1, group = s.H / s.Hkv;
+  float* k_new = qkv_row + (s.H + g) * E;
+  const float* v_new = qkv_row + (s.H + s.Hkv + g) * E;
+  rotate<T>(k_new, cos, sin, E);
+  T* keys = k_cache + (b * s.Hkv + g) * s.max_len * E;
+  T* values = v_cache + (b * s.Hkv + g) * s.max_len * E;
+  for (int64_t e = 0; e < E; ++e) {
+    keys[s.slot * E + e] = from_float<T>(k_new[e]);
+    values[s.slot * E + e] = from_float<T>(v_new[e]);
+  }
   const bool* mask = key_mask ? key_mask + b * s.max_len : nullptr;
   const float minus_inf = -std::numeric_limits<float>::infinity();
-  float top = minus_inf;
-  for (int64_t j = 0; j < S; ++j) {
-    if (mask && !mask[j]) {
-      scores[j] = minus_inf;
-      continue;
+  for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+    float* q = qkv_row + h * E;
+    rotate<T>(q, cos, sin, E);
+    float top = minus_inf;
+    for (int64_t j = 0; j < S; ++j) {
+      if (mask && !mask[j]) {
+        scores[j] = minus_inf;
+        continue;
+      }
+      const T* k = keys + j * E;
+      float lanes[16] = {};
+      for (int64_t e = 0; e < E; ++e) lanes[e % 16] += q[e] * to_float(k[e]);
+      float dot = 0.0f;
+      for (float lane : lanes) dot += lane;
+      scores[j] = dot * s.scale;
+      top = std::max(top, scores[j]);
     }
-    const T* k = keys + j * E;
-    float lanes[16] = {};
-    for (int64_t e = 0; e < E; ++e) lanes[e % 16] += q[e] * to_float(k[e]);
-    float dot = 0.0f;
-    for (float lane : lanes) dot += lane;
-    scores[j] = dot * s.scale;
-    top = std::max(top, scores[j]);
+    float total = 0.0f;
+    for (int64_t e = 0; e < E; ++e) acc[e] = 0.0f;
+    for (int64_t j = 0; j < S; ++j) {
+      if (scores[j] == minus_inf) continue;
+      const float p = std::exp(scores[j] - top);
+      total += p;
+      const T* v = values + j * E;
+      for (int64_t e = 0; e < E; ++e) acc[e] += p * to_float(v[e]);
+    }
+    const float inv = 1.0f / total;  // slot `slot` is always real: total >= 1
+    for (int64_t e = 0; e < E; ++e) out_row[h * E + e] = from_float<T>(acc[e] * inv);
   }
-  float total = 0.0f;
-  for (int64_t e = 0; e < E; ++e) acc[e] = 0.0f;
-  for (int64_t j = 0; j < S; ++j) {
-    if (scores[j] == minus_inf) continue;
-    const float p = std::exp(scores[j] - top);
-    total += p;
-    const T* v = values + j * E;
-    for (int64_t e = 0; e < E; ++e) acc[e] += p * to_float(v[e]);
-  }
-  const float inv = 1.0f / total;  // slot `slot` is always real: total >= 1
-  for (int64_t e = 0; e < E; ++e) out[e] = from_float<T>(acc[e] * inv);
 }
 
-// Tasks (b, h) = [begin, end) of B * H, compiled for the widest vectors the CPU has.
-#define VLMFAST_DEFINE_ATTEND(T, SUFFIX)                                                         \
-  VLMFAST_MULTIVERSION void attend_##SUFFIX(const DecodeShape& s, const float* qkv,             \
-                                            const void* k_cache, const void* v_cache,           \
-                                            const bool* key_mask, int64_t begin, int64_t end,   \
-                                            int64_t step, float* scores, float* acc, void* out) { \
-    const int64_t width = (s.H + 2 * s.Hkv) * s.E;                                               \
-    for (int64_t task = begin; task < end; task += step) {                                       \
-      const int64_t b = task / s.H, h = task % s.H;                                              \
-      attend_one<T>(s, qkv + b * width + h * s.E, static_cast<const T*>(k_cache),                \
-                    static_cast<const T*>(v_cache), key_mask, b, h, scores, acc,                 \
-                    static_cast<T*>(out) + (b * s.H + h) * s.E);                                 \
-    }                                                                                            \
+// Tasks (b, g) = begin, begin + step, ... < B * Hkv, compiled for the widest vectors the CPU has.
+#define VLMFAST_DEFINE_ATTEND(T, SUFFIX)                                                          \
+  VLMFAST_MULTIVERSION void attend_##SUFFIX(const DecodeShape& s, float* qkv, const float* cos,  \
+                                            const float* sin, void* k_cache, void* v_cache,      \
+                                            const bool* key_mask, int64_t begin, int64_t step,   \
+                                            float* scores, float* acc, void* out) {              \
+    const int64_t width = (s.H + 2 * s.Hkv) * s.E, half = s.E / 2;                                \
+    for (int64_t task = begin; task < s.B * s.Hkv; task += step) {                                \
+      const int64_t b = task / s.Hkv, g = task % s.Hkv;                                           \
+      attend_group<T>(s, qkv + b * width, cos + b * half, sin + b * half,                         \
+                      static_cast<T*>(k_cache), static_cast<T*>(v_cache), key_mask, b, g, scores, \
+                      acc, static_cast<T*>(out) + b * s.H * s.E);                                 \
+    }                                                                                             \
   }
 VLMFAST_DEFINE_ATTEND(float, f32)
 VLMFAST_DEFINE_ATTEND(BFloat16, bf16)
 #undef VLMFAST_DEFINE_ATTEND
 
 template <typename T>
-void attend(const DecodeShape& s, const float* qkv, const void* k, const void* v, const bool* mask,
-            int64_t begin, int64_t end, int64_t step, float* scores, float* acc, T* out) {
+void attend(const DecodeShape& s, float* qkv, const float* cos, const float* sin, void* k, void* v,
+            const bool* mask, int64_t begin, int64_t step, float* scores, float* acc, T* out) {
   if constexpr (std::is_same_v<T, BFloat16>) {
-    attend_bf16(s, qkv, k, v, mask, begin, end, step, scores, acc, out);
+    attend_bf16(s, qkv, cos, sin, k, v, mask, begin, step, scores, acc, out);
   } else {
-    attend_f32(s, qkv, k, v, mask, begin, end, step, scores, acc, out);
+    attend_f32(s, qkv, cos, sin, k, v, mask, begin, step, scores, acc, out);
   }
 }
 
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
+// x = round_T(x + delta) and normed = rms_norm(x) for every row: each thread keeps its own copy
+// of the residual stream and of its norm (a few KB), so none waits for another to compute them.
+template <typename T>
+void residual_and_norm(float* x, const float* delta, const T* weight, T* normed, int64_t B, int64_t D,
+                       float eps) {
+  for (int64_t b = 0; b < B; ++b) {
+    float* xb = x + b * D;
+    if (delta != nullptr) {
+      for (int64_t i = 0; i < D; ++i) xb[i] = round_to<T>(xb[i] + delta[b * D + i]);
+    }
+    rms_norm_row(xb, weight, normed + b * D, D, eps);
+  }
+}
+
 // ------------------------------------------------------------------ the step
+//
+// One parallel region; five barriers per layer, each where the next stage reads what every
+// thread wrote: after qkv, after attention, after o_proj, after silu(gate) * up, after down.
+// Shared buffers: qkv, attended, proj, gate_up, act (each written in one stage and read in the
+// next, with a barrier between). Private per thread: the residual stream and its norms.
 
 template <typename T>
 void step(const DecodeShape& s, const int64_t* tokens, const T* embed,
           const std::vector<DecodeLayer>& layers, const T* final_norm, const T* head,
           const float* cos, const float* sin, const bool* key_mask, float* logits, int threads) {
-  const int64_t B = s.B, D = s.D, E = s.E, half = E / 2, I = s.I;
+  const int64_t B = s.B, D = s.D, E = s.E, I = s.I;
   const int64_t Q = s.H * E, W = (s.H + 2 * s.Hkv) * E;
   const int team_size = resolve_threads(threads);
-  std::vector<float> x(B * D), qkv(B * W), proj(B * D), gate_up(B * 2 * I);
-  std::vector<T> normed(B * D), attended(B * Q), act(B * I);
-  std::vector<float> scores(team_size * (s.slot + 1)), acc(team_size * E);
+  std::vector<float> qkv(B * W), proj(B * D), gate_up(B * 2 * I);
+  std::vector<T> attended(B * Q), act(B * I);
 
 #pragma omp parallel num_threads(team_size)
   {
@@ -331,62 +348,45 @@ void step(const DecodeShape& s, const int64_t* tokens, const T* embed,
     tid = omp_get_thread_num();
     team = omp_get_num_threads();
 #endif
-    int64_t n0, n1;
+    std::vector<float> x(B * D), scores(s.slot + 1), acc(E);
+    std::vector<T> normed(B * D);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < D; ++i) x[b * D + i] = to_float(embed[tokens[b] * D + i]);
+    int64_t n0, n1, i0, i1;
+    share(I, tid, team, i0, i1);  // this thread's MLP columns: gate rows i, up rows I + i
     for (size_t l = 0; l < layers.size(); ++l) {
       const DecodeLayer& layer = layers[l];
-#pragma omp single
-      {
-        for (int64_t b = 0; b < B; ++b) {
-          float* xb = x.data() + b * D;
-          if (l == 0) {
-            for (int64_t i = 0; i < D; ++i) xb[i] = to_float(embed[tokens[b] * D + i]);
-          } else {  // the previous layer's MLP residual
-            for (int64_t i = 0; i < D; ++i) xb[i] = round_to<T>(xb[i] + proj[b * D + i]);
-          }
-          rms_norm_row(xb, static_cast<const T*>(layer.input_norm), normed.data() + b * D, D, s.eps);
-        }
-      }
+      // the previous layer's MLP residual (proj = its down output), then this layer's norm
+      residual_and_norm(x.data(), l == 0 ? nullptr : proj.data(), static_cast<const T*>(layer.input_norm),
+                        normed.data(), B, D, s.eps);
       share(W, tid, team, n0, n1);
       gemv_rows(static_cast<const T*>(layer.qkv), static_cast<const T*>(layer.qkv_bias), normed.data(),
                 qkv.data(), B, W, D, n0, n1);
 #pragma omp barrier
-#pragma omp single
-      for (int64_t b = 0; b < B; ++b)
-        rotate_and_cache(s, qkv.data() + b * W, cos + b * half, sin + b * half,
-                         static_cast<T*>(layer.k_cache), static_cast<T*>(layer.v_cache), b);
-      attend<T>(s, qkv.data(), layer.k_cache, layer.v_cache, key_mask, tid, B * s.H, team,
-                scores.data() + tid * (s.slot + 1), acc.data() + tid * E, attended.data());
+      attend<T>(s, qkv.data(), cos, sin, layer.k_cache, layer.v_cache, key_mask, tid, team,
+                scores.data(), acc.data(), attended.data());
 #pragma omp barrier
       share(D, tid, team, n0, n1);
       gemv_rows(static_cast<const T*>(layer.o_proj), static_cast<const T*>(layer.o_bias), attended.data(),
                 proj.data(), B, D, Q, n0, n1);
 #pragma omp barrier
-#pragma omp single
-      for (int64_t b = 0; b < B; ++b) {
-        float* xb = x.data() + b * D;
-        for (int64_t i = 0; i < D; ++i) xb[i] = round_to<T>(xb[i] + proj[b * D + i]);
-        rms_norm_row(xb, static_cast<const T*>(layer.post_norm), normed.data() + b * D, D, s.eps);
-      }
-      share(2 * I, tid, team, n0, n1);
-      gemv_rows(static_cast<const T*>(layer.gate_up), static_cast<const T*>(layer.gate_up_bias),
-                normed.data(), gate_up.data(), B, 2 * I, D, n0, n1);
-#pragma omp barrier
-#pragma omp single
+      residual_and_norm(x.data(), proj.data(), static_cast<const T*>(layer.post_norm), normed.data(), B, D,
+                        s.eps);
+      const T* gu = static_cast<const T*>(layer.gate_up);
+      const T* gu_bias = static_cast<const T*>(layer.gate_up_bias);
+      gemv_rows(gu, gu_bias, normed.data(), gate_up.data(), B, 2 * I, D, i0, i1);
+      gemv_rows(gu, gu_bias, normed.data(), gate_up.data(), B, 2 * I, D, I + i0, I + i1);
       for (int64_t b = 0; b < B; ++b) {
         const float* g = gate_up.data() + b * 2 * I;
-        for (int64_t i = 0; i < I; ++i) act[b * I + i] = from_float<T>(round_to<T>(silu(g[i])) * g[I + i]);
+        for (int64_t i = i0; i < i1; ++i) act[b * I + i] = from_float<T>(round_to<T>(silu(g[i])) * g[I + i]);
       }
+#pragma omp barrier
       share(D, tid, team, n0, n1);
       gemv_rows(static_cast<const T*>(layer.down), static_cast<const T*>(layer.down_bias), act.data(),
                 proj.data(), B, D, I, n0, n1);
 #pragma omp barrier
     }
-#pragma omp single
-    for (int64_t b = 0; b < B; ++b) {
-      float* xb = x.data() + b * D;
-      for (int64_t i = 0; i < D; ++i) xb[i] = round_to<T>(xb[i] + proj[b * D + i]);
-      rms_norm_row(xb, final_norm, normed.data() + b * D, D, s.eps);
-    }
+    residual_and_norm(x.data(), proj.data(), final_norm, normed.data(), B, D, s.eps);
     share(s.V, tid, team, n0, n1);
     gemv_rows<T>(head, nullptr, normed.data(), logits, B, s.V, D, n0, n1);
   }
