@@ -23,7 +23,10 @@ echo "built in $(( $(date +%s) - start )) s"
 
 echo "== GPU tests"
 # Every test parametrised over backends runs its cuda variants here; -k keeps the CPU-only ones out.
-timeout 240 $py -m pytest -q -x tests -k "cuda or gpu" -p no:cacheprovider \
+# GPU-only tests named here explicitly (each also matches -k; pytest collects a file once):
+#   tests/generation/test_cuda_graphs.py: graph-replayed greedy SmolVLM generation == eager
+gpu_tests="tests/generation/test_cuda_graphs.py"
+timeout 240 $py -m pytest -q -x $gpu_tests tests -k "cuda or gpu" -p no:cacheprovider \
     --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log" | tail -25
 tests_status=${PIPESTATUS[0]}
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from vlmfast.generation import cuda_graphs as _cuda_graphs
 from vlmfast.generation.sampling import check_sampling, next_tokens, stop_token_tensor
 
 
@@ -68,7 +69,7 @@ def generate(model, input_ids, pixel_values=None, pixel_attention_mask=None, att
              max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int | None = None, eos_token_id=None, pad_token_id: int | None = None, streamer=None,
              generator: torch.Generator | None = None, cache=None, static_shapes: bool = False,
-             decode_step: Callable | None = None) -> torch.Tensor:
+             decode_step: Callable | None = None, cuda_graphs: bool = True) -> torch.Tensor:
     """Generates up to max_new_tokens tokens per row.
 
     Arguments:
@@ -88,6 +89,9 @@ def generate(model, input_ids, pixel_values=None, pixel_attention_mask=None, att
         cache: a StaticKVCache to reuse (reset here); it must hold L + max_new_tokens slots.
         static_shapes: decode with model.decode_step_static (graph-capturable shapes).
         decode_step: replaces model.decode_step (the CUDA-graph hook).
+        cuda_graphs: on CUDA (and with no decode_step), replay a CUDA graph of
+            model.decode_step_static per token (generation/cuda_graphs.py; eager if capture
+            fails). False: decode eagerly. Ignored on the CPU.
     Returns:
         int64 (B, L + T), the prompt followed by T <= max_new_tokens new tokens (fewer when
         every row stopped early).
@@ -112,6 +116,9 @@ def generate(model, input_ids, pixel_values=None, pixel_attention_mask=None, att
         pad_token_id = int(stops[0]) if stops is not None else 0
 
     B, L = input_ids.shape
+    graphed = _cuda_graphs.wanted(model, input_ids.device, enabled=cuda_graphs, decode_step=decode_step)
+    if cache is None and graphed:  # the last graphed cache of this shape: its graph replays as is
+        cache = _cuda_graphs.reusable_cache(model, B, L + max_new_tokens)
     if cache is None:
         cache = model.new_cache(B, L + max_new_tokens)
     else:
@@ -124,6 +131,8 @@ def generate(model, input_ids, pixel_values=None, pixel_attention_mask=None, att
         model._packed_once = True
         if model.dtype == torch.bfloat16:
             model.pack_weights()
+    if graphed:
+        decode_step = _cuda_graphs.decode_step_for(model, cache)
     step_fn = decode_step or (_static_step(model, input_ids.device) if static_shapes else model.decode_step)
     padded = not bool(mask.all())
 
