@@ -185,3 +185,20 @@ def test_bf16_autocast_head_runs_in_bf16_within_twice_transformers_error(tmp_pat
     loss.backward()
     head = ours.lm_head.weight.grad
     assert head.dtype == torch.float32 and torch.isfinite(head).all() and head.abs().sum() > 0
+
+
+def test_bf16_autocast_reaches_the_vision_tower(monkeypatch):
+    """vlmfast.ops.linear (the vision tower's projections) follows autocast like torch's linear:
+    the tower's attention sees bf16 q, k, v, and the gradients land in the float32 weights."""
+    from vlmfast.models import _ops as shared_ops
+
+    model = tiny_model(seed=13).train()
+    seen = []
+    attention = shared_ops.attention
+    monkeypatch.setattr(shared_ops, "attention", lambda q, k, v, **kw: seen.append(q.dtype) or attention(q, k, v, **kw))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.loss(*_batch(seed=14))
+    assert seen == [torch.bfloat16] * VISION_LAYERS
+    loss.backward()
+    fc1 = model.model.vision_model.encoder.layers[0].mlp.fc1.weight
+    assert fc1.dtype == torch.float32 and fc1.grad.dtype == torch.float32 and fc1.grad.abs().sum() > 0

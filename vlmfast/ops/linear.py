@@ -179,6 +179,12 @@ def linear(
     cached per weight tensor and refreshed when its version counter moves, which any in-place
     update through the tensor itself does; writes through `weight.data` bypass the counter.
     """
+    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        # The C++ kernel is float32 only and the custom op has no autocast rule: cast as autocast
+        # casts torch's linear, so that its low-precision GEMM runs (bf16 training on the CPU).
+        low = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(low), weight.to(low)
+        bias = bias.to(low) if isinstance(bias, torch.Tensor) else bias
     _validate(x, weight, bias, activation)
     n, k = weight.shape
     rows = x.reshape(-1, k)
