@@ -11,6 +11,12 @@ On CUDA, a few queries per kv head (L <= 16: decoding) against a longer KV cache
 split-KV ("flash-decoding") kernel: the keys are split over programs, then a small kernel
 combines the partial results by their log-sum-exp.
 
+On the CPU, an eager call with nothing to differentiate (a decode step) skips the layers: a few
+cheap checks, then the C++ launcher directly, with a bool mask read as given (no float bias),
+no lse (_lean_cpu_attention); its per-call cost is a few microseconds, below torch's SDPA.
+attention_varlen on the C++ backend hands each sequence's rows of the rotary tables to the
+dense kernel, which rotates q and k as it packs them (no separate pass).
+
 Rows with no key to attend (every key masked) give zeros and zero gradients, not NaN.
 """
 
