@@ -165,3 +165,15 @@ def test_forced_reference_backend_skips_the_lean_path(lean_calls, monkeypatch):
         out = ops.scaled_dot_product_attention(q, k, v)
     assert lean_calls == [] and _dispatch.calls[("attention", "reference")] == before + 1
     assert_close(out, _expected(q, k, v, None, torch.float64))
+
+
+def test_decode_call_compiles_fullgraph(lean_calls):
+    """Under torch.compile the lean path steps aside before touching data pointers: the call
+    traces through the custom op as one graph."""
+    q, k, v = _inputs(2, 4, 2, 1, 9, 32, torch.float32)
+    mask = _mask("key_padding", 2, 4, 1, 9)
+    compiled = torch.compile(lambda *a: ops.scaled_dot_product_attention(*a, enable_gqa=True), fullgraph=True)
+    with torch.no_grad():
+        got = compiled(q, k, v, mask)
+    assert lean_calls == []
+    assert_close(got, _expected(q, k, v, mask, torch.float64, enable_gqa=True))

@@ -463,6 +463,8 @@ def _lean_cpu_attention(query, key, value, attn_mask, is_causal, scale, enable_g
     one that the full path would accept and send to the "cpp" backend with the same result; the
     call is counted in _dispatch.calls as ("attention", "cpp") as the full path counts it.
     """
+    if torch.compiler.is_compiling():  # first: nothing below (data_ptr()) may be traced
+        return None
     if not (
         type(query) is torch.Tensor and type(key) is torch.Tensor and type(value) is torch.Tensor
         and query.is_cpu and key.is_cpu and value.is_cpu
@@ -511,7 +513,7 @@ def _lean_cpu_attention(query, key, value, attn_mask, is_causal, scale, enable_g
         pad = 4 - len(mask_shape)
         bias_strides = (0,) * pad + tuple(
             0 if size == 1 else stride for size, stride in zip(mask_shape, attn_mask.stride()))
-    if torch.compiler.is_compiling() or _lean_backend(dtype) != "cpp":
+    if _lean_backend(dtype) != "cpp":
         return None
     _dispatch.calls[("attention", "cpp")] += 1
     return _native().forward_inference(
