@@ -1,9 +1,9 @@
 // The float32 GEMM micro-kernels shared by the CPU kernels that run a GEMM over packed panels
 // (cpu/patch_embed.cpp, cpu/gemm.cpp), and the few helpers around them.
 //
-// Operands arrive packed: A in row panels of MR rows, k-major (a[k * MR + m]); B in column
-// panels of NR = 32 columns, k-major (b[k * NR + n]). One call computes an MR x 32 tile over K
-// reduction steps into a contiguous row-major tile (tile[m * NR + n]).
+// A arrives packed in row panels of MR rows, k-major (a[k * MR + m]); B as 32 columns per k,
+// ldb floats apart (a packed panel of NR = 32 columns: ldb = NR). One call computes an MR x 32
+// tile over K reduction steps into a contiguous row-major tile (tile[m * NR + n]).
 #pragma once
 
 #include <cstdint>
@@ -38,13 +38,16 @@ struct AlignedFloats {
   AlignedFloats& operator=(const AlignedFloats&) = delete;
 };
 
-// Portable micro-kernel: tile[m][n] = sum_k a[k][m] * b[k][n] over an MR x NR tile.
-template <int MR>
+// Portable micro-kernel: tile[m][n] (+)= sum_k a[k * MR + m] * b[k * ldb + n] over an MR x NR
+// tile (ACCUMULATE: adds to what the tile holds, else overwrites it).
+template <int MR, bool ACCUMULATE = false>
 __attribute__((always_inline)) inline void micro_kernel_portable(const float* a, const float* b,
-                                                                 int64_t K, float* tile) {
+                                                                 int64_t ldb, int64_t K,
+                                                                 float* tile) {
   float acc[MR][NR] = {};
+  if constexpr (ACCUMULATE) std::memcpy(acc, tile, sizeof acc);
   for (int64_t k = 0; k < K; ++k) {
-    const float* bk = b + k * NR;
+    const float* bk = b + k * ldb;
     for (int m = 0; m < MR; ++m) {
       const float am = a[k * MR + m];
       for (int n = 0; n < NR; ++n) acc[m][n] += am * bk[n];
@@ -54,20 +57,29 @@ __attribute__((always_inline)) inline void micro_kernel_portable(const float* a,
 }
 
 #if VLMFAST_HAVE_AVX512_PATH
-// AVX-512 micro-kernel: MR x 32 accumulators held in 2 * MR zmm registers; per k, two vector
-// loads of B and MR broadcasts of A feed 2 * MR FMAs. b and tile must be 64-byte aligned.
+// AVX-512 micro-kernel, same contract: MR x 32 accumulators held in 2 * MR zmm registers; per
+// k, two vector loads of B and MR broadcasts of A feed 2 * MR FMAs. B rows are ldb floats
+// apart: NR for a packed panel, the row stride when B is read in place (patch_embed's weight
+// gradient reads the output gradient's rows directly).
 // Not always_inline: generic templates call it, and GCC refuses to force an AVX-512 body into a
 // function without the target; once such a template is inlined into an AVX-512 function, this
 // call is inlined as usual.
-template <int MR>
-VLMFAST_AVX512 inline void micro_kernel_avx512(const float* a, const float* b, int64_t K,
-                                               float* tile) {
+template <int MR, bool ACCUMULATE = false>
+VLMFAST_AVX512 inline void micro_kernel_avx512(const float* a, const float* b, int64_t ldb,
+                                               int64_t K, float* tile) {
   __m512 lo[MR], hi[MR];
 #pragma GCC unroll 16
-  for (int m = 0; m < MR; ++m) lo[m] = hi[m] = _mm512_setzero_ps();
+  for (int m = 0; m < MR; ++m) {
+    if constexpr (ACCUMULATE) {
+      lo[m] = _mm512_loadu_ps(tile + m * NR);
+      hi[m] = _mm512_loadu_ps(tile + m * NR + 16);
+    } else {
+      lo[m] = hi[m] = _mm512_setzero_ps();
+    }
+  }
   for (int64_t k = 0; k < K; ++k) {
-    const __m512 b0 = _mm512_load_ps(b + k * NR);
-    const __m512 b1 = _mm512_load_ps(b + k * NR + 16);
+    const __m512 b0 = _mm512_loadu_ps(b + k * ldb);
+    const __m512 b1 = _mm512_loadu_ps(b + k * ldb + 16);
     const float* ak = a + k * MR;
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
@@ -78,8 +90,8 @@ VLMFAST_AVX512 inline void micro_kernel_avx512(const float* a, const float* b, i
   }
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m) {
-    _mm512_store_ps(tile + m * NR, lo[m]);
-    _mm512_store_ps(tile + m * NR + 16, hi[m]);
+    _mm512_storeu_ps(tile + m * NR, lo[m]);
+    _mm512_storeu_ps(tile + m * NR + 16, hi[m]);
   }
 }
 #endif

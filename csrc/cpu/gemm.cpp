@@ -209,11 +209,11 @@ __attribute__((always_inline)) inline void gemm_task(const Problem& p, int64_t m
       for (int64_t panel = 0; panel < panels; ++panel) {
 #if VLMFAST_HAVE_AVX512_PATH
         if constexpr (AVX512) {
-          gemm::micro_kernel_avx512<MR>(a_packed + panel * kb * MR, b, kb, tile);
+          gemm::micro_kernel_avx512<MR>(a_packed + panel * kb * MR, b, NR, kb, tile);
         } else
 #endif
         {
-          gemm::micro_kernel_portable<MR>(a_packed + panel * kb * MR, b, kb, tile);
+          gemm::micro_kernel_portable<MR>(a_packed + panel * kb * MR, b, NR, kb, tile);
         }
         finish_tile<MR>(p, tile, m0 + panel * MR, std::min<int64_t>(MR, count - panel * MR),
                         np * NR, k0 == 0, k0 + kb >= p.K);

@@ -152,11 +152,11 @@ __attribute__((always_inline)) inline void forward_block(const PatchImage& im, c
     for (int64_t panel = 0; panel < panels; ++panel) {
 #if VLMFAST_HAVE_AVX512_PATH
       if constexpr (AVX512) {
-        micro_kernel_avx512<MR>(a_packed + panel * g.K * MR, b, g.K, tile);
+        micro_kernel_avx512<MR>(a_packed + panel * g.K * MR, b, NR, g.K, tile);
       } else
 #endif
       {
-        micro_kernel_portable<MR>(a_packed + panel * g.K * MR, b, g.K, tile);
+        micro_kernel_portable<MR>(a_packed + panel * g.K * MR, b, NR, g.K, tile);
       }
       store_tile<O, MR>(tile, f.bias, out, D, r0 + panel * MR, count - panel * MR, dp * NR);
     }
@@ -280,52 +280,6 @@ inline void pack_grad_rows(const PatchImage& im, const Geometry& g, const GradAr
   }
 }
 
-// tile (MR x 32, row-major) += sum_r a[r][m] * b[r * ldb + n].
-template <int MR>
-__attribute__((always_inline)) inline void micro_kernel_acc_portable(const float* a, const float* b,
-                                                                     int64_t ldb, int64_t rows,
-                                                                     float* tile) {
-  float acc[MR][NR];
-  std::memcpy(acc, tile, sizeof acc);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* br = b + r * ldb;
-    for (int m = 0; m < MR; ++m) {
-      const float am = a[r * MR + m];
-      for (int n = 0; n < NR; ++n) acc[m][n] += am * br[n];
-    }
-  }
-  std::memcpy(tile, acc, sizeof acc);
-}
-
-#if VLMFAST_HAVE_AVX512_PATH
-template <int MR>
-VLMFAST_AVX512 inline void micro_kernel_acc_avx512(const float* a, const float* b, int64_t ldb,
-                                                   int64_t rows, float* tile) {
-  __m512 lo[MR], hi[MR];
-#pragma GCC unroll 16
-  for (int m = 0; m < MR; ++m) {
-    lo[m] = _mm512_loadu_ps(tile + m * NR);
-    hi[m] = _mm512_loadu_ps(tile + m * NR + 16);
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const __m512 b0 = _mm512_loadu_ps(b + r * ldb);
-    const __m512 b1 = _mm512_loadu_ps(b + r * ldb + 16);
-    const float* ar = a + r * MR;
-#pragma GCC unroll 16
-    for (int m = 0; m < MR; ++m) {
-      const __m512 am = _mm512_set1_ps(ar[m]);
-      lo[m] = _mm512_fmadd_ps(am, b0, lo[m]);
-      hi[m] = _mm512_fmadd_ps(am, b1, hi[m]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int m = 0; m < MR; ++m) {
-    _mm512_storeu_ps(tile + m * NR, lo[m]);
-    _mm512_storeu_ps(tile + m * NR + 16, hi[m]);
-  }
-}
-#endif
-
 // One task: columns [k0, k0 + kc) of dW for the d panels [dp0, dp1).
 template <typename T, int MR, bool AVX512>
 __attribute__((always_inline)) inline void weight_grad_task(const PatchImage& im, const Geometry& g,
@@ -343,11 +297,11 @@ __attribute__((always_inline)) inline void weight_grad_task(const PatchImage& im
         float* tile = acc + (dp * k_panels + kp) * MR * NR;
 #if VLMFAST_HAVE_AVX512_PATH
         if constexpr (AVX512) {
-          micro_kernel_acc_avx512<MR>(a_packed + kp * count * MR, b, args.ldg, count, tile);
+          micro_kernel_avx512<MR, true>(a_packed + kp * count * MR, b, args.ldg, count, tile);
         } else
 #endif
         {
-          micro_kernel_acc_portable<MR>(a_packed + kp * count * MR, b, args.ldg, count, tile);
+          micro_kernel_portable<MR, true>(a_packed + kp * count * MR, b, args.ldg, count, tile);
         }
       }
     }
