@@ -395,13 +395,14 @@ PYBIND11_MODULE(_C, m) {
       py::arg("N"), py::arg("K"), py::arg("activation"), py::arg("out"), py::arg("ldo"),
       py::arg("pre"), py::arg("ldp"), py::arg("threads"));
   m.def(
-      "activation_backward",
-      [](uintptr_t grad, uintptr_t pre, uintptr_t grad_pre, int64_t count, int activation,
-         int threads) {
+      "linear_epilogue_backward",
+      [](uintptr_t grad, uintptr_t pre, uintptr_t grad_pre, uintptr_t grad_bias, int64_t M,
+         int64_t N, int activation, int threads) {
         py::gil_scoped_release release;
-        vlmfast::cpu::activation_backward(ptr<const float>(grad), ptr<const float>(pre),
-                                          ptr<float>(grad_pre), count, activation, threads);
+        vlmfast::cpu::linear_epilogue_backward(ptr<const float>(grad), ptr<const float>(pre),
+                                               ptr<float>(grad_pre), ptr<float>(grad_bias), M, N,
+                                               activation, threads);
       },
-      py::arg("grad"), py::arg("pre"), py::arg("grad_pre"), py::arg("count"),
-      py::arg("activation"), py::arg("threads"));
+      py::arg("grad"), py::arg("pre"), py::arg("grad_pre"), py::arg("grad_bias"), py::arg("M"),
+      py::arg("N"), py::arg("activation"), py::arg("threads"));
 }

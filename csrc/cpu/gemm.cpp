@@ -262,20 +262,55 @@ void run_gemm(const Problem& p, int threads) {
   }
 }
 
-// ---------------------------------------------------------------------------- activation backward
+// ---------------------------------------------------------------------------- epilogue backward
 
-VLMFAST_MULTIVERSION void activation_backward_range(const float* grad, const float* pre,
-                                                    float* out, int64_t begin, int64_t end,
-                                                    Activation act) {
-  int64_t i = begin;
-  for (; i + 16 <= end; i += 16) vstore(out + i, vload(grad + i) * activation_slope(vload(pre + i), act));
-  if (i < end) {  // the tail through a padded vector
-    alignas(64) float g[16] = {}, z[16] = {};
-    std::copy(grad + i, grad + end, g);
-    std::copy(pre + i, pre + end, z);
-    vstore(g, vload(g) * activation_slope(vload(z), act));
-    std::copy(g, g + (end - i), out + i);
+// Columns [n0, n0 + cols) (cols <= 64: up to four 16-float strips, one 256-byte run per row) of
+// the epilogue's backward over all rows. A strip narrower than 16 (the last one) goes through a
+// zero-padded vector, whose padded lanes stay 0 (slope(0) * 0).
+constexpr int kStrips = 4;
+
+__attribute__((always_inline)) inline void epilogue_backward_columns(
+    const float* grad, const float* pre, float* grad_pre, float* grad_bias, int64_t M, int64_t N,
+    int64_t n0, int64_t cols, Activation act) {
+  v16f sums[kStrips] = {};
+  alignas(64) float g[16] = {}, z[16] = {};
+  const int strips = static_cast<int>((cols + 15) / 16);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int s = 0; s < strips; ++s) {
+      const int64_t at = m * N + n0 + s * 16, width = std::min<int64_t>(16, cols - s * 16);
+      v16f dz;
+      if (width == 16) {
+        dz = vload(grad + at);
+        if (act != Activation::None) {
+          dz = dz * activation_slope(vload(pre + at), act);
+          vstore(grad_pre + at, dz);
+        }
+      } else {
+        std::copy(grad + at, grad + at + width, g);
+        dz = vload(g);
+        if (act != Activation::None) {
+          std::copy(pre + at, pre + at + width, z);
+          dz = dz * activation_slope(vload(z), act);
+          vstore(g, dz);
+          std::copy(g, g + width, grad_pre + at);
+        }
+      }
+      sums[s] += dz;
+    }
   }
+  if (grad_bias) {
+    alignas(64) float out[kStrips * 16];
+    for (int s = 0; s < strips; ++s) vstore(out + s * 16, sums[s]);
+    std::copy(out, out + cols, grad_bias + n0);
+  }
+}
+
+// The threads split the columns, so each bias sum has one owner.
+VLMFAST_MULTIVERSION void epilogue_backward_task(const float* grad, const float* pre,
+                                                 float* grad_pre, float* grad_bias, int64_t M,
+                                                 int64_t N, int64_t n0, int64_t cols,
+                                                 Activation act) {
+  epilogue_backward_columns(grad, pre, grad_pre, grad_bias, M, N, n0, cols, act);
 }
 
 Activation activation_from_tag(int tag) {
@@ -318,15 +353,19 @@ void gemm_forward(Matrix a, const float* b_packed, const float* bias, int64_t M,
   run_gemm(p, threads);
 }
 
-void activation_backward(const float* grad, const float* pre, float* grad_pre, int64_t count,
-                         int activation, int threads) {
+void linear_epilogue_backward(const float* grad, const float* pre, float* grad_pre,
+                              float* grad_bias, int64_t M, int64_t N, int activation,
+                              int threads) {
   const Activation act = activation_from_tag(activation);
+  if (M <= 0 || N <= 0) return;
   threads = resolve_threads(threads);
-  constexpr int64_t kChunk = 1 << 14;
-  const int64_t chunks = (count + kChunk - 1) / kChunk;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t c = 0; c < chunks; ++c)
-    activation_backward_range(grad, pre, grad_pre, c * kChunk, std::min(count, (c + 1) * kChunk), act);
+  // Tasks of 64 columns: several per thread at the models' widths (768 columns: 12 tasks).
+  constexpr int64_t kCols = kStrips * 16;
+  const int64_t tasks = (N + kCols - 1) / kCols;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t t = 0; t < tasks; ++t)
+    epilogue_backward_task(grad, pre, grad_pre, grad_bias, M, N, t * kCols,
+                           std::min(kCols, N - t * kCols), act);
 }
 
 }  // namespace vlmfast::cpu

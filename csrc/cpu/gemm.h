@@ -34,8 +34,10 @@ void gemm_forward(Matrix a, const float* b_packed, const float* bias, int64_t M,
                   int64_t K, int activation, float* out, int64_t ldo, float* pre, int64_t ldp,
                   int threads);
 
-// grad_pre = grad * act'(pre), elementwise over `count` contiguous floats (may alias grad).
-void activation_backward(const float* grad, const float* pre, float* grad_pre, int64_t count,
-                         int activation, int threads);
+// The epilogue's backward over M x N row-major contiguous matrices: grad_pre = grad * act'(pre)
+// (skipped, and grad_pre/pre unused, when activation is None), and when grad_bias is not null
+// grad_bias[n] = sum_m grad_pre[m, n] (of grad itself without an activation), in one pass.
+void linear_epilogue_backward(const float* grad, const float* pre, float* grad_pre,
+                              float* grad_bias, int64_t M, int64_t N, int activation, int threads);
 
 }  // namespace vlmfast::cpu

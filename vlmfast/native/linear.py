@@ -74,12 +74,21 @@ def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return gemm(a, pack(b), b.shape[0])[0]
 
 
-def activation_backward(grad: torch.Tensor, pre: torch.Tensor, activation: str) -> torch.Tensor:
-    """grad * act'(pre), same shape; both float32."""
-    grad, pre = grad.contiguous(), pre.contiguous()
-    out = _alloc.empty_like(grad)
-    module_for(grad.device).activation_backward(
-        grad=grad.data_ptr(), pre=pre.data_ptr(), grad_pre=out.data_ptr(), count=grad.numel(),
+def epilogue_backward(grad: torch.Tensor, pre: torch.Tensor | None, activation: str | None,
+                      need_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """grad (M, N) -> (dz = grad * act'(pre) (grad itself without an activation), db = sum of dz
+    over rows (N,) or None), in one pass over grad."""
+    grad = grad.contiguous()
+    m, n = grad.shape
+    dz = _alloc.empty_like(grad) if activation is not None else grad
+    db = _alloc.empty(n, dtype=torch.float32, device=grad.device) if need_bias else None
+    if activation is None and db is None:
+        return dz, None
+    pre = pre.contiguous() if activation is not None else None
+    module_for(grad.device).linear_epilogue_backward(
+        grad=grad.data_ptr(), pre=pre.data_ptr() if pre is not None else 0,
+        grad_pre=dz.data_ptr() if activation is not None else 0,
+        grad_bias=db.data_ptr() if db is not None else 0, M=m, N=n,
         activation=ACTIVATION_TAGS[activation], **launch_args(grad.device),
     )
-    return out
+    return dz, db

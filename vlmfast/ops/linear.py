@@ -7,7 +7,7 @@ ops `vlmfast::linear_fwd` / `vlmfast::linear_bwd` (fake impls + autograd) -> bac
   cpp:   csrc/cpu/gemm.cpp, float32 on the CPU with at least SMALL_M rows: packed panels,
          12 x 32 AVX-512 micro-tiles, bias + activation in the GEMM's epilogue; the backward
          runs dx = dz W and dW = dz^T x through the same kernel (transposed strides) after
-         dz = dy * act'(z) in one vectorised pass (vlmfast/native/linear.py);
+         dz = dy * act'(z) and db = sum dz in one vectorised pass (vlmfast/native/linear.py);
   anything else (CUDA: cuBLAS through torch; bfloat16/float16 and float64 on the CPU; fewer than
   SMALL_M rows, where packing W costs more than it saves): torch.nn.functional.linear + the
   activation, the reference (ops/reference.py).
@@ -93,19 +93,18 @@ def linear_bwd(
     native = _runs_kernel(backend, x, weight)
     if native:
         from vlmfast.native import linear as native_linear
-    dz = grad
-    if act is not None:
-        if pre.numel() != grad.numel():
-            pre = torch.nn.functional.linear(x, weight, bias)
-        dz = native_linear.activation_backward(grad, pre, act) if native else _grad_pre(grad, pre, act)
+    if act is not None and pre.numel() != grad.numel():
+        pre = torch.nn.functional.linear(x, weight, bias)
     n, k = weight.shape
-    if native:
+    if native:  # dz and db in one pass, then two GEMMs through the same kernel
+        dz, db = native_linear.epilogue_backward(grad, pre, act, need_bias)
         dx = native_linear.gemm(dz, native_linear.pack(weight.t()), k)[0] if need_x else None
         dw = native_linear.gemm(dz.t(), native_linear.pack(x.t()), k)[0] if need_weight else None
     else:
+        dz = grad if act is None else _grad_pre(grad, pre, act)
         dx = dz @ weight if need_x else None
         dw = dz.t() @ x if need_weight else None
-    db = dz.sum(0) if need_bias else None
+        db = dz.sum(0) if need_bias else None
     # Outputs may not alias each other: one fresh empty tensor per missing gradient.
     return tuple(t if t is not None else x.new_empty(0) for t in (dx, dw, db))
 
