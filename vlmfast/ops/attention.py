@@ -500,19 +500,16 @@ def _lean_cpu_attention(query, key, value, attn_mask, is_causal, scale, enable_g
             return None
         if attn_mask.requires_grad and torch.is_grad_enabled():
             return None
-        mask_shape = attn_mask.shape
-        if not _broadcasts_to(mask_shape, q_shape[:2] + (length, keys)):
+        mask_dtype = attn_mask.dtype
+        if mask_dtype is not torch.bool and mask_dtype is not torch.float32:
+            return None  # other masks are converted (or refused) on the full path
+        bias_strides = _broadcast_strides(attn_mask.shape, attn_mask.stride(), batch, heads, length, keys)
+        if bias_strides is None:
             return None
-        if attn_mask.dtype is torch.bool:
+        if mask_dtype is torch.bool:
             mask_ptr = attn_mask.data_ptr()
-        elif attn_mask.dtype is torch.float32:
-            bias_ptr = attn_mask.data_ptr()
         else:
-            return None  # other float masks are converted on the full path
-        # Element strides over (B, H, L, S); 0 where the mask broadcasts.
-        pad = 4 - len(mask_shape)
-        bias_strides = (0,) * pad + tuple(
-            0 if size == 1 else stride for size, stride in zip(mask_shape, attn_mask.stride()))
+            bias_ptr = attn_mask.data_ptr()
     if _lean_backend(dtype) != "cpp":
         return None
     _dispatch.calls[("attention", "cpp")] += 1
@@ -520,6 +517,21 @@ def _lean_cpu_attention(query, key, value, attn_mask, is_causal, scale, enable_g
         query, key, value, (batch, heads, kv_heads, length, keys, head_dim),
         (q_strides[:3], k_strides[:3], v_strides[:3]), float(scale), bool(is_causal), bias_ptr,
         mask_ptr, bias_strides)
+
+
+def _broadcast_strides(shape, strides, batch: int, heads: int, length: int, keys: int):
+    """The element strides over (B, H, L, S) of a mask of `shape` broadcast to it (0 where it
+    broadcasts), or None when it does not broadcast. Unrolled for the usual 4-D mask."""
+    if len(shape) == 4:
+        mb, mh, ml, ms = shape
+        if not ((mb == 1 or mb == batch) and (mh == 1 or mh == heads) and (ml == 1 or ml == length)
+                and (ms == 1 or ms == keys)):
+            return None
+        sb, sh, sl, ss = strides
+        return (0 if mb == 1 else sb, 0 if mh == 1 else sh, 0 if ml == 1 else sl, 0 if ms == 1 else ss)
+    if not _broadcasts_to(shape, (batch, heads, length, keys)):
+        return None
+    return (0,) * (4 - len(shape)) + tuple(0 if size == 1 else stride for size, stride in zip(shape, strides))
 
 
 def _lean_backend(dtype: torch.dtype) -> str:
