@@ -149,6 +149,9 @@ def test_empty_rows_and_outputs():
     w = torch.randn(20, 24)
     assert linear(x, w).shape == (0, 20)
     assert linear(torch.randn(32, 24), torch.randn(0, 24)).shape == (32, 0)
+    bias = torch.randn(5)  # K = 0: act(bias) on every row
+    torch.testing.assert_close(linear(torch.randn(20, 0), torch.randn(5, 0), bias, activation="gelu"),
+                               torch.nn.functional.gelu(bias).expand(20, 5))
 
 
 def test_opcheck():

@@ -186,9 +186,9 @@ def linear(
         bias = bias.to(low) if isinstance(bias, torch.Tensor) else bias
     _validate(x, weight, bias, activation)
     n, k = weight.shape
-    rows = x.reshape(-1, k)
-    if x.dtype != torch.float32 or x.device.type != "cpu" or rows.shape[0] < SMALL_M:
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() < SMALL_M * max(k, 1) or k == 0:
         return reference.linear(x, weight, bias, activation)
+    rows = x.reshape(-1, k)
     tracked = (x, weight) if bias is None else (x, weight, bias)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
     cache = not (torch.is_grad_enabled() and weight.requires_grad)
