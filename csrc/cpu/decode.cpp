@@ -226,72 +226,86 @@ __attribute__((always_inline)) inline void rotate(float* x, const float* cos, co
   }
 }
 
-// One (row b, key/value head g) task: rotates g's query heads and key head in qkv_row (float,
-// values in T's precision), writes g's key and value into cache slot `slot`, then each query
-// head attends the cache slots [0, slot]: softmax(scale q.k_j, masked) @ v_j, rounded to T into
-// out_row (H E). A task owns its heads, so tasks need no synchronisation between them.
-// scores: slot + 1 floats of scratch; acc: E floats.
+// One (row b, query head h) task: rotates h's query in qkv_row (float, values in T's precision)
+// and attends the cache slots [0, slot] of its key/value head g: softmax(scale q.k_j, masked) @
+// v_j, rounded to T into out_row (H E). The new token's key (rotated into k_new, E floats of this
+// task's scratch) and value are used from registers, not read back from the cache, and only the
+// group's first head writes them to slot `slot`: tasks never wait for one another, and split
+// evenly between threads at any batch size. scores: slot + 1 floats of scratch; acc: E floats.
 template <typename T>
-__attribute__((always_inline)) inline void attend_group(const DecodeShape& s, float* qkv_row,
-                                                        const float* cos, const float* sin,
-                                                        T* k_cache, T* v_cache, const bool* key_mask,
-                                                        int64_t b, int64_t g, float* scores,
-                                                        float* acc, T* out_row) {
-  const int64_t E = s.E, S = s.slot + 1, group = s.H / s.Hkv;
-  float* k_new = qkv_row + (s.H + g) * E;
+__attribute__((always_inline)) inline void attend_head(const DecodeShape& s, float* qkv_row,
+                                                       const float* cos, const float* sin,
+                                                       T* k_cache, T* v_cache, const bool* key_mask,
+                                                       int64_t b, int64_t h, float* scores,
+                                                       float* acc, float* k_new, T* out_row) {
+  const int64_t E = s.E, group = s.H / s.Hkv, g = h / group;
+  const float* k_src = qkv_row + (s.H + g) * E;
   const float* v_new = qkv_row + (s.H + s.Hkv + g) * E;
+  for (int64_t e = 0; e < E; ++e) k_new[e] = k_src[e];
   rotate<T>(k_new, cos, sin, E);
   T* keys = k_cache + (b * s.Hkv + g) * s.max_len * E;
   T* values = v_cache + (b * s.Hkv + g) * s.max_len * E;
-  for (int64_t e = 0; e < E; ++e) {
-    keys[s.slot * E + e] = from_float<T>(k_new[e]);
-    values[s.slot * E + e] = from_float<T>(v_new[e]);
+  if (h % group == 0) {
+    for (int64_t e = 0; e < E; ++e) {
+      keys[s.slot * E + e] = from_float<T>(k_new[e]);
+      values[s.slot * E + e] = from_float<T>(v_new[e]);
+    }
   }
   const bool* mask = key_mask ? key_mask + b * s.max_len : nullptr;
   const float minus_inf = -std::numeric_limits<float>::infinity();
-  for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-    float* q = qkv_row + h * E;
-    rotate<T>(q, cos, sin, E);
-    float top = minus_inf;
-    for (int64_t j = 0; j < S; ++j) {
-      if (mask && !mask[j]) {
-        scores[j] = minus_inf;
-        continue;
-      }
-      const T* k = keys + j * E;
-      float lanes[16] = {};
-      for (int64_t e = 0; e < E; ++e) lanes[e % 16] += q[e] * to_float(k[e]);
-      float dot = 0.0f;
-      for (float lane : lanes) dot += lane;
-      scores[j] = dot * s.scale;
-      top = std::max(top, scores[j]);
+  float* q = qkv_row + h * E;
+  rotate<T>(q, cos, sin, E);
+  // scores of the cached slots [0, slot), then of the new token (always real)
+  float top = minus_inf;
+  for (int64_t j = 0; j < s.slot; ++j) {
+    if (mask && !mask[j]) {
+      scores[j] = minus_inf;
+      continue;
     }
-    float total = 0.0f;
-    for (int64_t e = 0; e < E; ++e) acc[e] = 0.0f;
-    for (int64_t j = 0; j < S; ++j) {
-      if (scores[j] == minus_inf) continue;
-      const float p = std::exp(scores[j] - top);
-      total += p;
-      const T* v = values + j * E;
-      for (int64_t e = 0; e < E; ++e) acc[e] += p * to_float(v[e]);
-    }
-    const float inv = 1.0f / total;  // slot `slot` is always real: total >= 1
-    for (int64_t e = 0; e < E; ++e) out_row[h * E + e] = from_float<T>(acc[e] * inv);
+    const T* k = keys + j * E;
+    float lanes[16] = {};
+    for (int64_t e = 0; e < E; ++e) lanes[e % 16] += q[e] * to_float(k[e]);
+    float dot = 0.0f;
+    for (float lane : lanes) dot += lane;
+    scores[j] = dot * s.scale;
+    top = std::max(top, scores[j]);
   }
+  {
+    float lanes[16] = {};
+    for (int64_t e = 0; e < E; ++e) lanes[e % 16] += q[e] * k_new[e];
+    float dot = 0.0f;
+    for (float lane : lanes) dot += lane;
+    scores[s.slot] = dot * s.scale;
+    top = std::max(top, scores[s.slot]);
+  }
+  float total = 0.0f;
+  for (int64_t e = 0; e < E; ++e) acc[e] = 0.0f;
+  for (int64_t j = 0; j < s.slot; ++j) {
+    if (scores[j] == minus_inf) continue;
+    const float p = std::exp(scores[j] - top);
+    total += p;
+    const T* v = values + j * E;
+    for (int64_t e = 0; e < E; ++e) acc[e] += p * to_float(v[e]);
+  }
+  const float p = std::exp(scores[s.slot] - top);
+  total += p;
+  for (int64_t e = 0; e < E; ++e) acc[e] += p * v_new[e];
+  const float inv = 1.0f / total;  // total >= 1: the new token's term is exp(0) at the max
+  for (int64_t e = 0; e < E; ++e) out_row[h * E + e] = from_float<T>(acc[e] * inv);
 }
 
-// Tasks (b, g) = begin, begin + step, ... < B * Hkv, compiled for the widest vectors the CPU has.
+// Tasks (b, h) = begin, begin + step, ... < B * H, compiled for the widest vectors the CPU has.
 #define VLMFAST_DEFINE_ATTEND(T, SUFFIX)                                                          \
   VLMFAST_MULTIVERSION void attend_##SUFFIX(const DecodeShape& s, float* qkv, const float* cos,  \
                                             const float* sin, void* k_cache, void* v_cache,      \
                                             const bool* key_mask, int64_t begin, int64_t step,   \
-                                            float* scores, float* acc, void* out) {              \
+                                            float* scores, float* acc, float* k_new, void* out) { \
     const int64_t width = (s.H + 2 * s.Hkv) * s.E, half = s.E / 2;                                \
-    for (int64_t task = begin; task < s.B * s.Hkv; task += step) {                                \
-      const int64_t b = task / s.Hkv, g = task % s.Hkv;                                           \
-      attend_group<T>(s, qkv + b * width, cos + b * half, sin + b * half,                         \
-                      static_cast<T*>(k_cache), static_cast<T*>(v_cache), key_mask, b, g, scores, \
-                      acc, static_cast<T*>(out) + b * s.H * s.E);                                 \
+    for (int64_t task = begin; task < s.B * s.H; task += step) {                                  \
+      const int64_t b = task / s.H, h = task % s.H;                                               \
+      attend_head<T>(s, qkv + b * width, cos + b * half, sin + b * half,                          \
+                     static_cast<T*>(k_cache), static_cast<T*>(v_cache), key_mask, b, h, scores,  \
+                     acc, k_new, static_cast<T*>(out) + b * s.H * s.E);                           \
     }                                                                                             \
   }
 VLMFAST_DEFINE_ATTEND(float, f32)
@@ -300,11 +314,12 @@ VLMFAST_DEFINE_ATTEND(BFloat16, bf16)
 
 template <typename T>
 void attend(const DecodeShape& s, float* qkv, const float* cos, const float* sin, void* k, void* v,
-            const bool* mask, int64_t begin, int64_t step, float* scores, float* acc, T* out) {
+            const bool* mask, int64_t begin, int64_t step, float* scores, float* acc, float* k_new,
+            T* out) {
   if constexpr (std::is_same_v<T, BFloat16>) {
-    attend_bf16(s, qkv, cos, sin, k, v, mask, begin, step, scores, acc, out);
+    attend_bf16(s, qkv, cos, sin, k, v, mask, begin, step, scores, acc, k_new, out);
   } else {
-    attend_f32(s, qkv, cos, sin, k, v, mask, begin, step, scores, acc, out);
+    attend_f32(s, qkv, cos, sin, k, v, mask, begin, step, scores, acc, k_new, out);
   }
 }
 
@@ -348,7 +363,7 @@ void step(const DecodeShape& s, const int64_t* tokens, const T* embed,
     tid = omp_get_thread_num();
     team = omp_get_num_threads();
 #endif
-    std::vector<float> x(B * D), scores(s.slot + 1), acc(E);
+    std::vector<float> x(B * D), scores(s.slot + 1), acc(E), k_new(E);
     std::vector<T> normed(B * D);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t i = 0; i < D; ++i) x[b * D + i] = to_float(embed[tokens[b] * D + i]);
@@ -364,7 +379,7 @@ void step(const DecodeShape& s, const int64_t* tokens, const T* embed,
                 qkv.data(), B, W, D, n0, n1);
 #pragma omp barrier
       attend<T>(s, qkv.data(), cos, sin, layer.k_cache, layer.v_cache, key_mask, tid, team,
-                scores.data(), acc.data(), attended.data());
+                scores.data(), acc.data(), k_new.data(), attended.data());
 #pragma omp barrier
       share(D, tid, team, n0, n1);
       gemv_rows(static_cast<const T*>(layer.o_proj), static_cast<const T*>(layer.o_bias), attended.data(),
