@@ -65,7 +65,35 @@ VLMFAST_BF16_TARGET void gemv_bf16_avx512(
     const uint16_t* w1 = w0 + K;
     const uint16_t* w2 = w1 + K;
     const uint16_t* w3 = w2 + K;
-    for (int64_t b = 0; b < B; ++b) {
+    int64_t b = 0;
+    for (; b + 2 <= B; b += 2) {  // two rows of x per load of the weights: half the L1 traffic
+      const uint16_t* xa = x + b * K;
+      const uint16_t* xb = xa + K;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+      for (int64_t k = 0; k < end; k += 32) {
+        const __m512bh xv = load(xa, k), yv = load(xb, k);
+        const __m512bh v0 = load(w0, k), v1 = load(w1, k), v2 = load(w2, k), v3 = load(w3, k);
+        a0 = _mm512_dpbf16_ps(a0, v0, xv);
+        a1 = _mm512_dpbf16_ps(a1, v1, xv);
+        a2 = _mm512_dpbf16_ps(a2, v2, xv);
+        a3 = _mm512_dpbf16_ps(a3, v3, xv);
+        c0 = _mm512_dpbf16_ps(c0, v0, yv);
+        c1 = _mm512_dpbf16_ps(c1, v1, yv);
+        c2 = _mm512_dpbf16_ps(c2, v2, yv);
+        c3 = _mm512_dpbf16_ps(c3, v3, yv);
+      }
+      float* o = out + b * N + n;
+      o[0] = hsum512(a0);
+      o[1] = hsum512(a1);
+      o[2] = hsum512(a2);
+      o[3] = hsum512(a3);
+      o += N;
+      o[0] = hsum512(c0);
+      o[1] = hsum512(c1);
+      o[2] = hsum512(c2);
+      o[3] = hsum512(c3);
+    }
+    for (; b < B; ++b) {
       const uint16_t* xb = x + b * K;
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t k = 0; k < end; k += 32) {
