@@ -123,7 +123,7 @@ def prompts(B, L, vocab, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim,heads,kv_heads,bias,tied,B", [
-    (40, 3, 1, False, False, 1), (72, 4, 2, True, False, 3), (80, 2, 2, False, True, 2),
+    (40, 3, 1, False, False, 1), (72, 4, 2, True, False, 2), (80, 2, 2, False, True, 2),
 ])
 def test_decode_steps_match_float64(dtype, head_dim, heads, kv_heads, bias, tied, B):
     needs(dtype)
@@ -145,7 +145,7 @@ def test_decode_steps_match_float64(dtype, head_dim, heads, kv_heads, bias, tied
 def test_generate_equals_the_eager_path(dtype):
     needs(dtype)
     model = tiny_model(seed=3, dtype=dtype)
-    ids, mask, _ = prompts(3, 11, 199, seed=5)
+    ids, mask, _ = prompts(fast_decode.MAX_ROWS, 11, 199, seed=5)
     calls = []
     step = native.step
 
@@ -158,7 +158,7 @@ def test_generate_equals_the_eager_path(dtype):
         fast = model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
     finally:
         native.step = step
-    assert calls == [3] * 5  # every decode step ran natively
+    assert calls == [fast_decode.MAX_ROWS] * 5  # every decode step ran natively
     model.fast_decode = False
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[]), fast)
 
@@ -198,3 +198,31 @@ def test_falls_back_to_the_eager_path(monkeypatch):
         assert fast_decode.will_run(model, tokens, cache)
     with torch.enable_grad():
         assert not fast_decode.will_run(model, tokens, cache)
+
+
+def test_greedy_generate_equals_transformers(tmp_path):
+    """float32, rows with images of different sizes (split and unsplit) and left padding, a
+    batch the native step takes and batch 1: token for token transformers' greedy generate."""
+    needs(torch.float32)
+    transformers = pytest.importorskip("transformers")
+    from tests.models.smolvlm_helpers import PAD, build_batch, hf_config_dict
+
+    torch.manual_seed(0)
+    hf = transformers.SmolVLMForConditionalGeneration(transformers.SmolVLMConfig(**hf_config_dict())).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path)
+    ours = SmolVLM.from_pretrained(tmp_path)
+    rows = [(5, 3, 4, None), (1, 6, 2, (20, 28))][: fast_decode.MAX_ROWS]
+    for batch in (rows, rows[:1]):
+        ids, mask, pixels, pixel_mask = build_batch(batch, seed=len(batch))
+        with torch.inference_mode():
+            assert fast_decode.will_run(ours, ids[:, -1], ours.new_cache(len(batch), ids.shape[1] + 8))
+        actual = ours.generate(ids, pixels, pixel_mask, mask, max_new_tokens=8, eos_token_id=[], pad_token_id=PAD)
+        with torch.no_grad():
+            expected = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                                   pixel_attention_mask=pixel_mask, do_sample=False, max_new_tokens=8,
+                                   min_new_tokens=8, pad_token_id=PAD)
+        assert torch.equal(actual, expected), (actual[:, ids.shape[1]:], expected[:, ids.shape[1]:])

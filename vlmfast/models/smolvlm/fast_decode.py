@@ -17,8 +17,8 @@ from vlmfast.native import decode as _native
 from vlmfast.ops import _dispatch
 
 # Above a few rows a step is no longer pure weight streaming: the eager path's oneDNN GEMMs
-# catch up (measured on the 2-core EPYC: even at 4 rows, ahead at 8).
-MAX_ROWS = 4
+# catch up (measured on the 2-core EPYC, busy: about even at 2 rows, ahead at 4).
+MAX_ROWS = 2
 _ATTR = "_vlmfast_fast_decode"
 
 
