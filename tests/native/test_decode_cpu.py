@@ -226,3 +226,17 @@ def test_greedy_generate_equals_transformers(tmp_path):
                                    pixel_attention_mask=pixel_mask, do_sample=False, max_new_tokens=8,
                                    min_new_tokens=8, pad_token_id=PAD)
         assert torch.equal(actual, expected), (actual[:, ids.shape[1]:], expected[:, ids.shape[1]:])
+
+
+def test_compiled_decode_step_traces_the_eager_path():
+    needs(torch.float32)
+    model = tiny_model()
+    ids, mask, tokens = prompts(2, 5, 199, seed=2)
+    expected = run_steps(model, ids, mask, tokens, steps=1)[0]
+    step = model.decode_step
+    model.decode_step = torch.compile(step, fullgraph=True, dynamic=False)
+    try:
+        actual = run_steps(model, ids, mask, tokens, steps=1)[0]
+    finally:
+        model.decode_step = step
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)

@@ -114,6 +114,8 @@ def applies(model, tokens: torch.Tensor, cache) -> bool:
     """Whether decode_step can run natively for these rows and this cache (see the module doc)."""
     if torch.is_grad_enabled() or tokens.device.type != "cpu" or tokens.shape[0] > MAX_ROWS:
         return False
+    if torch.compiler.is_compiling():  # addresses of traced tensors mean nothing: trace the eager step
+        return False
     if _dispatch.forced_backend() not in (None, "cpp"):
         return False
     if not _dtype_supported(model.dtype):
