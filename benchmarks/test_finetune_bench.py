@@ -1,10 +1,10 @@
 """pytest-benchmark: one SmolVLM fine-tuning step (forward + backward + AdamW) of vlmfast against
 transformers' SmolVLMForConditionalGeneration with labels, same random weights and batch
 (SmolVLM2-256M dimensions, batch 2 x (one 512 x 512 image = 64 tokens + 100 text tokens), labels
-on the last 30), CPU, float32 and bf16 autocast, with and without gradient checkpointing (vlmfast also with checkpointing + AdamW in the backward).
-Each
-group holds vlmfast and transformers for one (dtype, setting), measured in the same run; the
-step's peak memory (vlmfast/bench/finetune.py: a fresh subprocess per side) goes into extra_info:
+on the last 30), CPU, float32 and bf16 autocast, with and without gradient checkpointing
+(vlmfast also with checkpointing + AdamW in the backward). Each group holds vlmfast and
+transformers for one (dtype, setting), measured in the same run; the step's peak memory
+(vlmfast/bench/finetune.py: a fresh subprocess per side) goes into extra_info:
 
     pytest benchmarks/test_finetune_bench.py --benchmark-only --benchmark-enable
 

@@ -30,10 +30,13 @@ where the implementations differ). CPU: each side in its own fresh subprocess, p
 reset through /proc/self/clear_refs) with glibc told to return freed memory (mmap threshold
 64 KiB, malloc_trim) so that memory freed by an earlier step cannot hide growth; CUDA:
 torch.cuda.max_memory_allocated. quick: in this process (the numbers only show the path works).
+The CPU subprocesses run one after the other: on a busy machine their times are not comparable
+(measure on a quiet one; benchmarks/test_finetune_bench.py's rounds are closer in time).
 """
 
 import copy
 import ctypes
+import functools
 import gc
 import json
 import subprocess
@@ -159,7 +162,8 @@ def _glibc():
 
 def measure(side: str, spec_name: str, setting: str, dtype_name: str, device: str = "cpu",
             batch_size: int | None = None, repeats: int = 3, pair=None) -> dict:
-    """Builds one side (or copies it from `pair`, see build_side), runs a warm-up step, a memory-measured step, then `repeats` timed steps.
+    """Builds one side (or copies it from `pair`, see build_side), runs a warm-up step, a
+    memory-measured step, then `repeats` timed steps.
     Returns {"ms", "peak_mib", "activation_mib", "loss", "tokens", "attention"} (peaks None
     where they cannot be measured)."""
     device = torch.device(device)
@@ -202,7 +206,7 @@ def measure(side: str, spec_name: str, setting: str, dtype_name: str, device: st
         high = torch.cuda.max_memory_allocated(device) / MIB
         peak, activation = high - loaded, high - before
 
-    ms = time_ms(lambda: train_step(side, model, optimizer, batch, dtype), device, warmup=0, repeats=repeats)
+    ms = time_ms(functools.partial(train_step, side, model, optimizer, batch, dtype), device, warmup=0, repeats=repeats)
     attention = getattr(getattr(model, "config", None), "_attn_implementation", None) if side != "vlmfast" else None
     out = dict(ms=ms, peak_mib=peak, activation_mib=activation, loss=loss,
                tokens=int(batch["input_ids"].numel()), attention=attention)
@@ -248,12 +252,13 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
         if dtype != torch.float32:
             name += " autocast"
         name += f" vlmfast {ours_setting} vs {peer_setting}"
+        memory_ratio = ours["peak_mib"] / peer["peak_mib"] if ours["peak_mib"] and peer["peak_mib"] else None
         results.append(Result(
             "finetune", name, "vlmfast", ours["ms"], "transformers", peer["ms"], peak_mib=ours["peak_mib"],
-            extra={"tokens_per_s": ours["tokens"] * 1e3 / ours["ms"], "peer_tokens_per_s": peer["tokens"] * 1e3 / peer["ms"],
+            extra={"tokens_per_s": ours["tokens"] * 1e3 / ours["ms"],
+                   "peer_tokens_per_s": peer["tokens"] * 1e3 / peer["ms"],
                    "peer_peak_mib": peer["peak_mib"], "activation_mib": ours["activation_mib"],
-                   "peer_activation_mib": peer["activation_mib"],
-                   "memory_ratio": ours["peak_mib"] / peer["peak_mib"] if ours["peak_mib"] and peer["peak_mib"] else None,
+                   "peer_activation_mib": peer["activation_mib"], "memory_ratio": memory_ratio,
                    "loss": ours["loss"], "peer_loss": peer["loss"], "peer_attention": peer["attention"],
                    "setting": ours_setting, "peer_setting": peer_setting},
         ))
