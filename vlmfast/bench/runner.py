@@ -3,7 +3,6 @@
 
 import argparse
 import importlib
-import importlib.util
 import json
 import sys
 import time
@@ -17,8 +16,8 @@ from vlmfast.bench.timing import Result
 
 # Suite name -> module in vlmfast.bench with run(device, dtype, quick) -> list[Result].
 OP_SUITES = ["rotary", "attention", "losses", "patch_embed", "linear_cross_entropy", "linear"]
-# Model suites: end-to-end against transformers / open_clip; clip only once its module exists.
-MODEL_SUITES = [name for name in ("smolvlm", "clip", "finetune") if importlib.util.find_spec(f"vlmfast.bench.{name}")]
+# Model suites: end-to-end against transformers.
+MODEL_SUITES = ["smolvlm", "clip", "finetune"]
 SUITES = {name: f"vlmfast.bench.{name}" for name in OP_SUITES + MODEL_SUITES}
 GROUPS = {"ops": OP_SUITES, "models": MODEL_SUITES, "all": None}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
