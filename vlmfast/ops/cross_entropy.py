@@ -139,11 +139,17 @@ def _backward(ctx, grad_loss, _grad_lse, _gh, _gw, _gb):
     ignore_index, label_smoothing, reduction, with_grads, bias_dtype = ctx.options
     grad_hidden, grad_weight, grad_bias, hidden, weight, bias, labels = ctx.saved_tensors
     if with_grads:
-        # loss is a scalar here; its gradients scale linearly with the incoming one.
-        g = grad_loss.to(torch.float32)
-        grad_hidden = (grad_hidden.float() * g).to(grad_hidden.dtype)
-        grad_weight = (grad_weight.float() * g).to(grad_weight.dtype)
-        grad_bias = grad_bias * g.to(grad_bias.dtype)
+        # loss is a scalar here; its gradients scale linearly with the incoming one. The usual
+        # incoming gradient is exactly 1 (loss.backward()): the saved gradients are then handed
+        # on as they are, no (V, D) copy (the graph releases its hold on them after this node,
+        # so the weight's AccumulateGrad can adopt the buffer). The check reads one scalar, so
+        # it is made on plain eager tensors only (traced ones, fake or functional, scale).
+        traced = torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor
+        if traced or not bool(grad_loss == 1):
+            g = grad_loss.to(torch.float32)
+            grad_hidden = (grad_hidden.float() * g).to(grad_hidden.dtype)
+            grad_weight = (grad_weight.float() * g).to(grad_weight.dtype)
+            grad_bias = grad_bias * g.to(grad_bias.dtype)
     else:
         dtype = _loss_dtype(hidden)
         row_scale = _row_weights(labels, ignore_index, weight.shape[0], reduction, dtype)
