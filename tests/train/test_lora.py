@@ -63,12 +63,14 @@ def test_fresh_adapters_change_nothing():
         before = model(*batch)
         # 2 decoder layers (qkv, o_proj, gate_up, down_proj) + 2 vision layers (qkv, out_proj, fc1, fc2)
         assert apply_lora(model, rank=4) == 2 * 4 + 2 * 4
-        assert torch.equal(model(*batch), before)
+        # not bit-equal: an adapted fc1 applies its activation after the low-rank term, outside the
+        # GEMM's fused epilogue (a different but float32-exact-to-rounding gelu)
+        torch.testing.assert_close(model(*batch), before, rtol=1e-5, atol=1e-5)
     clip, (pixels, ids) = tiny_clip(), clip_inputs()
     with torch.no_grad():
         before = clip_outputs(clip, pixels, ids)
         apply_lora(clip)
-        assert torch.equal(clip_outputs(clip, pixels, ids), before)
+        torch.testing.assert_close(clip_outputs(clip, pixels, ids), before, rtol=1e-5, atol=1e-5)
 
 
 def peft_reference(x, weight, bias, slices, adapters, scaling):

@@ -8,6 +8,7 @@ with True = takes part; logit_scale already exp'd).
 import torch
 
 from vlmfast import ops as _vops
+from vlmfast.ops import reference as _reference
 
 
 def attention(q, k, v, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
@@ -31,8 +32,13 @@ FUSED_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_t
 
 def linear(x, layer: torch.nn.Linear, activation: str | None = None) -> torch.Tensor:
     """act(layer(x)): x (..., K) -> (..., N). activation: a value of FUSED_ACTIVATIONS or None.
-    float32 CPU inputs run vlmfast's GEMM (bias and activation fused); the rest is torch's."""
-    return _vops.linear(x, layer.weight, layer.bias, activation=activation)
+    float32 CPU inputs run vlmfast's GEMM (bias and activation fused); the rest is torch's.
+    A LoRA layer (vlmfast.train.lora) adds its low-rank term before the activation."""
+    add_adapters = getattr(layer, "add_adapters", None)
+    if add_adapters is None:
+        return _vops.linear(x, layer.weight, layer.bias, activation=activation)
+    z = add_adapters(x, _vops.linear(x, layer.weight, layer.bias))
+    return z if activation is None else _reference.LINEAR_ACTIVATIONS[activation](z)
 
 
 def clip_loss(image_features, text_features, logit_scale) -> torch.Tensor:
