@@ -48,6 +48,12 @@ class AdamWInBackward:
         self.optimizers[param].step()
         param.grad = None  # the gradient's memory is free before the backward goes on
 
+    @property
+    def param_groups(self) -> list[dict]:
+        """Every per-parameter optimizer's groups (one each), in the order of the parameters:
+        a trainer's schedule sets group["lr"] here as on torch.optim.AdamW."""
+        return [group for optimizer in self.optimizers.values() for group in optimizer.param_groups]
+
     def set_lr(self, lr: float) -> None:
         for optimizer in self.optimizers.values():
             for group in optimizer.param_groups:

@@ -65,6 +65,9 @@ class FinetuneConfig:
     # the adapters and AdamW's state stay float32
     base_dtype: str = "float32"
     gradient_checkpointing: bool = False
+    # AdamW inside the backward, each gradient dropped at once (TrainConfig.optimizer_in_backward):
+    # less memory; needs max_grad_norm None and grad_accum 1
+    optimizer_in_backward: bool = False
     checkpoint_every: int = 0  # steps; 0: only at the end
     max_length: int | None = None
     seed: int = 0
@@ -82,6 +85,12 @@ class FinetuneConfig:
         if self.freeze_vision and self.freeze_decoder and self.lora_rank == 0:
             raise ValueError("freeze_vision, freeze_decoder: both frozen without LoRA leaves only the connector and "
                              "embeddings to train; use lora_rank or freeze less")
+        if self.optimizer_in_backward and self.max_grad_norm is not None:
+            raise ValueError(f"max_grad_norm: expected None with optimizer_in_backward (clipping needs every gradient "
+                             f"before the first update), got {self.max_grad_norm}")
+        if self.optimizer_in_backward and self.grad_accum != 1:
+            raise ValueError(f"grad_accum: expected 1 with optimizer_in_backward (each backward updates the weights), "
+                             f"got {self.grad_accum}")
         if self.base_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"base_dtype: expected 'float32' or 'bfloat16', got {self.base_dtype!r}")
         if self.base_dtype == "bfloat16" and not (self.lora_rank and self.bf16):
@@ -304,6 +313,7 @@ def _finetune(model_dir: Path, data, out: Path, cfg: FinetuneConfig, log, parall
         steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8,
         warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio, grad_accum=cfg.grad_accum,
         max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16, gradient_checkpointing=cfg.gradient_checkpointing,
+        optimizer_in_backward=cfg.optimizer_in_backward,
         checkpoint_dir=str(out / "checkpoint"), checkpoint_every=cfg.checkpoint_every,
         log_path=str(out / "metrics.jsonl"),
     )

@@ -35,6 +35,9 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-dtype", default=defaults.base_dtype, choices=["float32", "bfloat16"],
                    help="dtype of the frozen base weights; bfloat16 halves their memory (needs --lora-rank and --bf16)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in the backward")
+    p.add_argument("--optimizer-in-backward", action="store_true",
+                   help="update each weight inside the backward and drop its gradient at once (less memory); "
+                        "no gradient clipping, needs --grad-accum 1 and one process")
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
                    help="steps between checkpoints (default 0: only at the end)")
     p.add_argument("--max-length", type=int, default=None,
@@ -50,7 +53,10 @@ def run_finetune(args) -> int:
     options = {name: getattr(args, name) for name in (
         "steps", "lr", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "lora_rank", "lora_alpha",
         "lora_dropout", "lora_targets", "freeze_vision", "freeze_decoder", "bf16", "base_dtype",
-        "gradient_checkpointing", "checkpoint_every", "max_length", "seed", "device", "threads")}
+        "gradient_checkpointing", "optimizer_in_backward", "checkpoint_every", "max_length", "seed", "device",
+        "threads")}
+    if args.optimizer_in_backward:  # the CLI's clipping (FinetuneConfig's default) needs every gradient first
+        options["max_grad_norm"] = None
     log = None if args.quiet else (lambda message: print(message, flush=True))
     report = finetune(args.model, args.data, args.out, log=log, **options)
     if args.quiet:

@@ -27,6 +27,7 @@ import torch
 from vlmfast import ops
 from vlmfast.models.layers import set_gradient_checkpointing
 from vlmfast.train import distributed
+from vlmfast.train.adamw_in_backward import AdamWInBackward
 
 CHECKPOINT_NAME = "trainer_state.pt"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps its temperature at 1/100
@@ -45,6 +46,10 @@ class TrainConfig:
     max_grad_norm: float | None = None
     bf16: bool = False  # torch.autocast(bfloat16) around the forward
     gradient_checkpointing: bool = False  # recompute encoder layers in the backward (less memory)
+    # AdamW applied to each parameter inside the backward, its gradient dropped at once
+    # (vlmfast.train.adamw_in_backward): the step never holds every gradient. The same update;
+    # no gradient clipping, no accumulation, no data parallel (they need every gradient first).
+    optimizer_in_backward: bool = False
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0  # steps; 0: only at the end
     log_path: str | None = None
@@ -56,6 +61,12 @@ class TrainConfig:
             raise ValueError(f"grad_accum: expected at least 1, got {self.grad_accum}")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"warmup_steps: expected 0 <= warmup_steps <= steps={self.steps}, got {self.warmup_steps}")
+        if self.optimizer_in_backward and self.max_grad_norm is not None:
+            raise ValueError(f"max_grad_norm: expected None with optimizer_in_backward (clipping needs every gradient "
+                             f"before the first update), got {self.max_grad_norm}")
+        if self.optimizer_in_backward and self.grad_accum != 1:
+            raise ValueError(f"grad_accum: expected 1 with optimizer_in_backward (each backward updates the weights), "
+                             f"got {self.grad_accum}")
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -136,10 +147,15 @@ class Trainer:
         distributed.broadcast_state(model, self.parallel)  # identical replicas before the first step
         if cfg.gradient_checkpointing:
             set_gradient_checkpointing(model, True)
-        fused = {"fused": True} if next(model.parameters()).is_cuda else {}
-        self.optimizer = torch.optim.AdamW(
-            _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **fused
-        )
+        if cfg.optimizer_in_backward and self.parallel.enabled:
+            raise ValueError("optimizer_in_backward: not with data parallel (the gradients are averaged over the "
+                             "ranks after the backward, when the weights would already be updated)")
+        # torch's fused AdamW on the CPU too (several times the for-each one's speed there)
+        first = next(model.parameters())
+        fused = {"fused": True} if first.device.type in ("cpu", "cuda") and first.is_floating_point() else {}
+        adamw = AdamWInBackward if cfg.optimizer_in_backward else torch.optim.AdamW
+        self.optimizer = adamw(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                               **fused)
         self.step = 0
         self.losses: list[float] = []
         if cfg.checkpoint_dir and (Path(cfg.checkpoint_dir) / CHECKPOINT_NAME).is_file():
@@ -229,8 +245,9 @@ class Trainer:
         grad_norm = None
         if cfg.max_grad_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if not self.cfg.optimizer_in_backward:  # else the backward has stepped and dropped the gradients
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         if hasattr(model, "logit_scale"):
             with torch.no_grad():
                 model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
