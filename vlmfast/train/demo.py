@@ -87,20 +87,10 @@ def evaluate(model, tokenizer, images: np.ndarray, captions, labels: np.ndarray,
 def run_demo(cfg: DemoConfig, log=print) -> dict | None:
     """Trains, evaluates, saves; returns the report (also written to out/report.json). Under
     torchrun (see the module's docstring) ranks other than 0 train only and return None."""
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    started_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    parallel = distributed.init_from_environment()
-    started_group = started_group and parallel.enabled
-    try:
+    with distributed.session(cfg.threads) as parallel:
         if not parallel.is_main:
             log = lambda message: None  # noqa: E731  (rank 0 reports)
         return _run_demo(cfg, log, parallel)
-    finally:
-        torch.set_num_threads(threads)
-        if started_group:
-            torch.distributed.destroy_process_group()
 
 
 def _run_demo(cfg: DemoConfig, log, parallel: distributed.DataParallel) -> dict | None:

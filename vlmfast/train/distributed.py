@@ -14,6 +14,7 @@ to the others once, so different seeds or initialisations cannot make them drift
 """
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,24 @@ def init_from_environment() -> DataParallel:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     return current()
+
+
+@contextmanager
+def session(threads: int | None = None):
+    """with session(threads) as parallel: a command's run under torchrun or alone. Sets torch's
+    thread count (None or 0: unchanged) and joins the torchrun process group; on exit restores the
+    thread count and destroys the group if this session created it."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    already = dist.is_available() and dist.is_initialized()
+    try:
+        parallel = init_from_environment()
+        yield parallel
+    finally:
+        torch.set_num_threads(previous)
+        if not already and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def shard(batch, context: DataParallel):

@@ -249,19 +249,9 @@ def finetune(model, data, out, *, log=print, **options) -> dict | None:
     its share of each step's batch (batch_size is the global micro-batch, a multiple of N) and the
     loss is the global batch's; rank 0 alone logs, checkpoints and saves, the others return None."""
     cfg = FinetuneConfig(**options)
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    started_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    parallel = distributed.init_from_environment()
-    started_group = started_group and parallel.enabled
-    try:
+    with distributed.session(cfg.threads) as parallel:
         return _finetune(Path(model), data, Path(out), cfg, (log or _silent) if parallel.is_main else _silent,
                          parallel)
-    finally:
-        torch.set_num_threads(threads)
-        if started_group:
-            torch.distributed.destroy_process_group()
 
 
 def _silent(message: str) -> None:
