@@ -68,3 +68,26 @@ class ImageProcessor:
     def _to_float(self, pixels: np.ndarray, out: np.ndarray) -> np.ndarray:
         """uint8 (H, W, 3) -> rescaled, normalised float32 written into out (3, H, W)."""
         return apply_table(pixels, self._table, out)
+
+    def _pad_frames(self, samples: list[list[np.ndarray]], output: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per row a list of uint8 (h, w, 3) frames (tiles or video frames) -> pixel_values float32
+        (rows, count, 3, H, W) normalised, or uint8 (rows, count, H, W, 3) when output is "uint8",
+        zero-padded to the largest frame and frame count; mask int64 (rows, count, H, W), 1 on the
+        real pixels."""
+        height = max(f.shape[0] for frames in samples for f in frames)
+        width = max(f.shape[1] for frames in samples for f in frames)
+        count = max(len(frames) for frames in samples)
+        mask = np.zeros((len(samples), count, height, width), dtype=np.int64)
+        if output == "uint8":
+            pixel_values = np.zeros((len(samples), count, height, width, 3), dtype=np.uint8)
+        else:
+            pixel_values = np.zeros((len(samples), count, 3, height, width), dtype=np.float32)
+        for row, frames in enumerate(samples):
+            for n, frame in enumerate(frames):
+                h, w = frame.shape[:2]
+                mask[row, n, :h, :w] = 1
+                if output == "uint8":
+                    pixel_values[row, n, :h, :w] = frame
+                else:
+                    self._to_float(frame, pixel_values[row, n, :, :h, :w])
+        return pixel_values, mask

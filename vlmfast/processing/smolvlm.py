@@ -134,9 +134,6 @@ class SmolVLMImageProcessor(ImageProcessor):
             cols.append(sample_cols)
 
         all_frames = [frame for frames in sample_frames for frame in frames]
-        height = max(frame.shape[0] for frame in all_frames)
-        width = max(frame.shape[1] for frame in all_frames)
-        count = max(len(frames) for frames in sample_frames)
         if not self.do_pad and (
             len({len(frames) for frames in sample_frames}) > 1 or len({f.shape for f in all_frames}) > 1
         ):
@@ -144,20 +141,7 @@ class SmolVLMImageProcessor(ImageProcessor):
                 "images: samples have different frame counts or sizes and do_pad is false; "
                 f"frame counts {[len(f) for f in sample_frames]}"
             )
-        batch = len(sample_frames)
-        mask = np.zeros((batch, count, height, width), dtype=np.int64)
-        if output == "uint8":
-            pixel_values = np.zeros((batch, count, height, width, 3), dtype=np.uint8)
-        else:
-            pixel_values = np.zeros((batch, count, 3, height, width), dtype=np.float32)
-        for b, frames in enumerate(sample_frames):
-            for n, frame in enumerate(frames):
-                h, w = frame.shape[:2]
-                mask[b, n, :h, :w] = 1
-                if output == "uint8":
-                    pixel_values[b, n, :h, :w] = frame
-                else:
-                    self._to_float(frame, pixel_values[b, n, :, :h, :w])
+        pixel_values, mask = self._pad_frames(sample_frames, output)
         return ImageBatch(
             torch.from_numpy(pixel_values),
             torch.from_numpy(mask) if self.do_pad else None,

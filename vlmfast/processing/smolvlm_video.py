@@ -160,25 +160,13 @@ class SmolVLMVideoProcessor(ImageProcessor):
         items = [frame for frames in clips for frame in frames]
         resized = iter(self._map(self._frame, items, max_workers))
         clips = [[next(resized) for _ in frames] for frames in clips]
-        height = max(f.shape[0] for frames in clips for f in frames)
-        width = max(f.shape[1] for frames in clips for f in frames)
-        count = max(len(frames) for frames in clips)
         if not self.do_pad and (len({len(c) for c in clips}) > 1 or len({f.shape for c in clips for f in c}) > 1):
             raise ValueError(f"videos: different frame counts {[len(c) for c in clips]} or sizes and do_pad is false")
-        V = len(clips)
-        mask = np.zeros((V, count, height, width), dtype=np.int64)
-        if output == "uint8":
-            pixel_values = np.zeros((V, count, height, width, 3), dtype=np.uint8)
-        else:
-            pixel_values = np.zeros((V, count, 3, height, width), dtype=np.float32)
-        for v, frames in enumerate(clips):
-            for t, frame in enumerate(frames):
-                h, w = frame.shape[:2]
-                mask[v, t, :h, :w] = 1
-                if output == "uint8":
-                    pixel_values[v, t, :h, :w] = frame
-                else:
-                    self._to_float(frame, pixel_values[v, t, :, :h, :w])
-            if output != "uint8":
+        pixel_values, mask = self._pad_frames(clips, output)
+        if output != "uint8":
+            for v, frames in enumerate(clips):
+                # as transformers: float output marks the padding frames' first h x w (the last real
+                # frame's size) as real pixels
+                h, w = frames[-1].shape[:2]
                 mask[v, len(frames):, :h, :w] = 1
         return VideoBatch(torch.from_numpy(pixel_values), torch.from_numpy(mask), metadata)
