@@ -44,7 +44,7 @@ import sys
 
 import torch
 
-from vlmfast.bench import smolvlm
+from vlmfast.bench import rss, smolvlm
 from vlmfast.bench.timing import Result, time_ms
 from vlmfast.train.adamw_in_backward import AdamWInBackward
 
@@ -126,16 +126,8 @@ def train_step(side: str, model, optimizer, batch: dict, dtype: torch.dtype) -> 
 
 # ----------------------------------------------------------------------------- CPU memory
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def _rss_mib() -> float:
-    return _status_kib("VmRSS") / 1024
+    return rss.status_mib("VmRSS")
 
 
 def _return_freed_memory(libc, mmap_threshold: int | None = None) -> None:
@@ -188,10 +180,9 @@ def measure(side: str, spec_name: str, setting: str, dtype_name: str, device: st
         _return_freed_memory(libc)
         before = _rss_mib()
         try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # VmHWM := VmRSS
+            rss.reset_peak()
             train_step(side, model, optimizer, batch, dtype)
-            high = _status_kib("VmHWM") / 1024
+            high = rss.status_mib("VmHWM")
             peak, activation = high - loaded, high - before
         except OSError:  # no /proc/self/clear_refs (not Linux, or not permitted)
             train_step(side, model, optimizer, batch, dtype)

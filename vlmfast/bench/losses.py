@@ -19,6 +19,7 @@ import time
 import torch
 
 from vlmfast import ops
+from vlmfast.bench import rss
 from vlmfast.bench.timing import Result
 from vlmfast.ops import reference
 
@@ -103,14 +104,6 @@ def _cuda_extra_mib(fn, device) -> float:
     return (torch.cuda.max_memory_allocated(device) - base) / MIB
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def step_peak_rss_mib(name: str, impl: str, B: int) -> float:
     """How far one CPU step raised this process's peak RSS above the RSS before it (MiB). The peak
     is VmHWM, reset to the current RSS just before the step (ru_maxrss would not do: Linux carries
@@ -119,11 +112,10 @@ def step_peak_rss_mib(name: str, impl: str, B: int) -> float:
     inputs = make_inputs(B, torch.device("cpu"), torch.float32)
     fn = fused(name) if impl == "vlmfast" else materialised(name)
     step(fn, name, *make_inputs(8, torch.device("cpu"), torch.float32))  # first-call allocations
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to VmRSS
+    before = rss.status_mib("VmRSS")
+    rss.reset_peak()
     step(fn, name, *inputs)
-    return (_status_kib("VmHWM") - before) / 1024
+    return rss.status_mib("VmHWM") - before
 
 
 def cpu_extra_mib(name: str, impl: str, B: int) -> float | None:
