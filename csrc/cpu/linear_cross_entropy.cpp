@@ -80,9 +80,14 @@ VLMFAST_INLINE void micro_kernel(const float* A, int64_t ars, int64_t aks, const
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // Everything the per-thread work functions read. Float32 operands, zero-padded:
-//   Wf (Vp, Dp) the weight; Hp the hidden rows packed as panels of H^T, panel q, depth k,
-//   column c at Hp[(q * D + k) * kNR + c] = hidden[q * kNR + c][k]; Hf (Np, Dp) the hidden rows;
-//   LT (Vp, R) the logits (then G) of the current block; dWf (Vp, Dp) the d W accumulator.
+//   the weight (Vp, Dp) and the d W accumulator (Vp, Dp), rows addressed through wrow / dwrow:
+//   rows below Vfull in Wf / dWf, the rest in the small Wtail / dWtail. A float32 weight whose
+//   rows are already Dp apart is read in place and its gradient accumulated straight into
+//   grad_weight (Vfull = V rounded down to kUnit; only the last partial unit is copied), which
+//   saves two (V, D) float32 buffers at the peak of a training step; otherwise Wf and dWf are
+//   full padded copies and Vfull = Vp. Hp the hidden rows packed as panels of H^T, panel q,
+//   depth k, column c at Hp[(q * D + k) * kNR + c] = hidden[q * kNR + c][k]; Hf (Np, Dp) the
+//   hidden rows; LT (Vp, R) the logits (then G) of the current block.
 // The bf16 path keeps bf16 bits instead, in layouts where the two depths of a pair are adjacent:
 //   Wb (Vp, Dp) the weight; Hp2 panel q, depth pair kp, column c, parity e at
 //   Hp2[((q * Dp/2 + kp) * kNR + c) * 2 + e] = hidden[q * kNR + c][2 kp + e]; Hr2 the hidden
@@ -93,11 +98,14 @@ struct Work {
   int64_t N, D, V, Dp, Vp, R;
   float eps;
   const float* bias;
+  int64_t Vfull;
   const float* Wf;
+  const float* Wtail;
   const float* Hp;
   const float* Hf;
   float* LT;
   float* dWf;
+  float* dWtail;
   const float* lse_blk;    // (R,) lse of the block's rows
   const float* scale_blk;  // (R,) the rows' gradient scales, 0 for ignored and padding rows
   const int32_t* label_blk;  // (R,) the rows' labels, -1 for ignored and padding rows
@@ -109,6 +117,14 @@ struct Work {
   uint16_t* Gb1 = nullptr;
   uint16_t* Gb2 = nullptr;
 };
+
+// Row v of the padded float32 weight and of the d W accumulator (see Work).
+VLMFAST_INLINE const float* wrow(const Work& w, int64_t v) {
+  return v < w.Vfull ? w.Wf + v * w.Dp : w.Wtail + (v - w.Vfull) * w.Dp;
+}
+VLMFAST_INLINE float* dwrow(const Work& w, int64_t v) {
+  return v < w.Vfull ? w.dWf + v * w.Dp : w.dWtail + (v - w.Vfull) * w.Dp;
+}
 
 // Bias and the online log-sum-exp of the kMR logit lines from vt (rows a multiple of 16).
 VLMFAST_INLINE void tile_stats(const Work& w, int64_t vt, int64_t rows, float* m, float* s, float* sz) {
@@ -172,7 +188,7 @@ VLMFAST_MULTIVERSION void logits_range(const Work& w, int64_t v0, int64_t v1, in
     // logits^T[v][r] = sum_k W[v][k] H[r][k]: one weight tile (kMR rows, in L1) against every
     // panel of the block (in L2), so the weight streams from memory once per block.
     for (int64_t q = 0; q < rows / kNR; ++q)
-      micro_kernel(w.Wf + vt * w.Dp, w.Dp, 1, w.Hp + (panel0 + q) * w.D * kNR, kNR, w.D,
+      micro_kernel(wrow(w, vt), w.Dp, 1, w.Hp + (panel0 + q) * w.D * kNR, kNR, w.D,
                    w.LT + vt * R + q * kNR, R, false);
     tile_stats(w, vt, rows, m, s, sz);
   }
@@ -188,7 +204,7 @@ VLMFAST_MULTIVERSION void grads_range(const Work& w, int64_t v0, int64_t v1, int
     // d W[v][d] += sum_r G[v][r] H[r][d]: the G tile (kMR lines) against the block's hidden rows.
     for (int64_t p = 0; p < w.Dp / kNR; ++p)
       micro_kernel(w.LT + vt * R, R, 1, w.Hf + r0 * w.Dp + p * kNR, w.Dp, rows,
-                   w.dWf + vt * w.Dp + p * kNR, w.Dp, true);
+                   dwrow(w, vt) + p * kNR, w.Dp, true);
   }
 }
 
@@ -197,10 +213,11 @@ VLMFAST_MULTIVERSION void grads_range(const Work& w, int64_t v0, int64_t v1, int
 // in L1 while every row tile passes over it.
 VLMFAST_MULTIVERSION void hidden_grad_panel(const Work& w, int64_t p, int64_t rows) {
   const int64_t R = w.R;
-  for (int64_t vc = 0; vc < w.Vp; vc += kKC) {
-    const int64_t depth = std::min(kKC, w.Vp - vc);
+  for (int64_t vc = 0, depth = 0; vc < w.Vp; vc += depth) {
+    depth = std::min(kKC, w.Vp - vc);
+    if (vc < w.Vfull) depth = std::min(depth, w.Vfull - vc);  // a sweep never straddles Wf and Wtail
     for (int64_t rt = 0; rt < rows; rt += kMR)
-      micro_kernel(w.LT + vc * R + rt, 1, R, w.Wf + vc * w.Dp + p * kNR, w.Dp, depth,
+      micro_kernel(w.LT + vc * R + rt, 1, R, wrow(w, vc) + p * kNR, w.Dp, depth,
                    w.dHb + rt * w.Dp + p * kNR, w.Dp, vc > 0);
   }
 }
@@ -326,7 +343,11 @@ void run(const LinearCrossEntropyShape& s, const T* hidden, const T* weight, con
   bool bf16_dots = false;
   if constexpr (std::is_same_v<T, BFloat16>) bf16_dots = cpu_has_bf16_dots();
   const int64_t fp32_ops = bf16_dots ? 0 : 1;
-  std::unique_ptr<float[]> Wf(new float[fp32_ops * Vp * Dp]);
+  // float32 weight rows Dp apart: read in place, d W accumulated into grad_weight (see Work)
+  const bool in_place = std::is_same_v<T, float> && D == Dp && s.weight_stride == D;
+  const int64_t Vfull = in_place ? V / kUnit * kUnit : Vp;
+  std::unique_ptr<float[]> Wf(new float[in_place ? 0 : fp32_ops * Vp * Dp]);
+  std::unique_ptr<float[]> Wtail(new float[(Vp - Vfull) * Dp]);
   std::unique_ptr<float[]> LT(new float[Vp * R]);
   std::vector<float> Hp(fp32_ops * Np * D, 0.0f);
   std::vector<float> Hf(grads ? fp32_ops * Np * Dp : 0, 0.0f);
@@ -337,13 +358,22 @@ void run(const LinearCrossEntropyShape& s, const T* hidden, const T* weight, con
   std::vector<uint16_t> Hr2(grads ? bf16_ops * Np * Dp : 0, 0);
   std::unique_ptr<uint16_t[]> Gb1(new uint16_t[(grads ? bf16_ops : 0) * Vp * R]);
   std::unique_ptr<uint16_t[]> Gb2(new uint16_t[(grads ? bf16_ops : 0) * Vp * R]);
-  std::unique_ptr<float[]> dWf(grads ? new float[Vp * Dp] : nullptr);
+  std::unique_ptr<float[]> dWf(grads && !in_place ? new float[Vp * Dp] : nullptr);
+  std::unique_ptr<float[]> dWtail(grads ? new float[(Vp - Vfull) * Dp] : nullptr);
+  const float* Wmain = Wf.get();
+  float* dWmain = dWf.get();
+  if constexpr (std::is_same_v<T, float>) {
+    if (in_place) {
+      Wmain = weight;
+      dWmain = grad_weight;
+    }
+  }
   std::vector<float> dHb(grads ? R * Dp : 0);
   std::vector<float> run_max(nthreads * R), run_sum(nthreads * R), run_total(nthreads * R);
   std::vector<float> target_logit(R), lse_blk(R), scale_blk(R);
   std::vector<int32_t> label_blk(R);
-  const Work w{N, D, V, Dp, Vp, R, o.label_smoothing, bias, Wf.get(), Hp.data(), Hf.data(),
-               LT.get(), dWf.get(), lse_blk.data(), scale_blk.data(), label_blk.data(),
+  const Work w{N, D, V, Dp, Vp, R, o.label_smoothing, bias, Vfull, Wmain, Wtail.get(), Hp.data(),
+               Hf.data(), LT.get(), dWmain, dWtail.get(), lse_blk.data(), scale_blk.data(), label_blk.data(),
                dHb.data(), Wb.get(), Wv2.get(), Hp2.data(), Hr2.data(), Gb1.get(), Gb2.get()};
   auto valid_label = [&](int64_t y) { return y != o.ignore_index && y >= 0 && y < V; };
   const float eps = o.label_smoothing;
@@ -385,8 +415,8 @@ void run(const LinearCrossEntropyShape& s, const T* hidden, const T* weight, con
       }
     } else {
 #pragma omp for schedule(static) nowait
-      for (int64_t v = 0; v < Vp; ++v) {
-        float* dst = Wf.get() + v * Dp;
+      for (int64_t v = in_place ? Vfull : 0; v < Vp; ++v) {
+        float* dst = const_cast<float*>(wrow(w, v));
         const T* src = weight + v * s.weight_stride;
         for (int64_t k = 0; k < Dp; ++k) dst[k] = (v < V && k < D) ? to_float(src[k]) : 0.0f;
       }
@@ -404,7 +434,7 @@ void run(const LinearCrossEntropyShape& s, const T* hidden, const T* weight, con
     }
     if (grads) {
       for (int64_t v = v0; v < v1; ++v) {
-        std::fill(dWf.get() + v * Dp, dWf.get() + (v + 1) * Dp, 0.0f);
+        std::fill(dwrow(w, v), dwrow(w, v) + Dp, 0.0f);
         if (grad_bias != nullptr && v < V) grad_bias[v] = 0.0f;
       }
     }
@@ -470,8 +500,8 @@ void run(const LinearCrossEntropyShape& s, const T* hidden, const T* weight, con
     }
     if (grads) {
 #pragma omp for schedule(static)
-      for (int64_t v = 0; v < V; ++v)
-        for (int64_t k = 0; k < D; ++k) grad_weight[v * D + k] = from_float<T>(dWf[v * Dp + k]);
+      for (int64_t v = in_place ? Vfull : 0; v < V; ++v)
+        for (int64_t k = 0; k < D; ++k) grad_weight[v * D + k] = from_float<T>(dwrow(w, v)[k]);
     }
   }
 }

@@ -180,6 +180,29 @@ def test_cpp_several_row_blocks_and_threads(dtype):
         assert_close(grad, grad64, lowg, factor=3.0)
 
 
+@pytest.mark.parametrize("d, v, sliced", [(64, 2000, False), (32, 960, False), (64, 1000, True)])
+def test_cpp_float32_weight_read_in_place(d, v, sliced):
+    """A float32 weight whose rows are a multiple of 32 apart is read in place and its gradient
+    accumulated straight into grad_weight; only the last partial 96-row unit of the vocabulary is
+    copied (V = 2000: a 80-row tail; 960: none). A sliced weight (row stride != D) takes the copy."""
+    from vlmfast.native import linear_cross_entropy as native_lce
+
+    hidden, weight, labels, bias = _inputs(300, d, v, bias=True, ignored=(7, 150))
+    if sliced:
+        weight = torch.cat([weight, torch.randn(v, 32)], dim=1)[:, :d]
+    scale = torch.rand(300) + 0.5
+    weight_before = weight.clone()
+    loss_rows, lse, gh, gw, gb = native_lce.forward(hidden, weight, bias, labels, -100, 0.05, scale, block_rows=96)
+    as64 = [t.double() for t in (hidden, weight, bias)]
+    rows64, lse64 = reference.lce_rows(*as64[:2], as64[2], labels, -100, 0.05)
+    grads64 = reference.lce_grads(*as64[:2], as64[2], labels, scale.double(), -100, 0.05)
+    assert torch.equal(weight, weight_before)
+    assert_close(loss_rows, rows64.float())
+    assert_close(lse, lse64.float())
+    for grad, grad64 in zip((gh, gw, gb), grads64):
+        assert_close(grad, grad64, factor=3.0)
+
+
 def test_triton_several_vocabulary_chunks():
     from vlmfast.kernels import linear_cross_entropy as triton_lce
 

@@ -368,6 +368,12 @@ class SmolVLM(nn.Module):
             )
         hidden = self.hidden_states(input_ids, pixel_values, pixel_attention_mask, attention_mask)
         targets = F.pad(labels, (0, 1), value=-100)[:, 1:].to(device=hidden.device, dtype=torch.long)
+        if not torch.compiler.is_compiling():
+            # only the labelled positions reach the head: the prompt and image tokens of a chat
+            # batch are most of it, and their (V,)-wide logits would be computed for nothing
+            keep = targets != -100
+            if bool(keep.any()) and not bool(keep.all()):
+                hidden, targets = hidden[keep], targets[keep]
         weight = self.head_weight
         if torch.is_autocast_enabled(hidden.device.type):
             # autocast runs transformers' lm_head GEMM in its low precision (the loss in float32):
