@@ -203,6 +203,23 @@ def test_cpp_float32_weight_read_in_place(d, v, sliced):
         assert_close(grad, grad64, factor=3.0)
 
 
+def test_gradients_recomputed_in_the_backward_are_the_same(backend):
+    """grads_in_forward=False: the backward recomputes the logits instead of scaling gradients the
+    forward formed; same loss and gradients (against float64), for "mean" and "sum"."""
+    hidden, weight, labels, bias = _inputs(131, 72, 1000, bias=True, ignored=(3, 5))
+    for reduction in ("mean", "sum"):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        loss = ops.linear_cross_entropy(leaves[0], leaves[1], labels, bias=leaves[2], reduction=reduction,
+                                        grads_in_forward=False)
+        (loss * 1.5).backward()
+        as64 = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+        loss64 = ops.linear_cross_entropy(as64[0], as64[1], labels, bias=as64[2], reduction=reduction)
+        (loss64 * 1.5).backward()
+        assert_close(loss, loss64.float())
+        for leaf, leaf64 in zip(leaves, as64):
+            assert_close(leaf.grad, leaf64.grad, factor=3.0)
+
+
 def test_triton_several_vocabulary_chunks():
     from vlmfast.kernels import linear_cross_entropy as triton_lce
 

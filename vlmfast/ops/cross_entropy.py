@@ -222,6 +222,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     softcap: float | None = None,
+    grads_in_forward: bool = True,
 ) -> torch.Tensor:
     """Cross-entropy of a linear layer's logits, without the (N, V) logits in memory.
 
@@ -243,6 +244,10 @@ def linear_cross_entropy(
         label_smoothing: eps in [0, 1]: the target is (1 - eps) onehot + eps / V, as torch's.
         softcap: logits -> softcap * tanh(logits / softcap) first (Gemma-2 style). Not fused:
             it runs the materialised reference (same answer, O(N V) memory).
+        grads_in_forward: for "mean" / "sum", form the gradients in the forward (one logits GEMM,
+            the default) or recompute the logits in the backward (False: one more GEMM, but the
+            (V, D) weight gradient does not exist between the forward and the backward, which
+            lowers a training step's peak when the head's rows are few).
     Returns:
         float32 loss, () for "mean" / "sum", labels' shape for "none". Differentiable in hidden,
         weight and bias (gradients in their dtypes).
@@ -255,7 +260,7 @@ def linear_cross_entropy(
                                               reduction, float(label_smoothing), float(softcap))
         return loss.reshape(labels.shape) if reduction == "none" else loss
     wants_grad = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    with_grads = reduction != "none" and torch.is_grad_enabled() and wants_grad
+    with_grads = reduction != "none" and torch.is_grad_enabled() and wants_grad and bool(grads_in_forward)
     loss = linear_cross_entropy_fwd(flat_hidden, weight, bias, flat_labels, int(ignore_index),
                                     float(label_smoothing), reduction, with_grads)[0]
     return loss.reshape(labels.shape) if reduction == "none" else loss
