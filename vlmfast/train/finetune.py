@@ -37,7 +37,7 @@ import torch
 from vlmfast.data.instruction_collate import IGNORE_INDEX, InstructionCollator
 from vlmfast.data.instructions import read_instructions
 from vlmfast.train import distributed
-from vlmfast.train.trainer import Trainer, TrainConfig
+from vlmfast.train.trainer import Trainer, TrainConfig, check_optimizer_in_backward
 
 CONFIG_NAME = "finetune_config.json"
 # Options a resumed run may change: they do not change what is computed (device: only its rounding).
@@ -85,12 +85,7 @@ class FinetuneConfig:
         if self.freeze_vision and self.freeze_decoder and self.lora_rank == 0:
             raise ValueError("freeze_vision, freeze_decoder: both frozen without LoRA leaves only the connector and "
                              "embeddings to train; use lora_rank or freeze less")
-        if self.optimizer_in_backward and self.max_grad_norm is not None:
-            raise ValueError(f"max_grad_norm: expected None with optimizer_in_backward (clipping needs every gradient "
-                             f"before the first update), got {self.max_grad_norm}")
-        if self.optimizer_in_backward and self.grad_accum != 1:
-            raise ValueError(f"grad_accum: expected 1 with optimizer_in_backward (each backward updates the weights), "
-                             f"got {self.grad_accum}")
+        check_optimizer_in_backward(self.optimizer_in_backward, self.max_grad_norm, self.grad_accum)
         if self.base_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"base_dtype: expected 'float32' or 'bfloat16', got {self.base_dtype!r}")
         if self.base_dtype == "bfloat16" and not (self.lora_rank and self.bf16):

@@ -33,6 +33,17 @@ CHECKPOINT_NAME = "trainer_state.pt"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps its temperature at 1/100
 
 
+def check_optimizer_in_backward(optimizer_in_backward: bool, max_grad_norm, grad_accum: int) -> None:
+    """AdamW in the backward updates each weight as soon as its gradient is complete: no clipping
+    (it needs every gradient first) and no accumulation (each backward would update)."""
+    if optimizer_in_backward and max_grad_norm is not None:
+        raise ValueError(f"max_grad_norm: expected None with optimizer_in_backward (clipping needs every gradient "
+                         f"before the first update), got {max_grad_norm}")
+    if optimizer_in_backward and grad_accum != 1:
+        raise ValueError(f"grad_accum: expected 1 with optimizer_in_backward (each backward updates the weights), "
+                         f"got {grad_accum}")
+
+
 @dataclass
 class TrainConfig:
     steps: int
@@ -61,12 +72,7 @@ class TrainConfig:
             raise ValueError(f"grad_accum: expected at least 1, got {self.grad_accum}")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"warmup_steps: expected 0 <= warmup_steps <= steps={self.steps}, got {self.warmup_steps}")
-        if self.optimizer_in_backward and self.max_grad_norm is not None:
-            raise ValueError(f"max_grad_norm: expected None with optimizer_in_backward (clipping needs every gradient "
-                             f"before the first update), got {self.max_grad_norm}")
-        if self.optimizer_in_backward and self.grad_accum != 1:
-            raise ValueError(f"grad_accum: expected 1 with optimizer_in_backward (each backward updates the weights), "
-                             f"got {self.grad_accum}")
+        check_optimizer_in_backward(self.optimizer_in_backward, self.max_grad_norm, self.grad_accum)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
