@@ -22,6 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from vlmfast import _jsonl
 from vlmfast.data.synthetic import SyntheticShapes
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -126,17 +127,8 @@ def read_instructions(path: str | os.PathLike) -> list[InstructionExample]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data: no such file {path}")
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            source = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{source}: not valid JSON ({err})") from err
-            examples.append(parse_instruction(record, folder=path.parent, source=source))
+    examples = [parse_instruction(record, folder=path.parent, source=source)
+                for source, record in _jsonl.records(path)]
     if not examples:
         raise ValueError(f"data: {path} holds no examples")
     return examples

@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from vlmfast import _jsonl
+
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="SmolVLM / SmolVLM2 / Idefics3 checkpoint folder")
@@ -34,29 +36,21 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 def read_requests(path: Path, image_root: Path) -> list[dict]:
     """[{"id", "images": [Path], "prompt"}]; ValueError naming the line of a bad request."""
     requests, seen = [], set()
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err})") from None
-            if not isinstance(entry, dict):
-                raise ValueError(f"{where}: expected a JSON object {{id, image|images, prompt}}")
-            rid, prompt = entry.get("id"), entry.get("prompt")
-            if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-                raise ValueError(f"{where}: 'id' must be a string or an int, got {rid!r}")
-            if rid in seen:
-                raise ValueError(f"{where}: duplicate id {rid!r}")
-            if not isinstance(prompt, str):
-                raise ValueError(f"{where}: 'prompt' must be a string, got {prompt!r}")
-            images = entry.get("images", [entry["image"]] if "image" in entry else [])
-            if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-                raise ValueError(f"{where}: 'image' must be a path or 'images' a list of paths")
-            seen.add(rid)
-            requests.append({"id": rid, "images": [image_root / i for i in images], "prompt": prompt})
+    for where, entry in _jsonl.records(path):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected a JSON object {{id, image|images, prompt}}")
+        rid, prompt = entry.get("id"), entry.get("prompt")
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+            raise ValueError(f"{where}: 'id' must be a string or an int, got {rid!r}")
+        if rid in seen:
+            raise ValueError(f"{where}: duplicate id {rid!r}")
+        if not isinstance(prompt, str):
+            raise ValueError(f"{where}: 'prompt' must be a string, got {prompt!r}")
+        images = entry.get("images", [entry["image"]] if "image" in entry else [])
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise ValueError(f"{where}: 'image' must be a path or 'images' a list of paths")
+        seen.add(rid)
+        requests.append({"id": rid, "images": [image_root / i for i in images], "prompt": prompt})
     return requests
 
 
