@@ -11,7 +11,6 @@ torch.cuda.max_memory_allocated beyond the inputs on a GPU; on the CPU the growt
 (VmHWM) of a fresh subprocess over one step, since tracemalloc does not see torch's allocations.
 """
 
-import statistics
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import torch
 
 from vlmfast import ops
 from vlmfast.bench import rss
-from vlmfast.bench.timing import Result
+from vlmfast.bench.timing import Result, time_ms
 from vlmfast.ops import reference
 
 D = 512
@@ -76,22 +75,13 @@ def model_extra_mib(impl: str, B: int, dtype: torch.dtype, threads: int) -> floa
     return (3 + threads) * B * D * 4 / MIB
 
 
-def _time_cpu(fn, repeats: int) -> float:
-    fn()  # warm up (first-call costs: custom-op setup, page faults)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
-
-
 def _time(fn, device: torch.device, repeats: int) -> float:
     if device.type == "cuda":
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median"))
-    return _time_cpu(fn, repeats)
+    # one warm-up call (first-call costs: custom-op setup, page faults): a step takes seconds here
+    return time_ms(fn, device, warmup=1, repeats=repeats)
 
 
 def _cuda_extra_mib(fn, device) -> float:
