@@ -51,3 +51,13 @@ def same_device(**tensors: torch.Tensor) -> None:
             raise ValueError(
                 f"{name}: expected a tensor on {first.device} like {first_name}, got {value.device}"
             )
+
+
+def bias(value: torch.Tensor, size: int, dim: str, weight: torch.Tensor) -> torch.Tensor:
+    """A floating (size,) bias of weight's dtype; dim names the size in the message ("N", "D")."""
+    floating("bias", value)
+    if value.shape != (size,):
+        raise ValueError(f"bias: expected ({dim},) = ({size},), got {shape_of(value)}")
+    if value.dtype != weight.dtype:
+        raise TypeError(f"bias: expected weight's dtype {weight.dtype}, got {value.dtype}")
+    return value

@@ -148,11 +148,7 @@ def _validate(x, weight, bias, activation) -> None:
     if x.dtype != weight.dtype:
         raise TypeError(f"x: expected weight's dtype {weight.dtype}, got {x.dtype}")
     if bias is not None:
-        _checks.floating("bias", bias)
-        if bias.shape != (n,):
-            raise ValueError(f"bias: expected (N,) = ({n},), got {_checks.shape_of(bias)}")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"bias: expected weight's dtype {weight.dtype}, got {bias.dtype}")
+        _checks.bias(bias, n, "N", weight)
     _checks.same_device(x=x, weight=weight, **({"bias": bias} if bias is not None else {}))
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")

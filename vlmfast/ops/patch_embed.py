@@ -235,11 +235,7 @@ def _validate(images, weight, bias) -> None:
             f"images: H and W must be multiples of the patch size p = {patch}, got H = {height}, W = {width}"
         )
     if bias is not None:
-        _checks.floating("bias", bias)
-        if bias.shape != (d,):
-            raise ValueError(f"bias: expected (D,) = ({d},), got {_checks.shape_of(bias)}")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"bias: expected weight's dtype {weight.dtype}, got {bias.dtype}")
+        _checks.bias(bias, d, "D", weight)
     _checks.same_device(images=images, weight=weight, **({"bias": bias} if bias is not None else {}))
 
 
