@@ -372,7 +372,7 @@ class SmolVLM(nn.Module):
             # only the labelled positions reach the head: the prompt and image tokens of a chat
             # batch are most of it, and their (V,)-wide logits would be computed for nothing
             keep = targets != -100
-            if bool(keep.any()) and not bool(keep.all()):
+            if 0 < int(keep.sum()) < keep.numel():  # one read of the count (a sync on a GPU)
                 hidden, targets = hidden[keep], targets[keep]
         weight = self.head_weight
         if torch.is_autocast_enabled(hidden.device.type):
