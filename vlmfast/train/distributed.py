@@ -76,12 +76,19 @@ def session(threads: int | None = None):
     if threads:
         torch.set_num_threads(threads)
     already = dist.is_available() and dist.is_initialized()
+    finished = False
     try:
         parallel = init_from_environment()
         yield parallel
+        finished = True
     finally:
         torch.set_num_threads(previous)
         if not already and dist.is_available() and dist.is_initialized():
+            if finished and parallel.enabled:
+                # Ranks leave together: gloo aborts a rank that tears its group down while a peer
+                # (rank 0 evaluating and saving) still holds the connection. Skipped after an
+                # error, where the peers may never arrive and the barrier would hang.
+                dist.barrier(group=parallel.group)
             dist.destroy_process_group()
 
 
