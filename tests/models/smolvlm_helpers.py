@@ -27,16 +27,16 @@ def hf_config_dict(*, tied=False, model_type="smolvlm", kv_heads=2, head_dim=Non
                 tie_word_embeddings=tied)
 
 
-def tiny_model(seed=0, dtype=torch.float32) -> SmolVLM:
+def tiny_model(seed=0, dtype=torch.float32, *, tied=False) -> SmolVLM:
     """The same tiny architecture built directly (random weights, no transformers)."""
     torch.manual_seed(seed)
-    d = hf_config_dict()
+    d = hf_config_dict(tied=tied)
     text = dict(d["text_config"])
     rope = text.pop("rope_parameters")
     cfg = SmolVLMConfig(
         vision_config=SmolVLMVisionConfig(**d["vision_config"]),
         text_config=SmolVLMTextConfig(**text, rope_theta=rope["rope_theta"]),
-        scale_factor=SCALE, image_token_id=IMAGE_TOKEN,
+        scale_factor=SCALE, image_token_id=IMAGE_TOKEN, tie_word_embeddings=tied,
     )
     model = SmolVLM(cfg, dtype=dtype).eval()
     with torch.no_grad():  # norms away from 1 so that a missing weight would show

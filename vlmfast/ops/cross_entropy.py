@@ -17,7 +17,7 @@ way, the memory is O(N D + V D) plus one block of logits.
 
 import torch
 
-from vlmfast.ops import _checks, _dispatch, reference
+from vlmfast.ops import _checks, _dispatch, _lce_slices, reference, weight_updates
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -163,6 +163,39 @@ def _backward(ctx, grad_loss, _grad_lse, _gh, _gw, _gb):
 
 linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
 
+
+class _WeightUpdatedInSlices(torch.autograd.Function):
+    """linear_cross_entropy (gradients recomputed in the backward) whose weight's optimizer
+    takes the weight gradient in vocabulary slices (vlmfast.ops.weight_updates): the backward
+    hands them over and returns no weight gradient. If the optimizer declines this time, the
+    backward is the usual one."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, begin):
+        loss, lse = linear_cross_entropy_fwd(hidden, weight, bias, labels, ignore_index, label_smoothing,
+                                             reduction, False)[:2]
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.options = (ignore_index, label_smoothing, reduction, begin)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        ignore_index, label_smoothing, reduction, begin = ctx.options
+        dtype = _loss_dtype(hidden)
+        row_scale = _row_weights(labels, ignore_index, weight.shape[0], reduction, dtype) * grad_loss.to(dtype)
+        update = begin(weight)
+        if update is None:
+            grad_hidden, grad_weight, grad_bias = linear_cross_entropy_bwd(
+                hidden, weight, bias, labels, row_scale.contiguous(), ignore_index, label_smoothing
+            )
+        else:
+            grad_weight = None
+            grad_hidden, grad_bias = _lce_slices.backward(hidden, weight, bias, labels, lse, row_scale,
+                                                          ignore_index, label_smoothing, update)
+        grad_bias = grad_bias.to(bias.dtype) if bias is not None else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
 # ----------------------------------------------------------------------------- public function
 
 
@@ -223,6 +256,7 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     softcap: float | None = None,
     grads_in_forward: bool = True,
+    weight_used_once: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy of a linear layer's logits, without the (N, V) logits in memory.
 
@@ -248,6 +282,13 @@ def linear_cross_entropy(
             the default) or recompute the logits in the backward (False: one more GEMM, but the
             (V, D) weight gradient does not exist between the forward and the backward, which
             lowers a training step's peak when the head's rows are few).
+        weight_used_once: the caller's promise that this op is weight's only use in the graph
+            (an untied head). Then, if weight's optimizer steps inside the backward and takes
+            slices (vlmfast.train.AdamWInBackward registers itself in vlmfast.ops.weight_updates),
+            the backward hands it the weight gradient in vocabulary slices as they are made and
+            weight.grad is never formed: the (V, D) gradient is never in memory whole. Without
+            such an optimizer it changes nothing. Do not set it for a tied head: the embedding's
+            share of the gradient would come after the weight was already updated.
     Returns:
         float32 loss, () for "mean" / "sum", labels' shape for "none". Differentiable in hidden,
         weight and bias (gradients in their dtypes).
@@ -260,6 +301,11 @@ def linear_cross_entropy(
                                               reduction, float(label_smoothing), float(softcap))
         return loss.reshape(labels.shape) if reduction == "none" else loss
     wants_grad = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if (weight_used_once and wants_grad and weight.requires_grad and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and weight_updates.registered(weight)):
+        loss = _WeightUpdatedInSlices.apply(flat_hidden, weight, bias, flat_labels, int(ignore_index),
+                                            float(label_smoothing), reduction, weight_updates.begin_update)
+        return loss.reshape(labels.shape) if reduction == "none" else loss
     with_grads = reduction != "none" and torch.is_grad_enabled() and wants_grad and bool(grads_in_forward)
     loss = linear_cross_entropy_fwd(flat_hidden, weight, bias, flat_labels, int(ignore_index),
                                     float(label_smoothing), reduction, with_grads)[0]

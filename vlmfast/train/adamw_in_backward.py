@@ -7,6 +7,11 @@ optimizer state equal those of `torch.optim.AdamW(...).step()` on the same gradi
 gives up: anything that needs every gradient before the first update (global gradient-norm
 clipping, accumulation over micro-batches, inspecting .grad after the backward).
 
+It also registers each parameter with vlmfast.ops.weight_updates, so an op that makes a
+parameter's gradient in slices can have it updated slice by slice: an untied language-model
+head under ops.linear_cross_entropy(weight_used_once=True) is updated without its (V, D)
+gradient ever existing whole (113 MiB for SmolVLM2-256M in float32).
+
     stepper = AdamWInBackward(model.parameters(), lr=1e-4, weight_decay=0.1)
     loss.backward()          # updates the weights; every .grad is None afterwards
     stepper.set_lr(new_lr)   # a schedule: between steps
@@ -14,6 +19,9 @@ clipping, accumulation over micro-batches, inspecting .grad after the backward).
 """
 
 import torch
+from torch.optim.adamw import adamw
+
+from vlmfast.ops import weight_updates
 
 
 class AdamWInBackward:
@@ -41,12 +49,41 @@ class AdamWInBackward:
                 # one optimizer per parameter: its step touches that parameter only
                 self.optimizers[param] = torch.optim.AdamW([param], **kwargs)
                 self._handles.append(param.register_post_accumulate_grad_hook(self._step))
+                self._handles.append(weight_updates.register(param, self._begin_slices))
         if not self.optimizers:
             raise ValueError("params: expected at least one parameter that requires grad, got none")
 
     def _step(self, param: torch.Tensor) -> None:
         self.optimizers[param].step()
         param.grad = None  # the gradient's memory is free before the backward goes on
+
+    def _begin_slices(self, param: torch.Tensor):
+        """The update of `param` slice by slice for one backward (vlmfast.ops.weight_updates:
+        an op that makes param's whole gradient in slices, e.g. an untied language-model head's
+        in ops.linear_cross_entropy). AdamW is elementwise, so rows updated from their rows of
+        the gradient equal the whole update; the step counter advances once, here. None (the
+        op then hands over the whole gradient as usual) on the first step, where torch's step
+        creates the state, or when param already holds part of a gradient."""
+        optimizer = self.optimizers[param]
+        state = optimizer.state.get(param)
+        group = optimizer.param_groups[0]
+        if not state or param.grad is not None or group["differentiable"]:
+            return None
+        step_before = state["step"].clone()
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        amsgrad = group["amsgrad"]
+        whole = param.detach()
+
+        def update(rows: slice, grad: torch.Tensor) -> None:
+            adamw([whole[rows]], [grad], [state["exp_avg"][rows]], [state["exp_avg_sq"][rows]],
+                  [state["max_exp_avg_sq"][rows]] if amsgrad else [],
+                  [step_before.clone()],  # the functional advances the counter it is given
+                  foreach=group["foreach"], capturable=group["capturable"], fused=group["fused"],
+                  amsgrad=amsgrad, beta1=beta1, beta2=beta2, lr=group["lr"],
+                  weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+
+        return update
 
     @property
     def param_groups(self) -> list[dict]:

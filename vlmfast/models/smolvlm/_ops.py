@@ -43,15 +43,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                         weight_used_once: bool = False) -> torch.Tensor:
     """Mean cross entropy of hidden @ weight.T (float32 logits) against labels, -100 ignored,
     without the (N, V) logits in memory when the fused op exists. hidden (B, L, D), weight
-    (V, D), labels int64 (B, L). Returns a float32 scalar."""
+    (V, D), labels int64 (B, L). weight_used_once: an untied head (see the op). Returns a
+    float32 scalar."""
     fused = _op("linear_cross_entropy")
     if fused is not None:
         # gradients recomputed in the backward: the head's (V, D) weight gradient is then not held
         # from the forward's end to the backward's start, the peak of a checkpointed training step
-        # (65 MiB less for SmolVLM2-256M; the extra logits GEMM is over the labelled rows only)
-        return fused(hidden, weight, labels, ignore_index=-100, grads_in_forward=False)
+        # (65 MiB less for SmolVLM2-256M; the extra logits GEMM is over the labelled rows only);
+        # an untied head under AdamWInBackward is even updated slice by slice, its gradient never whole
+        return fused(hidden, weight, labels, ignore_index=-100, grads_in_forward=False,
+                     weight_used_once=weight_used_once)
     logits = F.linear(hidden, weight).float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)

@@ -375,12 +375,13 @@ class SmolVLM(nn.Module):
             if 0 < int(keep.sum()) < keep.numel():  # one read of the count (a sync on a GPU)
                 hidden, targets = hidden[keep], targets[keep]
         weight = self.head_weight
+        untied = weight is not self.model.text_model.embed_tokens.weight
         if torch.is_autocast_enabled(hidden.device.type):
             # autocast runs transformers' lm_head GEMM in its low precision (the loss in float32):
             # the fused head likewise, instead of float32 GEMMs at several times the cost
             low = torch.get_autocast_dtype(hidden.device.type)
             hidden, weight = hidden.to(low), weight.to(low)
-        return _ops.linear_cross_entropy(hidden, weight, targets)
+        return _ops.linear_cross_entropy(hidden, weight, targets, weight_used_once=untied)
 
     # ------------------------------------------------------------------ cached steps (generation)
 

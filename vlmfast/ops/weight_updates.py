@@ -1,0 +1,53 @@
+"""Weights whose optimizer step can be taken inside an op's backward, slice by slice.
+
+An optimizer that updates each parameter during the backward (vlmfast.train.AdamWInBackward)
+still needs a parameter's whole gradient at once, and for a language-model head that is a
+(V, D) tensor: 113 MiB for SmolVLM2-256M's in float32, the largest single allocation of a
+fine-tuning step. An elementwise optimizer does not need it whole, though: each row of the
+weight can be updated from its own rows of the gradient. An op that makes the gradient in row
+slices (ops.linear_cross_entropy with weight_used_once=True) asks this registry whether the
+weight's optimizer takes slices, and if so hands each slice over as it is made and frees it.
+
+    handle = register(weight, begin)   # begin(weight) -> update(rows: slice, grad) or None
+    update = begin_update(weight)      # None: no optimizer here, or it wants the whole gradient
+    handle.remove()
+
+begin() is called once per backward: it returns the function that applies one slice (its
+AdamW step counter advanced once for the whole weight), or None when it cannot take slices this
+time (on its first step, before its state exists, for instance); the op then returns the whole
+gradient the usual way.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.weak import WeakTensorKeyDictionary
+
+SliceUpdate = Callable[[slice, torch.Tensor], None]
+
+_begins = WeakTensorKeyDictionary()
+
+
+class _Handle:
+    def __init__(self, weight: torch.Tensor):
+        self._weight = weight
+
+    def remove(self) -> None:
+        _begins.pop(self._weight, None)
+
+
+def register(weight: torch.Tensor, begin: Callable[[torch.Tensor], SliceUpdate | None]) -> _Handle:
+    """Registers `begin` for `weight` (one per weight: a later registration replaces it)."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight: expected a tensor, got {type(weight).__name__}")
+    _begins[weight] = begin
+    return _Handle(weight)
+
+
+def registered(weight: torch.Tensor) -> bool:
+    return weight in _begins
+
+
+def begin_update(weight: torch.Tensor) -> SliceUpdate | None:
+    begin = _begins.get(weight)
+    return begin(weight) if begin is not None else None
