@@ -167,10 +167,14 @@ def measure(side: str, spec_name: str, setting: str, dtype_name: str, device: st
     batch = {k: v.to(device) for k, v in make_batch(spec, batch_size, text, labels).items()}
     on_cpu = device.type == "cpu"
     libc = _glibc() if on_cpu and not quick else None  # quick runs in the caller's process: leave its malloc alone
-
+    # The small mmap threshold is set before the models are built: built under glibc's default
+    # (its threshold climbing to 32 MiB) the two models' weights, and the peer copy deleted,
+    # would leave holes in the heap that every later small allocation re-touches, a step's RSS
+    # then climbing with heap fragmentation rather than with what either side holds.
+    _return_freed_memory(libc, 64 * 1024)
     model = build_side(side, spec, setting, device, pair)
     if on_cpu:
-        _return_freed_memory(libc, 64 * 1024)
+        _return_freed_memory(libc)
     loaded = _rss_mib() if on_cpu else torch.cuda.memory_allocated(device) / MIB
     optimizer = make_optimizer(model, setting)
     loss = train_step(side, model, optimizer, batch, dtype)  # AdamW state exists from here on
