@@ -128,6 +128,9 @@ def _(hidden, weight, bias, labels, row_scale, ignore_index, label_smoothing):
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, with_grads = inputs
     _, _, grad_hidden, grad_weight, grad_bias = output
+    # the outputs after the loss are not differentiated: unmaterialised, their gradients stay
+    # None instead of zero-filled tensors, (V, D) for grad_weight
+    ctx.set_materialize_grads(False)
     ctx.options = (ignore_index, label_smoothing, reduction, with_grads, None if bias is None else bias.dtype)
     if with_grads:  # the forward made the gradients: keep them, not the inputs
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, None, None, None, None)
@@ -136,6 +139,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _grad_lse, _gh, _gw, _gb):
+    if grad_loss is None:  # unmaterialised: the loss took no part in what is differentiated
+        return None, None, None, None, None, None, None, None
     ignore_index, label_smoothing, reduction, with_grads, bias_dtype = ctx.options
     grad_hidden, grad_weight, grad_bias, hidden, weight, bias, labels = ctx.saved_tensors
     if with_grads:

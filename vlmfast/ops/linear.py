@@ -119,11 +119,16 @@ def _(grad, x, weight, bias, pre, activation, need_x, need_weight, need_bias):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, activation, _, _ = inputs
+    # `pre` is an output nobody differentiates: unmaterialised, its gradient stays None instead
+    # of a zero-filled (M, N) tensor per backward (~28 ms for a ViT-B MLP's 2048 x 3072)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, bias, output[1])
     ctx.activation = activation
 
 
 def _backward(ctx, grad, _grad_pre_output):
+    if grad is None:  # unmaterialised: the output took no part in what is differentiated
+        return None, None, None, None, None, None
     x, weight, bias, pre = ctx.saved_tensors
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
     need_bias = need_bias and bias is not None
