@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmfast import ops
+
 _ATTR = "_vlmfast_packed"
 
 
@@ -53,4 +55,8 @@ def linear(x: torch.Tensor, layer: nn.Module, weight: torch.Tensor, bias: torch.
         if (packed_from is weight and weight._version == version and weight.data_ptr() == pointer
                 and weight.dtype == dtype == x.dtype):
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if torch.is_grad_enabled() and weight.requires_grad:
+        # training a weight: vlmfast's GEMM (float32 on the CPU, ~2x torch's; torch's GEMM for the
+        # rest), forward and backward; its packed copy is made per call, none is kept
+        return ops.linear(x, weight, bias)
     return F.linear(x, weight, bias)
