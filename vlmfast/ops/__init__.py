@@ -8,6 +8,7 @@ VLMFAST_BACKEND=triton|cpp|cuda|reference.
 from vlmfast.ops import reference
 from vlmfast.ops.attention import attention_varlen, scaled_dot_product_attention
 from vlmfast.ops.cross_entropy import linear_cross_entropy
+from vlmfast.ops.embedding import embedding
 from vlmfast.ops.linear import linear
 from vlmfast.ops.losses import infonce_loss, siglip_loss
 from vlmfast.ops.patch_embed import patch_embed
@@ -26,6 +27,7 @@ __all__ = [
     "patchify_image",
     "PackedPatches",
     "linear_cross_entropy",
+    "embedding",
     "linear",
     "reference",
 ]

@@ -43,6 +43,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
+def embedding(ids: torch.Tensor, table: torch.nn.Embedding, *, weight_used_once: bool = False) -> torch.Tensor:
+    """table(ids); weight_used_once: an untied table (see vlmfast.ops.embedding)."""
+    fused = _op("embedding")
+    if fused is not None and weight_used_once and torch.is_grad_enabled():
+        return fused(ids, table.weight, weight_used_once=True)
+    return table(ids)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          weight_used_once: bool = False) -> torch.Tensor:
     """Mean cross entropy of hidden @ weight.T (float32 logits) against labels, -100 ignored,

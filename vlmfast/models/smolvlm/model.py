@@ -189,6 +189,11 @@ class SmolVLM(nn.Module):
         """(V, D): the lm_head's weight, the embedding matrix when the head is tied."""
         return self.model.text_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    @property
+    def _untied(self) -> bool:
+        # the head and the embedding table are different tensors (each has one use in a forward)
+        return self.head_weight is not self.model.text_model.embed_tokens.weight
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) -> logits (..., V)."""
         return packing.linear(hidden, self._head_holder(), self.head_weight)
@@ -313,7 +318,10 @@ class SmolVLM(nn.Module):
 
     def embed(self, input_ids, pixel_values=None, pixel_attention_mask=None) -> torch.Tensor:
         """Token embeddings (B, L, D) with the image features written over the image tokens."""
-        embeds = self.model.text_model.embed_tokens(input_ids)
+        table = self.model.text_model.embed_tokens
+        # untied, the table's only use is here: an optimizer in the backward may then update it
+        # in slices, its dense (V, D) gradient never formed
+        embeds = _ops.embedding(input_ids, table, weight_used_once=self._untied)
         is_image = input_ids == self.config.image_token_id
         tokens_per_row = is_image.sum(dim=1).cpu()
         seq = self.config.image_seq_len
@@ -375,7 +383,7 @@ class SmolVLM(nn.Module):
             if 0 < int(keep.sum()) < keep.numel():  # one read of the count (a sync on a GPU)
                 hidden, targets = hidden[keep], targets[keep]
         weight = self.head_weight
-        untied = weight is not self.model.text_model.embed_tokens.weight
+        untied = self._untied
         if torch.is_autocast_enabled(hidden.device.type):
             # autocast runs transformers' lm_head GEMM in its low precision (the loss in float32):
             # the fused head likewise, instead of float32 GEMMs at several times the cost

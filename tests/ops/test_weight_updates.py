@@ -1,8 +1,8 @@
-"""ops.linear_cross_entropy(weight_used_once=True) with a slice-taking optimizer registered in
-vlmfast.ops.weight_updates: the weight gradient arrives in vocabulary slices that cover [0, V)
-once, in order, and equal the float64 reference's rows; d hidden and d bias equal the
-reference; weight.grad is never formed. Declined, unregistered or without the flag: the usual
-whole gradient."""
+"""ops.linear_cross_entropy and ops.embedding with weight_used_once=True and a slice-taking
+optimizer registered in vlmfast.ops.weight_updates: the weight gradient arrives in row slices
+that cover [0, V) once, in order, and equal the reference's rows (float64 for the loss, torch's
+embedding backward for the table); the other gradients equal the reference; weight.grad is
+never formed. Declined, unregistered or without the flag: the usual whole gradient."""
 
 import pytest
 import torch
@@ -119,3 +119,55 @@ def test_otherwise_the_whole_gradient(case):
 def test_register_rejects_a_non_tensor():
     with pytest.raises(TypeError, match="weight: expected a tensor"):
         weight_updates.register([1.0], lambda w: None)
+
+
+# ----------------------------------------------------------------------------- embedding
+
+
+def _table(v=300, d=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(v, d, generator=g).requires_grad_()
+    ids = torch.randint(0, v, (3, 17), generator=g)
+    ids[0, :4] = 5  # repeated ids add up
+    ids[1, 0], ids[1, 1] = 0, v - 1  # the first and the last row
+    return ids, weight, torch.randn(3, 17, d, generator=g)
+
+
+def _torch_table_grad(ids, weight, upstream):
+    w = weight.detach().clone().requires_grad_()
+    torch.nn.functional.embedding(ids, w).backward(upstream)
+    return w.grad
+
+
+def test_embedding_gradient_arrives_in_slices(small_slices):
+    ids, weight, upstream = _table()
+    recorder = Recorder()
+    handle = weight_updates.register(weight, recorder.begin)
+    out = ops.embedding(ids, weight, weight_used_once=True)
+    torch.testing.assert_close(out, torch.nn.functional.embedding(ids, weight), rtol=0, atol=0)
+    out.backward(upstream)
+    handle.remove()
+    assert weight.grad is None and recorder.begun == 1
+    assert [rows.start for rows, _ in recorder.slices] == [0, 64, 128, 192, 256]
+    grad = torch.cat([g for _, g in recorder.slices])
+    torch.testing.assert_close(grad, _torch_table_grad(ids, weight, upstream), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["declined", "flag off", "not registered"])
+def test_embedding_otherwise_the_whole_gradient(case):
+    ids, weight, upstream = _table(seed=1)
+    recorder = Recorder(accept=case != "declined")
+    handle = weight_updates.register(weight, recorder.begin) if case != "not registered" else None
+    ops.embedding(ids, weight, weight_used_once=case != "flag off").backward(upstream)
+    if handle is not None:
+        handle.remove()
+    assert recorder.slices == []
+    torch.testing.assert_close(weight.grad, _torch_table_grad(ids, weight, upstream), rtol=0, atol=0)
+
+
+def test_embedding_bad_inputs_name_the_argument():
+    weight = torch.randn(10, 4)
+    with pytest.raises(TypeError, match="ids"):
+        ops.embedding(torch.zeros(3), weight)
+    with pytest.raises(ValueError, match=r"weight: expected .*\(V, D\)"):
+        ops.embedding(torch.zeros(3, dtype=torch.long), torch.randn(10))
