@@ -133,36 +133,41 @@ def _table(v=300, d=12, seed=0):
     return ids, weight, torch.randn(3, 17, d, generator=g)
 
 
-def _torch_table_grad(ids, weight, upstream):
+def _torch_table_grad(ids, weight, upstream, padding_idx=None):
     w = weight.detach().clone().requires_grad_()
-    torch.nn.functional.embedding(ids, w).backward(upstream)
+    torch.nn.functional.embedding(ids, w, padding_idx).backward(upstream)
     return w.grad
 
 
-def test_embedding_gradient_arrives_in_slices(small_slices):
+@pytest.mark.parametrize("padding_idx", [None, 5, -1])
+def test_embedding_gradient_arrives_in_slices(small_slices, padding_idx):
     ids, weight, upstream = _table()
     recorder = Recorder()
     handle = weight_updates.register(weight, recorder.begin)
-    out = ops.embedding(ids, weight, weight_used_once=True)
+    out = ops.embedding(ids, weight, padding_idx, weight_used_once=True)
     torch.testing.assert_close(out, torch.nn.functional.embedding(ids, weight), rtol=0, atol=0)
     out.backward(upstream)
     handle.remove()
     assert weight.grad is None and recorder.begun == 1
     assert [rows.start for rows, _ in recorder.slices] == [0, 64, 128, 192, 256]
     grad = torch.cat([g for _, g in recorder.slices])
-    torch.testing.assert_close(grad, _torch_table_grad(ids, weight, upstream), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, _torch_table_grad(ids, weight, upstream, padding_idx), rtol=1e-6, atol=1e-6)
+    if padding_idx is not None:
+        assert not grad[padding_idx].any()
 
 
 @pytest.mark.parametrize("case", ["declined", "flag off", "not registered"])
-def test_embedding_otherwise_the_whole_gradient(case):
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_embedding_otherwise_the_whole_gradient(case, padding_idx):
     ids, weight, upstream = _table(seed=1)
     recorder = Recorder(accept=case != "declined")
     handle = weight_updates.register(weight, recorder.begin) if case != "not registered" else None
-    ops.embedding(ids, weight, weight_used_once=case != "flag off").backward(upstream)
+    ops.embedding(ids, weight, padding_idx, weight_used_once=case != "flag off").backward(upstream)
     if handle is not None:
         handle.remove()
     assert recorder.slices == []
-    torch.testing.assert_close(weight.grad, _torch_table_grad(ids, weight, upstream), rtol=0, atol=0)
+    expected = _torch_table_grad(ids, weight, upstream, padding_idx)
+    torch.testing.assert_close(weight.grad, expected, rtol=0, atol=0)
 
 
 def test_embedding_bad_inputs_name_the_argument():
@@ -171,3 +176,5 @@ def test_embedding_bad_inputs_name_the_argument():
         ops.embedding(torch.zeros(3), weight)
     with pytest.raises(ValueError, match=r"weight: expected .*\(V, D\)"):
         ops.embedding(torch.zeros(3, dtype=torch.long), torch.randn(10))
+    with pytest.raises(ValueError, match="padding_idx: expected None or an index into the 10 rows, got 10"):
+        ops.embedding(torch.zeros(3, dtype=torch.long), weight, 10)

@@ -18,18 +18,23 @@ from vlmfast.ops import _checks, _lce_slices, weight_updates
 
 class _TableUpdatedInSlices(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ids, weight):
+    def forward(ctx, ids, weight, padding_idx):
         ctx.save_for_backward(ids, weight)
-        return F.embedding(ids, weight)
+        ctx.padding_idx = padding_idx
+        return F.embedding(ids, weight, padding_idx)
 
     @staticmethod
     def backward(ctx, grad):
         ids, weight = ctx.saved_tensors
         update = weight_updates.begin_update(weight)
+        padding_idx = -1 if ctx.padding_idx is None else ctx.padding_idx
+        if update is None:  # the optimizer wants the whole gradient this time: torch's
+            return None, torch.ops.aten.embedding_dense_backward(grad, ids, weight.shape[0], padding_idx, False), None
         flat_ids = ids.reshape(-1)
         rows_grad = grad.reshape(-1, weight.shape[1])
-        if update is None:  # the optimizer wants the whole gradient this time: torch's
-            return None, torch.ops.aten.embedding_dense_backward(grad, ids, weight.shape[0], -1, False)
+        if ctx.padding_idx is not None:  # the padding row gets no gradient (torch's rule)
+            keep = flat_ids != padding_idx
+            flat_ids, rows_grad = flat_ids[keep], rows_grad[keep]
         vocab, dim = weight.shape
         rows = _lce_slices.slice_rows(0, dim, vocab)
         buffer = torch.empty(rows, dim, dtype=weight.dtype, device=weight.device)
@@ -44,11 +49,13 @@ class _TableUpdatedInSlices(torch.autograd.Function):
             if hits.numel():
                 part.index_add_(0, flat_ids[hits] - start, rows_grad[hits].to(weight.dtype))
             update(slice(start, stop), part)
-        return None, None
+        return None, None, None
 
 
-def embedding(ids: torch.Tensor, weight: torch.Tensor, *, weight_used_once: bool = False) -> torch.Tensor:
-    """F.embedding(ids, weight): ids int (...,) -> (..., D).
+def embedding(ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None = None, *,
+              weight_used_once: bool = False) -> torch.Tensor:
+    """F.embedding(ids, weight, padding_idx): ids int (...,) -> (..., D); the padding_idx row
+    (nn.Embedding's) gets no gradient.
 
     weight_used_once: the caller's promise that this lookup is the table's only use in the graph
     (not tied to an output head). Then, if the table's optimizer steps inside the backward and
@@ -57,7 +64,11 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor, *, weight_used_once: bool
     """
     _checks.integer("ids", ids)
     _checks.rank("weight", weight, 2, "(V, D)")
+    if padding_idx is not None and not -weight.shape[0] <= padding_idx < weight.shape[0]:
+        raise ValueError(f"padding_idx: expected None or an index into the {weight.shape[0]} rows, got {padding_idx}")
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += weight.shape[0]
     if (weight_used_once and weight.requires_grad and torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and weight_updates.registered(weight)):
-        return _TableUpdatedInSlices.apply(ids, weight)
-    return F.embedding(ids, weight)
+        return _TableUpdatedInSlices.apply(ids, weight, padding_idx)
+    return F.embedding(ids, weight, padding_idx)

@@ -47,7 +47,7 @@ def embedding(ids: torch.Tensor, table: torch.nn.Embedding, *, weight_used_once:
     """table(ids); weight_used_once: an untied table (see vlmfast.ops.embedding)."""
     fused = _op("embedding")
     if fused is not None and weight_used_once and torch.is_grad_enabled():
-        return fused(ids, table.weight, weight_used_once=True)
+        return fused(ids, table.weight, table.padding_idx, weight_used_once=True)
     return table(ids)
 
 
