@@ -59,6 +59,6 @@ def run_finetune(args) -> int:
         options["max_grad_norm"] = None
     log = None if args.quiet else (lambda message: print(message, flush=True))
     report = finetune(args.model, args.data, args.out, log=log, **options)
-    if args.quiet:
+    if args.quiet and report is not None:  # None: a torchrun rank other than 0 (rank 0 reports)
         print(json.dumps(report, indent=2))
     return 0
