@@ -134,6 +134,20 @@ def test_packed_weight_cache_follows_in_place_updates(monkeypatch):
         assert_close(linear(x, w2, b), reference.linear(x.double(), w2.double(), b.double()))
 
 
+def test_packed_copies_kept_in_inference_only(monkeypatch):
+    # a frozen weight in training (LoRA, a frozen tower) must not gain a packed second copy
+    from vlmfast.native import linear as native_linear
+
+    monkeypatch.setenv("VLMFAST_BACKEND", "cpp")
+    x, w, b = _inputs((40, 24), 20, seed=11, requires_grad=False)
+    x.requires_grad_()
+    linear(x, w, b).sum().backward()
+    assert id(w) not in native_linear._packed_cache
+    with torch.no_grad():
+        linear(x, w, b)
+    assert id(w) in native_linear._packed_cache
+
+
 def test_inference_mode_weights(monkeypatch):
     # Tensors made under inference_mode have no version counter: their panels are not cached.
     monkeypatch.setenv("VLMFAST_BACKEND", "cpp")

@@ -175,9 +175,11 @@ def linear(
         (..., N) in x's dtype; differentiable in x, weight and bias. The C++ kernel runs float32
         on the CPU for at least SMALL_M rows; everything else is PyTorch's own linear.
 
-    In inference (grad disabled, or a weight that does not require grad) the packed weight is
-    cached per weight tensor and refreshed when its version counter moves, which any in-place
-    update through the tensor itself does; writes through `weight.data` bypass the counter.
+    In inference (grad disabled) the packed weight is cached per weight tensor and refreshed
+    when its version counter moves, which any in-place update through the tensor itself does;
+    writes through `weight.data` bypass the counter. While gradients are on nothing is cached,
+    frozen weights included: a LoRA or frozen-tower fine-tune would otherwise hold a packed
+    second copy of every frozen weight.
     """
     if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
         # The C++ kernel is float32 only and the custom op has no autocast rule: cast as autocast
@@ -192,6 +194,6 @@ def linear(
     rows = x.reshape(-1, k)
     tracked = (x, weight) if bias is None else (x, weight, bias)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
-    cache = not (torch.is_grad_enabled() and weight.requires_grad)
+    cache = not torch.is_grad_enabled()
     out, _ = linear_fwd(rows, weight, bias, activation or "none", needs_grad, cache)
     return out.reshape(*x.shape[:-1], n)
