@@ -176,20 +176,20 @@ class _WeightUpdatedInSlices(torch.autograd.Function):
     backward is the usual one."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, begin):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, label_smoothing, reduction):
         loss, lse = linear_cross_entropy_fwd(hidden, weight, bias, labels, ignore_index, label_smoothing,
                                              reduction, False)[:2]
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.options = (ignore_index, label_smoothing, reduction, begin)
+        ctx.options = (ignore_index, label_smoothing, reduction)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        ignore_index, label_smoothing, reduction, begin = ctx.options
+        ignore_index, label_smoothing, reduction = ctx.options
         dtype = _loss_dtype(hidden)
         row_scale = _row_weights(labels, ignore_index, weight.shape[0], reduction, dtype) * grad_loss.to(dtype)
-        update = begin(weight)
+        update = weight_updates.begin_update(weight)
         if update is None:
             grad_hidden, grad_weight, grad_bias = linear_cross_entropy_bwd(
                 hidden, weight, bias, labels, row_scale.contiguous(), ignore_index, label_smoothing
@@ -199,7 +199,7 @@ class _WeightUpdatedInSlices(torch.autograd.Function):
             grad_hidden, grad_bias = _lce_slices.backward(hidden, weight, bias, labels, lse, row_scale,
                                                           ignore_index, label_smoothing, update)
         grad_bias = grad_bias.to(bias.dtype) if bias is not None else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 # ----------------------------------------------------------------------------- public function
 
@@ -309,7 +309,7 @@ def linear_cross_entropy(
     if (weight_used_once and wants_grad and weight.requires_grad and torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and weight_updates.registered(weight)):
         loss = _WeightUpdatedInSlices.apply(flat_hidden, weight, bias, flat_labels, int(ignore_index),
-                                            float(label_smoothing), reduction, weight_updates.begin_update)
+                                            float(label_smoothing), reduction)
         return loss.reshape(labels.shape) if reduction == "none" else loss
     with_grads = reduction != "none" and torch.is_grad_enabled() and wants_grad and bool(grads_in_forward)
     loss = linear_cross_entropy_fwd(flat_hidden, weight, bias, flat_labels, int(ignore_index),
