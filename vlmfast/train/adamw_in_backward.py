@@ -54,8 +54,17 @@ class AdamWInBackward:
             raise ValueError("params: expected at least one parameter that requires grad, got none")
 
     def _step(self, param: torch.Tensor) -> None:
-        self.optimizers[param].step()
+        grad = param.grad
+        if grad is None:  # the hook fires for a weight updated in slices too, with no gradient
+            return
         param.grad = None  # the gradient's memory is free before the backward goes on
+        update = self._begin_slices(param)
+        if update is not None:  # torch's functional AdamW on the whole tensor: the same update
+            update(..., grad)  # (every element) without optimizer.step()'s per-call overhead (~0.3 ms)
+            return
+        param.grad = grad  # the first step: torch's step creates the state
+        self.optimizers[param].step()
+        param.grad = None
 
     def _begin_slices(self, param: torch.Tensor):
         """The update of `param` slice by slice for one backward (vlmfast.ops.weight_updates:
