@@ -6,6 +6,7 @@ GEMM; in inference (no autograd, weight unchanged) the packed copy is cached per
 its storage, its version counter, shape and strides, so a frozen model packs each weight once.
 """
 
+import threading
 import weakref
 
 import torch
@@ -25,11 +26,32 @@ def _matrix(t: torch.Tensor) -> tuple[int, tuple[int, int]]:
     return t.data_ptr(), (t.stride(0), t.stride(1))
 
 
-def pack(b: torch.Tensor) -> torch.Tensor:
-    """B (N, K) float32, any strides -> its 32-column panels (flat float32)."""
+class _Scratch(threading.local):
+    buffer: torch.Tensor | None = None
+
+
+_scratch = _Scratch()
+
+
+def _scratch_floats(count: int, device: torch.device) -> torch.Tensor:
+    """`count` float32 of this thread's packing buffer, grown to the largest size asked. Panels
+    packed for one GEMM are dead when it returns, and a fresh buffer of tens of MiB costs a page
+    fault per 4 KiB on first touch: re-packing into the same memory was ~1 s of a SmolVLM2
+    fine-tuning step (several hundred MiB of panels per step)."""
+    buffer = _scratch.buffer
+    if buffer is None or buffer.numel() < count or buffer.device != device:
+        _scratch.buffer = None  # the old buffer goes before the new one is made
+        buffer = _scratch.buffer = torch.empty(count, dtype=torch.float32, device=device)
+    return buffer[:count]
+
+
+def pack(b: torch.Tensor, *, scratch: bool = False) -> torch.Tensor:
+    """B (N, K) float32, any strides -> its 32-column panels (flat float32). scratch: into this
+    thread's reused packing buffer (valid until the next scratch pack: for a GEMM about to run)."""
     module = module_for(b.device)
     n, k = b.shape
-    packed = torch.empty(module.gemm_packed_b_size(n, k), dtype=torch.float32, device=b.device)
+    size = module.gemm_packed_b_size(n, k)
+    packed = _scratch_floats(size, b.device) if scratch else torch.empty(size, dtype=torch.float32, device=b.device)
     address, strides = _matrix(b)
     module.gemm_pack_b(b=address, b_strides=strides, N=n, K=k, packed=packed.data_ptr(), **launch_args(b.device))
     return packed
@@ -38,7 +60,7 @@ def pack(b: torch.Tensor) -> torch.Tensor:
 def packed_weight(weight: torch.Tensor, cache: bool) -> torch.Tensor:
     """weight (N, K) packed; with `cache`, reused while the weight's data and version stay."""
     if not cache or weight.is_inference():  # inference tensors keep no version counter
-        return pack(weight)
+        return pack(weight, scratch=True)
     key = (weight.untyped_storage().data_ptr(), weight.storage_offset(), weight._version,
            tuple(weight.shape), weight.stride())
     ident = id(weight)
@@ -71,7 +93,7 @@ def gemm(a: torch.Tensor, b_packed: torch.Tensor, n: int, bias: torch.Tensor | N
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a (M, K) @ b (N, K)^T, both any strides (float32)."""
-    return gemm(a, pack(b), b.shape[0])[0]
+    return gemm(a, pack(b, scratch=True), b.shape[0])[0]
 
 
 def epilogue_backward(grad: torch.Tensor, pre: torch.Tensor | None, activation: str | None,

@@ -98,8 +98,9 @@ def linear_bwd(
     n, k = weight.shape
     if native:  # dz and db in one pass, then two GEMMs through the same kernel
         dz, db = native_linear.epilogue_backward(grad, pre, act, need_bias)
-        dx = native_linear.gemm(dz, native_linear.pack(weight.t()), k)[0] if need_x else None
-        dw = native_linear.gemm(dz.t(), native_linear.pack(x.t()), k)[0] if need_weight else None
+        # each GEMM's panels in the thread's reused packing buffer (dead once that GEMM returns)
+        dx = native_linear.gemm(dz, native_linear.pack(weight.t(), scratch=True), k)[0] if need_x else None
+        dw = native_linear.gemm(dz.t(), native_linear.pack(x.t(), scratch=True), k)[0] if need_weight else None
     else:
         dz = grad if act is None else _grad_pre(grad, pre, act)
         dx = dz @ weight if need_x else None
