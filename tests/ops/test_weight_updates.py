@@ -9,7 +9,7 @@ import torch
 
 from tests.tolerance import assert_close
 from vlmfast import ops
-from vlmfast.ops import _lce_slices, reference, weight_updates
+from vlmfast.ops import reference, weight_updates
 
 
 def _inputs(n, d, v, dtype, *, bias, seed=0):
@@ -46,7 +46,7 @@ class Recorder:
 @pytest.fixture
 def small_slices(monkeypatch):
     # 64-row slices (the smallest) whatever N and D: V = 1000 gives 16 slices, the last one short
-    monkeypatch.setattr(_lce_slices, "SLICE_BYTES", 1)
+    monkeypatch.setattr(weight_updates, "SLICE_BYTES", 1)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.models.smolvlm_helpers import IMAGE_TOKEN, build_batch, tiny_model
-from vlmfast.ops import _lce_slices
+from vlmfast.ops import _lce_slices, weight_updates
 from vlmfast.train.adamw_in_backward import AdamWInBackward
 
 ROWS = [(5, 3, 4, None), (1, 2, 9, (17, 24))]
@@ -21,6 +21,27 @@ def _loss(model, seed):
     return model.loss(ids, labels, pixels, pixel_mask, mask)
 
 
+def _train_side_by_side(plain, optimizer, stepped, steps):
+    """`steps` steps on the same batches: torch's AdamW on `plain`, the in-backward stepper
+    (already attached) on `stepped`, whose gradients are gone after each backward."""
+    for step in range(steps):
+        _loss(plain, step).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _loss(stepped, step).backward()
+        assert all(p.grad is None for p in stepped.parameters())
+
+
+def _assert_same_weights(stepped, plain):
+    weights = dict(stepped.named_parameters())
+    for name, p in plain.named_parameters():
+        # the untied head's gradient is formed in slices from step 2 (rounded unlike the whole-
+        # gradient kernel's); AdamW's normalisation carries such rounding of near-zero
+        # gradients into the weights at ~1e-6 (lr 1e-2)
+        torch.testing.assert_close(weights[name], p, rtol=1e-5, atol=5e-6, msg=name)
+    return weights
+
+
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 @pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
 def test_same_weights_as_adamw_after_steps(checkpointing, fused):
@@ -30,18 +51,8 @@ def test_same_weights_as_adamw_after_steps(checkpointing, fused):
     stepped = copy.deepcopy(plain).set_gradient_checkpointing(checkpointing)
     optimizer = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], fused=fused, **OPTIONS)
     stepper = AdamWInBackward(stepped.parameters(), fused=fused, **OPTIONS)
-    for step in range(2):
-        _loss(plain, step).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _loss(stepped, step).backward()
-        assert all(p.grad is None for p in stepped.parameters())
-    weights = dict(stepped.named_parameters())
-    for name, p in plain.named_parameters():
-        # the untied head's gradient is formed in slices on step 2 (rounded unlike the whole-
-        # gradient kernel's); AdamW's normalisation carries such rounding of near-zero
-        # gradients into the weights at ~1e-6 (lr 1e-2)
-        torch.testing.assert_close(weights[name], p, rtol=1e-5, atol=5e-6, msg=name)
+    _train_side_by_side(plain, optimizer, stepped, steps=2)
+    weights = _assert_same_weights(stepped, plain)
     moved = weights["model.text_model.layers.0.mlp.gate_up.weight"]
     assert not torch.equal(moved, tiny_model().model.text_model.layers[0].mlp.gate_up.weight)
     first = stepper.optimizers[moved].state[moved]
@@ -53,7 +64,7 @@ def test_head_updated_in_slices_only_when_untied(tied, monkeypatch):
     """From the second step (the first creates the state) an untied head's AdamW update is
     taken slice by slice in the loss's backward; a tied head, whose gradient also comes from
     the embedding, gets the usual whole-gradient step. Both equal torch's AdamW."""
-    monkeypatch.setattr(_lce_slices, "SLICE_BYTES", 1)  # 64-row slices: 200 rows in 4
+    monkeypatch.setattr(weight_updates, "SLICE_BYTES", 1)  # 64-row slices: 200 rows in 4
     calls = []
     sliced = _lce_slices.backward
     monkeypatch.setattr(_lce_slices, "backward", lambda *a, **k: calls.append(1) or sliced(*a, **k))
@@ -61,15 +72,9 @@ def test_head_updated_in_slices_only_when_untied(tied, monkeypatch):
     stepped = copy.deepcopy(plain)
     optimizer = torch.optim.AdamW(plain.parameters(), fused=True, **OPTIONS)
     stepper = AdamWInBackward(stepped.parameters(), fused=True, **OPTIONS)
-    for step in range(3):
-        _loss(plain, step).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _loss(stepped, step).backward()
+    _train_side_by_side(plain, optimizer, stepped, steps=3)
     assert len(calls) == (0 if tied else 2)
-    weights = dict(stepped.named_parameters())
-    for name, p in plain.named_parameters():
-        torch.testing.assert_close(weights[name], p, rtol=1e-5, atol=5e-6, msg=name)
+    _assert_same_weights(stepped, plain)
     head = stepped.head_weight
     expected, state = optimizer.state[plain.head_weight], stepper.optimizers[head].state[head]
     assert float(state["step"]) == float(expected["step"]) == 3

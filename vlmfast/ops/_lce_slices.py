@@ -11,18 +11,7 @@ taken before its update changes W[v0:v1].
 
 import torch
 
-from vlmfast.ops import reference
-
-# float32 bytes of one slice's logits (N, rows) and of its weight gradient (rows, D): small
-# against the whole (V, D) gradient, large enough for the GEMMs to run at speed
-SLICE_BYTES = 8 * 2**20
-
-
-def slice_rows(n: int, d: int, vocab: int) -> int:
-    """Vocabulary rows per slice: about SLICE_BYTES of (n, rows) logits and of (rows, d)
-    gradient, a multiple of 64 in [64, vocab]."""
-    rows = SLICE_BYTES // (4 * max(n, d, 1)) // 64 * 64
-    return min(vocab, max(64, rows))
+from vlmfast.ops import reference, weight_updates
 
 
 @torch.no_grad()
@@ -32,7 +21,7 @@ def backward(hidden, weight, bias, labels, lse, row_scale, ignore_index: int, la
     gradient goes to update(slice, grad_rows) slice by slice. row_scale: (N,) each row's weight."""
     n, d = hidden.shape
     vocab = weight.shape[0]
-    rows = rows or slice_rows(n, d, vocab)
+    rows = rows or weight_updates.slice_rows(n, d, vocab)
     valid = reference.lce_valid(labels, ignore_index, vocab)
     scale = torch.where(valid, row_scale.float(), torch.zeros((), device=hidden.device))[:, None]
     target = torch.where(valid, labels, -1)

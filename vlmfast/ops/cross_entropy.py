@@ -306,12 +306,11 @@ def linear_cross_entropy(
                                               reduction, float(label_smoothing), float(softcap))
         return loss.reshape(labels.shape) if reduction == "none" else loss
     wants_grad = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if (weight_used_once and wants_grad and weight.requires_grad and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and weight_updates.registered(weight)):
+    if weight_updates.sliced(weight, weight_used_once):
         loss = _WeightUpdatedInSlices.apply(flat_hidden, weight, bias, flat_labels, int(ignore_index),
                                             float(label_smoothing), reduction)
-        return loss.reshape(labels.shape) if reduction == "none" else loss
-    with_grads = reduction != "none" and torch.is_grad_enabled() and wants_grad and bool(grads_in_forward)
-    loss = linear_cross_entropy_fwd(flat_hidden, weight, bias, flat_labels, int(ignore_index),
-                                    float(label_smoothing), reduction, with_grads)[0]
+    else:
+        with_grads = reduction != "none" and torch.is_grad_enabled() and wants_grad and bool(grads_in_forward)
+        loss = linear_cross_entropy_fwd(flat_hidden, weight, bias, flat_labels, int(ignore_index),
+                                        float(label_smoothing), reduction, with_grads)[0]
     return loss.reshape(labels.shape) if reduction == "none" else loss

@@ -13,7 +13,7 @@ and weights as a zero gradient requires).
 import torch
 import torch.nn.functional as F
 
-from vlmfast.ops import _checks, _lce_slices, weight_updates
+from vlmfast.ops import _checks, weight_updates
 
 
 class _TableUpdatedInSlices(torch.autograd.Function):
@@ -36,7 +36,7 @@ class _TableUpdatedInSlices(torch.autograd.Function):
             keep = flat_ids != padding_idx
             flat_ids, rows_grad = flat_ids[keep], rows_grad[keep]
         vocab, dim = weight.shape
-        rows = _lce_slices.slice_rows(0, dim, vocab)
+        rows = weight_updates.slice_rows(0, dim, vocab)
         buffer = torch.empty(rows, dim, dtype=weight.dtype, device=weight.device)
         order = torch.argsort(flat_ids)
         sorted_ids = flat_ids[order]
@@ -68,7 +68,6 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None =
         raise ValueError(f"padding_idx: expected None or an index into the {weight.shape[0]} rows, got {padding_idx}")
     if padding_idx is not None and padding_idx < 0:
         padding_idx += weight.shape[0]
-    if (weight_used_once and weight.requires_grad and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and weight_updates.registered(weight)):
+    if weight_updates.sliced(weight, weight_used_once):
         return _TableUpdatedInSlices.apply(ids, weight, padding_idx)
     return F.embedding(ids, weight, padding_idx)

@@ -25,6 +25,10 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 SliceUpdate = Callable[[slice, torch.Tensor], None]
 
+# float32 bytes of one slice's weight gradient (rows, D), and of the (N, rows) logits the loss
+# makes for it: small against the whole (V, D) gradient, large enough for GEMMs to run at speed
+SLICE_BYTES = 8 * 2**20
+
 _begins = WeakTensorKeyDictionary()
 
 
@@ -46,6 +50,22 @@ def register(weight: torch.Tensor, begin: Callable[[torch.Tensor], SliceUpdate |
 
 def registered(weight: torch.Tensor) -> bool:
     return weight in _begins
+
+
+def sliced(weight: torch.Tensor, weight_used_once: bool) -> bool:
+    """Whether an op should take its slice-handing backward for `weight` in this call: the
+    caller promised the op is the weight's only use, a gradient for it will be made (eager,
+    not compiling) and an optimizer is registered for it."""
+    return (weight_used_once and weight.requires_grad and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and registered(weight))
+
+
+def slice_rows(rows_per_column: int, columns: int, total: int) -> int:
+    """Rows per slice: about SLICE_BYTES of float32 (rows, columns) gradient and of
+    (rows_per_column, rows) companion (a loss's logits; 0 for none), a multiple of 64 in
+    [64, total]."""
+    rows = SLICE_BYTES // (4 * max(rows_per_column, columns, 1)) // 64 * 64
+    return min(total, max(64, rows))
 
 
 def begin_update(weight: torch.Tensor) -> SliceUpdate | None:
