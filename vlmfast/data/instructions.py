@@ -136,15 +136,22 @@ def read_instructions(path: str | os.PathLike) -> list[InstructionExample]:
 
 # ----------------------------------------------------------------------------- built-in examples
 
+def shape_questions(attributes: dict) -> dict[str, tuple[str, str]]:
+    """kind -> (question, answer) about one shape image (SyntheticShapes' attributes); the
+    built-in examples ask these, and `vlmfast demo vlm` asks the same on held-out images."""
+    colour, shape, size, position = (attributes[k] for k in ("colour", "shape", "size", "position"))
+    return {
+        "shape": ("What shape is this?", f"A {colour} {shape}."),
+        "colour": ("What colour is the shape?", f"{colour.capitalize()}."),
+        "description": ("Describe the image.", f"A {size} {colour} {shape} {position}."),
+        "position": ("Where is the shape?", f"{position.capitalize()}."),
+    }
+
+
 def _conversation(attributes: dict, variant: int) -> list[dict]:
     """Questions about one shape image; every third example has a follow-up turn (two answers)."""
-    colour, shape, size, position = (attributes[k] for k in ("colour", "shape", "size", "position"))
-    questions = (
-        ("What shape is this?", f"A {colour} {shape}."),
-        ("What colour is the shape?", f"{colour.capitalize()}."),
-        ("Describe the image.", f"A {size} {colour} {shape} {position}."),
-        ("Where is the shape?", f"{position.capitalize()}."),
-    )
+    size = attributes["size"]
+    questions = tuple(shape_questions(attributes).values())
     question, answer = questions[variant % len(questions)]
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
