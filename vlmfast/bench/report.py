@@ -8,32 +8,66 @@ GB/s). `plot` draws the speedups as bars with matplotlib (optional: not a depend
 """
 
 import json
+import sys
 from pathlib import Path
 
-# Where `--json` appends by default and `--report` reads by default (relative to the working
-# directory: the repository root when run from a checkout).
+# Where `--json` appends by default (relative to the working directory: the repository root when
+# run from a checkout).
 RESULTS_DIR = Path("benchmarks/results")
 DEFAULT_JSON = RESULTS_DIR / "bench.jsonl"
+# The records shipped with the source: <checkout>/benchmarks/results, next to the vlmfast package.
+CHECKOUT_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+# What a benchmark record must hold to be a row (the runner writes them); the folder also keeps
+# other measurements (python -m vlmfast.bench.finetune_runs), which the table leaves out.
+RECORD_FIELDS = ("suite", "case", "ms")
 
 HEADER = ["suite", "case", "device, date", "vlmfast ms", "peer", "peer ms", "speedup", "TFLOP/s or GB/s"]
 
 
-def load(path: Path) -> list[dict]:
-    """Records of every *.jsonl file under `path` (or of the file `path`), in file order; blank
-    lines skipped, a line that is not JSON raises ValueError naming the file and line."""
+def default_results() -> Path:
+    """Where --report reads when --results is not given: ./benchmarks/results (a checkout's root),
+    else the benchmarks/results of the checkout vlmfast was installed from (an editable install).
+    FileNotFoundError naming both places when neither exists (a wheel ships no records)."""
+    for candidate in (RESULTS_DIR, CHECKOUT_RESULTS):
+        if candidate.is_dir() and any(candidate.glob("*.jsonl")):
+            return candidate
+    raise FileNotFoundError(
+        f"no benchmark records found: looked in {RESULTS_DIR.resolve()} and {CHECKOUT_RESULTS} "
+        "(a source checkout's benchmarks/results); pass --results FILE_OR_FOLDER with the JSON lines "
+        "that `vlmfast bench --json FILE` writes")
+
+
+def load(path: Path, *, warn=None) -> list[dict]:
+    """Benchmark records of every *.jsonl file under `path` (or of the file `path`), in file order;
+    blank lines skipped, a line that is not JSON raises ValueError naming the file and line.
+    Lines that are JSON but no benchmark record (no suite, case, ms: finetune_runs' records) are
+    left out; warn(message) (default: stderr) is told which files held them."""
     path = Path(path)
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
     if not files or not all(f.is_file() for f in files):
         raise FileNotFoundError(f"no JSON lines (*.jsonl) at {path}: run `vlmfast bench --json` first")
-    records = []
+    records, other = [], {}
     for file in files:
         for number, line in enumerate(file.read_text().splitlines(), 1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{file}:{number}: not a JSON line ({error.msg})") from None
+                if isinstance(record, dict) and all(k in record for k in RECORD_FIELDS):
+                    records.append(record)
+                else:
+                    other[file.name] = other.get(file.name, 0) + 1
+    if other:
+        (warn or _stderr)("left out records that are not `vlmfast bench` results (no suite/case/ms): "
+                          + ", ".join(f"{n} in {name}" for name, n in other.items()))
+    if not records:
+        raise FileNotFoundError(f"no `vlmfast bench` records at {path}: run `vlmfast bench --json FILE` first")
     return records
+
+
+def _stderr(message: str) -> None:
+    print(f"vlmfast bench --report: {message}", file=sys.stderr)
 
 
 def device_name(record: dict) -> str:

@@ -36,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-peaks", action="store_true", help="skip measuring the machine's peaks")
     parser.add_argument("--report", action="store_true",
                         help="run nothing: print the Markdown table of the latest recorded results")
-    parser.add_argument("--results", type=Path, default=report.RESULTS_DIR,
-                        help=f"--report: a JSON-lines file or a folder of *.jsonl (default: {report.RESULTS_DIR})")
+    parser.add_argument("--results", type=Path, default=None,
+                        help=f"--report: a JSON-lines file or a folder of *.jsonl (default: ./{report.RESULTS_DIR}, "
+                             "else the benchmarks/results of the checkout vlmfast is installed from)")
     parser.add_argument("--plot", type=Path, default=None, help="--report: also draw the speedups here (matplotlib)")
 
 
@@ -80,7 +81,7 @@ def _format_table(results: list[Result], peaks: dict | None) -> str:
 
 def _report(args: argparse.Namespace) -> int:
     try:
-        records = report.load(args.results)
+        records = report.load(args.results if args.results is not None else report.default_results())
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"vlmfast bench --report: {error}") from None
     print(report.markdown(records))
