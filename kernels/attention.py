@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from vlmfast.kernels._common import INTERPRETING, to_dtype_of
-from vlmfast.ops import _alloc
+from vlmfast.runtime import alloc as _alloc
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from vlmfast.kernels._common import INTERPRETING, _round_to_bfloat16, to_dtype_of
-from vlmfast.ops import _alloc
+from vlmfast.runtime import alloc as _alloc
 
 
 @triton.jit

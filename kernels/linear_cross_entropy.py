@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from vlmfast.kernels._common import INTERPRETING
-from vlmfast.ops import _alloc
+from vlmfast.runtime import alloc as _alloc
 
 
 @triton.jit

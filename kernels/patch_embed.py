@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from vlmfast.kernels._common import INTERPRETING, to_dtype_of
-from vlmfast.ops import _alloc
-from vlmfast.ops.patch_embed import channels_first
+from vlmfast.runtime import alloc as _alloc
+from vlmfast.runtime.layout import channels_first
 
 
 @triton.jit

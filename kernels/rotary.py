@@ -1,7 +1,7 @@
 """Triton kernels for rotary embeddings, and their launchers.
 
 x is seen as rows of E elements, (A, L, M, E) with strides (sa, sl, sm, 1) (see
-vlmfast/ops/_layout.py): one program rotates BLOCK_ROWS rows; the (L, R/2) float32 tables are
+vlmfast/runtime/layout.py): one program rotates BLOCK_ROWS rows; the (L, R/2) float32 tables are
 read once per row and stay in L2. All arithmetic is float32; values are rounded to the output
 dtype on store.
 """
@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from vlmfast.kernels._common import INTERPRETING, to_dtype_of
-from vlmfast.ops import _alloc
-from vlmfast.ops._layout import rows_view
+from vlmfast.runtime import alloc as _alloc
+from vlmfast.runtime.layout import rows_view
 
 
 @triton.jit

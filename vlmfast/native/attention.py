@@ -10,7 +10,7 @@ import torch
 
 from vlmfast import _extension
 from vlmfast.native._common import DTYPE_TAGS, dtype_tag
-from vlmfast.ops import _alloc
+from vlmfast.runtime import alloc as _alloc
 
 # Backward work split (csrc/cpu/attention.h: AttentionBackwardStrategy).
 STRATEGIES = {"auto": 0, "fused": 1, "two_pass": 2}

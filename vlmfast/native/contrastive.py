@@ -9,7 +9,7 @@ returned as float32 tensors; feature gradients are written in the features' dtyp
 import torch
 
 from vlmfast.native._common import dtype_tag, launch_args, module_for
-from vlmfast.ops import _alloc
+from vlmfast.runtime import alloc as _alloc
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ import torch
 
 from vlmfast import _extension
 from vlmfast.native._common import dtype_tag
-from vlmfast.ops import _alloc, _checks
+from vlmfast.runtime import alloc as _alloc
+from vlmfast.runtime import checks as _checks
 
 # Must match csrc/cpu/decode.h (kDecodeLayerFields and the field order of DecodeLayer).
 LAYER_FIELDS = ("input_norm", "qkv", "qkv_bias", "o_proj", "o_bias", "post_norm", "gate_up", "gate_up_bias",

@@ -12,7 +12,7 @@ import weakref
 import torch
 
 from vlmfast.native._common import launch_args, module_for
-from vlmfast.ops import _alloc
+from vlmfast.runtime import alloc as _alloc
 
 # Must match csrc/cpu/gemm.h (enum class Activation).
 ACTIVATION_TAGS = {None: 0, "quick_gelu": 1, "gelu_tanh": 2, "gelu": 3}

@@ -7,7 +7,7 @@ feature dim (any row stride), bias (V,) of any float dtype (read as float32), la
 import torch
 
 from vlmfast.native._common import dtype_tag, launch_args, module_for
-from vlmfast.ops import _alloc
+from vlmfast.runtime import alloc as _alloc
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@ The image crosses the boundary as an address plus the element strides of its log
 import torch
 
 from vlmfast.native._common import DTYPE_TAGS, dtype_tag, launch_args, module_for
-from vlmfast.ops import _alloc
-from vlmfast.ops.patch_embed import channels_first
+from vlmfast.runtime import alloc as _alloc
+from vlmfast.runtime.layout import channels_first
 
 IMAGE_UINT8_TAG = 3  # csrc/cpu/patch_embed.h: kImageUint8
 

@@ -3,8 +3,8 @@
 import torch
 
 from vlmfast.native._common import dtype_tag, launch_args, module_for
-from vlmfast.ops import _alloc
-from vlmfast.ops._layout import rows_view
+from vlmfast.runtime import alloc as _alloc
+from vlmfast.runtime.layout import rows_view
 
 
 def forward(x, cos, sin, interleaved: bool, conjugate: bool, seq_dim: int) -> torch.Tensor:

@@ -23,14 +23,9 @@ from collections.abc import Sequence
 import torch
 
 from vlmfast.ops import _checks, _dispatch, reference
+from vlmfast.runtime.layout import channels_first
 
 # ----------------------------------------------------------------------------- custom ops
-
-
-def channels_first(images: torch.Tensor) -> torch.Tensor:
-    """The logical (B, C, H, W) view of uint8 (B, H, W, C) or float (B, C, H, W) images, no copy:
-    kernels address the image through this view's strides, whatever the memory layout."""
-    return images.permute(0, 3, 1, 2) if images.dtype == torch.uint8 else images
 
 
 def _grid(images: torch.Tensor, patch: int) -> tuple[int, int, int, int]:

@@ -1,4 +1,4 @@
-"""Views that let one kernel serve tensors of any rank."""
+"""Views that let one kernel serve tensors of any rank or memory layout."""
 
 import math
 
@@ -14,3 +14,9 @@ def rows_view(x: torch.Tensor, seq_dim: int) -> torch.Tensor:
     a = math.prod(x.shape[:seq_dim])
     m = math.prod(x.shape[seq_dim + 1 : -1])
     return x.reshape(a, x.shape[seq_dim], m, x.shape[-1])
+
+
+def channels_first(images: torch.Tensor) -> torch.Tensor:
+    """The logical (B, C, H, W) view of uint8 (B, H, W, C) or float (B, C, H, W) images, no copy:
+    kernels address the image through this view's strides, whatever the memory layout."""
+    return images.permute(0, 3, 1, 2) if images.dtype == torch.uint8 else images
