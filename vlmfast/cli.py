@@ -174,6 +174,22 @@ COMMANDS = {
 }
 
 
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    from vlmfast.serving.command import add_serve_arguments
+
+    add_serve_arguments(p)
+
+
+def _run_serve(args) -> int:
+    from vlmfast.serving.command import run_serve
+
+    return run_serve(args)
+
+
+COMMANDS["serve"] = ("serve a SmolVLM checkpoint over the OpenAI chat-completions API (continuous batching)",
+                     _add_serve, _run_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmfast", description="fast vision-language models on PyTorch")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
