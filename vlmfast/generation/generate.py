@@ -43,7 +43,11 @@ def infer_padding(input_ids: torch.Tensor, pad_token_id: int | None, stops: torc
 
 
 def _decodes_natively(model, input_ids: torch.Tensor, cache) -> bool:
-    """Whether model.decode_step will run the native CPU step (models/smolvlm/fast_decode.py)."""
+    """Whether model.decode_step will run the native CPU step (models/smolvlm/fast_decode.py).
+    A model that knows itself answers through decodes_natively(tokens, cache) (Qwen2VL)."""
+    ask = getattr(model, "decodes_natively", None)
+    if ask is not None:
+        return bool(ask(input_ids[:, -1], cache))
     if not getattr(model, "fast_decode", False):
         return False
     from vlmfast.models.smolvlm import fast_decode

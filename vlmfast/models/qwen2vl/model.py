@@ -1,0 +1,348 @@
+"""Qwen2-VL and Qwen2.5-VL: a native-resolution vision tower (packed images, 2D rotary, windows in
+2.5) -> features written over the image / video tokens -> Qwen2 decoder with M-RoPE -> logits.
+
+Inputs are transformers' (see inputs.py for the shapes):
+    logits = model(input_ids, pixel_values, image_grid_thw, attention_mask)
+    out = model.generate(input_ids, pixel_values, image_grid_thw, attention_mask, max_new_tokens=64)
+    loss = model.loss(input_ids, labels, pixel_values, image_grid_thw, attention_mask)
+
+Positions follow transformers: forward without images or videos numbers tokens 0..L-1 whatever
+the padding (as Qwen2VLForConditionalGeneration.forward does); with them, and always in
+generation, M-RoPE positions over the real tokens (rope_index.py). A decode step continues each
+row from its last prompt position (+1 per component: a prompt ending in text has three equal
+components, and the step is then plain 1D rotary, which the native CPU decode runs).
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmfast.generation.cache import StaticKVCache
+from vlmfast.models import checkpoint
+from vlmfast.models.layers import set_gradient_checkpointing
+from vlmfast.models.qwen2vl import inputs as _inputs
+from vlmfast.models.qwen2vl import native_decode, weights
+from vlmfast.models.qwen2vl.config import Qwen2VLConfig
+from vlmfast.models.qwen2vl.decoder import Qwen2Decoder
+from vlmfast.models.qwen2vl.rope_index import rope_index
+from vlmfast.models.qwen2vl.vision import VisionTower
+from vlmfast.models.smolvlm import _ops, packing, weights_io
+from vlmfast.models.smolvlm.model import causal_padding_mask, preferred_dtype, read_generation_defaults
+from vlmfast.ops import _checks
+
+
+class MRopeKVCache(StaticKVCache):
+    """A StaticKVCache plus each row's M-RoPE offsets: offsets (3, B) int64, the (t, h, w)
+    positions of a decode step minus the position generate() passes; uniform: all zero (then
+    a step is 1D rotary)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.offsets = torch.zeros(3, self.batch_size, dtype=torch.long, device=self.device)
+        self.uniform = True
+
+    def reset(self) -> None:
+        super().reset()
+        self.offsets.zero_()
+        self.uniform = True
+
+
+class _Body(nn.Module):
+    """transformers' Qwen2VLModel: the tower and the decoder under their module names."""
+
+    def __init__(self, cfg: Qwen2VLConfig, *, device=None, dtype=None):
+        super().__init__()
+        self.visual = VisionTower(cfg.vision_config, device=device, dtype=dtype)
+        self.language_model = Qwen2Decoder(cfg.text_config, device=device, dtype=dtype)
+
+
+class Qwen2VL(nn.Module):
+    def __init__(self, config: Qwen2VLConfig, *, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.model = _Body(config, device=device, dtype=dtype)
+        text = config.text_config
+        self.lm_head = None
+        if not config.tied:
+            self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False, device=device, dtype=dtype)
+        self.generation_defaults = {}  # eos / pad ids of the checkpoint's generation_config.json
+        self.auto_pack = True  # generate() packs bf16 CPU weights on first use (pack_weights)
+        self.native_decode = True  # decode steps of <= 2 rows run natively on a CPU (native_decode.py)
+
+    # ------------------------------------------------------------------ loading, saving
+
+    @classmethod
+    def from_pretrained(cls, path, *, device=None, dtype=None) -> "Qwen2VL":
+        """A Qwen2-VL / Qwen2.5-VL checkpoint directory (config.json + safetensors, sharded too).
+        dtype: the parameters' dtype (None: float32; "auto": bfloat16 where the device computes
+        it natively)."""
+        if dtype == "auto":
+            dtype = preferred_dtype(device)
+        config = Qwen2VLConfig.from_hf(checkpoint.read_config(path))
+        with torch.device("meta"):
+            model = cls(config)
+        # read without a memory map, q/k/v and gate/up straight into their fused tensors
+        state = weights.to_native(weights_io.read_weights(path, fuse=True))
+        if config.tied:
+            state.pop("lm_head.weight", None)  # the embeddings are the head
+        checkpoint.load_state(model, state, device=device, dtype=dtype)
+        model.generation_defaults = read_generation_defaults(path)
+        return model.eval()
+
+    def save_pretrained(self, path, *, max_shard_bytes: int | None = None, processor_from=None) -> None:
+        """Writes a checkpoint directory transformers' Qwen2VLForConditionalGeneration (or
+        Qwen2.5-VL's) and Qwen2VL.from_pretrained load: config.json (a loaded checkpoint's own,
+        unread fields kept), the weights in the hub layout transformers writes (sharded with an
+        index above max_shard_bytes, each file atomically); processor_from: a checkpoint folder
+        whose tokenizer / processor / generation files are copied."""
+        if processor_from is not None and not Path(processor_from).is_dir():
+            raise FileNotFoundError(f"processor_from: expected a checkpoint directory, got {processor_from}")
+        text = self.config.text_config
+        state = weights.to_checkpoint(self.state_dict(), text.num_attention_heads * text.head_dim,
+                                      text.num_key_value_heads * text.head_dim)
+        checkpoint.write_checkpoint(path, self.config.to_hf(), state, max_shard_bytes=max_shard_bytes)
+        copied = checkpoint.copy_processor_files(processor_from, path) if processor_from is not None else []
+        if "generation_config.json" not in copied and self.generation_defaults:
+            import json
+
+            target = Path(path) / "generation_config.json"
+            body = json.dumps(self.generation_defaults, indent=2)
+            checkpoint._atomic_write(target, lambda tmp: Path(tmp).write_text(body))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.language_model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.language_model.embed_tokens.weight.device
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """(V, D): the lm_head's weight, the embedding matrix when the head is tied."""
+        return self.model.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def _untied(self) -> bool:
+        return self.head_weight is not self.model.language_model.embed_tokens.weight
+
+    def _head_holder(self) -> nn.Module:
+        return self.lm_head if self.lm_head is not None else self.model.language_model.embed_tokens
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> logits (..., V)."""
+        return packing.linear(hidden, self._head_holder(), self.head_weight)
+
+    def set_gradient_checkpointing(self, enable: bool = True) -> "Qwen2VL":
+        """Recompute each vision block and each decoder layer in the backward (no-grad calls and
+        generation never checkpoint). Returns self."""
+        return set_gradient_checkpointing(self, enable)
+
+    def pack_weights(self) -> bool:
+        """Packs the decoder's and the head's weights for CPU inference (oneDNN layout; see
+        smolvlm/packing.py). Returns whether it packed."""
+        if self.device.type != "cpu" or not packing.available(self.dtype):
+            return False
+        for layer in self.model.language_model.layers:
+            for m in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj):
+                packing.pack(m)
+        packing.pack(self._head_holder(), self.head_weight)
+        return True
+
+    def unpack_weights(self) -> None:
+        for m in self.modules():
+            packing.unpack(m)
+
+    # ------------------------------------------------------------------ inputs
+
+    def check_inputs(self, input_ids, vision=None, _unused=None, attention_mask=None) -> "_inputs.VisionInputs":
+        """generate()'s protocol: vision is a VisionInputs (already checked) or None."""
+        if vision is None or not isinstance(vision, _inputs.VisionInputs):
+            return _inputs.check(self.config, input_ids, attention_mask, pixel_values=vision)
+        return vision
+
+    def vision_inputs(self, input_ids, attention_mask=None, **given) -> "_inputs.VisionInputs":
+        """Checks a call's arguments (ValueError / TypeError naming the argument) and bundles
+        the vision ones. given: pixel_values, image_grid_thw, pixel_values_videos,
+        video_grid_thw, second_per_grid_ts, mm_token_type_ids."""
+        return _inputs.check(self.config, input_ids, attention_mask, **given)
+
+    # ------------------------------------------------------------------ images, positions
+
+    def image_features(self, pixel_values: torch.Tensor, grid_thw: list) -> torch.Tensor:
+        """(sum t*h*w, C*tp*p*p) flattened patches + their grids -> (sum t*h*w / m^2, D_text)."""
+        return self.model.visual(pixel_values.to(self.dtype), grid_thw)
+
+    def embed(self, input_ids: torch.Tensor, vision: "_inputs.VisionInputs") -> torch.Tensor:
+        """Token embeddings (B, L, D), image and video features written over their tokens."""
+        table = self.model.language_model.embed_tokens
+        embeds = _ops.embedding(input_ids, table, weight_used_once=self._untied)
+        for pixels, grids, token in ((vision.pixel_values, vision.image_grid_thw, self.config.image_token_id),
+                                     (vision.pixel_values_videos, vision.video_grid_thw, self.config.video_token_id)):
+            if pixels is None:
+                continue
+            features = self.image_features(pixels, grids)
+            mask = (input_ids == token).unsqueeze(-1)
+            embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
+        return embeds
+
+    def _video_intervals(self, vision: "_inputs.VisionInputs") -> list | None:
+        """Qwen2.5-VL spaces a video's frames by tokens_per_second * second_per_grid_ts; Qwen2-VL by 1."""
+        if vision.video_grid_thw is None or self.config.version != "qwen2_5_vl":
+            return None
+        seconds = vision.second_per_grid_ts or [1] * len(vision.video_grid_thw)
+        return [self.config.vision_config.tokens_per_second * s for s in seconds]
+
+    def mrope_positions(self, input_ids, vision: "_inputs.VisionInputs", attention_mask=None) -> torch.Tensor:
+        """int64 (3, B, L): the M-RoPE positions of the prompt tokens (rope_index.py)."""
+        types = vision.mm_token_type_ids
+        if types is None:
+            types = _inputs.token_types(self.config, input_ids)
+        return rope_index(types, vision.image_grid_thw or [], vision.video_grid_thw or [],
+                          self.config.vision_config.spatial_merge_size, attention_mask=attention_mask,
+                          video_intervals=self._video_intervals(vision))
+
+    # ------------------------------------------------------------------ forward, loss
+
+    def hidden_states(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None,
+                      pixel_values_videos=None, video_grid_thw=None, mm_token_type_ids=None,
+                      second_per_grid_ts=None) -> torch.Tensor:
+        """The decoder's final-norm output (B, L, D), no cache."""
+        vision = self.vision_inputs(input_ids, attention_mask, pixel_values=pixel_values,
+                                    image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                                    video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+                                    mm_token_type_ids=mm_token_type_ids)
+        B, L = input_ids.shape
+        embeds = self.embed(input_ids, vision)
+        if vision.has_vision:
+            positions = self.mrope_positions(input_ids, vision, attention_mask)
+        else:  # transformers' forward numbers every token 0..L-1, padding or not
+            positions = torch.arange(L, device=input_ids.device).expand(B, L)
+        mask, causal = None, True
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask, causal = causal_padding_mask(attention_mask.to(torch.bool)), False
+        return self.model.language_model(embeds, positions, attn_mask=mask, is_causal=causal)
+
+    def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None,
+                pixel_values_videos=None, video_grid_thw=None, mm_token_type_ids=None,
+                second_per_grid_ts=None) -> torch.Tensor:
+        """Logits (B, L, V), equal to transformers' Qwen2VLForConditionalGeneration's (or
+        Qwen2_5_VLForConditionalGeneration's) for the same inputs."""
+        return self.head(self.hidden_states(input_ids, pixel_values, image_grid_thw, attention_mask,
+                                            pixel_values_videos, video_grid_thw, mm_token_type_ids,
+                                            second_per_grid_ts))
+
+    def loss(self, input_ids, labels, pixel_values=None, image_grid_thw=None, attention_mask=None,
+             pixel_values_videos=None, video_grid_thw=None, mm_token_type_ids=None,
+             second_per_grid_ts=None) -> torch.Tensor:
+        """Mean next-token cross entropy: logits at i predict labels[i + 1], -100 ignored
+        (transformers' ForCausalLMLoss), fused with the head (no (B, L, V) logits held)."""
+        _checks.integer("labels", labels)
+        if tuple(labels.shape) != tuple(input_ids.shape):
+            raise ValueError(f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, got "
+                             f"{_checks.shape_of(labels)}")
+        hidden = self.hidden_states(input_ids, pixel_values, image_grid_thw, attention_mask, pixel_values_videos,
+                                    video_grid_thw, mm_token_type_ids, second_per_grid_ts)
+        targets = F.pad(labels, (0, 1), value=-100)[:, 1:].to(device=hidden.device, dtype=torch.long)
+        if not torch.compiler.is_compiling():
+            # only the labelled positions reach the head (prompt and image tokens are most of a batch)
+            keep = targets != -100
+            if 0 < int(keep.sum()) < keep.numel():
+                hidden, targets = hidden[keep], targets[keep]
+        weight = self.head_weight
+        if torch.is_autocast_enabled(hidden.device.type):
+            low = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(low), weight.to(low)
+        return _ops.linear_cross_entropy(hidden, weight, targets, weight_used_once=self._untied)
+
+    # ------------------------------------------------------------------ cached steps (generation)
+
+    def new_cache(self, batch_size: int, max_len: int) -> MRopeKVCache:
+        text = self.config.text_config
+        return MRopeKVCache(text.num_hidden_layers, batch_size, text.num_key_value_heads, max_len, text.head_dim,
+                            device=self.device, dtype=self.dtype)
+
+    def prefill(self, input_ids, vision, _unused, attention_mask, cache) -> tuple:
+        """Runs the prompt into an empty cache (slots [0, L)); attention_mask bool (B, L).
+        Returns (logits of the last slot (B, V) float32, the temporal position of each row's
+        last token (B,)); the other two components' offsets go to cache.offsets."""
+        vision = vision if isinstance(vision, _inputs.VisionInputs) else _inputs.VisionInputs()
+        B, L = input_ids.shape
+        embeds = self.embed(input_ids, vision)
+        # transformers' generate: M-RoPE over the real tokens, text-only prompts included
+        positions = self.mrope_positions(input_ids, vision, attention_mask)
+        cache.append_mask(attention_mask)
+        padded = not bool(attention_mask.all())
+        mask = causal_padding_mask(attention_mask) if padded else None
+        uniform = bool((positions[0] == positions[1]).all() and (positions[0] == positions[2]).all())
+        hidden = self.model.language_model(embeds, positions[0] if uniform else positions, attn_mask=mask,
+                                           is_causal=not padded, cache=cache, slot=0)
+        cache.advance(L)
+        last = positions[:, :, -1]
+        if isinstance(cache, MRopeKVCache):
+            cache.offsets.copy_(last - last[0])
+            cache.uniform = bool((cache.offsets == 0).all())
+        return self.head(hidden[:, -1]).float(), last[0].clone()
+
+    def _step_positions(self, positions: torch.Tensor, cache) -> torch.Tensor:
+        """(B,) temporal positions -> (B, 1) or, with offsets, (3, B, 1)."""
+        if getattr(cache, "uniform", True):
+            return positions[:, None]
+        return (positions[None, :] + cache.offsets)[:, :, None]
+
+    def decodes_natively(self, tokens: torch.Tensor, cache) -> bool:
+        """Whether decode_step will take the native CPU path for these rows (generate() asks)."""
+        return self.native_decode and getattr(cache, "uniform", True) and native_decode.will_run(self, tokens, cache)
+
+    def decode_step(self, tokens, positions, cache, padded: bool = True) -> torch.Tensor:
+        """One token per row into slot cache.length. tokens int (B,), positions int (B,) (the
+        temporal component). Returns logits (B, V) float32."""
+        if self.native_decode and getattr(cache, "uniform", True):
+            logits = native_decode.decode_step(self, tokens, positions, cache, padded)
+            if logits is not None:
+                return logits
+        slot = cache.length
+        cache.key_mask[:, slot] = True
+        embeds = self.model.language_model.embed_tokens(tokens[:, None])
+        mask = cache.attention_mask(slot + 1) if padded else None
+        hidden = self.model.language_model(embeds, self._step_positions(positions, cache), attn_mask=mask,
+                                           cache=cache, slot=slot)
+        cache.advance(1)
+        return self.head(hidden[:, 0]).float()
+
+    def decode_step_static(self, tokens, positions, slot, cache) -> torch.Tensor:
+        """decode_step with step-independent shapes (the CUDA-graph capturable step): slot an
+        int64 (1,) tensor, attention over all max_len slots under the key mask, the M-RoPE
+        offsets always added. The caller advances cache.length."""
+        cache.key_mask.index_fill_(1, slot, True)
+        embeds = self.model.language_model.embed_tokens(tokens[:, None])
+        steps = (positions[None, :] + cache.offsets)[:, :, None]
+        hidden = self.model.language_model(embeds, steps, attn_mask=cache.attention_mask(cache.max_len),
+                                           cache=cache, slot=slot)
+        return self.head(hidden[:, 0]).float()
+
+    def generate(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, *,
+                 pixel_values_videos=None, video_grid_thw=None, mm_token_type_ids=None, second_per_grid_ts=None,
+                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 eos_token_id=None, **options) -> torch.Tensor:
+        """Batched generation with a static KV cache, rows left-padded. Returns int (B, L + new);
+        greedy output equals transformers' generate(do_sample=False). eos_token_id None: the
+        checkpoint's generation_config.json, else the decoder config's. More options (top_k,
+        pad_token_id, streamer, generator, cache, static_shapes, cuda_graphs):
+        vlmfast.generation.generate."""
+        from vlmfast.generation.generate import generate
+
+        vision = self.vision_inputs(input_ids, attention_mask, pixel_values=pixel_values,
+                                    image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                                    video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+                                    mm_token_type_ids=mm_token_type_ids)
+        if eos_token_id is None:
+            eos_token_id = self.generation_defaults.get("eos_token_id")
+        if options.get("pad_token_id") is None and self.generation_defaults.get("pad_token_id") is not None:
+            options["pad_token_id"] = self.generation_defaults["pad_token_id"]
+        # the vision inputs travel as one object in generate()'s pixel_values slot (see check_inputs)
+        return generate(self, input_ids, vision, None, attention_mask, max_new_tokens=max_new_tokens,
+                        do_sample=do_sample, temperature=temperature, top_p=top_p, eos_token_id=eos_token_id,
+                        **options)
