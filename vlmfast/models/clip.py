@@ -22,9 +22,12 @@ class CLIPVisionTransformer(nn.Module):
         self.encoder = Encoder(cfg, **kw)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
 
-    def forward_tokens(self, pixel_values, mean=None, std=None) -> torch.Tensor:
-        """(B, 1 + N, D) hidden states of the last layer (before post_layernorm)."""
-        return self.encoder(self.pre_layrnorm(self.embeddings(pixel_values, mean=mean, std=std)))
+    def forward_tokens(self, pixel_values, mean=None, std=None, *, hidden_states=None) -> torch.Tensor:
+        """(B, 1 + N, D) hidden states of the last layer (before post_layernorm). hidden_states:
+        transformers' indices (e.g. (-2,), LLaVA's feature layer): a list of those layers'
+        (B, 1 + N, D) outputs instead, the deeper layers not run (Encoder.forward)."""
+        x = self.pre_layrnorm(self.embeddings(pixel_values, mean=mean, std=std))
+        return self.encoder(x, hidden_states=hidden_states)
 
     def forward(self, pixel_values, mean=None, std=None) -> torch.Tensor:
         return self.post_layernorm(self.forward_tokens(pixel_values, mean=mean, std=std)[:, 0])

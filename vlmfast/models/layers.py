@@ -102,14 +102,39 @@ class Encoder(nn.Module):
         # recomputed in the backward instead of kept (memory for ~1 extra forward).
         self.gradient_checkpointing = False
 
-    def forward(self, x, attn_mask=None, is_causal: bool = False):
+    def forward(self, x, attn_mask=None, is_causal: bool = False, *, hidden_states=None):
+        """x (B, L, D) -> the last layer's output (B, L, D). hidden_states: indices into
+        transformers' hidden_states (0: the input, i: layer i's output; negative ones count from
+        the end), e.g. (-2,) for LLaVA's penultimate layer: returns a list of those tensors in
+        the order asked, and the layers after the deepest one asked do not run."""
+        wanted = None
+        if hidden_states is not None:
+            wanted = resolve_hidden_states(hidden_states, len(self.layers))
+            collected = {0: x} if 0 in wanted else {}
+        layers = self.layers if wanted is None else self.layers[: max(wanted)]
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
-        for layer in self.layers:
+        for i, layer in enumerate(layers, 1):
             if checkpointing:
                 x = checkpoint(layer, x, attn_mask=attn_mask, is_causal=is_causal, use_reentrant=False)
             else:
                 x = layer(x, attn_mask=attn_mask, is_causal=is_causal)
-        return x
+            if wanted is not None and i in wanted:
+                collected[i] = x
+        return x if wanted is None else [collected[i] for i in wanted]
+
+
+def resolve_hidden_states(indices, num_layers: int) -> list[int]:
+    """transformers' hidden_states indices (num_layers + 1 of them, negatives from the end) ->
+    non-negative ones, in order. ValueError for one out of range."""
+    resolved = []
+    for index in indices:
+        if isinstance(index, bool) or not isinstance(index, int) or not -(num_layers + 1) <= index <= num_layers:
+            raise ValueError(
+                f"hidden_states: expected indices in [-{num_layers + 1}, {num_layers}] (the input and "
+                f"{num_layers} layer outputs), got {index!r}"
+            )
+        resolved.append(index % (num_layers + 1))
+    return resolved
 
 
 def set_gradient_checkpointing(model: nn.Module, enable: bool = True) -> nn.Module:

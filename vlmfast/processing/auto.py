@@ -6,6 +6,8 @@ import os
 
 from vlmfast.processing import config as cfg
 from vlmfast.processing.base import ImageProcessor
+from vlmfast.processing.blip_image import BlipImageProcessor
+from vlmfast.processing.llava_image import LlavaImageProcessor
 from vlmfast.processing.resize_crop import CLIPImageProcessor, SiglipImageProcessor
 from vlmfast.processing.smolvlm import Idefics3ImageProcessor, SmolVLMImageProcessor
 
@@ -15,6 +17,8 @@ PROCESSORS: dict[str, type[ImageProcessor]] = {
     "SiglipImageProcessor": SiglipImageProcessor,
     "SmolVLMImageProcessor": SmolVLMImageProcessor,
     "Idefics3ImageProcessor": Idefics3ImageProcessor,
+    "LlavaImageProcessor": LlavaImageProcessor,
+    "BlipImageProcessor": BlipImageProcessor,
 }
 
 

@@ -1,0 +1,263 @@
+"""What LLaVA and BLIP-2 share: a decoder-only language model whose prompt embeddings carry image
+features written over the image tokens, with the logits, the loss and the generation protocol
+(new_cache / prefill / decode_step, vlmfast.generation.generate) built on top.
+
+A family subclasses CausalVLM and provides:
+  decoder            a module (inputs_embeds (B, L, D), position_ids (B, L), attn_mask bool
+                     broadcastable to (B, 1, L, S) or None, is_causal, cache, slot) -> the final
+                     hidden states (B, L, D_head) (after the final norm / projection)
+  embed_tokens       the decoder's nn.Embedding
+  lm_head            an nn.Linear, or None when the head is tied to embed_tokens
+  embed(input_ids, pixel_values) -> (B, L, D): token embeddings with the image features written in
+  check_images(input_ids, pixel_values): ValueError / TypeError naming the argument
+  forward_positions(attention_mask (B, L) bool or None, B, L) -> int (B, L): the positions
+                     transformers' forward (no cache) gives the tokens
+  cache_layout()     -> (num_layers, num_kv_heads, head_dim) of the decoder's attention
+and config.text_config with eos_token_id / pad_token_id (generate's defaults).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmfast.models import checkpoint
+from vlmfast.models.layers import set_gradient_checkpointing
+from vlmfast.models.smolvlm import _ops, packing
+from vlmfast.models.smolvlm.model import causal_padding_mask, preferred_dtype, read_generation_defaults
+from vlmfast.ops import _checks
+
+__all__ = ["CausalVLM", "causal_padding_mask", "preferred_dtype", "read_generation_defaults", "write_image_features"]
+
+
+def write_image_features(embeds: torch.Tensor, is_image: torch.Tensor, features: torch.Tensor | None,
+                         *, token_id: int, per_image: int) -> torch.Tensor:
+    """embeds (B, L, D) with the rows of features (n_images, per_image, D) written, in order, over
+    the positions where is_image (B, L) is True (as transformers' masked_scatter). ValueError
+    naming input_ids when the counts differ."""
+    tokens = int(is_image.sum())
+    images = 0 if features is None else features.shape[0]
+    if tokens != images * per_image:
+        raise ValueError(
+            f"input_ids: expected {per_image} image tokens (id {token_id}) per image, i.e. {images * per_image} "
+            f"for the {images} image(s) in pixel_values, got {tokens}"
+        )
+    if features is None:
+        return embeds
+    return embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
+
+
+class CausalVLM(nn.Module):
+    """Base class (see the module doc). Attributes every instance has: generation_defaults (eos /
+    pad ids of the checkpoint's generation_config.json), auto_pack (generate packs bf16 CPU
+    weights for oneDNN on first use)."""
+
+    def __init__(self):
+        super().__init__()
+        self.generation_defaults = {}
+        self.auto_pack = True
+
+    # ------------------------------------------------------------------ subclass hooks
+
+    @property
+    def decoder(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def embed(self, input_ids, pixel_values=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_images(self, input_ids, pixel_values) -> None:
+        raise NotImplementedError
+
+    def forward_positions(self, attention_mask, B: int, L: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def cache_layout(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ common properties
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """(V, D): the lm_head's weight, the embedding matrix when the head is tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def _untied(self) -> bool:
+        return self.head_weight is not self.embed_tokens.weight
+
+    def _head_holder(self) -> nn.Module:
+        return self.lm_head if self.lm_head is not None else self.embed_tokens
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> logits (..., V)."""
+        return packing.linear(hidden, self._head_holder(), self.head_weight)
+
+    def set_gradient_checkpointing(self, enable: bool = True):
+        """Recompute each layer of every stack (vision tower, Q-Former, decoder) in the backward
+        instead of keeping its activations. Generation never checkpoints. Returns self."""
+        return set_gradient_checkpointing(self, enable)
+
+    def pack_weights(self) -> bool:
+        """Packs the decoder's Linear weights and the head for CPU inference (oneDNN layout, see
+        smolvlm/packing.py; one more copy of those weights). Returns whether it packed."""
+        if self.device.type != "cpu" or not packing.available(self.dtype):
+            return False
+        for m in self.decoder.modules():
+            if isinstance(m, nn.Linear):
+                packing.pack(m)
+        packing.pack(self._head_holder(), self.head_weight)
+        return True
+
+    def unpack_weights(self) -> None:
+        for m in self.modules():
+            packing.unpack(m)
+
+    # ------------------------------------------------------------------ validation
+
+    def check_inputs(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None) -> None:
+        """ValueError / TypeError naming the argument and the expected shape."""
+        _checks.integer("input_ids", input_ids)
+        _checks.rank("input_ids", input_ids, 2, "(B, L) token ids")
+        B, L = input_ids.shape
+        if L == 0:
+            raise ValueError("input_ids: expected (B, L) with L >= 1, got an empty sequence")
+        if attention_mask is not None:
+            _checks.tensor("attention_mask", attention_mask)
+            if tuple(attention_mask.shape) != (B, L):
+                raise ValueError(
+                    f"attention_mask: expected (B, L) = ({B}, {L}), got {_checks.shape_of(attention_mask)}"
+                )
+        if pixel_attention_mask is not None:
+            raise ValueError(f"pixel_attention_mask: {type(self).__name__} takes none (whole images only)")
+        self.check_images(input_ids, pixel_values)
+
+    # ------------------------------------------------------------------ forward, loss
+
+    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None) -> torch.Tensor:
+        """The decoder's output (B, L, D) before the head, no cache."""
+        self.check_inputs(input_ids, pixel_values, None, attention_mask)
+        B, L = input_ids.shape
+        embeds = self.embed(input_ids, pixel_values)
+        mask, causal = None, True
+        valid = None if attention_mask is None else attention_mask.to(torch.bool)
+        if valid is not None and not bool(valid.all()):
+            mask, causal = causal_padding_mask(valid), False
+        if position_ids is None:
+            position_ids = self.forward_positions(valid, B, L)
+        return self.decoder(embeds, position_ids, mask, causal)
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None) -> torch.Tensor:
+        """Logits (B, L, V), equal to transformers' for the same inputs (padding positions aside)."""
+        return self.head(self.hidden_states(input_ids, pixel_values, attention_mask, position_ids=position_ids))
+
+    def loss(self, input_ids, labels, pixel_values=None, attention_mask=None) -> torch.Tensor:
+        """Mean next-token cross entropy: logits at i predict labels[i + 1]; -100 is ignored
+        (transformers' ForCausalLMLoss, float32 logits), fused with the head so that the
+        (B, L, V) logits are never held. labels: int (B, L)."""
+        _checks.integer("labels", labels)
+        if tuple(labels.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, got {_checks.shape_of(labels)}"
+            )
+        hidden = self.hidden_states(input_ids, pixel_values, attention_mask)
+        targets = F.pad(labels, (0, 1), value=-100)[:, 1:].to(device=hidden.device, dtype=torch.long)
+        if not torch.compiler.is_compiling():
+            # only the labelled positions reach the head (image and prompt tokens are most of a batch)
+            keep = targets != -100
+            if 0 < int(keep.sum()) < keep.numel():
+                hidden, targets = hidden[keep], targets[keep]
+        weight = self.head_weight
+        if torch.is_autocast_enabled(hidden.device.type):
+            low = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(low), weight.to(low)
+        return _ops.linear_cross_entropy(hidden, weight, targets, weight_used_once=self._untied)
+
+    # ------------------------------------------------------------------ cached steps (generation)
+
+    def new_cache(self, batch_size: int, max_len: int):
+        from vlmfast.generation.cache import StaticKVCache
+
+        layers, kv_heads, head_dim = self.cache_layout()
+        return StaticKVCache(layers, batch_size, kv_heads, max_len, head_dim, device=self.device, dtype=self.dtype)
+
+    def prefill(self, input_ids, pixel_values, pixel_attention_mask, attention_mask, cache) -> tuple:
+        """Runs the prompt into an empty `cache` (slots [0, L)). attention_mask bool (B, L).
+        Returns (logits of the last slot (B, V) float32, positions of the last token (B,))."""
+        L = input_ids.shape[1]
+        embeds = self.embed(input_ids, pixel_values)
+        positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # transformers' generate rule
+        cache.append_mask(attention_mask)
+        padded = not bool(attention_mask.all())
+        mask = causal_padding_mask(attention_mask) if padded else None
+        hidden = self.decoder(embeds, positions, mask, not padded, cache=cache, slot=0)
+        cache.advance(L)
+        return self.head(hidden[:, -1]).float(), positions[:, -1].clone()
+
+    def decode_step(self, tokens, positions, cache, padded: bool = True) -> torch.Tensor:
+        """One token per row into slot cache.length; tokens, positions int (B,). Returns logits
+        (B, V) float32."""
+        slot = cache.length
+        cache.key_mask[:, slot] = True
+        embeds = self.embed_tokens(tokens[:, None])
+        mask = cache.attention_mask(slot + 1) if padded else None
+        hidden = self.decoder(embeds, positions[:, None], mask, False, cache=cache, slot=slot)
+        cache.advance(1)
+        return self.head(hidden[:, 0]).float()
+
+    def decode_step_static(self, tokens, positions, slot, cache) -> torch.Tensor:
+        """decode_step with step-independent shapes (slot an int64 (1,) tensor; attention over all
+        max_len slots under the key mask): the function a CUDA graph captures. The caller
+        advances cache.length."""
+        cache.key_mask.index_fill_(1, slot, True)
+        embeds = self.embed_tokens(tokens[:, None])
+        hidden = self.decoder(embeds, positions[:, None], cache.attention_mask(cache.max_len), False,
+                              cache=cache, slot=slot)
+        return self.head(hidden[:, 0]).float()
+
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int = 20,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None,
+                 **options) -> torch.Tensor:
+        """Batched generation with a static KV cache, rows left-padded. Returns int (B, L + new);
+        greedy output equals transformers' generate(do_sample=False). eos_token_id None: the
+        checkpoint's generation_config.json, else its decoder config. More options (top_k,
+        pad_token_id, streamer, generator, cache, static_shapes): vlmfast.generation.generate."""
+        from vlmfast.generation.generate import generate
+
+        if eos_token_id is None:
+            eos_token_id = self.generation_defaults.get("eos_token_id")
+        if options.get("pad_token_id") is None and self.generation_defaults.get("pad_token_id") is not None:
+            options["pad_token_id"] = self.generation_defaults["pad_token_id"]
+        return generate(self, input_ids, pixel_values, None, attention_mask, max_new_tokens=max_new_tokens,
+                        do_sample=do_sample, temperature=temperature, top_p=top_p, eos_token_id=eos_token_id,
+                        **options)
+
+    # ------------------------------------------------------------------ saving
+
+    def _write(self, path, config: dict, hf_state: dict, *, max_shard_bytes=None, processor_from=None) -> None:
+        """config.json + weights (checkpoint.write_checkpoint), the processor files of
+        processor_from, and generation_config.json from generation_defaults when none was copied."""
+        if processor_from is not None and not Path(processor_from).is_dir():
+            raise FileNotFoundError(f"processor_from: expected a checkpoint directory, got {processor_from}")
+        checkpoint.write_checkpoint(path, config, hf_state, max_shard_bytes=max_shard_bytes)
+        copied = checkpoint.copy_processor_files(processor_from, path) if processor_from is not None else []
+        if "generation_config.json" not in copied and self.generation_defaults:
+            target = Path(path) / "generation_config.json"
+            text = json.dumps(self.generation_defaults, indent=2)
+            checkpoint._atomic_write(target, lambda tmp: Path(tmp).write_text(text))
