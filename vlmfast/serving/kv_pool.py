@@ -112,10 +112,12 @@ class KVPool:
         `remaining` more slots fits beside the live rows, after a shift if need be."""
         if self.n >= self.rows:
             return False
-        length = max(self.length, prompt_len)
-        start = length - prompt_len
-        starts = self.start + [start]
-        ends = self.end + [length + remaining]
+        if self.n == 0:
+            return prompt_len + remaining <= self.max_len
+        bump = max(0, prompt_len - self.length)  # live rows skip `bump` slots: their ends move too
+        length = self.length + bump
+        starts = self.start + [length - prompt_len]
+        ends = [e + bump for e in self.end] + [length + remaining]
         return max(ends) - min(starts) <= self.max_len
 
     def join(self, prompt_len: int, remaining: int) -> int:
@@ -126,7 +128,10 @@ class KVPool:
         if self.n == 0:
             self.length = 0  # nothing live: start over at slot 0, as generate() alone
         if self.length < prompt_len:
-            # every live row gets masked slots up to prompt_len (the key mask beyond length is False)
+            # every live row gets masked slots up to prompt_len (the key mask beyond length is
+            # False) and will write its remaining tokens that much later
+            bump = prompt_len - self.length
+            self.end = [e + bump for e in self.end]
             self.length = prompt_len
         start = self.length - prompt_len
         if max(self.end + [self.length + remaining]) > self.max_len:
