@@ -8,15 +8,15 @@ differ). Pickle files (pytorch_model.bin) are never read.
 """
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from vlmfast import _atomic
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -116,9 +116,12 @@ def read_weights(path) -> dict:
     """Every tensor of a checkpoint, by Hugging Face key."""
     state = {}
     for file in weight_files(path):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                state[key] = f.get_tensor(key)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    state[key] = f.get_tensor(key)
+        except SafetensorError as error:  # truncated or not safetensors: name the file, no traceback
+            raise ValueError(f"{file}: not a readable safetensors file ({error})") from None
     return state
 
 
@@ -155,16 +158,9 @@ def load_state(model: torch.nn.Module, hf_state: dict, *, device=None, dtype=Non
 # ----------------------------------------------------------------------------- writing
 
 def _atomic_write(target: Path, write) -> None:
-    """write(tmp_path) then rename: a reader never sees a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """write(tmp_path) then rename: a reader never sees a half-written file; the file gets the
+    umask's mode like every other file of the checkpoint (vlmfast._atomic)."""
+    _atomic.atomic_write(target, write)
 
 
 def save_checkpoint(path, config: dict, model: torch.nn.Module, *, max_shard_bytes: int | None = None) -> None:
