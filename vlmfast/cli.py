@@ -13,17 +13,23 @@ import argparse
 import json
 import sys
 
+from vlmfast import cli_args
+
 
 # ----------------------------------------------------------------------------- demo
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="vlmfast-demo", help="where the trained model is saved (default ./vlmfast-demo)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the full demo)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--train-images", type=int, default=None, help="size of the generated training set")
-    p.add_argument("--test-images", type=int, default=None, help="held-out images for the evaluation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's choice)")
+    p.add_argument("--out", default="vlmfast-demo", type=cli_args.output_dir,
+                   help="where the trained model is saved (default ./vlmfast-demo)")
+    p.add_argument("--steps", type=cli_args.positive_int, default=None, help="training steps (default: the full demo)")
+    p.add_argument("--batch-size", type=cli_args.positive_int, default=None)
+    p.add_argument("--train-images", type=cli_args.positive_int, default=None,
+                   help="size of the generated training set (at least --batch-size)")
+    p.add_argument("--test-images", type=cli_args.int_in(5, 1_000_000), default=None,
+                   help="held-out images for the evaluation (at least 5: Recall@5)")
+    p.add_argument("--seed", type=cli_args.non_negative_int, default=0)
+    p.add_argument("--threads", type=cli_args.non_negative_int, default=1,
+                   help="torch CPU threads (default 1; 0: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="print only the final report (JSON)")
 
 
@@ -36,7 +42,11 @@ def _run_demo(args) -> int:
     for name in ("batch_size", "train_images", "test_images"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
-    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    if cfg.train_images < cfg.batch_size:
+        raise cli_args.usage_error("--train-images", f"expected at least the batch size ({cfg.batch_size}), "
+                                                     f"got {cfg.train_images}")
+    # progress lines are diagnostics (stderr); the report below is the result (stdout)
+    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     report = run_demo(cfg, log=log)
     if report is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
@@ -48,7 +58,8 @@ def _run_demo(args) -> int:
             f"({report['num_test_images']} held-out images)\n"
             f"image->text R@1 {report['image_to_text']['R@1']:.1%}  R@5 {report['image_to_text']['R@5']:.1%}\n"
             f"text->image R@1 {report['text_to_image']['R@1']:.1%}  R@5 {report['text_to_image']['R@5']:.1%}\n"
-            f"trained {report['steps']} steps in {report['train_seconds']:.1f} s; model saved to {report['out']}"
+            f"trained {report['steps']} steps in {report['train_seconds']:.1f} s ({report['total_seconds']:.1f} s in "
+            f"all, with making the data and evaluating); model saved to {report['out']}"
         )
     return 0
 
@@ -56,18 +67,39 @@ def _run_demo(args) -> int:
 # ----------------------------------------------------------------------------- embed / zeroshot
 
 def _add_model_and_images(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face CLIP or SigLIP layout)")
-    p.add_argument("--images", required=True, help="a directory of images (recursive) or a text file of paths")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda when available)")
+    p.add_argument("--model", required=True, type=cli_args.checkpoint_dir,
+                   help="checkpoint directory (Hugging Face CLIP or SigLIP layout)")
+    p.add_argument("--images", required=True, type=cli_args.existing_path,
+                   help="a folder of images (searched recursively), one image file, or a text file with one "
+                        "image path per line (relative paths are read against the list's folder)")
+    p.add_argument("--batch-size", type=cli_args.positive_int, default=64, help="images per forward (default 64)")
+    p.add_argument("--device", type=cli_args.device, default=None, help="e.g. cpu, cuda (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_skip_bad_inputs(p, default=True)
+    add_quiet(p)
+
+
+def add_skip_bad_inputs(p: argparse.ArgumentParser, *, default: bool) -> None:
+    """--skip-bad-inputs / --no-skip-bad-inputs: one rule for every command that reads many inputs."""
+    p.add_argument("--skip-bad-inputs", action=argparse.BooleanOptionalAction, default=default,
+                   help="an input that cannot be read gets an error entry (path and reason) and the rest go on; "
+                        "with --no-skip-bad-inputs every input is checked before the model loads and all problems "
+                        f"are reported together (default: {'on' if default else 'off'})")
+
+
+def add_quiet(p: argparse.ArgumentParser, help: str = "no progress bar (it is drawn on a terminal only)") -> None:
+    p.add_argument("--quiet", action="store_true", help=help)
 
 
 def _add_embed(p: argparse.ArgumentParser) -> None:
     _add_model_and_images(p)
-    p.add_argument("--out", required=True, help="output directory: shard-NNNNN.{npy,safetensors} + .paths.txt")
-    p.add_argument("--shard-size", type=int, default=4096, help="images per output shard")
+    p.add_argument("--out", required=True, type=cli_args.output_dir,
+                   help="output folder: shard-NNNNN.{npy,safetensors} + .paths.txt + .json (its record), manifest.json")
+    p.add_argument("--shard-size", type=cli_args.positive_int, default=4096, help="images per output shard (default 4096)")
     p.add_argument("--format", default="npy", choices=["npy", "safetensors"])
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the embeddings already in --out (a rerun otherwise continues them, and refuses "
+                        "when they were made with another model, format or preprocessing, or from other images)")
 
 
 def _run_embed(args) -> int:
@@ -75,28 +107,46 @@ def _run_embed(args) -> int:
 
     summary = embed_folder(
         args.model, args.images, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
-        fmt=args.format, device=args.device, dtype=args.dtype,
+        fmt=args.format, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
+        skip_bad_inputs=args.skip_bad_inputs, show_progress=not args.quiet,
     )
-    print(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "fingerprint"}, indent=2))
+    if summary["images"] == 0:
+        print(f"vlmfast embed: error: no image could be embedded ({summary['failed_count']} failed; "
+              f"see {args.out / 'manifest.json'})", file=sys.stderr)
+        return 1
     return 0
 
 
 def _add_zeroshot(p: argparse.ArgumentParser) -> None:
     _add_model_and_images(p)
-    p.add_argument("--labels", required=True, help="comma-separated class names, or a file with one per line")
-    p.add_argument("--templates", default=None,
-                   help="prompt templates with {} for the label, '|'-separated or a file (default: 'a photo of a {}.')")
-    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--labels", required=True, type=cli_args.labels,
+                   help="class names: comma-separated, a JSON list, or a file (one name per line, or a JSON list)")
+    p.add_argument("--templates", default=None, type=cli_args.templates,
+                   help="prompt templates, each with one {} for the label: '|'-separated, a JSON list or a file "
+                        "(default: 'a photo of a {}.'); several are averaged (CLIP's prompt ensembling)")
+    p.add_argument("--top-k", type=cli_args.positive_int, default=1, help="labels per image, best first (default 1)")
+    p.add_argument("--scores", default="probability", choices=["probability", "cosine"],
+                   help="probability (default): softmax over the labels of exp(logit_scale) * cosine, as "
+                        "open_clip's zero-shot (SigLIP: its sigmoid per label); cosine: the raw similarity")
 
 
 def _run_zeroshot(args) -> int:
     from vlmfast.models.embedding import zeroshot_folder
 
+    if args.top_k > len(args.labels):
+        raise cli_args.usage_error("--top-k", f"expected at most the {len(args.labels)} labels, got {args.top_k}")
+    produced = 0
     for row in zeroshot_folder(
         args.model, args.images, args.labels, templates=args.templates, batch_size=args.batch_size,
-        top_k=args.top_k, device=args.device, dtype=args.dtype,
+        top_k=args.top_k, device=args.device, dtype=args.dtype, scores=args.scores,
+        skip_bad_inputs=args.skip_bad_inputs, show_progress=not args.quiet,
     ):
+        produced += "error" not in row
         print(json.dumps(row), flush=True)
+    if produced == 0:
+        print("vlmfast zeroshot: error: no image could be classified (every row above is an error)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -200,13 +250,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that keep their work when interrupted and continue it when rerun alike.
+RESUMABLE = {"embed", "finetune", "generate"}
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Runs one command; returns its exit status (0 done, 1 nothing produced or a system error,
+    2 bad arguments or input, named; 130 interrupted)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help (0) or a bad argument, already reported by argparse (2)
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
+    command = " ".join(str(getattr(args, name)) for name in ("command", "task") if getattr(args, name, None))
     try:
         return args._run(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"vlmfast {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError) as err:  # bad input, named by the raiser: usage status
+        print(f"vlmfast {command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the disk or the system said no (permissions, space)
+        print(f"vlmfast {command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        again = "; rerun the same command to continue where it stopped" if args.command in RESUMABLE else ""
+        print(f"\nvlmfast {command}: interrupted{again}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

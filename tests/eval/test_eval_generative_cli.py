@@ -92,7 +92,7 @@ def test_eval_vqa_errors_are_reported(setup, tmp_path, capsys):
                  "--annotations", str(tmp_path / "none.json"), "--images", str(folder), "--quiet"])
     assert code == 2
     assert "none.json" in capsys.readouterr().err
-    code = main(["eval", "caption", "--model", str(path), "--annotations", "x", "--images", "y",
-                 "--max-new-tokens", "0"])
+    code = main(["eval", "caption", "--model", str(path), "--annotations", str(folder / "11.png"), "--images",
+                 str(folder), "--max-new-tokens", "0"])
     assert code == 2
-    assert "--max-new-tokens: expected a positive int" in capsys.readouterr().err
+    assert "argument --max-new-tokens: expected a positive integer" in capsys.readouterr().err

@@ -350,12 +350,20 @@ def test_caption(tmp_path):
         runners.run_caption(lambda images, prompts: [1] * len(images), path, tmp_path / "img", show_progress=False)
 
 
-def test_progress_bar_without_tqdm(capsys, monkeypatch):
+def test_progress_bar_on_a_terminal():
+    import io
+
     from vlmfast.eval import _progress
 
-    assert list(_progress._plain(range(3), 3, "demo")) == [0, 1, 2]
-    err = capsys.readouterr().err
-    assert "demo [" in err and "3/3" in err
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    with _progress.Progress(3, "demo", stream=stream, delay=0) as bar:
+        for _ in range(3):
+            bar.update(1)
+    assert "demo [" in stream.getvalue() and "3/3" in stream.getvalue()
 
 
 class ModuleColourModel(torch.nn.Module):

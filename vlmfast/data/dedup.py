@@ -3,6 +3,11 @@
     pairs = find_duplicates(hashes, max_distance=4)     # [(i, j), ...], i < j
     result = dedup_folder("images/", max_distance=4)    # groups, what to keep, what to remove
 
+The keeper of a group (KEEP_RULE) is the copy with the most pixels, then one in a lossless format
+(PNG, BMP, TIFF, lossless WebP: a JPEG re-save of a PNG holds less, even when its file is larger),
+then the larger file, then the first path in sorted order. Pixels come first because a lossless
+thumbnail holds less of the picture than the full-size JPEG it was made from.
+
 The pair search runs in C++ (csrc/cpu/hamming.cpp): for small distances a pigeonhole search
 (split the 64 bits into max_distance + 1 bands; a pair within the distance agrees exactly on one
 band, so only hashes sharing a band value are compared), else every pair in cache-sized tiles.
@@ -22,6 +27,12 @@ from vlmfast import _extension
 from vlmfast.data.phash import pack_bits, phash_bits
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+KEEP_RULE = "most pixels, then a lossless format over a palette (GIF) or lossy one (JPEG), then the larger file, " \
+            "then the first path"
+# Pillow format -> rank in the keeper rule: every pixel kept > a palette of 256 colours > lossy.
+_LOSSLESS, _PALETTE, _LOSSY = 2, 1, 0
+_FORMAT_RANK = {"PNG": _LOSSLESS, "BMP": _LOSSLESS, "TIFF": _LOSSLESS, "PPM": _LOSSLESS, "TGA": _LOSSLESS,
+                "GIF": _PALETTE, "JPEG": _LOSSY, "MPO": _LOSSY, "WEBP": _LOSSY}
 _MAX_INDEX = 2**31 - 1  # the kernel packs pair indices into 32 bits
 _NUMPY_CHUNK = 2048
 
@@ -139,6 +150,7 @@ class DedupResult:
     groups: list[list[Path]]
     unreadable: list[Path]
     hashes: dict[Path, int]
+    reasons: dict[Path, str] = dataclasses.field(default_factory=dict)  # why each unreadable file failed
 
     def to_json(self) -> str:
         rel = lambda p: str(p.relative_to(self.root))  # noqa: E731
@@ -146,12 +158,14 @@ class DedupResult:
             {
                 "root": str(self.root),
                 "max_distance": self.max_distance,
+                "keep_rule": KEEP_RULE,
                 "num_images": len(self.keep) + len(self.remove),
                 "num_keep": len(self.keep),
                 "num_remove": len(self.remove),
                 "groups": [[rel(p) for p in group] for group in self.groups],
                 "remove": [rel(p) for p in self.remove],
-                "unreadable": [rel(p) for p in self.unreadable],
+                "unreadable": [{"path": rel(p), "reason": self.reasons.get(p, "cannot be decoded")}
+                               for p in self.unreadable],
             },
             indent=2,
         )
@@ -175,8 +189,19 @@ def _image_files(root: Path, recursive: bool) -> list[Path]:
     return sorted(p for p in walk if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def _format_rank(image, path: Path) -> int:
+    rank = _FORMAT_RANK.get(image.format or "", _LOSSY)
+    if image.format == "TIFF" and image.info.get("compression") in ("jpeg", "tiff_jpeg", "webp"):
+        rank = _LOSSY
+    if image.format == "WEBP":
+        with open(path, "rb") as handle:  # RIFF header, then the first chunk: VP8L is lossless
+            header = handle.read(16)
+        rank = _LOSSLESS if header[12:16] == b"VP8L" else _LOSSY
+    return rank
+
+
 def _hash_and_size(path: Path):
-    """(hash, width * height, bytes) of one image file, or None when it cannot be decoded."""
+    """(hash, width * height, lossless rank, bytes) of one image file, or the reason it cannot be decoded."""
     from PIL import Image
 
     try:
@@ -184,20 +209,26 @@ def _hash_and_size(path: Path):
             image.load()
             bits = phash_bits(image)
             pixels = image.width * image.height
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-    return pack_bits(bits), pixels, path.stat().st_size
+            rank = _format_rank(image, path)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        from vlmfast.models.image_inputs import reason
+
+        return reason(str(path), error)
+    return pack_bits(bits), pixels, rank, path.stat().st_size
 
 
 def dedup_folder(
-    path, max_distance: int = 4, *, recursive: bool = True, threads: int | None = None
+    path, max_distance: int = 4, *, recursive: bool = True, threads: int | None = None, show_progress: bool = False,
+    warn: bool = True,
 ) -> DedupResult:
     """Groups the near-duplicate images under `path` and picks one keeper per group.
 
     Images (by suffix: jpg, png, webp, ...) are hashed with `phash`; two images whose hashes are
     within `max_distance` bits are near-duplicates, and groups are the connected components.
-    The keeper of a group is its largest image (most pixels), then the larger file, then the
-    first path in sorted order. Files that cannot be decoded are listed in `unreadable`.
+    The keeper of a group follows KEEP_RULE (module docstring): most pixels, then a lossless
+    format, then the larger file, then the first path in sorted order. Files that cannot be
+    decoded are listed in `unreadable` (with `reasons`; a warning says so unless warn=False).
+    show_progress: a bar on stderr while hashing (vlmfast.eval._progress).
     """
     root = Path(path)
     if not root.is_dir():
@@ -208,25 +239,29 @@ def dedup_folder(
     if not files:
         raise ValueError(f"path: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {os.fspath(root)!r}")
 
-    workers = threads or min(len(files), os.cpu_count() or 1)
-    if workers > 1:
-        from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            info = list(pool.map(_hash_and_size, files))
-    else:
-        info = [_hash_and_size(f) for f in files]
-    unreadable = [f for f, i in zip(files, info) if i is None]
-    if unreadable:
+    from vlmfast.eval._progress import Progress
+
+    workers = threads or min(len(files), os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            Progress(len(files), "hashing", unit="images", enabled=show_progress) as bar:
+        info = []
+        for item in pool.map(_hash_and_size, files):
+            info.append(item)
+            bar.update(1)
+    reasons = {f: i for f, i in zip(files, info) if isinstance(i, str)}
+    unreadable = list(reasons)
+    if unreadable and warn:
         warnings.warn(f"dedup_folder: {len(unreadable)} file(s) could not be read as images, e.g. {unreadable[0]}", stacklevel=2)
-    readable = [(f, i) for f, i in zip(files, info) if i is not None]
+    readable = [(f, i) for f, i in zip(files, info) if not isinstance(i, str)]
     paths = [f for f, _ in readable]
     hashes = np.array([i[0] for _, i in readable], dtype=np.uint64)
 
     groups, remove = [], []
     for members in group_pairs(len(paths), _edges(hashes, max_distance, threads)):
-        # Largest image first, then the larger file, then path order (members are path-sorted).
-        ordered = sorted(members, key=lambda m: (-readable[m][1][1], -readable[m][1][2], m))
+        # KEEP_RULE: most pixels, then lossless, then the larger file, then path order (members are path-sorted).
+        ordered = sorted(members, key=lambda m: (-readable[m][1][1], -readable[m][1][2], -readable[m][1][3], m))
         groups.append([paths[m] for m in ordered])
         remove.extend(paths[m] for m in ordered[1:])
     removed = set(remove)
@@ -238,4 +273,5 @@ def dedup_folder(
         groups=groups,
         unreadable=unreadable,
         hashes={p: int(h) for p, h in zip(paths, hashes)},
+        reasons=reasons,
     )

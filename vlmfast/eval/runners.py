@@ -13,6 +13,11 @@ Generative models: generate(list[PIL.Image], list[str]) -> list[str], one answer
 - run_vqa: VQA questions + annotations JSON -> VQA accuracy (overall, per answer / question type).
 - run_caption: COCO captions JSON -> BLEU-1..4, CIDEr-D, ROUGE-L.
 Every runner returns the report as a dict and, given `report=`, writes it as JSON.
+
+Before the first batch every image is decoded once: files that cannot be read are reported
+together, in one ValueError naming each entry and file (skip_bad_inputs=False, the default: a
+metric over part of a benchmark is not its number), or left out of the evaluation and listed in
+the report's "failed" with the entry, the file and the reason (skip_bad_inputs=True).
 """
 
 import json
@@ -22,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from vlmfast import _atomic
 from vlmfast.eval._io import JsonFile, open_rgb
 from vlmfast.eval._progress import progress
 from vlmfast.eval.caption import bleu, cider_d, rouge_l, tokenize_caption
@@ -129,11 +135,41 @@ def _encode_texts(model, tokenize, texts, batch_size, device, desc, show_progres
     return torch.cat(features)
 
 
+def _readable(items: list, path_of, source_of, skip_bad_inputs: bool, show_progress: bool) -> tuple[list, list]:
+    """(items whose image decodes, [{"source", "image", "reason"}] of the others); every image is
+    decoded once, on threads. Unless skip_bad_inputs, any failure raises one ValueError listing all."""
+    from vlmfast.models.image_inputs import read_images
+
+    paths = list(dict.fromkeys(os.fspath(path_of(item)) for item in items))
+    bad = {}
+    chunks = range(0, len(paths), 64)
+    for start in progress(chunks, len(chunks), "checking images", enabled=show_progress):
+        bad.update(read_images(paths[start:start + 64])[2])
+    kept, failed = [], []
+    for item in items:
+        path = os.fspath(path_of(item))
+        if path in bad:
+            failed.append({"source": source_of(item), "image": path, "reason": bad[path]})
+        else:
+            kept.append(item)
+    if failed and not skip_bad_inputs:
+        lines = [f"  {f['source']}: " + (f"image file not found: {f['image']!r}" if f["reason"] == "no such file"
+                                         else f"cannot read image {f['image']!r} ({f['reason']})") for f in failed[:20]]
+        if len(failed) > 20:
+            lines.append(f"  ... and {len(failed) - 20} more")
+        raise ValueError(f"{len(failed)} of {len(items)} entries have an image that cannot be read "
+                         "(skip_bad_inputs / --skip-bad-inputs evaluates the others):\n" + "\n".join(lines))
+    if not kept:
+        raise ValueError(f"no entry has a readable image ({len(failed)} failed, e.g. {failed[0]['image']}: "
+                         f"{failed[0]['reason']})")
+    return kept, failed
+
+
 def _write(report: dict, path) -> dict:
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+        _atomic.write_text(path, json.dumps(report, indent=2))
     return report
 
 
@@ -159,7 +195,8 @@ def class_folders(root) -> tuple[list[str], list[Path], list[int]]:
 
 
 def run_zeroshot(model, root, preprocess, tokenize, *, templates=DEFAULT_TEMPLATES, class_names=None,
-                 batch_size: int = 64, device=None, report=None, show_progress: bool = True) -> dict:
+                 batch_size: int = 64, device=None, report=None, show_progress: bool = True,
+                 skip_bad_inputs: bool = False) -> dict:
     """Zero-shot classification of the images under root/<class>/ (classes = sorted folder names).
 
     Each class is described by `templates` (str.format with the class name; default
@@ -185,12 +222,16 @@ def run_zeroshot(model, root, preprocess, tokenize, *, templates=DEFAULT_TEMPLAT
     templates = [templates] if isinstance(templates, str) else list(templates)
     if not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
         raise ValueError(f"templates: expected strings with a '{{}}' for the class name, got {templates!r}")
+    source = f"root {os.fspath(root)!r}"
+    kept, failed = _readable(list(zip(paths, labels)), lambda item: item[0], lambda item: source,
+                             skip_bad_inputs, show_progress)
+    paths, labels = [path for path, _ in kept], [label for _, label in kept]
     placement = _placement(model, device)
 
     prompts = [template.format(name) for name in names for template in templates]
     text = _encode_texts(model, tokenize, prompts, batch_size, placement[0], "zero-shot: classes", show_progress)
     classes = torch.nn.functional.normalize(text.reshape(len(names), len(templates), -1).mean(1), dim=-1)
-    sources = [f"root {os.fspath(root)!r}"] * len(paths)
+    sources = [source] * len(paths)
     images = _encode_images(model, preprocess, paths, sources, batch_size, placement,
                             "zero-shot: images", show_progress)
     logits = images @ classes.T
@@ -211,6 +252,7 @@ def run_zeroshot(model, root, preprocess, tokenize, *, templates=DEFAULT_TEMPLAT
             "top1": accuracy[1],
             "top5": accuracy[5],
             "per_class_top1": per_class,
+            "failed": failed,
         },
         report,
     )
@@ -279,7 +321,7 @@ def _coco_captions(file: JsonFile, images: list, root: Path) -> CaptionSet:
 
 def run_retrieval(model, annotations, image_root, preprocess, tokenize, *, split: str | None = "test",
                   ks=(1, 5, 10), batch_size: int = 64, device=None, report=None,
-                  show_progress: bool = True) -> dict:
+                  show_progress: bool = True, skip_bad_inputs: bool = False) -> dict:
     """Image-text retrieval (COCO / Flickr30k style): Recall@K for image->text and text->image.
 
     An image query is correct at K when any of its captions is among the K most similar
@@ -289,6 +331,9 @@ def run_retrieval(model, annotations, image_root, preprocess, tokenize, *, split
     _check_model(model)
     batch_size = _batch_size(batch_size)
     data = load_captions(annotations, image_root, split=split)
+    kept, failed = _readable(list(zip(data.image_ids, data.paths, data.captions)), lambda item: item[1],
+                             lambda item: f"annotations image {item[0]!r}", skip_bad_inputs, show_progress)
+    data = CaptionSet(*(list(column) for column in zip(*kept)))
     placement = _placement(model, device)
     texts = [caption for captions in data.captions for caption in captions]
     text_owner = [i for i, captions in enumerate(data.captions) for _ in captions]
@@ -312,6 +357,7 @@ def run_retrieval(model, annotations, image_root, preprocess, tokenize, *, split
             "image_to_text": {f"R@{k}": v for k, v in i2t.items()},
             "text_to_image": {f"R@{k}": v for k, v in t2i.items()},
             "mean_recall": sum(values) / len(values),
+            "failed": failed,
         },
         report,
     )
@@ -334,7 +380,7 @@ def _generate(generate, images, prompts, what: str) -> list[str]:
 def run_vqa(generate, questions, annotations, image_root, *,
             image_file: str = "COCO_val2014_{image_id:012d}.jpg", prompt: str = "{question}",
             batch_size: int = 16, normalize_references: str = "official", report=None,
-            show_progress: bool = True) -> dict:
+            show_progress: bool = True, skip_bad_inputs: bool = False) -> dict:
     """VQA accuracy of `generate` on a VQA questions file and its annotations file.
 
     questions: JSON {"questions": [{"question_id", "image_id", "question"}]};
@@ -371,6 +417,7 @@ def run_vqa(generate, questions, annotations, image_root, *,
             path = image_root_path(image_root, image_file, qfile.field(entry, "image_id", where, (int, str)))
         question = qfile.field(entry, "question", where, str)
         items.append((qid, path, question, f"questions file {where}"))
+    items, failed = _readable(items, lambda item: item[1], lambda item: item[3], skip_bad_inputs, show_progress)
 
     predictions, scores = [], []
     by_answer_type, by_question_type = {}, {}
@@ -396,6 +443,7 @@ def run_vqa(generate, questions, annotations, image_root, *,
             "per_answer_type": {k: mean(v) for k, v in sorted(by_answer_type.items())},
             "per_question_type": {k: mean(v) for k, v in sorted(by_question_type.items())},
             "predictions": predictions,
+            "failed": failed,
         },
         report,
     )
@@ -411,7 +459,7 @@ def image_root_path(image_root, image_file: str, image_id) -> Path:
 
 def run_caption(generate, annotations, image_root, *, prompt: str = "Describe this image in one sentence.",
                 split: str | None = "test", batch_size: int = 16, report=None,
-                show_progress: bool = True) -> dict:
+                show_progress: bool = True, skip_bad_inputs: bool = False) -> dict:
     """Captioning metrics of `generate` on a COCO captions JSON (or a Karpathy split JSON).
 
     Generated and reference captions are tokenised with `tokenize_caption` (lower case,
@@ -422,7 +470,8 @@ def run_caption(generate, annotations, image_root, *, prompt: str = "Describe th
         raise TypeError(f"generate: expected a callable (images, prompts) -> captions, got {type(generate).__name__}")
     batch_size = _batch_size(batch_size)
     data = load_captions(annotations, image_root, split=split)
-    items = list(zip(data.image_ids, data.paths, data.captions))
+    items, failed = _readable(list(zip(data.image_ids, data.paths, data.captions)), lambda item: item[1],
+                              lambda item: f"annotations image {item[0]!r}", skip_bad_inputs, show_progress)
     predictions, candidates, references = [], [], []
     for batch in _batches(items, batch_size, "caption", show_progress):
         images = [open_rgb(path, f"annotations image {image_id!r}") for image_id, path, _ in batch]
@@ -441,6 +490,7 @@ def run_caption(generate, annotations, image_root, *, prompt: str = "Describe th
             "CIDEr-D": cider_d(candidates, references),
             "ROUGE-L": rouge_l(candidates, references),
             "predictions": predictions,
+            "failed": failed,
         },
         report,
     )

@@ -49,6 +49,19 @@ def zero_shot_classifier(model, tokenizer, classnames, templates=("a photo of a 
     return F.normalize(feats.mean(dim=1), dim=-1)
 
 
+def class_probabilities(model, image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """(N, C) probabilities from unit image features and unit class embeddings, as the model
+    scores image-text pairs: CLIP, softmax over the classes of exp(logit_scale) * cosine (open_clip's
+    zero-shot classification); SigLIP (a model with logit_bias), sigmoid(exp(logit_scale) * cosine
+    + logit_bias), each class on its own (SigLIP's probabilities need not sum to 1)."""
+    cosine = classify(image_features, classifier)
+    scale = model.logit_scale.detach().float().exp().reshape(-1)[0].to(cosine.device)
+    bias = getattr(model, "logit_bias", None)
+    if bias is not None:
+        return torch.sigmoid(cosine * scale + bias.detach().float().reshape(-1)[0].to(cosine.device))
+    return torch.softmax(cosine * scale, dim=-1)
+
+
 def classify(image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     """Unit image features (N, P) x unit class embeddings (C, P) -> cosine scores (N, C)."""
     if image_features.shape[-1] != classifier.shape[-1]:

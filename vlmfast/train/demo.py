@@ -137,8 +137,10 @@ def _run_demo(cfg: DemoConfig, log, parallel: distributed.DataParallel) -> dict 
     every = max(1, cfg.steps // 10)
 
     def progress(t):
+        # the training clock alone, as the final "trained N steps in X s" (data generation before
+        # it and evaluation after it are in total_seconds)
         if t.step % every == 0 or t.step == cfg.steps:
-            log(f"step {t.step}/{cfg.steps}  loss {t.losses[-1]:.4f}  ({time.perf_counter() - started:.1f} s)")
+            log(f"step {t.step}/{cfg.steps}  loss {t.losses[-1]:.4f}  ({time.perf_counter() - t0:.1f} s of training)")
 
     t0 = time.perf_counter()
     losses = trainer.fit(callback=progress)
