@@ -1,0 +1,155 @@
+"""vlmfast's Blip2 against transformers' Blip2ForConditionalGeneration (OPT decoder) on tiny random
+checkpoints, pre-norm (tied head, cross-attention every 2nd Q-Former layer) and post-norm (untied,
+every layer): logits, greedy tokens of padded batches and of the captioning prompt, the loss and
+every gradient, the Q-Former and vision features, bf16 (Q-Former kept in float32), a saved
+checkpoint read back by transformers, and the input checks."""
+
+import pytest
+import torch
+
+from tests.models.blip2.checkpoint import LAYOUTS, write_checkpoint
+from tests.tolerance import max_error
+from vlmfast.models import checkpoint as ckpt
+from vlmfast.models.blip2 import Blip2
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def pair(request, tmp_path_factory):
+    from transformers import Blip2ForConditionalGeneration
+
+    path = write_checkpoint(tmp_path_factory.mktemp("blip2"), layout=request.param, seed=2)
+    return Blip2ForConditionalGeneration.from_pretrained(path).eval(), Blip2.from_pretrained(path), path
+
+
+def batch(model, lengths, seed=0, images=True):
+    """Rows as transformers 5's Blip2Processor lays them out: the image tokens, then left padding,
+    then BOS and the text (lengths: text tokens per row)."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    Q, L = cfg.num_query_tokens, max(lengths) + 1
+    pad, bos, vocab = cfg.text_config.pad_token_id, cfg.text_config.bos_token_id, cfg.text_config.vocab_size
+    ids = torch.full((len(lengths), L), pad)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        ids[b, L - n - 1] = bos
+        ids[b, L - n:] = torch.randint(5, vocab, (n,), generator=g)
+        mask[b, L - n - 1:] = 1
+    if images:
+        ids = torch.cat([torch.full((len(lengths), Q), cfg.image_token_id), ids], dim=1)
+        mask = torch.cat([torch.ones(len(lengths), Q, dtype=mask.dtype), mask], dim=1)
+    side = cfg.vision_config.image_size
+    return ids, mask, torch.randn(len(lengths), 3, side, side, generator=g)
+
+
+LENGTHS = [7, 4, 1]
+
+
+def test_logits_match_transformers(pair):
+    hf, model, _ = pair
+    ids, mask, pixels = batch(model, LENGTHS)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+        actual = model(ids, pixels, mask)
+        unmasked = model(ids[:1, :], pixels[:1])  # no padding: no mask
+        reference = hf(input_ids=ids[:1], pixel_values=pixels[:1]).logits
+    valid = mask.bool()
+    scale = expected.abs().max().item()
+    assert scale > 1.0
+    assert (actual - expected)[valid].abs().max().item() <= 1e-5 * scale
+    assert (unmasked - reference).abs().max().item() <= 1e-5 * scale
+
+
+def test_greedy_generation_matches_transformers(pair):
+    hf, model, _ = pair
+    ids, mask, pixels = batch(model, LENGTHS, seed=1)
+    with torch.no_grad():
+        expected = hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=8,
+                               do_sample=False, eos_token_id=None)
+        captions = hf.generate(pixel_values=pixels, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    assert torch.equal(model.generate(ids, pixels, mask, max_new_tokens=8, eos_token_id=-1), expected)
+    assert torch.equal(model.generate(pixel_values=pixels, max_new_tokens=5, eos_token_id=-1), captions)
+
+
+def test_loss_and_gradients_match_transformers(pair):
+    hf, model, _ = pair
+    ids, mask, pixels = batch(model, LENGTHS, seed=3)
+    labels = ids.masked_fill(torch.nn.functional.pad(mask, (1, 0))[:, :-1] == 0, -100)
+    labels[ids == model.config.image_token_id] = -100
+    # transformers in eval mode: its train mode would add the Q-Former's and OPT's dropout
+    expected = hf(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=labels).loss
+    expected.backward()
+    model.zero_grad()
+    actual = model.loss(ids, labels, pixels, mask)
+    actual.backward()
+    assert abs(actual.item() - expected.item()) <= 1e-5 * abs(expected.item())
+    hf_grads = {n: p.grad for n, p in hf.named_parameters()}
+    state = {n: p.grad for n, p in model.named_parameters()}
+    vision = {k: v for k, v in state.items() if k.startswith("vision_model.")}
+    ours = {**vision, **ckpt.native_to_hf({k: v for k, v in state.items() if k not in vision})}
+    assert set(ours) == set(hf_grads)
+    for name, grad in ours.items():
+        reference = hf_grads[name]
+        scale = max(reference.abs().max().item(), 1e-3)
+        assert (grad - reference).abs().max().item() <= 2e-5 * scale, name
+    hf.zero_grad()
+
+
+def test_image_and_qformer_features_match_transformers(pair):
+    hf, model, _ = pair
+    _, _, pixels = batch(model, [2, 2], seed=4)
+    with torch.no_grad():
+        out = hf.get_image_features(pixels)
+        vision, queries = model.get_image_features(pixels), model.get_qformer_features(pixels)
+    assert max_error(vision, out.vision_outputs.last_hidden_state) <= 1e-5 * vision.abs().max().item()
+    assert max_error(queries, out.qformer_outputs.last_hidden_state) <= 1e-5 * queries.abs().max().item()
+    assert queries.shape == (2, model.config.num_query_tokens, model.config.qformer_config.hidden_size)
+
+
+def test_bfloat16_keeps_the_qformer_in_float32(pair):
+    from transformers import Blip2ForConditionalGeneration
+
+    hf, model, path = pair
+    ids, mask, pixels = batch(model, LENGTHS, seed=5)
+    ours = Blip2.from_pretrained(path, dtype=torch.bfloat16)
+    theirs = Blip2ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval()
+    assert ours.qformer.layernorm.weight.dtype == ours.query_tokens.dtype == torch.float32
+    assert ours.language_projection.weight.dtype == torch.bfloat16
+    valid = mask.bool()
+    with torch.no_grad():
+        exact = hf(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits[valid]
+        low = theirs(input_ids=ids, pixel_values=pixels.bfloat16(), attention_mask=mask).logits[valid]
+        actual = ours(ids, pixels, mask)[valid]
+    # the tolerance rule: at most twice transformers' own bf16 error against float32
+    assert max_error(actual, exact) <= 2 * max_error(low, exact) + 1e-2
+
+
+def test_saved_checkpoint_loads_in_transformers(pair, tmp_path):
+    from transformers import Blip2ForConditionalGeneration
+
+    hf, model, source = pair
+    model.save_pretrained(tmp_path / "out", processor_from=source, max_shard_bytes=60_000)
+    assert (tmp_path / "out" / ckpt.INDEX_NAME).is_file()
+    reloaded = Blip2ForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    ids, mask, pixels = batch(model, LENGTHS, seed=6)
+    valid = mask.bool()
+    with torch.no_grad():
+        expected = hf(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+        again = reloaded(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+        ours = Blip2.from_pretrained(tmp_path / "out")(ids, pixels, mask)
+    assert torch.equal(again[valid], expected[valid])
+    assert torch.equal(ours[valid], model(ids, pixels, mask)[valid])
+
+
+def test_text_only_and_bad_inputs(pair):
+    hf, model, _ = pair
+    ids, mask, pixels = batch(model, [3, 5], images=False)
+    with torch.no_grad():
+        expected = hf.language_model(input_ids=ids, attention_mask=mask).logits
+        actual = model(ids, None, mask)
+    assert (actual - expected)[mask.bool()].abs().max().item() <= 1e-5 * expected.abs().max().item()
+    with pytest.raises(ValueError, match="input_ids: expected .* image tokens"):
+        model(ids, pixels, mask)
+    with pytest.raises(ValueError, match="pixel_values"):
+        model(ids, pixels[:, :, :8], mask)
+    with pytest.raises(ValueError, match="input_ids: required"):
+        model.generate(None, None)

@@ -1,0 +1,183 @@
+"""BLIP-2 with an OPT decoder (transformers' Blip2ForConditionalGeneration): image -> ViT ->
+Q-Former (num_query_tokens learnt queries attending to the image features) -> language projection
+-> written over the <image> tokens -> OPT decoder -> logits.
+
+Shapes (as transformers takes them):
+  input_ids       int (B, L), num_query_tokens <image> tokens per image (transformers 5's
+                  Blip2Processor puts them first, before the padding and the BOS token)
+  pixel_values    float (B, C, H, W), one image per row (a row without image tokens takes none:
+                  then N images for the N rows that have them, in order); or uint8 (N, H, W, C)
+                  normalised inside the patch embedding with model.image_normalization
+  attention_mask  (B, L), 0 on padding (anywhere in the row; None: no padding)
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from vlmfast.models import _ops as shared_ops
+from vlmfast.models import checkpoint
+from vlmfast.models.blip2.config import Blip2Config
+from vlmfast.models.blip2.opt import OPTDecoder
+from vlmfast.models.blip2.qformer import QFormer
+from vlmfast.models.blip2.vision import VisionModel, check_pixels
+from vlmfast.models.causal_vlm import CausalVLM, preferred_dtype, read_generation_defaults, write_image_features
+from vlmfast.models.smolvlm import _ops, weights_io
+from vlmfast.models.smolvlm.model import read_image_normalization
+from vlmfast.processing.resize_crop import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+# the Q-Former's text-path feed-forward (BERT's intermediate / output), absent from the model
+# unless use_qformer_text_input: some checkpoints carry it anyway, and transformers ignores it
+_QFORMER_TEXT_PATH = re.compile(r"^qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")
+
+
+class _OPTModel(nn.Module):
+    def __init__(self, cfg, *, device=None, dtype=None):
+        super().__init__()
+        self.decoder = OPTDecoder(cfg, device=device, dtype=dtype)
+
+
+class _OPTForCausalLM(nn.Module):
+    """transformers' OPTForCausalLM names: model.decoder.*, lm_head (None when tied)."""
+
+    def __init__(self, cfg, *, tied: bool, device=None, dtype=None):
+        super().__init__()
+        self.model = _OPTModel(cfg, device=device, dtype=dtype)
+        self.lm_head = None
+        if not tied:
+            self.lm_head = nn.Linear(cfg.word_embed_proj_dim, cfg.vocab_size, bias=False, device=device, dtype=dtype)
+
+
+class Blip2(CausalVLM):
+    def __init__(self, config: Blip2Config | None = None, *, device=None, dtype=None):
+        super().__init__()
+        self.config = config = config or Blip2Config()
+        kw = dict(device=device, dtype=dtype)
+        q = config.qformer_config
+        self.vision_model = VisionModel(config.vision_config, **kw)
+        # transformers keeps the queries and the Q-Former in float32 whatever the model's dtype
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, q.hidden_size, device=device))
+        self.qformer = QFormer(q, device=device)
+        self.language_projection = nn.Linear(q.hidden_size, config.text_config.hidden_size, **kw)
+        self.language_model = _OPTForCausalLM(config.text_config, tied=config.tied, **kw)
+        # (mean, std) for uint8 pixel_values: the checkpoint's preprocessor_config.json, else BLIP's
+        self.image_normalization = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+    # ------------------------------------------------------------------ loading, saving
+
+    @classmethod
+    def from_pretrained(cls, path, *, device=None, dtype=None) -> "Blip2":
+        """A directory in Hugging Face layout (config.json + safetensors) of a BLIP-2 OPT
+        checkpoint. dtype: the parameters' dtype (None keeps float32; "auto": bfloat16 where
+        native), except the Q-Former and its queries, kept in float32 as transformers does."""
+        if dtype == "auto":
+            dtype = preferred_dtype(device)
+        config = Blip2Config.from_hf(checkpoint.read_config(path))
+        with torch.device("meta"):
+            model = cls(config)
+        state = weights_io.read_weights(path, fuse=True)  # the decoder's q/k/v read into one tensor
+        if config.tied:
+            state.pop("language_model.lm_head.weight", None)  # the embeddings are the head
+        if not config.qformer_config.use_qformer_text_input:
+            state = {k: v for k, v in state.items() if not _QFORMER_TEXT_PATH.match(k)}
+        checkpoint.load_state(model, state, device=device, dtype=dtype)
+        model.qformer.float()
+        model.query_tokens.data = model.query_tokens.data.float()
+        model.generation_defaults = read_generation_defaults(path)
+        model.image_normalization = read_image_normalization(path, model.image_normalization)
+        return model.eval()
+
+    def save_pretrained(self, path, *, max_shard_bytes: int | None = None, processor_from=None) -> None:
+        """A checkpoint directory transformers' Blip2ForConditionalGeneration and Blip2.from_pretrained
+        load (the decoder's q/k/v split back; no lm_head.weight when tied); processor_from: a
+        checkpoint whose tokenizer / processor / generation files are copied."""
+        state = self.state_dict()
+        # the vision tower's qkv is transformers' own fused layout: written as it is
+        vision = {k: v.detach().clone().contiguous() for k, v in state.items() if k.startswith("vision_model.")}
+        rest = checkpoint.native_to_hf({k: v for k, v in state.items() if not k.startswith("vision_model.")})
+        self._write(path, self.config.to_hf(), {**vision, **rest}, max_shard_bytes=max_shard_bytes,
+                    processor_from=processor_from)
+
+    # ------------------------------------------------------------------ CausalVLM hooks
+
+    @property
+    def decoder(self) -> OPTDecoder:
+        return self.language_model.model.decoder
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.language_model.model.decoder.embed_tokens
+
+    @property
+    def lm_head(self):
+        return self.language_model.lm_head
+
+    def cache_layout(self) -> tuple[int, int, int]:
+        text = self.config.text_config
+        return text.num_hidden_layers, text.num_attention_heads, text.head_dim
+
+    def forward_positions(self, attention_mask, B: int, L: int) -> torch.Tensor:
+        # OPT numbers the real tokens 0, 1, ... of each row, skipping padding (which gets -1)
+        if attention_mask is None:
+            return torch.arange(L, device=self.device).expand(B, L)
+        mask = attention_mask.long()
+        return mask.cumsum(dim=1) * mask - 1
+
+    def check_images(self, input_ids, pixel_values) -> None:
+        if pixel_values is None:
+            return
+        check_pixels(pixel_values, self.config.vision_config)
+        if self.config.image_token_id is None:
+            raise ValueError("config.json: image_token_index is missing, so no <image> tokens in input_ids can carry "
+                             "pixel_values (transformers 5's BLIP-2 checkpoints set it)")
+
+    # ------------------------------------------------------------------ images
+
+    def _normalization(self, pixel_values):
+        return self.image_normalization if pixel_values.dtype == torch.uint8 else (None, None)
+
+    def get_image_features(self, pixel_values) -> torch.Tensor:
+        """The vision tower's post-layernormed tokens (B, 1 + N, D_vision) (transformers'
+        Blip2Model.get_image_features().last_hidden_state)."""
+        check_pixels(pixel_values, self.config.vision_config)
+        return self.vision_model(pixel_values, *self._normalization(pixel_values))
+
+    def get_qformer_features(self, pixel_values) -> torch.Tensor:
+        """The Q-Former's last hidden states (B, num_query_tokens, D_qformer), float32
+        (transformers' Blip2Model.get_qformer_features)."""
+        image_embeds = self.get_image_features(pixel_values)
+        return self.qformer(self.query_tokens.expand(image_embeds.shape[0], -1, -1), image_embeds)
+
+    def image_features(self, pixel_values) -> torch.Tensor:
+        """(B, num_query_tokens, D_text): the projected query outputs that replace the image tokens."""
+        image_embeds = self.get_image_features(pixel_values)
+        queries = self.qformer(self.query_tokens.expand(image_embeds.shape[0], -1, -1), image_embeds)
+        return shared_ops.linear(queries.to(image_embeds.dtype), self.language_projection)
+
+    def embed(self, input_ids, pixel_values=None) -> torch.Tensor:
+        embeds = _ops.embedding(input_ids, self.embed_tokens, weight_used_once=self._untied)
+        features = None if pixel_values is None else self.image_features(pixel_values)
+        token = self.config.image_token_id
+        is_image = input_ids == token if token is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        return write_image_features(embeds, is_image, features, token_id=token, per_image=self.config.num_query_tokens)
+
+    # ------------------------------------------------------------------ generation
+
+    def default_prompt(self, batch_size: int) -> torch.Tensor:
+        """transformers' prompt when generate gets no input_ids: the image tokens, then BOS."""
+        if self.config.image_token_id is None or self.config.text_config.bos_token_id is None:
+            raise ValueError("input_ids: required (config.json names no image_token_index or bos_token_id to "
+                             "build the default prompt from)")
+        row = [self.config.image_token_id] * self.config.num_query_tokens + [self.config.text_config.bos_token_id]
+        return torch.tensor([row] * batch_size, dtype=torch.long, device=self.device)
+
+    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, **options) -> torch.Tensor:
+        """CausalVLM.generate; input_ids None (captioning): the image tokens and BOS for each image."""
+        if input_ids is None:
+            if pixel_values is None or attention_mask is not None:
+                raise ValueError("input_ids: required unless only pixel_values are given (captioning)")
+            input_ids = self.default_prompt(pixel_values.shape[0])
+        return super().generate(input_ids, pixel_values, attention_mask, **options)

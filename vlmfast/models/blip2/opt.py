@@ -1,0 +1,117 @@
+"""The OPT decoder (transformers' OPTDecoder): token embeddings + learned positions (row p + 2: OPT
+keeps two rows before position 0), layers of self-attention and a ReLU MLP, each either pre-norm
+(do_layer_norm_before, OPT-125m, -1.3b, -2.7b, -6.7b...) or post-norm (OPT-350m), and a final
+LayerNorm in the pre-norm layout.
+
+One fusion against transformers' layout: self_attn.qkv = [q_proj; k_proj; v_proj] (one GEMM;
+checkpoint.py maps the keys). The queries are scaled by 1/sqrt(E) after their projection and
+attention runs with scale 1, in transformers' order (same rounding). With a KV cache, keys and
+values of the new tokens are written into slots [slot, slot + L) (see smolvlm/decoder.py).
+"""
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vlmfast import ops
+from vlmfast.models.blip2.config import OPTConfig
+from vlmfast.models.layers import activation
+from vlmfast.models.smolvlm import packing
+
+POSITION_OFFSET = 2
+
+
+def _linear(x, layer: nn.Linear):
+    return packing.linear(x, layer, layer.weight, layer.bias)
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, cfg: OPTConfig, *, device=None, dtype=None):
+        super().__init__()
+        D = cfg.hidden_size
+        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.scaling = self.head_dim ** -0.5
+        self.qkv = nn.Linear(D, 3 * D, bias=cfg.enable_bias, device=device, dtype=dtype)
+        self.out_proj = nn.Linear(D, D, bias=cfg.enable_bias, device=device, dtype=dtype)
+
+    def forward(self, x, attn_mask=None, is_causal=False, kv=None, slot=0):
+        """x (B, L, D); attn_mask bool broadcastable to (B, 1, L, S) or None; kv: (k, v) cache
+        buffers (B, H, max_len, E) or None; slot: first slot written (int), or an int64 (L,)
+        tensor (static shapes: attention reads all max_len slots). Returns (B, L, D)."""
+        B, L, D = x.shape
+        H, E = self.num_heads, self.head_dim
+        qkv = _linear(x, self.qkv).view(B, L, 3, H, E)
+        q = (qkv[:, :, 0] * self.scaling).transpose(1, 2)
+        k, v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        if kv is not None:
+            k_cache, v_cache = kv
+            if isinstance(slot, torch.Tensor):
+                k_cache.index_copy_(2, slot, k)
+                v_cache.index_copy_(2, slot, v)
+                k, v = k_cache, v_cache
+            else:
+                k_cache[:, :, slot: slot + L].copy_(k)
+                v_cache[:, :, slot: slot + L].copy_(v)
+                if slot > 0:
+                    k, v = k_cache[:, :, : slot + L], v_cache[:, :, : slot + L]
+        out = ops.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=1.0)
+        return _linear(out.transpose(1, 2).reshape(B, L, D), self.out_proj)
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, cfg: OPTConfig, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        D = cfg.hidden_size
+        affine = cfg.layer_norm_elementwise_affine
+        self.pre_norm = cfg.do_layer_norm_before
+        self.self_attn = OPTAttention(cfg, **kw)
+        self.self_attn_layer_norm = nn.LayerNorm(D, elementwise_affine=affine, **kw)
+        self.fc1 = nn.Linear(D, cfg.ffn_dim, bias=cfg.enable_bias, **kw)
+        self.fc2 = nn.Linear(cfg.ffn_dim, D, bias=cfg.enable_bias, **kw)
+        self.final_layer_norm = nn.LayerNorm(D, elementwise_affine=affine, **kw)
+        self.act = activation(cfg.activation_function)
+
+    def forward(self, x, attn_mask=None, is_causal=False, kv=None, slot=0):
+        h = self.self_attn_layer_norm(x) if self.pre_norm else x
+        x = x + self.self_attn(h, attn_mask, is_causal, kv, slot)
+        if not self.pre_norm:
+            x = self.self_attn_layer_norm(x)
+        h = self.final_layer_norm(x) if self.pre_norm else x
+        x = x + _linear(self.act(_linear(h, self.fc1)), self.fc2)
+        return x if self.pre_norm else self.final_layer_norm(x)
+
+
+class OPTDecoder(nn.Module):
+    """transformers' OPTDecoder names: embed_tokens, embed_positions, layers, final_layer_norm.
+    (word_embed_proj_dim != hidden_size, with project_in / project_out, is refused by the
+    BLIP-2 config: the image features replace token embeddings.)"""
+
+    def __init__(self, cfg: OPTConfig, *, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.config = cfg
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None and 0 <= cfg.pad_token_id < cfg.vocab_size else None
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.word_embed_proj_dim, padding_idx=pad, **kw)
+        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size, **kw)
+        self.layers = nn.ModuleList(OPTDecoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers))
+        self.final_layer_norm = None
+        if cfg.final_layer_norm:
+            self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=cfg.layer_norm_elementwise_affine,
+                                                 **kw)
+        self.gradient_checkpointing = False  # layers.set_gradient_checkpointing turns it on
+
+    def forward(self, inputs_embeds, position_ids, attn_mask=None, is_causal=False, cache=None, slot=0):
+        """inputs_embeds (B, L, D); position_ids int (B, L) (0 for the first real token); attn_mask
+        bool broadcastable to (B, 1, L, S) or None; cache: a StaticKVCache or None. Returns
+        (B, L, D) after the final LayerNorm."""
+        positions = self.embed_positions(position_ids + POSITION_OFFSET)
+        x = inputs_embeds + positions.to(inputs_embeds.dtype)
+        checkpointing = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
+        for i, layer in enumerate(self.layers):
+            if checkpointing:
+                x = checkpoint(layer, x, attn_mask, is_causal, use_reentrant=False)
+                continue
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x = layer(x, attn_mask, is_causal, kv, slot)
+        return x if self.final_layer_norm is None else self.final_layer_norm(x)
