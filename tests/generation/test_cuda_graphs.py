@@ -96,6 +96,51 @@ def test_failed_capture_warns_once_and_decodes_eagerly(model, monkeypatch):
     assert torch.equal(again, expected)
 
 
+class _DeviceRecorder:
+    """Stands in for torch.cuda.device: records the device of each `with` and what ran inside."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def __call__(self, device):
+        recorder = self
+
+        class _Guard:
+            def __enter__(self):
+                recorder.log.append(("enter", torch.device(device)))
+
+            def __exit__(self, *exc):
+                recorder.log.append(("exit", torch.device(device)))
+                return False
+
+        return _Guard()
+
+
+def test_capture_and_replay_run_on_the_cache_device(monkeypatch):
+    """A cache on cuda:1 is captured and replayed with cuda:1 current (Triton launches, the side
+    stream and the graph pool follow the current device). No GPU here: the guard is recorded."""
+    log = []
+    monkeypatch.setattr(torch.cuda, "device", _DeviceRecorder(log))
+    cache = type("Cache", (), {"device": torch.device("cuda", 1), "length": 0, "advance": lambda self, n: None})()
+    step = object.__new__(cuda_graphs.GraphedDecodeStep)
+    step.cache, step.graph, step.failed, step.replays, step.logits = cache, None, False, 0, None
+
+    def capture():
+        log.append(("capture", None))
+        return "graph", "logits"
+
+    monkeypatch.setattr(step, "_warm_up_and_capture", capture)
+    step._capture()
+    assert log == [("enter", torch.device("cuda", 1)), ("capture", None), ("exit", torch.device("cuda", 1))]
+    assert (step.graph, step.logits) == ("graph", "logits")
+
+    log.clear()
+    step.graph = type("Graph", (), {"replay": lambda self: log.append(("replay", None))})()
+    monkeypatch.setattr(step, "load_inputs", lambda *args: None)
+    step(None, None, cache)
+    assert log == [("enter", torch.device("cuda", 1)), ("replay", None), ("exit", torch.device("cuda", 1))]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_greedy_generation_equals_eager():
     model = tiny_model(seed=3).to("cuda")

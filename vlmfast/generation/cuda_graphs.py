@@ -79,7 +79,8 @@ class GraphedDecodeStep:
         if self.graph is None and not self.failed:
             self._capture()
         if self.graph is not None:
-            self.graph.replay()
+            with torch.cuda.device(self.cache.device):  # the graph's device, whatever is current
+                self.graph.replay()
             self.replays += 1
             logits = self.logits
         else:
@@ -92,22 +93,29 @@ class GraphedDecodeStep:
 
     def _capture(self) -> None:
         """Warm-up on a side stream, then capture; on any failure mark the step eager (the
-        warm-up already wrote this step's keys and values, which the eager step rewrites)."""
+        warm-up already wrote this step's keys and values, which the eager step rewrites).
+        Everything runs with the cache's device current: Triton launches, the streams and the
+        graph's memory pool all follow the current device (a cache on cuda:1 captures there)."""
         try:
-            side = torch.cuda.Stream(device=self.cache.device)
-            side.wait_stream(torch.cuda.current_stream(self.cache.device))
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_STEPS):
-                    self._eager()
-            torch.cuda.current_stream(self.cache.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits = self._eager()
+            with torch.cuda.device(self.cache.device):
+                graph, logits = self._warm_up_and_capture()
         except Exception as error:  # noqa: BLE001 - any failure means: run eagerly
             self.failed = True
             _warn_once(error)
             return
         self.graph, self.logits = graph, logits
+
+    def _warm_up_and_capture(self):
+        side = torch.cuda.Stream(device=self.cache.device)
+        side.wait_stream(torch.cuda.current_stream(self.cache.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self._eager()
+        torch.cuda.current_stream(self.cache.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._eager()
+        return graph, logits
 
 
 def _warn_once(error: Exception) -> None:
