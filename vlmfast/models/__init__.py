@@ -5,12 +5,15 @@
 """
 
 from vlmfast.models.auto import from_pretrained
+from vlmfast.models.blip2 import Blip2, Blip2Config
 from vlmfast.models.clip import CLIP
 from vlmfast.models.config import CLIPConfig, SigLIPConfig, TextConfig, VisionConfig, ViTConfig
+from vlmfast.models.llava import Llava, LlavaConfig
 from vlmfast.models.qwen2vl import Qwen2VL, Qwen2VLConfig
 from vlmfast.models.siglip import SigLIP
 from vlmfast.models.smolvlm import SmolVLM, SmolVLMConfig
 from vlmfast.models.vit import ViT
 
 __all__ = ["CLIP", "SigLIP", "ViT", "CLIPConfig", "SigLIPConfig", "ViTConfig", "TextConfig", "VisionConfig",
-           "SmolVLM", "SmolVLMConfig", "Qwen2VL", "Qwen2VLConfig", "from_pretrained"]
+           "SmolVLM", "SmolVLMConfig", "Qwen2VL", "Qwen2VLConfig", "Llava", "LlavaConfig", "Blip2", "Blip2Config",
+           "from_pretrained"]

@@ -19,6 +19,8 @@ FAMILIES = {
     "idefics3": "vlmfast.models.smolvlm:SmolVLM",
     "qwen2_vl": "vlmfast.models.qwen2vl:Qwen2VL",
     "qwen2_5_vl": "vlmfast.models.qwen2vl:Qwen2VL",
+    "llava": "vlmfast.models.llava:Llava",
+    "blip-2": "vlmfast.models.blip2:Blip2",
 }
 
 

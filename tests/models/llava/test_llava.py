@@ -187,3 +187,17 @@ def test_bad_inputs_name_the_argument(pair):
         model(ids.float(), pixels)
     with pytest.raises(ValueError, match="pixel_attention_mask"):
         model.check_inputs(ids, pixels, torch.ones(1, 3, 32, 32))
+
+
+def test_native_cpu_decode_gives_the_eager_tokens(pair):
+    _, model, _ = pair
+    ids, mask, pixels = batch(model, ROWS[:2], seed=8)
+    model.native_decode = False
+    eager = model.generate(ids, pixels, mask, max_new_tokens=8)
+    model.native_decode = True
+    cache = model.new_cache(2, ids.shape[1] + 8)
+    with torch.no_grad():
+        native = model.decodes_natively(ids[:, -1], cache)
+    if not native:
+        pytest.skip("no native decode on this CPU (AVX-512 needed for float32)")
+    assert torch.equal(model.generate(ids, pixels, mask, max_new_tokens=8), eager)

@@ -24,6 +24,7 @@ from vlmfast.models import checkpoint
 from vlmfast.models.causal_vlm import CausalVLM, preferred_dtype, read_generation_defaults, write_image_features
 from vlmfast.models.llava.config import LlavaConfig
 from vlmfast.models.llava.vision import Projector, VisionTower, select_features
+from vlmfast.models.qwen2vl import native_decode
 from vlmfast.models.smolvlm import _ops, weights_io
 from vlmfast.models.smolvlm.decoder import Decoder
 from vlmfast.models.smolvlm.model import fuse_gate_up, read_image_normalization, split_gate_up
@@ -89,6 +90,7 @@ class Llava(CausalVLM):
             self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False, device=device, dtype=dtype)
         # (mean, std) for uint8 pixel_values: the checkpoint's preprocessor_config.json, else CLIP's
         self.image_normalization = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        self.native_decode = True  # decode_step runs natively on a CPU where it can (below)
 
     # ------------------------------------------------------------------ loading, saving
 
@@ -117,6 +119,22 @@ class Llava(CausalVLM):
         whose tokenizer / processor / generation files are copied."""
         state = legacy_keys(split_gate_up(checkpoint.native_to_hf(self.state_dict())))
         self._write(path, self.config.to_hf(), state, max_shard_bytes=max_shard_bytes, processor_from=processor_from)
+
+    # ------------------------------------------------------------------ native CPU decode
+
+    def decodes_natively(self, tokens: torch.Tensor, cache) -> bool:
+        """Whether decode_step will take the native CPU path for these rows (generate() asks)."""
+        return self.native_decode and native_decode.will_run(self, tokens, cache)
+
+    def decode_step(self, tokens, positions, cache, padded: bool = True) -> torch.Tensor:
+        """CausalVLM.decode_step; on a CPU, a few rows of a bf16 / float32 model run the whole
+        Llama stack and the head in one native call (smolvlm/fast_decode.py: the decoder is
+        SmolVLM's, under model.language_model as in Qwen2-VL, whose view of it is reused)."""
+        if self.native_decode:
+            logits = native_decode.decode_step(self, tokens, positions, cache, padded)
+            if logits is not None:
+                return logits
+        return super().decode_step(tokens, positions, cache, padded)
 
     # ------------------------------------------------------------------ CausalVLM hooks
 
