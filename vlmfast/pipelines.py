@@ -1,5 +1,6 @@
 """`vlmfast.pipeline("image-text-to-text", model=DIR)`: images + prompts -> generated text, with
-the checkpoint's processor (chat template, tiling, tokenizer) and SmolVLM's batched generate.
+the checkpoint's processor (chat template, tiling, tokenizer) and the model's batched generate
+(SmolVLM, Qwen2-VL: the family config.json names).
 
     pipe = vlmfast.pipeline("image-text-to-text", model="path/to/SmolVLM2-256M-Video-Instruct")
     pipe([image], ["What is in this image?"])                      # -> ["A cat on a mat."]
@@ -14,6 +15,7 @@ stripped of surrounding whitespace (the chat template ends the prompt with "Assi
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -22,6 +24,18 @@ from vlmfast.processing.batch import is_image
 
 TASKS = ("image-text-to-text",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# config.json model_type -> (model class, processor class), as "module:Class"
+FAMILIES = {
+    "smolvlm": ("vlmfast.models.smolvlm:SmolVLM", "vlmfast.models.smolvlm.processor:SmolVLMProcessor"),
+    "idefics3": ("vlmfast.models.smolvlm:SmolVLM", "vlmfast.models.smolvlm.processor:SmolVLMProcessor"),
+    "qwen2_vl": ("vlmfast.models.qwen2vl:Qwen2VL", "vlmfast.processing.qwen2vl_processor:Qwen2VLProcessor"),
+    "qwen2_5_vl": ("vlmfast.models.qwen2vl:Qwen2VL", "vlmfast.processing.qwen2vl_processor:Qwen2VLProcessor"),
+}
+
+
+def _load(target: str):
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _as_image(value, where: str):
@@ -40,7 +54,8 @@ def _is_conversation(value) -> bool:
 
 
 class ImageTextToTextPipeline:
-    """model: a SmolVLM; processor: its SmolVLMProcessor. batch_size: prompts per generate call."""
+    """model: a SmolVLM or Qwen2VL; processor: its processor (SmolVLMProcessor, Qwen2VLProcessor).
+    batch_size: prompts per generate call."""
 
     def __init__(self, model, processor, *, max_new_tokens: int = 64, batch_size: int = 8):
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -158,11 +173,11 @@ class ImageTextToTextPipeline:
 
 
 def pipeline(task: str, model, *, device=None, dtype=None, max_new_tokens: int = 64, batch_size: int = 8):
-    """task: "image-text-to-text"; model: a SmolVLM / SmolVLM2 / Idefics3 checkpoint folder (weights,
-    config.json, tokenizer.json, preprocessor_config.json, chat template). dtype: None (float32),
-    a torch dtype, "float32" / "bfloat16" / "float16" or "auto" (bfloat16 where native)."""
-    from vlmfast.models.smolvlm import SmolVLM
-    from vlmfast.models.smolvlm.processor import SmolVLMProcessor
+    """task: "image-text-to-text"; model: a checkpoint folder of a family in FAMILIES (SmolVLM /
+    SmolVLM2 / Idefics3, Qwen2-VL / Qwen2.5-VL: weights, config.json, tokenizer.json,
+    preprocessor_config.json, chat template). dtype: None (float32), a torch dtype, "float32" /
+    "bfloat16" / "float16" or "auto" (bfloat16 where native)."""
+    from vlmfast.models import checkpoint
 
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
@@ -174,6 +189,11 @@ def pipeline(task: str, model, *, device=None, dtype=None, max_new_tokens: int =
         dtype = DTYPES[dtype]
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    network = SmolVLM.from_pretrained(model, device=device, dtype=dtype)
-    return ImageTextToTextPipeline(network, SmolVLMProcessor.from_pretrained(model),
+    model_type = checkpoint.read_config(model).get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"model: config.json's model_type {model_type!r} has no image-text-to-text pipeline; "
+                         f"supported: {sorted(FAMILIES)}")
+    network_class, processor_class = (_load(target) for target in FAMILIES[model_type])
+    network = network_class.from_pretrained(model, device=device, dtype=dtype)
+    return ImageTextToTextPipeline(network, processor_class.from_pretrained(model),
                                    max_new_tokens=max_new_tokens, batch_size=batch_size)

@@ -31,6 +31,7 @@ from vlmfast.processing.qwen2vl_video import Qwen2VLVideoProcessor, sampled_fps
 from vlmfast.processing.video import video_list
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
+END_OF_TURN = "<|im_end|>"
 
 
 def _flat_images(images) -> list:
@@ -100,6 +101,9 @@ class Qwen2VLProcessor:
             raise ValueError(f"tokenizer: the image token {self.image_token!r} is not in its vocabulary")
         self.pad_token = pad_token
         self.pad_token_id = tokenizer.token_to_id(pad_token) if pad_token else None
+        # what closes a chat turn (the answers fine-tuning learns end with it)
+        self.end_of_utterance_token = END_OF_TURN if tokenizer.token_to_id(END_OF_TURN) is not None \
+            else self.special_tokens.get("eos_token")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, padding_side: str = "left") -> "Qwen2VLProcessor":

@@ -1,4 +1,4 @@
-"""`vlmfast finetune`: SmolVLM fine-tuning on an image-text instruction JSONL.
+"""`vlmfast finetune`: SmolVLM / Qwen2-VL fine-tuning on an image-text instruction JSONL.
 
     report = finetune("SmolVLM2-256M-Video-Instruct", "train.jsonl", "out/", steps=200, lora_rank=16)
 
@@ -106,8 +106,9 @@ class FinetuneConfig:
 
 
 class InstructionBatches:
-    """batches(step, micro) -> (input_ids, labels, attention_mask, pixel_values, pixel_attention_mask)
-    on `device`: micro-batch `micro` of `step`, a pure function of (step, micro) (module docstring).
+    """batches(step, micro) -> (input_ids, labels, attention_mask, pixel_values, pixel_attention_mask
+    or, for Qwen2-VL, image_grid_thw) on `device`: micro-batch `micro` of `step`, a pure function
+    of (step, micro) (module docstring).
 
     batch_size is the global micro-batch; under data parallel (world ranks) this rank collates only
     its contiguous share, rows [rank * batch_size / world, (rank + 1) * batch_size / world)."""
@@ -140,9 +141,11 @@ class InstructionBatches:
     def __call__(self, step: int, micro: int):
         batch = self.collator([self.examples[i] for i in self.local_indices(step, micro)])
         move = (lambda t: t.to(self.device)) if self.device is not None else (lambda t: t)
+        # the model's second vision input: SmolVLM's pixel_attention_mask, Qwen2-VL's image_grid_thw
+        second = batch.get("pixel_attention_mask", batch.get("image_grid_thw"))
         return (move(batch["input_ids"]), move(batch["labels"]), move(batch["attention_mask"]),
                 move(batch["pixel_values"]) if "pixel_values" in batch else None,
-                move(batch["pixel_attention_mask"]) if "pixel_attention_mask" in batch else None)
+                move(second) if second is not None else None)
 
 
 class PrefetchedBatches:
@@ -176,7 +179,9 @@ class PrefetchedBatches:
 
 def instruction_loss(model, input_ids, labels, attention_mask, pixel_values=None, pixel_attention_mask=None, *,
                      group=None):
-    """SmolVLM's next-token loss on the labelled (answer) tokens: Trainer's loss_fn.
+    """The model's next-token loss on the labelled (answer) tokens: Trainer's loss_fn. The fifth
+    batch entry is the model's second vision input (SmolVLM: pixel_attention_mask; Qwen2-VL:
+    image_grid_thw), passed in that place of model.loss.
 
     group (data parallel, passed by the Trainer): each rank holds a share of the micro-batch and
     its own mean; it is reweighted to sum_rank / count_global * world, so that after the Trainer
@@ -209,11 +214,13 @@ def _check_resume(out: Path, cfg: FinetuneConfig) -> None:
 def prepare_model(model_dir, cfg: FinetuneConfig, device):
     """The base model in float32 (autocast does the bf16 math) or, with base_dtype="bfloat16", in
     bf16, with LoRA and freezing applied; every trained parameter is float32."""
-    from vlmfast.models.smolvlm import SmolVLM
+    from vlmfast.models import checkpoint
+    from vlmfast.models.auto import model_class
     from vlmfast.train.freeze import freeze
     from vlmfast.train.lora import DEFAULT_TARGETS, apply_lora
 
-    model = SmolVLM.from_pretrained(model_dir, device=device, dtype=getattr(torch, cfg.base_dtype))
+    family = model_class(checkpoint.read_config(model_dir).get("model_type"))  # SmolVLM, Qwen2VL
+    model = family.from_pretrained(model_dir, device=device, dtype=getattr(torch, cfg.base_dtype))
     torch.manual_seed(cfg.seed)  # LoRA's A init (and dropout) draw from the seeded generator
     if cfg.lora_rank:
         apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2.0 * cfg.lora_rank, dropout=cfg.lora_dropout,
@@ -226,6 +233,20 @@ def prepare_model(model_dir, cfg: FinetuneConfig, device):
     return model.train()
 
 
+def _collator(model_dir: Path, max_length: int | None):
+    """The checkpoint's processor (right padding) inside the collator of its family."""
+    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+        from vlmfast.processing.qwen2vl_instructions import Qwen2VLInstructionCollator
+        from vlmfast.processing.qwen2vl_processor import Qwen2VLProcessor
+
+        return Qwen2VLInstructionCollator(Qwen2VLProcessor.from_pretrained(model_dir, padding_side="right"),
+                                          max_length=max_length)
+    from vlmfast.models.smolvlm import SmolVLMProcessor
+
+    return InstructionCollator(SmolVLMProcessor.from_pretrained(model_dir, padding_side="right"), max_length=max_length)
+
+
 def _progress(log, cfg: FinetuneConfig, started: float, tokens: list[int]):
     def callback(trainer):
         elapsed = time.perf_counter() - started
@@ -236,8 +257,8 @@ def _progress(log, cfg: FinetuneConfig, started: float, tokens: list[int]):
 
 
 def finetune(model, data, out, *, log=print, **options) -> dict | None:
-    """Fine-tunes the SmolVLM checkpoint folder `model` on the JSONL file `data` and saves the result
-    (LoRA merged) in Hugging Face layout in `out`. options: FinetuneConfig's fields. log(str)
+    """Fine-tunes the SmolVLM / Qwen2-VL checkpoint folder `model` on the JSONL file `data` and saves
+    the result (LoRA merged) in Hugging Face layout in `out`. options: FinetuneConfig's fields. log(str)
     receives a progress line per step (None: silent). Returns the report (also out/report.json).
 
     Under torchrun (`torchrun --nproc-per-node N -m vlmfast.cli finetune ...`) every rank trains on
@@ -254,11 +275,11 @@ def _silent(message: str) -> None:
 
 
 def _finetune(model_dir: Path, data, out: Path, cfg: FinetuneConfig, log, parallel) -> dict | None:
-    from vlmfast.models.smolvlm import SmolVLMProcessor
     from vlmfast.train.lora import lora_layers, merge_lora
 
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"model: expected a SmolVLM checkpoint folder with config.json, got {model_dir}")
+        raise FileNotFoundError(f"model: expected a SmolVLM or Qwen2-VL checkpoint folder with config.json, "
+                                f"got {model_dir}")
     if cfg.batch_size % parallel.world:
         raise ValueError(f"batch_size: expected a multiple of the {parallel.world} torchrun ranks, "
                          f"got {cfg.batch_size}")
@@ -269,8 +290,7 @@ def _finetune(model_dir: Path, data, out: Path, cfg: FinetuneConfig, log, parall
     else:
         device = torch.device("cpu")
     examples = read_instructions(data)
-    processor = SmolVLMProcessor.from_pretrained(model_dir, padding_side="right")
-    collator = InstructionCollator(processor, max_length=cfg.max_length)
+    collator = _collator(model_dir, cfg.max_length)
 
     out.mkdir(parents=True, exist_ok=True)
     _check_resume(out, cfg)

@@ -8,7 +8,11 @@ from torch import nn
 def smolvlm_parts(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """{part: parameters} of a SmolVLM: vision = model.model.vision_model, connector =
     model.model.connector, decoder = model.model.text_model's layers and final norm, embeddings =
-    embed_tokens and the lm_head when it is not tied to them."""
+    embed_tokens and the lm_head when it is not tied to them. A model with a parts() method
+    (Qwen2VL) names its own parts."""
+    own = getattr(model, "parts", None)
+    if callable(own):
+        return own()
     body = getattr(model, "model", None)
     missing = [name for name in ("vision_model", "connector", "text_model") if not hasattr(body, name)]
     if body is None or missing or not hasattr(body.text_model, "embed_tokens"):

@@ -135,6 +135,19 @@ class Qwen2VL(nn.Module):
         """(..., D) -> logits (..., V)."""
         return packing.linear(hidden, self._head_holder(), self.head_weight)
 
+    def parts(self) -> dict[str, list[nn.Parameter]]:
+        """{part: parameters} for vlmfast.train.freeze: vision = the patch embedding and blocks,
+        connector = the patch merger, decoder = the layers and final norm, embeddings = the token
+        table and an untied lm_head."""
+        visual, text = self.model.visual, self.model.language_model
+        embeddings = list(text.embed_tokens.parameters())
+        if self.lm_head is not None:
+            embeddings += list(self.lm_head.parameters())
+        return {"vision": list(visual.patch_embed.parameters()) + list(visual.blocks.parameters()),
+                "connector": list(visual.merger.parameters()),
+                "decoder": list(text.layers.parameters()) + list(text.norm.parameters()),
+                "embeddings": embeddings}
+
     def set_gradient_checkpointing(self, enable: bool = True) -> "Qwen2VL":
         """Recompute each vision block and each decoder layer in the backward (no-grad calls and
         generation never checkpoint). Returns self."""
