@@ -107,6 +107,9 @@ def make_server(app, sock: socket.socket, *, log_level: str = "warning", on_exit
             if on_exit is not None:
                 on_exit()
             super().handle_exit(sig, frame)
+            # uvicorn raises the signal again once it has shut down, which would kill the process
+            # before the engine stops: a drained shutdown exits 0 instead
+            self._captured_signals.clear()
 
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=None, access_log=False,
                             timeout_keep_alive=5)
