@@ -180,8 +180,9 @@ def test_cli_end_to_end_then_rerun_resumes(checkpoint, data, tmp_path, capsys):
             "--batch-size", "2", "--lr", "1e-3", "--lora-rank", "2", "--lora-targets", "q_proj,v_proj",
             "--freeze-vision", "--bf16", "--gradient-checkpointing", "--max-length", "120", "--threads", "1"]
     assert main(args) == 0
-    printed = capsys.readouterr().out
-    assert "step 1/2  loss" in printed and "step 2/2  loss" in printed and f"saved to {out}" in printed
+    printed = capsys.readouterr()  # progress on stderr, the report on stdout
+    assert "step 1/2  loss" in printed.err and "step 2/2  loss" in printed.err and f"saved to {out}" in printed.err
+    assert json.loads(printed.out)["steps"] == 2
     for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja",
                  "preprocessor_config.json", "metrics.jsonl", "report.json", "checkpoint/trainer_state.pt"):
         assert (out / name).is_file(), name

@@ -6,8 +6,10 @@ and the built-in example set (shapes and colours) written as such a file.
         {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]}]}
 
 Image paths are relative to the JSONL file's folder (absolute paths are kept). A message's content
-may also be a plain string (one text part). Every problem is reported as a ValueError that names
-the file, the line and the field, when the file is read (images are checked to exist, not decoded).
+may also be a plain string (one text part). Problems are reported in one ValueError that names the
+file, the line and the field of each (every line is read; images are checked to exist, not
+decoded); `check_images` then decodes every image once, so that a corrupt file is found before the
+first training step rather than at the step that draws it.
 
     examples = read_instructions("train.jsonl")          # list[InstructionExample]
     path = write_instruction_examples("data/", n=64)      # data/train.jsonl + data/images/*.png
@@ -122,16 +124,53 @@ def parse_instruction(record, *, folder: Path, source: str) -> InstructionExampl
     return InstructionExample(tuple(paths), tuple(normalised), source)
 
 
+MAX_LISTED_PROBLEMS = 20
+
+
+def _problems(headline: str, problems: list[str]) -> ValueError:
+    if len(problems) == 1:
+        return ValueError(problems[0])
+    lines = [f"  {p}" for p in problems[:MAX_LISTED_PROBLEMS]]
+    if len(problems) > MAX_LISTED_PROBLEMS:
+        lines.append(f"  ... and {len(problems) - MAX_LISTED_PROBLEMS} more")
+    return ValueError("\n".join([headline, *lines]))
+
+
 def read_instructions(path: str | os.PathLike) -> list[InstructionExample]:
-    """Every example of a JSONL file (blank lines skipped), validated; ValueError names file:line."""
+    """Every example of a JSONL file (blank lines skipped), validated; one ValueError names the
+    file:line of every bad example."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data: no such file {path}")
-    examples = [parse_instruction(record, folder=path.parent, source=source)
-                for source, record in _jsonl.records(path)]
+    examples, problems = [], []
+    for source, record in _jsonl.records(path, errors=problems):
+        try:
+            examples.append(parse_instruction(record, folder=path.parent, source=source))
+        except ValueError as error:
+            problems.append(str(error))
+    if problems:
+        raise _problems(f"data: {len(problems)} bad example(s) in {path}:", problems)
     if not examples:
         raise ValueError(f"data: {path} holds no examples")
     return examples
+
+
+def check_images(examples: list[InstructionExample], *, show_progress: bool = False) -> None:
+    """Decodes every distinct image of `examples` once (threads); one ValueError naming the
+    file:line, the image and the reason of every one that cannot be read."""
+    from vlmfast.eval._progress import Progress
+    from vlmfast.models.image_inputs import read_images
+
+    paths = list(dict.fromkeys(str(p) for example in examples for p in example.images))
+    bad = {}
+    with Progress(len(paths), "checking images", unit="images", enabled=show_progress) as bar:
+        for start in range(0, len(paths), 64):
+            bad.update(read_images(paths[start:start + 64])[2])
+            bar.update(len(paths[start:start + 64]))
+    problems = [f"{example.source}: images[{k}]: {image}: {bad[str(image)]}"
+                for example in examples for k, image in enumerate(example.images) if str(image) in bad]
+    if problems:
+        raise _problems(f"data: {len(problems)} image(s) cannot be read:", problems)
 
 
 # ----------------------------------------------------------------------------- built-in examples
@@ -184,3 +223,16 @@ def write_instruction_examples(folder: str | os.PathLike, n: int = 64, *, seed: 
     target = folder / name
     target.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return target
+
+
+def data_sha256(path: str | os.PathLike, examples: list[InstructionExample]) -> str:
+    """One hash over the JSONL file and the bytes of every image it names: a resumed fine-tuning
+    run checks it to be sure it continues on the same data."""
+    import hashlib
+
+    from vlmfast.models.fingerprint import file_sha256
+
+    digest = hashlib.sha256(Path(path).read_bytes())
+    for image in dict.fromkeys(p for example in examples for p in example.images):
+        digest.update(file_sha256(image).encode())
+    return digest.hexdigest()

@@ -1,110 +1,220 @@
 """`vlmfast generate`: one image + prompt -> the answer on stdout, or a JSONL batch of requests
--> a JSONL of results, resumable (ids already in --out are skipped).
+-> a JSONL of results, resumable (ids already answered in --out are skipped).
 
     vlmfast generate --model DIR --image cat.jpg --prompt "What is this?"
     vlmfast generate --model DIR --requests requests.jsonl --out results.jsonl
 
 Each request line: {"id": str | int, "prompt": str, "image": path} or "images": [paths] (none:
 text only); relative image paths are read from --image-root (default: the requests file's folder).
-Each result line: {"id", "output"}.
+Each result line: {"id", "output"}, or {"id", "error"} for a request that could not be answered.
+
+Before the model loads, every request line is checked and every image of the requests still to do
+is decoded once; all the problems are reported together. With --skip-bad-inputs (the default) a
+request whose image cannot be read gets an error line and the others go on; with
+--no-skip-bad-inputs nothing is generated until they are fixed. A rerun answers the requests with
+no output line yet, the failed ones included (their error lines are replaced). The exit status is
+1 when requests were to be answered and none was.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from vlmfast import _jsonl
+from vlmfast import _atomic, _jsonl, cli_args
+
+MAX_LISTED = 20
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="SmolVLM / SmolVLM2 / Idefics3 checkpoint folder")
-    parser.add_argument("--image", action="append", default=None, help="image file (repeatable: several images)")
+    parser.add_argument("--model", required=True, type=cli_args.checkpoint_dir,
+                        help="SmolVLM / SmolVLM2 / Idefics3 or Qwen2-VL / Qwen2.5-VL checkpoint folder")
+    parser.add_argument("--image", action="append", default=None, type=cli_args.existing_file,
+                        help="image file (repeatable: several images)")
     parser.add_argument("--prompt", default=None, help="the user's text (single mode)")
-    parser.add_argument("--requests", type=Path, default=None, help="JSONL of {id, image|images, prompt} (batch mode)")
-    parser.add_argument("--out", type=Path, default=None, help="JSONL results of batch mode (appended; resumable)")
-    parser.add_argument("--image-root", type=Path, default=None,
+    parser.add_argument("--requests", type=cli_args.existing_file, default=None,
+                        help="JSONL of {id, image|images, prompt} (batch mode)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSONL results of batch mode: {id, output} or {id, error} (appended; resumable)")
+    parser.add_argument("--image-root", type=cli_args.existing_dir, default=None,
                         help="folder of relative image paths in --requests (default: the requests file's folder)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--max-new-tokens", type=cli_args.positive_int, default=64)
+    parser.add_argument("--batch-size", type=cli_args.positive_int, default=8)
+    parser.add_argument("--device", type=cli_args.device, default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--skip-bad-inputs", action=argparse.BooleanOptionalAction, default=True,
+                        help="a request whose image cannot be read gets an {id, error} line and the others go on "
+                             "(default); --no-skip-bad-inputs: report every bad request and generate nothing")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (it is drawn on a terminal only)")
+
+
+def _listing(headline: str, problems: list[str]) -> str:
+    lines = [f"  {p}" for p in problems[:MAX_LISTED]]
+    if len(problems) > MAX_LISTED:
+        lines.append(f"  ... and {len(problems) - MAX_LISTED} more")
+    return "\n".join([headline, *lines])
 
 
 def read_requests(path: Path, image_root: Path) -> list[dict]:
-    """[{"id", "images": [Path], "prompt"}]; ValueError naming the line of a bad request."""
-    requests, seen = [], set()
-    for where, entry in _jsonl.records(path):
+    """[{"id", "images": [Path], "prompt", "where"}]; one ValueError naming the line of every bad
+    request (and the first line that is not JSON)."""
+    requests, seen, problems = [], set(), []
+    for where, entry in _jsonl.records(path, errors=problems):
         if not isinstance(entry, dict):
-            raise ValueError(f"{where}: expected a JSON object {{id, image|images, prompt}}")
+            problems.append(f"{where}: expected a JSON object {{id, image|images, prompt}}")
+            continue
         rid, prompt = entry.get("id"), entry.get("prompt")
-        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-            raise ValueError(f"{where}: 'id' must be a string or an int, got {rid!r}")
-        if rid in seen:
-            raise ValueError(f"{where}: duplicate id {rid!r}")
-        if not isinstance(prompt, str):
-            raise ValueError(f"{where}: 'prompt' must be a string, got {prompt!r}")
         images = entry.get("images", [entry["image"]] if "image" in entry else [])
-        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-            raise ValueError(f"{where}: 'image' must be a path or 'images' a list of paths")
-        seen.add(rid)
-        requests.append({"id": rid, "images": [image_root / i for i in images], "prompt": prompt})
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+            problems.append(f"{where}: 'id' must be a string or an int, got {rid!r}")
+        elif rid in seen:
+            problems.append(f"{where}: duplicate id {rid!r}")
+        elif not isinstance(prompt, str):
+            problems.append(f"{where}: 'prompt' must be a string, got {prompt!r}")
+        elif not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            problems.append(f"{where}: 'image' must be a path or 'images' a list of paths")
+        else:
+            requests.append({"id": rid, "images": [image_root / i for i in images], "prompt": prompt,
+                             "where": where})
+        if isinstance(rid, (str, int)) and not isinstance(rid, bool):
+            seen.add(rid)
+    if problems:
+        raise ValueError(_listing(f"--requests: {len(problems)} bad request line(s):", problems))
+    if not requests:
+        raise ValueError(f"--requests: {path} holds no requests")
     return requests
 
 
 def read_done(path: Path) -> set:
-    """Ids already answered in a results file. A last line cut short (an interrupted write) is
-    dropped from the file, so the request is asked again."""
+    """Ids already answered in a results file. Error lines are dropped from the file (those
+    requests are asked again), and so is a last line cut short by an interrupted write."""
     if not path.is_file():
         return set()
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    done = set()
+    done, kept = set(), []
     for number, line in enumerate(lines, 1):
         try:
-            done.add(json.loads(line)["id"])
+            record = json.loads(line)
+            rid = record["id"]
+            answered = "output" in record
         except (json.JSONDecodeError, KeyError, TypeError):
             if number != len(lines):
-                raise ValueError(f"{path}:{number}: not a result line {{id, output}}; fix or remove the file") from None
-            path.write_text("".join(lines[:-1]), encoding="utf-8")
+                raise ValueError(f"--out: {path}:{number}: not a result line {{id, output}}; fix or remove the file") \
+                    from None
+            continue  # cut short by an interruption
+        if answered:
+            done.add(rid)
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        _atomic.write_text(path, "".join(kept))
     return done
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    from vlmfast.pipelines import pipeline
+def check_images(requests: list[dict], *, show_progress: bool) -> dict:
+    """{id: "images[k] <path>: <reason>"} of the requests with an image that cannot be read; every
+    distinct image decoded once."""
+    from vlmfast.eval._progress import Progress
+    from vlmfast.models.image_inputs import read_images
 
+    paths = list(dict.fromkeys(str(p) for r in requests for p in r["images"]))
+    bad = {}
+    with Progress(len(paths), "checking images", unit="images", enabled=show_progress) as bar:
+        for start in range(0, len(paths), 64):
+            bad.update(read_images(paths[start:start + 64])[2])
+            bar.update(len(paths[start:start + 64]))
+    failed = {}
+    for request in requests:
+        for k, image in enumerate(request["images"]):
+            if str(image) in bad:
+                failed[request["id"]] = f"images[{k}] {image}: {bad[str(image)]}"
+                break
+    return failed
+
+
+def run_generate(args: argparse.Namespace) -> int:
     batch_mode = args.requests is not None
     if batch_mode == (args.prompt is not None):
-        raise ValueError("--prompt (single mode) or --requests with --out (batch mode): give exactly one")
+        raise cli_args.usage_error("--prompt/--requests", "give exactly one: --prompt (single mode) or --requests "
+                                                          "with --out (batch mode)")
     if batch_mode and args.out is None:
-        raise ValueError("--out: required with --requests")
+        raise cli_args.usage_error("--out", "required with --requests")
     if batch_mode and args.image:
-        raise ValueError("--image: single mode only; batch requests name their images")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens: expected a positive int, got {args.max_new_tokens}")
+        raise cli_args.usage_error("--image", "single mode only; batch requests name their images")
+    if batch_mode and args.out.is_dir():
+        raise cli_args.usage_error("--out", f"expected a JSONL file to append to, {args.out} is a folder")
     if not batch_mode:
+        from vlmfast.pipelines import pipeline
+
         pipe = pipeline("image-text-to-text", args.model, device=args.device, dtype=args.dtype,
                         max_new_tokens=args.max_new_tokens)
-        print(pipe([args.image or []], [args.prompt])[0])
+        print(pipe([[str(p) for p in args.image or []]], [args.prompt])[0])
         return 0
+    return _run_batch(args)
 
-    from vlmfast.eval._progress import progress
+
+def _run_batch(args: argparse.Namespace) -> int:
+    from vlmfast.eval._progress import Progress
 
     requests = read_requests(args.requests, args.image_root or args.requests.parent)
     done = read_done(args.out)
     todo = [r for r in requests if r["id"] not in done]
+    failed = check_images(todo, show_progress=not args.quiet) if todo else {}
+    if failed and not args.skip_bad_inputs:
+        by_id = {r["id"]: r["where"] for r in todo}
+        raise ValueError(_listing(f"--requests: {len(failed)} request(s) have an image that cannot be read "
+                                  "(--skip-bad-inputs answers the others):",
+                                  [f"{by_id[rid]}: {why}" for rid, why in failed.items()]))
+    for rid, why in failed.items():
+        print(f"request {rid!r}: {why}", file=sys.stderr)
+    good = [r for r in todo if r["id"] not in failed]
+    pipe = _pipeline(args) if good else None  # the model loads before --out is touched
+    generated, errors = 0, dict(failed)
     if todo:
-        pipe = pipeline("image-text-to-text", args.model, device=args.device, dtype=args.dtype,
-                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-        batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a", encoding="utf-8") as out:
-            for batch in progress(batches, len(batches), "generate", enabled=not args.quiet):
-                answers = pipe([r["images"] for r in batch], [r["prompt"] for r in batch])
-                for request, answer in zip(batch, answers):
-                    out.write(json.dumps({"id": request["id"], "output": answer}) + "\n")
-                out.flush()  # a crash loses at most the batch in flight
-    print(json.dumps({"requests": len(requests), "skipped": len(requests) - len(todo), "generated": len(todo),
-                      "out": str(args.out)}))
+        with open(args.out, "a", encoding="utf-8") as out, \
+                Progress(len(todo), "generate", unit="requests", enabled=not args.quiet) as bar:
+            for rid, why in failed.items():
+                out.write(json.dumps({"id": rid, "error": why}) + "\n")
+            out.flush()
+            bar.update(len(failed))
+            for start in range(0, len(good), args.batch_size):
+                batch = good[start:start + args.batch_size]
+                for request, answer, error in _answer(pipe, batch):
+                    if error is None:
+                        out.write(json.dumps({"id": request["id"], "output": answer}) + "\n")
+                        generated += 1
+                    else:
+                        out.write(json.dumps({"id": request["id"], "error": error}) + "\n")
+                        errors[request["id"]] = error
+                        bar.write(f"request {request['id']!r}: {error}")
+                out.flush()  # an interruption loses at most the batch in flight
+                bar.update(len(batch))
+    print(json.dumps({"requests": len(requests), "skipped": len(requests) - len(todo), "generated": generated,
+                      "failed": len(errors), "out": str(args.out)}))
+    if todo and generated == 0:
+        print(f"vlmfast generate: error: none of the {len(todo)} requests could be answered; the reasons are in "
+              f"{args.out}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _pipeline(args: argparse.Namespace):
+    from vlmfast.pipelines import pipeline
+
+    return pipeline("image-text-to-text", args.model, device=args.device, dtype=args.dtype,
+                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+
+
+def _answer(pipe, batch: list[dict]):
+    """(request, answer, None) or (request, None, error) for each request of the batch. A batch that
+    fails on its inputs (an image that changed since the check) is retried one request at a time,
+    so only the request at fault gets an error."""
+    try:
+        answers = pipe([[str(p) for p in r["images"]] for r in batch], [r["prompt"] for r in batch])
+        return [(r, a, None) for r, a in zip(batch, answers)]
+    except (ValueError, TypeError) as error:
+        if len(batch) == 1:
+            return [(batch[0], None, str(error))]
+    return [item for request in batch for item in _answer(pipe, [request])]

@@ -34,9 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlmfast import _atomic
 from vlmfast.data.instruction_collate import IGNORE_INDEX, InstructionCollator
-from vlmfast.data.instructions import read_instructions
+from vlmfast.data.instructions import check_images, data_sha256, read_instructions
 from vlmfast.train import distributed
+from vlmfast.train.interrupt import StopAfterStep
 from vlmfast.train.trainer import Trainer, TrainConfig, check_optimizer_in_backward
 
 CONFIG_NAME = "finetune_config.json"
@@ -197,16 +199,24 @@ def instruction_loss(model, input_ids, labels, attention_mask, pixel_values=None
     return loss * (local * world / total).to(loss.dtype)
 
 
-def _check_resume(out: Path, cfg: FinetuneConfig) -> None:
-    """A re-run into the same out folder must use the options of the run it continues."""
+# What a run is, beyond its options: the base model and the data (hashes, finetune_config.json).
+IDENTITY_KEYS = {"model": "another base model (--model)", "data": "other data (--data or its images)"}
+
+
+def _check_resume(out: Path, current: dict) -> None:
+    """A re-run into the same out folder must use the options, the model and the data of the run
+    it continues (`current`: the options' trajectory plus IDENTITY_KEYS)."""
     saved_file = out / CONFIG_NAME
     if not saved_file.is_file():
         return
     saved = json.loads(saved_file.read_text())
-    current = cfg.trajectory()
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if changed:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        def change(key):
+            if key in IDENTITY_KEYS:
+                return IDENTITY_KEYS[key] + ("" if key in saved else " (not recorded by the run that wrote it)")
+            return f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+        detail = ", ".join(change(k) for k in changed)
         raise ValueError(f"out: {out} holds a run started with other options ({detail}); rerun with the same "
                          "options to resume it, or choose another --out")
 
@@ -247,34 +257,45 @@ def _collator(model_dir: Path, max_length: int | None):
     return InstructionCollator(SmolVLMProcessor.from_pretrained(model_dir, padding_side="right"), max_length=max_length)
 
 
-def _progress(log, cfg: FinetuneConfig, started: float, tokens: list[int]):
+def _progress(log, cfg: FinetuneConfig, started: float, tokens: list[int], first_step: int, stop: StopAfterStep):
     def callback(trainer):
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - started  # this run's training clock, as report.json's train_seconds
         lr = trainer.optimizer.param_groups[0]["lr"]
+        done = trainer.step - first_step
+        left = elapsed / done * (cfg.steps - trainer.step) if done else 0.0
         log(f"step {trainer.step}/{cfg.steps}  loss {trainer.losses[-1]:.4f}  lr {lr:.2e}  "
-            f"{sum(tokens) / max(elapsed, 1e-9):.0f} tok/s  {elapsed:.1f} s")
+            f"{sum(tokens) / max(elapsed, 1e-9):.0f} tok/s  {elapsed:.1f} s, ETA {left:.0f} s")
+        stop.check(trainer)
     return callback
 
 
-def finetune(model, data, out, *, log=print, **options) -> dict | None:
+def finetune(model, data, out, *, log=print, show_progress: bool = False, **options) -> dict | None:
     """Fine-tunes the SmolVLM / Qwen2-VL checkpoint folder `model` on the JSONL file `data` and saves
     the result (LoRA merged) in Hugging Face layout in `out`. options: FinetuneConfig's fields. log(str)
     receives a progress line per step (None: silent). Returns the report (also out/report.json).
 
     Under torchrun (`torchrun --nproc-per-node N -m vlmfast.cli finetune ...`) every rank trains on
     its share of each step's batch (batch_size is the global micro-batch, a multiple of N) and the
-    loss is the global batch's; rank 0 alone logs, checkpoints and saves, the others return None."""
+    loss is the global batch's; rank 0 alone logs, checkpoints and saves, the others return None.
+
+    Before the model loads, every example is validated and every image decoded once (all problems
+    in one ValueError; show_progress: a bar on stderr meanwhile), and a rerun into `out` is checked
+    to continue the same run (options, base model and data hashes). `out` is created only once the
+    model loaded. Ctrl-C finishes the step, saves a checkpoint and raises KeyboardInterrupt (one
+    process); rerunning resumes there."""
     cfg = FinetuneConfig(**options)
     with distributed.session(cfg.threads) as parallel:
         return _finetune(Path(model), data, Path(out), cfg, (log or _silent) if parallel.is_main else _silent,
-                         parallel)
+                         parallel, show_progress and parallel.is_main)
 
 
 def _silent(message: str) -> None:
     pass
 
 
-def _finetune(model_dir: Path, data, out: Path, cfg: FinetuneConfig, log, parallel) -> dict | None:
+def _finetune(model_dir: Path, data, out: Path, cfg: FinetuneConfig, log, parallel,
+              show_progress: bool = False) -> dict | None:
+    from vlmfast.models.fingerprint import fingerprint
     from vlmfast.train.lora import lora_layers, merge_lora
 
     if not (model_dir / "config.json").is_file():
@@ -289,15 +310,19 @@ def _finetune(model_dir: Path, data, out: Path, cfg: FinetuneConfig, log, parall
         device = torch.device("cuda", torch.cuda.current_device())  # torchrun: this rank's LOCAL_RANK
     else:
         device = torch.device("cpu")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {out} is a file; expected a folder")
     examples = read_instructions(data)
+    check_images(examples, show_progress=show_progress)  # a corrupt image now, not at the step that draws it
     collator = _collator(model_dir, cfg.max_length)
+    run = {**cfg.trajectory(), "model": fingerprint(model_dir, preprocessor=False), "data": data_sha256(data, examples)}
+    _check_resume(out, run)
+    model = prepare_model(model_dir, cfg, device)
 
-    out.mkdir(parents=True, exist_ok=True)
-    _check_resume(out, cfg)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a model that fails to load leaves no folder behind
     distributed.barrier(parallel)  # every rank has read the old options before rank 0 writes them
     if parallel.is_main:
-        (out / CONFIG_NAME).write_text(json.dumps(cfg.trajectory(), indent=2))
-    model = prepare_model(model_dir, cfg, device)
+        _atomic.write_text(out / CONFIG_NAME, json.dumps(run, indent=2))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     ranks = f" x {parallel.world} ranks" if parallel.enabled else ""
@@ -328,7 +353,8 @@ def _finetune(model_dir: Path, data, out: Path, cfg: FinetuneConfig, log, parall
         log(f"resuming from the checkpoint at step {resumed_from}")
     started = time.perf_counter()
     try:
-        losses = trainer.fit(callback=_progress(log, cfg, started, tokens))
+        with StopAfterStep(enabled=not parallel.enabled, log=log) as stop:
+            losses = trainer.fit(callback=_progress(log, cfg, started, tokens, resumed_from, stop))
     finally:
         batches.close()
     seconds = time.perf_counter() - started
@@ -345,7 +371,7 @@ def _finetune(model_dir: Path, data, out: Path, cfg: FinetuneConfig, log, parall
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
         "train_seconds": seconds, "tokens_per_second": sum(tokens) / seconds if seconds > 0 and tokens else None,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    _atomic.write_text(out / "report.json", json.dumps(report, indent=2))
     log(f"saved to {out} (loss {report['first_loss']:.4f} -> {report['last_loss']:.4f})")
     return report
 

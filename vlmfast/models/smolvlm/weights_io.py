@@ -65,8 +65,11 @@ def _read_into(f, start: int, entry: dict, out: torch.Tensor, name: str, file) -
 def _read_file(file, fuse: bool) -> dict:
     state = {}
     with open(file, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
+        try:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        except (struct.error, ValueError) as error:  # too short, or no JSON header: not safetensors
+            raise ValueError(f"{file}: not a readable safetensors file ({error})") from None
         header.pop("__metadata__", None)
         start = 8 + header_len
         groups, grouped = _groups(header) if fuse else ({}, set())
