@@ -17,6 +17,9 @@ from __future__ import annotations
 import sys
 import time
 
+# Seconds of work before a bar appears: commands that finish sooner print no bar at all.
+DELAY = 1.0
+
 
 def _is_terminal(stream) -> bool:
     isatty = getattr(stream, "isatty", None)
@@ -31,11 +34,11 @@ class Progress:
     (default stderr). update(n, status=...) advances it; status is a short text shown after it."""
 
     def __init__(self, total: int | None, desc: str, *, unit: str = "", enabled: bool = True, stream=None,
-                 delay: float = 1.0, width: int = 24):
+                 delay: float | None = None, width: int = 24):
         self.total, self.desc, self.unit, self.width = total, desc, unit, width
         self.stream = stream if stream is not None else sys.stderr
         self.drawing = enabled and _is_terminal(self.stream)
-        self.delay = delay
+        self.delay = DELAY if delay is None else delay
         self.done = 0
         self.status = ""
         self.started = time.monotonic()
