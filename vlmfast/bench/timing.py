@@ -7,6 +7,7 @@ import time
 import torch
 
 SHORT_MS = 2.0
+WARM_MS = 50.0  # every case runs at least this long (and `warmup` calls) before it is timed
 
 
 @dataclasses.dataclass
@@ -33,13 +34,19 @@ def time_ms(fn, device: torch.device, *, warmup: int = 3, repeats: int = 15) -> 
     """Median milliseconds of fn(): CUDA events via triton.testing.do_bench on a GPU, wall-clock
     medians of `repeats` samples on the CPU. A call under SHORT_MS is timed in a loop of enough
     calls to fill SHORT_MS per sample (the sample divided by the count): one call of ~10 us is
-    at the resolution of the clock and the loop's own overhead."""
+    at the resolution of the clock and the loop's own overhead. Before timing, the case runs for
+    WARM_MS (at least `warmup` calls): one-time set-up (a thread pool starting, first-touch page
+    faults of fresh buffers, a lazy import or compile) must not land in the first timed row."""
     if device.type == "cuda":
         import triton.testing
 
+        fn()  # Triton compiles (and VLMFAST_TUNE tunes) on the first call: not in do_bench's estimate
+        torch.cuda.synchronize(device)
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    for _ in range(warmup):
+    start, calls = time.perf_counter(), 0
+    while calls < warmup or (time.perf_counter() - start) * 1e3 < WARM_MS:
         fn()
+        calls += 1
     start = time.perf_counter()
     fn()
     once = (time.perf_counter() - start) * 1e3
