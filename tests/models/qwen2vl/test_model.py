@@ -137,6 +137,20 @@ def test_generate_after_a_prompt_ending_in_image_tokens(pair):
     assert torch.equal(ours.generate(ids, pixels, grid, mask, max_new_tokens=5, eos_token_id=[]), expected)
 
 
+def test_static_shapes_and_streaming_give_the_same_tokens(pair):
+    """decode_step_static (the CUDA-graph step: M-RoPE offsets always added) and a streamer."""
+    hf, ours, _ = pair
+    ids, mask, pixels, grid, _ = build_batch(hf.config, [[(1, 4, 6)], [(1, 6, 4)]], seed=9)
+    for cut in (0, 6):  # the prompt ending in text, then in image tokens (unequal components)
+        prompt, valid = ids[:, :ids.shape[1] - cut], mask[:, :ids.shape[1] - cut]
+        eager = ours.generate(prompt, pixels, grid, valid, max_new_tokens=5, eos_token_id=[])
+        streamed = []
+        static = ours.generate(prompt, pixels, grid, valid, max_new_tokens=5, eos_token_id=[], static_shapes=True,
+                               streamer=streamed.append)
+        assert torch.equal(static, eager)
+        assert torch.equal(torch.stack(streamed, dim=1), eager[:, prompt.shape[1]:])
+
+
 def test_sampling_matches_transformers_for_the_same_seed(pair):
     hf, ours, _ = pair
     ids, mask, pixels, grid, types = build_batch(hf.config, ROWS, seed=6)

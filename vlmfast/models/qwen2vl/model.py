@@ -331,7 +331,8 @@ class Qwen2VL(nn.Module):
         offsets always added. The caller advances cache.length."""
         cache.key_mask.index_fill_(1, slot, True)
         embeds = self.model.language_model.embed_tokens(tokens[:, None])
-        steps = (positions[None, :] + cache.offsets)[:, :, None]
+        offsets = getattr(cache, "offsets", None)  # a plain StaticKVCache: 1D rotary
+        steps = positions[:, None] if offsets is None else (positions[None, :] + offsets)[:, :, None]
         hidden = self.model.language_model(embeds, steps, attn_mask=cache.attention_mask(cache.max_len),
                                            cache=cache, slot=slot)
         return self.head(hidden[:, 0]).float()
