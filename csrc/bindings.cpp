@@ -366,43 +366,75 @@ PYBIND11_MODULE(_C, m) {
       py::arg("loss_rows"), py::arg("row_scale"), py::arg("grad_hidden"), py::arg("grad_weight"),
       py::arg("grad_bias"), py::arg("dtype"), py::arg("threads"));
 
-  // float32 GEMM of the Linear layers (csrc/cpu/gemm.h): matrices as (address, row stride,
-  // column stride) in elements; bias, pre = 0 for none; activation = ACTIVATION_TAGS of
-  // vlmfast/native/linear.py.
-  m.def("gemm_packed_b_size", &vlmfast::cpu::gemm_packed_b_size, py::arg("N"), py::arg("K"));
+  // GEMM of the Linear layers (csrc/cpu/gemm.h): matrices as (address, (row stride, column
+  // stride) in elements, dtype tag); bias (float32), pre = 0 for none; activation =
+  // ACTIVATION_TAGS, format = FORMAT_NAMES, isa names = ISA_NAMES of vlmfast/native/linear.py.
+  namespace c = vlmfast::cpu;
+  m.def("gemm_isa", [] { return std::string(c::gemm_isa_name(c::gemm_isa())); });
+  m.def(
+      "gemm_force_isa",
+      [](int isa) { return std::string(c::gemm_isa_name(c::gemm_force_isa(isa))); },
+      py::arg("isa"));
+  m.def(
+      "gemm_isa_available",
+      [](int isa) { return c::gemm_isa_available(static_cast<c::GemmIsa>(isa)); }, py::arg("isa"));
+  m.def(
+      "gemm_kernel_calls",
+      [](int isa) { return c::gemm_kernel_calls(static_cast<c::GemmIsa>(isa)); }, py::arg("isa"));
+  m.def(
+      "gemm_packed_format",
+      [](int compute_dtype) { return static_cast<int>(c::gemm_packed_format(compute_dtype)); },
+      py::arg("compute_dtype"));
+  m.def(
+      "gemm_packed_b_bytes",
+      [](int64_t N, int64_t K, int format) {
+        return c::gemm_packed_b_bytes(N, K, static_cast<c::PackedFormat>(format));
+      },
+      py::arg("N"), py::arg("K"), py::arg("format"));
   m.def(
       "gemm_pack_b",
-      [](uintptr_t b, const std::array<int64_t, 2>& b_strides, int64_t N, int64_t K,
-         uintptr_t packed, int threads) {
+      [](uintptr_t b, const std::array<int64_t, 2>& b_strides, int b_dtype, int64_t N, int64_t K,
+         int compute_dtype, int format, uintptr_t packed, int threads) {
         py::gil_scoped_release release;
-        vlmfast::cpu::gemm_pack_b({ptr<const float>(b), b_strides[0], b_strides[1]}, N, K,
-                                  ptr<float>(packed), threads);
+        c::gemm_pack_b({ptr<const void>(b), b_strides[0], b_strides[1], b_dtype}, N, K,
+                       compute_dtype, static_cast<c::PackedFormat>(format), ptr<void>(packed),
+                       threads);
       },
-      py::arg("b"), py::arg("b_strides"), py::arg("N"), py::arg("K"), py::arg("packed"),
-      py::arg("threads"));
+      py::arg("b"), py::arg("b_strides"), py::arg("b_dtype"), py::arg("N"), py::arg("K"),
+      py::arg("compute_dtype"), py::arg("format"), py::arg("packed"), py::arg("threads"));
   m.def(
       "gemm_forward",
-      [](uintptr_t a, const std::array<int64_t, 2>& a_strides, uintptr_t b_packed, uintptr_t bias,
-         int64_t M, int64_t N, int64_t K, int activation, uintptr_t out, int64_t ldo,
-         uintptr_t pre, int64_t ldp, int threads) {
+      [](uintptr_t a, const std::array<int64_t, 2>& a_strides, int a_dtype, uintptr_t b_packed,
+         int format, int compute_dtype, uintptr_t bias, int64_t M, int64_t N, int64_t K,
+         int activation, uintptr_t out, int out_dtype, int64_t ldo, uintptr_t pre, int64_t ldp,
+         int threads) {
         py::gil_scoped_release release;
-        vlmfast::cpu::gemm_forward({ptr<const float>(a), a_strides[0], a_strides[1]},
-                                   ptr<const float>(b_packed), ptr<const float>(bias), M, N, K,
-                                   activation, ptr<float>(out), ldo, ptr<float>(pre), ldp,
-                                   threads);
+        c::gemm_forward({ptr<const void>(a), a_strides[0], a_strides[1], a_dtype},
+                        ptr<const void>(b_packed), static_cast<c::PackedFormat>(format),
+                        compute_dtype, ptr<const float>(bias), M, N, K, activation, ptr<void>(out),
+                        out_dtype, ldo, ptr<void>(pre), ldp, threads);
       },
-      py::arg("a"), py::arg("a_strides"), py::arg("b_packed"), py::arg("bias"), py::arg("M"),
-      py::arg("N"), py::arg("K"), py::arg("activation"), py::arg("out"), py::arg("ldo"),
+      py::arg("a"), py::arg("a_strides"), py::arg("a_dtype"), py::arg("b_packed"),
+      py::arg("format"), py::arg("compute_dtype"), py::arg("bias"), py::arg("M"), py::arg("N"),
+      py::arg("K"), py::arg("activation"), py::arg("out"), py::arg("out_dtype"), py::arg("ldo"),
       py::arg("pre"), py::arg("ldp"), py::arg("threads"));
   m.def(
       "linear_epilogue_backward",
       [](uintptr_t grad, uintptr_t pre, uintptr_t grad_pre, uintptr_t grad_bias, int64_t M,
-         int64_t N, int activation, int threads) {
+         int64_t N, int activation, int dtype, int threads) {
         py::gil_scoped_release release;
-        vlmfast::cpu::linear_epilogue_backward(ptr<const float>(grad), ptr<const float>(pre),
-                                               ptr<float>(grad_pre), ptr<float>(grad_bias), M, N,
-                                               activation, threads);
+        c::linear_epilogue_backward(ptr<const void>(grad), ptr<const void>(pre),
+                                    ptr<void>(grad_pre), ptr<float>(grad_bias), M, N, activation,
+                                    dtype, threads);
       },
       py::arg("grad"), py::arg("pre"), py::arg("grad_pre"), py::arg("grad_bias"), py::arg("M"),
-      py::arg("N"), py::arg("activation"), py::arg("threads"));
+      py::arg("N"), py::arg("activation"), py::arg("dtype"), py::arg("threads"));
+  m.def(
+      "gemm_measure_peak",
+      [](int compute_dtype, double ms, int threads) {
+        py::gil_scoped_release release;
+        return c::gemm_measure_peak(compute_dtype, ms, threads);
+      },
+      py::arg("compute_dtype"), py::arg("ms"), py::arg("threads"));
+  m.def("gemm_describe", &c::gemm_describe);
 }

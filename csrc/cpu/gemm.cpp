@@ -1,316 +1,365 @@
 #include "cpu/gemm.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <new>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 
-#include "common/gemm_kernel.h"
+#include "common/dtype.h"
 #include "common/parallel.h"
-#include "common/vec16.h"
+#include "cpu/cpu_info.h"
+#include "cpu/gemm_activation.h"
+#include "cpu/gemm_elements.h"
+#include "cpu/gemm_kernels.h"
+#include "cpu/gemm_pack.h"
 
 namespace vlmfast::cpu {
 namespace {
 
-using gemm::AlignedFloats;
-using gemm::NR;
+namespace gk = gemm_kernels;
+namespace gp = gemm_pack;
+using gk::NR;
 
-// Blocking. A task owns MC rows x a range of 32-column panels of the output. Per block of KC
-// reduction steps it packs its MC x KC slice of A (L2-resident: 96 x 768 floats = 288 KiB) and
-// sweeps it against each B panel (KC x 32, read from L2/L3, reused MC / MR times). K above
-// KC_MAX is split into equal blocks whose partial sums accumulate in the output.
-constexpr int64_t MC = 96;
-constexpr int64_t KC_MAX = 768;
-static_assert(MC % gemm::MR_AVX512 == 0 && MC % gemm::MR_PORTABLE == 0, "MC must hold whole panels");
+// ---------------------------------------------------------------------------- the level
 
-// ---------------------------------------------------------------------------- activations
-// Vectorised over 16 lanes (vec16.h), accurate to a few float ulps: well inside the 1e-5
-// relative budget of the tests, and stable for any finite input.
+const char* const kIsaNames[] = {"portable", "avx2", "avx512", "avx512_bf16", "amx"};
 
-// sigma(t) = 1 / (1 + e^-t), from e^-|t| so the exponential never overflows.
-VLMFAST_INLINE v16f vsigmoid(v16f t) {
-  const v16f e = vexp(t < 0.0f ? t : -t);
-  const v16f s = 1.0f / (1.0f + e);
-  return t >= 0.0f ? s : e * s;
-}
-
-// erfc(x) = t e^{-x^2 + P(t)}, t = 1 / (1 + |x| / 2) for x >= 0 (Chebyshev fit of Numerical
-// Recipes' erfcc, relative error < 1.2e-7 everywhere), erfc(-x) = 2 - erfc(x). A relative bound
-// keeps gelu(z) = z Phi(z) accurate in the far negative tail too, where erf-based forms cancel.
-VLMFAST_INLINE v16f verfc(v16f x) {
-  const v16f ax = x < 0.0f ? -x : x;
-  const v16f t = 1.0f / (1.0f + 0.5f * ax);
-  v16f p = splat(0.17087277f);
-  p = p * t - 0.82215223f;
-  p = p * t + 1.48851587f;
-  p = p * t - 1.13520398f;
-  p = p * t + 0.27886807f;
-  p = p * t - 0.18628806f;
-  p = p * t + 0.09678418f;
-  p = p * t + 0.37409196f;
-  p = p * t + 1.00002368f;
-  p = p * t - 1.26551223f;
-  const v16f tail = t * vexp(p - ax * ax);
-  return x >= 0.0f ? tail : 2.0f - tail;
-}
-
-constexpr float kSqrt2OverPi = 0.7978845608028654f;
-constexpr float kTanhCubic = 0.044715f;
-constexpr float kQuickGelu = 1.702f;
-constexpr float kInvSqrt2 = 0.7071067811865476f;
-constexpr float kInvSqrt2Pi = 0.3989422804014327f;
-
-VLMFAST_INLINE v16f activate(v16f z, Activation act) {
-  switch (act) {
-    case Activation::QuickGelu:  // z sigma(1.702 z)
-      return z * vsigmoid(kQuickGelu * z);
-    case Activation::GeluTanh:  // z (1 + tanh u) / 2 = z sigma(2u), u = c (z + a z^3)
-      return z * vsigmoid(2.0f * kSqrt2OverPi * (z + kTanhCubic * z * z * z));
-    case Activation::Gelu:  // z Phi(z) = z erfc(-z / sqrt 2) / 2
-      return 0.5f * z * verfc(-kInvSqrt2 * z);
-    case Activation::None:
-      break;
+bool isa_available(GemmIsa isa) {
+  const CpuFeatures& f = cpu_features();
+  switch (isa) {
+    case GemmIsa::Portable: return true;
+#if VLMFAST_GEMM_X86
+    case GemmIsa::Avx2: return f.avx2_fma;
+    case GemmIsa::Avx512: return f.avx512;
+    case GemmIsa::Avx512Bf16: return f.avx512_bf16;
+    case GemmIsa::Amx: return f.avx512_bf16 && amx_usable();
+#endif
+    default: return false;
   }
-  return z;
 }
 
-// d act / dz at z.
-VLMFAST_INLINE v16f activation_slope(v16f z, Activation act) {
-  switch (act) {
-    case Activation::QuickGelu: {  // s + 1.702 z s (1 - s)
-      const v16f s = vsigmoid(kQuickGelu * z);
-      return s + kQuickGelu * z * s * (1.0f - s);
-    }
-    case Activation::GeluTanh: {  // s + z s (1 - s) 2 u'(z), s = sigma(2u)
-      const v16f s = vsigmoid(2.0f * kSqrt2OverPi * (z + kTanhCubic * z * z * z));
-      const v16f du = kSqrt2OverPi * (1.0f + 3.0f * kTanhCubic * z * z);
-      return s + 2.0f * z * s * (1.0f - s) * du;
-    }
-    case Activation::Gelu:  // Phi(z) + z phi(z)
-      return 0.5f * verfc(-kInvSqrt2 * z) + z * kInvSqrt2Pi * vexp(-0.5f * z * z);
-    case Activation::None:
-      break;
-  }
-  return splat(1.0f);
+GemmIsa best_available(int at_most) {
+  for (int level = std::min(at_most, static_cast<int>(GemmIsa::Amx)); level > 0; --level)
+    if (isa_available(static_cast<GemmIsa>(level))) return static_cast<GemmIsa>(level);
+  return GemmIsa::Portable;
 }
 
-// ---------------------------------------------------------------------------- packing
+int isa_from_name(const char* name) {
+  if (!name || !*name) return -1;
+  for (int i = 0; i < 5; ++i)
+    if (std::strcmp(name, kIsaNames[i]) == 0) return i;
+  throw std::invalid_argument(std::string("VLMFAST_GEMM_ISA: expected one of portable, avx2, avx512, "
+                                          "avx512_bf16, amx; got '") + name + "'");
+}
 
-// Rows [m0, m0 + count) and reduction steps [k0, k0 + kb) of A into panels of MR rows, k-major:
-// packed[panel * kb * MR + k * MR + m]; rows past `count` are zero. Reads along whichever of
-// A's dims is contiguous (x is row-major; the dW GEMM's A = dz^T is column-major).
-template <int MR>
-__attribute__((always_inline)) inline void pack_a(const Matrix& a, int64_t m0, int64_t count,
-                                                  int64_t k0, int64_t kb, float* packed) {
-  const int64_t panels = (count + MR - 1) / MR;
-  for (int64_t panel = 0; panel < panels; ++panel) {
-    float* dst = packed + panel * kb * MR;
-    const int64_t rows = std::min<int64_t>(MR, count - panel * MR);
-    const float* src = a.data + (m0 + panel * MR) * a.row_stride + k0 * a.col_stride;
-    if (a.col_stride == 1) {
-      for (int64_t m = 0; m < rows; ++m) {
-        const float* row = src + m * a.row_stride;
-        for (int64_t k = 0; k < kb; ++k) dst[k * MR + m] = row[k];
+std::atomic<int> g_isa{-1};  // the level in use once chosen
+std::atomic<int64_t> g_kernel_calls[5];  // GEMMs run per kernel (indexed like kIsaNames)
+
+// ---------------------------------------------------------------------------- blocking
+//
+// Goto's scheme, sized from this CPU's caches. A task owns a block of MC rows x a range of
+// 32-column panels of C. Per block of KC reduction steps it packs its MC x KC slice of A
+// (L2-resident) and sweeps it against each panel's KC x 32 slice of B, which stays in L1 while
+// the MC / MR slivers of A stream past it from L2. So:
+//   KC: the B slice (KC x 32 operands) takes half of L1d, leaving room for the A sliver and C;
+//   MC: the A block takes half of L2.
+// K above KC is split into equal blocks (partial sums accumulate in float32).
+struct Blocking {
+  int64_t kc, mc;
+};
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  const long long x = std::atoll(v);
+  return x > 0 ? x : fallback;
+}
+
+template <typename Layout>
+Blocking blocking_for() {
+  const CacheSizes& c = cache_sizes();
+  constexpr int64_t elem = sizeof(typename Layout::Operand), step = Layout::K_STEP;
+  int64_t kc = c.l1d / 2 / (NR * elem);
+  kc = env_int("VLMFAST_GEMM_KC", kc);
+  kc = std::max<int64_t>(step, kc / std::max<int64_t>(step, 8) * std::max<int64_t>(step, 8));
+  int64_t mc = c.l2 / 2 / (kc * elem);
+  mc = env_int("VLMFAST_GEMM_MC", mc);
+  mc = std::clamp<int64_t>(mc / Layout::MR * Layout::MR, Layout::MR, 64 * Layout::MR);
+  return {kc, mc};
+}
+
+// ---------------------------------------------------------------------------- per-thread buffers
+
+// Grow-only, 64-byte aligned, kept by each (pooled) thread across calls: a fresh multi-MiB
+// buffer per GEMM would pay a page fault per 4 KiB on first touch.
+struct ThreadBuffer {
+  void* data = nullptr;
+  size_t bytes = 0;
+  void* get(size_t need) {
+    if (need > bytes) {
+      std::free(data);
+      bytes = (need + 4095) / 4096 * 4096;
+      data = std::aligned_alloc(64, bytes);
+      if (!data) {
+        bytes = 0;
+        throw std::bad_alloc();
       }
+    }
+    return data;
+  }
+  ~ThreadBuffer() { std::free(data); }
+};
+
+thread_local ThreadBuffer t_a_block, t_c_block;
+
+// ---------------------------------------------------------------------------- the problem
+
+struct Problem {
+  Matrix a;
+  const void* b;  // packed
+  int compute;    // DType tag
+  const float* bias;
+  int64_t M, N, K, kp;  // kp: K as packed (rounded up to the layout's step)
+  Activation act;
+  void* out;
+  int out_dtype;
+  int64_t ldo;
+  void* pre;
+  int64_t ldp;
+};
+
+// The epilogue of one tile: z = c + bias; pre = z; out = act(z), rounded to T. c is float32
+// (row stride ldc), rows x cols of it.
+template <typename T>
+__attribute__((always_inline)) inline void finish_tile(const Problem& p, const float* c, int64_t ldc,
+                                                       int64_t m0, int64_t rows, int64_t n0,
+                                                       int64_t cols) {
+  namespace ge = gemm_elements;
+  T* out = static_cast<T*>(p.out);
+  T* pre = static_cast<T*>(p.pre);
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* cr = c + m * ldc;
+    T* o = out + (m0 + m) * p.ldo + n0;
+    T* z_out = pre ? pre + (m0 + m) * p.ldp + n0 : nullptr;
+    for (int64_t j = 0; j < cols; j += 16) {
+      const int64_t w = std::min<int64_t>(16, cols - j);
+      v16f z = w == 16 ? vload(cr + j) : ge::load_part(cr + j, w);
+      if (p.bias) z += w == 16 ? vload(p.bias + n0 + j) : ge::load_part(p.bias + n0 + j, w);
+      if (z_out) w == 16 ? ge::store16(z_out + j, z) : ge::store_part(z_out + j, z, w);
+      if (p.act != Activation::None) z = gemm_activation::activate(z, p.act);
+      w == 16 ? ge::store16(o + j, z) : ge::store_part(o + j, z, w);
+    }
+  }
+}
+
+using FinishFn = void (*)(const Problem&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t);
+
+#define VLMFAST_FINISH(T, NAME)                                                                \
+  VLMFAST_MULTIVERSION void NAME(const Problem& p, const float* c, int64_t ldc, int64_t m0,   \
+                                 int64_t rows, int64_t n0, int64_t cols) {                     \
+    finish_tile<T>(p, c, ldc, m0, rows, n0, cols);                                             \
+  }
+VLMFAST_FINISH(float, finish_f32)
+VLMFAST_FINISH(BFloat16, finish_bf16)
+VLMFAST_FINISH(Half, finish_f16)
+#undef VLMFAST_FINISH
+
+FinishFn finish_for(int dtype) {
+  switch (dtype_from_tag(dtype)) {
+    case DType::Float32: return finish_f32;
+    case DType::BFloat16: return finish_bf16;
+    case DType::Float16: return finish_f16;
+  }
+  return finish_f32;
+}
+
+// Packs A's block through the layout for A's source dtype and the compute dtype.
+template <typename Layout>
+using PackAFn = void (*)(const Problem&, int64_t, int64_t, int64_t, int64_t, int64_t,
+                         typename Layout::Operand*);
+
+template <typename Layout, typename Src, typename Compute>
+VLMFAST_MULTIVERSION void pack_a_block(const Problem& p, int64_t m0, int64_t rows, int64_t k0,
+                                       int64_t kb, int64_t kbp, typename Layout::Operand* dst) {
+  gp::pack_a<Layout, Src, Compute>(static_cast<const Src*>(p.a.data), p.a.row_stride,
+                                   p.a.col_stride, m0, rows, k0, kb, kbp, dst);
+}
+
+template <typename Layout>
+PackAFn<Layout> pack_a_for(int src, int compute) {
+  const DType s = dtype_from_tag(src), c = dtype_from_tag(compute);
+  if (c == DType::BFloat16) {
+    if (s == DType::Float32) return pack_a_block<Layout, float, BFloat16>;
+    if (s == DType::BFloat16) return pack_a_block<Layout, BFloat16, BFloat16>;
+  } else if constexpr (std::is_same_v<typename Layout::Operand, float>) {
+    if (c == DType::Float16) {
+      if (s == DType::Float32) return pack_a_block<Layout, float, Half>;
+      if (s == DType::Float16) return pack_a_block<Layout, Half, Half>;
     } else {
-      for (int64_t k = 0; k < kb; ++k) {
-        const float* col = src + k * a.col_stride;
-        for (int64_t m = 0; m < rows; ++m) dst[k * MR + m] = col[m * a.row_stride];
-      }
-    }
-    for (int64_t m = rows; m < MR; ++m)
-      for (int64_t k = 0; k < kb; ++k) dst[k * MR + m] = 0.0f;
-  }
-}
-
-// One 32-column panel of B, all K, packed k-major; columns past N are zero.
-__attribute__((always_inline)) inline void pack_b_panel(const Matrix& b, int64_t N, int64_t K,
-                                                        int64_t panel, float* packed) {
-  float* dst = packed + panel * K * NR;
-  const int64_t n0 = panel * NR, cols = std::min<int64_t>(NR, N - n0);
-  if (b.col_stride == 1) {
-    // W (N, K) row-major: each column n is a contiguous row of W. Transposed in blocks of 64 k
-    // (an 8 KiB slice of the panel stays in L1); a whole-K sweep per n would touch K lines of
-    // the panel per row and thrash L1.
-    constexpr int64_t KB = 64;
-    for (int64_t kb = 0; kb < K; kb += KB) {
-      const int64_t k_end = std::min(K, kb + KB);
-      for (int64_t n = 0; n < cols; ++n) {
-        const float* src = b.data + (n0 + n) * b.row_stride;
-        for (int64_t k = kb; k < k_end; ++k) dst[k * NR + n] = src[k];
-      }
-    }
-  } else {  // k-major source (dx = dz W reads W (N, K) as B(k, n)): 32 contiguous floats per k
-    for (int64_t k = 0; k < K; ++k) {
-      const float* src = b.data + k * b.col_stride + n0 * b.row_stride;
-      for (int64_t n = 0; n < cols; ++n) dst[k * NR + n] = src[n * b.row_stride];
+      if (s == DType::Float32) return pack_a_block<Layout, float, float>;
+      if (s == DType::BFloat16) return pack_a_block<Layout, BFloat16, float>;
+      if (s == DType::Float16) return pack_a_block<Layout, Half, float>;
     }
   }
-  if (cols < NR)
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t n = cols; n < NR; ++n) dst[k * NR + n] = 0.0f;
-}
-
-VLMFAST_MULTIVERSION void pack_b_panels(const Matrix& b, int64_t N, int64_t K, int64_t p0,
-                                        int64_t p1, float* packed) {
-  for (int64_t panel = p0; panel < p1; ++panel) pack_b_panel(b, N, K, panel, packed);
+  throw std::invalid_argument("vlmfast gemm: A's dtype does not fit the compute dtype");
 }
 
 // ---------------------------------------------------------------------------- the GEMM
 
-struct Problem {
-  Matrix a;
-  const float* b;  // packed
-  const float* bias;
-  int64_t M, N, K, kc;
-  Activation act;
-  float* out;
-  int64_t ldo;
-  float* pre;
-  int64_t ldp;
+template <typename Kern, typename Layout>
+struct Driver {
+  using Op = typename Layout::Operand;
+  static constexpr int MR = Layout::MR, STEP = Layout::K_STEP;
+
+  // One task: rows [m0, m0 + rows) x column panels [np0, np1). C accumulates in float32: in
+  // `out` itself for float32 outputs, else in a per-thread block (rows x the task's columns).
+  __attribute__((always_inline)) static void task(const Problem& p, const Blocking& blk,
+                                                  PackAFn<Layout> pack, FinishFn finish,
+                                                  int64_t m0, int64_t rows, int64_t np0,
+                                                  int64_t np1) {
+    const int64_t k_blocks = (p.K + blk.kc - 1) / blk.kc;
+    const int64_t kc = ((p.K + k_blocks - 1) / k_blocks + STEP - 1) / STEP * STEP;
+    const int64_t slivers = (rows + MR - 1) / MR;
+    Op* a_block = static_cast<Op*>(t_a_block.get(sizeof(Op) * slivers * MR * kc));
+    const bool direct = p.out_dtype == static_cast<int>(DType::Float32);
+    const int64_t width = (np1 - np0) * NR;
+    float* cblock = direct ? nullptr
+                           : static_cast<float*>(t_c_block.get(sizeof(float) * slivers * MR * width));
+    alignas(64) float tile[MR * NR];
+    if constexpr (requires_begin) Kern::begin();
+    for (int64_t k0 = 0; k0 < p.K; k0 += kc) {
+      const int64_t kb = std::min(kc, p.K - k0);
+      const int64_t kbp = (kb + STEP - 1) / STEP * STEP;
+      const bool first = k0 == 0, last = k0 + kb >= p.K;
+      pack(p, m0, rows, k0, kb, kbp, a_block);
+      for (int64_t np = np0; np < np1; ++np) {
+        const Op* b = static_cast<const Op*>(p.b) + np * NR * p.kp + k0 * NR;
+        const int64_t n0 = np * NR, cols = std::min<int64_t>(NR, p.N - n0);
+        for (int64_t s = 0; s < slivers; ++s) {
+          const Op* a = a_block + s * MR * kbp;
+          const int64_t r0 = s * MR, r = std::min<int64_t>(MR, rows - r0);
+          if (!direct) {
+            float* c = cblock + r0 * width + (np - np0) * NR;
+            Kern::run(a, b, kbp, c, width, !first);
+            if (last) finish(p, c, width, m0 + r0, r, n0, cols);
+            continue;
+          }
+          float* o = static_cast<float*>(p.out) + (m0 + r0) * p.ldo + n0;
+          if (r == MR && cols == NR) {
+            Kern::run(a, b, kbp, o, p.ldo, !first);
+            if (last) finish(p, o, p.ldo, m0 + r0, r, n0, cols);
+          } else {  // an edge tile: through a full-size buffer
+            if (!first)
+              for (int64_t m = 0; m < r; ++m) std::copy(o + m * p.ldo, o + m * p.ldo + cols, tile + m * NR);
+            Kern::run(a, b, kbp, tile, NR, !first);
+            if (last) {
+              finish(p, tile, NR, m0 + r0, r, n0, cols);
+            } else {
+              for (int64_t m = 0; m < r; ++m) std::copy(tile + m * NR, tile + m * NR + cols, o + m * p.ldo);
+            }
+          }
+        }
+      }
+    }
+    if constexpr (requires_begin) Kern::end();
+  }
+
+  template <typename K, typename = void>
+  struct HasBegin : std::false_type {};
+  template <typename K>
+  struct HasBegin<K, std::void_t<decltype(K::begin())>> : std::true_type {};
+  static constexpr bool requires_begin = HasBegin<Kern>::value;
 };
 
-// Writes an MR x 32 tile (rows past `rows`, columns past N dropped). Blocks of K after the first
-// add what earlier blocks left in `out`; the last one adds the bias, keeps the pre-activation
-// and applies the activation.
-template <int MR>
-__attribute__((always_inline)) inline void finish_tile(const Problem& p, float* tile, int64_t m0,
-                                                       int64_t rows, int64_t n0, bool first,
-                                                       bool last) {
-  const int64_t cols = std::min<int64_t>(NR, p.N - n0);
-  for (int64_t m = 0; m < rows; ++m) {
-    float* t = tile + m * NR;
-    float* o = p.out + (m0 + m) * p.ldo + n0;
-    if (!first)
-      for (int64_t n = 0; n < cols; ++n) t[n] += o[n];
-    if (last) {
-      if (p.bias)
-        for (int64_t n = 0; n < cols; ++n) t[n] += p.bias[n0 + n];
-      if (p.pre) std::copy(t, t + cols, p.pre + (m0 + m) * p.ldp + n0);
-      if (p.act != Activation::None) {
-        vstore(t, activate(vload(t), p.act));
-        vstore(t + 16, activate(vload(t + 16), p.act));
-      }
-    }
-    std::copy(t, t + cols, o);
+template <typename Layout>
+using TaskFn = void (*)(const Problem&, const Blocking&, PackAFn<Layout>, FinishFn, int64_t,
+                        int64_t, int64_t, int64_t);
+
+// The task functions carry each kernel's instruction set (an OpenMP-outlined region would not
+// inherit a target attribute, so the parallel loop calls them through a pointer).
+#define VLMFAST_TASK(KERN, LAYOUT, ATTR, NAME)                                                  \
+  ATTR void NAME(const Problem& p, const Blocking& blk, PackAFn<LAYOUT> pack, FinishFn finish,  \
+                 int64_t m0, int64_t rows, int64_t np0, int64_t np1) {                          \
+    Driver<KERN, LAYOUT>::task(p, blk, pack, finish, m0, rows, np0, np1);                       \
   }
-}
-
-// One task: rows [m0, m0 + count) x column panels [np0, np1).
-template <int MR, bool AVX512>
-__attribute__((always_inline)) inline void gemm_task(const Problem& p, int64_t m0, int64_t count,
-                                                     int64_t np0, int64_t np1, float* a_packed) {
-  alignas(64) float tile[MR * NR];
-  const int64_t panels = (count + MR - 1) / MR;
-  for (int64_t k0 = 0; k0 < p.K; k0 += p.kc) {
-    const int64_t kb = std::min(p.kc, p.K - k0);
-    pack_a<MR>(p.a, m0, count, k0, kb, a_packed);
-    for (int64_t np = np0; np < np1; ++np) {
-      const float* b = p.b + np * p.K * NR + k0 * NR;  // 128-byte steps: stays 64-byte aligned
-      for (int64_t panel = 0; panel < panels; ++panel) {
-#if VLMFAST_HAVE_AVX512_PATH
-        if constexpr (AVX512) {
-          gemm::micro_kernel_avx512<MR>(a_packed + panel * kb * MR, b, NR, kb, tile);
-        } else
+VLMFAST_TASK(gk::Portable, gp::F32Layout<gk::Portable::MR>, VLMFAST_MULTIVERSION, task_portable)
+#if VLMFAST_GEMM_X86
+VLMFAST_TASK(gk::Avx2, gp::F32Layout<gk::Avx2::MR>, VLMFAST_TARGET_AVX2, task_avx2)
+VLMFAST_TASK(gk::Avx512, gp::F32Layout<gk::Avx512::MR>, VLMFAST_TARGET_AVX512, task_avx512)
+VLMFAST_TASK(gk::Avx512Bf16, gp::PairLayout<gk::Avx512Bf16::MR>, VLMFAST_TARGET_AVX512BF16,
+             task_avx512_bf16)
+VLMFAST_TASK(gk::Amx, gp::AmxLayout, VLMFAST_TARGET_AMX, task_amx)
 #endif
-        {
-          gemm::micro_kernel_portable<MR>(a_packed + panel * kb * MR, b, NR, kb, tile);
-        }
-        finish_tile<MR>(p, tile, m0 + panel * MR, std::min<int64_t>(MR, count - panel * MR),
-                        np * NR, k0 == 0, k0 + kb >= p.K);
-      }
-    }
-  }
-}
+#undef VLMFAST_TASK
 
-using TaskFn = void (*)(const Problem&, int64_t, int64_t, int64_t, int64_t, float*);
-
-// The task functions carry the instruction set (an OpenMP-outlined region would not inherit a
-// target attribute, so the parallel loop calls them through a pointer).
-#if VLMFAST_HAVE_AVX512_PATH
-VLMFAST_AVX512 void task_avx512(const Problem& p, int64_t m0, int64_t count, int64_t np0,
-                                int64_t np1, float* a_packed) {
-  gemm_task<gemm::MR_AVX512, true>(p, m0, count, np0, np1, a_packed);
-}
-#endif
-
-VLMFAST_MULTIVERSION void task_portable(const Problem& p, int64_t m0, int64_t count, int64_t np0,
-                                        int64_t np1, float* a_packed) {
-  gemm_task<gemm::MR_PORTABLE, false>(p, m0, count, np0, np1, a_packed);
-}
-
-void run_gemm(const Problem& p, int threads) {
-  TaskFn task = task_portable;
-#if VLMFAST_HAVE_AVX512_PATH
-  static const bool avx512 = gemm::cpu_has_avx512();
-  if (avx512) task = task_avx512;
-#endif
-  // Tasks: MC-row blocks x chunks of column panels; enough of them (>= ~16 per thread) that the
-  // dynamic schedule evens out the threads, while each chunk stays wide enough that re-packing
-  // A per chunk costs little.
-  const int64_t m_blocks = (p.M + MC - 1) / MC, n_panels = (p.N + NR - 1) / NR;
-  const int64_t n_chunks = std::clamp<int64_t>((16 * threads + m_blocks - 1) / m_blocks, 1, n_panels);
+template <typename Layout>
+void run_tasks(const Problem& p, TaskFn<Layout> task, int threads) {
+  const Blocking blk = blocking_for<Layout>();
+  const PackAFn<Layout> pack = pack_a_for<Layout>(p.a.dtype, p.compute);
+  const FinishFn finish = finish_for(p.out_dtype);
+  // Tasks: MC-row blocks x chunks of column panels. Enough of them (>= 4 per thread) for the
+  // dynamic schedule to even out the threads (and absorb a thread the OS takes away for a while),
+  // each chunk wide enough (>= 8 panels where N allows) that packing A per task costs little.
+  const int64_t mc = std::min<int64_t>(blk.mc, (p.M + Layout::MR - 1) / Layout::MR * Layout::MR);
+  const int64_t m_blocks = (p.M + mc - 1) / mc, n_panels = (p.N + NR - 1) / NR;
+  const int64_t max_chunks = std::max<int64_t>(1, n_panels / 8);
+  const int64_t n_chunks = std::clamp<int64_t>((4 * threads + m_blocks - 1) / m_blocks, 1, max_chunks);
   const int64_t per_chunk = (n_panels + n_chunks - 1) / n_chunks;
-#pragma omp parallel num_threads(threads)
-  {
-    AlignedFloats a_packed(static_cast<size_t>(MC * p.kc));
-#pragma omp for schedule(dynamic, 1) collapse(2)
+  if (m_blocks * n_chunks == 1 || threads == 1) {
     for (int64_t mb = 0; mb < m_blocks; ++mb)
       for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
         const int64_t np0 = chunk * per_chunk, np1 = std::min(n_panels, np0 + per_chunk);
-        if (np0 < np1) task(p, mb * MC, std::min(MC, p.M - mb * MC), np0, np1, a_packed.data);
+        if (np0 < np1) task(p, blk, pack, finish, mb * mc, std::min(mc, p.M - mb * mc), np0, np1);
       }
+    return;
   }
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) collapse(2)
+  for (int64_t mb = 0; mb < m_blocks; ++mb)
+    for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+      const int64_t np0 = chunk * per_chunk, np1 = std::min(n_panels, np0 + per_chunk);
+      if (np0 < np1) task(p, blk, pack, finish, mb * mc, std::min(mc, p.M - mb * mc), np0, np1);
+    }
 }
 
-// ---------------------------------------------------------------------------- epilogue backward
+// ---------------------------------------------------------------------------- B packing
 
-// Columns [n0, n0 + cols) (cols <= 64: up to four 16-float strips, one 256-byte run per row) of
-// the epilogue's backward over all rows. A strip narrower than 16 (the last one) goes through a
-// zero-padded vector, whose padded lanes stay 0 (slope(0) * 0).
-constexpr int kStrips = 4;
+template <bool PAIRS, typename Src, typename Compute>
+VLMFAST_MULTIVERSION void pack_b_range(const Matrix& b, int64_t N, int64_t K, int64_t kp,
+                                       int64_t p0, int64_t p1, void* packed) {
+  using Op = std::conditional_t<PAIRS, uint16_t, float>;
+  for (int64_t p = p0; p < p1; ++p)
+    gp::pack_b_panel<PAIRS, Src, Compute>(static_cast<const Src*>(b.data), b.row_stride,
+                                          b.col_stride, N, K, kp, p, static_cast<Op*>(packed));
+}
 
-__attribute__((always_inline)) inline void epilogue_backward_columns(
-    const float* grad, const float* pre, float* grad_pre, float* grad_bias, int64_t M, int64_t N,
-    int64_t n0, int64_t cols, Activation act) {
-  v16f sums[kStrips] = {};
-  alignas(64) float g[16] = {}, z[16] = {};
-  const int strips = static_cast<int>((cols + 15) / 16);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int s = 0; s < strips; ++s) {
-      const int64_t at = m * N + n0 + s * 16, width = std::min<int64_t>(16, cols - s * 16);
-      v16f dz;
-      if (width == 16) {
-        dz = vload(grad + at);
-        if (act != Activation::None) {
-          dz = dz * activation_slope(vload(pre + at), act);
-          vstore(grad_pre + at, dz);
-        }
-      } else {
-        std::copy(grad + at, grad + at + width, g);
-        dz = vload(g);
-        if (act != Activation::None) {
-          std::copy(pre + at, pre + at + width, z);
-          dz = dz * activation_slope(vload(z), act);
-          vstore(g, dz);
-          std::copy(g, g + width, grad_pre + at);
-        }
-      }
-      sums[s] += dz;
+using PackBFn = void (*)(const Matrix&, int64_t, int64_t, int64_t, int64_t, int64_t, void*);
+
+template <bool PAIRS>
+PackBFn pack_b_for(int src, int compute) {
+  const DType s = dtype_from_tag(src), c = dtype_from_tag(compute);
+  if (c == DType::BFloat16) {
+    if (s == DType::Float32) return pack_b_range<PAIRS, float, BFloat16>;
+    if (s == DType::BFloat16) return pack_b_range<PAIRS, BFloat16, BFloat16>;
+  } else if constexpr (!PAIRS) {
+    if (c == DType::Float16) {
+      if (s == DType::Float32) return pack_b_range<PAIRS, float, Half>;
+      if (s == DType::Float16) return pack_b_range<PAIRS, Half, Half>;
+    } else {
+      if (s == DType::Float32) return pack_b_range<PAIRS, float, float>;
+      if (s == DType::BFloat16) return pack_b_range<PAIRS, BFloat16, float>;
+      if (s == DType::Float16) return pack_b_range<PAIRS, Half, float>;
     }
   }
-  if (grad_bias) {
-    alignas(64) float out[kStrips * 16];
-    for (int s = 0; s < strips; ++s) vstore(out + s * 16, sums[s]);
-    std::copy(out, out + cols, grad_bias + n0);
-  }
+  throw std::invalid_argument("vlmfast gemm: B's dtype does not fit the compute dtype");
 }
 
-// The threads split the columns, so each bias sum has one owner.
-VLMFAST_MULTIVERSION void epilogue_backward_task(const float* grad, const float* pre,
-                                                 float* grad_pre, float* grad_bias, int64_t M,
-                                                 int64_t N, int64_t n0, int64_t cols,
-                                                 Activation act) {
-  epilogue_backward_columns(grad, pre, grad_pre, grad_bias, M, N, n0, cols, act);
+int64_t packed_k(int64_t K, PackedFormat format) {
+  return format == PackedFormat::Bf16Pairs ? (K + 31) / 32 * 32 : K;
 }
 
 Activation activation_from_tag(int tag) {
@@ -319,53 +368,201 @@ Activation activation_from_tag(int tag) {
   return static_cast<Activation>(tag);
 }
 
+// ---------------------------------------------------------------------------- peak
+
+double thread_cpu_ms() {
+  timespec t;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return t.tv_sec * 1e3 + t.tv_nsec * 1e-6;
+}
+
+// Every thread runs the kernel over its own L1-resident sliver and panel slice into one tile.
+template <typename Kern, typename Layout>
+__attribute__((always_inline)) inline double peak_loop(double ms) {
+  using Op = typename Layout::Operand;
+  constexpr int64_t kb = 256;
+  alignas(64) Op a[Layout::MR * kb];
+  alignas(64) Op b[NR * kb];
+  alignas(64) float c[Layout::MR * NR];
+  for (int64_t i = 0; i < Layout::MR * kb; ++i) a[i] = static_cast<Op>(i % 7 == 0 ? 0x3f80 : 0);
+  for (int64_t i = 0; i < NR * kb; ++i) b[i] = static_cast<Op>(i % 5 == 0 ? 0x3f80 : 0);
+  if constexpr (std::is_same_v<Op, float>) {
+    for (int64_t i = 0; i < Layout::MR * kb; ++i) a[i] = 1e-3f * static_cast<float>(i % 7);
+    for (int64_t i = 0; i < NR * kb; ++i) b[i] = 1e-3f * static_cast<float>(i % 5);
+  }
+  if constexpr (Driver<Kern, Layout>::requires_begin) Kern::begin();
+  Kern::run(a, b, kb, c, NR, false);
+  // This thread's CPU time, not the wall clock: on a shared machine the OS may run another
+  // process on this core for a while, which says nothing about what the core can do.
+  const double start = thread_cpu_ms();
+  int64_t calls = 0;
+  double elapsed = 0.0;
+  do {
+    for (int i = 0; i < 64; ++i) {
+      Kern::run(a, b, kb, c, NR, true);
+      __asm__ __volatile__("" : : "r"(c) : "memory");  // the tile is used: no call is elided
+    }
+    calls += 64;
+    elapsed = thread_cpu_ms() - start;
+  } while (elapsed < ms);
+  if constexpr (Driver<Kern, Layout>::requires_begin) Kern::end();
+  return 2.0 * Layout::MR * NR * kb * calls / (elapsed * 1e-3);
+}
+
+using PeakFn = double (*)(double);
+VLMFAST_MULTIVERSION double peak_portable(double ms) {
+  return peak_loop<gk::Portable, gp::F32Layout<gk::Portable::MR>>(ms);
+}
+#if VLMFAST_GEMM_X86
+VLMFAST_TARGET_AVX2 double peak_avx2(double ms) { return peak_loop<gk::Avx2, gp::F32Layout<gk::Avx2::MR>>(ms); }
+VLMFAST_TARGET_AVX512 double peak_avx512(double ms) {
+  return peak_loop<gk::Avx512, gp::F32Layout<gk::Avx512::MR>>(ms);
+}
+VLMFAST_TARGET_AVX512BF16 double peak_avx512_bf16(double ms) {
+  return peak_loop<gk::Avx512Bf16, gp::PairLayout<gk::Avx512Bf16::MR>>(ms);
+}
+VLMFAST_TARGET_AMX double peak_amx(double ms) { return peak_loop<gk::Amx, gp::AmxLayout>(ms); }
+#endif
+
+PeakFn peak_for(GemmIsa isa, PackedFormat format) {
+#if VLMFAST_GEMM_X86
+  if (format == PackedFormat::Bf16Pairs) return isa == GemmIsa::Amx ? peak_amx : peak_avx512_bf16;
+  if (isa >= GemmIsa::Avx512) return peak_avx512;
+  if (isa == GemmIsa::Avx2) return peak_avx2;
+#endif
+  (void)isa;
+  (void)format;
+  return peak_portable;
+}
+
 }  // namespace
 
-int64_t gemm_packed_b_size(int64_t N, int64_t K) { return ((N + NR - 1) / NR) * NR * K; }
+// ---------------------------------------------------------------------------- entry points
 
-void gemm_pack_b(Matrix b, int64_t N, int64_t K, float* packed, int threads) {
-  threads = resolve_threads(threads);
-  const int64_t panels = (N + NR - 1) / NR;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t panel = 0; panel < panels; ++panel) pack_b_panels(b, N, K, panel, panel + 1, packed);
+GemmIsa gemm_isa() {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa < 0) {
+    const int forced = isa_from_name(std::getenv("VLMFAST_GEMM_ISA"));
+    isa = static_cast<int>(best_available(forced < 0 ? static_cast<int>(GemmIsa::Amx) : forced));
+    g_isa.store(isa, std::memory_order_relaxed);
+  }
+  return static_cast<GemmIsa>(isa);
 }
 
-void gemm_forward(Matrix a, const float* b_packed, const float* bias, int64_t M, int64_t N,
-                  int64_t K, int activation, float* out, int64_t ldo, float* pre, int64_t ldp,
-                  int threads) {
+GemmIsa gemm_force_isa(int isa) {
+  if (isa < 0) {
+    g_isa.store(-1);
+    return gemm_isa();
+  }
+  const GemmIsa chosen = best_available(isa);
+  g_isa.store(static_cast<int>(chosen));
+  return chosen;
+}
+
+const char* gemm_isa_name(GemmIsa isa) { return kIsaNames[static_cast<int>(isa)]; }
+
+bool gemm_isa_available(GemmIsa isa) { return isa_available(isa); }
+
+PackedFormat gemm_packed_format(int compute_dtype) {
+  return dtype_from_tag(compute_dtype) == DType::BFloat16 && gemm_isa() >= GemmIsa::Avx512Bf16
+             ? PackedFormat::Bf16Pairs
+             : PackedFormat::F32;
+}
+
+int64_t gemm_packed_b_bytes(int64_t N, int64_t K, PackedFormat format) {
+  const int64_t elem = format == PackedFormat::Bf16Pairs ? 2 : 4;
+  return ((N + NR - 1) / NR) * NR * packed_k(K, format) * elem;
+}
+
+void gemm_pack_b(Matrix b, int64_t N, int64_t K, int compute_dtype, PackedFormat format,
+                 void* packed, int threads) {
+  threads = resolve_threads(threads);
+  const int64_t panels = (N + NR - 1) / NR, kp = packed_k(K, format);
+  const PackBFn fn = format == PackedFormat::Bf16Pairs ? pack_b_for<true>(b.dtype, compute_dtype)
+                                                       : pack_b_for<false>(b.dtype, compute_dtype);
+#pragma omp parallel for num_threads(threads) schedule(static) if (panels > 1 && N * K > 65536)
+  for (int64_t p = 0; p < panels; ++p) fn(b, N, K, kp, p, p + 1, packed);
+}
+
+void gemm_forward(Matrix a, const void* b_packed, PackedFormat format, int compute_dtype,
+                  const float* bias, int64_t M, int64_t N, int64_t K, int activation, void* out,
+                  int out_dtype, int64_t ldo, void* pre, int64_t ldp, int threads) {
   const Activation act = activation_from_tag(activation);
+  dtype_from_tag(compute_dtype);
+  dtype_from_tag(out_dtype);
+  dtype_from_tag(a.dtype);
   if (M <= 0 || N <= 0) return;
   threads = resolve_threads(threads);
+  const Problem p{a, b_packed, compute_dtype, bias, M, N, K, packed_k(K, format), act,
+                  out, out_dtype, ldo, pre, ldp};
   if (K == 0) {  // empty reduction: act(bias)
-    alignas(64) float z[16];
+    alignas(64) const float zeros[NR] = {};
+    const FinishFn finish = finish_for(out_dtype);
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t n0 = 0; n0 < N; n0 += 16) {
-        const int64_t cols = std::min<int64_t>(16, N - n0);
-        for (int64_t n = 0; n < 16; ++n) z[n] = bias && n < cols ? bias[n0 + n] : 0.0f;
-        if (pre) std::copy(z, z + cols, pre + m * ldp + n0);
-        vstore(z, activate(vload(z), act));
-        std::copy(z, z + cols, out + m * ldo + n0);
-      }
+      for (int64_t n0 = 0; n0 < N; n0 += NR) finish(p, zeros, 0, m, 1, n0, std::min<int64_t>(NR, N - n0));
     return;
   }
-  const int64_t k_blocks = (K + KC_MAX - 1) / KC_MAX;
-  const Problem p{a, b_packed, bias, M, N, K, (K + k_blocks - 1) / k_blocks, act, out, ldo, pre, ldp};
-  run_gemm(p, threads);
+  const GemmIsa isa = gemm_isa();
+  auto ran = [](GemmIsa kernel) { g_kernel_calls[static_cast<int>(kernel)].fetch_add(1, std::memory_order_relaxed); };
+#if VLMFAST_GEMM_X86
+  if (format == PackedFormat::Bf16Pairs) {
+    if (isa < GemmIsa::Avx512Bf16)
+      throw std::invalid_argument("vlmfast gemm: B packed in bf16 pairs, but the level in use has no bf16 kernel");
+    if (isa == GemmIsa::Amx) {
+      ran(GemmIsa::Amx);
+      return run_tasks<gp::AmxLayout>(p, task_amx, threads);
+    }
+    ran(GemmIsa::Avx512Bf16);
+    return run_tasks<gp::PairLayout<gk::Avx512Bf16::MR>>(p, task_avx512_bf16, threads);
+  }
+  if (isa >= GemmIsa::Avx512) {
+    ran(GemmIsa::Avx512);
+    return run_tasks<gp::F32Layout<gk::Avx512::MR>>(p, task_avx512, threads);
+  }
+  if (isa == GemmIsa::Avx2) {
+    ran(GemmIsa::Avx2);
+    return run_tasks<gp::F32Layout<gk::Avx2::MR>>(p, task_avx2, threads);
+  }
+#else
+  if (format == PackedFormat::Bf16Pairs) throw std::invalid_argument("vlmfast gemm: no bf16 kernel here");
+  (void)isa;
+#endif
+  ran(GemmIsa::Portable);
+  run_tasks<gp::F32Layout<gk::Portable::MR>>(p, task_portable, threads);
 }
 
-void linear_epilogue_backward(const float* grad, const float* pre, float* grad_pre,
-                              float* grad_bias, int64_t M, int64_t N, int activation,
-                              int threads) {
-  const Activation act = activation_from_tag(activation);
-  if (M <= 0 || N <= 0) return;
+int64_t gemm_kernel_calls(GemmIsa kernel) {
+  return g_kernel_calls[static_cast<int>(kernel)].load(std::memory_order_relaxed);
+}
+
+double gemm_measure_peak(int compute_dtype, double ms, int threads) {
   threads = resolve_threads(threads);
-  // Tasks of 64 columns: several per thread at the models' widths (768 columns: 12 tasks).
-  constexpr int64_t kCols = kStrips * 16;
-  const int64_t tasks = (N + kCols - 1) / kCols;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-  for (int64_t t = 0; t < tasks; ++t)
-    epilogue_backward_task(grad, pre, grad_pre, grad_bias, M, N, t * kCols,
-                           std::min(kCols, N - t * kCols), act);
+  const PeakFn fn = peak_for(gemm_isa(), gemm_packed_format(compute_dtype));
+  double best = 0.0;
+  for (int rep = 0; rep < 3; ++rep) {
+    double total = 0.0;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+    total += fn(ms);
+    best = std::max(best, total);
+  }
+  return best * 1e-12;
+}
+
+std::string gemm_describe() {
+  const CacheSizes& c = cache_sizes();
+  const CpuFeatures& f = cpu_features();
+  std::ostringstream s;
+  s << "isa=" << gemm_isa_name(gemm_isa()) << "\n"
+    << "l1d=" << c.l1d << "\nl2=" << c.l2 << "\nl3=" << c.l3 << "\ncache_source=" << c.source << "\n"
+    << "avx2=" << f.avx2_fma << "\navx512=" << f.avx512 << "\navx512_bf16=" << f.avx512_bf16
+    << "\namx_cpu=" << f.amx_bf16 << "\n";
+#if VLMFAST_GEMM_X86
+  s << "amx_usable=" << amx_usable() << "\n";
+  const Blocking f32 = blocking_for<gp::F32Layout<gk::Avx512::MR>>();
+  const Blocking bf16 = blocking_for<gp::PairLayout<gk::Avx512Bf16::MR>>();
+  s << "f32_kc=" << f32.kc << "\nf32_mc=" << f32.mc << "\nbf16_kc=" << bf16.kc << "\nbf16_mc=" << bf16.mc << "\n";
+#endif
+  return s.str();
 }
 
 }  // namespace vlmfast::cpu

@@ -4,21 +4,27 @@
 
 Layers: public function (validates; routes what no kernel covers straight to PyTorch) -> custom
 ops `vlmfast::linear_fwd` / `vlmfast::linear_bwd` (fake impls + autograd) -> backend:
-  cpp:   csrc/cpu/gemm.cpp, float32 on the CPU with at least SMALL_M rows: packed panels,
-         12 x 32 AVX-512 micro-tiles, bias + activation in the GEMM's epilogue; the backward
-         runs dx = dz W and dW = dz^T x through the same kernel (transposed strides) after
-         dz = dy * act'(z) and db = sum dz in one vectorised pass (vlmfast/native/linear.py);
-  anything else (CUDA: cuBLAS through torch; bfloat16/float16 and float64 on the CPU; fewer than
-  SMALL_M rows, where packing W costs more than it saves): torch.nn.functional.linear + the
-  activation, the reference (ops/reference.py).
+  cpp:   csrc/cpu/gemm.cpp on the CPU with at least SMALL_M rows, float32, bfloat16 and float16
+         (computed in float32): packed panels, micro-kernels picked at run time (AMX, AVX512-BF16,
+         AVX-512, AVX2), blocking from the CPU's cache sizes, bias + activation in the GEMM's
+         epilogue; the backward runs dx = dz W and dW = dz^T x through the same kernel (transposed
+         strides) after dz = dy * act'(z) and db = sum dz in one vectorised pass
+         (vlmfast/native/linear.py). Under CPU autocast the operands are rounded to the autocast
+         dtype while they are packed (no cast copies) and gradients come back in each input's
+         dtype. Where torch's own GEMM is faster for a shape class on this CPU (measured once per
+         process, ops/_linear_choice.py), the class goes to torch;
+  anything else (CUDA: cuBLAS through torch; float64; fewer than SMALL_M rows, where packing W
+  costs more than it saves): torch.nn.functional.linear + the activation, the reference
+  (ops/reference.py).
 """
 
 import torch
 
-from vlmfast.ops import _checks, _dispatch, reference
+from vlmfast.ops import _checks, _dispatch, _linear_choice, reference
 
 ACTIVATIONS = (None, "quick_gelu", "gelu_tanh", "gelu")
 SMALL_M = 16  # below this many rows the weight's packing outweighs the GEMM's speed-up
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # No Triton kernel: CUDA goes to cuBLAS (reference), the CPU to the C++ GEMM.
 ORDER = {"cuda": ("reference",), "cpu": ("cpp", "reference")}
 
@@ -27,9 +33,34 @@ def _activation_name(activation: str) -> str | None:
     return None if activation == "none" else activation
 
 
-def _runs_kernel(backend: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (backend == "cpp" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.device.type == "cpu" and x.shape[0] >= SMALL_M and weight.shape[0] > 0)
+def _torch_forward(x, weight, bias, act, compute, keep):
+    """torch's own linear in the compute dtype (the casts autocast makes), then the activation."""
+    z = torch.nn.functional.linear(x.to(compute), weight.to(compute), None if bias is None else bias.to(compute))
+    if act is None:
+        return z, x.new_empty(0)
+    return reference.LINEAR_ACTIVATIONS[act](z), z if keep else x.new_empty(0)
+
+
+def _native_forward(x, weight, bias, act, compute, keep, cache):
+    from vlmfast.native import linear as native_linear
+
+    packed = native_linear.packed_weight(weight, cache, compute)
+    out, pre = native_linear.gemm(x, packed, bias, act, keep_pre=keep, out_dtype=compute)
+    return out, pre if pre is not None else x.new_empty(0)
+
+
+def _runs_kernel(backend, x, weight, bias, act, compute, cache) -> bool:
+    """Whether the C++ GEMM runs this call: it can, and for this shape class it was measured
+    faster than torch's linear on this machine (or the choice is forced)."""
+    if not (backend == "cpp" and x.device.type == "cpu" and compute in KERNEL_DTYPES
+            and x.dtype in KERNEL_DTYPES and weight.dtype in KERNEL_DTYPES
+            and x.shape[0] >= SMALL_M and weight.shape[0] > 0 and weight.shape[1] > 0):
+        return False
+    key = _linear_choice.shape_class(x.shape[0], weight.shape[0], weight.shape[1], x.dtype, weight.dtype,
+                                     compute, cache)
+    return _linear_choice.choose(
+        key, lambda: _native_forward(x, weight, bias, act, compute, False, cache),
+        lambda: _torch_forward(x, weight, bias, act, compute, False)) == "vlmfast"
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -38,32 +69,26 @@ def _runs_kernel(backend: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
 @torch.library.custom_op("vlmfast::linear_fwd", mutates_args=())
 def linear_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
-    keep_pre: bool, cache_weight: bool,
+    keep_pre: bool, cache_weight: bool, compute: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K), weight (N, K), bias (N,) or None -> (act(x W^T + b) (M, N), pre). pre is the
+    """x (M, K), weight (N, K), bias (N,) or None -> (act(x W^T + b) (M, N), pre), both in the
+    `compute` dtype, every operand rounded to it first (autocast's casts). pre is the
     pre-activation x W^T + b (M, N) when keep_pre and an activation is set (the backward's
     input), else an empty (0,) tensor. cache_weight: the weight will not change under this call
     (no autograd on it), so its packed copy may be reused across calls."""
     act = _activation_name(activation)
     keep = keep_pre and act is not None
-    backend = _dispatch.select("linear", x.device, x.dtype, ORDER)
-    if _runs_kernel(backend, x, weight):
-        from vlmfast.native import linear as native_linear
-
-        packed = native_linear.packed_weight(weight, cache_weight)
-        out, pre = native_linear.gemm(x, packed, weight.shape[0], bias, act, keep_pre=keep)
-        return out, pre if pre is not None else x.new_empty(0)
-    z = torch.nn.functional.linear(x, weight, bias)
-    if act is None:
-        return z, x.new_empty(0)
-    return reference.LINEAR_ACTIVATIONS[act](z), z if keep else x.new_empty(0)
+    backend = _dispatch.select("linear", x.device, compute, ORDER)
+    if _runs_kernel(backend, x, weight, bias, act, compute, cache_weight):
+        return _native_forward(x, weight, bias, act, compute, keep, cache_weight)
+    return _torch_forward(x, weight, bias, act, compute, keep)
 
 
 @linear_fwd.register_fake
-def _(x, weight, bias, activation, keep_pre, cache_weight):
-    out = x.new_empty(x.shape[0], weight.shape[0])
+def _(x, weight, bias, activation, keep_pre, cache_weight, compute):
+    out = x.new_empty(x.shape[0], weight.shape[0], dtype=compute)
     keep = keep_pre and _activation_name(activation) is not None
-    return out, x.new_empty(x.shape[0], weight.shape[0]) if keep else x.new_empty(0)
+    return out, x.new_empty(x.shape[0], weight.shape[0], dtype=compute) if keep else x.new_empty(0)
 
 
 def _grad_pre(grad, z, activation):
@@ -84,58 +109,68 @@ def _grad_pre(grad, z, activation):
 def linear_bwd(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     pre: torch.Tensor, activation: str, need_x: bool, need_weight: bool, need_bias: bool,
+    compute: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grad (M, N) of act(x W^T + b) -> (dx (M, K), dW (N, K), db (N,)); each is an empty (0,)
-    tensor when not needed. pre: the forward's pre-activation (M, N), or (0,) (then recomputed
-    when an activation needs it). dz = grad * act'(pre); dx = dz W; dW = dz^T x; db = sum dz."""
+    """grad (M, N) of act(x W^T + b) computed in `compute` -> (dx (M, K), dW (N, K), db (N,)) in
+    the dtypes of x, weight and bias; each is an empty (0,) tensor when not needed. pre: the
+    forward's pre-activation (M, N), or (0,) (then recomputed when an activation needs it).
+    dz = grad * act'(pre) (rounded to `compute`); dx = dz W; dW = dz^T x; db = sum dz, the GEMMs'
+    operands rounded to `compute`, accumulated in float32."""
     act = _activation_name(activation)
-    backend = _dispatch.select("linear", x.device, x.dtype, ORDER)
-    native = _runs_kernel(backend, x, weight)
-    if native:
-        from vlmfast.native import linear as native_linear
+    backend = _dispatch.select("linear", x.device, compute, ORDER)
+    native = _runs_kernel(backend, x, weight, bias, act, compute, False)
     if act is not None and pre.numel() != grad.numel():
-        pre = torch.nn.functional.linear(x, weight, bias)
-    n, k = weight.shape
+        pre = (_native_forward(x, weight, bias, None, compute, False, False) if native
+               else _torch_forward(x, weight, bias, None, compute, False))[0]
+    grad = grad.to(compute)
     if native:  # dz and db in one pass, then two GEMMs through the same kernel
+        from vlmfast.native import linear as native_linear
+
         dz, db = native_linear.epilogue_backward(grad, pre, act, need_bias)
         # each GEMM's panels in the thread's reused packing buffer (dead once that GEMM returns)
-        dx = native_linear.gemm(dz, native_linear.pack(weight.t(), scratch=True), k)[0] if need_x else None
-        dw = native_linear.gemm(dz.t(), native_linear.pack(x.t(), scratch=True), k)[0] if need_weight else None
+        dx = native_linear.gemm(dz, native_linear.pack(weight.t(), compute, scratch=True),
+                                out_dtype=x.dtype)[0] if need_x else None
+        dw = native_linear.gemm(dz.t(), native_linear.pack(x.t(), compute, scratch=True),
+                                out_dtype=weight.dtype)[0] if need_weight else None
     else:
-        dz = grad if act is None else _grad_pre(grad, pre, act)
-        dx = dz @ weight if need_x else None
-        dw = dz.t() @ x if need_weight else None
-        db = dz.sum(0) if need_bias else None
+        dz = grad if act is None else _grad_pre(grad, pre.to(compute), act)
+        dx = (dz @ weight.to(compute)).to(x.dtype) if need_x else None
+        dw = (dz.t() @ x.to(compute)).to(weight.dtype) if need_weight else None
+        db = dz.sum(0, dtype=torch.float32) if need_bias else None
+    if db is not None:
+        db = db.to(bias.dtype)
     # Outputs may not alias each other: one fresh empty tensor per missing gradient.
     return tuple(t if t is not None else x.new_empty(0) for t in (dx, dw, db))
 
 
 @linear_bwd.register_fake
-def _(grad, x, weight, bias, pre, activation, need_x, need_weight, need_bias):
+def _(grad, x, weight, bias, pre, activation, need_x, need_weight, need_bias, compute):
     n, k = weight.shape
     return (x.new_empty(x.shape[0], k) if need_x else x.new_empty(0),
             weight.new_empty(n, k) if need_weight else weight.new_empty(0),
-            weight.new_empty(n) if need_bias else weight.new_empty(0))
+            bias.new_empty(n) if need_bias else weight.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, activation, _, _ = inputs
+    x, weight, bias, activation, _, _, compute = inputs
     # `pre` is an output nobody differentiates: unmaterialised, its gradient stays None instead
     # of a zero-filled (M, N) tensor per backward (~28 ms for a ViT-B MLP's 2048 x 3072)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, bias, output[1])
     ctx.activation = activation
+    ctx.compute = compute
 
 
 def _backward(ctx, grad, _grad_pre_output):
     if grad is None:  # unmaterialised: the output took no part in what is differentiated
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     x, weight, bias, pre = ctx.saved_tensors
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
     need_bias = need_bias and bias is not None
-    dx, dw, db = linear_bwd(grad, x, weight, bias, pre, ctx.activation, need_x, need_weight, need_bias)
+    dx, dw, db = linear_bwd(grad, x, weight, bias, pre, ctx.activation, need_x, need_weight, need_bias,
+                            ctx.compute)
     return (dx if need_x else None, dw if need_weight else None, db if need_bias else None,
-            None, None, None)
+            None, None, None, None)
 
 
 linear_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -144,17 +179,34 @@ linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- public function
 
 
-def _validate(x, weight, bias, activation) -> None:
+def _autocast_dtype(x, weight) -> torch.dtype | None:
+    """The dtype CPU autocast computes a linear in, when it is on and would cast these inputs."""
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        return None
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    if not (x.is_floating_point() and weight.is_floating_point()) or torch.float64 in (x.dtype, weight.dtype):
+        return None  # autocast leaves float64 alone
+    return torch.get_autocast_dtype(device)
+
+
+def _validate(x, weight, bias, activation, *, mixed: bool) -> None:
     _checks.floating("x", x)
     _checks.floating("weight", weight)
     _checks.rank("weight", weight, 2, "(N, K) like nn.Linear.weight")
     n, k = weight.shape
     if x.dim() == 0 or x.shape[-1] != k:
         raise ValueError(f"x: expected (..., K) with K = weight.shape[1] = {k}, got {_checks.shape_of(x)}")
-    if x.dtype != weight.dtype:
+    if x.dtype != weight.dtype and not mixed:
         raise TypeError(f"x: expected weight's dtype {weight.dtype}, got {x.dtype}")
     if bias is not None:
-        _checks.bias(bias, n, "N", weight)
+        if mixed:  # autocast casts the bias too: its dtype may differ from the weight's
+            _checks.floating("bias", bias)
+            if tuple(bias.shape) != (n,):
+                raise ValueError(f"bias: expected (N,) = ({n},), got {_checks.shape_of(bias)}")
+        else:
+            _checks.bias(bias, n, "N", weight)
     _checks.same_device(x=x, weight=weight, **({"bias": bias} if bias is not None else {}))
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
@@ -168,13 +220,16 @@ def linear(
 
     Arguments:
         x: (..., K), any strides; float32, float16, bfloat16 or float64.
-        weight: (N, K) like nn.Linear.weight, x's dtype and device.
+        weight: (N, K) like nn.Linear.weight, x's dtype and device (under autocast, any float
+            dtype autocast would cast).
         bias: (N,) or None.
         activation: None, "quick_gelu" (z sigmoid(1.702 z), OpenAI CLIP), "gelu_tanh"
             (SigLIP's gelu_pytorch_tanh) or "gelu" (erf form).
     Returns:
-        (..., N) in x's dtype; differentiable in x, weight and bias. The C++ kernel runs float32
-        on the CPU for at least SMALL_M rows; everything else is PyTorch's own linear.
+        (..., N) in x's dtype (under CPU/CUDA autocast: the autocast dtype, as torch's linear);
+        differentiable in x, weight and bias. The C++ kernel runs on the CPU for at least SMALL_M
+        rows in float32, bfloat16 and float16 (and under autocast); everything else, and any
+        shape class where torch's GEMM measured faster here, is PyTorch's own linear.
 
     In inference (grad disabled) the packed weight is cached per weight tensor and refreshed
     when its version counter moves, which any in-place update through the tensor itself does;
@@ -182,19 +237,16 @@ def linear(
     frozen weights included: a LoRA or frozen-tower fine-tune would otherwise hold a packed
     second copy of every frozen weight.
     """
-    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
-        # The C++ kernel is float32 only and the custom op has no autocast rule: cast as autocast
-        # casts torch's linear, so that its low-precision GEMM runs (bf16 training on the CPU).
-        low = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(low), weight.to(low)
-        bias = bias.to(low) if isinstance(bias, torch.Tensor) else bias
-    _validate(x, weight, bias, activation)
+    autocast = _autocast_dtype(x, weight)
+    _validate(x, weight, bias, activation, mixed=autocast is not None)
+    compute = autocast or x.dtype
     n, k = weight.shape
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() < SMALL_M * max(k, 1) or k == 0:
+    if (compute not in KERNEL_DTYPES or x.device.type != "cpu" or x.numel() < SMALL_M * max(k, 1)
+            or k == 0 or x.dtype not in KERNEL_DTYPES or weight.dtype not in KERNEL_DTYPES):
         return reference.linear(x, weight, bias, activation)
     rows = x.reshape(-1, k)
     tracked = (x, weight) if bias is None else (x, weight, bias)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
     cache = not torch.is_grad_enabled()
-    out, _ = linear_fwd(rows, weight, bias, activation or "none", needs_grad, cache)
+    out, _ = linear_fwd(rows, weight, bias, activation or "none", needs_grad, cache, compute)
     return out.reshape(*x.shape[:-1], n)

@@ -1,0 +1,61 @@
+// 16 elements of float32, bfloat16 or float16 to and from a float vector (vec16.h), whole or the
+// first `count` of them: the Linear GEMM's epilogues read and write every dtype through these.
+// Rounding to 16 bits is to nearest even, as torch rounds (dtype.h's from_float).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common/dtype.h"
+#include "common/vec16.h"
+
+namespace vlmfast::cpu::gemm_elements {
+
+typedef uint16_t v16u16 __attribute__((vector_size(32)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+
+VLMFAST_INLINE v16f load16(const float* p) { return vload(p); }
+
+VLMFAST_INLINE v16f load16(const BFloat16* p) {
+  v16u16 h;
+  __builtin_memcpy(&h, p, sizeof h);
+  return (v16f)(__builtin_convertvector(h, v16u) << 16);
+}
+
+VLMFAST_INLINE v16f load16(const Half* p) {
+  v16f v;
+  for (int i = 0; i < 16; ++i) v[i] = to_float(p[i]);
+  return v;
+}
+
+VLMFAST_INLINE void store16(float* p, v16f v) { vstore(p, v); }
+
+VLMFAST_INLINE void store16(BFloat16* p, v16f v) {
+  const v16u u = (v16u)v;
+  const v16u rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const v16u nan = (u >> 16) | 0x40u;  // quiet NaN, sign kept
+  const v16u bits = (u & 0x7fffffffu) > 0x7f800000u ? nan : rounded;
+  const v16u16 h = __builtin_convertvector(bits, v16u16);
+  __builtin_memcpy(p, &h, sizeof h);
+}
+
+VLMFAST_INLINE void store16(Half* p, v16f v) {
+  for (int i = 0; i < 16; ++i) p[i] = from_float<Half>(v[i]);
+}
+
+// The first `count` (< 16) elements; the other lanes read as 0.
+template <typename T>
+VLMFAST_INLINE v16f load_part(const T* p, int64_t count) {
+  alignas(64) T tmp[16] = {};
+  std::copy(p, p + count, tmp);
+  return load16(tmp);
+}
+
+template <typename T>
+VLMFAST_INLINE void store_part(T* p, v16f v, int64_t count) {
+  alignas(64) T tmp[16];
+  store16(tmp, v);
+  std::copy(tmp, tmp + count, p);
+}
+
+}  // namespace vlmfast::cpu::gemm_elements

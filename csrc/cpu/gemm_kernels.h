@@ -1,0 +1,225 @@
+// The micro-kernels of the Linear GEMM (csrc/cpu/gemm.cpp), one per instruction set, and the
+// layouts of the packed operands they read.
+//
+// Every kernel computes one MR x 32 tile of C = A B^T in float32, over kb reduction steps:
+//   c[m * ldc + n] (+)= sum_k A(m, k) B(n, k)      (accumulate: add to what c holds)
+// B arrives as a packed panel of 32 columns (csrc/cpu/gemm.cpp packs it once per weight), A as a
+// packed sliver of MR rows (packed per block of rows inside the GEMM). Layouts:
+//   F32 kernels (AVX-512 12 x 32, AVX2 6 x 32, portable 4 x 32), float operands:
+//     A sliver a[k * MR + m]; B panel b[k * 32 + n].
+//   BF16 pairs (AVX512-BF16 12 x 32), bfloat16 operands two reduction steps at a time:
+//     A sliver a[(k / 2) * 2 MR + 2 m + k % 2]; B panel b[(k / 2) * 64 + 2 n + k % 2]
+//     (vdpbf16ps: each float lane gets a0 b0 + a1 b1 of one (row, column) pair).
+//   AMX (32 x 32), bfloat16 tiles: A sliver in 32-step tiles, row-major inside: a[(k / 32) * 1024
+//     + m * 32 + k % 32]; B panel the BF16-pairs layout (a 16-column half of 16 pairs is one
+//     tile row-strided by 128 bytes). kb is then a multiple of 32.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define VLMFAST_GEMM_X86 1
+#define VLMFAST_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
+#define VLMFAST_TARGET_AVX512BF16 __attribute__((target("arch=x86-64-v4,avx512bf16")))
+#define VLMFAST_TARGET_AMX __attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16")))
+#define VLMFAST_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
+// 512-bit vectors cross only inlined helpers here; the ABI note GCC gives for them does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#else
+#define VLMFAST_GEMM_X86 0
+#endif
+
+namespace vlmfast::cpu::gemm_kernels {
+
+constexpr int NR = 32;  // columns of every tile and of a packed B panel
+
+// ---------------------------------------------------------------------------- portable
+// Plain loops, compiled inside multi-versioned functions: the compiler vectorises them for
+// whatever the clone targets. The fallback of last resort.
+struct Portable {
+  static constexpr int MR = 4;
+  using Operand = float;
+  static inline void run(const float* a, const float* b, int64_t kb, float* c, int64_t ldc,
+                         bool accumulate) {
+    float acc[MR][NR];
+    for (int m = 0; m < MR; ++m)
+      for (int n = 0; n < NR; ++n) acc[m][n] = accumulate ? c[m * ldc + n] : 0.0f;
+    for (int64_t k = 0; k < kb; ++k)
+      for (int m = 0; m < MR; ++m) {
+        const float am = a[k * MR + m];
+        for (int n = 0; n < NR; ++n) acc[m][n] += am * b[k * NR + n];
+      }
+    for (int m = 0; m < MR; ++m)
+      for (int n = 0; n < NR; ++n) c[m * ldc + n] = acc[m][n];
+  }
+};
+
+#if VLMFAST_GEMM_X86
+// ---------------------------------------------------------------------------- AVX2 + FMA
+// 16 ymm registers: 6 rows x 16 columns of accumulators (12), two B vectors, one broadcast; the
+// 32-column panel in two passes over the (L1-resident) A sliver.
+struct Avx2 {
+  static constexpr int MR = 6;
+  using Operand = float;
+  VLMFAST_TARGET_AVX2 static inline void run(const float* a, const float* b, int64_t kb, float* c,
+                                             int64_t ldc, bool accumulate) {
+    for (int half = 0; half < 2; ++half) {
+      __m256 lo[MR], hi[MR];
+      float* ch = c + half * 16;
+#pragma GCC unroll 6
+      for (int m = 0; m < MR; ++m) {
+        lo[m] = accumulate ? _mm256_loadu_ps(ch + m * ldc) : _mm256_setzero_ps();
+        hi[m] = accumulate ? _mm256_loadu_ps(ch + m * ldc + 8) : _mm256_setzero_ps();
+      }
+      const float* bh = b + half * 16;
+      for (int64_t k = 0; k < kb; ++k) {
+        const __m256 b0 = _mm256_loadu_ps(bh + k * NR), b1 = _mm256_loadu_ps(bh + k * NR + 8);
+#pragma GCC unroll 6
+        for (int m = 0; m < MR; ++m) {
+          const __m256 am = _mm256_broadcast_ss(a + k * MR + m);
+          lo[m] = _mm256_fmadd_ps(am, b0, lo[m]);
+          hi[m] = _mm256_fmadd_ps(am, b1, hi[m]);
+        }
+      }
+#pragma GCC unroll 6
+      for (int m = 0; m < MR; ++m) {
+        _mm256_storeu_ps(ch + m * ldc, lo[m]);
+        _mm256_storeu_ps(ch + m * ldc + 8, hi[m]);
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------- AVX-512
+// 12 rows x 32 columns: 24 zmm accumulators, two B vectors and one broadcast of 32 registers;
+// per step 14 loads feed 24 FMAs, which keeps two 512-bit FMA pipes busy on both Intel (two
+// load ports) and AMD (native or double-pumped 512-bit units).
+struct Avx512 {
+  static constexpr int MR = 12;
+  using Operand = float;
+  VLMFAST_TARGET_AVX512 static inline void run(const float* a, const float* b, int64_t kb,
+                                               float* c, int64_t ldc, bool accumulate) {
+    __m512 lo[MR], hi[MR];
+#pragma GCC unroll 12
+    for (int m = 0; m < MR; ++m) {
+      lo[m] = accumulate ? _mm512_loadu_ps(c + m * ldc) : _mm512_setzero_ps();
+      hi[m] = accumulate ? _mm512_loadu_ps(c + m * ldc + 16) : _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < kb; ++k) {
+      const __m512 b0 = _mm512_load_ps(b + k * NR), b1 = _mm512_load_ps(b + k * NR + 16);
+      const float* ak = a + k * MR;
+#pragma GCC unroll 12
+      for (int m = 0; m < MR; ++m) {
+        const __m512 am = _mm512_set1_ps(ak[m]);
+        lo[m] = _mm512_fmadd_ps(am, b0, lo[m]);
+        hi[m] = _mm512_fmadd_ps(am, b1, hi[m]);
+      }
+    }
+#pragma GCC unroll 12
+    for (int m = 0; m < MR; ++m) {
+      _mm512_storeu_ps(c + m * ldc, lo[m]);
+      _mm512_storeu_ps(c + m * ldc + 16, hi[m]);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------- AVX512-BF16
+// The AVX-512 kernel's register plan on bfloat16 pairs: per pair of steps, two 64-byte B loads
+// (16 columns x 2 steps each), MR 32-bit broadcasts of A's pairs, 2 MR vdpbf16ps (each twice
+// the products of an FMA).
+struct Avx512Bf16 {
+  static constexpr int MR = 12;
+  using Operand = uint16_t;
+  VLMFAST_TARGET_AVX512BF16 static inline void run(const uint16_t* a, const uint16_t* b,
+                                                   int64_t kb, float* c, int64_t ldc,
+                                                   bool accumulate) {
+    __m512 lo[MR], hi[MR];
+#pragma GCC unroll 12
+    for (int m = 0; m < MR; ++m) {
+      lo[m] = accumulate ? _mm512_loadu_ps(c + m * ldc) : _mm512_setzero_ps();
+      hi[m] = accumulate ? _mm512_loadu_ps(c + m * ldc + 16) : _mm512_setzero_ps();
+    }
+    const int64_t pairs = kb / 2;
+    for (int64_t p = 0; p < pairs; ++p) {
+      const __m512bh b0 = (__m512bh)_mm512_load_si512(b + p * 2 * NR);
+      const __m512bh b1 = (__m512bh)_mm512_load_si512(b + p * 2 * NR + NR);
+      const int32_t* ap = reinterpret_cast<const int32_t*>(a + p * 2 * MR);
+#pragma GCC unroll 12
+      for (int m = 0; m < MR; ++m) {
+        const __m512bh am = (__m512bh)_mm512_set1_epi32(ap[m]);
+        lo[m] = _mm512_dpbf16_ps(lo[m], am, b0);
+        hi[m] = _mm512_dpbf16_ps(hi[m], am, b1);
+      }
+    }
+#pragma GCC unroll 12
+    for (int m = 0; m < MR; ++m) {
+      _mm512_storeu_ps(c + m * ldc, lo[m]);
+      _mm512_storeu_ps(c + m * ldc + 16, hi[m]);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------- AMX
+// Eight tiles: four 16 x 16 float accumulators (a 32 x 32 tile of C), two A tiles (16 rows x 32
+// steps) and two B tiles (16 pairs of steps x 16 columns x 2). Per 32 steps: four tile loads,
+// four tdpbf16ps. The tile configuration is per thread: begin() loads it on the thread that runs
+// the task, end() releases the state.
+struct Amx {
+  static constexpr int MR = 32;
+  static constexpr int K_STEP = 32;
+  using Operand = uint16_t;
+
+  struct alignas(64) Config {
+    uint8_t palette = 1, start_row = 0;
+    uint8_t reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+  };
+
+  VLMFAST_TARGET_AMX static inline void begin() {
+    Config cfg;
+    for (int t = 0; t < 8; ++t) {
+      cfg.colsb[t] = 64;
+      cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+  }
+  VLMFAST_TARGET_AMX static inline void end() { _tile_release(); }
+
+  VLMFAST_TARGET_AMX static inline void run(const uint16_t* a, const uint16_t* b, int64_t kb,
+                                            float* c, int64_t ldc, bool accumulate) {
+    const int64_t cs = ldc * static_cast<int64_t>(sizeof(float));
+    if (accumulate) {
+      _tile_loadd(0, c, cs);
+      _tile_loadd(1, c + 16, cs);
+      _tile_loadd(2, c + 16 * ldc, cs);
+      _tile_loadd(3, c + 16 * ldc + 16, cs);
+    } else {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    for (int64_t k = 0; k < kb; k += K_STEP) {
+      const uint16_t* ak = a + k * MR;        // 32 rows x 32 steps, 64 bytes a row
+      const uint16_t* bk = b + k * NR;        // 16 pairs x 64 bf16, 128 bytes a pair
+      _tile_loadd(4, ak, 64);
+      _tile_loadd(5, ak + 16 * 32, 64);
+      _tile_loadd(6, bk, 2 * NR * 2);
+      _tile_loadd(7, bk + 32, 2 * NR * 2);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, c, cs);
+    _tile_stored(1, c + 16, cs);
+    _tile_stored(2, c + 16 * ldc, cs);
+    _tile_stored(3, c + 16 * ldc + 16, cs);
+  }
+};
+#endif
+
+}  // namespace vlmfast::cpu::gemm_kernels
