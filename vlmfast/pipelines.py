@@ -30,6 +30,8 @@ FAMILIES = {
     "idefics3": ("vlmfast.models.smolvlm:SmolVLM", "vlmfast.models.smolvlm.processor:SmolVLMProcessor"),
     "qwen2_vl": ("vlmfast.models.qwen2vl:Qwen2VL", "vlmfast.processing.qwen2vl_processor:Qwen2VLProcessor"),
     "qwen2_5_vl": ("vlmfast.models.qwen2vl:Qwen2VL", "vlmfast.processing.qwen2vl_processor:Qwen2VLProcessor"),
+    "llava": ("vlmfast.models.llava:Llava", "vlmfast.processing.llava:LlavaProcessor"),
+    "blip-2": ("vlmfast.models.blip2:Blip2", "vlmfast.processing.blip2:Blip2Processor"),
 }
 
 
@@ -174,7 +176,7 @@ class ImageTextToTextPipeline:
 
 def pipeline(task: str, model, *, device=None, dtype=None, max_new_tokens: int = 64, batch_size: int = 8):
     """task: "image-text-to-text"; model: a checkpoint folder of a family in FAMILIES (SmolVLM /
-    SmolVLM2 / Idefics3, Qwen2-VL / Qwen2.5-VL: weights, config.json, tokenizer.json,
+    SmolVLM2 / Idefics3, Qwen2-VL / Qwen2.5-VL, LLaVA-1.5, BLIP-2 OPT: weights, config.json, tokenizer.json,
     preprocessor_config.json, chat template). dtype: None (float32), a torch dtype, "float32" /
     "bfloat16" / "float16" or "auto" (bfloat16 where native)."""
     from vlmfast.models import checkpoint
