@@ -67,7 +67,7 @@ def _run_demo(args) -> int:
 # ----------------------------------------------------------------------------- embed / zeroshot
 
 def _add_model_and_images(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, type=cli_args.checkpoint_dir,
+    p.add_argument("--model", required=True, type=cli_args.clip_checkpoint,
                    help="checkpoint directory (Hugging Face CLIP or SigLIP layout)")
     p.add_argument("--images", required=True, type=cli_args.existing_path,
                    help="a folder of images (searched recursively), one image file, or a text file with one "

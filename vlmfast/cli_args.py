@@ -135,6 +135,38 @@ def checkpoint_dir(text: str) -> Path:
     return path
 
 
+def _checkpoint_of(text: str, description: str, model_types) -> Path:
+    path = checkpoint_dir(text)
+    try:
+        kind = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+        raise Invalid(f"{text}: config.json is not a JSON object ({error})") from None
+    if kind not in model_types:
+        raise Invalid(f"expected {description} checkpoint, {text}/config.json says model_type={kind!r} "
+                      f"(this command reads {', '.join(sorted(model_types))})")
+    return path
+
+
+def clip_checkpoint(text: str) -> Path:
+    """--model of embed, zeroshot, eval zeroshot / retrieval: a CLIP or SigLIP checkpoint folder."""
+    return _checkpoint_of(text, "a CLIP or SigLIP", ("clip", "siglip"))
+
+
+def vlm_checkpoint(text: str) -> Path:
+    """--model of generate, eval vqa / caption: a checkpoint of a family with an image-text-to-text
+    pipeline (vlmfast.pipelines.FAMILIES)."""
+    from vlmfast.pipelines import FAMILIES
+
+    return _checkpoint_of(text, "a vision-language", tuple(FAMILIES))
+
+
+def finetune_checkpoint(text: str) -> Path:
+    """--model of finetune: a family the fine-tuning collates (vlmfast.train.finetune.MODEL_TYPES)."""
+    from vlmfast.train.finetune import MODEL_TYPES
+
+    return _checkpoint_of(text, "a vision-language", MODEL_TYPES)
+
+
 def output_dir(text: str) -> Path:
     """A folder to write into: missing (created later, once the work can start) or a folder."""
     path = Path(text)

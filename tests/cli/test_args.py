@@ -15,6 +15,8 @@ def setup(tmp_path_factory):
     model = tiny_clip(root / "model")
     shape_images(root / "images", 2)
     (root / "data.jsonl").write_text("{}\n")
+    (root / "vlm").mkdir()  # parsing reads only config.json: enough for the flags' checks
+    (root / "vlm" / "config.json").write_text('{"model_type": "smolvlm"}')
     return root, model
 
 
@@ -25,8 +27,8 @@ def _commands(root, model):
         "embed": ["embed", *clip, "--out", str(root / "out")],
         "zeroshot": ["zeroshot", *clip, "--labels", "a,b"],
         "eval zeroshot": ["eval", "zeroshot", "--model", str(model), "--data", images],
-        "generate": ["generate", "--model", str(model), "--requests", data, "--out", str(root / "r.jsonl")],
-        "finetune": ["finetune", "--model", str(model), "--data", data, "--out", str(root / "ft")],
+        "generate": ["generate", "--model", str(root / "vlm"), "--requests", data, "--out", str(root / "r.jsonl")],
+        "finetune": ["finetune", "--model", str(root / "vlm"), "--data", data, "--out", str(root / "ft")],
         "demo": ["demo", "--out", str(root / "demo")],
     }
 
@@ -62,22 +64,27 @@ def test_device_cuda_without_cuda_is_one_line(setup, command, capsys):
      "argument --shard-size: expected a positive integer"),
     (["embed", "--model", "{model}", "--images", "{root}/images", "--out", "{root}/o", "--device", "gpu"],
      "argument --device: expected a device such as cpu, cuda or cuda:1"),
+    (["embed", "--model", "{root}/vlm", "--images", "{root}/images", "--out", "{root}/o"],
+     "argument --model: expected a CLIP or SigLIP checkpoint, {root}/vlm/config.json says model_type='smolvlm'"),
+    (["finetune", "--model", "{model}", "--data", "{root}/data.jsonl", "--out", "{root}/o"],
+     "argument --model: expected a vision-language checkpoint"),
+    (["generate", "--model", "{model}", "--prompt", "hi"], "argument --model: expected a vision-language checkpoint"),
     (["dedup", "{root}/images", "--max-distance", "65"], "argument --max-distance: expected an integer from 0 to 64 bits"),
     (["dedup", "{root}/nope"], "argument folder: no such folder"),
-    (["finetune", "--model", "{model}", "--data", "{root}/data.jsonl", "--out", "{root}/o", "--lr", "-1"],
+    (["finetune", "--model", "{root}/vlm", "--data", "{root}/data.jsonl", "--out", "{root}/o", "--lr", "-1"],
      "argument --lr: expected a positive number"),
-    (["finetune", "--model", "{model}", "--data", "{root}/data.jsonl", "--out", "{root}/o", "--lora-dropout", "1"],
+    (["finetune", "--model", "{root}/vlm", "--data", "{root}/data.jsonl", "--out", "{root}/o", "--lora-dropout", "1"],
      "argument --lora-dropout: expected a number from 0 up to (not including) 1"),
-    (["finetune", "--model", "{model}", "--data", "{root}/data.jsonl", "--out", "{root}/o", "--steps", "2",
+    (["finetune", "--model", "{root}/vlm", "--data", "{root}/data.jsonl", "--out", "{root}/o", "--steps", "2",
       "--warmup-steps", "5"], "argument --warmup-steps: expected at most --steps (2), got 5"),
     (["demo", "--train-images", "10", "--batch-size", "64"], "argument --train-images: expected at least the batch size"),
-    (["eval", "vqa", "--model", "{model}", "--questions", "{root}/data.jsonl", "--annotations", "{root}/data.jsonl",
+    (["eval", "vqa", "--model", "{root}/vlm", "--questions", "{root}/data.jsonl", "--annotations", "{root}/data.jsonl",
       "--images", "{root}/images", "--prompt", "Answer:"], "argument --prompt: 'Answer:': expected {question} in it"),
-    (["eval", "vqa", "--model", "{model}", "--questions", "{root}/data.jsonl", "--annotations", "{root}/data.jsonl",
+    (["eval", "vqa", "--model", "{root}/vlm", "--questions", "{root}/data.jsonl", "--annotations", "{root}/data.jsonl",
       "--images", "{root}/images", "--image-file", "{id}.jpg"], "argument --image-file: '{id}.jpg': cannot be filled"),
-    (["generate", "--model", "{model}", "--prompt", "hi", "--requests", "{root}/data.jsonl", "--out", "{root}/r"],
+    (["generate", "--model", "{root}/vlm", "--prompt", "hi", "--requests", "{root}/data.jsonl", "--out", "{root}/r"],
      "argument --prompt/--requests: give exactly one"),
-    (["generate", "--model", "{model}", "--requests", "{root}/data.jsonl", "--out", "{root}"],
+    (["generate", "--model", "{root}/vlm", "--requests", "{root}/data.jsonl", "--out", "{root}"],
      "argument --out: expected a JSONL file to append to"),
 ])
 def test_bad_values_are_named_by_their_flag(setup, argv, message, capsys):
@@ -85,7 +92,7 @@ def test_bad_values_are_named_by_their_flag(setup, argv, message, capsys):
     argv = [a.format(root=root, model=model) if "{root}" in a or "{model}" in a else a for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert message in err, err
+    assert message.replace("{root}", str(root)) in err, err
     assert "Traceback" not in err
 
 

@@ -28,7 +28,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=cli_args.checkpoint_dir,
+    parser.add_argument("--model", required=True, type=cli_args.clip_checkpoint,
                         help="CLIP or SigLIP checkpoint folder (Hugging Face layout)")
     parser.add_argument("--batch-size", type=cli_args.positive_int, default=64)
     parser.add_argument("--device", type=cli_args.device, default=None, help="cpu or cuda (default: cuda when available)")
@@ -99,8 +99,8 @@ def add_generative_tasks(tasks) -> None:
 
 
 def _add_vlm(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
-    parser.add_argument("--model", required=True, type=cli_args.checkpoint_dir,
-                        help="SmolVLM / SmolVLM2 / Idefics3 checkpoint folder")
+    parser.add_argument("--model", required=True, type=cli_args.vlm_checkpoint,
+                        help="SmolVLM / SmolVLM2 / Idefics3 / Qwen2-VL checkpoint folder")
     parser.add_argument("--batch-size", type=cli_args.positive_int, default=8)
     parser.add_argument("--max-new-tokens", type=cli_args.positive_int, default=max_new_tokens)
     parser.add_argument("--device", type=cli_args.device, default=None, help="cpu or cuda (default: cuda when available)")

@@ -42,6 +42,8 @@ from vlmfast.train.interrupt import StopAfterStep
 from vlmfast.train.trainer import Trainer, TrainConfig, check_optimizer_in_backward
 
 CONFIG_NAME = "finetune_config.json"
+# config.json model_types the fine-tuning collates (_collator): SmolVLM / Idefics3, Qwen2-VL / Qwen2.5-VL
+MODEL_TYPES = ("smolvlm", "idefics3", "qwen2_vl", "qwen2_5_vl")
 # Options a resumed run may change: they do not change what is computed (device: only its rounding).
 FREE_OPTIONS = ("checkpoint_every", "threads", "device")
 
