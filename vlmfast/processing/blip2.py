@@ -6,8 +6,8 @@ in front of every row (before its padding and BOS), where the model writes the Q
     inputs = processor(["Question: what is this? Answer:"], [image])
     out = model.generate(**inputs, max_new_tokens=10)
 
-BLIP-2 has no chat template: a conversation is rendered as its text parts (BLIP2_PROMPT_TEMPLATE)
-unless the checkpoint ships a template.
+BLIP-2 has no chat template: a conversation is rendered as its text (BLIP2_PROMPT_TEMPLATE) unless
+the checkpoint ships a template.
 """
 
 from __future__ import annotations
@@ -22,13 +22,18 @@ from vlmfast.processing.auto import image_processor_from_pretrained
 from vlmfast.processing.batch import is_image
 from vlmfast.processing.prompt_processor import PromptProcessor
 
-# A conversation's user text, as BLIP-2 was trained to read prompts (no roles, no image markers:
-# the image tokens are put in front by the processor).
+# A conversation as BLIP-2 reads prompts: no roles, no image markers (the image tokens are put in
+# front by the processor); the user's text, and an assistant's answer after it with a space (the
+# training format of captions and answers).
 BLIP2_PROMPT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}"
-    "{% endif %}{% endif %}{% endfor %}"
+    "{%- set ns = namespace(out='') -%}"
+    "{%- for message in messages if message['role'] in ('user', 'assistant') -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+    "{%- else -%}{%- set text = message['content'] | selectattr('type', 'equalto', 'text') "
+    "| map(attribute='text') | join('') -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' and ns.out -%}{%- set text = ' ' + text -%}{%- endif -%}"
+    "{%- set ns.out = ns.out + text -%}"
+    "{%- endfor -%}{{ ns.out }}"
 )
 DEFAULT_NUM_QUERY_TOKENS = 32
 

@@ -101,6 +101,19 @@ class Blip2(CausalVLM):
         self._write(path, self.config.to_hf(), {**vision, **rest}, max_shard_bytes=max_shard_bytes,
                     processor_from=processor_from)
 
+    def parts(self) -> dict[str, list[nn.Parameter]]:
+        """{part: parameters} for vlmfast.train.freeze: vision (the ViT), connector (the queries,
+        the Q-Former and the language projection), decoder (OPT's layers, positions and final
+        norm), embeddings (the table, and an untied head)."""
+        decoder = self.decoder
+        return {
+            "vision": list(self.vision_model.parameters()),
+            "connector": [self.query_tokens, *self.qformer.parameters(), *self.language_projection.parameters()],
+            "decoder": [p for name, p in decoder.named_parameters() if not name.startswith("embed_tokens.")],
+            "embeddings": list(decoder.embed_tokens.parameters()) + ([] if self.lm_head is None
+                                                                      else list(self.lm_head.parameters())),
+        }
+
     # ------------------------------------------------------------------ CausalVLM hooks
 
     @property

@@ -120,6 +120,18 @@ class Llava(CausalVLM):
         state = legacy_keys(split_gate_up(checkpoint.native_to_hf(self.state_dict())))
         self._write(path, self.config.to_hf(), state, max_shard_bytes=max_shard_bytes, processor_from=processor_from)
 
+    def parts(self) -> dict[str, list[nn.Parameter]]:
+        """{part: parameters} for vlmfast.train.freeze: vision (the CLIP tower), connector (the
+        projector), decoder (layers and final norm), embeddings (the table, and an untied head)."""
+        text = self.model.language_model
+        return {
+            "vision": list(self.model.vision_tower.parameters()),
+            "connector": list(self.model.multi_modal_projector.parameters()),
+            "decoder": list(text.layers.parameters()) + list(text.norm.parameters()),
+            "embeddings": list(text.embed_tokens.parameters()) + ([] if self.lm_head is None
+                                                                   else list(self.lm_head.parameters())),
+        }
+
     # ------------------------------------------------------------------ native CPU decode
 
     def decodes_natively(self, tokens: torch.Tensor, cache) -> bool:
