@@ -42,8 +42,9 @@ from vlmfast.train.interrupt import StopAfterStep
 from vlmfast.train.trainer import Trainer, TrainConfig, check_optimizer_in_backward
 
 CONFIG_NAME = "finetune_config.json"
-# config.json model_types the fine-tuning collates (_collator): SmolVLM / Idefics3, Qwen2-VL / Qwen2.5-VL
-MODEL_TYPES = ("smolvlm", "idefics3", "qwen2_vl", "qwen2_5_vl")
+# config.json model_types the fine-tuning collates (_collator): SmolVLM / Idefics3, Qwen2-VL / Qwen2.5-VL,
+# LLaVA-1.5, BLIP-2
+MODEL_TYPES = ("smolvlm", "idefics3", "qwen2_vl", "qwen2_5_vl", "llava", "blip-2")
 # Options a resumed run may change: they do not change what is computed (device: only its rounding).
 FREE_OPTIONS = ("checkpoint_every", "threads", "device")
 
@@ -64,6 +65,9 @@ class FinetuneConfig:
     lora_targets: tuple[str, ...] | None = None  # None: vlmfast.train.lora.DEFAULT_TARGETS
     freeze_vision: bool = False
     freeze_decoder: bool = False
+    # LLaVA / BLIP-2 recipes (vlmfast.train.recipes): 1 = LLaVA's projector / BLIP-2's Q-Former only,
+    # 2 = LLaVA's projector + LoRA on the decoder (rank 8 unless lora_rank says); 0 = none
+    stage: int = 0
     bf16: bool = False
     # "bfloat16": the frozen base weights held in bf16 (half their memory; LoRA with bf16 only),
     # the adapters and AdamW's state stay float32
@@ -86,6 +90,14 @@ class FinetuneConfig:
             raise ValueError(f"lora_rank: expected 0 (no LoRA) or a positive rank, got {self.lora_rank}")
         if self.lora_rank == 0 and (self.lora_alpha is not None or self.lora_targets is not None):
             raise ValueError("lora_alpha, lora_targets: given without lora_rank (set lora_rank > 0 to use LoRA)")
+        if self.stage not in (0, 1, 2):
+            raise ValueError(f"stage: expected 0 (none), 1 or 2, got {self.stage}")
+        if self.stage and (self.freeze_vision or self.freeze_decoder):
+            raise ValueError("stage: chooses what is frozen itself; drop freeze_vision / freeze_decoder")
+        if self.stage == 1 and self.lora_rank:
+            raise ValueError("lora_rank: stage 1 trains the connector alone, no LoRA")
+        if self.stage == 2 and self.lora_rank == 0:
+            self.lora_rank = 8
         if self.freeze_vision and self.freeze_decoder and self.lora_rank == 0:
             raise ValueError("freeze_vision, freeze_decoder: both frozen without LoRA leaves only the connector and "
                              "embeddings to train; use lora_rank or freeze less")
@@ -191,7 +203,9 @@ def instruction_loss(model, input_ids, labels, attention_mask, pixel_values=None
     its own mean; it is reweighted to sum_rank / count_global * world, so that after the Trainer
     averages the ranks' gradients (and losses) the result is the mean over the global micro-batch's
     answer tokens: what one process with the whole micro-batch computes."""
-    loss = model.loss(input_ids, labels, pixel_values, pixel_attention_mask, attention_mask)
+    # LLaVA / BLIP-2 take no second vision input: attention_mask by name reaches every family
+    vision = (pixel_values,) if pixel_attention_mask is None else (pixel_values, pixel_attention_mask)
+    loss = model.loss(input_ids, labels, *vision, attention_mask=attention_mask)
     if group is None:
         return loss
     local = (labels[:, 1:] != IGNORE_INDEX).sum().to(torch.float64)  # tokens the loss counts (shifted)
@@ -234,7 +248,12 @@ def prepare_model(model_dir, cfg: FinetuneConfig, device):
     family = model_class(checkpoint.read_config(model_dir).get("model_type"))  # SmolVLM, Qwen2VL
     model = family.from_pretrained(model_dir, device=device, dtype=getattr(torch, cfg.base_dtype))
     torch.manual_seed(cfg.seed)  # LoRA's A init (and dropout) draw from the seeded generator
-    if cfg.lora_rank:
+    if cfg.stage:
+        from vlmfast.train.recipes import apply_stage
+
+        apply_stage(model, cfg.stage, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                    lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets)
+    elif cfg.lora_rank:
         apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha or 2.0 * cfg.lora_rank, dropout=cfg.lora_dropout,
                    targets=cfg.lora_targets or DEFAULT_TARGETS)
     if cfg.freeze_vision or cfg.freeze_decoder:
@@ -248,6 +267,14 @@ def prepare_model(model_dir, cfg: FinetuneConfig, device):
 def _collator(model_dir: Path, max_length: int | None):
     """The checkpoint's processor (right padding) inside the collator of its family."""
     model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    if model_type in ("llava", "blip-2"):
+        from vlmfast.processing import blip2, llava, llava_instructions
+
+        if model_type == "llava":
+            return llava_instructions.LlavaInstructionCollator(
+                llava.LlavaProcessor.from_pretrained(model_dir, padding_side="right"), max_length=max_length)
+        return llava_instructions.Blip2InstructionCollator(
+            blip2.Blip2Processor.from_pretrained(model_dir, padding_side="right"), max_length=max_length)
     if model_type in ("qwen2_vl", "qwen2_5_vl"):
         from vlmfast.processing.qwen2vl_instructions import Qwen2VLInstructionCollator
         from vlmfast.processing.qwen2vl_processor import Qwen2VLProcessor

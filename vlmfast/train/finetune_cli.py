@@ -15,7 +15,8 @@ from vlmfast.train.finetune import FinetuneConfig, finetune
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     defaults = FinetuneConfig()
     p.add_argument("--model", required=True, type=cli_args.finetune_checkpoint,
-                   help="SmolVLM / Idefics3 / Qwen2-VL checkpoint folder (Hugging Face layout, with tokenizer)")
+                   help="SmolVLM / Idefics3 / Qwen2-VL / LLaVA / BLIP-2 checkpoint folder (Hugging Face layout, "
+                        "with tokenizer)")
     p.add_argument("--data", required=True, type=cli_args.existing_file,
                    help="JSONL: {'images': [...], 'messages': [...]} per line (image paths relative to the file)")
     p.add_argument("--out", required=True, type=cli_args.output_dir,
@@ -40,6 +41,10 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated Linear names, e.g. q_proj,v_proj (default: every attention and MLP Linear)")
     p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
     p.add_argument("--freeze-decoder", action="store_true", help="do not train the decoder layers")
+    p.add_argument("--stage", type=int, choices=[0, 1, 2], default=defaults.stage,
+                   help="LLaVA / BLIP-2 recipe: 1 = LLaVA's projector or BLIP-2's Q-Former alone (image-caption "
+                        "pairs), 2 = LLaVA's projector + LoRA on the decoder (rank 8 unless --lora-rank); "
+                        "0 (default): the freeze / LoRA options")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (weights and optimizer stay float32)")
     p.add_argument("--base-dtype", default=defaults.base_dtype, choices=["float32", "bfloat16"],
                    help="dtype of the frozen base weights; bfloat16 halves their memory (needs --lora-rank and --bf16)")
@@ -63,7 +68,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 def run_finetune(args) -> int:
     options = {name: getattr(args, name) for name in (
         "steps", "lr", "batch_size", "grad_accum", "warmup_steps", "weight_decay", "lora_rank", "lora_alpha",
-        "lora_dropout", "lora_targets", "freeze_vision", "freeze_decoder", "bf16", "base_dtype",
+        "lora_dropout", "lora_targets", "freeze_vision", "freeze_decoder", "stage", "bf16", "base_dtype",
         "gradient_checkpointing", "optimizer_in_backward", "checkpoint_every", "max_length", "seed", "device",
         "threads")}
     if args.optimizer_in_backward:  # the CLI's clipping (FinetuneConfig's default) needs every gradient first

@@ -49,6 +49,8 @@ def apply_stage(model: nn.Module, stage: int, *, lora_rank: int = 8, lora_alpha:
     from vlmfast.train.lora import apply_lora
 
     family = family_of(model)
+    if family is None:
+        raise ValueError(f"stage: training stages are LLaVA's and BLIP-2's, the model is a {type(model).__name__}")
     check_stage(family, stage)
     if family == "llava" and stage == 2:
         if lora_rank < 1:

@@ -118,3 +118,30 @@ def test_stage_checks_name_the_option(llava_dir, blip2_dir):
         apply_stage(Blip2.from_pretrained(blip2_dir), 2)
     with pytest.raises(ValueError, match="lora_rank"):
         apply_stage(Llava.from_pretrained(llava_dir), 2, lora_rank=0)
+
+
+@pytest.mark.parametrize("family, stage", [("llava", 2), ("blip-2", 1)])
+def test_finetune_command_runs_a_stage(family, stage, llava_dir, blip2_dir, tmp_path, capsys):
+    import json
+
+    from vlmfast.cli import main
+    from vlmfast.models import from_pretrained
+
+    base = llava_dir if family == "llava" else blip2_dir
+    data = write_instruction_examples(tmp_path / "data", n=4, image_size=32)
+    out = tmp_path / "out"
+    argv = ["finetune", "--model", str(base), "--data", str(data), "--out", str(out), "--stage", str(stage),
+            "--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--quiet"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    trained = from_pretrained(out)
+    reference = from_pretrained(base)
+    learnt = reference.parts()["connector"]
+    assert report["trainable_parameters"] >= sum(p.numel() for p in learnt)
+    changed = {name for name, part in trained.parts().items()
+               if any(not torch.equal(a, b) for a, b in zip(part, reference.parts()[name]))}
+    # stage 1 moves the connector alone; stage 2 the connector and (through merged LoRA) the decoder
+    assert changed == ({"connector", "decoder"} if stage == 2 else {"connector"})
+    bad = ["finetune", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "o2"), "--stage", "3"]
+    assert main(bad) == 2
+    assert "--stage" in capsys.readouterr().err
