@@ -190,9 +190,49 @@ VLMFAST_MULTIVERSION void pack_a_block(const Problem& p, int64_t m0, int64_t row
                                    p.a.col_stride, m0, rows, k0, kb, kbp, dst);
 }
 
+#if VLMFAST_GEMM_X86
+// The vectorised packers of the AVX-512 kernels' slivers (row-major sources; anything else
+// through the generic loops).
+VLMFAST_TARGET_AVX512 void pack_a_f32_12(const Problem& p, int64_t m0, int64_t rows, int64_t k0,
+                                         int64_t kb, int64_t kbp, float* dst) {
+  if (p.a.col_stride == 1)
+    return gp::pack_a_f32_rows12(static_cast<const float*>(p.a.data), p.a.row_stride, m0, rows, k0, kb, dst);
+  gp::pack_a<gp::F32Layout<12>, float, float>(static_cast<const float*>(p.a.data), p.a.row_stride,
+                                              p.a.col_stride, m0, rows, k0, kb, kbp, dst);
+}
+
+VLMFAST_TARGET_AVX512 void pack_a_bf16_pairs_12(const Problem& p, int64_t m0, int64_t rows, int64_t k0,
+                                                int64_t kb, int64_t kbp, uint16_t* dst) {
+  if (p.a.col_stride == 1)
+    return gp::pack_a_bf16_rows12(static_cast<const uint16_t*>(p.a.data), p.a.row_stride, m0, rows, k0,
+                                  kb, kbp, dst);
+  gp::pack_a<gp::PairLayout<12>, BFloat16, BFloat16>(static_cast<const BFloat16*>(p.a.data),
+                                                     p.a.row_stride, p.a.col_stride, m0, rows, k0, kb,
+                                                     kbp, dst);
+}
+
+VLMFAST_TARGET_AVX512BF16 void pack_a_f32_pairs_12(const Problem& p, int64_t m0, int64_t rows, int64_t k0,
+                                                   int64_t kb, int64_t kbp, uint16_t* dst) {
+  if (p.a.col_stride == 1)
+    return gp::pack_a_f32_to_bf16_rows12(static_cast<const float*>(p.a.data), p.a.row_stride, m0, rows,
+                                         k0, kb, kbp, dst);
+  gp::pack_a<gp::PairLayout<12>, float, BFloat16>(static_cast<const float*>(p.a.data), p.a.row_stride,
+                                                  p.a.col_stride, m0, rows, k0, kb, kbp, dst);
+}
+#endif
+
 template <typename Layout>
 PackAFn<Layout> pack_a_for(int src, int compute) {
   const DType s = dtype_from_tag(src), c = dtype_from_tag(compute);
+#if VLMFAST_GEMM_X86
+  if constexpr (std::is_same_v<Layout, gp::F32Layout<12>>) {
+    if (s == DType::Float32 && c == DType::Float32) return pack_a_f32_12;
+  }
+  if constexpr (std::is_same_v<Layout, gp::PairLayout<12>>) {
+    if (s == DType::BFloat16 && c == DType::BFloat16) return pack_a_bf16_pairs_12;
+    if (s == DType::Float32 && c == DType::BFloat16) return pack_a_f32_pairs_12;
+  }
+#endif
   if (c == DType::BFloat16) {
     if (s == DType::Float32) return pack_a_block<Layout, float, BFloat16>;
     if (s == DType::BFloat16) return pack_a_block<Layout, BFloat16, BFloat16>;

@@ -123,6 +123,121 @@ __attribute__((always_inline)) inline void pack_a(const Src* a, int64_t rs, int6
   }
 }
 
+#if VLMFAST_GEMM_X86
+// ---------------------------------------------------------------------------- A, vectorised
+// Row-major sources into the 12-row slivers of the AVX-512 kernels, 16 steps (float32) or 16
+// pairs of steps (bf16) at a time: 12 row loads, a 16 x 16 transpose of 32-bit lanes in
+// registers, 16 masked stores of 12 lanes. The scalar loops above write 4 bytes per store.
+
+// r[j] <- column j of the 16 x 16 matrix whose row i is r[i] (32-bit lanes).
+VLMFAST_TARGET_AVX512 __attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + j + 4] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xDD);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
+  }
+}
+
+// One 12-row sliver, `units` 32-bit units per row (float32 steps, or bf16 pairs), from rows
+// src + m * rs (m < rows; the other rows zero): d[u * 12 + m] (32-bit units). load(row, u)
+// returns the 16 units from u of a row.
+template <typename Load>
+VLMFAST_TARGET_AVX512 __attribute__((always_inline)) inline void sliver12(Load load, int64_t rows,
+                                                                         int64_t units, uint32_t* d) {
+  const __mmask16 twelve = 0x0fff;
+  int64_t u = 0;
+  for (; u + 16 <= units; u += 16) {
+    __m512 r[16];
+    for (int m = 0; m < 16; ++m) r[m] = m < rows ? load(m, u) : _mm512_setzero_ps();
+    transpose16(r);
+    for (int j = 0; j < 16; ++j) _mm512_mask_storeu_ps(d + (u + j) * 12, twelve, r[j]);
+  }
+  if (u < units) {  // the last < 16 units: through a zero-padded copy of each row
+    alignas(64) float rest[16][16];
+    for (int m = 0; m < 16; ++m) _mm512_store_ps(rest[m], m < rows ? load(m, u) : _mm512_setzero_ps());
+    for (int64_t j = 0; j < units - u; ++j)
+      for (int m = 0; m < 12; ++m) std::memcpy(d + (u + j) * 12 + m, &rest[m][j], 4);
+  }
+}
+
+// float32 row-major A (col_stride 1) into F32Layout<12> slivers.
+VLMFAST_TARGET_AVX512 inline void pack_a_f32_rows12(const float* a, int64_t rs, int64_t m0,
+                                                    int64_t rows, int64_t k0, int64_t kb,
+                                                    float* dst) {
+  const int64_t slivers = (rows + 11) / 12;
+  for (int64_t s = 0; s < slivers; ++s) {
+    const float* src = a + (m0 + s * 12) * rs + k0;
+    const int64_t r = std::min<int64_t>(12, rows - s * 12);
+    auto load = [&](int m, int64_t u) VLMFAST_TARGET_AVX512 {
+      const int64_t n = std::min<int64_t>(16, kb - u);
+      return n == 16 ? _mm512_loadu_ps(src + m * rs + u)
+                     : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), src + m * rs + u);
+    };
+    sliver12(load, r, kb, reinterpret_cast<uint32_t*>(dst + s * 12 * kb));
+  }
+}
+
+// bf16 row-major A into PairLayout<12> slivers (pairs are 32-bit units); kbp - kb steps (at most
+// one, an odd kb) are zero.
+VLMFAST_TARGET_AVX512 inline void pack_a_bf16_rows12(const uint16_t* a, int64_t rs, int64_t m0,
+                                                     int64_t rows, int64_t k0, int64_t kb,
+                                                     int64_t kbp, uint16_t* dst) {
+  const int64_t slivers = (rows + 11) / 12;
+  for (int64_t s = 0; s < slivers; ++s) {
+    const uint16_t* src = a + (m0 + s * 12) * rs + k0;
+    const int64_t r = std::min<int64_t>(12, rows - s * 12);
+    auto load = [&](int m, int64_t u) VLMFAST_TARGET_AVX512 {
+      const int64_t n = std::min<int64_t>(32, kb - 2 * u);  // bf16 elements left in the row
+      const __m512i v = n == 32 ? _mm512_loadu_si512(src + m * rs + 2 * u)
+                                : _mm512_maskz_loadu_epi16(static_cast<__mmask32>((1ull << n) - 1),
+                                                           src + m * rs + 2 * u);
+      return _mm512_castsi512_ps(v);
+    };
+    sliver12(load, r, kbp / 2, reinterpret_cast<uint32_t*>(dst + s * 12 * kbp));
+  }
+}
+
+// float32 row-major A rounded to bf16 (vcvtne2ps2bf16: to nearest even) into PairLayout<12>.
+VLMFAST_TARGET_AVX512BF16 inline void pack_a_f32_to_bf16_rows12(const float* a, int64_t rs,
+                                                                int64_t m0, int64_t rows,
+                                                                int64_t k0, int64_t kb,
+                                                                int64_t kbp, uint16_t* dst) {
+  const int64_t slivers = (rows + 11) / 12;
+  for (int64_t s = 0; s < slivers; ++s) {
+    const float* src = a + (m0 + s * 12) * rs + k0;
+    const int64_t r = std::min<int64_t>(12, rows - s * 12);
+    auto load = [&](int m, int64_t u) VLMFAST_TARGET_AVX512BF16 {
+      const float* p = src + m * rs + 2 * u;
+      const int64_t n = std::min<int64_t>(32, kb - 2 * u);
+      const __m512 lo = n >= 16 ? _mm512_loadu_ps(p)
+                                : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+      const __m512 hi = n >= 32 ? _mm512_loadu_ps(p + 16)
+                        : n > 16 ? _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (n - 16)) - 1), p + 16)
+                                 : _mm512_setzero_ps();
+      return _mm512_castsi512_ps((__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    };
+    sliver12(load, r, kbp / 2, reinterpret_cast<uint32_t*>(dst + s * 12 * kbp));
+  }
+}
+#endif
+
 // ---------------------------------------------------------------------------- B panels
 // Panel p (columns [32 p, 32 p + 32)) of B (N x K), all of K (kp steps: K rounded up to the
 // layout's step; zero past K and past N). Float32: dst[k * 32 + n]; pairs:
