@@ -3,10 +3,15 @@
 vlmfast._C       C++ CPU kernels (csrc/cpu/*.cpp + csrc/bindings.cpp), -O3 and OpenMP, portable:
                  the hot loops are compiled for several instruction sets (GCC target_clones)
                  and the loader picks one at run time from the CPU's features.
-vlmfast._C_cuda  CUDA kernels (csrc/cuda/*.cu, compiled by nvcc for sm_80 and sm_90a), built
-                 only with VLMFAST_CUDA=1.
+vlmfast._C_cuda  CUDA kernels (csrc/cuda/*.cu, compiled by nvcc to SASS for sm_80 and sm_90a and
+                 to compute_90 PTX that newer GPUs JIT-compile), built only with VLMFAST_CUDA=1.
+                 nvcc comes from CUDA_HOME, /usr/local/cuda, PATH, or NVIDIA's PyPI wheels
+                 (nvidia-cuda-nvcc & co. install it under site-packages/nvidia/cu13). ptxas's
+                 resource report (-Xptxas -v) of each .cu is kept next to its object as
+                 <name>.ptxas.log; .ci/ptxas_report.py reads it (registers, spills, shared memory).
 
 VLMFAST_NO_EXT=1 builds neither; vlmfast then runs on Triton and the PyTorch reference.
+VLMFAST_CUDA=only builds vlmfast._C_cuda alone (CI's compile check of the CUDA sources).
 Neither extension includes torch headers, so one source tree builds against any torch release.
 """
 
@@ -43,6 +48,19 @@ def _cpu_extension():
     )
 
 
+def _wheel_cuda_home() -> Path | None:
+    """The toolkit NVIDIA's PyPI wheels install (nvidia-cuda-nvcc, -nvvm, -crt, -runtime, -cccl
+    for CUDA 13 land under site-packages/nvidia/cu13)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        for home in sorted(Path(folder).glob("cu1*"), reverse=True):
+            if (home / "bin" / "nvcc").exists():
+                return home
+    return None
+
+
 def _cuda_home() -> Path:
     nvcc = shutil.which("nvcc")
     for candidate in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
@@ -50,7 +68,13 @@ def _cuda_home() -> Path:
             return Path(candidate)
     if nvcc:
         return Path(nvcc).resolve().parent.parent
-    raise RuntimeError("VLMFAST_CUDA=1 but nvcc was not found; set CUDA_HOME or put nvcc on PATH")
+    home = _wheel_cuda_home()
+    if home is not None:
+        return home
+    raise RuntimeError(
+        "VLMFAST_CUDA=1 but nvcc was not found; set CUDA_HOME, put nvcc on PATH, or "
+        "pip install nvidia-cuda-nvcc nvidia-nvvm nvidia-cuda-crt nvidia-cuda-runtime nvidia-cuda-cccl"
+    )
 
 
 def _cuda_extension():
@@ -79,6 +103,11 @@ class BuildExt(build_ext):
         "-fPIC",
         "-gencode=arch=compute_80,code=sm_80",
         "-gencode=arch=compute_90a,code=sm_90a",
+        # PTX of the newest portable arch (compute_90a's PTX would run on sm_90 only): a newer
+        # GPU's driver JIT-compiles it.
+        "-gencode=arch=compute_90,code=compute_90",
+        "-Xptxas=-v",  # the resource report (registers, spills, shared memory), kept as a log
+        "--threads=0",  # the archs of one source compile in parallel
     ]
 
     def build_extension(self, ext):
@@ -91,16 +120,24 @@ class BuildExt(build_ext):
         return super().build_extension(ext)
 
     def _nvcc(self, sources, include_dirs):
-        nvcc = shutil.which("nvcc") or str(_cuda_home() / "bin" / "nvcc")
+        home = _cuda_home()
+        nvcc = shutil.which("nvcc") or str(home / "bin" / "nvcc")
+        if not Path(nvcc).exists() and (home / "bin" / "nvcc").exists():
+            nvcc = str(home / "bin" / "nvcc")
         out_dir = Path(self.build_temp) / "cuda"
         out_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PATH=f"{home / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}")
         objects = []
         for source in sources:
             obj = out_dir / (Path(source).stem + ".o")
             cmd = [nvcc, "-c", source, "-o", str(obj), *self.NVCC_FLAGS]
             cmd += [f"-I{d}" for d in include_dirs]
             print(" ".join(cmd), file=sys.stderr)
-            subprocess.check_call(cmd, cwd=ROOT)
+            done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            (out_dir / (Path(source).stem + ".ptxas.log")).write_text(done.stdout + done.stderr)
+            if done.returncode:
+                sys.stderr.write(done.stdout + done.stderr)
+                raise RuntimeError(f"nvcc failed on {source} (exit status {done.returncode})")
             objects.append(str(obj))
         return objects
 
@@ -108,6 +145,12 @@ class BuildExt(build_ext):
 def _extensions():
     if _flag("VLMFAST_NO_EXT"):
         return []
+    from pybind11.setup_helpers import ParallelCompile
+
+    # The C++ sources compile in parallel, one per CPU (VLMFAST_BUILD_JOBS=N to choose).
+    ParallelCompile("VLMFAST_BUILD_JOBS").install()
+    if os.environ.get("VLMFAST_CUDA", "").lower() == "only":  # CI's compile check of the .cu files
+        return [_cuda_extension()]
     extensions = [_cpu_extension()]
     if _flag("VLMFAST_CUDA"):
         extensions.append(_cuda_extension())
