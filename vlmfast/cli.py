@@ -11,6 +11,7 @@ code). To add one, write those two functions in your module and register them:
 
 import argparse
 import json
+import os
 import sys
 
 from vlmfast import cli_args
@@ -267,12 +268,16 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:  # bad input, named by the raiser: usage status
         print(f"vlmfast {command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout's reader left (`| head`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     except OSError as err:  # the disk or the system said no (permissions, space)
         print(f"vlmfast {command}: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        detail = f" ({stop})" if str(stop) else ""
         again = "; rerun the same command to continue where it stopped" if args.command in RESUMABLE else ""
-        print(f"\nvlmfast {command}: interrupted{again}", file=sys.stderr)
+        print(f"\nvlmfast {command}: interrupted{detail}{again}", file=sys.stderr)
         return 130
 
 

@@ -113,3 +113,34 @@ def test_unreadable_images_are_error_rows_in_order(setup, tmp_path, capsys):
     listing.write_text("missing.png\n")
     assert _zeroshot(model, listing, "--labels", ",".join(LABELS)) == 1
     assert "no image could be classified" in capsys.readouterr().err
+
+
+
+class _ClosedAfterOneLine:
+    """stdout whose reader leaves after the first line (`| head -1`)."""
+
+    def __init__(self, fileno):
+        self.lines, self._fileno = [], fileno
+
+    def write(self, text):
+        if self.lines:
+            raise BrokenPipeError(32, "Broken pipe")
+        self.lines.append(text)
+
+    def flush(self):
+        pass
+
+    def fileno(self):
+        return self._fileno
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(setup, tmp_path, monkeypatch, capsys):
+    import sys
+
+    model, images, _ = setup
+    sink = open(tmp_path / "sink", "w")  # main points the closed stdout's descriptor at /dev/null
+    stdout = _ClosedAfterOneLine(sink.fileno())
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert _zeroshot(model, images, "--labels", ",".join(LABELS), "--batch-size", "1") == 141
+    sink.close()
+    assert json.loads(stdout.lines[0])["path"] and capsys.readouterr().err == ""
