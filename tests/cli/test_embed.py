@@ -165,3 +165,20 @@ def test_a_model_that_fails_to_load_leaves_no_output_folder(models, tmp_path, ca
     shape_images(images, 1)
     assert _embed(broken, images, tmp_path / "out") != 0
     assert not (tmp_path / "out").exists()
+
+
+def test_shard_files_without_a_record_are_never_deleted_or_mixed(models, tmp_path, capsys):
+    """Shards an older vlmfast wrote (no record of the model or the inputs) are refused, not reused
+    as before, nor cleaned away as the debris of an interrupted run."""
+    images = tmp_path / "images"
+    shape_images(images, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    np.save(out / "shard-00000.npy", np.zeros((2, 64), dtype=np.float32))
+    (out / "shard-00000.paths.txt").write_text("".join(f"{p}\n" for p in sorted(images.iterdir())))
+    assert _embed(models[0], images, out) == 2
+    assert "have no record of what they hold" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000.npy", "shard-00000.paths.txt"]
+    assert _embed(models[0], images, out, "--overwrite") == 0
+    paths, rows = read_embeddings(out)
+    np.testing.assert_allclose(rows, direct_embedding(models[0], paths), rtol=1e-4, atol=1e-5)

@@ -58,6 +58,7 @@ class Scan:
     partial_index: int | None = None
     partial: list[Batch] = field(default_factory=list)
     leftovers: list[Path] = field(default_factory=list)
+    foreign: list[Path] = field(default_factory=list)  # shard files with neither a record nor batches
 
     # ------------------------------------------------------------------ reading
     @classmethod
@@ -87,7 +88,9 @@ class Scan:
                 scan.partial = _read_batches(kinds["partial"], scan.leftovers)
                 scan.leftovers += [p for kind, p in kinds.items() if kind != "partial"]  # an unfinished completion
             else:
-                scan.leftovers += list(kinds.values())  # data without a record: never completed
+                # shard files with no record and no batches: not written by this version's embed (an
+                # older one, or another tool); never deleted without --overwrite
+                scan.foreign += list(kinds.values())
         return scan
 
     @property
@@ -166,6 +169,9 @@ def plan(scan: Scan, inputs: list[dict], fingerprint: dict, fmt: str) -> Plan:
     from vlmfast.models.fingerprint import differences
 
     conflicts = []
+    if scan.foreign:
+        conflicts.append(f"{len(scan.foreign)} shard file(s) have no record of what they hold (an older vlmfast or "
+                         f"another tool wrote them), e.g. {scan.foreign[0].name}")
     for where, record in scan.records():
         changed = differences(record.get("fingerprint", {}), fingerprint)
         if changed:
