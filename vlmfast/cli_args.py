@@ -175,6 +175,17 @@ def output_dir(text: str) -> Path:
     return path
 
 
+def output_file(text: str) -> Path:
+    """A file to write (a report): not a folder, and not inside a file."""
+    path = Path(text)
+    if path.is_dir():
+        raise Invalid(f"expected a file name to write, {text} is a folder")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise Invalid(f"cannot write {text}: {parent} is a file, not a folder")
+    return path
+
+
 # ----------------------------------------------------------------------------- devices
 
 def device(text: str) -> str:

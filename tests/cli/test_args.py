@@ -71,6 +71,9 @@ def test_device_cuda_without_cuda_is_one_line(setup, command, capsys):
     (["generate", "--model", "{model}", "--prompt", "hi"], "argument --model: expected a vision-language checkpoint"),
     (["dedup", "{root}/images", "--max-distance", "65"], "argument --max-distance: expected an integer from 0 to 64 bits"),
     (["dedup", "{root}/nope"], "argument folder: no such folder"),
+    (["dedup", "{root}/images", "--report", "{root}/images"], "argument --report: expected a file name to write"),
+    (["eval", "zeroshot", "--model", "{model}", "--data", "{root}/images", "--report", "{root}/data.jsonl/r.json"],
+     "argument --report: cannot write"),
     (["finetune", "--model", "{root}/vlm", "--data", "{root}/data.jsonl", "--out", "{root}/o", "--lr", "-1"],
      "argument --lr: expected a positive number"),
     (["finetune", "--model", "{root}/vlm", "--data", "{root}/data.jsonl", "--out", "{root}/o", "--lora-dropout", "1"],
@@ -85,7 +88,7 @@ def test_device_cuda_without_cuda_is_one_line(setup, command, capsys):
     (["generate", "--model", "{root}/vlm", "--prompt", "hi", "--requests", "{root}/data.jsonl", "--out", "{root}/r"],
      "argument --prompt/--requests: give exactly one"),
     (["generate", "--model", "{root}/vlm", "--requests", "{root}/data.jsonl", "--out", "{root}"],
-     "argument --out: expected a JSONL file to append to"),
+     "argument --out: expected a file name to write"),
 ])
 def test_bad_values_are_named_by_their_flag(setup, argv, message, capsys):
     root, model = setup

@@ -37,7 +37,7 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_report_and_inputs(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--report", type=Path, default=None, help="write the JSON report here too")
+    parser.add_argument("--report", type=cli_args.output_file, default=None, help="write the JSON report here too")
     parser.add_argument("--skip-bad-inputs", action=argparse.BooleanOptionalAction, default=False,
                         help="evaluate the entries whose image can be read and list the others in the report's "
                              "'failed' (default off: every image is checked before the first batch and all "
@@ -148,7 +148,7 @@ def add_dedup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-distance", type=cli_args.int_in(0, 64, "bits"), default=4,
                         help="Hamming distance of 64-bit phashes, 0 to 64 (default 4)")
     parser.add_argument("--no-recursive", action="store_true", help="only the folder itself")
-    parser.add_argument("--report", type=Path, default=None, help="write the groups (JSON) here too")
+    parser.add_argument("--report", type=cli_args.output_file, default=None, help="write the groups (JSON) here too")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (it is drawn on a terminal only)")
     parser.description = (parser.description or "") + f". Keeper of each group: {KEEP_RULE}; nothing is deleted."
 

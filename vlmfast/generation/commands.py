@@ -36,7 +36,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=None, help="the user's text (single mode)")
     parser.add_argument("--requests", type=cli_args.existing_file, default=None,
                         help="JSONL of {id, image|images, prompt} (batch mode)")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--out", type=cli_args.output_file, default=None,
                         help="JSONL results of batch mode: {id, output} or {id, error} (appended; resumable)")
     parser.add_argument("--image-root", type=cli_args.existing_dir, default=None,
                         help="folder of relative image paths in --requests (default: the requests file's folder)")
@@ -142,8 +142,6 @@ def run_generate(args: argparse.Namespace) -> int:
         raise cli_args.usage_error("--out", "required with --requests")
     if batch_mode and args.image:
         raise cli_args.usage_error("--image", "single mode only; batch requests name their images")
-    if batch_mode and args.out.is_dir():
-        raise cli_args.usage_error("--out", f"expected a JSONL file to append to, {args.out} is a folder")
     if not batch_mode:
         from vlmfast.pipelines import pipeline
 
