@@ -4,6 +4,8 @@
 import torch
 from torch import nn
 
+from vlmfast.models import _ops as _shared_ops
+
 
 def pixel_shuffle(x: torch.Tensor, scale_factor: int) -> torch.Tensor:
     """x: (N, S, D) over a square side x side grid -> (N, S / s^2, D * s^2).
@@ -30,7 +32,7 @@ class ModalityProjection(nn.Module):
         self.proj = nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype)
 
     def forward(self, x):
-        return self.proj(x)
+        return _shared_ops.linear(x, self.proj)  # vlmfast's GEMM on the CPU (bf16 too); LoRA-aware
 
 
 class Connector(nn.Module):

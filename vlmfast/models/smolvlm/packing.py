@@ -3,17 +3,18 @@
 torch's plain bf16 / fp32 GEMV at one row (a decode step) reads weights at about half the speed
 of oneDNN's packed path, which transformers does not use eagerly (inductor does, with freezing).
 pack(layer) stores a packed copy beside the weight (not a parameter, not in the state dict);
-linear() uses it while gradients are off and the weight is the one that was packed (same storage,
-same version counter, pointer and dtype: an in-place update or a .to() makes it stale and the
-plain GEMM runs).
+linear() uses it for calls of fewer than ops.linear's SMALL_M rows (decode steps) while gradients
+are off and the weight is the one that was packed (same storage, same version counter, pointer
+and dtype: an in-place update or a .to() makes it stale and the plain GEMM runs). Calls of more
+rows (a prefill) and training go to vlmfast.ops.linear.
 bf16 results are those of F.linear (same oneDNN kernels); fp32 ones differ by rounding only.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlmfast import ops
+from vlmfast.ops.linear import SMALL_M
 
 _ATTR = "_vlmfast_packed"
 
@@ -43,20 +44,20 @@ def unpack(layer: nn.Module) -> None:
 
 
 def linear(x: torch.Tensor, layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through layer's packed copy of weight when it is current.
-    x (..., K), weight (N, K) -> (..., N)."""
+    """F.linear(x, weight, bias), through layer's packed copy of weight when it is current and
+    the call has few rows (a decode step); else vlmfast.ops.linear (its float32 / bf16 GEMM on the
+    CPU, under autocast too; torch's elsewhere). x (..., K), weight (N, K) -> (..., N)."""
     add_adapters = getattr(layer, "add_adapters", None)
     if add_adapters is not None:  # a LoRA layer (vlmfast.train.lora): its low-rank term joins every call
-        return add_adapters(x, F.linear(x, weight, bias))
+        return add_adapters(x, ops.linear(x, weight, bias))
     entry = layer.__dict__.get(_ATTR)
-    if entry is not None and not torch.is_grad_enabled() and x.device.type == "cpu":
+    if (entry is not None and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.numel() < SMALL_M * x.shape[-1]):
         packed, packed_from, version, pointer, dtype = entry
         # module.to() swaps .data without a version bump: the pointer and dtype catch it
         if (packed_from is weight and weight._version == version and weight.data_ptr() == pointer
                 and weight.dtype == dtype == x.dtype):
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    if torch.is_grad_enabled() and weight.requires_grad:
-        # training a weight: vlmfast's GEMM (float32 on the CPU, ~2x torch's; torch's GEMM for the
-        # rest), forward and backward; its packed copy is made per call, none is kept
-        return ops.linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+    # a prefill, training (forward and backward), bf16 autocast: vlmfast's GEMM where it runs
+    # (ops.linear hands the rest, and any shape class where torch measured faster, to torch)
+    return ops.linear(x, weight, bias)
