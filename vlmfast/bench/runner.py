@@ -17,7 +17,7 @@ from vlmfast.bench.timing import Result
 # Suite name -> module in vlmfast.bench with run(device, dtype, quick) -> list[Result].
 OP_SUITES = ["rotary", "attention", "losses", "patch_embed", "linear_cross_entropy", "linear"]
 # Model suites: end-to-end against transformers.
-MODEL_SUITES = ["smolvlm", "clip", "finetune", "serve"]
+MODEL_SUITES = ["smolvlm", "clip", "finetune", "qwen2vl", "serve"]
 SUITES = {name: f"vlmfast.bench.{name}" for name in OP_SUITES + MODEL_SUITES}
 GROUPS = {"ops": OP_SUITES, "models": MODEL_SUITES, "all": None}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -116,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
     where = info.get("gpu") or f"{info['cpu']} ({info['threads']} threads)"
     print(f"vlmfast {info['vlmfast']} on {where}, torch {info['torch']}, {str(dtype).removeprefix('torch.')}, {info['date']}")
     if peaks:
-        print(f"measured peaks: {peaks['gemm_tflops']:.1f} TFLOP/s GEMM, {peaks['copy_gbps']:.1f} GB/s copy")
+        print(f"measured peaks: {peaks['gemm_tflops']:.3g} TFLOP/s GEMM ({peaks.get('gemm_source', 'torch GEMM')}"
+              + (f"; torch's GEMM {peaks['torch_gemm_tflops']:.3g}" if peaks.get("torch_gemm_tflops") else "")
+              + f"), {peaks['copy_gbps']:.1f} GB/s copy")
     print(_format_table(results, peaks))
     print(f"{len(results)} results in {time.perf_counter() - started:.0f} s"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""))
