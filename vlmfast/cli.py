@@ -20,8 +20,11 @@ from vlmfast import cli_args
 # ----------------------------------------------------------------------------- demo
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="vlmfast-demo", type=cli_args.output_dir,
-                   help="where the trained model is saved (default ./vlmfast-demo)")
+    p.add_argument("model", nargs="?", choices=("clip", "vlm"), default="clip",
+                   help="clip (default): a small CLIP, zero-shot accuracy; vlm: a tiny SmolVLM fine-tuned on shape "
+                        "questions, VQA accuracy, a checkpoint for generate / finetune / eval vqa / serve")
+    p.add_argument("--out", default=None, type=cli_args.output_dir,
+                   help="where the trained model is saved (default ./vlmfast-demo; ./vlmfast-demo-vlm for vlm)")
     p.add_argument("--steps", type=cli_args.positive_int, default=None, help="training steps (default: the full demo)")
     p.add_argument("--batch-size", type=cli_args.positive_int, default=None)
     p.add_argument("--train-images", type=cli_args.positive_int, default=None,
@@ -35,9 +38,13 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args) -> int:
+    if args.model == "vlm":
+        from vlmfast.train.demo_vlm_cli import run_vlm_demo_command
+
+        return run_vlm_demo_command(args)
     from vlmfast.train.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(out=args.out, seed=args.seed, threads=args.threads)
+    cfg = DemoConfig(out=args.out or "vlmfast-demo", seed=args.seed, threads=args.threads)
     if args.steps is not None:
         cfg.steps = args.steps
     for name in ("batch_size", "train_images", "test_images"):
@@ -212,7 +219,8 @@ def _run_finetune(args) -> int:
 
 
 COMMANDS = {
-    "demo": ("train a small CLIP on the built-in shapes data set and report zero-shot accuracy", _add_demo, _run_demo),
+    "demo": ("train a small CLIP (or, with `vlm`, a tiny SmolVLM) on the built-in shapes data set and report its "
+             "accuracy", _add_demo, _run_demo),
     "embed": ("embed a folder of images with a CLIP/SigLIP checkpoint (sharded, resumable)", _add_embed, _run_embed),
     "zeroshot": ("zero-shot classify images with a CLIP/SigLIP checkpoint", _add_zeroshot, _run_zeroshot),
     "bench": ("benchmark the ops and models against their peers (same run, same machine)", _add_bench, _run_bench),
