@@ -64,3 +64,19 @@ def test_commands_draw_a_bar_on_a_terminal_unless_quiet(setup, command, tmp_path
         assert all(json.loads(line)["labels"] for line in out.splitlines())
     else:
         assert json.loads(out[:out.index("}\n{") + 1]) if "}\n{" in out else json.loads(out)
+
+
+def run(device, dtype, quick):  # a bench suite with nothing to measure (test_bench_shows_its_suites)
+    return []
+
+
+def test_bench_shows_its_suites(monkeypatch, capsys):
+    from vlmfast.bench import runner
+
+    monkeypatch.setattr(_progress, "DELAY", 0.0)
+    monkeypatch.setattr(runner, "SUITES", {"rotary": __name__})
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert runner.main(["rotary", "--quick", "--device", "cpu", "--no-peaks"]) == 0
+    assert "bench [" in terminal.getvalue() and "1/1 suites" in terminal.getvalue()
+    assert "bench [" not in capsys.readouterr().out
