@@ -13,6 +13,7 @@ import torch
 
 from vlmfast.bench import machine, report
 from vlmfast.bench.timing import Result
+from vlmfast.eval._progress import Progress
 
 # Suite name -> module in vlmfast.bench with run(device, dtype, quick) -> list[Result].
 OP_SUITES = ["rotary", "attention", "losses", "patch_embed", "linear_cross_entropy", "linear"]
@@ -40,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"--report: a JSON-lines file or a folder of *.jsonl (default: ./{report.RESULTS_DIR}, "
                              "else the benchmarks/results of the checkout vlmfast is installed from)")
     parser.add_argument("--plot", type=Path, default=None, help="--report: also draw the speedups here (matplotlib)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (it is drawn on a terminal only)")
 
 
 def _resolve(names: list[str]) -> list[str]:
@@ -106,13 +108,17 @@ def run(args: argparse.Namespace) -> int:
     info = machine.describe(device)
     peaks = None if args.no_peaks or args.quick else machine.measured_peaks(device, dtype)
     results, failed, started = [], [], time.perf_counter()
-    for suite in _resolve(args.suites):
-        # One failing suite (a backend missing on this machine, say) must not lose the others.
-        try:
-            results += importlib.import_module(SUITES[suite]).run(device, dtype, quick=args.quick)
-        except Exception:  # noqa: BLE001 - reported, and the exit status says so
-            traceback.print_exc()
-            failed.append(suite)
+    suites = _resolve(args.suites)
+    with Progress(len(suites), "bench", unit="suites", enabled=not args.quiet) as bar:
+        for suite in suites:
+            bar.update(0, status=suite)
+            # One failing suite (a backend missing on this machine, say) must not lose the others.
+            try:
+                results += importlib.import_module(SUITES[suite]).run(device, dtype, quick=args.quick)
+            except Exception:  # noqa: BLE001 - reported, and the exit status says so
+                bar.write(traceback.format_exc().rstrip())
+                failed.append(suite)
+            bar.update(1)
     where = info.get("gpu") or f"{info['cpu']} ({info['threads']} threads)"
     print(f"vlmfast {info['vlmfast']} on {where}, torch {info['torch']}, {str(dtype).removeprefix('torch.')}, {info['date']}")
     if peaks:
