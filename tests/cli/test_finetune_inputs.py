@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 pytest.importorskip("transformers")
 
 from tests.models.smolvlm_checkpoint import write_checkpoint  # noqa: E402
+from vlmfast import _atomic  # noqa: E402
 from vlmfast.cli import main  # noqa: E402
 from vlmfast.data import write_instruction_examples  # noqa: E402
 from vlmfast.train.finetune import finetune  # noqa: E402
@@ -87,8 +89,10 @@ def test_ctrl_c_saves_the_finished_steps_and_the_rerun_resumes_bit_for_bit(check
     finetune(checkpoint, data, tmp_path / "straight", log=None, **OPTIONS)
     with pytest.raises(KeyboardInterrupt):
         finetune(checkpoint, data, tmp_path / "resumed", log=_Interrupt(at=2), **OPTIONS)
-    state = torch.load(tmp_path / "resumed" / "checkpoint" / "trainer_state.pt", weights_only=True)
+    state_file = tmp_path / "resumed" / "checkpoint" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
     assert state["step"] == 2 and not (tmp_path / "resumed" / "model.safetensors").exists()
+    assert stat.S_IMODE(state_file.stat().st_mode) == _atomic.file_mode()  # the umask's, as every other file
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
     report = finetune(checkpoint, data, tmp_path / "resumed", log=None, **OPTIONS)
     assert report["resumed_from"] == 2

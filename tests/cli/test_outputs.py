@@ -38,7 +38,7 @@ def test_every_written_file_has_the_umask_mode(tmp_path, umask, capsys):
     finally:
         os.umask(previous)
     expected = 0o666 & ~umask
-    files = [p for folder in ("demo", "emb") for p in (tmp_path / folder).iterdir() if p.is_file()]
+    files = [p for folder in ("demo", "emb") for p in (tmp_path / folder).rglob("*") if p.is_file()]
     assert {"config.json", "model.safetensors", "tokenizer.json", "report.json", "manifest.json"} <= {p.name for p in files}
     modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
     assert set(modes.values()) == {oct(expected)}, modes
