@@ -206,6 +206,9 @@ VLMFAST_TARGET_AVX512 void pack_a_bf16_pairs_12(const Problem& p, int64_t m0, in
   if (p.a.col_stride == 1)
     return gp::pack_a_bf16_rows12(static_cast<const uint16_t*>(p.a.data), p.a.row_stride, m0, rows, k0,
                                   kb, kbp, dst);
+  if (p.a.row_stride == 1)
+    return gp::pack_a_bf16_cols12(static_cast<const uint16_t*>(p.a.data), p.a.col_stride, m0, rows, k0,
+                                  kb, kbp, dst);
   gp::pack_a<gp::PairLayout<12>, BFloat16, BFloat16>(static_cast<const BFloat16*>(p.a.data),
                                                      p.a.row_stride, p.a.col_stride, m0, rows, k0, kb,
                                                      kbp, dst);
@@ -337,33 +340,70 @@ VLMFAST_TASK(gk::Amx, gp::AmxLayout, VLMFAST_TARGET_AMX, task_amx)
 #endif
 #undef VLMFAST_TASK
 
+// How the output is cut into tasks: m_blocks blocks of mc rows (a multiple of MR, at most the
+// cache-derived mc_max) x n_chunks chunks of per_chunk column panels, chosen by a small search.
+// A task's cost: its rows x (its panels + ~half a panel for packing its block of A) + ~one unit
+// of fixed cost; the makespan under the dynamic schedule: ceil(tasks / threads) rounds of the
+// largest task. Among the partitions within 3% of the least makespan, the one with the most tasks
+// (up to 4 per thread) wins: a thread the OS takes away for a while is then absorbed by the others.
+struct Partition {
+  int64_t m_blocks, mc, n_chunks, per_chunk;
+};
+
+Partition partition(int64_t M, int64_t n_panels, int64_t MR, int64_t mc_max, int threads) {
+  const int64_t slivers = (M + MR - 1) / MR, max_slivers = std::max<int64_t>(1, mc_max / MR);
+  const int64_t mb_min = (slivers + max_slivers - 1) / max_slivers;
+  struct Candidate {
+    Partition part;
+    double cost;
+    int64_t tasks;
+  };
+  Candidate found[1024];
+  int count = 0;
+  double least = -1.0;
+  for (int64_t mb = mb_min; mb <= std::min(slivers, mb_min * 4 + 2 * threads) && count < 1024; ++mb) {
+    const int64_t per_block = (slivers + mb - 1) / mb;  // slivers in the largest block
+    if ((mb - 1) * per_block >= slivers) continue;      // an empty last block: same as fewer
+    for (int64_t nc = 1; nc <= std::min<int64_t>(n_panels, 8 * threads) && count < 1024; ++nc) {
+      const int64_t per_chunk = (n_panels + nc - 1) / nc;
+      if ((nc - 1) * per_chunk >= n_panels) continue;
+      const int64_t tasks = mb * nc, rounds = (tasks + threads - 1) / threads;
+      const double cost = static_cast<double>(rounds) * (per_block * (per_chunk + 0.5) + 1.0);
+      found[count++] = {{mb, per_block * MR, nc, per_chunk}, cost, tasks};
+      if (least < 0 || cost < least) least = cost;
+    }
+  }
+  const Candidate* best = nullptr;
+  for (int i = 0; i < count; ++i) {
+    const Candidate& c = found[i];
+    if (c.cost > least * (threads > 1 ? 1.03 : 1.0)) continue;
+    const int64_t useful = std::min<int64_t>(c.tasks, 4 * threads);
+    if (!best || useful > std::min<int64_t>(best->tasks, 4 * threads) ||
+        (useful == std::min<int64_t>(best->tasks, 4 * threads) && c.cost < best->cost))
+      best = &c;
+  }
+  return best ? best->part : Partition{1, slivers * MR, 1, n_panels};
+}
+
 template <typename Layout>
 void run_tasks(const Problem& p, TaskFn<Layout> task, int threads) {
   const Blocking blk = blocking_for<Layout>();
   const PackAFn<Layout> pack = pack_a_for<Layout>(p.a.dtype, p.compute);
   const FinishFn finish = finish_for(p.out_dtype);
-  // Tasks: MC-row blocks x chunks of column panels. Enough of them (>= 4 per thread) for the
-  // dynamic schedule to even out the threads (and absorb a thread the OS takes away for a while),
-  // each chunk wide enough (>= 8 panels where N allows) that packing A per task costs little.
-  const int64_t mc = std::min<int64_t>(blk.mc, (p.M + Layout::MR - 1) / Layout::MR * Layout::MR);
-  const int64_t m_blocks = (p.M + mc - 1) / mc, n_panels = (p.N + NR - 1) / NR;
-  const int64_t max_chunks = std::max<int64_t>(1, n_panels / 8);
-  const int64_t n_chunks = std::clamp<int64_t>((4 * threads + m_blocks - 1) / m_blocks, 1, max_chunks);
-  const int64_t per_chunk = (n_panels + n_chunks - 1) / n_chunks;
-  if (m_blocks * n_chunks == 1 || threads == 1) {
-    for (int64_t mb = 0; mb < m_blocks; ++mb)
-      for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
-        const int64_t np0 = chunk * per_chunk, np1 = std::min(n_panels, np0 + per_chunk);
-        if (np0 < np1) task(p, blk, pack, finish, mb * mc, std::min(mc, p.M - mb * mc), np0, np1);
-      }
+  const Partition part = partition(p.M, (p.N + NR - 1) / NR, Layout::MR, blk.mc, threads);
+  const int64_t n_panels = (p.N + NR - 1) / NR, tasks = part.m_blocks * part.n_chunks;
+  auto run_one = [&](int64_t t) {
+    const int64_t mb = t / part.n_chunks, chunk = t % part.n_chunks;
+    const int64_t m0 = mb * part.mc, np0 = chunk * part.per_chunk;
+    const int64_t np1 = std::min(n_panels, np0 + part.per_chunk);
+    if (m0 < p.M && np0 < np1) task(p, blk, pack, finish, m0, std::min(part.mc, p.M - m0), np0, np1);
+  };
+  if (tasks == 1 || threads == 1) {
+    for (int64_t t = 0; t < tasks; ++t) run_one(t);
     return;
   }
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) collapse(2)
-  for (int64_t mb = 0; mb < m_blocks; ++mb)
-    for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
-      const int64_t np0 = chunk * per_chunk, np1 = std::min(n_panels, np0 + per_chunk);
-      if (np0 < np1) task(p, blk, pack, finish, mb * mc, std::min(mc, p.M - mb * mc), np0, np1);
-    }
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t t = 0; t < tasks; ++t) run_one(t);
 }
 
 // ---------------------------------------------------------------------------- B packing
@@ -379,9 +419,57 @@ VLMFAST_MULTIVERSION void pack_b_range(const Matrix& b, int64_t N, int64_t K, in
 
 using PackBFn = void (*)(const Matrix&, int64_t, int64_t, int64_t, int64_t, int64_t, void*);
 
+#if VLMFAST_GEMM_X86
+// Vectorised B packers on CPUs with AVX-512 (the level in use decides: a forced lower level packs
+// with the generic loops, as that CPU would): row-major sources (the forward's W) and, for the
+// pair layout, step-major ones (the backward's W and x); anything else through the generic loops.
+VLMFAST_TARGET_AVX512 void pack_b_f32_fast(const Matrix& b, int64_t N, int64_t K, int64_t kp,
+                                           int64_t p0, int64_t p1, void* packed) {
+  for (int64_t p = p0; p < p1; ++p) {
+    if (b.col_stride == 1)
+      gp::pack_b_f32_rows(static_cast<const float*>(b.data), b.row_stride, N, K, p, static_cast<float*>(packed));
+    else
+      gp::pack_b_panel<false, float, float>(static_cast<const float*>(b.data), b.row_stride, b.col_stride, N, K,
+                                            kp, p, static_cast<float*>(packed));
+  }
+}
+
+template <typename Src>
+VLMFAST_TARGET_AVX512BF16 void pack_b_pairs_fast(const Matrix& b, int64_t N, int64_t K, int64_t kp,
+                                                 int64_t p0, int64_t p1, void* packed) {
+  const Src* src = static_cast<const Src*>(b.data);
+  uint16_t* dst = static_cast<uint16_t*>(packed);
+  for (int64_t p = p0; p < p1; ++p) {
+    if constexpr (std::is_same_v<Src, uint16_t>) {
+      if (b.col_stride == 1) {
+        gp::pack_b_bf16_pairs_rows(src, b.row_stride, N, K, kp, p, dst);
+        continue;
+      }
+    }
+    if (b.row_stride == 1) {
+      gp::pack_b_pairs_from_steps(src, b.col_stride, N, K, kp, p, dst);
+    } else {
+      using Elem = std::conditional_t<std::is_same_v<Src, uint16_t>, BFloat16, float>;
+      gp::pack_b_panel<true, Elem, BFloat16>(reinterpret_cast<const Elem*>(src), b.row_stride, b.col_stride, N,
+                                             K, kp, p, dst);
+    }
+  }
+}
+#endif
+
 template <bool PAIRS>
 PackBFn pack_b_for(int src, int compute) {
   const DType s = dtype_from_tag(src), c = dtype_from_tag(compute);
+#if VLMFAST_GEMM_X86
+  if constexpr (PAIRS) {
+    if (gemm_isa() >= GemmIsa::Avx512Bf16) {
+      if (c == DType::BFloat16 && s == DType::BFloat16) return pack_b_pairs_fast<uint16_t>;
+      if (c == DType::BFloat16 && s == DType::Float32) return pack_b_pairs_fast<float>;
+    }
+  } else {
+    if (gemm_isa() >= GemmIsa::Avx512 && c == DType::Float32 && s == DType::Float32) return pack_b_f32_fast;
+  }
+#endif
   if (c == DType::BFloat16) {
     if (s == DType::Float32) return pack_b_range<PAIRS, float, BFloat16>;
     if (s == DType::BFloat16) return pack_b_range<PAIRS, BFloat16, BFloat16>;

@@ -236,6 +236,103 @@ VLMFAST_TARGET_AVX512BF16 inline void pack_a_f32_to_bf16_rows12(const float* a, 
     sliver12(load, r, kbp / 2, reinterpret_cast<uint32_t*>(dst + s * 12 * kbp));
   }
 }
+// bf16 A given column-major (the weight gradient's A = dz^T: A(m, k) = dz[k][m], rows of dz
+// contiguous in m) into PairLayout<12>: per pair of steps, 12 values of each of two rows of dz,
+// widened to 32 bits and merged into 12 (A(m, k), A(m, k + 1)) pairs.
+VLMFAST_TARGET_AVX512 inline void pack_a_bf16_cols12(const uint16_t* a, int64_t cs, int64_t m0,
+                                                     int64_t rows, int64_t k0, int64_t kb,
+                                                     int64_t kbp, uint16_t* dst) {
+  const int64_t slivers = (rows + 11) / 12;
+  for (int64_t s = 0; s < slivers; ++s) {
+    const int64_t r = std::min<int64_t>(12, rows - s * 12);
+    const __mmask16 valid = static_cast<__mmask16>((1u << r) - 1);
+    const uint16_t* src = a + (m0 + s * 12) + k0 * cs;
+    uint16_t* d = dst + s * 12 * kbp;
+    for (int64_t k = 0; k < kbp; k += 2) {
+      const __m512i even = k < kb ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, src + k * cs))
+                                  : _mm512_setzero_si512();
+      const __m512i odd = k + 1 < kb ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, src + (k + 1) * cs))
+                                     : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(d + k * 12, 0x0fff, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+    }
+  }
+}
+
+// 16 bf16 values at p (the first `count` of them, the rest 0) widened to 32-bit lanes; a float32
+// source is rounded to bf16 first (vcvtneps2bf16).
+VLMFAST_TARGET_AVX512BF16 __attribute__((always_inline)) inline __m512i widen16(const uint16_t* p,
+                                                                               int64_t count) {
+  const __mmask16 m = count >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1);
+  return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+}
+VLMFAST_TARGET_AVX512BF16 __attribute__((always_inline)) inline __m512i widen16(const float* p,
+                                                                               int64_t count) {
+  const __mmask16 m = count >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1);
+  return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, p)));
+}
+
+// A B panel in pairs from a step-major source (dx = dz W reads W as B(n, k) = W[k][n]; the
+// weight gradient reads x as B(n, k) = x[k][n]): per pair of steps, two source rows of 32
+// contiguous columns merged into 32 pairs. dst as pack_b_panel's pair layout.
+template <typename Src>
+VLMFAST_TARGET_AVX512BF16 inline void pack_b_pairs_from_steps(const Src* b, int64_t cs, int64_t N,
+                                                              int64_t K, int64_t kp, int64_t p,
+                                                              uint16_t* packed) {
+  uint16_t* dst = packed + p * NR * kp;
+  const int64_t n0 = p * NR, cols = std::min<int64_t>(NR, N - n0);
+  for (int64_t k = 0; k < kp; k += 2) {
+    for (int h = 0; h < 2; ++h) {
+      const int64_t count = std::clamp<int64_t>(cols - 16 * h, 0, 16);
+      const __m512i even = k < K && count ? widen16(b + k * cs + n0 + 16 * h, count) : _mm512_setzero_si512();
+      const __m512i odd = k + 1 < K && count ? widen16(b + (k + 1) * cs + n0 + 16 * h, count)
+                                             : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + k * NR + 32 * h, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+    }
+  }
+}
+
+// A B panel from a row-major source (the forward's W: column n of B is row n of W), 16 columns x
+// 16 32-bit units (float32 steps, or bf16 pairs of steps) at a time through transpose16.
+// units: the panel's units (K, or kp / 2 for pairs); load(row, u) the 16 units from u of a row
+// (zero past the row's end).
+template <typename Load>
+VLMFAST_TARGET_AVX512 __attribute__((always_inline)) inline void panel_rows32(Load load, int64_t cols,
+                                                                             int64_t units,
+                                                                             uint32_t* dst) {
+  for (int nb = 0; nb < 32; nb += 16) {
+    for (int64_t u = 0; u < units; u += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = nb + i < cols ? load(nb + i, u) : _mm512_setzero_ps();
+      transpose16(r);
+      const int64_t n = std::min<int64_t>(16, units - u);
+      for (int64_t j = 0; j < n; ++j) _mm512_storeu_ps(dst + (u + j) * 32 + nb, r[j]);
+    }
+  }
+}
+
+VLMFAST_TARGET_AVX512 inline void pack_b_f32_rows(const float* b, int64_t rs, int64_t N, int64_t K,
+                                                  int64_t p, float* packed) {
+  const float* src = b + p * NR * rs;
+  auto load = [&](int n, int64_t u) VLMFAST_TARGET_AVX512 {
+    const int64_t c = std::min<int64_t>(16, K - u);
+    return c == 16 ? _mm512_loadu_ps(src + n * rs + u)
+                   : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << c) - 1), src + n * rs + u);
+  };
+  panel_rows32(load, std::min<int64_t>(NR, N - p * NR), K, reinterpret_cast<uint32_t*>(packed + p * NR * K));
+}
+
+VLMFAST_TARGET_AVX512 inline void pack_b_bf16_pairs_rows(const uint16_t* b, int64_t rs, int64_t N,
+                                                         int64_t K, int64_t kp, int64_t p,
+                                                         uint16_t* packed) {
+  const uint16_t* src = b + p * NR * rs;
+  auto load = [&](int n, int64_t u) VLMFAST_TARGET_AVX512 {
+    const int64_t c = std::clamp<int64_t>(K - 2 * u, 0, 32);  // bf16 values left in the row
+    const __m512i v = c == 32 ? _mm512_loadu_si512(src + n * rs + 2 * u)
+                              : _mm512_maskz_loadu_epi16(static_cast<__mmask32>((1ull << c) - 1), src + n * rs + 2 * u);
+    return _mm512_castsi512_ps(v);
+  };
+  panel_rows32(load, std::min<int64_t>(NR, N - p * NR), kp / 2, reinterpret_cast<uint32_t*>(packed + p * NR * kp));
+}
 #endif
 
 // ---------------------------------------------------------------------------- B panels
