@@ -194,7 +194,9 @@ def plan(scan: Scan, inputs: list[dict], fingerprint: dict, fmt: str) -> Plan:
         for item in record["failed"]:
             failed_before[item["path"]] = item
     if removed:
-        conflicts.append(f"{len(removed)} embedded image(s) are no longer among --images, e.g. {removed[0]}")
+        conflicts.append(f"{len(removed)} embedded image(s) are no longer among --images, e.g. {removed[0]} "
+                         "(paths are recorded as --images gives them: a rerun from another folder, or with the same "
+                         "folder spelt differently, names other paths)")
     if changed:
         conflicts.append(f"{len(changed)} embedded image(s) changed on disk since, e.g. {changed[0]}")
     todo, failed = [], []
