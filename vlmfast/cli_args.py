@@ -226,7 +226,10 @@ def _names_from_file(path: Path, flag_value: str) -> list[str]:
         raise Invalid(f"{flag_value}: not a UTF-8 text file (one name per line, or a JSON list)") from None
     if path.suffix.lower() == ".json" or text.lstrip().startswith("["):
         return _json_names(text, f"{flag_value}")
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if path.suffix.lower() == ".csv":  # comma-separated values, on one line or several
+        return [cell.strip() for line in lines for cell in line.split(",") if cell.strip()]
+    return lines
 
 
 def _json_names(text: str, where: str) -> list[str]:

@@ -99,12 +99,14 @@ def test_bad_values_are_named_by_their_flag(setup, argv, message, capsys):
     assert "Traceback" not in err
 
 
-def test_checkers_accept_what_they_should():
+def test_checkers_accept_what_they_should(tmp_path):
     assert cli_args.positive_int("3") == 3 and cli_args.non_negative_int("0") == 0
     assert cli_args.int_in(0, 64)("64") == 64 and cli_args.fraction("0.5") == 0.5
     assert cli_args.device("cpu") == "cpu"
     assert cli_args.labels("red circle, blue square") == ["red circle", "blue square"]
     assert cli_args.labels('["a", "b, c"]') == ["a", "b, c"]
+    (tmp_path / "labels.csv").write_text("cat, dog\nbird\n")
+    assert cli_args.labels(str(tmp_path / "labels.csv")) == ["cat", "dog", "bird"]
     assert cli_args.templates("a {}|a photo of a {label}.") == ["a {}", "a photo of a {}."]
     assert cli_args.template("{{literal}} {}") == "{{literal}} {}"
     assert cli_args.fills(image_id=1)("COCO_{image_id:012d}.jpg") == "COCO_{image_id:012d}.jpg"
