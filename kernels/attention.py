@@ -30,6 +30,7 @@ import triton.language as tl
 from vlmfast.kernels._common import INTERPRETING, to_dtype_of
 from vlmfast.runtime import alloc as _alloc
 from vlmfast.runtime.kernel_calls import record
+from vlmfast.runtime.kernel_calls import record
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -680,6 +681,7 @@ def forward(q, k, v, *, scale: float, is_causal: bool, bias=None, rotary=None):
     """q (B, H, L, E), k/v (B, Hkv, S, E) -> out (B, H, L, E) contiguous, lse (B, H, L) float32.
     `rotary` = (cos, sin) of shape (L, R/2), applied to q and k (requires L == S)."""
     record("attention", "triton")
+    record("attention", "triton")
     if use_decode(q, k, rotary=rotary):
         return forward_decode(q, k, v, scale=scale, is_causal=is_causal, bias=bias)
     batch, heads, length, head_dim = q.shape
@@ -787,6 +789,7 @@ def _strides_packed(t):
 def backward(grad_out, q, k, v, out, lse, *, scale: float, is_causal: bool, bias=None, rotary=None):
     """(dq, dk, dv) like (q, k, v) for the forward above; dk, dv summed over each GQA group."""
     record("attention_bwd", "triton")
+    record("attention_bwd", "triton")
     batch, heads, length, head_dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
     dq = _alloc.empty_like(q)
@@ -802,6 +805,7 @@ def backward(grad_out, q, k, v, out, lse, *, scale: float, is_causal: bool, bias
 
 def forward_varlen(q, k, v, cu_seqlens, max_seqlen: int, *, scale: float, is_causal: bool, rotary=None):
     """q (T, H, E), k/v (T, Hkv, E), cu_seqlens int32 (n + 1,) -> out (T, H, E), lse (H, T)."""
+    record("attention_varlen", "triton")
     record("attention_varlen", "triton")
     total, heads, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -829,6 +833,7 @@ def forward_varlen(q, k, v, cu_seqlens, max_seqlen: int, *, scale: float, is_cau
 def backward_varlen(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, *, scale: float,
                     is_causal: bool, rotary=None):
     """(dq, dk, dv) of forward_varlen, packed like q, k, v."""
+    record("attention_varlen_bwd", "triton")
     record("attention_varlen_bwd", "triton")
     total, heads, head_dim = q.shape
     kv_heads = k.shape[1]

@@ -23,6 +23,7 @@ import triton.language as tl
 from vlmfast.kernels._common import INTERPRETING, _round_to_bfloat16, to_dtype_of
 from vlmfast.runtime import alloc as _alloc
 from vlmfast.runtime.kernel_calls import record
+from vlmfast.runtime.kernel_calls import record
 
 
 @triton.jit
@@ -233,6 +234,7 @@ def _scale32(t: torch.Tensor) -> torch.Tensor:
 def infonce_forward(a, b, scale):
     """(loss, row_lse, col_lse): float32 (), (B,), (B,). The column pass is the row pass of b a^T."""
     record("infonce", "triton")
+    record("infonce", "triton")
     a, b = _prepare(a), _prepare(b)
     s = _scale32(scale)
     row_lse, row_term = _row_lse(a, b, s)
@@ -243,6 +245,7 @@ def infonce_forward(a, b, scale):
 
 def siglip_forward(a, b, scale, bias):
     """The loss, float32 ()."""
+    record("siglip", "triton")
     record("siglip", "triton")
     a, b = _prepare(a), _prepare(b)
     B, D = a.shape
@@ -271,6 +274,7 @@ def _row_grad(x, y, scale, bias, grad, lse_x, lse_y, siglip: bool):
 def infonce_backward(grad, a, b, scale, row_lse, col_lse):
     """(grad_a, grad_b, grad_scale): (B, D) in a's dtype twice, float32 ()."""
     record("infonce_bwd", "triton")
+    record("infonce_bwd", "triton")
     a, b = _prepare(a), _prepare(b)
     s, g = _scale32(scale), _scale32(grad)
     row_lse, col_lse = row_lse.contiguous(), col_lse.contiguous()
@@ -281,6 +285,7 @@ def infonce_backward(grad, a, b, scale, row_lse, col_lse):
 
 def siglip_backward(grad, a, b, scale, bias):
     """(grad_a, grad_b, grad_scale, grad_bias): (B, D) in a's dtype twice, float32 () twice."""
+    record("siglip_bwd", "triton")
     record("siglip_bwd", "triton")
     a, b = _prepare(a), _prepare(b)
     s, t, g = _scale32(scale), _scale32(bias), _scale32(grad)

@@ -24,6 +24,7 @@ from vlmfast.kernels import _common, lce_chunks
 from vlmfast.kernels._common import INTERPRETING, mma, to_dtype_of
 from vlmfast.runtime import alloc as _alloc
 from vlmfast.runtime.kernel_calls import record
+from vlmfast.runtime.kernel_calls import record
 
 
 @triton.jit
@@ -267,6 +268,7 @@ def backward(hidden, weight, bias, labels, lse, row_scale, ignore_index: int, la
     """(grad_hidden, grad_weight or None when `update` takes it in slices, grad_bias float32 or
     None) of sum_i row_scale_i loss_i, from the forward's lse (float32 (N,))."""
     record("linear_cross_entropy_bwd", "triton")
+    record("linear_cross_entropy_bwd", "triton")
     hidden, weight, bias32, labels = _prepare(hidden, weight, bias, labels)
     n, vocab = hidden.shape[0], weight.shape[0]
     valid = _valid(labels, ignore_index, vocab)
@@ -281,6 +283,7 @@ def forward(hidden, weight, bias, labels, ignore_index: int, label_smoothing: fl
     """(loss_rows, lse, grad_hidden, grad_weight, grad_bias), as vlmfast.native's launcher;
     lse_splits: how many programs share a row block's vocabulary sweep (None: enough to fill the
     GPU; tests set it)."""
+    record("linear_cross_entropy", "triton")
     record("linear_cross_entropy", "triton")
     hidden, weight, bias32, labels = _prepare(hidden, weight, bias, labels)
     vocab = weight.shape[0]

@@ -16,6 +16,7 @@ import triton.language as tl
 from vlmfast.kernels._common import INTERPRETING, to_dtype_of
 from vlmfast.runtime import alloc as _alloc
 from vlmfast.runtime.kernel_calls import record
+from vlmfast.runtime.kernel_calls import record
 from vlmfast.runtime.layout import channels_first
 
 
@@ -104,6 +105,7 @@ def _gemm_blocks(device: torch.device) -> dict:
 def forward(images, weight, bias, scale, shift) -> torch.Tensor:
     """(B, N, D) in weight's dtype."""
     record("patch_embed", "triton")
+    record("patch_embed", "triton")
     patch, d = weight.shape[-1], weight.shape[0]
     (b, c, gh, gw), strides = _geometry(images, patch)
     n, k = gh * gw, c * patch * patch
@@ -124,6 +126,7 @@ def forward(images, weight, bias, scale, shift) -> torch.Tensor:
 
 def gather(images, patch: int, scale, shift, dtype: torch.dtype) -> torch.Tensor:
     """(B * N, C * p * p) normalised patches in `dtype`."""
+    record("patch_gather", "triton")
     record("patch_gather", "triton")
     (b, c, gh, gw), strides = _geometry(images, patch)
     rows, k = b * gh * gw, c * patch * patch

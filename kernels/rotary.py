@@ -13,6 +13,7 @@ import triton.language as tl
 from vlmfast.kernels._common import INTERPRETING, to_dtype_of
 from vlmfast.runtime import alloc as _alloc
 from vlmfast.runtime.kernel_calls import record
+from vlmfast.runtime.kernel_calls import record
 from vlmfast.runtime.layout import rows_view
 
 
@@ -119,6 +120,7 @@ def _rows_per_program(block_half: int) -> int:
 
 def forward(x, cos, sin, interleaved: bool, conjugate: bool, seq_dim: int) -> torch.Tensor:
     record("rotary", "triton")
+    record("rotary", "triton")
     out = _alloc.empty_like(x)
     x4, out4 = rows_view(x, seq_dim), rows_view(out, seq_dim)
     a, length, m, e = x4.shape
@@ -140,6 +142,7 @@ def forward(x, cos, sin, interleaved: bool, conjugate: bool, seq_dim: int) -> to
 
 def table_backward(grad, x, half: int, interleaved: bool, seq_dim: int):
     record("rotary_bwd", "triton")
+    record("rotary_bwd", "triton")
     x4, grad4 = rows_view(x, seq_dim), rows_view(grad, seq_dim)
     a, length, m, _ = x4.shape
     grad_cos = _alloc.empty(length, half, dtype=torch.float32, device=x.device)
@@ -155,6 +158,7 @@ def table_backward(grad, x, half: int, interleaved: bool, seq_dim: int):
 
 
 def rope_2d(positions, inv_freq):
+    record("rope_2d", "triton")
     record("rope_2d", "triton")
     positions = positions.to(torch.int64).contiguous()
     n, quarter = positions.shape[0], inv_freq.shape[0]

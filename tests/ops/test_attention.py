@@ -3,9 +3,7 @@ and torch's SDPA, values and gradients; fully-masked rows, rotary, GQA, decode, 
 (opcheck, torch.compile) and bad input."""
 
 import importlib.util
-import os
-import subprocess
-import sys
+import zlib
 
 import pytest
 import torch
@@ -95,7 +93,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-causal{int(c[6])}-{c[7]}")
 def test_sdpa_matches_reference(backend, dtype, case):
     batch, heads, kv_heads, length, keys, head_dim, is_causal, mask_kind, scale = case
-    g = torch.Generator().manual_seed(hash(case) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))  # hash() of str varies by run
     q = _randn(batch, heads, length, head_dim, dtype=dtype, device=backend.device, generator=g)
     k = _randn(batch, kv_heads, keys, head_dim, dtype=dtype, device=backend.device, generator=g)
     v = _randn(batch, kv_heads, keys, head_dim, dtype=dtype, device=backend.device, generator=g)
@@ -337,6 +335,32 @@ def test_five_dim_inputs(backend):
     assert_close(out, reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), mask))
 
 
+@pytest.mark.parametrize("q_shape, k_shape, v_shape, enable_gqa", [
+    ((4, 9, 32), (3, 4, 11, 32), (3, 4, 11, 32), False),     # query (H, L, E), key (B, H, S, E)
+    ((2, 1, 9, 32), (2, 3, 11, 32), (1, 3, 11, 32), False),  # one query head against three
+    ((1, 4, 9, 32), (3, 2, 11, 32), (3, 2, 11, 32), True),   # batch broadcast under GQA
+])
+def test_batch_dims_broadcast_as_torch_does(backend, q_shape, k_shape, v_shape, enable_gqa):
+    """torch's SDPA broadcasts the dims before (L, E) (the heads too, or before them under
+    GQA); so does the drop-in, values and gradients (summed over the broadcast dims)."""
+    g = torch.Generator().manual_seed(sum(q_shape) + sum(k_shape))
+    inputs = [_randn(*shape, device=backend.device, generator=g) for shape in (q_shape, k_shape, v_shape)]
+    mask = torch.rand(9, 11, generator=g).to(backend.device) > 0.3
+    mask[:, 0] = True
+    ours = [t.clone().requires_grad_() for t in inputs]
+    exact = [t.double().requires_grad_() for t in inputs]
+    out = ops.scaled_dot_product_attention(*ours, mask, is_causal=True, enable_gqa=enable_gqa)
+    expected = F.scaled_dot_product_attention(*exact, mask & torch.ones(9, 11, dtype=torch.bool, device=mask.device).tril(),
+                                              enable_gqa=enable_gqa)
+    assert_close(out, expected.detach())
+    grad = torch.randn(out.shape, generator=g).to(backend.device)
+    out.backward(grad)
+    expected.backward(grad.double())
+    for name, a, e in zip(("dq", "dk", "dv"), ours, exact):
+        assert a.grad.shape == a.shape
+        assert_close(a.grad, e.grad, name=name)
+
+
 def test_dropout_and_other_value_dims_go_to_torch():
     q, k, v = torch.randn(1, 2, 9, 32), torch.randn(1, 2, 9, 32), torch.randn(1, 2, 9, 32)
     torch.manual_seed(0)
@@ -423,14 +447,19 @@ def _qkv(q_shape=(2, 4, 8, 32), k_shape=(2, 4, 8, 32), v_shape=None, dtype=torch
     [
         (lambda: (torch.randn(8, 32), torch.randn(8, 32), torch.randn(8, 32)), {}, ValueError,
          r"query: expected \(B, H, L, E\), got \(8, 32\)"),
-        (lambda: (torch.randn(2, 4, 8, 32), torch.randn(4, 8, 32), torch.randn(4, 8, 32)), {}, ValueError,
-         r"key: expected the rank of query \(4: \(B, Hkv, S, E\)\), got \(4, 8, 32\)"),
+        (lambda: (torch.randn(2, 4, 8, 32), torch.randn(3, 8, 32), torch.randn(3, 8, 32)), {}, ValueError,
+         r"key: expected H = 4 heads like query \(pass enable_gqa=True"),
+        (lambda: _qkv(v_shape=(3, 4, 8, 32)), {}, ValueError,
+         r"value: expected batch dims broadcastable with query's \(2, 4\) before \(S, E\), got \(3, 4, 8, 32\)"),
+        (lambda: _qkv(k_shape=(2, 2, 8, 32), v_shape=(2, 1, 8, 32)), {"enable_gqa": True}, ValueError,
+         r"value: expected Hkv = 2 heads like key"),
         (lambda: _qkv(k_shape=(2, 4, 8, 40)), {}, ValueError, r"key: expected \(B, Hkv, S, E\) with E = 32 like query"),
         (lambda: _qkv(k_shape=(2, 4, 8, 32), v_shape=(2, 4, 9, 32)), {}, ValueError,
          r"value: expected \(B, Hkv, S, Ev\) with the \(B, Hkv, S\) of key \(2, 4, 8\)"),
         (lambda: _qkv(k_shape=(2, 3, 8, 32)), {"enable_gqa": True}, ValueError, r"Hkv dividing H = 4"),
         (lambda: _qkv(k_shape=(2, 2, 8, 32)), {}, ValueError, r"key: expected H = 4 heads like query \(pass enable_gqa=True"),
-        (lambda: _qkv(k_shape=(3, 4, 8, 32)), {}, ValueError, r"key: expected the batch dims of query \(2,\)"),
+        (lambda: _qkv(k_shape=(3, 4, 8, 32)), {}, ValueError,
+         r"key: expected batch dims broadcastable with query's \(2, 4\) before \(S, E\), got \(3, 4, 8, 32\)"),
         (lambda: (*_qkv(), torch.ones(3, 1, 8, 8, dtype=torch.bool)), {}, ValueError,
          r"attn_mask: expected a shape broadcastable to \(\.\.\., L, S\) = \(2, 4, 8, 8\), got \(3, 1, 8, 8\)"),
         (lambda: (*_qkv(), torch.ones(8, 8, dtype=torch.int64)), {}, TypeError, r"attn_mask: expected a bool or floating tensor"),
@@ -479,63 +508,3 @@ def _varlen_args(cu=(0, 3, 8), dtype=torch.int32, total=8, k_heads=2, k_dim=32):
 def test_varlen_rejects(args, max_seqlen, kwargs, error, message):
     with pytest.raises(error, match=message):
         ops.attention_varlen(*args, max_seqlen, **kwargs)
-
-
-# --------------------------------------------------------------------------- Hopper code generation
-
-_SM90_SCRIPT = r"""
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from vlmfast.kernels import attention as ka
-
-INTS = {"H", "GROUP", "L", "S", "E", "HALF", "CHUNK", "NSPLIT"}
-FLOAT32_POINTERS = {"Bias", "Cos", "Sin", "Lse", "Delta", "OutPart", "LsePart"}
-
-
-def signature(fn):
-    sig = {}
-    for p in fn.params:
-        if p.is_constexpr:
-            sig[p.name] = "constexpr"
-        elif p.name == "scale":
-            sig[p.name] = "fp32"
-        elif p.name[0].isupper() and p.name not in INTS:
-            sig[p.name] = "*fp32" if p.name in FLOAT32_POINTERS else "*i32" if p.name == "CuSeqlens" else "*bf16"
-        else:
-            sig[p.name] = "i32"
-    return sig
-
-
-def compile_for_sm90(fn, config, **constexprs):
-    meta = {k: v for k, v in config.items() if k.startswith("BLOCK")}
-    options = {k: v for k, v in config.items() if k.startswith("num_")}
-    kernel = triton.compile(ASTSource(fn, signature(fn), dict(constexprs, **meta)),
-                            target=GPUTarget("cuda", 90, 32), options=options)
-    assert kernel.metadata.shared <= 232448, (fn.__name__, config, kernel.metadata.shared)
-
-
-for head_dim, length, rotary, bias, causal, varlen in [
-    (64, 50, False, False, False, False), (64, 197, False, True, False, False), (72, 729, True, False, True, False),
-    (80, 577, False, True, True, False), (64, 300, True, False, True, True), (256, 64, False, True, True, False),
-]:
-    common = dict(IS_CAUSAL=causal, HAS_BIAS=bias, ROTARY=rotary, VARLEN=varlen, BLOCK_E=ka._block_e(head_dim),
-                  DOT_PRECISION="tf32", ROUND_BF16=False)
-    compile_for_sm90(ka._fwd_kernel, ka._forward_config(head_dim, torch.bfloat16, length, rotary, bias), **common)
-    kv_config, q_config = ka._backward_configs(head_dim, torch.bfloat16, rotary, bias)
-    compile_for_sm90(ka._dkdv_kernel, kv_config, **common)
-    compile_for_sm90(ka._dq_kernel, q_config, **common)
-compile_for_sm90(ka._decode_split_kernel, dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3), IS_CAUSAL=False,
-                 HAS_BIAS=True, BLOCK_E=128, DOT_PRECISION="tf32", ROUND_BF16=False)
-print("compiled")
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("VLMFAST_SLOW") != "1", reason="compiles every kernel for sm_90a (minutes): VLMFAST_SLOW=1")
-def test_kernels_compile_for_hopper_within_shared_memory():
-    """Without a GPU: the real (not interpreted) kernels with the launchers' tile configs compile
-    for sm_90a and fit an H100's 227 KB of shared memory."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], env=env, capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]

@@ -105,9 +105,10 @@ def test_bfloat16_tables_are_read_in_float32(backend):
     assert cos16.grad.dtype == torch.bfloat16
 
 
-def test_empty_input(backend):
-    x = torch.randn(0, 5, 32, device=backend.device)
-    cos, sin = _tables(5, 16, device=backend.device)
+def test_empty_input():
+    """Nothing to rotate: the op returns before any backend is asked (so no backend fixture)."""
+    x = torch.randn(0, 5, 32)
+    cos, sin = _tables(5, 16)
     assert ops.apply_rotary_emb(x, cos, sin).shape == x.shape
 
 

@@ -9,8 +9,9 @@ float32, natural log. A row with no key to attend gives out = 0, lse = -inf and 
 import torch
 
 from vlmfast import _extension
-from vlmfast.native._common import DTYPE_TAGS, dtype_tag
+from vlmfast.native._common import DTYPE_TAGS
 from vlmfast.runtime import alloc as _alloc
+from vlmfast.runtime.kernel_calls import record
 
 # Backward work split (csrc/cpu/attention.h: AttentionBackwardStrategy).
 STRATEGIES = {"auto": 0, "fused": 1, "two_pass": 2}
@@ -73,6 +74,7 @@ def forward(q, k, v, *, scale: float, is_causal: bool, bias=None, rotary=None):
     rotary: None, or float32 (cos, sin) tables, each (P, R/2) with P >= max(L, S) and
     R <= E, row p for position p: q and k are rotated (non-interleaved, as
     vlmfast.ops.apply_rotary_emb) inside the kernel as they are packed, with no extra pass."""
+    record("attention", "cpp")
     _check(q, k, v, bias)
     q, k, v = (_head_dim_contiguous(t) for t in (q, k, v))
     out = _alloc.empty_like(q)
@@ -100,6 +102,7 @@ def forward_inference(q, k, v, sizes, strides, scale: float, is_causal: bool, bi
     additive bias, or mask_ptr: a bool mask (True takes part), either read through bias_strides
     (4 element strides over (B, H, L, S), 0 where broadcast), 0 for none. The caller keeps the
     bias or mask tensor alive across the call."""
+    record("attention", "cpp")
     _, heads, length, dim = q.shape
     out = _alloc.empty(q.shape, dtype=q.dtype, device=_CPU)  # contiguous: strides known
     q_strides, k_strides, v_strides = strides
@@ -159,6 +162,7 @@ def backward(grad_out, q, k, v, out, lse, *, scale: float, is_causal: bool, bias
 def _backward(grad_out, q, k, v, out, lse, *, scale, is_causal, bias, strategy: str = "auto",
               rotary=None):
     """backward with the work split forced (tests run both: "fused", "two_pass")."""
+    record("attention_bwd", "cpp")
     _check(q, k, v, bias)
     if grad_out.shape != q.shape or out.shape != q.shape:
         raise ValueError(
@@ -177,16 +181,14 @@ def _backward(grad_out, q, k, v, out, lse, *, scale, is_causal, bias, strategy: 
     bias_ptr, bias_strides = _bias_args(bias)
     tables = _rotary_tables(rotary, q, k)
     rotary_cos, rotary_sin, rotary_half, rotary_stride = _rotary_args(tables)
+    # Positional arguments (the binding's order): parsing ~30 keywords costs several
+    # microseconds, which a small call's backward feels.
     _module().attention_backward(
-        grad_out=grad_out.data_ptr(), q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
-        out=out.data_ptr(), lse=lse.data_ptr(), bias=bias_ptr, dq=dq.data_ptr(),
-        dk=dk.data_ptr(), dv=dv.data_ptr(), sizes=_sizes(q, k),
-        grad_out_strides=grad_out.stride()[:3], q_strides=q.stride()[:3],
-        k_strides=k.stride()[:3], v_strides=v.stride()[:3], out_strides=out.stride()[:3],
-        bias_strides=bias_strides, dq_strides=dq.stride()[:3], dk_strides=dk.stride()[:3],
-        dv_strides=dv.stride()[:3], scale=float(scale), is_causal=bool(is_causal),
-        dtype=dtype_tag(q), threads=torch.get_num_threads(), strategy=STRATEGIES[strategy],
-        rotary_cos=rotary_cos, rotary_sin=rotary_sin, rotary_half=rotary_half,
-        rotary_stride=rotary_stride,
+        grad_out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+        lse.data_ptr(), bias_ptr, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _sizes(q, k),
+        grad_out.stride()[:3], q.stride()[:3], k.stride()[:3], v.stride()[:3],
+        out.stride()[:3], bias_strides, dq.stride()[:3], dk.stride()[:3], dv.stride()[:3],
+        float(scale), bool(is_causal), DTYPE_TAGS[q.dtype], torch.get_num_threads(),
+        STRATEGIES[strategy], rotary_cos, rotary_sin, rotary_half, rotary_stride,
     )
     return dq, dk, dv

@@ -10,6 +10,7 @@ import torch
 
 from vlmfast.native._common import dtype_tag, launch_args, module_for
 from vlmfast.runtime import alloc as _alloc
+from vlmfast.runtime.kernel_calls import record_native
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -29,6 +30,7 @@ def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
 
 def infonce_forward(a, b, scale: float):
     """(loss, row_lse, col_lse): float32 (), (B,), (B,)."""
+    record_native("infonce", a.device)
     args, keep = _features(a, b)
     row_lse = _alloc.empty(a.shape[0], dtype=torch.float32, device=a.device)
     col_lse = _alloc.empty_like(row_lse)
@@ -41,6 +43,7 @@ def infonce_forward(a, b, scale: float):
 
 def infonce_backward(grad: float, a, b, scale: float, row_lse, col_lse):
     """(grad_a, grad_b, grad_scale): (B, D) in a's dtype twice, float32 ()."""
+    record_native("infonce_bwd", a.device)
     args, keep = _features(a, b)
     grad_a, grad_b = _alloc.empty(a.shape, dtype=a.dtype, device=a.device), _alloc.empty(
         b.shape, dtype=b.dtype, device=b.device
@@ -56,6 +59,7 @@ def infonce_backward(grad: float, a, b, scale: float, row_lse, col_lse):
 
 def siglip_forward(a, b, scale: float, bias: float) -> torch.Tensor:
     """The loss, float32 ()."""
+    record_native("siglip", a.device)
     args, keep = _features(a, b)
     loss = module_for(a.device).siglip_forward(**args, scale=scale, bias=bias)
     del keep
@@ -64,6 +68,7 @@ def siglip_forward(a, b, scale: float, bias: float) -> torch.Tensor:
 
 def siglip_backward(grad: float, a, b, scale: float, bias: float):
     """(grad_a, grad_b, grad_scale, grad_bias): (B, D) in a's dtype twice, float32 () twice."""
+    record_native("siglip_bwd", a.device)
     args, keep = _features(a, b)
     grad_a, grad_b = _alloc.empty(a.shape, dtype=a.dtype, device=a.device), _alloc.empty(
         b.shape, dtype=b.dtype, device=b.device

@@ -23,6 +23,7 @@ import torch
 
 from vlmfast.native._common import DTYPE_TAGS, launch_args, module_for
 from vlmfast.runtime import alloc as _alloc
+from vlmfast.runtime.kernel_calls import record_native
 
 # Must match csrc/cpu/gemm.h (enum class Activation, GemmIsa, PackedFormat).
 ACTIVATION_TAGS = {None: 0, "quick_gelu": 1, "gelu_tanh": 2, "gelu": 3}
@@ -151,6 +152,7 @@ def gemm(a: torch.Tensor, b: Packed, bias: torch.Tensor | None = None, activatio
     """act(a (M, K) @ B^T + bias) -> (out (M, N), pre (M, N) or None) in out_dtype (default:
     b's compute dtype); a's values are rounded to b's compute dtype. B packed by `pack`."""
     module = module_for(a.device)
+    record_native("linear", a.device)
     m, k = a.shape
     n = b.n
     out_dtype = out_dtype or b.compute

@@ -8,6 +8,7 @@ import torch
 
 from vlmfast.native._common import dtype_tag, launch_args, module_for
 from vlmfast.runtime import alloc as _alloc
+from vlmfast.runtime.kernel_calls import record_native
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -24,6 +25,7 @@ def forward(hidden, weight, bias, labels, ignore_index: int, label_smoothing: fl
     without row_scale all three are None. block_rows: rows per logit block (0: the kernel's
     choice, about 64 MiB of float32 logits; tests make it small to cover several blocks).
     """
+    record_native("linear_cross_entropy", hidden.device)
     hidden, weight = _rows(hidden), _rows(weight)
     labels = labels.to(torch.int64).contiguous()
     (n, d), v = hidden.shape, weight.shape[0]

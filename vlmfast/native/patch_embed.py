@@ -8,6 +8,7 @@ import torch
 
 from vlmfast.native._common import DTYPE_TAGS, dtype_tag, launch_args, module_for
 from vlmfast.runtime import alloc as _alloc
+from vlmfast.runtime.kernel_calls import record_native
 from vlmfast.runtime.layout import channels_first
 
 IMAGE_UINT8_TAG = 3  # csrc/cpu/patch_embed.h: kImageUint8
@@ -25,6 +26,7 @@ def _image_args(images: torch.Tensor, patch: int) -> dict:
 
 def forward(images, weight, bias, scale, shift) -> torch.Tensor:
     """(B, N, D) in weight's dtype: the fused normalise + patchify + GEMM + bias (C++ only)."""
+    record_native("patch_embed", weight.device)
     patch, d = weight.shape[-1], weight.shape[0]
     args = _image_args(images, patch)
     batch, _, height, width, _ = args["sizes"]
@@ -43,6 +45,7 @@ def forward(images, weight, bias, scale, shift) -> torch.Tensor:
 
 def gather(images, patch: int, scale, shift, dtype: torch.dtype) -> torch.Tensor:
     """(B * N, C * p * p) normalised patches x * scale[c] + shift[c] in `dtype`."""
+    record_native("patch_gather", images.device)
     args = _image_args(images, patch)
     batch, channels, height, width, _ = args["sizes"]
     rows = batch * (height // patch) * (width // patch)
@@ -57,6 +60,7 @@ def gather(images, patch: int, scale, shift, dtype: torch.dtype) -> torch.Tensor
 
 def weight_grad(grad_rows, images, patch: int, scale, shift) -> torch.Tensor:
     """(D, C * p * p) in grad_rows' dtype: grad_rows (B * N, D)^T @ normalised patches (C++ only)."""
+    record_native("patch_weight_grad", images.device)
     args = _image_args(images, patch)
     d = grad_rows.shape[1]
     padded = -(-d // 32) * 32  # the kernel reads grad rows in 32-column panels

@@ -4,11 +4,13 @@ import torch
 
 from vlmfast.native._common import dtype_tag, launch_args, module_for
 from vlmfast.runtime import alloc as _alloc
+from vlmfast.runtime.kernel_calls import record_native
 from vlmfast.runtime.layout import rows_view
 
 
 def forward(x, cos, sin, interleaved: bool, conjugate: bool, seq_dim: int) -> torch.Tensor:
     """x rotated by the angles of (cos, sin), or by their negatives with `conjugate`."""
+    record_native("rotary", x.device)
     out = _alloc.empty_like(x)
     x4, out4 = rows_view(x, seq_dim), rows_view(out, seq_dim)
     cos32, sin32 = cos.float().contiguous(), sin.float().contiguous()
@@ -22,6 +24,7 @@ def forward(x, cos, sin, interleaved: bool, conjugate: bool, seq_dim: int) -> to
 
 def table_backward(grad, x, half: int, interleaved: bool, seq_dim: int):
     """(grad_cos, grad_sin), float32 (L, half): the gradients of the rotation's tables."""
+    record_native("rotary_bwd", x.device)
     x4, grad4 = rows_view(x, seq_dim), rows_view(grad, seq_dim)
     length = x4.shape[1]
     grad_cos = _alloc.empty(length, half, dtype=torch.float32, device=x.device)
@@ -37,6 +40,7 @@ def table_backward(grad, x, half: int, interleaved: bool, seq_dim: int):
 
 def rope_2d(positions, inv_freq) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (N, 2 * len(inv_freq)) for (N, 2) integer positions."""
+    record_native("rope_2d", positions.device)
     positions = positions.to(torch.int64).contiguous()
     n, quarter = positions.shape[0], inv_freq.shape[0]
     cos = _alloc.empty(n, 2 * quarter, dtype=torch.float32, device=positions.device)

@@ -24,12 +24,6 @@ REDUCTIONS = ("mean", "sum", "none")
 # ----------------------------------------------------------------------------- custom ops
 
 
-def _backend(op: str, hidden: torch.Tensor) -> str:
-    backend = _dispatch.select(op, hidden.device, hidden.dtype)
-    # No CUDA C++ kernel for this op: Triton covers CUDA tensors.
-    return "triton" if backend == "cuda" and _dispatch._runs_on("triton", "cuda") else backend
-
-
 def _loss_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
@@ -37,7 +31,7 @@ def _loss_dtype(hidden: torch.Tensor) -> torch.dtype:
 def _rows_and_grads(op, hidden, weight, bias, labels, ignore_index, label_smoothing, row_scale):
     """(loss_rows, lse, grad_hidden, grad_weight, grad_bias) from the chosen backend; the
     gradients (of sum_i row_scale_i loss_i) are None without row_scale."""
-    backend = _backend(op, hidden)
+    backend = _dispatch.select("linear_cross_entropy", hidden.device, hidden.dtype)
     if backend == "triton":
         from vlmfast.kernels import linear_cross_entropy as triton_lce
 
@@ -46,6 +40,7 @@ def _rows_and_grads(op, hidden, weight, bias, labels, ignore_index, label_smooth
         from vlmfast.native import linear_cross_entropy as native_lce
 
         return native_lce.forward(hidden, weight, bias, labels, ignore_index, label_smoothing, row_scale)
+    _dispatch.record(op, "reference")
     loss_rows, lse = reference.lce_rows(hidden, weight, bias, labels, ignore_index, label_smoothing)
     grads = (None, None, None)
     if row_scale is not None:

@@ -25,8 +25,6 @@ from vlmfast.ops import _checks, _dispatch, _linear_choice, reference
 ACTIVATIONS = (None, "quick_gelu", "gelu_tanh", "gelu")
 SMALL_M = 16  # below this many rows the weight's packing outweighs the GEMM's speed-up
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# No Triton kernel: CUDA goes to cuBLAS (reference), the CPU to the C++ GEMM.
-ORDER = {"cuda": ("reference",), "cpu": ("cpp", "reference")}
 
 
 def _activation_name(activation: str) -> str | None:
@@ -78,9 +76,10 @@ def linear_fwd(
     (no autograd on it), so its packed copy may be reused across calls."""
     act = _activation_name(activation)
     keep = keep_pre and act is not None
-    backend = _dispatch.select("linear", x.device, compute, ORDER)
+    backend = _dispatch.select("linear", x.device, compute)
     if _runs_kernel(backend, x, weight, bias, act, compute, cache_weight):
         return _native_forward(x, weight, bias, act, compute, keep, cache_weight)
+    _dispatch.record("linear", "reference")
     return _torch_forward(x, weight, bias, act, compute, keep)
 
 
@@ -117,7 +116,7 @@ def linear_bwd(
     dz = grad * act'(pre) (rounded to `compute`); dx = dz W; dW = dz^T x; db = sum dz, the GEMMs'
     operands rounded to `compute`, accumulated in float32."""
     act = _activation_name(activation)
-    backend = _dispatch.select("linear", x.device, compute, ORDER)
+    backend = _dispatch.select("linear", x.device, compute)
     native = _runs_kernel(backend, x, weight, bias, act, compute, False)
     if act is not None and pre.numel() != grad.numel():
         pre = (_native_forward(x, weight, bias, None, compute, False, False) if native
@@ -133,6 +132,7 @@ def linear_bwd(
         dw = native_linear.gemm(dz.t(), native_linear.pack(x.t(), compute, scratch=True),
                                 out_dtype=weight.dtype)[0] if need_weight else None
     else:
+        _dispatch.record("linear_bwd", "reference")
         dz = grad if act is None else _grad_pre(grad, pre.to(compute), act)
         dx = (dz @ weight.to(compute)).to(x.dtype) if need_x else None
         dw = (dz.t() @ x.to(compute)).to(weight.dtype) if need_weight else None

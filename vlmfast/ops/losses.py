@@ -19,17 +19,11 @@ def _loss_dtype(a: torch.Tensor) -> torch.dtype:
     return torch.float64 if a.dtype == torch.float64 else torch.float32
 
 
-def _backend(op: str, a: torch.Tensor) -> str:
-    backend = _dispatch.select(op, a.device, a.dtype)
-    # No CUDA C++ kernel for the losses: Triton covers CUDA tensors.
-    return "triton" if backend == "cuda" and _dispatch._runs_on("triton", "cuda") else backend
-
-
 @torch.library.custom_op("vlmfast::infonce_fwd", mutates_args=())
 def infonce_fwd(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, row_lse, col_lse) for normalised features a, b (B, D) and a 0-dim scale: loss ()
     and the log-sum-exps of the rows and columns of scale * a @ b.T, (B,) each."""
-    backend = _backend("infonce", a)
+    backend = _dispatch.select("infonce", a.device, a.dtype)
     if backend == "triton":
         from vlmfast.kernels import contrastive as triton_contrastive
 
@@ -38,6 +32,7 @@ def infonce_fwd(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> tuple[
         from vlmfast.native import contrastive as native_contrastive
 
         return native_contrastive.infonce_forward(a, b, float(scale))
+    _dispatch.record("infonce", "reference")
     return reference.infonce_forward_stats(a, b, scale)
 
 
@@ -54,7 +49,7 @@ def infonce_bwd(
     col_lse: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d a, d b, d scale) of grad * loss; d a, d b in the features' dtype, d scale float32 ()."""
-    backend = _backend("infonce_bwd", a)
+    backend = _dispatch.select("infonce", a.device, a.dtype)
     if backend == "triton":
         from vlmfast.kernels import contrastive as triton_contrastive
 
@@ -63,6 +58,7 @@ def infonce_bwd(
         from vlmfast.native import contrastive as native_contrastive
 
         return native_contrastive.infonce_backward(float(grad), a, b, float(scale), row_lse, col_lse)
+    _dispatch.record("infonce_bwd", "reference")
     return reference.infonce_grads(grad, a, b, scale, row_lse, col_lse)
 
 
@@ -89,7 +85,7 @@ infonce_fwd.register_autograd(_infonce_backward, setup_context=_infonce_setup)
 @torch.library.custom_op("vlmfast::siglip_fwd", mutates_args=())
 def siglip_fwd(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The SigLIP loss () of normalised features a, b (B, D), a 0-dim scale and bias."""
-    backend = _backend("siglip", a)
+    backend = _dispatch.select("siglip", a.device, a.dtype)
     if backend == "triton":
         from vlmfast.kernels import contrastive as triton_contrastive
 
@@ -98,6 +94,7 @@ def siglip_fwd(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torc
         from vlmfast.native import contrastive as native_contrastive
 
         return native_contrastive.siglip_forward(a, b, float(scale), float(bias))
+    _dispatch.record("siglip", "reference")
     return reference.siglip_forward_loss(a, b, scale, bias)
 
 
@@ -111,7 +108,7 @@ def siglip_bwd(
     grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d a, d b, d scale, d bias) of grad * loss; d scale and d bias float32 ()."""
-    backend = _backend("siglip_bwd", a)
+    backend = _dispatch.select("siglip", a.device, a.dtype)
     if backend == "triton":
         from vlmfast.kernels import contrastive as triton_contrastive
 
@@ -120,6 +117,7 @@ def siglip_bwd(
         from vlmfast.native import contrastive as native_contrastive
 
         return native_contrastive.siglip_backward(float(grad), a, b, float(scale), float(bias))
+    _dispatch.record("siglip_bwd", "reference")
     return reference.siglip_grads(grad, a, b, scale, bias)
 
 

@@ -42,7 +42,7 @@ def patch_gather(
     columns (c, i, j) like a flattened Conv2d weight."""
     backend = _dispatch.select("patch_gather", images.device, dtype)
     if images.numel() == 0:
-        return reference.patch_gather(images, patch, scale, shift, dtype)
+        backend = "reference"
     if backend == "triton":
         from vlmfast.kernels import patch_embed as triton_patch_embed
 
@@ -51,6 +51,7 @@ def patch_gather(
         from vlmfast.native import patch_embed as native_patch_embed
 
         return native_patch_embed.gather(images, patch, scale, shift, dtype)
+    _dispatch.record("patch_gather", "reference")
     return reference.patch_gather(images, patch, scale, shift, dtype)
 
 
@@ -72,6 +73,7 @@ def patch_weight_grad(
         from vlmfast.native import patch_embed as native_patch_embed
 
         return native_patch_embed.weight_grad(grad, images, patch, scale, shift)
+    # No fused kernel here: the gather (itself dispatched) and one matmul.
     return grad.T @ patch_gather(images, patch, scale, shift, grad.dtype)
 
 
@@ -105,6 +107,7 @@ def patch_embed_fwd(
 
         patches = native_patch_embed.gather(images, patch, scale, shift, weight.dtype)
     else:
+        _dispatch.record("patch_embed", "reference")
         patches = reference.patch_gather(images, patch, scale, shift, weight.dtype)
     return _patch_gemm(patches, weight, bias, b, gh * gw)
 

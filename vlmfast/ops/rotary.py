@@ -13,17 +13,13 @@ from vlmfast.ops import _checks, _dispatch, reference
 # ----------------------------------------------------------------------------- custom ops
 
 
-def _backend(op: str, tensor: torch.Tensor) -> str:
-    return _dispatch.select(op, tensor.device, tensor.dtype)
-
-
 @torch.library.custom_op("vlmfast::rotary_fwd", mutates_args=())
 def rotary_fwd(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, conjugate: bool,
     seq_dim: int,
 ) -> torch.Tensor:
     """x rotated by the table angles; by their negatives with `conjugate` (the x-gradient)."""
-    backend = _backend("rotary", x)
+    backend = _dispatch.select("rotary", x.device, x.dtype)
     if x.numel() == 0:
         return x.clone()
     if backend == "triton":
@@ -34,6 +30,7 @@ def rotary_fwd(
         from vlmfast.native import rotary as native_rotary
 
         return native_rotary.forward(x, cos, sin, interleaved, conjugate, seq_dim)
+    _dispatch.record("rotary", "reference")
     return reference.apply_rotary_emb(x, cos, -sin if conjugate else sin, interleaved, seq_dim)
 
 
@@ -47,7 +44,7 @@ def rotary_bwd(
     grad: torch.Tensor, x: torch.Tensor, half: int, interleaved: bool, seq_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of the (L, half) cos and sin tables, float32 (float64 for float64 input)."""
-    backend = _backend("rotary_bwd", x)
+    backend = _dispatch.select("rotary", x.device, x.dtype)
     if x.numel() == 0:
         zeros = torch.zeros(x.shape[seq_dim], half, dtype=_table_grad_dtype(x), device=x.device)
         return zeros, zeros.clone()
@@ -59,6 +56,7 @@ def rotary_bwd(
         from vlmfast.native import rotary as native_rotary
 
         return native_rotary.table_backward(grad, x, half, interleaved, seq_dim)
+    _dispatch.record("rotary_bwd", "reference")
     return reference.rotary_table_grads(grad, x, half, interleaved, seq_dim)
 
 
@@ -112,6 +110,7 @@ def rope_2d_fwd(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[t
         from vlmfast.native import rotary as native_rotary
 
         return native_rotary.rope_2d(positions, inv_freq)
+    _dispatch.record("rope_2d", "reference")
     return reference.rope_2d(positions, head_dim, theta)
 
 
