@@ -9,8 +9,8 @@ Cases:
 - the Qwen2-VL tower on one 1008 x 1008 image (5184 patches): an (S x S) float32 score matrix
   per head would be 103 MiB; peak_mib is the resident memory the call adds (VmHWM after
   malloc_trim, this process: indicative);
-- Qwen2-VL-2B's decoder dimensions (2 of its 28 layers, a 32k vocabulary to fit the machine's
-  memory): prefill of one 448 x 448 image (256 image tokens) + 20 text tokens at batch 1,
+- Qwen2-VL-2B's decoder dimensions (2 of its 28 layers, a 16k vocabulary, tied embeddings: about
+  0.85 GB of float32 weights per implementation, to fit the machine's memory): prefill of one 448 x 448 image (256 image tokens) + 20 text tokens at batch 1,
   decode at batch 1 and 8 (ms per step = (generate of N - generate of 1) / (N - 1), tokens/s in
   extra), and the peak memory of a fresh process that loads the checkpoint and generates 16
   tokens after the prefill's prompt (qwen2vl_memory.py; CPU only).
@@ -34,9 +34,9 @@ IMAGES = [(1, 16, 16), (1, 22, 14), (1, 32, 24), (1, 10, 30)]
 QUICK_IMAGES = [(1, 4, 4), (1, 6, 4), (1, 8, 6), (1, 2, 6)]
 LARGE, QUICK_LARGE = (1, 72, 72), (1, 16, 16)
 PATCH_DIM = 3 * 2 * 14 * 14
-IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 31990, 31991, 31988, 31989
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 15990, 15991, 15988, 15989
 
-TEXT = dict(vocab_size=32000, hidden_size=1536, intermediate_size=8960, num_hidden_layers=2, num_attention_heads=12,
+TEXT = dict(vocab_size=16000, hidden_size=1536, intermediate_size=8960, num_hidden_layers=2, num_attention_heads=12,
             num_key_value_heads=2, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=2, pad_token_id=0,
             rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0})
 QUICK_TEXT = dict(TEXT, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
@@ -65,8 +65,10 @@ def build_pair(quick: bool, device, dtype):
     from vlmfast.models.qwen2vl import Qwen2VL
 
     transformers = _quiet_transformers()
+    # tied embeddings, as Qwen2-VL-2B's (and one (V, D) matrix less to hold twice)
     config = transformers.Qwen2VLConfig(text_config=QUICK_TEXT if quick else TEXT,
-                                        vision_config=QUICK_QWEN2_VISION if quick else QWEN2_VISION, **IDS)
+                                        vision_config=QUICK_QWEN2_VISION if quick else QWEN2_VISION,
+                                        tie_word_embeddings=True, **IDS)
     torch.manual_seed(0)
     hf = transformers.Qwen2VLForConditionalGeneration._from_config(config, attn_implementation="sdpa")
     hf = hf.to(dtype).eval()
@@ -123,13 +125,18 @@ def _glibc():
         return None
 
 
-def added_peak_mib(fn) -> float | None:
-    """Resident memory fn() adds at its peak (VmHWM above VmRSS before it, freed memory handed
-    back to the system first), or None where /proc cannot tell."""
+def _release_memory() -> None:
+    """Collects garbage and hands freed heap memory back to the system (glibc's malloc_trim)."""
     gc.collect()
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def added_peak_mib(fn) -> float | None:
+    """Resident memory fn() adds at its peak (VmHWM above VmRSS before it, freed memory handed
+    back to the system first), or None where /proc cannot tell."""
+    _release_memory()
     try:
         before = rss.status_mib("VmRSS")
         rss.reset_peak()
@@ -172,7 +179,7 @@ def prompt(config, batch: int, text: int, grid=None, seed: int = 0, device=None)
     g = torch.Generator().manual_seed(seed)
     image = grid[0] * grid[1] * grid[2] // 4 if grid else 0
     L = text + (image + 2 if grid else 0)
-    ids = torch.randint(3, 31000, (batch, L), generator=g)
+    ids = torch.randint(3, 15000, (batch, L), generator=g)
     if grid:
         ids[:, 5] = VISION_START
         ids[:, 6:6 + image] = IMAGE_TOKEN
@@ -196,6 +203,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
     results.append(tower_case(f"qwen2.5 vision tower 4 images ({sizes}) {name}", hf25, ours25, images, device,
                               dtype, repeats, memory=False))
     del hf25, ours25
+    _release_memory()  # the towers' pages back to the system before the next pair is built
 
     hf, ours, folder = build_pair(quick, device, dtype)
     with folder:
@@ -204,11 +212,24 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
         large = QUICK_LARGE if quick else LARGE
         results.append(tower_case(f"qwen2 vision tower 1 image {large[1] * 14}x{large[2] * 14} {name}",
                                   hf.model.visual, ours.model.visual, [large], device, dtype, repeats, memory=True))
-        results += generation_cases(hf, ours, folder.name, quick, device, dtype, repeats, name)
+        results += generation_cases(hf, ours, quick, device, dtype, repeats, name)
+        if device.type == "cpu":
+            inputs = _memory_inputs(ours.config, quick, dtype)
+            del hf, ours  # the fresh processes below load their own copies: this one's are freed first
+            _release_memory()
+            results.append(peak_memory(folder.name, *inputs, dtype, new_tokens=4 if quick else 16))
     return results
 
 
-def generation_cases(hf, ours, path, quick, device, dtype, repeats, name) -> list[Result]:
+def _memory_inputs(config, quick: bool, dtype):
+    """The prefill case's prompt (one image) for the memory case: ids, mask, pixels, grid, types."""
+    grid = (1, 8, 8) if quick else (1, 32, 32)
+    ids, mask, types = prompt(config, 1, 20, grid)
+    pixels = torch.randn(grid[1] * grid[2], PATCH_DIM, generator=torch.Generator().manual_seed(3)).to(dtype)
+    return ids, mask, pixels, torch.tensor([grid]), types
+
+
+def generation_cases(hf, ours, quick, device, dtype, repeats, name) -> list[Result]:
     results = []
     n_new = 4 if quick else 17
     grid = (1, 8, 8) if quick else (1, 32, 32)
@@ -233,8 +254,6 @@ def generation_cases(hf, ours, path, quick, device, dtype, repeats, name) -> lis
     image_tokens = grid[1] * grid[2] // 4
     results.append(Result("qwen2vl", f"prefill b=1 1 image {grid[1] * 14}x{grid[2] * 14} ({image_tokens} tokens) "
                           f"+ {ids.shape[1] - image_tokens} text {name}", "vlmfast", ms, "transformers", peer_ms))
-    if device.type == "cpu":
-        results.append(peak_memory(path, ids, mask, pixels, grid_thw, types, dtype, new_tokens=4 if quick else 16))
 
     for batch in (1, 3) if quick else (1, 8):
         ids, mask, _ = prompt(ours.config, batch, 32, seed=batch, device=device)
