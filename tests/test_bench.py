@@ -40,7 +40,7 @@ def test_groups_cover_every_suite():
 
 @pytest.mark.parametrize("suite", sorted(runner.SUITES))
 def test_every_suite_runs_quick_and_records_its_peer(suite, tmp_path, capsys):
-    if suite in ("smolvlm", "clip", "finetune"):
+    if suite in ("smolvlm", "clip", "finetune", "qwen2vl"):
         pytest.importorskip("transformers")
     out = tmp_path / "bench.jsonl"
     assert runner.main([suite, "--quick", "--device", "cpu", "--no-peaks", "--json", str(out)]) == 0
