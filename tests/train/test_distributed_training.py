@@ -1,8 +1,8 @@
-"""Data-parallel training (torchrun-style, gloo on the CPU): 2 processes x local batch 4 give the
-same per-step losses and final weights as 1 process with batch 8 (CLIP's InfoNCE and SigLIP's
-sigmoid loss over the gathered global batch; a per-rank loss averaged), only rank 0 writes the
-log and checkpoints, and a checkpoint written by the 2-process run resumes (in 2 processes and in
-1). `vlmfast demo` runs under torchrun."""
+"""Data-parallel training (torchrun-style, gloo on the CPU, DistributedDataParallel): 2 processes x
+local batch 4 give the same per-step losses and final weights as 1 process with batch 8 (CLIP's
+InfoNCE and SigLIP's sigmoid loss over the gathered global batch; a per-rank loss averaged), only
+rank 0 writes the log and checkpoints, and a checkpoint written by the 2-process run resumes (in 2
+processes and in 1). `vlmfast demo` runs under torchrun."""
 
 import datetime
 import json
@@ -85,7 +85,6 @@ def _worker(rank: int, port: int, root: str):
     from pathlib import Path
 
     torch.set_num_threads(1)
-    distributed.BUCKET_ELEMENTS = 1000  # several all-reduce buckets even for the tiny models
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=120))
     try:

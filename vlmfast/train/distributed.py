@@ -1,16 +1,18 @@
-"""Data parallel training under torchrun: one process per device, each with a full copy of the
-model and its shard of every step's batch.
+"""Data parallel training under torchrun on torch's own engine: one process per device, each with
+its shard of every step's batch.
 
-Gradients are averaged over the ranks with one explicit all-reduce per step (after the last
-micro-batch), not by DistributedDataParallel: the contrastive losses already reach the other
-ranks through their autograd all-gather (vlmfast.ops._gather), and the trainer calls the model's
-encode_image / encode_text rather than a forward DDP could hook. Averaging is right for a loss
-that each rank computes over its own rows (a per-rank mean); a loss over the global batch (the
-InfoNCE / sigmoid losses with group=) hands each rank only its rows' share of the features'
-gradient, so `global_loss_features` scales that share by world first (see there).
+The trainer calls the model's encode_image / encode_text (or any loss_fn(model, *batch)), not a
+forward: `LossModule` makes "model + loss" one module whose forward DistributedDataParallel or
+FSDP2 (torch.distributed.fsdp.fully_shard) can wrap. DDP (`data_parallel`) keeps a full replica
+per rank and averages the gradients in its overlapped, bucketed all-reduce; FSDP2 (`fully_shard_model`)
+shards parameters, gradients and optimizer state over the ranks, for models that do not fit one
+device, gathering each layer's weights only for its forward and backward.
 
-Every rank must build the same model; `broadcast_state` copies rank 0's parameters and buffers
-to the others once, so different seeds or initialisations cannot make them drift apart.
+Averaging is right for a loss that each rank computes over its own rows (a per-rank mean); a loss
+over the global batch (the InfoNCE / sigmoid losses with group=) hands each rank only its rows'
+share of the features' gradient, so `global_loss_features` scales that share by world first (see
+there). DDP copies rank 0's parameters and buffers to every rank when it wraps the model;
+`broadcast_state` does it before FSDP2 shards one (it copies nothing itself).
 """
 
 import os
@@ -136,45 +138,90 @@ def global_loss_features(x: torch.Tensor, context: DataParallel) -> torch.Tensor
     return _ScaleGradient.apply(x, float(context.world))
 
 
-# Gradients travel in buckets of at most this many elements (one all-reduce each), so the flat
-# copy costs at most one bucket of memory beside the gradients themselves.
-BUCKET_ELEMENTS = 1 << 25
-
-
 def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+class LossModule(nn.Module):
+    """loss_fn(model, *batch, **loss_kwargs) as a module's forward, so that DDP and FSDP2 (which
+    hook forward) can wrap a model that is trained through other methods (encode_image, ...)."""
+
+    def __init__(self, model: nn.Module, loss_fn, loss_kwargs: dict | None = None):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.loss_kwargs = dict(loss_kwargs or {})
+
+    def forward(self, *batch) -> torch.Tensor:
+        return self.loss_fn(self.model, *batch, **self.loss_kwargs)
+
+
+def data_parallel(module: LossModule, context: DataParallel) -> nn.Module:
+    """module under DistributedDataParallel over context's group (rank 0's state broadcast now).
+    find_unused_parameters: a loss need not touch every parameter (a per-rank loss without the
+    logit scale; a fine-tuning batch without images)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(module.parameters()).device
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                   process_group=context.group, find_unused_parameters=True)
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP2 shards one by one: every layer of every nn.ModuleList (encoder and
+    decoder layers), so at most one layer's weights are gathered at a time."""
+    return [layer for m in model.modules() if isinstance(m, nn.ModuleList) for layer in m]
+
+
+def fully_shard_model(module: LossModule, context: DataParallel) -> tuple[nn.Module, list[nn.Parameter]]:
+    """FSDP2 over context's group: each shard unit, then the root. Returns (module, replicated):
+    FSDP2 takes no scalar parameters (a logit scale), so those stay whole on every rank and
+    `average_replicated_gradients` all-reduces their gradients after the backward."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    broadcast_state(module, context)  # fully_shard shards each rank's own values: make them rank 0's
+    device = next(module.parameters()).device
+    ranks = dist.get_process_group_ranks(context.group) if context.group is not dist.group.WORLD \
+        else list(range(dist.get_world_size()))
+    mesh = DeviceMesh.from_group(context.group, device.type, mesh=ranks)
+    replicated = [p for p in module.parameters() if p.dim() == 0]
+    ignored = set(replicated)
+    for unit in shard_units(module.model):
+        fully_shard(unit, mesh=mesh, ignored_params=ignored)
+    fully_shard(module, mesh=mesh, ignored_params=ignored)
+    return module, replicated
+
+
 @torch.no_grad()
-def average_gradients(params: list[nn.Parameter], context: DataParallel) -> None:
-    """All-reduces the gradients of `params` to their mean over the ranks: flat buffers of one
-    dtype and device, up to BUCKET_ELEMENTS each, one collective per buffer. A parameter without
-    a gradient on this rank counts as zeros (every rank must make the same calls in order)."""
-    if not context.enabled:
+def average_replicated_gradients(params: list[nn.Parameter], context: DataParallel) -> None:
+    """The mean over the ranks of the gradients of parameters FSDP2 left whole (one all-reduce)."""
+    if not context.enabled or not params:
         return
-    by_kind: dict = {}
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        by_kind.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
-    buckets = []
-    for grads in by_kind.values():
-        bucket, size = [], 0
-        for g in grads:
-            if bucket and size + g.numel() > BUCKET_ELEMENTS:
-                buckets.append(bucket)
-                bucket, size = [], 0
-            bucket.append(g)
-            size += g.numel()
-        buckets.append(bucket)
-    for grads in buckets:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=context.group)
-        flat.div_(context.world)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.stack([g.reshape(()) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=context.group)
+    flat.div_(context.world)
+    for p, value in zip(params, flat):
+        p.grad = value.reshape(p.shape).clone()
+
+
+@torch.no_grad()
+def clip_sharded_grad_norm_(params, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ over FSDP2's sharded gradients and the replicated ones
+    together (the norm of the whole gradient, the same scale on every rank). Returns the norm."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    squares = []
+    for g in grads:
+        norm = torch.linalg.vector_norm(g, dtype=torch.float32)
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    coefficient = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coefficient.to(g.dtype))
+    return total
 
 
 @torch.no_grad()

@@ -7,12 +7,15 @@ function of the step (no scheduler state). The checkpoint then needs only the st
 AdamW's state and the RNG states, and a resumed run repeats the uninterrupted one bit for bit.
 
 Data parallel (torchrun): when torch.distributed is initialised with more than one rank, each
-rank trains on its shard of every step's batch (vlmfast.train.distributed: rank 0's weights are
-broadcast once, gradients averaged by one all-reduce per step), a loss_fn with a `group`
-keyword (contrastive_loss) computes the loss over the global batch, and only rank 0 writes
-checkpoints and the log. The checkpoint keeps every rank's RNG state, so resume stays exact.
+rank trains on its shard of every step's batch (the model and its loss under torch's
+DistributedDataParallel, or sharded by FSDP2 with cfg.fsdp: vlmfast.train.distributed), a loss_fn
+with a `group` keyword (contrastive_loss) computes the loss over the global batch, and only rank 0
+writes checkpoints and the log. The checkpoint keeps every rank's RNG state, so resume stays exact.
+FSDP2 checkpoints are sharded (torch.distributed.checkpoint: each rank writes its shards, in a
+folder named by the step that trainer_state.pt points to once it is complete).
 """
 
+import contextlib
 import inspect
 import json
 import math
@@ -59,6 +62,10 @@ class TrainConfig:
     # (vlmfast.train.adamw_in_backward): the step never holds every gradient. The same update;
     # no gradient clipping, no accumulation, no data parallel (they need every gradient first).
     optimizer_in_backward: bool = False
+    # Under torchrun: parameters, gradients and AdamW state sharded over the ranks (FSDP2,
+    # torch.distributed.fsdp.fully_shard) instead of a replica per rank (DDP); for models that do
+    # not fit one device. Checkpoints are then sharded (torch.distributed.checkpoint).
+    fsdp: bool = False
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0  # steps; 0: only at the end
     log_path: str | None = None
@@ -71,6 +78,9 @@ class TrainConfig:
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"warmup_steps: expected 0 <= warmup_steps <= steps={self.steps}, got {self.warmup_steps}")
         check_optimizer_in_backward(self.optimizer_in_backward, self.max_grad_norm, self.grad_accum)
+        if self.fsdp and self.optimizer_in_backward:
+            raise ValueError("fsdp: not with optimizer_in_backward (the sharded gradients are reduced after the "
+                             "backward)")
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -141,15 +151,25 @@ class Trainer:
         self.is_main = self.parallel.is_main if is_main is None else is_main
         self.batches_are_local = batches_are_local
         self._loss_kwargs = {"group": self.parallel.group} if self.parallel.enabled and _takes_group(loss_fn) else {}
-        distributed.broadcast_state(model, self.parallel)  # identical replicas before the first step
         if cfg.gradient_checkpointing:
             set_gradient_checkpointing(model, True)
         if cfg.optimizer_in_backward and self.parallel.enabled:
             raise ValueError("optimizer_in_backward: not with data parallel (the gradients are averaged over the "
                              "ranks after the backward, when the weights would already be updated)")
-        # torch's fused AdamW on the CPU too (several times the for-each one's speed there)
+        # the model and its loss as one module with a forward, which DDP / FSDP2 wrap (rank 0's
+        # weights reach every rank there: identical replicas before the first step)
+        self.step_module = distributed.LossModule(model, loss_fn, self._loss_kwargs)
+        self.sharded = bool(cfg.fsdp and self.parallel.enabled)
+        self.replicated: list = []  # parameters FSDP2 leaves whole (scalars)
+        if self.sharded:
+            self.step_module, self.replicated = distributed.fully_shard_model(self.step_module, self.parallel)
+        elif self.parallel.enabled:
+            self.step_module = distributed.data_parallel(self.step_module, self.parallel)
+        # torch's fused AdamW on the CPU too (several times the for-each one's speed there); the
+        # for-each one over FSDP2's sharded parameters
         first = next(model.parameters())
-        fused = {"fused": True} if first.device.type in ("cpu", "cuda") and first.is_floating_point() else {}
+        fused = {"fused": True} if first.device.type in ("cpu", "cuda") and first.is_floating_point() \
+            and not self.sharded else {}
         adamw = AdamWInBackward if cfg.optimizer_in_backward else torch.optim.AdamW
         self.optimizer = adamw(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                **fused)
@@ -159,6 +179,16 @@ class Trainer:
             self.load_checkpoint()
 
     # -------------------------------------------------------------------------- state
+    def full_state_dict(self) -> dict:
+        """The model's whole state dict on every rank (FSDP2's shards gathered), on the CPU."""
+        if not self.sharded:
+            return self.model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # cpu_offload would leave the other ranks an empty dict: gathered everywhere, then moved
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
     def state_dict(self) -> dict:
         return {
             "step": self.step,
@@ -183,6 +213,8 @@ class Trainer:
         if not self.cfg.checkpoint_dir:
             return
         rng_states = self._rng_states_of_every_rank()  # every rank takes part, only is_main writes
+        if self.sharded:
+            return self._save_sharded(rng_states)
         if self.is_main:
             folder = Path(self.cfg.checkpoint_dir)
             folder.mkdir(parents=True, exist_ok=True)
@@ -191,10 +223,51 @@ class Trainer:
             atomic_torch_save(state, folder / CHECKPOINT_NAME)
         distributed.barrier(self.parallel)  # the file exists for every rank once anyone goes on
 
+    def _save_sharded(self, rng_states) -> None:
+        """FSDP2: every rank writes its shards of the model and AdamW into sharded-step-N/ (DCP);
+        then is_main points trainer_state.pt at it and removes the older folders."""
+        import shutil
+
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        folder = Path(self.cfg.checkpoint_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"sharded-step-{self.step:08d}"
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder / name),
+                 process_group=self.parallel.group)
+        distributed.barrier(self.parallel)
+        if self.is_main:
+            state = {"step": self.step, "losses": self.losses, "sharded": name, "rng_per_rank": rng_states,
+                     "rng_cpu": rng_states[0][0], "rng_cuda": rng_states[0][1], "config": asdict(self.cfg)}
+            atomic_torch_save(state, folder / CHECKPOINT_NAME)
+            for old in folder.glob("sharded-step-*"):
+                if old.name != name:
+                    shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier(self.parallel)
+
+    def _load_sharded(self, name: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=str(Path(self.cfg.checkpoint_dir) / name), process_group=self.parallel.group)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
     def load_checkpoint(self) -> None:
         state = torch.load(Path(self.cfg.checkpoint_dir) / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if bool(state.get("sharded")) != self.sharded:
+            raise ValueError(f"checkpoint_dir: {self.cfg.checkpoint_dir} holds a "
+                             f"{'sharded (fsdp)' if state.get('sharded') else 'whole'} checkpoint; resume it with "
+                             f"fsdp={bool(state.get('sharded'))}")
+        if self.sharded:
+            self._load_sharded(state["sharded"])
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         rng_cpu, rng_cuda = state["rng_cpu"], state["rng_cuda"]
         per_rank = state.get("rng_per_rank") or []
         if len(per_rank) == self.parallel.world:  # the same world size: each rank its own stream back
@@ -232,16 +305,19 @@ class Trainer:
             if not self.batches_are_local:
                 batch = distributed.shard(batch, self.parallel)
             device_type = next(model.parameters()).device.type
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss = self.loss_fn(model, *batch, **self._loss_kwargs) / cfg.grad_accum
-            loss.backward()
+            # data parallel: the ranks' gradients are averaged in the last micro-batch's backward
+            with self._gradient_sync(micro == cfg.grad_accum - 1):
+                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    loss = self.step_module(*batch) / cfg.grad_accum
+                loss.backward()
             total += float(loss.detach())
-        # data parallel: one all-reduce after the last micro-batch averages the ranks' gradients
-        distributed.average_gradients(distributed.trainable(model), self.parallel)
+        if self.sharded:
+            distributed.average_replicated_gradients(self.replicated, self.parallel)
         total = distributed.mean_over_ranks(total, self.parallel, next(model.parameters()).device)
         grad_norm = None
         if cfg.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+            clip = distributed.clip_sharded_grad_norm_ if self.sharded else torch.nn.utils.clip_grad_norm_
+            grad_norm = float(clip(model.parameters(), cfg.max_grad_norm))
         if not self.cfg.optimizer_in_backward:  # else the backward has stepped and dropped the gradients
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -257,6 +333,14 @@ class Trainer:
             record["grad_norm"] = grad_norm
         self._log(record)
         return total
+
+    def _gradient_sync(self, last: bool):
+        """Gradients reduced over the ranks in this backward only when `last` (accumulation)."""
+        if self.sharded:
+            self.step_module.set_requires_gradient_sync(last)
+        elif self.parallel.enabled and not last:
+            return self.step_module.no_sync()
+        return contextlib.nullcontext()
 
     def fit(self, *, stop_at: int | None = None, callback=None) -> list[float]:
         """Trains from the current step to cfg.steps (or to stop_at, to simulate an interruption);
