@@ -2,7 +2,9 @@
 model (a transformers SmolVLMForConditionalGeneration saved and loaded into vlmfast), with
 SmolVLM2-256M's dimensions (quick: a 2-layer toy of the same structure).
 
-Cases (TARGETS.md): prefill of one 512 x 512 image (64 image tokens) + a prompt at batch 1, and
+Cases (TARGETS.md): prefill of one 512 x 512 image (64 image tokens) + a prompt at batch 1;
+generate of 32 new tokens for that image + prompt, end to end; prefill of a 2048-px image as
+SmolVLM2's processor splits it (16 tiles of 512 px + the global one: 1088 image tokens); and
 decode at batch 1 and 32. Decode time per step = (generate of N tokens - generate of 1 token) /
 (N - 1): the prompt, the first token and start-up cancel, for both implementations alike. Each
 Result's ms is per step (decode) or per call (prefill); extra holds tokens/s of both.
@@ -102,6 +104,43 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
                           f"text {name}", "vlmfast", ms, "transformers", peer_ms))
     if device.type == "cpu":
         results.append(peak_memory(hf, ids, mask, pixels, dtype, new_tokens=4 if quick else 16))
+
+    # 1 image + prompt + 32 new tokens, end to end (generate: vision tower, prefill, decode)
+    new = 4 if quick else 32
+    gen_cache = ours.new_cache(1, ids.shape[1] + new)
+
+    def ours_generate():
+        return ours.generate(ids, pixels, None, mask, max_new_tokens=new, eos_token_id=[], cache=gen_cache)
+
+    def hf_generate():
+        with torch.inference_mode():
+            return hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=new,
+                               min_new_tokens=new, do_sample=False, pad_token_id=2)
+
+    ms, peer_ms = time_ms(ours_generate, device, **repeats), time_ms(hf_generate, device, **repeats)
+    results.append(Result("smolvlm", f"generate b=1 1 image + {ids.shape[1] - image_tokens} text + {new} new {name}",
+                          "vlmfast", ms, "transformers", peer_ms,
+                          extra={"tokens_per_s": new * 1e3 / ms, "peer_tokens_per_s": new * 1e3 / peer_ms}))
+
+    # a 2048-px image: SmolVLM2's processor splits it into 4 x 4 tiles of 512 px + a global one
+    tiles = 2 if quick else 17
+    big_ids, big_mask = prompt(1, 20, tiles * image_tokens, device, seed=1)
+    big_pixels = torch.randn(1, tiles, 3, size, size, device=device, dtype=dtype)
+    big_cache = ours.new_cache(1, big_ids.shape[1] + 1)
+
+    def ours_big():
+        with torch.inference_mode():
+            big_cache.reset()
+            ours.prefill(big_ids, big_pixels, None, big_mask.bool(), big_cache)
+
+    def hf_big():
+        with torch.inference_mode():
+            hf(input_ids=big_ids, attention_mask=big_mask, pixel_values=big_pixels, use_cache=True, logits_to_keep=1)
+
+    big_repeats = dict(warmup=0, repeats=1) if quick else dict(warmup=1, repeats=2)
+    ms, peer_ms = time_ms(ours_big, device, **big_repeats), time_ms(hf_big, device, **big_repeats)
+    results.append(Result("smolvlm", f"prefill b=1 {tiles} tiles ({tiles * image_tokens} tokens) + 20 text {name}",
+                          "vlmfast", ms, "transformers", peer_ms))
 
     # decode, text prompts (the image only changes the prefill)
     for batch in (1, 32) if not quick else (1, 3):

@@ -132,7 +132,10 @@ def pack(b: torch.Tensor, compute: torch.dtype | None = None, *, scratch: bool =
 
 
 def packed_weight(weight: torch.Tensor, cache: bool, compute: torch.dtype | None = None) -> Packed:
-    """weight (N, K) packed; with `cache`, reused while the weight's data and version stay."""
+    """weight (N, K) packed. With `cache`, a packed copy is kept from the weight's second use on
+    (same data, version, layout and compute dtype) and reused while those stay: a weight used
+    once (a VLM's vision tower and decoder prefill in one generate) costs no second copy, one
+    used again (a served or frozen model) is packed once. Else, into the scratch buffer."""
     compute = compute or weight.dtype
     if not cache or weight.is_inference():  # inference tensors keep no version counter
         return pack(weight, compute, scratch=True)
@@ -141,10 +144,19 @@ def packed_weight(weight: torch.Tensor, cache: bool, compute: torch.dtype | None
     ident = id(weight)
     hit = _packed_cache.get(ident)
     if hit is not None and hit[0]() is weight and hit[1] == key:
-        return hit[2]
-    packed = pack(weight, compute)
-    _packed_cache[ident] = (weakref.ref(weight, lambda _, i=ident: _packed_cache.pop(i, None)), key, packed)
-    return packed
+        if hit[2] is not None:
+            return hit[2]
+        packed = pack(weight, compute)  # its second use: keep a copy from now on
+        _packed_cache[ident] = (hit[0], key, packed)
+        return packed
+    # first use (or the weight changed): remember it, pack into the scratch buffer
+    _packed_cache[ident] = (weakref.ref(weight, lambda _, i=ident: _packed_cache.pop(i, None)), key, None)
+    return pack(weight, compute, scratch=True)
+
+
+def cached_bytes() -> int:
+    """Bytes held by the cached packed weights."""
+    return sum(entry[2].data.numel() for entry in _packed_cache.values() if entry[2] is not None)
 
 
 def gemm(a: torch.Tensor, b: Packed, bias: torch.Tensor | None = None, activation: str | None = None,

@@ -22,7 +22,7 @@ if _mode not in MODES:
     raise ValueError(f"VLMFAST_LINEAR_CHOICE: expected one of {MODES}, got {_mode!r}")
 
 _decisions: dict[tuple, dict] = {}
-_REPEATS = 3
+_REPEATS = 2
 
 
 def mode() -> str:
@@ -44,15 +44,17 @@ def shape_class(m: int, n: int, k: int, x_dtype, w_dtype, compute, cached: bool)
     return (str(x_dtype), str(w_dtype), str(compute), n, k, bucket, cached)
 
 
-def choose(key: tuple, ours, theirs) -> str:
-    """"vlmfast" or "torch" for the class `key`; on its first call times ours() and theirs()
-    (one warm-up each, then interleaved best-of-three). Under a forced mode, no timing."""
+def choose(key: tuple, make_ours, make_theirs) -> str:
+    """"vlmfast" or "torch" for the class `key`; on its first call builds the two callables
+    (make_ours(), make_theirs(): set-up such as packing stays out of the timing) and times them
+    (one warm-up each, then interleaved best of two). Under a forced mode, no timing."""
     if _mode != "measure":
         return _mode
     decision = _decisions.get(key)
     if decision is not None:
         return decision["backend"]
     with torch.no_grad():
+        ours, theirs = make_ours(), make_theirs()
         ours()
         theirs()
         ours_ms, theirs_ms = float("inf"), float("inf")
