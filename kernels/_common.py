@@ -11,6 +11,7 @@ compile_all compiles exactly what can run.
 import contextlib
 import dataclasses
 import functools
+import inspect
 import os
 import time
 
@@ -29,6 +30,13 @@ TUNE = os.environ.get("VLMFAST_TUNE", "0") == "1"
 
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 KERNEL_DTYPES = tuple(TRITON_DTYPES)
+
+# VLMFAST_KERNEL_REPORT=FILE: each distinct compiled kernel a launch runs appends one JSON line
+# (kernel, its constexprs and launch options, registers, spills, shared memory as the GPU's
+# driver reports them) to FILE. benchmarks/gpu_check.sh sets it: the runtime check of what
+# compile_all checks without a GPU.
+KERNEL_REPORT = os.environ.get("VLMFAST_KERNEL_REPORT")
+_reported: set = set()
 
 # CUDA launch limits: grid axis 0 up to 2^31 - 1 programs, axes 1 and 2 up to 65535.
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
@@ -124,10 +132,28 @@ def device_guard(tensor: torch.Tensor):
 def launch(kernel, grid: tuple, *args, **kwargs):
     """kernel[grid](*args, **kwargs) on the device of the first tensor argument, after checking the
     grid against CUDA's limits. Every launcher launches through here."""
-    check_grid(grid, kernel.__name__)
+    check_grid(grid, kernel_name(kernel))
     tensor = next(a for a in args if isinstance(a, torch.Tensor))
     with device_guard(tensor):
-        return kernel[grid](*args, **kwargs)
+        compiled = kernel[grid](*args, **kwargs)
+    if KERNEL_REPORT and tensor.is_cuda:
+        _report(kernel, compiled, kwargs, tensor.device)
+    return compiled
+
+
+def _report(kernel, compiled, kwargs: dict, device: torch.device) -> None:
+    import json
+
+    constants = {k: v for k, v in sorted(kwargs.items()) if isinstance(v, (bool, int, str))}
+    key = (kernel_name(kernel), tuple(constants.items()), device.index)
+    if key in _reported or compiled is None:
+        return
+    _reported.add(key)
+    record = {"kernel": kernel_name(kernel), "config": constants, "device": torch.cuda.get_device_name(device),
+              "registers": getattr(compiled, "n_regs", None), "spills": getattr(compiled, "n_spills", None),
+              "shared_bytes": getattr(getattr(compiled, "metadata", None), "shared", None)}
+    with open(KERNEL_REPORT, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 # ----------------------------------------------------------------------------- tuning
@@ -178,6 +204,19 @@ def tiles(config: dict) -> dict:
 # ----------------------------------------------------------------------------- compile variants
 
 
+def kernel_name(kernel) -> str:
+    return kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+
+
+def kernel_params(kernel) -> list[tuple[str, bool]]:
+    """(name, is_constexpr) of each argument of a @triton.jit kernel, compiled or interpreted
+    (under TRITON_INTERPRET=1 the kernel is an InterpretedFunction without `params`)."""
+    if hasattr(kernel, "params"):
+        return [(p.name, p.is_constexpr) for p in kernel.params]
+    signature = inspect.signature(kernel.fn)
+    return [(name, p.annotation is tl.constexpr) for name, p in signature.parameters.items()]
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """One compile of one kernel, as a launcher can launch it.
@@ -186,7 +225,10 @@ class Variant:
     "i32", "fp32", ...; an argument not named is "i32"); constexprs: every constexpr argument;
     options: num_warps / num_stages; dtype: the data dtype it is compiled for; default: whether
     the launcher picks this config without tuning (compile_all fails on spills only there);
-    case: a short label of the problem class the table maps here (head dim, flags)."""
+    case: a short label of the problem class the table maps here (head dim, flags); ints: the
+    integer arguments of a representative launch (contiguous tensors of that class), which
+    compile_all specialises as Triton does at launch (1 -> a constant, multiples of 16 ->
+    divisible by 16): the same code, registers and spills as the GPU will compile."""
 
     kernel: object
     types: dict
@@ -195,16 +237,20 @@ class Variant:
     dtype: torch.dtype
     default: bool = True
     case: str = ""
+    ints: dict = dataclasses.field(default_factory=dict)
 
     def signature(self) -> dict:
-        params = self.kernel.params
-        unknown = set(self.types) - {p.name for p in params}
-        if unknown:
-            raise ValueError(f"{self.kernel.__name__}: types name no such argument: {sorted(unknown)}")
-        missing = {p.name for p in params if p.is_constexpr} - set(self.constexprs)
+        # `types` may name arguments of a module's other kernels; a pointer left out would
+        # default to i32 and fail to compile, loudly.
+        params = kernel_params(self.kernel)
+        missing = {name for name, constexpr in params if constexpr} - set(self.constexprs)
         if missing:
-            raise ValueError(f"{self.kernel.__name__}: constexprs missing: {sorted(missing)}")
-        return {p.name: "constexpr" if p.is_constexpr else self.types.get(p.name, "i32") for p in params}
+            raise ValueError(f"{self.name}: constexprs missing: {sorted(missing)}")
+        return {name: "constexpr" if constexpr else self.types.get(name, "i32") for name, constexpr in params}
+
+    @property
+    def name(self) -> str:
+        return kernel_name(self.kernel)
 
     def describe(self) -> dict:
         """The config as compile_all writes it: dtype, case, constexprs and launch options."""

@@ -12,24 +12,24 @@ Every kernel works in the log2 domain: scores are scaled by scale * log2(e) so t
 exp2 (one MUFU op); lse is stored in the natural log. A row that can attend no key gets out = 0,
 lse = -inf, and zero gradients.
 
-Rotary (non-interleaved, tables (rows, R/2) float32) is applied to every q and k tile on load:
-x_rot = x * cos + partner(x) * (-sin | +sin), partner(d) = d +- R/2, a second (cached) load of the
-same rows. The backward works in the rotated space and turns dq, dk back with the inverse rotation
-in registers just before the store.
+Rotary (non-interleaved, tables (rows, R/2) float32) is applied in the forward to every q and k
+tile on load (16-bit inputs, E <= 128): x_rot = x * cos + partner(x) * (-sin | +sin),
+partner(d) = d +- R/2, a second (cached) load of the same rows. Elsewhere, and always in the
+backward (whose kernels would spill registers holding the partner and table tiles), the launcher
+rotates q and k with the rotary kernel first and turns dq, dk back with the conjugate rotation.
 
 Head dims that are not powers of two (40, 72, 80) load BLOCK_E = next power of two columns with a
 mask: nothing is padded in memory.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from vlmfast.kernels import _common
 from vlmfast.kernels._common import INTERPRETING, to_dtype_of
+from vlmfast.kernels._common import mma as _mma
 from vlmfast.runtime import alloc as _alloc
-from vlmfast.runtime.kernel_calls import record
 from vlmfast.runtime.kernel_calls import record
 
 LOG2E = 1.4426950408889634
@@ -69,29 +69,6 @@ def _load_tile(row_ptrs, rows, row_mask, e, e_ok, cos_ptr, sin_ptr, HALF, ROTARY
         # Rounded to the input dtype, as apply_rotary_emb's output would be.
         return to_dtype_of(x.to(tl.float32) * c + xp * s, row_ptrs, ROUND_BF16)
     return x
-
-
-@triton.jit
-def _unrotate(x, rows, row_mask, e, cos_ptr, sin_ptr, HALF):
-    """The inverse rotation of a float32 register tile (the transpose: sin negated)."""
-    partner, column, first, rotates = _rotary_parts(e, HALF)
-    xp = tl.gather(x, tl.broadcast_to(partner[None, :], x.shape), axis=1)
-    rmask = row_mask[:, None] & rotates[None, :]
-    table = rows.to(tl.int64)[:, None] * HALF + column[None, :]
-    c = tl.load(cos_ptr + table, mask=rmask, other=1.0)
-    s = tl.load(sin_ptr + table, mask=rmask, other=0.0)
-    # x_a = y_a cos + y_b sin ; x_b = y_b cos - y_a sin
-    s = tl.where(first[None, :], s, -s)
-    return x * c + xp * s
-
-
-@triton.jit
-def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """a @ b (+ acc) with float32 accumulation. The interpreter's dot multiplies bfloat16 as
-    raw bits: it gets float32 operands there (exact products, the same float32 sums)."""
-    if INTERPRETED:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -146,7 +123,7 @@ def _fwd_inner(
         k = _load_tile(k_rows, seq_start + n, n_ok, offs_e, e_ok, cos_ptr, sin_ptr, HALF, ROTARY, ROUND_BF16)
         s = _mma(q, tl.trans(k), None, DOT_PRECISION, ROUND_BF16) * qk_scale
         if HAS_BIAS:
-            bias = tl.load(bias_rows + n[None, :] * sbs, mask=m_ok[:, None] & n_ok[None, :],
+            bias = tl.load(bias_rows + n.to(tl.int64)[None, :] * sbs, mask=m_ok[:, None] & n_ok[None, :],
                            other=float("-inf"))
             s += bias * 1.4426950408889634
         if MASKED:
@@ -167,14 +144,16 @@ def _fwd_kernel(
     Q, K, V, Bias, Cos, Sin, Out, Lse, CuSeqlens,
     sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sob, soh, sol,
     sbb, sbh, sbl, sbs, slb, slh,
-    H, GROUP, L, S, E, HALF, scale,
+    H, GROUP, L, S, E, HALF, scale, M_BLOCKS,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, ROTARY: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_E: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
-    # One program: BLOCK_M queries of one (batch or sequence, head).
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # One program: BLOCK_M queries of one (batch or sequence, head). A 1-D grid, query blocks
+    # fastest (the programs of one head run together and share its K/V in L2); B * H on a
+    # second axis would be limited to 65535.
+    pid_m = tl.program_id(0) % M_BLOCKS
+    pid_bh = tl.program_id(0) // M_BLOCKS
     b = pid_bh // H
     h = (pid_bh % H).to(tl.int64)  # head offsets h * stride may pass 2**31
     hk = h // GROUP
@@ -244,8 +223,8 @@ def _decode_split_kernel(
     # Its rows are the GROUP * L (query head, query) pairs that read this kv head, so the K/V
     # chunk is loaded once for the whole group. Partial results (normalised by their own sum)
     # and their log2-sum-exp go to float32 scratch (B, H, L, NSPLIT, E) and (B, H, L, NSPLIT).
-    split = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    split = tl.program_id(0) % NSPLIT  # 1-D grid, splits fastest
+    pid_bh = tl.program_id(0) // NSPLIT
     hkv = H // GROUP
     b = (pid_bh // hkv).to(tl.int64)
     hk = (pid_bh % hkv).to(tl.int64)
@@ -277,7 +256,7 @@ def _decode_split_kernel(
         s = _mma(q, tl.trans(k), None, DOT_PRECISION, ROUND_BF16) * qk_scale
         keep = n_ok[None, :] & r_ok[:, None]
         if HAS_BIAS:
-            bias = tl.load(bias_rows + n[None, :] * sbs, mask=keep, other=float("-inf"))
+            bias = tl.load(bias_rows + n.to(tl.int64)[None, :] * sbs, mask=keep, other=float("-inf"))
             s += bias * 1.4426950408889634
         if IS_CAUSAL:
             keep = keep & (n[None, :] <= i[:, None])
@@ -300,25 +279,34 @@ def _decode_combine_kernel(
     OutPart, LsePart, Out, Lse, H, L, E, NSPLIT, sob, soh, sol,
     BLOCK_SPLIT: tl.constexpr, BLOCK_E: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
-    # out = sum_s w_s o_s / sum_s w_s with w_s = exp2(lse_s - max lse): one program per query row.
+    # out = sum_s w_s o_s / sum_s w_s with w_s = exp2(lse_s - max lse): one program per query
+    # row, the splits read BLOCK_SPLIT at a time with a running max (any NSPLIT, one compile).
     row = tl.program_id(0).to(tl.int64)  # (b, h, i) flat
     i = row % L
     h = (row // L) % H
     b = row // (L * H)
-    sp = tl.arange(0, BLOCK_SPLIT)
-    sp_ok = sp < NSPLIT
     offs_e = tl.arange(0, BLOCK_E)
     e_ok = offs_e < E
-    lse = tl.load(LsePart + row * NSPLIT + sp, mask=sp_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
+    m = tl.full((), float("-inf"), tl.float32)
+    total = tl.zeros((), tl.float32)
+    acc = tl.zeros((BLOCK_E,), tl.float32)
+    for s0 in range(0, NSPLIT, BLOCK_SPLIT):
+        sp = s0 + tl.arange(0, BLOCK_SPLIT)
+        sp_ok = sp < NSPLIT
+        lse = tl.load(LsePart + row * NSPLIT + sp, mask=sp_ok, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_safe)
+        w = tl.math.exp2(lse - m_safe)
+        parts = tl.load(OutPart + (row * NSPLIT + sp)[:, None] * E + offs_e[None, :],
+                        mask=sp_ok[:, None] & e_ok[None, :], other=0.0)
+        acc = acc * alpha + tl.sum(parts * w[:, None], 0)
+        total = total * alpha + tl.sum(w, 0)
+        m = m_new
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse - m_safe)
-    total = tl.sum(w, 0)
-    parts = tl.load(OutPart + (row * NSPLIT + sp)[:, None] * E + offs_e[None, :],
-                    mask=sp_ok[:, None] & e_ok[None, :], other=0.0)
     total_safe = tl.where(total == 0.0, 1.0, total)
-    out = tl.sum(parts * w[:, None], 0) / total_safe
-    tl.store(Out + b * sob + h * soh + i * sol + offs_e, to_dtype_of(out, Out, ROUND_BF16), mask=e_ok)
+    tl.store(Out + b * sob + h * soh + i * sol + offs_e, to_dtype_of(acc / total_safe, Out, ROUND_BF16),
+             mask=e_ok)
     lse_out = tl.where(total == 0.0, float("-inf"), (m_safe + tl.math.log2(total_safe)) * 0.6931471805599453)
     tl.store(Lse + row, lse_out)
 
@@ -328,12 +316,12 @@ def _decode_combine_kernel(
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    Out, DO, Delta, CuSeqlens, sob, soh, sol, sdb, sdh, sdl, slb, slh, H, L, E,
+    Out, DO, Delta, CuSeqlens, sob, soh, sol, sdb, sdh, sdl, slb, slh, H, L, E, M_BLOCKS,
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    # D_i = rowsum(dO_i * O_i), float32, laid out like lse.
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # D_i = rowsum(dO_i * O_i), float32, laid out like lse. 1-D grid, row blocks fastest.
+    pid_m = tl.program_id(0) % M_BLOCKS
+    pid_bh = tl.program_id(0) // M_BLOCKS
     b = pid_bh // H
     h = (pid_bh % H).to(tl.int64)  # head offsets h * stride may pass 2**31
     seq_start, L, S = _sequence(CuSeqlens, b, L, L, VARLEN)
@@ -360,11 +348,11 @@ def _load_lse2(Lse, offs, ok):
 
 @triton.jit
 def _dkdv_inner(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_cols, cos_ptr, sin_ptr,
-    start, end, offs_n, n_ok, offs_m0, offs_e, e_ok, seq_start, L, HALF,
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_cols,
+    start, end, offs_n, n_ok, offs_m0, offs_e, e_ok, L,
     sql, sdl, sbl, qk_scale,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ROTARY: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ROUND_BF16: tl.constexpr,
 ):
     # Transposed tiles (keys x queries): dv += P^T dO ; dk += dS^T q, dS = P * (dP - D).
@@ -372,7 +360,7 @@ def _dkdv_inner(
         m = m0 + offs_m0
         m_ok = m < L
         q_rows = q_base + m.to(tl.int64)[:, None] * sql
-        q = _load_tile(q_rows, seq_start + m, m_ok, offs_e, e_ok, cos_ptr, sin_ptr, HALF, ROTARY, ROUND_BF16)
+        q = tl.load(q_rows + offs_e[None, :], mask=m_ok[:, None] & e_ok[None, :], other=0.0)
         lse2 = _load_lse2(lse_base, m, m_ok)
         s_t = _mma(k, tl.trans(q), None, DOT_PRECISION, ROUND_BF16) * qk_scale
         if HAS_BIAS:
@@ -397,18 +385,18 @@ def _dkdv_inner(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, Bias, Cos, Sin, DO, Lse, Delta, DK, DV, CuSeqlens,
+    Q, K, V, Bias, DO, Lse, Delta, DK, DV, CuSeqlens,
     sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sdb, sdh, sdl,
     sdkb, sdkh, sdks, sdvb, sdvh, sdvs, sbb, sbh, sbl, sbs, slb, slh,
-    H, GROUP, L, S, E, HALF, scale,
-    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, ROTARY: tl.constexpr,
+    H, GROUP, L, S, E, scale, N_BLOCKS,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_E: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     # One program: BLOCK_N keys of one kv head, summed over the GROUP query heads that read it
     # (GQA without atomics), every query block that can see them.
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_n = tl.program_id(0) % N_BLOCKS  # 1-D grid, key blocks fastest
+    pid_bh = tl.program_id(0) // N_BLOCKS
     hkv = H // GROUP
     b = pid_bh // hkv
     hk = (pid_bh % hkv).to(tl.int64)
@@ -426,7 +414,7 @@ def _dkdv_kernel(
     kv_mask = n_ok[:, None] & e_ok[None, :]
 
     k_rows = K + b64 * skb + hk * skh + (seq_start + offs_n).to(tl.int64)[:, None] * sks
-    k = _load_tile(k_rows, seq_start + offs_n, n_ok, offs_e, e_ok, Cos, Sin, HALF, ROTARY, ROUND_BF16)
+    k = tl.load(k_rows + offs_e[None, :], mask=kv_mask, other=0.0)
     v_rows = V + b64 * svb + hk * svh + (seq_start + offs_n).to(tl.int64)[:, None] * svs
     v = tl.load(v_rows + offs_e[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
@@ -451,24 +439,22 @@ def _dkdv_kernel(
         delta_base = Delta + b64 * slb + h * slh + seq_start
         bias_cols = Bias + b64 * sbb + h * sbh + offs_n.to(tl.int64)[:, None] * sbs
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_cols, Cos, Sin,
-            m_start, mid, offs_n, n_ok, offs_m0, offs_e, e_ok, seq_start, L, HALF,
-            sql, sdl, sbl, qk_scale, True, IS_CAUSAL, HAS_BIAS, ROTARY, BLOCK_M,
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_cols,
+            m_start, mid, offs_n, n_ok, offs_m0, offs_e, e_ok, L,
+            sql, sdl, sbl, qk_scale, True, IS_CAUSAL, HAS_BIAS, BLOCK_M,
             DOT_PRECISION, ROUND_BF16)
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_cols, Cos, Sin,
-            mid, full_end, offs_n, n_ok, offs_m0, offs_e, e_ok, seq_start, L, HALF,
-            sql, sdl, sbl, qk_scale, False, IS_CAUSAL, HAS_BIAS, ROTARY, BLOCK_M,
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_cols,
+            mid, full_end, offs_n, n_ok, offs_m0, offs_e, e_ok, L,
+            sql, sdl, sbl, qk_scale, False, IS_CAUSAL, HAS_BIAS, BLOCK_M,
             DOT_PRECISION, ROUND_BF16)
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_cols, Cos, Sin,
-            full_end, L, offs_n, n_ok, offs_m0, offs_e, e_ok, seq_start, L, HALF,
-            sql, sdl, sbl, qk_scale, True, IS_CAUSAL, HAS_BIAS, ROTARY, BLOCK_M,
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_cols,
+            full_end, L, offs_n, n_ok, offs_m0, offs_e, e_ok, L,
+            sql, sdl, sbl, qk_scale, True, IS_CAUSAL, HAS_BIAS, BLOCK_M,
             DOT_PRECISION, ROUND_BF16)
 
     dk = dk * scale  # dk = scale * dS^T q
-    if ROTARY:
-        dk = _unrotate(dk, seq_start + offs_n, n_ok, offs_e, Cos, Sin, HALF)
     rows = (seq_start + offs_n).to(tl.int64)[:, None]
     tl.store(DK + b64 * sdkb + hk * sdkh + rows * sdks + offs_e[None, :],
              to_dtype_of(dk, DK, ROUND_BF16), mask=kv_mask)
@@ -478,11 +464,11 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_inner(
-    dq, q, do, lse2, delta, k_base, v_base, bias_rows, cos_ptr, sin_ptr,
-    start, end, offs_m, m_ok, offs_n0, offs_e, e_ok, seq_start, S, HALF,
+    dq, q, do, lse2, delta, k_base, v_base, bias_rows,
+    start, end, offs_m, m_ok, offs_n0, offs_e, e_ok, S,
     sks, svs, sbs, qk_scale,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ROTARY: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ROUND_BF16: tl.constexpr,
 ):
     # dq += dS k, dS = P * (dP - D), dP = dO v^T.
@@ -490,12 +476,12 @@ def _dq_inner(
         n = n0 + offs_n0
         n_ok = n < S
         k_rows = k_base + n.to(tl.int64)[:, None] * sks
-        k = _load_tile(k_rows, seq_start + n, n_ok, offs_e, e_ok, cos_ptr, sin_ptr, HALF, ROTARY, ROUND_BF16)
+        k = tl.load(k_rows + offs_e[None, :], mask=n_ok[:, None] & e_ok[None, :], other=0.0)
         v = tl.load(v_base + n.to(tl.int64)[:, None] * svs + offs_e[None, :],
                     mask=n_ok[:, None] & e_ok[None, :], other=0.0)
         s = _mma(q, tl.trans(k), None, DOT_PRECISION, ROUND_BF16) * qk_scale
         if HAS_BIAS:
-            bias = tl.load(bias_rows + n[None, :] * sbs, mask=m_ok[:, None] & n_ok[None, :],
+            bias = tl.load(bias_rows + n.to(tl.int64)[None, :] * sbs, mask=m_ok[:, None] & n_ok[None, :],
                            other=float("-inf"))
             s += bias * 1.4426950408889634
         p = tl.math.exp2(s - lse2[:, None])
@@ -512,17 +498,17 @@ def _dq_inner(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, Bias, Cos, Sin, DO, Lse, Delta, DQ, CuSeqlens,
+    Q, K, V, Bias, DO, Lse, Delta, DQ, CuSeqlens,
     sqb, sqh, sql, skb, skh, sks, svb, svh, svs, sdb, sdh, sdl,
     sdqb, sdqh, sdql, sbb, sbh, sbl, sbs, slb, slh,
-    H, GROUP, L, S, E, HALF, scale,
-    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, ROTARY: tl.constexpr,
+    H, GROUP, L, S, E, scale, M_BLOCKS,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_E: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
-    # One program: dq of BLOCK_M queries of one head (no atomics: it owns its rows).
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # One program: dq of BLOCK_M queries of one head (no atomics: it owns its rows). 1-D grid.
+    pid_m = tl.program_id(0) % M_BLOCKS
+    pid_bh = tl.program_id(0) // M_BLOCKS
     b = pid_bh // H
     h = (pid_bh % H).to(tl.int64)  # head offsets h * stride may pass 2**31
     hk = h // GROUP
@@ -539,8 +525,7 @@ def _dq_kernel(
     mask = m_ok[:, None] & e_ok[None, :]
     rows = (seq_start + offs_m).to(tl.int64)[:, None]
 
-    q = _load_tile(Q + b64 * sqb + h * sqh + rows * sql, seq_start + offs_m, m_ok, offs_e, e_ok,
-                   Cos, Sin, HALF, ROTARY, ROUND_BF16)
+    q = tl.load(Q + b64 * sqb + h * sqh + rows * sql + offs_e[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b64 * sdb + h * sdh + rows * sdl + offs_e[None, :], mask=mask, other=0.0)
     lse2 = _load_lse2(Lse + b64 * slb + h * slh + seq_start, offs_m, m_ok)
     delta = tl.load(Delta + b64 * slb + h * slh + seq_start + offs_m, mask=m_ok, other=0.0)
@@ -556,80 +541,108 @@ def _dq_kernel(
     else:
         end = S
         full_end = (S // BLOCK_N) * BLOCK_N
-    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_rows, Cos, Sin, 0, full_end,
-                   offs_m, m_ok, offs_n0, offs_e, e_ok, seq_start, S, HALF, sks, svs, sbs,
-                   qk_scale, False, IS_CAUSAL, HAS_BIAS, ROTARY, BLOCK_N, DOT_PRECISION,
-                   ROUND_BF16)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_rows, Cos, Sin, full_end, end,
-                   offs_m, m_ok, offs_n0, offs_e, e_ok, seq_start, S, HALF, sks, svs, sbs,
-                   qk_scale, True, IS_CAUSAL, HAS_BIAS, ROTARY, BLOCK_N, DOT_PRECISION,
-                   ROUND_BF16)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_rows, 0, full_end,
+                   offs_m, m_ok, offs_n0, offs_e, e_ok, S, sks, svs, sbs,
+                   qk_scale, False, IS_CAUSAL, HAS_BIAS, BLOCK_N, DOT_PRECISION, ROUND_BF16)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, bias_rows, full_end, end,
+                   offs_m, m_ok, offs_n0, offs_e, e_ok, S, sks, svs, sbs,
+                   qk_scale, True, IS_CAUSAL, HAS_BIAS, BLOCK_N, DOT_PRECISION, ROUND_BF16)
     dq = dq * scale  # dq = scale * dS k
-    if ROTARY:
-        dq = _unrotate(dq, seq_start + offs_m, m_ok, offs_e, Cos, Sin, HALF)
     tl.store(DQ + b64 * sdqb + h * sdqh + rows * sdql + offs_e[None, :],
              to_dtype_of(dq, DQ, ROUND_BF16), mask=mask)
 
 
 # ----------------------------------------------------------------------------- configs
 
+BLOCK_ES = (16, 32, 64, 128, 256)  # the BLOCK_E of every head dim from 1 to 256
+# Rotary is fused into the attention kernels for 16-bit inputs up to this BLOCK_E. Beyond, and
+# for float32 (FMA dots), its partner and table tiles spill registers at any tile size: q and k
+# are rotated by the rotary kernel first (one more pass over them) and dq, dk rotated back
+# after the backward.
+FUSED_ROTARY_MAX_E = 128
+SHORT = 64  # queries of a "short" sequence (ViT-B/32: 50 tokens), which a 64-row tile wastes less of
+
 
 def _block_e(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-# Tiles per head dim, fixed (no autotuning: one compile per variant), chosen for Hopper by
-# compiling each variant for sm_90a and keeping the largest tiles that ptxas fits in 255
-# registers a thread with no (or a few bytes of) spill. A bias holds one more float32 tile, and
-# rotary the partner tile and two float32 table tiles per streamed tile: both take narrower
-# streamed tiles. (Still spilling, 1-2 KB a thread: the rotary dk/dv kernel from E = 72 on.)
+def fuses_rotary(block_e: int, dtype: torch.dtype) -> bool:
+    return dtype != torch.float32 and block_e <= FUSED_ROTARY_MAX_E
 
 
-def _forward_config(head_dim: int, dtype: torch.dtype, length: int, rotary: bool = False,
-                    bias: bool = False) -> dict:
-    if INTERPRETING:
-        return dict(BLOCK_M=16, BLOCK_N=16)
-    block_e = _block_e(head_dim)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-    if block_e <= 64 and length <= 64:
-        # Short sequences (ViT-B/32: 50 tokens) waste less of a 64-row tile.
-        return dict(BLOCK_M=64, BLOCK_N=32 if rotary else 64, num_warps=4, num_stages=2 if rotary else 3)
+def _tile(block_m: int, block_n: int, warps: int, stages: int) -> dict:
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+
+
+_INTERPRETER = [dict(BLOCK_M=16, BLOCK_N=16)]  # the interpreter's cost grows with the tile
+
+# Tile tables: candidate configs per (target, problem class), the default first; the others are
+# what VLMFAST_TUNE=1 times on a GPU. Every entry compiles for its target without register
+# spills and within its shared memory (python -m vlmfast.kernels.compile_all checks it in CI).
+# A bias holds one more float32 tile, rotary the partner tile and two float32 table tiles per
+# streamed tile: both take narrower streamed tiles.
+
+
+def forward_tiles(target: str, dtype: torch.dtype, block_e: int, short: bool, rotary: bool,
+                  bias: bool) -> list[dict]:
+    """Candidates for _fwd_kernel (BLOCK_M queries held, BLOCK_N keys streamed)."""
+    rotary = rotary and fuses_rotary(block_e, dtype)
+    if target == "interpreter":
+        return _INTERPRETER
+    if dtype == torch.float32:  # FMA dots ("ieee"): their operand layouts take small tiles
+        if block_e <= 64:
+            return [_tile(32, 32, 4, 2)]
+        return [_tile(16, 32, 8, 2)] if block_e <= 128 else [_tile(16, 16, 8, 1)]
+    if block_e <= 64 and short:
+        return [_tile(64, 32 if rotary else 64, 4, 2 if rotary else 3)]
     if block_e <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=32 if rotary else 64, num_warps=8, num_stages=2 if rotary else 3)
+        return [_tile(128, 32 if rotary else 64, 8, 2 if rotary else 3), _tile(64, 64, 4, 3)]
     if block_e <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=32 if rotary or bias else 64, num_warps=8,
-                    num_stages=2 if rotary else 3)
-    return dict(BLOCK_M=64, BLOCK_N=32 if rotary else 64, num_warps=8, num_stages=2)
+        return [_tile(128, 32 if rotary or bias else 64, 8, 2 if rotary else 3)]
+    return [_tile(64, 32 if bias else 64, 8, 2)]
 
 
-def _backward_configs(head_dim: int, dtype: torch.dtype, rotary: bool = False,
-                      bias: bool = False) -> tuple[dict, dict]:
-    """(dk/dv config, dq config): the dk/dv kernel holds BLOCK_N keys and streams queries, the
-    dq kernel the other way round (the 32 x 128 / 128 x 32 split of the Triton tutorial)."""
-    if INTERPRETING:
-        return dict(BLOCK_M=16, BLOCK_N=16), dict(BLOCK_M=16, BLOCK_N=16)
-    block_e = _block_e(head_dim)
-    if dtype == torch.float32:
-        small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
-        return small, dict(small)
+def backward_tiles(target: str, dtype: torch.dtype, block_e: int, bias: bool) -> tuple[list[dict], list[dict]]:
+    """(dk/dv candidates, dq candidates): the dk/dv kernel holds BLOCK_N keys, their float32 dk
+    and dv and streams BLOCK_M queries; the dq kernel the other way round. (The backward never
+    fuses rotary: the launcher rotates q and k first.)"""
+    if target == "interpreter":
+        return _INTERPRETER, _INTERPRETER
+    if dtype == torch.float32:  # FMA dots: small tiles
+        if block_e <= 64:
+            return [_tile(32, 32, 8, 2)], [_tile(32, 32, 4, 2)]
+        if block_e <= 128:
+            return [_tile(16, 16, 8, 1)], [_tile(32, 16, 4, 2)]
+        return [_tile(16, 16, 8, 1)], [_tile(16, 16, 4, 1)]
     if block_e <= 64:
-        if rotary:
-            return (dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
-                    dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2))
-        return (dict(BLOCK_M=32, BLOCK_N=64 if bias else 128, num_warps=8, num_stages=3),
-                dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3))
+        return [_tile(32, 32 if bias else 128, 8, 2 if bias else 3)], [_tile(128, 32, 8, 3)]
     if block_e <= 128:
-        kv = dict(BLOCK_M=64, BLOCK_N=32) if bias and not rotary else dict(BLOCK_M=32, BLOCK_N=64)
-        return (dict(kv, num_warps=8, num_stages=2),
-                dict(BLOCK_M=64, BLOCK_N=32 if rotary else 64, num_warps=8, num_stages=2))
-    return (dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
-            dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2))
+        return [_tile(32, 32, 8, 1 if bias else 2)], [_tile(64, 32 if bias else 64, 8, 2)]
+    return [_tile(32, 32, 8, 1)], [_tile(32 if bias else 64, 32, 8, 2)]
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs must stay float32 (TF32 would miss the 1e-5 tolerance).
-    return "ieee" if dtype == torch.float32 else "tf32"
+def decode_tiles(target: str, dtype: torch.dtype, block_e: int, rows: int) -> dict:
+    """_decode_split_kernel's config for `rows` = GROUP * L query rows of a kv head (<= 64)."""
+    block_m = max(16, triton.next_power_of_2(rows))
+    if target == "interpreter":
+        return dict(BLOCK_M=block_m, BLOCK_N=16)
+    if dtype == torch.float32:  # FMA dots
+        return dict(BLOCK_M=block_m, BLOCK_N=32 if block_e <= 64 else 16, num_warps=8 if block_m == 64 else 4,
+                    num_stages=2 if block_e <= 64 else 1)
+    # E 256: 32-key tiles keep the K/V pipeline stages within shared memory; 64 rows take 8 warps
+    # (4 spill registers).
+    return dict(BLOCK_M=block_m, BLOCK_N=64 if block_e <= 128 else 32, num_warps=8 if block_m == 64 else 4,
+                num_stages=3)
+
+
+DECODE_ROWS = 64  # at most GROUP * L query rows in one decode tile
+COMBINE_SPLITS = 16  # splits the combine kernel reads at a time
+PREPROCESS_ROWS = {"interpreter": 16}  # rows per program of the backward's preprocessing (64 on a GPU)
+
+
+def _preprocess_rows(target: str) -> int:
+    return PREPROCESS_ROWS.get(target, 64)
 
 
 def _bias_args(bias, device):
@@ -647,15 +660,93 @@ def _rotary_args(rotary, device):
     return cos.float().contiguous(), sin.float().contiguous(), cos.shape[-1]
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 132  # the interpreter: pretend to be an H100 so the same choices get tested
+def blocks_grid(blocks: int, pairs: int) -> tuple[int]:
+    """The 1-D grid of `blocks` row blocks for each of `pairs` (batch or sequence, head) pairs,
+    row blocks fastest (axis 0 allows 2^31 - 1 programs; B * H = 65536 on axis 1 would not fit)."""
+    return (blocks * pairs,)
 
 
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+# ----------------------------------------------------------------------------- compile variants
+
+
+def _types(dtype: torch.dtype) -> dict:
+    data = "*" + _common.TRITON_DTYPES[dtype]
+    types = {name: data for name in ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")}
+    types.update({name: "*fp32" for name in ("Bias", "Cos", "Sin", "Lse", "Delta", "OutPart", "LsePart")})
+    types.update(CuSeqlens="*i32", scale="fp32")
+    return types
+
+
+def _sample_ints(block_e: int, varlen: bool) -> dict:
+    """Integer arguments of a representative launch: contiguous (B, H, L, E) tensors (packed
+    (T, H, E) for varlen), E = BLOCK_E, H = 8 query heads over 4 kv heads, L = S = 1024, a
+    contiguous float32 (B, H, L, S) bias."""
+    heads, length, e = 8, 1024, block_e
+    batch, head, row = (0, e, heads * e) if varlen else (heads * length * e, length * e, e)
+    ints = dict(H=heads, GROUP=2, L=0 if varlen else length, S=0 if varlen else length, E=e, HALF=e // 2,
+                M_BLOCKS=16, N_BLOCKS=16, CHUNK=512, NSPLIT=2, sbb=heads * length * length,
+                sbh=length * length, sbl=length, sbs=1, slb=0 if varlen else heads * length, slh=length)
+    for t in ("q", "k", "v", "o", "d", "dk", "dv", "dq"):
+        last = {"q": "l", "k": "s", "v": "s", "o": "l", "d": "l", "dk": "s", "dv": "s", "dq": "l"}[t]
+        ints.update({f"s{t}b": batch, f"s{t}h": head, f"s{t}{last}": row})
+    return ints
+
+
+def variants(target: str) -> list:
+    """Every compile the launchers can ask for on `target`: each (kernel, dtype, tile config) once,
+    with the heaviest constexprs that lead to it (the largest BLOCK_E of its class, bias, rotary
+    and causal on where they map there), plus a packed-sequence (VARLEN) variant of each kernel
+    that has one."""
+    chosen: dict = {}
+
+    def add(kernel, dtype, config, default, flags, case, tag=""):
+        key = (_common.kernel_name(kernel), dtype, tuple(sorted(config.items())), tag)
+        weight = (flags.get("BLOCK_E", 0), flags.get("ROTARY", False), flags.get("HAS_BIAS", False),
+                  flags.get("IS_CAUSAL", False), flags.get("BLOCK_M", 0))
+        if key not in chosen or weight > chosen[key][0] or (default and not chosen[key][1].default):
+            names = {name for name, _ in _common.kernel_params(kernel)}
+            constexprs = {**flags, **_common.tiles(config)}
+            if "DOT_PRECISION" in names:
+                constexprs["DOT_PRECISION"] = _common.dot_precision(dtype)
+            if "ROUND_BF16" in names:
+                constexprs["ROUND_BF16"] = False
+            ints = _sample_ints(flags.get("BLOCK_E", 64), flags.get("VARLEN", False))
+            chosen[key] = (weight, _common.Variant(kernel, _types(dtype), constexprs,
+                                                   _common.launch_options(config), dtype, default, case, ints))
+
+    for dtype in _common.KERNEL_DTYPES:
+        for block_e in BLOCK_ES:
+            for rotary in (False, True) if fuses_rotary(block_e, dtype) else (False,):
+                for bias in (False, True):
+                    flags = dict(IS_CAUSAL=True, HAS_BIAS=bias, ROTARY=rotary, VARLEN=False, BLOCK_E=block_e)
+                    case = f"E<={block_e}" + " rotary" * rotary + " bias" * bias
+                    for short in (True, False):
+                        for i, config in enumerate(forward_tiles(target, dtype, block_e, short, rotary, bias)):
+                            add(_fwd_kernel, dtype, config, i == 0, flags, case + " short" * short)
+                    if rotary:
+                        continue  # the backward never fuses rotary
+                    kv, dq = backward_tiles(target, dtype, block_e, bias)
+                    backward_flags = dict(IS_CAUSAL=True, HAS_BIAS=bias, VARLEN=False, BLOCK_E=block_e)
+                    for kernel, candidates in ((_dkdv_kernel, kv), (_dq_kernel, dq)):
+                        for i, config in enumerate(candidates):
+                            add(kernel, dtype, config, i == 0, backward_flags, case)
+            for bias in (False, True):
+                for rows in (16, 32, DECODE_ROWS):
+                    add(_decode_split_kernel, dtype, decode_tiles(target, dtype, block_e, rows), True,
+                        dict(IS_CAUSAL=True, HAS_BIAS=bias, BLOCK_E=block_e), f"E<={block_e} rows<={rows}" + " bias" * bias)
+            add(_decode_combine_kernel, dtype, dict(BLOCK_SPLIT=COMBINE_SPLITS), True, dict(BLOCK_E=block_e),
+                f"E<={block_e}")
+            add(_bwd_preprocess_kernel, dtype, dict(BLOCK_M=_preprocess_rows(target)), True,
+                dict(VARLEN=True, BLOCK_E=block_e), f"E<={block_e}")
+        # Packed sequences: the same tables; one compile per kernel proves the VARLEN path.
+        flags = dict(IS_CAUSAL=True, HAS_BIAS=False, ROTARY=True, VARLEN=True, BLOCK_E=64)
+        add(_fwd_kernel, dtype, forward_tiles(target, dtype, 64, False, True, False)[0], True, flags,
+            "E<=64 rotary varlen", "varlen")
+        kv, dq = backward_tiles(target, dtype, 64, False)
+        flags = dict(IS_CAUSAL=True, HAS_BIAS=False, VARLEN=True, BLOCK_E=64)
+        add(_dkdv_kernel, dtype, kv[0], True, flags, "E<=64 varlen", "varlen")
+        add(_dq_kernel, dtype, dq[0], True, flags, "E<=64 varlen", "varlen")
+    return [variant for _, variant in chosen.values()]
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -669,21 +760,35 @@ def use_decode(q: torch.Tensor, k: torch.Tensor, *, rotary, varlen: bool = False
     if rotary is not None or varlen:
         return False
     length, group = q.shape[2], q.shape[1] // k.shape[1]
-    return length <= 16 and group * length <= 64 and k.shape[2] >= 2 * _decode_block_n(q.shape[-1])
+    return (length <= 16 and group * length <= DECODE_ROWS
+            and k.shape[2] >= 2 * _decode_block_n(q.shape[-1], q.device, q.dtype))
 
 
-def _decode_block_n(head_dim: int) -> int:
-    # E 256: 32-key tiles keep the K/V pipeline stages within shared memory.
-    return 16 if INTERPRETING else (64 if _block_e(head_dim) <= 128 else 32)
+def _decode_block_n(head_dim: int, device: torch.device | None = None, dtype: torch.dtype = torch.bfloat16) -> int:
+    target = _common.target_of(device) if device is not None else ("interpreter" if INTERPRETING else "sm_90")
+    return decode_tiles(target, dtype, _block_e(head_dim), 1)["BLOCK_N"]
+
+
+def _rotate(x: torch.Tensor, rotary, seq_dim: int, conjugate: bool = False) -> torch.Tensor:
+    """x rotated by the rotary kernel ("rotate half" pairs, tables (rows, R/2) along seq_dim)."""
+    from vlmfast.kernels import rotary as triton_rotary
+
+    cos, sin = rotary
+    return triton_rotary.forward(x, cos, sin, False, conjugate, seq_dim)
+
+
+def _launch_tuned(name: str, key: tuple, candidates: list[dict], run):
+    return run(_common.choose(name, key, candidates, run))
 
 
 def forward(q, k, v, *, scale: float, is_causal: bool, bias=None, rotary=None):
     """q (B, H, L, E), k/v (B, Hkv, S, E) -> out (B, H, L, E) contiguous, lse (B, H, L) float32.
     `rotary` = (cos, sin) of shape (L, R/2), applied to q and k (requires L == S)."""
     record("attention", "triton")
-    record("attention", "triton")
     if use_decode(q, k, rotary=rotary):
         return forward_decode(q, k, v, scale=scale, is_causal=is_causal, bias=bias)
+    if rotary is not None and not fuses_rotary(_block_e(q.shape[-1]), q.dtype):
+        q, k, rotary = _rotate(q, rotary, 2), _rotate(k, rotary, 2), None
     batch, heads, length, head_dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
     out = _alloc.empty(batch, heads, length, head_dim, dtype=q.dtype, device=q.device)
@@ -692,18 +797,34 @@ def forward(q, k, v, *, scale: float, is_causal: bool, bias=None, rotary=None):
         return out, lse.fill_(float("-inf"))
     bias_t, bias_strides = _bias_args(bias, q.device)
     cos, sin, half = _rotary_args(rotary, q.device)
-    config = _forward_config(head_dim, q.dtype, length, rotary is not None, bias is not None)
-    grid = (triton.cdiv(length, config["BLOCK_M"]), batch * heads)
-    _fwd_kernel[grid](
-        q, k, v, bias_t, cos, sin, out, lse, lse,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        *bias_strides, *lse.stride()[:2],
-        heads, heads // kv_heads, length, keys, head_dim, half, float(scale),
-        IS_CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, ROTARY=rotary is not None,
-        VARLEN=False, BLOCK_E=_block_e(head_dim), DOT_PRECISION=_dot_precision(q.dtype),
-        ROUND_BF16=INTERPRETING, **config,
-    )
+    target, block_e = _common.target_of(q.device), _block_e(head_dim)
+    short, flags = length <= SHORT, (bool(is_causal), bias is not None, rotary is not None)
+
+    def run(config):
+        m_blocks = triton.cdiv(length, config["BLOCK_M"])
+        return _common.launch(
+            _fwd_kernel, blocks_grid(m_blocks, batch * heads),
+            q, k, v, bias_t, cos, sin, out, lse, lse,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            *bias_strides, *lse.stride()[:2],
+            heads, heads // kv_heads, length, keys, head_dim, half, float(scale), m_blocks,
+            IS_CAUSAL=flags[0], HAS_BIAS=flags[1], ROTARY=flags[2], VARLEN=False, BLOCK_E=block_e,
+            DOT_PRECISION=_common.dot_precision(q.dtype), ROUND_BF16=INTERPRETING, **config,
+        )
+
+    candidates = forward_tiles(target, q.dtype, block_e, short, rotary is not None, bias is not None)
+    _launch_tuned("attention_fwd", (target, q.dtype, block_e, short, flags, triton.next_power_of_2(keys)),
+                  candidates, run)
     return out, lse
+
+
+def decode_split(keys: int, block_n: int, kv_pairs: int, programs: int) -> tuple[int, int]:
+    """(splits, chunk): the keys cut into `splits` chunks of `chunk` keys (a multiple of
+    BLOCK_N) so that splits x (batch, kv head) pairs reach about `programs` programs."""
+    blocks = triton.cdiv(keys, block_n)
+    splits = max(1, min(blocks, triton.cdiv(programs, kv_pairs)))
+    chunk = triton.cdiv(blocks, splits) * block_n
+    return triton.cdiv(keys, chunk), chunk
 
 
 def forward_decode(q, k, v, *, scale: float, is_causal: bool, bias=None):
@@ -711,69 +832,80 @@ def forward_decode(q, k, v, *, scale: float, is_causal: bool, bias=None):
     batch, heads, length, head_dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    block_n = _decode_block_n(head_dim)
-    blocks = triton.cdiv(keys, block_n)
+    block_e = _block_e(head_dim)
+    config = decode_tiles(_common.target_of(q.device), q.dtype, block_e, group * length)
     # About two programs per SM over all (batch, kv head, chunk).
-    splits = max(1, min(blocks, triton.cdiv(2 * _sm_count(q.device), batch * kv_heads)))
-    chunk = triton.cdiv(blocks, splits) * block_n
-    splits = triton.cdiv(keys, chunk)
+    splits, chunk = decode_split(keys, config["BLOCK_N"], batch * kv_heads, 2 * _common.sm_count(q.device))
     out_part = _alloc.empty(batch, heads, length, splits, head_dim, dtype=torch.float32, device=q.device)
     lse_part = _alloc.empty(batch, heads, length, splits, dtype=torch.float32, device=q.device)
     out = _alloc.empty(batch, heads, length, head_dim, dtype=q.dtype, device=q.device)
     lse = _alloc.empty(batch, heads, length, dtype=torch.float32, device=q.device)
     bias_t, bias_strides = _bias_args(bias, q.device)
-    block_e = _block_e(head_dim)
-    _decode_split_kernel[(splits, batch * kv_heads)](
+    _common.launch(
+        _decode_split_kernel, blocks_grid(splits, batch * kv_heads),
         q, k, v, bias_t, out_part, lse_part,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bias_strides,
         heads, group, length, keys, head_dim, float(scale), chunk, splits,
-        IS_CAUSAL=bool(is_causal), HAS_BIAS=bias is not None,
-        BLOCK_M=max(16, triton.next_power_of_2(group * length)), BLOCK_N=block_n, BLOCK_E=block_e,
-        DOT_PRECISION=_dot_precision(q.dtype), ROUND_BF16=INTERPRETING,
-        **({} if INTERPRETING else dict(num_warps=4, num_stages=3)),
+        IS_CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, BLOCK_E=block_e,
+        DOT_PRECISION=_common.dot_precision(q.dtype), ROUND_BF16=INTERPRETING, **config,
     )
-    _decode_combine_kernel[(batch * heads * length,)](
+    _common.launch(
+        _decode_combine_kernel, (batch * heads * length,),
         out_part, lse_part, out, lse, heads, length, head_dim, splits, *out.stride()[:3],
-        BLOCK_SPLIT=max(2, triton.next_power_of_2(splits)), BLOCK_E=block_e, ROUND_BF16=INTERPRETING,
+        BLOCK_SPLIT=COMBINE_SPLITS, BLOCK_E=block_e, ROUND_BF16=INTERPRETING,
     )
     return out, lse
 
 
-def _backward(grad_out, q, k, v, out, lse, dq, dk, dv, *, scale, is_causal, bias, rotary,
+def _backward(grad_out, q, k, v, out, lse, dq, dk, dv, *, scale, is_causal, bias,
               cu_seqlens, dense_shape, max_seqlen):
-    """Shared launch of preprocess + dk/dv + dq for the dense and packed layouts. Tensors are
-    given as (batch-like, head, row, E) strides through `dense_shape` = (nb, H, Hkv, L, S)."""
+    """Shared launch of preprocess + dk/dv + dq for the dense and packed layouts (q, k already
+    rotated). Tensors are given as (batch-like, head, row, E) strides through `dense_shape` =
+    (nb, H, Hkv, L, S)."""
     nb, heads, kv_heads, length, keys = dense_shape
     head_dim = q.shape[-1]
     varlen = cu_seqlens is not None
     cu = cu_seqlens if varlen else lse
     strides = _strides4 if not varlen else _strides_packed
     delta = _alloc.empty_like(lse)
-    block_e = _block_e(head_dim)
+    target, block_e = _common.target_of(q.device), _block_e(head_dim)
     lse_strides = (0, lse.stride(0)) if varlen else lse.stride()[:2]
-    _bwd_preprocess_kernel[(triton.cdiv(max_seqlen, 64 if not INTERPRETING else 16), nb * heads)](
+    rows = _preprocess_rows(target)
+    m_blocks = triton.cdiv(max_seqlen, rows)
+    _common.launch(
+        _bwd_preprocess_kernel, blocks_grid(m_blocks, nb * heads),
         out, grad_out, delta, cu, *strides(out), *strides(grad_out), *lse_strides, heads,
-        length, head_dim, VARLEN=varlen, BLOCK_M=64 if not INTERPRETING else 16, BLOCK_E=block_e,
+        length, head_dim, m_blocks, VARLEN=varlen, BLOCK_M=rows, BLOCK_E=block_e,
     )
     bias_t, bias_strides = _bias_args(bias, q.device)
-    cos, sin, half = _rotary_args(rotary, q.device)
-    kv_config, q_config = _backward_configs(head_dim, q.dtype, rotary is not None, bias is not None)
-    common = dict(IS_CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, ROTARY=rotary is not None,
-                  VARLEN=varlen, BLOCK_E=block_e, DOT_PRECISION=_dot_precision(q.dtype),
-                  ROUND_BF16=INTERPRETING)
+    kv_tiles, q_tiles = backward_tiles(target, q.dtype, block_e, bias is not None)
+    common = dict(IS_CAUSAL=bool(is_causal), HAS_BIAS=bias is not None, VARLEN=varlen, BLOCK_E=block_e,
+                  DOT_PRECISION=_common.dot_precision(q.dtype), ROUND_BF16=INTERPRETING)
     max_keys = max_seqlen if varlen else keys
-    _dkdv_kernel[(triton.cdiv(max_keys, kv_config["BLOCK_N"]), nb * kv_heads)](
-        q, k, v, bias_t, cos, sin, grad_out, lse, delta, dk, dv, cu,
-        *strides(q), *strides(k), *strides(v), *strides(grad_out), *strides(dk), *strides(dv),
-        *bias_strides, *lse_strides, heads, heads // kv_heads, length, keys, head_dim, half,
-        float(scale), **common, **kv_config,
-    )
-    _dq_kernel[(triton.cdiv(max_seqlen, q_config["BLOCK_M"]), nb * heads)](
-        q, k, v, bias_t, cos, sin, grad_out, lse, delta, dq, cu,
-        *strides(q), *strides(k), *strides(v), *strides(grad_out), *strides(dq),
-        *bias_strides, *lse_strides, heads, heads // kv_heads, length, keys, head_dim, half,
-        float(scale), **common, **q_config,
-    )
+    key = (target, q.dtype, block_e, bool(is_causal), bias is not None, varlen, triton.next_power_of_2(max_seqlen))
+
+    def run_dkdv(config):
+        n_blocks = triton.cdiv(max_keys, config["BLOCK_N"])
+        return _common.launch(
+            _dkdv_kernel, blocks_grid(n_blocks, nb * kv_heads),
+            q, k, v, bias_t, grad_out, lse, delta, dk, dv, cu,
+            *strides(q), *strides(k), *strides(v), *strides(grad_out), *strides(dk), *strides(dv),
+            *bias_strides, *lse_strides, heads, heads // kv_heads, length, keys, head_dim,
+            float(scale), n_blocks, **common, **config,
+        )
+
+    def run_dq(config):
+        m_blocks = triton.cdiv(max_seqlen, config["BLOCK_M"])
+        return _common.launch(
+            _dq_kernel, blocks_grid(m_blocks, nb * heads),
+            q, k, v, bias_t, grad_out, lse, delta, dq, cu,
+            *strides(q), *strides(k), *strides(v), *strides(grad_out), *strides(dq),
+            *bias_strides, *lse_strides, heads, heads // kv_heads, length, keys, head_dim,
+            float(scale), m_blocks, **common, **config,
+        )
+
+    _launch_tuned("attention_dkdv", key, kv_tiles, run_dkdv)
+    _launch_tuned("attention_dq", key, q_tiles, run_dq)
 
 
 def _strides4(t):
@@ -789,7 +921,6 @@ def _strides_packed(t):
 def backward(grad_out, q, k, v, out, lse, *, scale: float, is_causal: bool, bias=None, rotary=None):
     """(dq, dk, dv) like (q, k, v) for the forward above; dk, dv summed over each GQA group."""
     record("attention_bwd", "triton")
-    record("attention_bwd", "triton")
     batch, heads, length, head_dim = q.shape
     kv_heads, keys = k.shape[1], k.shape[2]
     dq = _alloc.empty_like(q)
@@ -797,15 +928,18 @@ def backward(grad_out, q, k, v, out, lse, *, scale: float, is_causal: bool, bias
     dv = _alloc.empty(*v.shape, dtype=v.dtype, device=v.device)
     if length == 0 or keys == 0 or batch * heads == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    if rotary is not None:  # the backward works on rotated q, k (see backward_tiles)
+        q, k = _rotate(q, rotary, 2), _rotate(k, rotary, 2)
     _backward(grad_out, q, k, v, out, lse, dq, dk, dv, scale=scale, is_causal=is_causal,
-              bias=bias, rotary=rotary, cu_seqlens=None,
-              dense_shape=(batch, heads, kv_heads, length, keys), max_seqlen=length)
+              bias=bias, cu_seqlens=None, dense_shape=(batch, heads, kv_heads, length, keys),
+              max_seqlen=length)
+    if rotary is not None:  # gradients of the rotated q, k -> of q, k: the inverse (conjugate) rotation
+        return _rotate(dq, rotary, 2, conjugate=True), _rotate(dk, rotary, 2, conjugate=True), dv
     return dq, dk, dv
 
 
 def forward_varlen(q, k, v, cu_seqlens, max_seqlen: int, *, scale: float, is_causal: bool, rotary=None):
     """q (T, H, E), k/v (T, Hkv, E), cu_seqlens int32 (n + 1,) -> out (T, H, E), lse (H, T)."""
-    record("attention_varlen", "triton")
     record("attention_varlen", "triton")
     total, heads, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -814,26 +948,36 @@ def forward_varlen(q, k, v, cu_seqlens, max_seqlen: int, *, scale: float, is_cau
     lse = _alloc.empty(heads, total, dtype=torch.float32, device=q.device)
     if total == 0 or n_seq == 0 or max_seqlen == 0:
         return out, lse
+    if rotary is not None and not fuses_rotary(_block_e(head_dim), q.dtype):
+        q, k, rotary = _rotate(q, rotary, 0), _rotate(k, rotary, 0), None
     bias_t, _ = _bias_args(None, q.device)
     cos, sin, half = _rotary_args(rotary, q.device)
-    config = _forward_config(head_dim, q.dtype, max_seqlen, rotary is not None)
-    grid = (triton.cdiv(max_seqlen, config["BLOCK_M"]), n_seq * heads)
-    _fwd_kernel[grid](
-        q, k, v, bias_t, cos, sin, out, lse, cu_seqlens,
-        *_strides_packed(q), *_strides_packed(k), *_strides_packed(v), *_strides_packed(out),
-        0, 0, 0, 0, 0, lse.stride(0),
-        heads, heads // kv_heads, 0, 0, head_dim, half, float(scale),
-        IS_CAUSAL=bool(is_causal), HAS_BIAS=False, ROTARY=rotary is not None, VARLEN=True,
-        BLOCK_E=_block_e(head_dim), DOT_PRECISION=_dot_precision(q.dtype),
-        ROUND_BF16=INTERPRETING, **config,
-    )
+    target, block_e = _common.target_of(q.device), _block_e(head_dim)
+    short = max_seqlen <= SHORT
+
+    def run(config):
+        m_blocks = triton.cdiv(max_seqlen, config["BLOCK_M"])
+        return _common.launch(
+            _fwd_kernel, blocks_grid(m_blocks, n_seq * heads),
+            q, k, v, bias_t, cos, sin, out, lse, cu_seqlens,
+            *_strides_packed(q), *_strides_packed(k), *_strides_packed(v), *_strides_packed(out),
+            0, 0, 0, 0, 0, lse.stride(0),
+            heads, heads // kv_heads, 0, 0, head_dim, half, float(scale), m_blocks,
+            IS_CAUSAL=bool(is_causal), HAS_BIAS=False, ROTARY=rotary is not None, VARLEN=True,
+            BLOCK_E=block_e, DOT_PRECISION=_common.dot_precision(q.dtype),
+            ROUND_BF16=INTERPRETING, **config,
+        )
+
+    candidates = forward_tiles(target, q.dtype, block_e, short, rotary is not None, False)
+    key = (target, q.dtype, block_e, short, (bool(is_causal), False, rotary is not None), "varlen",
+           triton.next_power_of_2(max_seqlen))
+    _launch_tuned("attention_fwd", key, candidates, run)
     return out, lse
 
 
 def backward_varlen(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, *, scale: float,
                     is_causal: bool, rotary=None):
     """(dq, dk, dv) of forward_varlen, packed like q, k, v."""
-    record("attention_varlen_bwd", "triton")
     record("attention_varlen_bwd", "triton")
     total, heads, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -843,9 +987,13 @@ def backward_varlen(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, *,
     dv = _alloc.empty_like(v)
     if total == 0 or n_seq == 0 or max_seqlen == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    if rotary is not None:
+        q, k = _rotate(q, rotary, 0), _rotate(k, rotary, 0)
     _backward(grad_out, q, k, v, out, lse, dq, dk, dv, scale=scale, is_causal=is_causal,
-              bias=None, rotary=rotary, cu_seqlens=cu_seqlens,
-              dense_shape=(n_seq, heads, kv_heads, 0, 0), max_seqlen=max_seqlen)
+              bias=None, cu_seqlens=cu_seqlens, dense_shape=(n_seq, heads, kv_heads, 0, 0),
+              max_seqlen=max_seqlen)
+    if rotary is not None:
+        return _rotate(dq, rotary, 0, conjugate=True), _rotate(dk, rotary, 0, conjugate=True), dv
     return dq, dk, dv
 
 

@@ -20,20 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
+from vlmfast.kernels import _common
 from vlmfast.kernels._common import INTERPRETING, _round_to_bfloat16, to_dtype_of
+from vlmfast.kernels._common import mma as _mma
 from vlmfast.runtime import alloc as _alloc
 from vlmfast.runtime.kernel_calls import record
-from vlmfast.runtime.kernel_calls import record
-
-
-@triton.jit
-def _mma(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    # a @ b + acc, fp32 accumulate. The interpreter's dot mis-multiplies bfloat16, so it gets the
-    # operands in float32 (exact for 16-bit values: the same products as the tensor cores).
-    if INTERPRETED:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -180,36 +171,85 @@ def _row_grad_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _config(x: torch.Tensor) -> dict:
-    """Block sizes: 128 x 128 logit tiles with 64-deep K steps on a GPU (bf16/fp16 tensor cores,
-    fp32 accumulate); small tiles under the interpreter, which runs them in numpy."""
-    D = x.shape[1]
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    if x.is_cuda:
-        wide = x.dtype == torch.float32
-        return dict(BLOCK_M=64 if wide else 128, BLOCK_N=64 if wide else 128, BLOCK_K=32 if wide else 64,
-                    PRECISION=precision, INTERPRETED=False, num_warps=8, num_stages=2 if wide else 3)
-    return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=max(16, min(64, triton.next_power_of_2(D))),
-                PRECISION=precision, INTERPRETED=INTERPRETING)
+# Tile candidates per target and operand width, the default first (VLMFAST_TUNE=1 times the
+# rest on a GPU). The forward holds a (BLOCK_M, BLOCK_N) logit tile; the backward also a
+# (BLOCK_M, BLOCK_DO) float32 accumulator over BLOCK_DO feature columns (D = 512: two programs
+# per row block, each recomputing the logits). Each compiles without spills (compile_all).
+_FORWARD = {
+    "sm_90": {"fp32": [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2)],
+              "16bit": [dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+                        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)]},
+    "sm_80": {"fp32": [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2)],
+              "16bit": [dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)]},
+}
+_GRAD = {
+    "sm_90": {"fp32": [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2)],
+              "16bit": [dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=2)]},
+    "sm_80": {"fp32": [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2)],
+              "16bit": [dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=2)]},
+}
+BLOCK_DOS = (64, 128, 256)  # feature columns of dx per program on a GPU
 
 
-def _grad_config(x: torch.Tensor) -> dict:
-    """The backward holds a (BLOCK_M, BLOCK_DO) fp32 accumulator next to the logit tile. On a GPU
-    the sizes are the largest that compile for sm_90 without register spills (checked with
-    cuobjdump -res-usage on the cubins, no GPU needed): bf16/fp16 64 x 32 tiles with 256 feature
-    columns per program (D = 512: two programs per row block, each recomputing the logits),
-    fp32 32 x 32 tiles with 256."""
-    config = _config(x)
-    D = x.shape[1]
-    if x.is_cuda:
-        block_do = min(256, max(16, triton.next_power_of_2(D)))
-        if x.dtype == torch.float32:
-            config.update(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_DO=block_do, num_stages=2)
-        else:
-            config.update(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_DO=block_do, num_stages=2)
-    else:
-        config.update(BLOCK_DO=max(16, min(64, triton.next_power_of_2(D))))
-    return config
+def _width(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def block_do(d: int) -> int:
+    return next((b for b in BLOCK_DOS if d <= b), BLOCK_DOS[-1])
+
+
+def forward_tiles(target: str, dtype: torch.dtype, d: int) -> list[dict]:
+    if target == "interpreter":  # small tiles: the interpreter runs them in numpy
+        return [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=max(16, min(64, triton.next_power_of_2(d))))]
+    return _FORWARD[target][_width(dtype)]
+
+
+def grad_tiles(target: str, dtype: torch.dtype, d: int) -> list[dict]:
+    if target == "interpreter":
+        return [dict(forward_tiles(target, dtype, d)[0], BLOCK_DO=max(16, min(64, triton.next_power_of_2(d))))]
+    return [dict(config, BLOCK_DO=block_do(d)) for config in _GRAD[target][_width(dtype)]]
+
+
+def rows_grid(b: int, block_m: int) -> tuple[int]:
+    return (triton.cdiv(b, block_m),)
+
+
+def grad_grid(b: int, d: int, block_m: int, block_do_: int) -> tuple[int, int]:
+    return (triton.cdiv(b, block_m), triton.cdiv(d, block_do_))
+
+
+def _common_constexprs(x: torch.Tensor) -> dict:
+    return dict(PRECISION=_common.dot_precision(x.dtype), INTERPRETED=INTERPRETING)
+
+
+def _types(dtype: torch.dtype) -> dict:
+    data = "*" + _common.TRITON_DTYPES[dtype]
+    types = {name: "*fp32" for name in ("scale_ptr", "bias_ptr", "grad_ptr", "lse_ptr", "term_ptr", "out_ptr",
+                                        "lse_x_ptr", "lse_y_ptr", "gdot_ptr", "gsum_ptr")}
+    types.update(x_ptr=data, y_ptr=data, dx_ptr=data, inv_norm="fp32")
+    return types
+
+
+def variants(target: str) -> list:
+    """Every compile the launchers can ask for on `target` (representative launch: B = 4096
+    rows of D = 768 features, contiguous)."""
+    ints = dict(B=4096, D=768, sx=768, sy=768)
+    out = []
+    for dtype in _common.KERNEL_DTYPES:
+        flags = dict(PRECISION=_common.dot_precision(dtype), INTERPRETED=False)
+        for i, config in enumerate(forward_tiles(target, dtype, 512)):
+            for kernel in (_row_lse_kernel, _siglip_rows_kernel):
+                out.append(_common.Variant(kernel, _types(dtype), dict(flags, **_common.tiles(config)),
+                                           _common.launch_options(config), dtype, i == 0, "forward", ints))
+        for d in BLOCK_DOS:
+            for i, config in enumerate(grad_tiles(target, dtype, d)):
+                for siglip in (False, True):
+                    out.append(_common.Variant(
+                        _row_grad_kernel, _types(dtype), dict(flags, SIGLIP=siglip, **_common.tiles(config)),
+                        _common.launch_options(config), dtype, i == 0,
+                        f"D<={d} " + ("siglip" if siglip else "infonce"), ints))
+    return out
 
 
 def _prepare(x: torch.Tensor) -> torch.Tensor:
@@ -221,9 +261,14 @@ def _row_lse(x, y, scale) -> tuple[torch.Tensor, torch.Tensor]:
     B, D = x.shape
     lse = _alloc.empty(B, dtype=torch.float32, device=x.device)
     term = _alloc.empty_like(lse)
-    config = _config(x)
-    grid = (triton.cdiv(B, config["BLOCK_M"]),)
-    _row_lse_kernel[grid](x, y, scale, lse, term, B, D, x.stride(0), y.stride(0), **config)
+    target = _common.target_of(x.device)
+
+    def run(config):
+        return _common.launch(_row_lse_kernel, rows_grid(B, config["BLOCK_M"]), x, y, scale, lse, term, B, D,
+                              x.stride(0), y.stride(0), **_common_constexprs(x), **config)
+
+    run(_common.choose("infonce_rows", (target, x.dtype, triton.next_power_of_2(B)),
+                       forward_tiles(target, x.dtype, D), run))
     return lse, term
 
 
@@ -233,7 +278,6 @@ def _scale32(t: torch.Tensor) -> torch.Tensor:
 
 def infonce_forward(a, b, scale):
     """(loss, row_lse, col_lse): float32 (), (B,), (B,). The column pass is the row pass of b a^T."""
-    record("infonce", "triton")
     record("infonce", "triton")
     a, b = _prepare(a), _prepare(b)
     s = _scale32(scale)
@@ -246,14 +290,18 @@ def infonce_forward(a, b, scale):
 def siglip_forward(a, b, scale, bias):
     """The loss, float32 ()."""
     record("siglip", "triton")
-    record("siglip", "triton")
     a, b = _prepare(a), _prepare(b)
     B, D = a.shape
     rows = _alloc.empty(B, dtype=torch.float32, device=a.device)
-    config = _config(a)
-    grid = (triton.cdiv(B, config["BLOCK_M"]),)
-    _siglip_rows_kernel[grid](a, b, _scale32(scale), _scale32(bias), rows, B, D, a.stride(0),
-                              b.stride(0), **config)
+    target = _common.target_of(a.device)
+    s, t = _scale32(scale), _scale32(bias)
+
+    def run(config):
+        return _common.launch(_siglip_rows_kernel, rows_grid(B, config["BLOCK_M"]), a, b, s, t, rows, B, D,
+                              a.stride(0), b.stride(0), **_common_constexprs(a), **config)
+
+    run(_common.choose("siglip_rows", (target, a.dtype, triton.next_power_of_2(B)),
+                       forward_tiles(target, a.dtype, D), run))
     return rows.sum() / B
 
 
@@ -262,18 +310,22 @@ def _row_grad(x, y, scale, bias, grad, lse_x, lse_y, siglip: bool):
     dx = _alloc.empty(B, D, dtype=x.dtype, device=x.device)
     gdot = _alloc.empty(B, dtype=torch.float32, device=x.device)
     gsum = _alloc.empty_like(gdot)
-    config = _grad_config(x)
-    grid = (triton.cdiv(B, config["BLOCK_M"]), triton.cdiv(D, config["BLOCK_DO"]))
-    _row_grad_kernel[grid](
-        x, y, scale, bias, grad, lse_x, lse_y, dx, gdot, gsum, B, D, x.stride(0), y.stride(0),
-        1.0 / B if siglip else 0.5 / B, SIGLIP=siglip, **config,
-    )
+    target = _common.target_of(x.device)
+
+    def run(config):
+        return _common.launch(
+            _row_grad_kernel, grad_grid(B, D, config["BLOCK_M"], config["BLOCK_DO"]),
+            x, y, scale, bias, grad, lse_x, lse_y, dx, gdot, gsum, B, D, x.stride(0), y.stride(0),
+            1.0 / B if siglip else 0.5 / B, SIGLIP=siglip, **_common_constexprs(x), **config,
+        )
+
+    run(_common.choose("contrastive_grad", (target, x.dtype, siglip, triton.next_power_of_2(B)),
+                       grad_tiles(target, x.dtype, D), run))
     return dx, gdot, gsum
 
 
 def infonce_backward(grad, a, b, scale, row_lse, col_lse):
     """(grad_a, grad_b, grad_scale): (B, D) in a's dtype twice, float32 ()."""
-    record("infonce_bwd", "triton")
     record("infonce_bwd", "triton")
     a, b = _prepare(a), _prepare(b)
     s, g = _scale32(scale), _scale32(grad)
@@ -285,7 +337,6 @@ def infonce_backward(grad, a, b, scale, row_lse, col_lse):
 
 def siglip_backward(grad, a, b, scale, bias):
     """(grad_a, grad_b, grad_scale, grad_bias): (B, D) in a's dtype twice, float32 () twice."""
-    record("siglip_bwd", "triton")
     record("siglip_bwd", "triton")
     a, b = _prepare(a), _prepare(b)
     s, t, g = _scale32(scale), _scale32(bias), _scale32(grad)

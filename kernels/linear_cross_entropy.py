@@ -24,7 +24,6 @@ from vlmfast.kernels import _common, lce_chunks
 from vlmfast.kernels._common import INTERPRETING, mma, to_dtype_of
 from vlmfast.runtime import alloc as _alloc
 from vlmfast.runtime.kernel_calls import record
-from vlmfast.runtime.kernel_calls import record
 
 
 @triton.jit
@@ -114,21 +113,21 @@ def _grad_logits_kernel(h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, scale_ptr, g_p
 _TILES = {
     ("interpreter", "fp32"): [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)],
     ("interpreter", "16bit"): [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)],
+    # About 32 float32 registers a thread per (BLOCK_M, BLOCK_N) tile: the log-sum-exp and the
+    # gradient hold several such tiles (logits, exp, masks) beside the accumulator.
     ("sm_90", "fp32"): [
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
     ],
     ("sm_90", "16bit"): [
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
-        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
     ],
     ("sm_80", "fp32"): [
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
     ],
     ("sm_80", "16bit"): [
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=4),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
     ],
 }
 KERNELS = ("_lse_partial_kernel", "_grad_logits_kernel")
@@ -158,7 +157,10 @@ def variants(target: str) -> list:
                     kernel, _types(dtype),
                     dict(HAS_BIAS=True, PRECISION=_common.dot_precision(dtype), INTERPRETED=False,
                          **_common.tiles(config)),
-                    _common.launch_options(config), dtype, default=i == 0, case="bias"))
+                    _common.launch_options(config), dtype, default=i == 0, case="bias",
+                    # N = 4096 rows, D = 2048, V = 32000, a 16384-column chunk
+                    ints=dict(N=4096, V=32000, D=2048, sh=2048, sw=2048, SPAN=4096, sg=16384, c0=16384,
+                              C=16384)))
     return out
 
 
@@ -268,7 +270,6 @@ def backward(hidden, weight, bias, labels, lse, row_scale, ignore_index: int, la
     """(grad_hidden, grad_weight or None when `update` takes it in slices, grad_bias float32 or
     None) of sum_i row_scale_i loss_i, from the forward's lse (float32 (N,))."""
     record("linear_cross_entropy_bwd", "triton")
-    record("linear_cross_entropy_bwd", "triton")
     hidden, weight, bias32, labels = _prepare(hidden, weight, bias, labels)
     n, vocab = hidden.shape[0], weight.shape[0]
     valid = _valid(labels, ignore_index, vocab)
@@ -283,7 +284,6 @@ def forward(hidden, weight, bias, labels, ignore_index: int, label_smoothing: fl
     """(loss_rows, lse, grad_hidden, grad_weight, grad_bias), as vlmfast.native's launcher;
     lse_splits: how many programs share a row block's vocabulary sweep (None: enough to fill the
     GPU; tests set it)."""
-    record("linear_cross_entropy", "triton")
     record("linear_cross_entropy", "triton")
     hidden, weight, bias32, labels = _prepare(hidden, weight, bias, labels)
     vocab = weight.shape[0]

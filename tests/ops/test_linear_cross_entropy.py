@@ -231,6 +231,78 @@ def test_triton_several_vocabulary_chunks():
         assert_close(grad, grad64)
 
 
+def test_triton_lse_sweep_split_over_the_vocabulary():
+    """The log-sum-exp sweep cut into spans of the vocabulary (programs combined after) gives the
+    one-sweep answer, and both the float64 reference's."""
+    from vlmfast.kernels import linear_cross_entropy as triton_lce
+
+    hidden, weight, labels, bias = _inputs(21, 40, 331, bias=True, ignored=(2,))
+    lse64 = reference.lce_rows(hidden.double(), weight.double(), bias.double(), labels, -100, 0.0)[1]
+    for splits in (1, 3, 11, None):
+        lse, target, total = triton_lce.lse_pass(hidden, weight, bias.float(), labels, splits)
+        assert_close(lse, lse64.float())
+        logits64 = hidden.double() @ weight.double().T + bias.double()
+        assert_close(total, logits64.sum(1).float(), name="sum of logits")
+        valid = labels >= 0
+        assert_close(target[valid], logits64[valid, labels[valid]].float(), name="target logit")
+
+
+def test_triton_16bit_gradients_over_several_chunks():
+    """bfloat16: G in bf16, the chunk GEMMs on bf16 operands with float32 sums, d hidden summed
+    over chunks in float32; within the rule against torch's materialised bf16 backward."""
+    from vlmfast.kernels import linear_cross_entropy as triton_lce
+
+    hidden, weight, labels, bias = _inputs(19, 32, 197, torch.bfloat16, scale=3.0, bias=True, ignored=(4,))
+    scale = torch.rand(19) + 0.5
+    lse = triton_lce.lse_pass(hidden, weight, bias.float(), labels)[0]
+    gh, gw, gb = triton_lce.backward(hidden, weight, bias, labels, lse, scale, -100, 0.1, vocab_chunk=64)
+    exact = reference.lce_grads(hidden.double(), weight.double(), bias.double(), labels, scale.double(), -100, 0.1)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    rows = _materialised_low_precision(*leaves[:2], labels, leaves[2], reduction="none", label_smoothing=0.1)
+    low = torch.autograd.grad((rows * scale).sum(), leaves)
+    for name, got, want, lo in zip(("grad_hidden", "grad_weight", "grad_bias"), (gh, gw, gb), exact, low):
+        assert_close(got.to(lo.dtype) if name == "grad_bias" else got, want, lo, factor=3.0, name=name)
+
+
+def test_triton_sliced_backward_equals_the_whole_one():
+    """update=: the weight's gradient handed over in vocabulary slices is the whole gradient's
+    rows, and d hidden / d bias are the same (one chunk loop serves both)."""
+    from vlmfast.kernels import linear_cross_entropy as triton_lce
+
+    hidden, weight, labels, bias = _inputs(13, 24, 150, bias=True, ignored=(1,))
+    scale = torch.rand(13) + 0.5
+    lse = triton_lce.lse_pass(hidden, weight, bias, labels)[0]
+    whole = triton_lce.backward(hidden, weight, bias, labels, lse, scale, -100, 0.0, vocab_chunk=64)
+    slices = []
+    sliced = triton_lce.backward(hidden, weight, bias, labels, lse, scale, -100, 0.0, vocab_chunk=64,
+                                 update=lambda where, rows: slices.append((where, rows.clone())))
+    assert sliced[1] is None and [w for w, _ in slices] == [slice(0, 64), slice(64, 128), slice(128, 150)]
+    torch.testing.assert_close(torch.cat([r for _, r in slices]), whole[1], rtol=0, atol=0)
+    torch.testing.assert_close(sliced[0], whole[0], rtol=0, atol=0)
+    torch.testing.assert_close(sliced[2], whole[2], rtol=0, atol=0)
+
+
+def test_triton_backward_reuses_the_forward_lse(monkeypatch):
+    """grads_in_forward=False: the backward gets the forward's lse and sweeps the vocabulary
+    once more only for G, not for the log-sum-exp."""
+    from vlmfast.kernels import linear_cross_entropy as triton_lce
+
+    monkeypatch.setenv("VLMFAST_BACKEND", "triton")
+    hidden, weight, labels, _ = _inputs(9, 16, 100, ignored=(3,))
+    sweeps = []
+    lse_pass = triton_lce.lse_pass
+    monkeypatch.setattr(triton_lce, "lse_pass", lambda *a, **k: sweeps.append(1) or lse_pass(*a, **k))
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    loss = ops.linear_cross_entropy(*leaves, labels, grads_in_forward=False)
+    assert sweeps == [1]
+    loss.backward()
+    assert sweeps == [1]
+    _, grads64, _ = _loss_and_grads(_reference64, hidden.double(), weight.double(), labels, None,
+                                    torch.tensor(1.0, dtype=torch.float64))
+    for leaf, grad64 in zip(leaves, grads64):
+        assert_close(leaf.grad, grad64)
+
+
 def test_no_grad_and_mean_backward_by_recomputation(backend):
     """Under no_grad the forward makes no gradients; the forward op without them still
     differentiates (through linear_cross_entropy_bwd) for "mean"."""
@@ -256,6 +328,8 @@ def test_opcheck(backend):
     scale = torch.rand(7)
     torch.library.opcheck(lce_ops.linear_cross_entropy_bwd, (hidden, weight, bias, labels, scale, -100, 0.0))
     torch.library.opcheck(lce_ops.linear_cross_entropy_bwd, (hidden, weight, None, labels, scale, -100, 0.0))
+    lse = reference.lce_rows(hidden, weight, bias, labels, -100, 0.0)[1]
+    torch.library.opcheck(lce_ops.linear_cross_entropy_bwd, (hidden, weight, bias, labels, scale, -100, 0.0, lse))
 
 
 def test_torch_compile_fullgraph():

@@ -100,21 +100,28 @@ def _(hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, wi
 @torch.library.custom_op("vlmfast::linear_cross_entropy_bwd", mutates_args=())
 def linear_cross_entropy_bwd(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-    row_scale: torch.Tensor, ignore_index: int, label_smoothing: float,
+    row_scale: torch.Tensor, ignore_index: int, label_smoothing: float, lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_hidden (N, D), grad_weight (V, D), grad_bias float32 (V,) or (0,) without a bias):
-    the gradients of sum_i row_scale_i * loss_i, the logits recomputed block by block."""
-    _, _, grad_hidden, grad_weight, grad_bias = _rows_and_grads(
-        "linear_cross_entropy_bwd", hidden, weight, bias, labels, ignore_index, label_smoothing,
-        row_scale,
-    )
+    the gradients of sum_i row_scale_i * loss_i, the logits recomputed block by block. `lse`:
+    the forward's log-sum-exp, reused by the Triton backward (no second vocabulary sweep)."""
+    if lse is not None and _dispatch.select("linear_cross_entropy", hidden.device, hidden.dtype) == "triton":
+        from vlmfast.kernels import linear_cross_entropy as triton_lce
+
+        grad_hidden, grad_weight, grad_bias = triton_lce.backward(hidden, weight, bias, labels, lse, row_scale,
+                                                                  ignore_index, label_smoothing)
+    else:
+        _, _, grad_hidden, grad_weight, grad_bias = _rows_and_grads(
+            "linear_cross_entropy_bwd", hidden, weight, bias, labels, ignore_index, label_smoothing,
+            row_scale,
+        )
     dtype = _loss_dtype(hidden)
     grad_bias = grad_bias.to(dtype) if grad_bias is not None else hidden.new_empty(0, dtype=dtype)
     return grad_hidden, grad_weight, grad_bias
 
 
 @linear_cross_entropy_bwd.register_fake
-def _(hidden, weight, bias, labels, row_scale, ignore_index, label_smoothing):
+def _(hidden, weight, bias, labels, row_scale, ignore_index, label_smoothing, lse=None):
     dtype = _loss_dtype(hidden)
     grad_bias = hidden.new_empty(weight.shape[0] if bias is not None else 0, dtype=dtype)
     return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
@@ -122,7 +129,7 @@ def _(hidden, weight, bias, labels, row_scale, ignore_index, label_smoothing):
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, with_grads = inputs
-    _, _, grad_hidden, grad_weight, grad_bias = output
+    _, lse, grad_hidden, grad_weight, grad_bias = output
     # the outputs after the loss are not differentiated: unmaterialised, their gradients stay
     # None instead of zero-filled tensors, (V, D) for grad_weight
     ctx.set_materialize_grads(False)
@@ -130,21 +137,23 @@ def _setup_context(ctx, inputs, output):
     if with_grads:  # the forward made the gradients: keep them, not the inputs
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, None, None, None, None)
     else:
-        ctx.save_for_backward(None, None, None, hidden, weight, bias, labels)
+        ctx.save_for_backward(None, None, None, hidden, weight, bias, labels, lse)
 
 
 def _backward(ctx, grad_loss, _grad_lse, _gh, _gw, _gb):
     if grad_loss is None:  # unmaterialised: the loss took no part in what is differentiated
         return None, None, None, None, None, None, None, None
     ignore_index, label_smoothing, reduction, with_grads, bias_dtype = ctx.options
-    grad_hidden, grad_weight, grad_bias, hidden, weight, bias, labels = ctx.saved_tensors
+    grad_hidden, grad_weight, grad_bias, hidden, weight, bias, labels, *lse = ctx.saved_tensors
     if with_grads:
         # loss is a scalar here; its gradients scale linearly with the incoming one. The usual
         # incoming gradient is exactly 1 (loss.backward()): the saved gradients are then handed
         # on as they are, no (V, D) copy (the graph releases its hold on them after this node,
         # so the weight's AccumulateGrad can adopt the buffer). The check reads one scalar, so
-        # it is made on plain eager tensors only (traced ones, fake or functional, scale).
-        traced = torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor
+        # it is made on plain eager tensors only (traced ones, fake or functional, scale; and
+        # under CUDA-graph capture, where reading it back would sync).
+        traced = (torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor
+                  or (grad_loss.is_cuda and torch.cuda.is_current_stream_capturing()))
         if traced or not bool(grad_loss == 1):
             g = grad_loss.to(torch.float32)
             grad_hidden = (grad_hidden.float() * g).to(grad_hidden.dtype)
@@ -155,7 +164,7 @@ def _backward(ctx, grad_loss, _grad_lse, _gh, _gw, _gb):
         row_scale = _row_weights(labels, ignore_index, weight.shape[0], reduction, dtype)
         row_scale = row_scale * grad_loss.to(dtype)  # (N,) for "none", a scalar otherwise
         grad_hidden, grad_weight, grad_bias = linear_cross_entropy_bwd(
-            hidden, weight, bias, labels, row_scale.contiguous(), ignore_index, label_smoothing
+            hidden, weight, bias, labels, row_scale.contiguous(), ignore_index, label_smoothing, lse[0]
         )
     grad_bias_out = grad_bias.to(bias_dtype) if bias_dtype is not None else None
     return grad_hidden, grad_weight, grad_bias_out, None, None, None, None, None
@@ -187,7 +196,7 @@ class _WeightUpdatedInSlices(torch.autograd.Function):
         update = weight_updates.begin_update(weight)
         if update is None:
             grad_hidden, grad_weight, grad_bias = linear_cross_entropy_bwd(
-                hidden, weight, bias, labels, row_scale.contiguous(), ignore_index, label_smoothing
+                hidden, weight, bias, labels, row_scale.contiguous(), ignore_index, label_smoothing, lse
             )
         else:
             grad_weight = None
@@ -233,9 +242,11 @@ def _validate(hidden, weight, labels, bias, ignore_index, reduction, label_smoot
         raise ValueError(f"label_smoothing: expected a float in [0, 1], got {label_smoothing!r}")
     if softcap is not None and not float(softcap) > 0:
         raise ValueError(f"softcap: expected None or a positive float, got {softcap!r}")
-    # One cheap reduction (it is skipped under torch.compile, where it would break the graph; the
-    # kernels then treat an out-of-range label like ignore_index instead of reading out of bounds).
-    if not torch.compiler.is_compiling() and labels.numel():
+    # One cheap reduction (it is skipped under torch.compile, where it would break the graph, and
+    # under CUDA-graph capture, where reading the answer back would sync; the kernels then treat
+    # an out-of-range label like ignore_index instead of reading out of bounds).
+    capturing = labels.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not torch.compiler.is_compiling() and not capturing and labels.numel():
         vocab = weight.shape[0]
         bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= vocab))]
         if bad.numel():
