@@ -18,7 +18,7 @@ from vlmfast.eval._progress import Progress
 # Suite name -> module in vlmfast.bench with run(device, dtype, quick) -> list[Result].
 OP_SUITES = ["rotary", "attention", "losses", "patch_embed", "linear_cross_entropy", "linear"]
 # Model suites: end-to-end against transformers.
-MODEL_SUITES = ["smolvlm", "clip", "finetune", "qwen2vl", "serve"]
+MODEL_SUITES = ["smolvlm", "clip", "finetune", "qwen2vl", "serve", "vlm_families"]
 SUITES = {name: f"vlmfast.bench.{name}" for name in OP_SUITES + MODEL_SUITES}
 GROUPS = {"ops": OP_SUITES, "models": MODEL_SUITES, "all": None}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -137,7 +137,9 @@ def test_saved_checkpoint_loads_in_transformers(pair, tmp_path):
         again = reloaded(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
         ours = Blip2.from_pretrained(tmp_path / "out")(ids, pixels, mask)
     assert torch.equal(again[valid], expected[valid])
-    assert torch.equal(ours[valid], model(ids, pixels, mask)[valid])
+    mine = model(ids, pixels, mask)[valid]
+    # ops.linear picks its GEMM per shape class by timing: equal up to float32 summation order
+    assert (ours[valid] - mine).abs().max().item() <= 1e-5 * mine.abs().max().item()
 
 
 def test_text_only_and_bad_inputs(pair):

@@ -108,7 +108,12 @@ def _hf_names(our_grads: dict, hf_names: set) -> dict:
     return out
 
 
-def test_loss_and_gradients_match_transformers(pair):
+@pytest.mark.parametrize("logits", ["materialised", "fused"])
+def test_loss_and_gradients_match_transformers(pair, logits, monkeypatch):
+    from vlmfast.models import causal_vlm
+
+    if logits == "fused":  # the fused linear + cross-entropy, as a batch with many labels takes
+        monkeypatch.setattr(causal_vlm, "MATERIALISED_LOGITS", 0)
     hf, model, _ = pair
     ids, mask, pixels = batch(model, ROWS, seed=5)
     # a label is predicted from the position before it: both must be real tokens (transformers'
@@ -154,7 +159,9 @@ def test_saved_checkpoint_loads_in_transformers(pair, tmp_path):
         ours = Llava.from_pretrained(tmp_path / "out")(ids, pixels, mask)
     valid = mask.bool()
     assert torch.equal(again[valid], expected[valid])
-    assert torch.equal(ours[valid], model(ids, pixels, mask)[valid])
+    mine = model(ids, pixels, mask)[valid]
+    # ops.linear picks its GEMM per shape class by timing: equal up to float32 summation order
+    assert (ours[valid] - mine).abs().max().item() <= 1e-5 * mine.abs().max().item()
 
 
 def test_uint8_pixels_equal_normalised_float(pair):

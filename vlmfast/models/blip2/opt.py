@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlmfast import ops
+from vlmfast.models import _ops as shared_ops
 from vlmfast.models.blip2.config import OPTConfig
 from vlmfast.models.layers import activation
 from vlmfast.models.smolvlm import packing
@@ -22,6 +23,11 @@ POSITION_OFFSET = 2
 
 
 def _linear(x, layer: nn.Linear):
+    if torch.is_grad_enabled():
+        # training, the decoder frozen or not: vlmfast.ops.linear forward and backward (it picks the
+        # faster GEMM per shape; a LoRA layer adds its adapters), never a cached packed copy
+        return shared_ops.linear(x, layer)
+    # inference: torch's GEMM, or oneDNN's packed weights once pack_weights ran (bf16)
     return packing.linear(x, layer, layer.weight, layer.bias)
 
 
