@@ -63,31 +63,34 @@ def _module():
     return _extension.load("_C")
 
 
-def _sizes(q, k) -> tuple:
-    batch, heads, length, dim = q.shape
-    return (batch, heads, k.shape[1], length, k.shape[2], dim)
-
-
 def forward(q, k, v, *, scale: float, is_causal: bool, bias=None, rotary=None):
     """(out, lse): out (B, H, L, E) in q's dtype, contiguous; lse (B, H, L) float32.
 
     rotary: None, or float32 (cos, sin) tables, each (P, R/2) with P >= max(L, S) and
     R <= E, row p for position p: q and k are rotated (non-interleaved, as
     vlmfast.ops.apply_rotary_emb) inside the kernel as they are packed, with no extra pass."""
-    record("attention", "cpp")
     _check(q, k, v, bias)
-    q, k, v = (_head_dim_contiguous(t) for t in (q, k, v))
-    out = _alloc.empty_like(q)
-    lse = _alloc.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    q, k, v = _head_dim_contiguous(q), _head_dim_contiguous(k), _head_dim_contiguous(v)
+    return launch_forward(q, k, v, bias, float(scale), bool(is_causal), rotary)
+
+
+def launch_forward(q, k, v, bias, scale: float, is_causal: bool, rotary):
+    """forward for arguments its checks would accept, as the op layer passes them (validated,
+    head dim contiguous, bias float32 expanded to (B, H, L, S)): no second round of checks,
+    the sizes and strides read once. A small call's backward and forward feel each microsecond."""
+    record("attention", "cpp")
+    batch, heads, length, dim = shape = q.shape
+    _, kv_heads, keys, _ = k.shape
+    out = _alloc.empty(shape, dtype=q.dtype, device=_CPU)
+    lse = _alloc.empty((batch, heads, length), dtype=torch.float32, device=_CPU)
     bias_ptr, bias_strides = _bias_args(bias)
-    tables = _rotary_tables(rotary, q, k)
-    sizes = _sizes(q, k)
+    tables = _rotary_tables(rotary, q, k) if rotary is not None else None
     # Positional arguments: a decode step is short enough for keyword parsing to show.
     _module().attention_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), bias_ptr, out.data_ptr(), lse.data_ptr(),
-        sizes, q.stride()[:3], k.stride()[:3], v.stride()[:3], bias_strides,
-        out.stride()[:3], float(scale), bool(is_causal), DTYPE_TAGS[q.dtype], torch.get_num_threads(),
-        *_rotary_args(tables),
+        (batch, heads, kv_heads, length, keys, dim), q.stride()[:3], k.stride()[:3],
+        v.stride()[:3], bias_strides, (heads * length * dim, length * dim, dim), scale, is_causal,
+        DTYPE_TAGS[q.dtype], torch.get_num_threads(), *_rotary_args(tables),
     )
     return out, lse
 
@@ -162,7 +165,6 @@ def backward(grad_out, q, k, v, out, lse, *, scale: float, is_causal: bool, bias
 def _backward(grad_out, q, k, v, out, lse, *, scale, is_causal, bias, strategy: str = "auto",
               rotary=None):
     """backward with the work split forced (tests run both: "fused", "two_pass")."""
-    record("attention_bwd", "cpp")
     _check(q, k, v, bias)
     if grad_out.shape != q.shape or out.shape != q.shape:
         raise ValueError(
@@ -172,23 +174,41 @@ def _backward(grad_out, q, k, v, out, lse, *, scale, is_causal, bias, strategy: 
     if lse.shape != q.shape[:3]:
         raise ValueError(f"lse: expected {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
     q, k, v, out = (_head_dim_contiguous(t) for t in (q, k, v, out))
-    grad_out = _head_dim_contiguous(grad_out.to(q.dtype))
-    out = out.to(q.dtype)
-    lse = lse.to(torch.float32).contiguous()
-    dq = _alloc.empty_like(q)
-    dk = _alloc.empty_like(k)
-    dv = _alloc.empty_like(v)
+    grad_out = _head_dim_contiguous(grad_out)
+    return launch_backward(grad_out, q, k, v, out, lse, bias, float(scale), bool(is_causal),
+                           rotary, STRATEGIES[strategy])
+
+
+def launch_backward(grad_out, q, k, v, out, lse, bias, scale: float, is_causal: bool, rotary,
+                    strategy: int = 0):
+    """backward for arguments its checks would accept, as the op layer passes them (see
+    launch_forward); grad_out and out of any float dtype with a contiguous head dim, lse any
+    layout (a varlen piece's is a strided view)."""
+    record("attention_bwd", "cpp")
+    dtype = q.dtype
+    if grad_out.dtype is not dtype:
+        grad_out = grad_out.to(dtype)
+    if out.dtype is not dtype:
+        out = out.to(dtype)
+    if lse.dtype is not torch.float32 or not lse.is_contiguous():
+        lse = lse.to(torch.float32).contiguous()
+    dq = _alloc.empty(q.shape, dtype=dtype, device=_CPU)
+    dk = _alloc.empty(k.shape, dtype=dtype, device=_CPU)
+    dv = _alloc.empty(v.shape, dtype=dtype, device=_CPU)
+    batch, heads, length, dim = q.shape
+    _, kv_heads, keys, _ = k.shape
+    q_grad_strides = (heads * length * dim, length * dim, dim)
+    kv_grad_strides = (kv_heads * keys * dim, keys * dim, dim)
     bias_ptr, bias_strides = _bias_args(bias)
-    tables = _rotary_tables(rotary, q, k)
-    rotary_cos, rotary_sin, rotary_half, rotary_stride = _rotary_args(tables)
+    tables = _rotary_tables(rotary, q, k) if rotary is not None else None
     # Positional arguments (the binding's order): parsing ~30 keywords costs several
     # microseconds, which a small call's backward feels.
     _module().attention_backward(
         grad_out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-        lse.data_ptr(), bias_ptr, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _sizes(q, k),
-        grad_out.stride()[:3], q.stride()[:3], k.stride()[:3], v.stride()[:3],
-        out.stride()[:3], bias_strides, dq.stride()[:3], dk.stride()[:3], dv.stride()[:3],
-        float(scale), bool(is_causal), DTYPE_TAGS[q.dtype], torch.get_num_threads(),
-        STRATEGIES[strategy], rotary_cos, rotary_sin, rotary_half, rotary_stride,
+        lse.data_ptr(), bias_ptr, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+        (batch, heads, kv_heads, length, keys, dim), grad_out.stride()[:3], q.stride()[:3],
+        k.stride()[:3], v.stride()[:3], out.stride()[:3], bias_strides, q_grad_strides,
+        kv_grad_strides, kv_grad_strides, scale, is_causal, DTYPE_TAGS[dtype],
+        torch.get_num_threads(), strategy, *_rotary_args(tables),
     )
     return dq, dk, dv

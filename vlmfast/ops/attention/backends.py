@@ -1,7 +1,8 @@
 """One dense attention forward or backward on the backend the dispatch policy chose.
 
-Shapes: q (B, H, L, E), k / v (B, Hkv, S, E) with H % Hkv == 0, a float32 additive bias
-expanded to (B, H, L, S) or None, rotary tables (L, R/2) or None. The forward returns
+Shapes (validated by the caller): q (B, H, L, E), k / v (B, Hkv, S, E) with H % Hkv == 0 and a
+contiguous head dim, a float32 additive bias expanded to (B, H, L, S) or None, rotary tables
+(L, R/2) or None. The forward returns
 (out (B, H, L, E), lse float32 (B, H, L)); the backward (dq, dk, dv), dk and dv summed over each
 GQA group. Triton and C++ rotate q and k inside the kernel; the reference rotates around it.
 """
@@ -38,9 +39,9 @@ def forward(backend: str, q, k, v, bias, scale: float, is_causal: bool, cos, sin
         return triton().forward(q, k, v, scale=scale, is_causal=is_causal, bias=bias,
                                 rotary=None if cos is None else (cos, sin))
     if backend == "cpp":
-        # The C++ kernel rotates q and k as it packs them (float32 tables, no extra pass).
-        return native().forward(q, k, v, scale=scale, is_causal=is_causal, bias=bias,
-                                rotary=_float32_tables(cos, sin))
+        # The C++ kernel rotates q and k as it packs them (float32 tables, no extra pass). The
+        # arguments are validated already: the launch without the launcher's own checks.
+        return native().launch_forward(q, k, v, bias, scale, is_causal, _float32_tables(cos, sin))
     _dispatch.record("attention", "reference")
     if cos is not None:
         q, k = _rotate(q, cos, sin, False), _rotate(k, cos, sin, False)
@@ -53,8 +54,8 @@ def backward(backend: str, grad, q, k, v, out, lse, bias, scale: float, is_causa
                                  bias=bias, rotary=None if cos is None else (cos, sin))
     if backend == "cpp":
         # Rotation inside the kernel; dq, dk come back already through its inverse.
-        return native().backward(grad, q, k, v, out, lse, scale=scale, is_causal=is_causal,
-                                 bias=bias, rotary=_float32_tables(cos, sin))
+        return native().launch_backward(grad, q, k, v, out, lse, bias, scale, is_causal,
+                                        _float32_tables(cos, sin))
     _dispatch.record("attention_bwd", "reference")
     if cos is not None:
         q, k = _rotate(q, cos, sin, False), _rotate(k, cos, sin, False)

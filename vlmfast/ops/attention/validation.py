@@ -9,8 +9,20 @@ import torch
 from vlmfast.ops import _checks
 
 
+_FLOAT_DTYPES = frozenset(_checks.FLOAT_DTYPES)
+
+
 def qkv(query, key, value, layout_q: str, layout_kv: str, ranks, names=("query", "key", "value")):
-    """Floating tensors of the allowed ranks, one dtype, one device."""
+    """Floating tensors of the allowed ranks (a range), one dtype, one device."""
+    try:  # the valid call, in a few attribute reads (a small call feels every microsecond)
+        dtype = query.dtype
+        if (dtype in _FLOAT_DTYPES and key.dtype is dtype and value.dtype is dtype
+                and query.dim() in ranks and key.dim() in ranks and value.dim() in ranks
+                and ((query.is_cpu and key.is_cpu and value.is_cpu)
+                     or query.device == key.device == value.device)):
+            return
+    except (AttributeError, TypeError):
+        pass  # not tensors: the checks below name the argument
     q_name, k_name, v_name = names
     for name, t, layout in ((q_name, query, layout_q), (k_name, key, layout_kv), (v_name, value, layout_kv)):
         _checks.floating(name, t)

@@ -32,7 +32,7 @@ def attention_varlen(
     Returns:
         (T, H, E): equal to scaled_dot_product_attention on each sequence alone.
     """
-    validation.qkv(q, k, v, "(T, H, E)", "(T, Hkv, E)", 3, names=("q", "k", "v"))
+    validation.qkv(q, k, v, "(T, H, E)", "(T, Hkv, E)", (3,), names=("q", "k", "v"))
     total, heads, head_dim = q.shape
     if k.shape[0] != total or k.shape[-1] != head_dim:
         raise ValueError(f"k: expected (T, Hkv, E) = ({total}, Hkv, {head_dim}) like q, got {_checks.shape_of(k)}")
@@ -41,7 +41,8 @@ def attention_varlen(
     validation.heads(q, k, True, "(T, Hkv, E)", head_dim_index=1, key_name="k")
     scale = validation.scale(scale, head_dim)
     validation.cu_seqlens(cu_seqlens, q, max_seqlen)
-    if not torch.compiler.is_compiling():
+    # The value checks read cu_seqlens back: skipped under torch.compile and CUDA-graph capture.
+    if not torch.compiler.is_compiling() and not (cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
         validation.cu_seqlens_values(cu_seqlens, total, max_seqlen)
     cos = sin = None
     if rotary is not None:
