@@ -252,3 +252,22 @@ W = torch.zeros(8, 3, 16, 16)
 def test_patch_embed_rejects(args, kwargs, error, message):
     with pytest.raises(error, match=message):
         ops.patch_embed(*args, **kwargs)
+
+
+def test_numeric_mean_std_make_the_affine_once():
+    """mean / std given as numbers: the (scale, shift) pair is formed on the host in float64 once
+    and reused (no host-to-device copy or read-back per call, so a CUDA-graph capture of the op
+    has none), equal to the float64 formula rounded once."""
+    import importlib
+
+    patch_embed_op = importlib.import_module("vlmfast.ops.patch_embed")  # the module, not the function
+
+    images = torch.zeros(1, 4, 4, 3, dtype=torch.uint8)
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    first = patch_embed_op._affine(images, 3, mean, std, torch.float32)
+    again = patch_embed_op._affine(images, 3, list(mean), list(std), torch.float32)
+    assert all(a is b for a, b in zip(first, again))
+    std64, mean64 = torch.tensor(std, dtype=torch.float64), torch.tensor(mean, dtype=torch.float64)
+    assert torch.equal(first[0], (1 / (255 * std64)).float()) and torch.equal(first[1], (-mean64 / std64).float())
+    with pytest.raises(ValueError, match=r"std: expected non-zero values"):
+        patch_embed_op._affine(images, 3, mean, (0.2, 0.0, 0.2), torch.float32)

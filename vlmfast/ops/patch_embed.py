@@ -179,6 +179,12 @@ def _channel_values(name: str, value, channels: int, device, dtype) -> torch.Ten
     return values
 
 
+# (mean, std, range, device, dtype) -> (scale, shift) for mean / std given as numbers: formed on
+# the host once and kept, so a call (a CUDA-graph capture too) neither copies to the device nor
+# reads a check back from it.
+_NUMBER_AFFINES: dict = {}
+
+
 def _affine(images, channels: int, mean, std, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift), (C,) each: normalised = x * scale + shift, formed in float64 then rounded.
     uint8: scale = 1 / (255 std), shift = -mean / std; float: scale = 1 / std."""
@@ -188,14 +194,32 @@ def _affine(images, channels: int, mean, std, dtype) -> tuple[torch.Tensor, torc
     if mean is None:
         scale = torch.full((channels,), 1.0 / range_scale, dtype=torch.float64, device=images.device)
         shift = torch.zeros(channels, dtype=torch.float64, device=images.device)
-    else:
-        mean64 = _channel_values("mean", mean, channels, images.device, torch.float64)
-        std64 = _channel_values("std", std, channels, images.device, torch.float64)
-        if not torch.compiler.is_compiling() and not bool((std64 != 0).all()):
-            raise ValueError(f"std: expected non-zero values, got {std64.tolist()}")
-        scale = 1.0 / (range_scale * std64)
-        shift = -mean64 / std64
-    return scale.to(dtype), shift.to(dtype)
+        return scale.to(dtype), shift.to(dtype)
+    on_host = not isinstance(mean, torch.Tensor) and not isinstance(std, torch.Tensor)
+    key = None
+    if on_host:
+        try:
+            key = (tuple(mean), tuple(std), range_scale, images.device, dtype)
+            cached = _NUMBER_AFFINES.get(key)
+        except TypeError:  # not hashable: checked (and named) below
+            key = cached = None
+        if cached is not None:
+            return cached
+    device = torch.device("cpu") if on_host else images.device
+    mean64 = _channel_values("mean", mean, channels, device, torch.float64)
+    std64 = _channel_values("std", std, channels, device, torch.float64)
+    # The check reads the values: skipped under torch.compile and CUDA-graph capture.
+    capturing = std64.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not torch.compiler.is_compiling() and not capturing and not bool((std64 != 0).all()):
+        raise ValueError(f"std: expected non-zero values, got {std64.tolist()}")
+    scale = 1.0 / (range_scale * std64)
+    shift = -mean64 / std64
+    affine = scale.to(images.device, dtype), shift.to(images.device, dtype)
+    if key is not None:
+        if len(_NUMBER_AFFINES) >= 64:
+            _NUMBER_AFFINES.clear()
+        _NUMBER_AFFINES[key] = affine
+    return affine
 
 
 def _validate(images, weight, bias) -> None:
