@@ -177,18 +177,18 @@ def _run_batch(args: argparse.Namespace) -> int:
                 out.write(json.dumps({"id": rid, "error": why}) + "\n")
             out.flush()
             bar.update(len(failed))
-            for start in range(0, len(good), args.batch_size):
-                batch = good[start:start + args.batch_size]
-                for request, answer, error in _answer(pipe, batch):
-                    if error is None:
-                        out.write(json.dumps({"id": request["id"], "output": answer}) + "\n")
-                        generated += 1
-                    else:
-                        out.write(json.dumps({"id": request["id"], "error": error}) + "\n")
-                        errors[request["id"]] = error
-                        bar.write(f"request {request['id']!r}: {error}")
-                out.flush()  # an interruption loses at most the batch in flight
-                bar.update(len(batch))
+            # continuous batching (vlmfast.serving): --batch-size rows decode together, a finished
+            # request's row is taken by the next at once, and each answer is written when done
+            for request, answer, error in _engine_answers(pipe, good, args):
+                if error is None:
+                    out.write(json.dumps({"id": request["id"], "output": answer}) + "\n")
+                    generated += 1
+                else:
+                    out.write(json.dumps({"id": request["id"], "error": error}) + "\n")
+                    errors[request["id"]] = error
+                    bar.write(f"request {request['id']!r}: {error}")
+                out.flush()  # an interruption loses at most the requests in flight
+                bar.update(1)
     print(json.dumps({"requests": len(requests), "skipped": len(requests) - len(todo), "generated": generated,
                       "failed": len(errors), "out": str(args.out)}))
     if todo and generated == 0:
@@ -205,14 +205,12 @@ def _pipeline(args: argparse.Namespace):
                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
 
 
-def _answer(pipe, batch: list[dict]):
-    """(request, answer, None) or (request, None, error) for each request of the batch. A batch that
-    fails on its inputs (an image that changed since the check) is retried one request at a time,
-    so only the request at fault gets an error."""
-    try:
-        answers = pipe([[str(p) for p in r["images"]] for r in batch], [r["prompt"] for r in batch])
-        return [(r, a, None) for r, a in zip(batch, answers)]
-    except (ValueError, TypeError) as error:
-        if len(batch) == 1:
-            return [(batch[0], None, str(error))]
-    return [item for request in batch for item in _answer(pipe, [request])]
+def _engine_answers(pipe, requests: list[dict], args: argparse.Namespace):
+    """(request, answer, None) or (request, None, error) per request, in completion order, from the
+    continuous-batching engine over the pipeline's model and processor (the pipeline's answers)."""
+    from vlmfast.serving.batch import answer_requests
+
+    if not requests:  # nothing answerable: no model was loaded
+        return []
+    return answer_requests(pipe.model, pipe.processor, requests, max_new_tokens=args.max_new_tokens,
+                           max_batch=args.batch_size)
