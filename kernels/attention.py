@@ -611,7 +611,7 @@ def backward_tiles(target: str, dtype: torch.dtype, block_e: int, bias: bool) ->
         return _INTERPRETER, _INTERPRETER
     if dtype == torch.float32:  # FMA dots: small tiles
         if block_e <= 64:
-            return [_tile(32, 32, 8, 2)], [_tile(32, 32, 4, 2)]
+            return [_tile(16, 16, 8, 1)], [_tile(32, 32, 4, 2)]
         if block_e <= 128:
             return [_tile(16, 16, 8, 1)], [_tile(32, 16, 4, 2)]
         return [_tile(16, 16, 8, 1)], [_tile(16, 16, 4, 1)]
@@ -624,7 +624,7 @@ def backward_tiles(target: str, dtype: torch.dtype, block_e: int, bias: bool) ->
 
 def decode_tiles(target: str, dtype: torch.dtype, block_e: int, rows: int) -> dict:
     """_decode_split_kernel's config for `rows` = GROUP * L query rows of a kv head (<= 64)."""
-    block_m = max(16, triton.next_power_of_2(rows))
+    block_m = 16 if rows <= 16 else DECODE_ROWS  # two row tiles: one compile each, not one per power of 2
     if target == "interpreter":
         return dict(BLOCK_M=block_m, BLOCK_N=16)
     if dtype == torch.float32:  # FMA dots
@@ -731,7 +731,7 @@ def variants(target: str) -> list:
                         for i, config in enumerate(candidates):
                             add(kernel, dtype, config, i == 0, backward_flags, case)
             for bias in (False, True):
-                for rows in (16, 32, DECODE_ROWS):
+                for rows in (16, DECODE_ROWS):
                     add(_decode_split_kernel, dtype, decode_tiles(target, dtype, block_e, rows), True,
                         dict(IS_CAUSAL=True, HAS_BIAS=bias, BLOCK_E=block_e), f"E<={block_e} rows<={rows}" + " bias" * bias)
             add(_decode_combine_kernel, dtype, dict(BLOCK_SPLIT=COMBINE_SPLITS), True, dict(BLOCK_E=block_e),
@@ -739,9 +739,10 @@ def variants(target: str) -> list:
             add(_bwd_preprocess_kernel, dtype, dict(BLOCK_M=_preprocess_rows(target)), True,
                 dict(VARLEN=True, BLOCK_E=block_e), f"E<={block_e}")
         # Packed sequences: the same tables; one compile per kernel proves the VARLEN path.
-        flags = dict(IS_CAUSAL=True, HAS_BIAS=False, ROTARY=True, VARLEN=True, BLOCK_E=64)
-        add(_fwd_kernel, dtype, forward_tiles(target, dtype, 64, False, True, False)[0], True, flags,
-            "E<=64 rotary varlen", "varlen")
+        rotary = fuses_rotary(64, dtype)
+        flags = dict(IS_CAUSAL=True, HAS_BIAS=False, ROTARY=rotary, VARLEN=True, BLOCK_E=64)
+        add(_fwd_kernel, dtype, forward_tiles(target, dtype, 64, False, rotary, False)[0], True, flags,
+            "E<=64 varlen" + " rotary" * rotary, "varlen")
         kv, dq = backward_tiles(target, dtype, 64, False)
         flags = dict(IS_CAUSAL=True, HAS_BIAS=False, VARLEN=True, BLOCK_E=64)
         add(_dkdv_kernel, dtype, kv[0], True, flags, "E<=64 varlen", "varlen")

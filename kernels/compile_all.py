@@ -13,9 +13,10 @@ the variant's class (each module's `variants` gives them): Triton compiles `x ==
 multiples of 16 divisible, which decides vectorised loads and so registers.
 
 One JSON line per compile (stdout, or FILE with --json): kernel, config (dtype, case, default,
-constexprs, num_warps, num_stages), arch, ok, error, registers, spills (bytes of local memory a
-thread: spilled registers; what Triton reports as n_spills on a GPU), shared_bytes (the dynamic
-shared memory a block asks for), seconds. A summary goes to stderr.
+constexprs, num_warps, num_stages), arch, ok, error, registers, spills (bytes of spill stores +
+loads a thread, from ptxas -v where the cubin has local memory), stack_bytes (local memory a
+thread: spills or a local array; what Triton reports as n_spills on a GPU), shared_bytes (the
+dynamic shared memory a block asks for), seconds. A summary goes to stderr.
 
 Exit status 1 when any compile fails, when a kernel's shared memory passes the arch's limit per
 block, or when a default config (what the launcher picks without VLMFAST_TUNE) spills.
@@ -96,8 +97,9 @@ def _cuobjdump() -> str | None:
 
 
 def resource_usage(cubin: bytes) -> dict:
-    """{"registers", "spills"} of the (single) kernel in a cubin, from cuobjdump -res-usage:
-    REG registers a thread; STACK + LOCAL bytes of local memory a thread (spills)."""
+    """{"registers", "stack_bytes"} of the (single) kernel in a cubin, from cuobjdump -res-usage:
+    REG registers a thread; STACK + LOCAL bytes of local memory a thread (spilled registers, or
+    a local array such as the one of sin/cos's slow path for huge arguments)."""
     tool = _cuobjdump()
     if tool is None:
         raise RuntimeError("cuobjdump not found (it ships with Triton's NVIDIA backend)")
@@ -111,7 +113,37 @@ def resource_usage(cubin: bytes) -> dict:
     if not match:
         raise RuntimeError(f"cuobjdump -res-usage: no resource line in {text[:300]!r}")
     reg, stack, _, local = map(int, match.groups())
-    return {"registers": reg, "spills": stack + local}
+    return {"registers": reg, "stack_bytes": stack + local}
+
+
+def _ptxas_candidates() -> list[str]:
+    """Triton's ptxas binaries (3.9 ships a second, newer one as ptxas-blackwell), then PATH's."""
+    import triton
+
+    folder = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    found = [str(folder / name) for name in ("ptxas-blackwell", "ptxas") if (folder / name).exists()]
+    return found + ([shutil.which("ptxas")] if shutil.which("ptxas") else [])
+
+
+def spill_bytes(ptx: str, capability: int) -> int:
+    """Bytes of spill stores + loads a thread, from ptxas -v on the kernel's PTX (run only when the
+    cubin has local memory: it tells spills from a local array)."""
+    arch = f"sm_{capability}{'a' if capability == 90 else ''}"
+    done = None
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "kernel.ptx"
+        source.write_text(ptx)
+        # The ptxas that reads this PTX version, with Triton's own flag where that ptxas knows it.
+        attempts = [(tool, extra) for tool in _ptxas_candidates() for extra in (["--regAllocOptLevel=2"], [])]
+        for tool, extra in attempts:
+            done = subprocess.run([tool, "-v", *extra, f"--gpu-name={arch}", str(source), "-o", str(source) + ".o"],
+                                  capture_output=True, text=True)
+            if done.returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"ptxas -v failed: {done.stderr[-500:] if done else 'no ptxas found'}")
+    match = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", done.stderr)
+    return int(match.group(1)) + int(match.group(2)) if match else 0
 
 
 def _specialize(value: int) -> str:
@@ -167,13 +199,14 @@ def compile_one(module: str, index: int, capability: int) -> dict:
     variant = mod.variants(table_target(capability))[index]
     record = {"kernel": f"{module}.{variant.name}", "config": variant.describe(),
               "arch": f"sm_{capability}{'a' if capability == 90 else ''}", "ok": False, "error": None,
-              "registers": None, "spills": None, "shared_bytes": None, "seconds": None}
+              "registers": None, "spills": None, "stack_bytes": None, "shared_bytes": None, "seconds": None}
     start = time.perf_counter()
     try:
         signature, constexprs, attrs = specialization(variant)
         source = ASTSource(variant.kernel, signature, constexprs, attrs)
         compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(variant.options))
         record.update(resource_usage(compiled.asm["cubin"]))
+        record["spills"] = spill_bytes(compiled.asm["ptx"], capability) if record["stack_bytes"] else 0
         record["shared_bytes"] = int(compiled.metadata.shared)
         record["ok"] = True
     except Exception as error:  # noqa: BLE001 - every failure is a record, not a crash
@@ -234,12 +267,13 @@ def _summary(records, failures, seconds, jobs) -> None:
     by_kernel: dict = {}
     for r in records:
         by_kernel.setdefault((r["arch"], r["kernel"]), []).append(r)
+    # spills: default configs that spill (count x max bytes); candidates for tuning may spill
     print(f"{'arch':7} {'kernel':44} {'compiles':>8} {'max regs':>8} {'spills(B)':>9} {'max smem':>9}", file=err)
     for (arch, kernel), rs in sorted(by_kernel.items()):
         ok = [r for r in rs if r["ok"]]
         regs = max((r["registers"] for r in ok), default=0)
-        spills = sum(1 for r in ok if r["spills"])
-        max_spill = max((r["spills"] for r in ok), default=0)
+        spilling = [r["spills"] for r in ok if r["spills"] and r["config"]["default"]]
+        spills, max_spill = len(spilling), max(spilling, default=0)
         smem = max((r["shared_bytes"] for r in ok), default=0)
         spill_text = f"{spills}x<={max_spill}" if spills else "0"
         print(f"{arch:7} {kernel:44} {len(rs):>8} {regs:>8} {spill_text:>9} {smem:>9}", file=err)

@@ -116,14 +116,14 @@ _TILES = {
     # About 32 float32 registers a thread per (BLOCK_M, BLOCK_N) tile: the log-sum-exp and the
     # gradient hold several such tiles (logits, exp, masks) beside the accumulator.
     ("sm_90", "fp32"): [
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
     ],
     ("sm_90", "16bit"): [
         dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=4),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
     ],
     ("sm_80", "fp32"): [
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
     ],
     ("sm_80", "16bit"): [
         dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=4),

@@ -1,7 +1,8 @@
 """GPU-only checks of the Triton launchers (benchmarks/gpu_check.sh runs them; skipped without
 CUDA): no register spills in what the launchers really compile (runtime specialisation, odd head
 dims included), a tensor on a second GPU runs there, B * H = 65536 attention, the LCE kernels
-at a language-model size against torch, and ops that CUDA graphs capture without host syncs."""
+at a language-model size against torch and with offsets past 2^31, and ops that CUDA graphs
+capture without host syncs."""
 
 import pytest
 import torch
@@ -90,6 +91,18 @@ def test_linear_cross_entropy_at_language_model_size(n):
     lse, _, _ = linear_cross_entropy.lse_pass(hidden, weight, None, labels, splits=1)
     lse_split, _, _ = linear_cross_entropy.lse_pass(hidden, weight, None, labels)
     torch.testing.assert_close(lse_split, lse, atol=1e-4, rtol=1e-5)
+
+
+def test_linear_cross_entropy_offsets_past_two_to_the_31():
+    """A (270000, 8192) head: row * stride of the weight passes 2^31 elements (int64 offsets in
+    the kernels); the loss against torch on the same rows."""
+    g = torch.Generator(device="cuda").manual_seed(31)
+    weight = torch.randn(270_000, 8192, device="cuda", dtype=torch.bfloat16, generator=g) / 90
+    hidden = torch.randn(16, 8192, device="cuda", dtype=torch.bfloat16, generator=g)
+    labels = torch.tensor([0, 269_999, 200_000, 131_072] * 4, device="cuda")
+    loss = ops.linear_cross_entropy(hidden, weight, labels)
+    expected = F.cross_entropy((hidden.float() @ weight.float().T), labels)
+    torch.testing.assert_close(loss, expected, atol=2e-3, rtol=2e-3)
 
 
 def test_ops_capture_in_a_cuda_graph_without_host_syncs():
