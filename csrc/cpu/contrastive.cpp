@@ -19,11 +19,13 @@
 // exp) (online log-sum-exp), and a private copy of the running (max, sum) of every column, merged
 // once at the end. The backward makes one pass too: per tile it recomputes the dots, forms G, and
 // does two GEMM-like updates, d a[I] += G b[J] (rows owned by the thread) and d b[J] += G^T a[I]
-// (into a per-thread partial of d b, summed at the end). Every product runs through one register
-// block: kMR = 8 output rows x 32 columns (two 16-float vectors), 16 vector accumulators, one
-// broadcast and two FMAs per loaded pair. Features are copied to float32 first (any input dtype),
-// padded with zeros to whole tiles; text features are also packed column panel by column panel for
-// the dot products.
+// (into a per-thread partial of d b, summed at the end). On CPUs with AVX-512 every product runs
+// through the Linear GEMM's 12 x 32 micro-kernel (csrc/cpu/gemm_kernels.h): the dots over image
+// features packed in 12-row slivers and text features in 32-column panels, K cut to the L1 size
+// read at run time; the two updates read G (and its transpose, written beside it) and the feature
+// rows in place. Elsewhere (or with the GEMM's level forced below AVX-512) a portable register
+// block: 8 rows x 32 columns, 16 vector accumulators. Features are copied to float32 first (any
+// input dtype), padded with zeros to whole tiles and to 32 feature columns.
 #include "cpu/contrastive.h"
 
 #include <algorithm>
@@ -33,6 +35,10 @@
 
 #include "common/dtype.h"
 #include "common/parallel.h"
+#include "cpu/cpu_info.h"
+#include "cpu/gemm.h"
+#include "cpu/gemm_kernels.h"
+#include "cpu/gemm_pack.h"
 
 // The extension is built as ISO C++17, which turns off fusing a * b + c into one FMA; the
 // micro-kernels below are written for it.
@@ -46,6 +52,8 @@ constexpr int64_t kMR = 8;     // output rows of a register block (8 beat 6 and 
 constexpr int64_t kNR = 32;    // output columns of a register block: two 16-float vectors
 constexpr int64_t kTile = 96;  // rows = columns of a cache tile; a multiple of kMR and kNR
 constexpr int64_t kKC = 256;   // depth of one sweep over a packed panel: kKC x kNR floats = 32 KiB (L1)
+constexpr int64_t kSliver = 12;  // rows of the AVX-512 micro-kernel; kTile holds 8 slivers
+static_assert(kTile % kSliver == 0 && kTile % kNR == 0 && kTile % 16 == 0, "whole slivers, panels, vectors");
 
 const float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -102,13 +110,14 @@ int thread_index() {
 }
 
 // The features as the kernels read them: float32, zero-padded to Bp = whole tiles of rows and to
-// Dp = whole 16-float vectors of columns (zeros change no dot product).
+// Dp = whole 32-float panels of columns (zeros change no dot product).
 struct Operands {
   int64_t B = 0, D = 0, Bp = 0, Dp = 0;
   std::vector<float> a;   // (Bp, Dp) image features
   std::vector<float> b;   // (Bp, Dp) text features
   std::vector<float> bt;  // b^T packed in panels of kNR columns: panel p, depth k, column c at
                           // bt[(p * D + k) * kNR + c] = b[p * kNR + c][k]; a panel streams through K1
+  std::vector<float> ap;  // AVX-512 path: a in 12-row slivers, ap[((i / 12) * Dp + k) * 12 + i % 12]
 };
 
 template <typename T>
@@ -118,13 +127,29 @@ VLMFAST_INLINE void copy_row(const T* src, int64_t D, float* dst) {
 
 // One parallel loop over panels of kNR rows: convert the panel's rows of a and b to float32 and
 // pack the same rows of b as a panel of b^T (one pass, no barrier between the steps).
+#if VLMFAST_GEMM_X86
+VLMFAST_TARGET_AVX512 void pack_sliver_block(Operands& o, int64_t m0) {
+  gemm_pack::pack_a_f32_rows12(o.a.data(), o.Dp, m0, kTile, 0, o.Dp, o.ap.data() + m0 * o.Dp);
+}
+#endif
+
+// ap from a, kTile rows per task (the GEMM's vectorised sliver packing).
+void pack_slivers(Operands& o, int threads) {
+  o.ap.assign(o.Bp * o.Dp, 0.0f);
+#if VLMFAST_GEMM_X86
+  const int64_t blocks = o.Bp / kTile;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t q = 0; q < blocks; ++q) pack_sliver_block(o, q * kTile);
+#endif
+}
+
 template <typename T>
-Operands prepare(const PairShape& s, const void* a, const void* b, int threads) {
+Operands prepare(const PairShape& s, const void* a, const void* b, bool slivers, int threads) {
   Operands o;
   o.B = s.B;
   o.D = s.D;
   o.Bp = round_up(s.B, kTile);
-  o.Dp = round_up(s.D, 16);
+  o.Dp = round_up(s.D, kNR);
   o.a.assign(o.Bp * o.Dp, 0.0f);
   o.b.assign(o.Bp * o.Dp, 0.0f);
   o.bt.assign(o.Bp * o.D, 0.0f);
@@ -141,14 +166,26 @@ Operands prepare(const PairShape& s, const void* a, const void* b, int threads) 
       for (int64_t c = 0; c < kNR; ++c)
         o.bt[(p * o.D + k) * kNR + c] = o.b[(p * kNR + c) * o.Dp + k];
   }
+  if (slivers) pack_slivers(o, threads);
   return o;
 }
 
+// Whether the tiles run the AVX-512 micro-kernel: the CPU has it and the GEMM's level (forced
+// lower in tests and comparisons) allows it.
+bool use_avx512() {
+#if VLMFAST_GEMM_X86
+  return gemm_isa() >= GemmIsa::Avx512;
+#else
+  return false;
+#endif
+}
+
 Operands prepare_any(const PairShape& s, const void* a, const void* b, int dtype, int threads) {
+  const bool slivers = use_avx512();
   switch (dtype_from_tag(dtype)) {
-    case DType::Float16: return prepare<Half>(s, a, b, threads);
-    case DType::BFloat16: return prepare<BFloat16>(s, a, b, threads);
-    default: return prepare<float>(s, a, b, threads);
+    case DType::Float16: return prepare<Half>(s, a, b, slivers, threads);
+    case DType::BFloat16: return prepare<BFloat16>(s, a, b, slivers, threads);
+    default: return prepare<float>(s, a, b, slivers, threads);
   }
 }
 
@@ -290,15 +327,98 @@ VLMFAST_INLINE void tile_sums(const float* G, const float* S, double* g_dot, dou
   *g_sum += hsum(acc_sum);
 }
 
+#if VLMFAST_GEMM_X86
+// The AVX-512 versions of dot_tile and backward_updates, on the 12 x 32 micro-kernel.
+
+// Depth of one sweep: the panel slice (kc x 32 floats) takes half of L1d.
+int64_t dot_depth() {
+  static const int64_t kc = std::max<int64_t>(64, cache_sizes().l1d / 2 / (kNR * 4) / 16 * 16);
+  return kc;
+}
+
+VLMFAST_TARGET_AVX512 inline void dot_tile_avx512(const Operands& o, int64_t i0, int64_t j0,
+                                                          float* S) {
+  const int64_t kc = dot_depth();
+  for (int64_t k0 = 0; k0 < o.D; k0 += kc) {
+    const int64_t kb = std::min(kc, o.D - k0);
+    for (int64_t p = 0; p < kTile / kNR; ++p) {
+      const float* panel = o.bt.data() + ((j0 / kNR + p) * o.D + k0) * kNR;
+      for (int64_t q = 0; q < kTile / kSliver; ++q)
+        gemm_kernels::Avx512::run(o.ap.data() + ((i0 / kSliver + q) * o.Dp + k0) * kSliver, panel, kb,
+                                  S + q * kSliver * kTile + p * kNR, kTile, k0 > 0);
+    }
+  }
+}
+
+// G packed twice as A slivers of the two updates (GP: scratch of 2 kTile^2 floats):
+//   d a[I] += G b[J]:   A(i, j) = G[i][j], slivers of 12 rows i over steps j (a 12 x 16 transpose
+//                       per step block, the GEMM's packing);
+//   d b[J] += G^T a[I]: A(j, i) = G[i][j], slivers of 12 columns j over steps i (12 contiguous
+//                       floats of each row of G).
+// A sliver (kTile x 12 floats, 4.5 KiB) then stays in L1 while the feature rows stream past; read
+// in place, G's strided rows would take all of L1.
+VLMFAST_TARGET_AVX512 inline void pack_g(const float* G, float* GP) {
+  gemm_pack::pack_a_f32_rows12(G, kTile, 0, kTile, 0, kTile, GP);
+  float* by_col = GP + kTile * kTile;
+  for (int64_t q = 0; q < kTile / kSliver; ++q)
+    for (int64_t i = 0; i < kTile; ++i)
+      _mm512_mask_storeu_ps(by_col + (q * kTile + i) * kSliver, 0x0fff,
+                            _mm512_maskz_loadu_ps(0x0fff, G + i * kTile + q * kSliver));
+}
+
+// The two updates over packed G; B = the feature rows, 32 columns at a time, kept in L1 while the
+// tile's slivers pass.
+VLMFAST_TARGET_AVX512 inline void backward_updates_avx512(const Operands& o, int64_t i0, int64_t j0,
+                                                          const float* GP, float* grad_a,
+                                                          float* grad_b_partial) {
+  const int64_t rows = std::min(kTile, o.B - i0), cols = std::min(kTile, o.B - j0);
+  const int64_t row_slivers = (rows + kSliver - 1) / kSliver, col_slivers = (cols + kSliver - 1) / kSliver;
+  const float* by_col = GP + kTile * kTile;
+  for (int64_t d0 = 0; d0 < o.Dp; d0 += kNR) {
+    for (int64_t q = 0; q < row_slivers; ++q)
+      gemm_kernels::Avx512::run_strided(GP + q * kTile * kSliver, kSliver, o.b.data() + j0 * o.Dp + d0, o.Dp,
+                                        cols, grad_a + (i0 + q * kSliver) * o.Dp + d0, o.Dp, true);
+    for (int64_t q = 0; q < col_slivers; ++q)
+      gemm_kernels::Avx512::run_strided(by_col + q * kTile * kSliver, kSliver, o.a.data() + i0 * o.Dp + d0,
+                                        o.Dp, rows, grad_b_partial + (j0 + q * kSliver) * o.Dp + d0, o.Dp,
+                                        true);
+  }
+}
+#endif
+
+// The tile functions' choice of kernels: AVX512 = the micro-kernel above (GP: 2 kTile^2 floats of
+// scratch for the packed G).
+template <bool AVX512>
+VLMFAST_INLINE void dot_tile_any(const Operands& o, int64_t i0, int64_t j0, float* S) {
+#if VLMFAST_GEMM_X86
+  if constexpr (AVX512) return dot_tile_avx512(o, i0, j0, S);
+#endif
+  dot_tile(o, i0, j0, S);
+}
+
+template <bool AVX512>
+VLMFAST_INLINE void backward_updates_any(const Operands& o, int64_t i0, int64_t j0, const float* G,
+                                         float* GP, float* grad_a, float* grad_b_partial) {
+#if VLMFAST_GEMM_X86
+  if constexpr (AVX512) {
+    pack_g(G, GP);
+    return backward_updates_avx512(o, i0, j0, GP, grad_a, grad_b_partial);
+  }
+#endif
+  (void)GP;
+  backward_updates(o, i0, j0, G, grad_a, grad_b_partial);
+}
+
 // ----------------------------------------------------------------------------- tiles
 
 // Forward of one InfoNCE tile: online update of the row stats (row_m, row_s: the tile's rows) and
 // of this thread's column stats (col_m, col_s: the tile's columns); the diagonal logits l_ii the
 // tile holds go to diag (indexed by i). S is scratch.
-VLMFAST_MULTIVERSION void infonce_forward_tile(const Operands& o, int64_t i0, int64_t j0, float scale,
-                                               float* S, float* row_m, float* row_s, float* col_m,
-                                               float* col_s, float* diag) {
-  dot_tile(o, i0, j0, S);
+template <bool AVX512>
+VLMFAST_INLINE void infonce_forward_tile(const Operands& o, int64_t i0, int64_t j0, float scale,
+                                         float* S, float* row_m, float* row_s, float* col_m,
+                                         float* col_s, float* diag) {
+  dot_tile_any<AVX512>(o, i0, j0, S);
   const int64_t rows = std::min(kTile, o.B - i0);
   // Logits; the padding columns become -inf so they vanish from every max and sum.
   for (int64_t r = 0; r < rows; ++r)
@@ -332,11 +452,12 @@ VLMFAST_MULTIVERSION void infonce_forward_tile(const Operands& o, int64_t i0, in
 
 // Backward of one InfoNCE tile: G_ij = coef (exp(l_ij - R_i) + exp(l_ij - C_j) - 2 [i == j]),
 // coef = g / (2B), zero outside the B x B block; then the two gradient updates.
-VLMFAST_MULTIVERSION void infonce_backward_tile(const Operands& o, int64_t i0, int64_t j0, float scale,
-                                                const float* row_lse, const float* col_lse,
-                                                float coef, float* S, float* G, float* grad_a,
-                                                float* grad_b_partial, double* grad_scale) {
-  dot_tile(o, i0, j0, S);
+template <bool AVX512>
+VLMFAST_INLINE void infonce_backward_tile(const Operands& o, int64_t i0, int64_t j0, float scale,
+                                          const float* row_lse, const float* col_lse, float coef,
+                                          float* S, float* G, float* GP, float* grad_a,
+                                          float* grad_b_partial, double* grad_scale) {
+  dot_tile_any<AVX512>(o, i0, j0, S);
   const int64_t rows = std::min(kTile, o.B - i0);
   for (int64_t r = 0; r < kTile; ++r) {
     if (r >= rows) {
@@ -354,13 +475,14 @@ VLMFAST_MULTIVERSION void infonce_backward_tile(const Operands& o, int64_t i0, i
     G[(i - i0) * kTile + (i - j0)] -= 2.0f * coef;
   double unused = 0.0;
   tile_sums(G, S, grad_scale, &unused);
-  backward_updates(o, i0, j0, G, grad_a, grad_b_partial);
+  backward_updates_any<AVX512>(o, i0, j0, G, GP, grad_a, grad_b_partial);
 }
 
 // Sum over one SigLIP tile of softplus(l_ij) off the diagonal and softplus(-l_ii) on it.
-VLMFAST_MULTIVERSION double siglip_forward_tile(const Operands& o, int64_t i0, int64_t j0, float scale,
-                                                float bias, float* S) {
-  dot_tile(o, i0, j0, S);
+template <bool AVX512>
+VLMFAST_INLINE double siglip_forward_tile(const Operands& o, int64_t i0, int64_t j0, float scale,
+                                          float bias, float* S) {
+  dot_tile_any<AVX512>(o, i0, j0, S);
   const int64_t rows = std::min(kTile, o.B - i0);
   v16f acc = splat(0.0f);
   for (int64_t r = 0; r < rows; ++r)
@@ -376,11 +498,12 @@ VLMFAST_MULTIVERSION double siglip_forward_tile(const Operands& o, int64_t i0, i
 }
 
 // Backward of one SigLIP tile: G_ij = coef sigmoid(l_ij) - coef [i == j], coef = g / B.
-VLMFAST_MULTIVERSION void siglip_backward_tile(const Operands& o, int64_t i0, int64_t j0, float scale,
-                                               float bias, float coef, float* S, float* G,
-                                               float* grad_a, float* grad_b_partial,
-                                               double* grad_scale, double* grad_bias) {
-  dot_tile(o, i0, j0, S);
+template <bool AVX512>
+VLMFAST_INLINE void siglip_backward_tile(const Operands& o, int64_t i0, int64_t j0, float scale,
+                                         float bias, float coef, float* S, float* G, float* GP,
+                                         float* grad_a, float* grad_b_partial, double* grad_scale,
+                                         double* grad_bias) {
+  dot_tile_any<AVX512>(o, i0, j0, S);
   const int64_t rows = std::min(kTile, o.B - i0);
   for (int64_t r = 0; r < kTile; ++r)
     for (int64_t c = 0; c < kTile; c += 16) {
@@ -392,7 +515,56 @@ VLMFAST_MULTIVERSION void siglip_backward_tile(const Operands& o, int64_t i0, in
   for (int64_t i = std::max(i0, j0); i < std::min({i0 + rows, j0 + kTile, o.B}); ++i)
     G[(i - i0) * kTile + (i - j0)] -= coef;
   tile_sums(G, S, grad_scale, grad_bias);
-  backward_updates(o, i0, j0, G, grad_a, grad_b_partial);
+  backward_updates_any<AVX512>(o, i0, j0, G, GP, grad_a, grad_b_partial);
+}
+
+// Each tile function compiled twice: multi-versioned on the portable block, and for AVX-512 on
+// the micro-kernel; the drivers pick one per call (Tiles).
+#define VLMFAST_TILE_PAIR(NAME, RET, PARAMS, ARGS)                         \
+  VLMFAST_MULTIVERSION RET NAME##_portable PARAMS { return NAME<false> ARGS; } \
+  VLMFAST_TILE_AVX512(RET NAME##_avx512 PARAMS { return NAME<true> ARGS; })
+#if VLMFAST_GEMM_X86
+#define VLMFAST_TILE_AVX512(...) VLMFAST_TARGET_AVX512 __VA_ARGS__
+#else
+#define VLMFAST_TILE_AVX512(...)
+#endif
+VLMFAST_TILE_PAIR(infonce_forward_tile, void,
+                  (const Operands& o, int64_t i0, int64_t j0, float scale, float* S, float* row_m,
+                   float* row_s, float* col_m, float* col_s, float* diag),
+                  (o, i0, j0, scale, S, row_m, row_s, col_m, col_s, diag))
+VLMFAST_TILE_PAIR(infonce_backward_tile, void,
+                  (const Operands& o, int64_t i0, int64_t j0, float scale, const float* row_lse,
+                   const float* col_lse, float coef, float* S, float* G, float* GP, float* grad_a,
+                   float* grad_b_partial, double* grad_scale),
+                  (o, i0, j0, scale, row_lse, col_lse, coef, S, G, GP, grad_a, grad_b_partial, grad_scale))
+VLMFAST_TILE_PAIR(siglip_forward_tile, double,
+                  (const Operands& o, int64_t i0, int64_t j0, float scale, float bias, float* S),
+                  (o, i0, j0, scale, bias, S))
+VLMFAST_TILE_PAIR(siglip_backward_tile, void,
+                  (const Operands& o, int64_t i0, int64_t j0, float scale, float bias, float coef,
+                   float* S, float* G, float* GP, float* grad_a, float* grad_b_partial,
+                   double* grad_scale, double* grad_bias),
+                  (o, i0, j0, scale, bias, coef, S, G, GP, grad_a, grad_b_partial, grad_scale, grad_bias))
+#undef VLMFAST_TILE_PAIR
+#undef VLMFAST_TILE_AVX512
+
+// The four tile functions of one call.
+struct Tiles {
+  decltype(&infonce_forward_tile_portable) infonce_forward;
+  decltype(&infonce_backward_tile_portable) infonce_backward;
+  decltype(&siglip_forward_tile_portable) siglip_forward;
+  decltype(&siglip_backward_tile_portable) siglip_backward;
+};
+
+Tiles tiles_for(const Operands& o) {
+#if VLMFAST_GEMM_X86
+  if (!o.ap.empty())
+    return {infonce_forward_tile_avx512, infonce_backward_tile_avx512, siglip_forward_tile_avx512,
+            siglip_backward_tile_avx512};
+#endif
+  (void)o;
+  return {infonce_forward_tile_portable, infonce_backward_tile_portable, siglip_forward_tile_portable,
+          siglip_backward_tile_portable};
 }
 
 // ----------------------------------------------------------------------------- drivers
@@ -409,6 +581,7 @@ double infonce_forward(const PairShape& shape, const void* a, const void* b, flo
   // float values the tiles used, before R_i is rounded: near a loss of 0 (R_i ~ l_ii ~ scale)
   // subtracting rounded sums would lose all the digits that matter.
   std::vector<float> diag(Bp, 0.0f), row_term(Bp, 0.0f);
+  const Tiles tiles = tiles_for(o);
 #pragma omp parallel num_threads(nthreads)
   {
     const int t = thread_index();
@@ -420,8 +593,8 @@ double infonce_forward(const PairShape& shape, const void* a, const void* b, flo
       std::fill(row_m, row_m + kTile, kNegInf);
       std::fill(row_s, row_s + kTile, 0.0f);
       for (int64_t j0 = 0; j0 < o.B; j0 += kTile)
-        infonce_forward_tile(o, i0, j0, scale, S.data(), row_m, row_s, col_m.data() + t * Bp + j0,
-                             col_s.data() + t * Bp + j0, diag.data());
+        tiles.infonce_forward(o, i0, j0, scale, S.data(), row_m, row_s, col_m.data() + t * Bp + j0,
+                              col_s.data() + t * Bp + j0, diag.data());
       for (int64_t r = 0; r < std::min(kTile, o.B - i0); ++r) {
         row_lse[i0 + r] = row_m[r] + std::log(row_s[r]);
         row_term[i0 + r] = (row_m[r] - diag[i0 + r]) + std::log(row_s[r]);
@@ -455,15 +628,16 @@ double infonce_backward(const PairShape& shape, const void* a, const void* b, fl
   std::vector<float> da(n, 0.0f), db(static_cast<size_t>(nthreads) * n, 0.0f);
   std::vector<double> dscale(nthreads, 0.0);
   const float coef = grad / (2.0f * static_cast<float>(o.B));
+  const Tiles tiles = tiles_for(o);
 #pragma omp parallel num_threads(nthreads)
   {
     const int t = thread_index();
-    std::vector<float> S(kTile * kTile), G(kTile * kTile);
+    std::vector<float> S(kTile * kTile), G(kTile * kTile), GP(2 * kTile * kTile);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t ib = 0; ib < blocks; ++ib)
       for (int64_t j0 = 0; j0 < o.B; j0 += kTile)
-        infonce_backward_tile(o, ib * kTile, j0, scale, R.data(), C.data(), coef, S.data(),
-                              G.data(), da.data(), db.data() + t * n, &dscale[t]);
+        tiles.infonce_backward(o, ib * kTile, j0, scale, R.data(), C.data(), coef, S.data(), G.data(),
+                               GP.data(), da.data(), db.data() + t * n, &dscale[t]);
   }
   store_grads_any(da.data(), db.data(), n, nthreads, o, scale, grad_a, grad_b, dtype);
   double total = 0.0;
@@ -477,13 +651,14 @@ double siglip_forward(const PairShape& shape, const void* a, const void* b, floa
   const Operands o = prepare_any(shape, a, b, dtype, nthreads);
   const int64_t blocks = o.Bp / kTile;
   double total = 0.0;
+  const Tiles tiles = tiles_for(o);
 #pragma omp parallel num_threads(nthreads) reduction(+ : total)
   {
     std::vector<float> S(kTile * kTile);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t ib = 0; ib < blocks; ++ib)
       for (int64_t j0 = 0; j0 < o.B; j0 += kTile)
-        total += siglip_forward_tile(o, ib * kTile, j0, scale, bias, S.data());
+        total += tiles.siglip_forward(o, ib * kTile, j0, scale, bias, S.data());
   }
   return total / static_cast<double>(o.B);
 }
@@ -497,15 +672,16 @@ void siglip_backward(const PairShape& shape, const void* a, const void* b, float
   std::vector<float> da(n, 0.0f), db(static_cast<size_t>(nthreads) * n, 0.0f);
   std::vector<double> dscale(nthreads, 0.0), dbias(nthreads, 0.0);
   const float coef = grad / static_cast<float>(o.B);
+  const Tiles tiles = tiles_for(o);
 #pragma omp parallel num_threads(nthreads)
   {
     const int t = thread_index();
-    std::vector<float> S(kTile * kTile), G(kTile * kTile);
+    std::vector<float> S(kTile * kTile), G(kTile * kTile), GP(2 * kTile * kTile);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t ib = 0; ib < blocks; ++ib)
       for (int64_t j0 = 0; j0 < o.B; j0 += kTile)
-        siglip_backward_tile(o, ib * kTile, j0, scale, bias, coef, S.data(), G.data(), da.data(),
-                             db.data() + t * n, &dscale[t], &dbias[t]);
+        tiles.siglip_backward(o, ib * kTile, j0, scale, bias, coef, S.data(), G.data(), GP.data(),
+                              da.data(), db.data() + t * n, &dscale[t], &dbias[t]);
   }
   store_grads_any(da.data(), db.data(), n, nthreads, o, scale, grad_a, grad_b, dtype);
   grad_scale_bias[0] = grad_scale_bias[1] = 0.0;

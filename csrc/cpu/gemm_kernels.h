@@ -27,6 +27,10 @@
 #define VLMFAST_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
 // 512-bit vectors cross only inlined helpers here; the ABI note GCC gives for them does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
+// GCC 12's AVX-512 headers build shuffles and masked loads on _mm512_undefined_*(), which it then
+// flags.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #else
 #define VLMFAST_GEMM_X86 0
 #endif
@@ -101,6 +105,14 @@ struct Avx512 {
   using Operand = float;
   VLMFAST_TARGET_AVX512 static inline void run(const float* a, const float* b, int64_t kb,
                                                float* c, int64_t ldc, bool accumulate) {
+    run_strided(a, MR, b, NR, kb, c, ldc, accumulate);
+  }
+  // The same over operands read in place: A(m, k) = a[k * a_step + m] (12 contiguous rows per
+  // step), B(k, n) = b[k * b_step + n] (32 contiguous columns per step), e.g. a tile of a
+  // gradient and rows of a feature matrix (csrc/cpu/contrastive.cpp).
+  VLMFAST_TARGET_AVX512 static inline void run_strided(const float* a, int64_t a_step, const float* b,
+                                                       int64_t b_step, int64_t kb, float* c,
+                                                       int64_t ldc, bool accumulate) {
     __m512 lo[MR], hi[MR];
 #pragma GCC unroll 12
     for (int m = 0; m < MR; ++m) {
@@ -108,8 +120,8 @@ struct Avx512 {
       hi[m] = accumulate ? _mm512_loadu_ps(c + m * ldc + 16) : _mm512_setzero_ps();
     }
     for (int64_t k = 0; k < kb; ++k) {
-      const __m512 b0 = _mm512_load_ps(b + k * NR), b1 = _mm512_load_ps(b + k * NR + 16);
-      const float* ak = a + k * MR;
+      const __m512 b0 = _mm512_loadu_ps(b + k * b_step), b1 = _mm512_loadu_ps(b + k * b_step + 16);
+      const float* ak = a + k * a_step;
 #pragma GCC unroll 12
       for (int m = 0; m < MR; ++m) {
         const __m512 am = _mm512_set1_ps(ak[m]);
