@@ -153,12 +153,29 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def _run_batch(args: argparse.Namespace) -> int:
+    from vlmfast.train import distributed
+
+    with distributed.session() as parallel:  # under torchrun each rank answers its share (rank_shards.py)
+        return _run_batch_rank(args, parallel)
+
+
+def _run_batch_rank(args: argparse.Namespace, parallel) -> int:
     from vlmfast.eval._progress import Progress
+    from vlmfast.generation import rank_shards
+    from vlmfast.train import distributed
 
     requests = read_requests(args.requests, args.image_root or args.requests.parent)
+    if parallel.is_main:
+        rank_shards.merge(args.out)  # the rank files a crashed split run left
+        read_done(args.out)  # error lines and a cut line dropped once, by one rank
+    distributed.barrier(parallel)
     done = read_done(args.out)
-    todo = [r for r in requests if r["id"] not in done]
+    todo = [r for r in requests if r["id"] not in done][parallel.rank::parallel.world]
+    out_path = rank_shards.shard_path(args.out, parallel.rank) if parallel.enabled else args.out
     failed = check_images(todo, show_progress=not args.quiet) if todo else {}
+    if rank_shards.totals([len(failed)], parallel)[0] and not args.skip_bad_inputs and not failed:
+        raise ValueError("--requests: another rank found requests whose image cannot be read (its error lists "
+                         "them); --skip-bad-inputs answers the others")
     if failed and not args.skip_bad_inputs:
         by_id = {r["id"]: r["where"] for r in todo}
         raise ValueError(_listing(f"--requests: {len(failed)} request(s) have an image that cannot be read "
@@ -171,7 +188,7 @@ def _run_batch(args: argparse.Namespace) -> int:
     generated, errors = 0, dict(failed)
     if todo:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a", encoding="utf-8") as out, \
+        with open(out_path, "a", encoding="utf-8") as out, \
                 Progress(len(todo), "generate", unit="requests", enabled=not args.quiet) as bar:
             for rid, why in failed.items():
                 out.write(json.dumps({"id": rid, "error": why}) + "\n")
@@ -189,10 +206,17 @@ def _run_batch(args: argparse.Namespace) -> int:
                     bar.write(f"request {request['id']!r}: {error}")
                 out.flush()  # an interruption loses at most the requests in flight
                 bar.update(1)
-    print(json.dumps({"requests": len(requests), "skipped": len(requests) - len(todo), "generated": generated,
-                      "failed": len(errors), "out": str(args.out)}))
-    if todo and generated == 0:
-        print(f"vlmfast generate: error: none of the {len(todo)} requests could be answered; the reasons are in "
+    generated, failures, asked = rank_shards.totals([generated, len(errors), len(todo)], parallel)
+    if parallel.enabled:  # every rank's file complete, then rank 0 merges them into --out
+        distributed.barrier(parallel)
+        if parallel.is_main:
+            rank_shards.merge(args.out)
+    if not parallel.is_main:
+        return 0 if not asked or generated else 1
+    print(json.dumps({"requests": len(requests), "skipped": len(requests) - asked, "generated": generated,
+                      "failed": failures, "out": str(args.out)}))
+    if asked and generated == 0:
+        print(f"vlmfast generate: error: none of the {asked} requests could be answered; the reasons are in "
               f"{args.out}", file=sys.stderr)
         return 1
     return 0
