@@ -12,14 +12,30 @@ from vlmfast.bench.timing import time_ms
 
 
 def _cpu_model() -> str:
+    """The CPU's model name with its family / model numbers and the GEMM-relevant instruction
+    sets ("AMD EPYC (family 26 model 2; avx512, avx512_bf16)"): virtual machines often report a
+    bare "AMD EPYC", which does not tell one generation from the next."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model", "flags") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    sets = [s for s in ("avx512f", "avx512_bf16", "amx_tile") if s in flags]
+    details = []
+    if "cpu family" in fields and "model" in fields:
+        details.append(f"family {fields['cpu family']} model {fields['model']}")
+    if sets:
+        details.append(", ".join(s.replace("avx512f", "avx512").replace("amx_tile", "amx") for s in sets))
+    return f"{name} ({'; '.join(details)})" if details else name
 
 
 def _git_commit() -> str | None:
