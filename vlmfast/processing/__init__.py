@@ -5,7 +5,8 @@
     batch = processor(load_images(paths).images)                        # ImageBatch
     model(**batch.model_inputs())
 
-Processors: CLIPImageProcessor, SiglipImageProcessor, SmolVLMImageProcessor (= Idefics3). Each
+Processors: CLIPImageProcessor, SiglipImageProcessor, SmolVLMImageProcessor (= Idefics3),
+Qwen2VLImageProcessor (flattened patches + image_grid_thw; Qwen2VLVideoProcessor for videos). Each
 returns float32 pixel_values equal to transformers' (use_fast=False), or with output="uint8" the
 resized / cropped / tiled uint8 pixels channels-last for `ops.patch_embed(..., mean=, std=)`, with
 `mean, std = processor.patch_embed_normalization()`. SmolVLM prompts: expand_image_tokens(texts,
@@ -18,6 +19,8 @@ from vlmfast.processing.auto import image_processor_from_pretrained
 from vlmfast.processing.base import ImageProcessor
 from vlmfast.processing.batch import ImageBatch
 from vlmfast.processing.loading import DEFAULT_MAX_PIXELS, LoadedImages, load_image, load_images
+from vlmfast.processing.qwen2vl import Qwen2VLImageProcessor
+from vlmfast.processing.qwen2vl_video import Qwen2VLVideoProcessor
 from vlmfast.processing.resize_crop import CLIPImageProcessor, SiglipImageProcessor
 from vlmfast.processing.smolvlm import Idefics3ImageProcessor, SmolVLMImageProcessor
 from vlmfast.processing.smolvlm_prompt import expand_image_tokens, image_prompt, video_prompt
@@ -31,6 +34,8 @@ __all__ = [
     "ImageBatch",
     "ImageProcessor",
     "LoadedImages",
+    "Qwen2VLImageProcessor",
+    "Qwen2VLVideoProcessor",
     "SiglipImageProcessor",
     "SmolVLMImageProcessor",
     "SmolVLMVideoProcessor",

@@ -8,6 +8,7 @@ from vlmfast.processing import config as cfg
 from vlmfast.processing.base import ImageProcessor
 from vlmfast.processing.blip_image import BlipImageProcessor
 from vlmfast.processing.llava_image import LlavaImageProcessor
+from vlmfast.processing.qwen2vl import Qwen2VLImageProcessor
 from vlmfast.processing.resize_crop import CLIPImageProcessor, SiglipImageProcessor
 from vlmfast.processing.smolvlm import Idefics3ImageProcessor, SmolVLMImageProcessor
 
@@ -19,6 +20,7 @@ PROCESSORS: dict[str, type[ImageProcessor]] = {
     "Idefics3ImageProcessor": Idefics3ImageProcessor,
     "LlavaImageProcessor": LlavaImageProcessor,
     "BlipImageProcessor": BlipImageProcessor,
+    "Qwen2VLImageProcessor": Qwen2VLImageProcessor,
 }
 
 
