@@ -85,7 +85,10 @@ def _gemm_peak_cpu(dtype: torch.dtype) -> tuple[float | None, str]:
         if compute == torch.float16:  # float16 runs the float32 kernels
             compute = torch.float32
         peak = native_linear.measure_peak(compute, ms=30.0)
-        return peak, f"vlmfast {native_linear.isa()} micro-kernel, {str(compute).removeprefix('torch.')}"
+        isa = native_linear.isa()
+        if compute == torch.float32 and isa in ("avx512_bf16", "amx"):
+            isa = "avx512"  # float32 operands run the AVX-512 kernel at the levels above it
+        return peak, f"vlmfast {isa} micro-kernel, {str(compute).removeprefix('torch.')}"
     except Exception:  # noqa: BLE001 - no extension: the torch GEMM rate stands in
         return None, "torch GEMM"
 
