@@ -39,6 +39,40 @@ MATERIALISED_LOGITS = 8 * 2**20
 __all__ = ["CausalVLM", "causal_padding_mask", "preferred_dtype", "read_generation_defaults", "write_image_features"]
 
 
+# below this many rows (a decode step's batch) an inference Linear on the CPU runs decode_step's
+# matrix-vector kernel (vlmfast.native.decode.gemv): it streams the weight at about twice the rate
+# of torch's float32 GEMM at one to eight rows here; larger calls are GEMMs
+GEMV_ROWS = 16
+
+
+def gemv_applies(x: torch.Tensor, weight: torch.Tensor, holder: nn.Module | None = None) -> bool:
+    """Whether few_rows_linear would take the GEMV kernel for x (..., K) and weight (N, K)."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or x.numel() >= GEMV_ROWS * x.shape[-1]:
+        return False
+    if x.dtype != weight.dtype or weight.dtype not in (torch.float32, torch.bfloat16) or torch.compiler.is_compiling():
+        return False
+    if holder is not None and getattr(holder, "add_adapters", None) is not None:  # LoRA: its adapters too
+        return False
+    from vlmfast.native import decode as native_decode
+    from vlmfast.ops import _dispatch
+
+    if _dispatch.forced_backend() not in (None, "cpp") or native_decode.module() is None:
+        return False
+    return weight.is_contiguous() and (weight.dtype == torch.float32 or native_decode.has_avx512_bf16())
+
+
+def few_rows_linear(x: torch.Tensor, holder: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """x (..., K) @ weight (N, K)^T + bias: the GEMV kernel for a few rows in inference
+    (gemv_applies), else smolvlm.packing.linear (oneDNN's packed weights or torch's linear)."""
+    if gemv_applies(x, weight, holder) and (bias is None or (bias.dtype == weight.dtype and bias.is_contiguous())):
+        from vlmfast.native import decode as native_decode
+
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        out = native_decode.gemv(rows, weight, bias, threads=torch.get_num_threads())
+        return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    return packing.linear(x, holder, weight, bias)
+
+
 def write_image_features(embeds: torch.Tensor, is_image: torch.Tensor, features: torch.Tensor | None,
                          *, token_id: int, per_image: int) -> torch.Tensor:
     """embeds (B, L, D) with the rows of features (n_images, per_image, D) written, in order, over
@@ -111,8 +145,8 @@ class CausalVLM(nn.Module):
         return self.lm_head if self.lm_head is not None else self.embed_tokens
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., D) -> logits (..., V)."""
-        return packing.linear(hidden, self._head_holder(), self.head_weight)
+        """(..., D) -> logits (..., V); a decode step's few rows through the GEMV kernel."""
+        return few_rows_linear(hidden, self._head_holder(), self.head_weight)
 
     def set_gradient_checkpointing(self, enable: bool = True):
         """Recompute each layer of every stack (vision tower, Q-Former, decoder) in the backward

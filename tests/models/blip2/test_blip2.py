@@ -155,3 +155,21 @@ def test_text_only_and_bad_inputs(pair):
         model(ids, pixels[:, :, :8], mask)
     with pytest.raises(ValueError, match="input_ids: required"):
         model.generate(None, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_rows_linear_equals_torch(dtype):
+    from vlmfast.models.causal_vlm import few_rows_linear, gemv_applies
+
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(72, 131).to(dtype)
+    x = torch.randn(3, 1, 72, generator=g).to(dtype)
+    with torch.no_grad():
+        if not gemv_applies(x, layer.weight):
+            pytest.skip("no GEMV kernel for this dtype on this CPU")
+        actual = few_rows_linear(x, layer, layer.weight, layer.bias)
+        expected = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+        low = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert actual.shape == (3, 1, 131) and actual.dtype == dtype
+    assert max_error(actual, expected) <= 2 * max_error(low, expected) + 1e-5
+    assert not gemv_applies(torch.randn(16, 72).to(dtype), layer.weight)  # a prompt: a GEMM

@@ -24,7 +24,9 @@ from vlmfast.models.blip2.config import Blip2Config
 from vlmfast.models.blip2.opt import OPTDecoder
 from vlmfast.models.blip2.qformer import QFormer
 from vlmfast.models.blip2.vision import VisionModel, check_pixels
-from vlmfast.models.causal_vlm import CausalVLM, preferred_dtype, read_generation_defaults, write_image_features
+from vlmfast.models.causal_vlm import (
+    CausalVLM, gemv_applies, preferred_dtype, read_generation_defaults, write_image_features,
+)
 from vlmfast.models.smolvlm import _ops, weights_io
 from vlmfast.models.smolvlm.model import read_image_normalization
 from vlmfast.processing.resize_crop import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -178,6 +180,12 @@ class Blip2(CausalVLM):
         return write_image_features(embeds, is_image, features, token_id=token, per_image=self.config.num_query_tokens)
 
     # ------------------------------------------------------------------ generation
+
+    def decodes_natively(self, tokens: torch.Tensor, cache) -> bool:
+        """Whether a decode step's Linear layers run decode_step's GEMV kernel (generate() asks:
+        then no oneDNN-packed second copy of the weights is made for bf16)."""
+        rows = self.embed_tokens.weight.new_empty(tokens.shape[0], self.config.text_config.hidden_size)
+        return gemv_applies(rows, self.head_weight)
 
     def default_prompt(self, batch_size: int) -> torch.Tensor:
         """transformers' prompt when generate gets no input_ids: the image tokens, then BOS."""

@@ -17,7 +17,7 @@ from vlmfast import ops
 from vlmfast.models import _ops as shared_ops
 from vlmfast.models.blip2.config import OPTConfig
 from vlmfast.models.layers import activation
-from vlmfast.models.smolvlm import packing
+from vlmfast.models.causal_vlm import few_rows_linear
 
 POSITION_OFFSET = 2
 
@@ -27,8 +27,9 @@ def _linear(x, layer: nn.Linear):
         # training, the decoder frozen or not: vlmfast.ops.linear forward and backward (it picks the
         # faster GEMM per shape; a LoRA layer adds its adapters), never a cached packed copy
         return shared_ops.linear(x, layer)
-    # inference: torch's GEMM, or oneDNN's packed weights once pack_weights ran (bf16)
-    return packing.linear(x, layer, layer.weight, layer.bias)
+    # inference: a decode step's few rows through decode_step's GEMV kernel; torch's GEMM, or
+    # oneDNN's packed weights once pack_weights ran (bf16), for a prompt
+    return few_rows_linear(x, layer, layer.weight, layer.bias)
 
 
 class OPTAttention(nn.Module):
