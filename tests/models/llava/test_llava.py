@@ -208,3 +208,21 @@ def test_native_cpu_decode_gives_the_eager_tokens(pair):
     if not native:
         pytest.skip("no native decode on this CPU (AVX-512 needed for float32)")
     assert torch.equal(model.generate(ids, pixels, mask, max_new_tokens=8), eager)
+
+
+def test_bfloat16_logits_within_twice_transformers_error(pair):
+    from transformers import LlavaForConditionalGeneration
+
+    from tests.tolerance import max_error
+
+    hf, model, path = pair
+    ids, mask, pixels = batch(model, ROWS, seed=9)
+    ours = Llava.from_pretrained(path, dtype=torch.bfloat16)
+    theirs = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval()
+    valid = mask.bool()
+    with torch.no_grad():
+        exact = hf(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits[valid]
+        low = theirs(input_ids=ids, pixel_values=pixels.bfloat16(), attention_mask=mask).logits[valid]
+        actual = ours(ids, pixels.bfloat16(), mask)[valid]
+    assert actual.dtype == torch.bfloat16
+    assert max_error(actual, exact) <= 2 * max_error(low, exact) + 1e-2
