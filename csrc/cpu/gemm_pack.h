@@ -249,6 +249,11 @@ VLMFAST_TARGET_AVX512 inline void pack_a_bf16_cols12(const uint16_t* a, int64_t 
     const uint16_t* src = a + (m0 + s * 12) + k0 * cs;
     uint16_t* d = dst + s * 12 * kbp;
     for (int64_t k = 0; k < kbp; k += 2) {
+      // rows of dz lie N elements apart, a page or more: no hardware prefetcher follows
+      if (k + 16 < kb) {
+        _mm_prefetch(reinterpret_cast<const char*>(src + (k + 16) * cs), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(src + (k + 17) * cs), _MM_HINT_T0);
+      }
       const __m512i even = k < kb ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, src + k * cs))
                                   : _mm512_setzero_si512();
       const __m512i odd = k + 1 < kb ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, src + (k + 1) * cs))
@@ -281,6 +286,11 @@ VLMFAST_TARGET_AVX512BF16 inline void pack_b_pairs_from_steps(const Src* b, int6
   uint16_t* dst = packed + p * NR * kp;
   const int64_t n0 = p * NR, cols = std::min<int64_t>(NR, N - n0);
   for (int64_t k = 0; k < kp; k += 2) {
+    // source rows lie a row stride apart, often a page or more: prefetch those 16 steps ahead
+    if (k + 16 < K) {
+      _mm_prefetch(reinterpret_cast<const char*>(b + (k + 16) * cs + n0), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b + (k + 17) * cs + n0), _MM_HINT_T0);
+    }
     for (int h = 0; h < 2; ++h) {
       const int64_t count = std::clamp<int64_t>(cols - 16 * h, 0, 16);
       const __m512i even = k < K && count ? widen16(b + k * cs + n0 + 16 * h, count) : _mm512_setzero_si512();
