@@ -1,6 +1,6 @@
-"""The lean eager path of scaled_dot_product_attention on the CPU (ops/attention.py:
-_lean_cpu_attention -> native forward_inference): a decode step with no gradient and no compile
-goes straight to the C++ kernel. Checked against the float64 reference for every mask it takes
+"""The lean eager path of scaled_dot_product_attention on the CPU (ops/attention/lean.py ->
+native forward_inference): a decode step with no gradient and no compile goes straight to the
+C++ kernel; a training call with the same plain inputs goes straight to the eager autograd path. Checked against the float64 reference for every mask it takes
 as given (bool key padding, full bool, float, a strided view of a cache's key mask), GQA, odd
 head dims and lengths, fully masked rows; that it is the path that ran (and is counted as the
 cpp backend); and that every call it must not take goes the full way with the same answer."""
@@ -112,9 +112,35 @@ def test_lean_path_gives_zeros_for_fully_masked_rows(lean_calls):
     assert_close(out[0], _expected(q[:1], k[:1], v[:1], mask[:1], torch.float64)[0])
 
 
+@pytest.mark.parametrize("mask_kind", [None, "key_padding", "bool_full", "float"])
+def test_lean_training_call_equals_the_full_path(monkeypatch, mask_kind):
+    """A training call the lean checks accept runs the C++ kernels through the eager autograd
+    path (no forward_inference, no lse-less launch): values and gradients as the float64
+    reference, one C++ forward and one C++ backward recorded."""
+    monkeypatch.delenv("VLMFAST_BACKEND", raising=False)
+    q, k, v = (t.requires_grad_() for t in _inputs(2, 4, 2, 9, 13, 40, torch.float32))
+    mask = _mask(mask_kind, 2, 4, 9, 13)
+    inference_calls = []
+    original = native_attention.forward_inference
+    monkeypatch.setattr(native_attention, "forward_inference", lambda *a: inference_calls.append(1) or original(*a))
+    before = dict(_dispatch.calls)
+    out = ops.scaled_dot_product_attention(q, k, v, mask, is_causal=True, enable_gqa=True)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    out.backward(grad)
+    ran = {key: n - before.get(key, 0) for key, n in _dispatch.calls.items() if n > before.get(key, 0)}
+    assert ran == {("attention", "cpp"): 1, ("attention_bwd", "cpp"): 1} and inference_calls == []
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected = reference.scaled_dot_product_attention(*leaves64, mask if mask is None or mask.dtype == torch.bool else mask.double(),
+                                                      is_causal=True, enable_gqa=True)
+    expected.backward(grad.double())
+    assert_close(out.detach(), expected.detach())
+    for name, t, t64 in zip(("dq", "dk", "dv"), (q, k, v), leaves64):
+        assert_close(t.grad, t64.grad, name=name)
+
+
 FULL_PATH = {
     # name: (inputs -> inputs, extra kwargs): calls the lean path must leave to the full one
-    "grad": (lambda q, k, v, m: (q.requires_grad_(), k, v, m), {}),
+    "grad_3d": (lambda q, k, v, m: (q[0].requires_grad_(), k[0], v[0], m), {}),
     "float16_mask": (lambda q, k, v, m: (q, k, v, torch.zeros(1, 1, 1, k.shape[2], dtype=torch.float16)), {}),
     "3d": (lambda q, k, v, m: (q[0], k[0], v[0], m), {}),
     "strided_head_dim": (lambda q, k, v, m: (q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, m), {}),

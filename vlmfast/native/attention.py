@@ -15,6 +15,11 @@ from vlmfast.runtime.kernel_calls import record
 
 # Backward work split (csrc/cpu/attention.h: AttentionBackwardStrategy).
 STRATEGIES = {"auto": 0, "fused": 1, "two_pass": 2}
+# Below this many forward multiply-adds (B H L S E) the backward runs on one thread: a second
+# one costs more than it saves there (best of 9, 2 cores: (2, 2, 33, 64) 44 us on one thread,
+# 47 on two; (2, 4, 33, 64) 72 / 76; (2, 4, 64, 64) 152 / 96), and on a busy machine it waits
+# for a core. The forward's kernel makes the same choice itself (below 2^18).
+ONE_THREAD_BACKWARD_WORK = 1 << 20
 
 
 def _head_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -79,10 +84,11 @@ def launch_forward(q, k, v, bias, scale: float, is_causal: bool, rotary):
     head dim contiguous, bias float32 expanded to (B, H, L, S)): no second round of checks,
     the sizes and strides read once. A small call's backward and forward feel each microsecond."""
     record("attention", "cpp")
-    batch, heads, length, dim = shape = q.shape
+    batch, heads, length, dim = q.shape
     _, kv_heads, keys, _ = k.shape
-    out = _alloc.empty(shape, dtype=q.dtype, device=_CPU)
-    lse = _alloc.empty((batch, heads, length), dtype=torch.float32, device=_CPU)
+    # Sizes as separate ints: torch.empty parses them faster than a torch.Size.
+    out = _alloc.empty(batch, heads, length, dim, dtype=q.dtype, device=_CPU)
+    lse = _alloc.empty(batch, heads, length, dtype=torch.float32, device=_CPU)
     bias_ptr, bias_strides = _bias_args(bias)
     tables = _rotary_tables(rotary, q, k) if rotary is not None else None
     # Positional arguments: a decode step is short enough for keyword parsing to show.
@@ -192,11 +198,13 @@ def launch_backward(grad_out, q, k, v, out, lse, bias, scale: float, is_causal: 
         out = out.to(dtype)
     if lse.dtype is not torch.float32 or not lse.is_contiguous():
         lse = lse.to(torch.float32).contiguous()
-    dq = _alloc.empty(q.shape, dtype=dtype, device=_CPU)
-    dk = _alloc.empty(k.shape, dtype=dtype, device=_CPU)
-    dv = _alloc.empty(v.shape, dtype=dtype, device=_CPU)
     batch, heads, length, dim = q.shape
     _, kv_heads, keys, _ = k.shape
+    dq = _alloc.empty(batch, heads, length, dim, dtype=dtype, device=_CPU)
+    dk = _alloc.empty(batch, kv_heads, keys, dim, dtype=dtype, device=_CPU)
+    dv = _alloc.empty(batch, kv_heads, keys, dim, dtype=dtype, device=_CPU)
+    work = batch * heads * length * keys * dim
+    threads = 1 if work < ONE_THREAD_BACKWARD_WORK else torch.get_num_threads()
     q_grad_strides = (heads * length * dim, length * dim, dim)
     kv_grad_strides = (kv_heads * keys * dim, keys * dim, dim)
     bias_ptr, bias_strides = _bias_args(bias)
@@ -208,7 +216,7 @@ def launch_backward(grad_out, q, k, v, out, lse, bias, scale: float, is_causal: 
         lse.data_ptr(), bias_ptr, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
         (batch, heads, kv_heads, length, keys, dim), grad_out.stride()[:3], q.stride()[:3],
         k.stride()[:3], v.stride()[:3], out.stride()[:3], bias_strides, q_grad_strides,
-        kv_grad_strides, kv_grad_strides, scale, is_causal, DTYPE_TAGS[dtype],
-        torch.get_num_threads(), strategy, *_rotary_args(tables),
+        kv_grad_strides, kv_grad_strides, scale, is_causal, DTYPE_TAGS[dtype], threads, strategy,
+        *_rotary_args(tables),
     )
     return dq, dk, dv

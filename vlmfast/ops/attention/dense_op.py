@@ -74,8 +74,7 @@ class _EagerAttention(torch.autograd.Function):
     """attention_fwd's forward and backward for eager calls, minus the custom-op layers."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, scale, is_causal, cos, sin):
-        backend = _dispatch.select("attention", q.device, q.dtype)
+    def forward(ctx, q, k, v, bias, scale, is_causal, cos, sin, backend):
         out, lse = backends.forward(backend, q, k, v, bias, scale, is_causal, cos, sin)
         ctx.save_for_backward(q, k, v, out, lse, bias, cos, sin)
         ctx.options = (backend, scale, is_causal)
@@ -87,7 +86,13 @@ class _EagerAttention(torch.autograd.Function):
         backend, scale, is_causal = ctx.options
         dq, dk, dv = backends.backward(backend, grad_out.contiguous(), q, k, v, out, lse, bias,
                                        scale, is_causal, cos, sin)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def eager(backend: str, q, k, v, bias, scale: float, is_causal: bool, cos, sin) -> torch.Tensor:
+    """The output on `backend`, differentiable in q, k, v: for eager calls on plain tensors
+    whose checks are done (`attention` below, lean.py), with nothing traced."""
+    return _EagerAttention.apply(q, k, v, bias, scale, is_causal, cos, sin, backend)
 
 
 def attention(q, k, v, bias, scale: float, is_causal: bool, cos, sin) -> torch.Tensor:
@@ -102,7 +107,7 @@ def attention(q, k, v, bias, scale: float, is_causal: bool, cos, sin) -> torch.T
         or torch._C._are_functorch_transforms_active()
     ):
         return attention_fwd(q, k, v, bias, scale, is_causal, cos, sin)[0]
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _EagerAttention.apply(q, k, v, bias, scale, is_causal, cos, sin)
     backend = _dispatch.select("attention", q.device, q.dtype)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _EagerAttention.apply(q, k, v, bias, scale, is_causal, cos, sin, backend)
     return backends.forward(backend, q, k, v, bias, scale, is_causal, cos, sin)[0]

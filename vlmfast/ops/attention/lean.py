@@ -1,10 +1,12 @@
-"""The common eager inference call on the CPU (a decode step: no gradient, not compiling, plain
-4-D tensors, no mask or a bool / float one), straight to the C++ launcher.
+"""The common eager call on the CPU (not compiling, plain 4-D tensors of one batch, no mask or a
+bool / float one), in a few attribute reads: an inference call (a decode step: no gradient)
+straight to the C++ launcher, a training call straight to dense_op's eager autograd path.
 
-Why: validation, the bool mask -> float bias conversion, the custom op and the lse cost ~20 us a
-call, twice torch's whole SDPA on a decode step over a short cache. Every condition below is one
-that the full path would accept and send to the "cpp" backend with the same result; the
-launcher records the call as ("attention", "cpp") as it does on the full path.
+Why: the full path's validation, broadcasting, mask conversion, custom op and lse cost ~20 us a
+call, twice torch's whole SDPA on a decode step over a short cache, and a fifth of a small
+training call. Every condition below is one that the full path would accept and send to the
+"cpp" backend with the same result; the launchers record the call as ("attention", "cpp") as
+they do on the full path.
 """
 
 import math
@@ -12,24 +14,24 @@ import math
 import torch
 
 from vlmfast.ops import _dispatch
-from vlmfast.ops.attention import backends, masks
+from vlmfast.ops.attention import backends, dense_op, masks
 
 _DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16))
 _CPU = torch.device("cpu")
 
 
-def cpu_inference(query, key, value, attn_mask, is_causal, scale, enable_gqa):
+def cpu_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa):
     """The attention output, or None for any call this path does not take (the full path then
     runs it, and its checks raise the errors)."""
-    if torch.compiler.is_compiling():  # first: nothing below (data_ptr()) may be traced
+    # First: nothing below (data_ptr()) may be traced or see functorch's wrapped tensors.
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return None
     if not (
         type(query) is torch.Tensor and type(key) is torch.Tensor and type(value) is torch.Tensor
         and query.is_cpu and key.is_cpu and value.is_cpu
     ):
         return None
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        return None
+    training = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     dtype = query.dtype
     if dtype not in _DTYPES or key.dtype is not dtype or value.dtype is not dtype:
         return None
@@ -70,6 +72,12 @@ def cpu_inference(query, key, value, attn_mask, is_causal, scale, enable_gqa):
             bias_ptr = attn_mask.data_ptr()
     if _dispatch.select("attention", _CPU, dtype) != "cpp":
         return None
+    if training:
+        bias = None
+        if attn_mask is not None:  # the kernels' float32 bias, (B, H, L, S) with stride-0 dims
+            bias = attn_mask if mask_dtype is torch.float32 else torch.where(attn_mask, 0.0, float("-inf"))
+            bias = bias.expand(batch, heads, length, keys)
+        return dense_op.eager("cpp", query, key, value, bias, float(scale), bool(is_causal), None, None)
     return backends.native().forward_inference(
         query, key, value, (batch, heads, kv_heads, length, keys, head_dim),
         (q_strides[:3], k_strides[:3], v_strides[:3]), float(scale), bool(is_causal), bias_ptr,

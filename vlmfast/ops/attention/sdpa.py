@@ -1,6 +1,6 @@
 """scaled_dot_product_attention: a drop-in for torch's, plus rotary fused into the kernel.
 
-The route of a call: the lean CPU inference path when it applies (lean.py); else validation
+The route of a call: the lean CPU path when it applies (lean.py); else validation
 (validation.py, masks.py); torch's SDPA for what no kernel covers (torch_fallback.py); else the
 dense op (dense_op.py) on 4-D views, the batch dims broadcast as torch broadcasts them.
 """
@@ -50,7 +50,7 @@ def scaled_dot_product_attention(
         to attend (all masked) is 0, with zero gradients, where torch may give NaN.
     """
     if rotary is None and not dropout_p:
-        out = lean.cpu_inference(query, key, value, attn_mask, is_causal, scale, enable_gqa)
+        out = lean.cpu_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa)
         if out is not None:
             return out
     validation.qkv(query, key, value, "(B, H, L, E)", "(B, Hkv, S, E)", range(3, 9))
