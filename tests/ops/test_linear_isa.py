@@ -168,6 +168,10 @@ def test_choice_by_measurement_is_cached_and_reported():
     want = reference.linear(x.double(), w.double(), b.double())
     assert_close(first, want)
     assert_close(second, want)
+    # a training call is its own class (timed forward + backward, the weight packed per call)
+    _check(*(t.clone().requires_grad_() for t in (x, w, b)), "gelu")
+    training = [d for d in _linear_choice.decisions() if not d["cached"]]
+    assert len(training) == 1 and training[0]["backend"] in ("vlmfast", "torch")
 
 
 def test_choice_forced_to_torch_runs_no_kernel():

@@ -57,19 +57,52 @@ def _runs_kernel(backend, x, weight, bias, act, compute, cache) -> bool:
         return False
     key = _linear_choice.shape_class(x.shape[0], weight.shape[0], weight.shape[1], x.dtype, weight.dtype,
                                      compute, cache)
-    return _linear_choice.choose(key, lambda: _timed_native(x, weight, bias, act, compute, cache),
-                                 lambda: lambda: _torch_forward(x, weight, bias, act, compute, False)) == "vlmfast"
+    return _linear_choice.choose(key, lambda: _timed(True, x, weight, bias, act, compute, cache),
+                                 lambda: _timed(False, x, weight, bias, act, compute, cache)) == "vlmfast"
 
 
-def _timed_native(x, weight, bias, act, compute, cache):
-    """What the measurement times for ours: with `cache`, the GEMM on weight panels packed once
-    beforehand (the steady state of a reused weight; the copy is not kept), else pack + GEMM."""
-    if not cache:
-        return lambda: _native_forward(x, weight, bias, act, compute, False, False)
+def _timed(native, x, weight, bias, act, compute, cache):
+    """What the measurement times for one side. With `cache` (inference), the forward; ours on
+    weight panels packed beforehand (the steady state of a reused weight; the copy is not kept).
+    Without (training), the forward and the backward of all three gradients, as a step runs them
+    (ours packing per call)."""
+    if cache:
+        if not native:
+            return lambda: _torch_forward(x, weight, bias, act, compute, False)
+        from vlmfast.native import linear as native_linear
+
+        packed = native_linear.pack(weight, compute)
+        return lambda: _native_forward(x, weight, bias, act, compute, False, True, packed)
+    grad = torch.ones(x.shape[0], weight.shape[0], dtype=compute)  # (values do not change the time)
+    forward, backward = (_native_forward, _native_backward) if native else (_torch_forward, _torch_backward)
+
+    def step():
+        args = (x, weight, bias, act, compute, act is not None) + ((False,) if native else ())
+        pre = forward(*args)[1]
+        backward(grad, x, weight, bias, pre, act, True, True, bias is not None, compute)
+
+    return step
+
+
+def _native_backward(grad, x, weight, bias, pre, act, need_x, need_weight, need_bias, compute):
+    """dz and db in one pass, then dx = dz W and dW = dz^T x through the C++ GEMM."""
     from vlmfast.native import linear as native_linear
 
-    packed = native_linear.pack(weight, compute)
-    return lambda: _native_forward(x, weight, bias, act, compute, False, True, packed)
+    dz, db = native_linear.epilogue_backward(grad, pre, act, need_bias)
+    # each GEMM's panels in the thread's reused packing buffer (dead once that GEMM returns)
+    dx = native_linear.gemm(dz, native_linear.pack(weight.t(), compute, scratch=True),
+                            out_dtype=x.dtype)[0] if need_x else None
+    dw = native_linear.gemm(dz.t(), native_linear.pack(x.t(), compute, scratch=True),
+                            out_dtype=weight.dtype)[0] if need_weight else None
+    return dx, dw, db
+
+
+def _torch_backward(grad, x, weight, bias, pre, act, need_x, need_weight, need_bias, compute):
+    dz = grad if act is None else _grad_pre(grad, pre.to(compute), act)
+    dx = (dz @ weight.to(compute)).to(x.dtype) if need_x else None
+    dw = (dz.t() @ x.to(compute)).to(weight.dtype) if need_weight else None
+    db = dz.sum(0, dtype=torch.float32) if need_bias else None
+    return dx, dw, db
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -133,21 +166,11 @@ def linear_bwd(
         pre = (_native_forward(x, weight, bias, None, compute, False, False) if native
                else _torch_forward(x, weight, bias, None, compute, False))[0]
     grad = grad.to(compute)
-    if native:  # dz and db in one pass, then two GEMMs through the same kernel
-        from vlmfast.native import linear as native_linear
-
-        dz, db = native_linear.epilogue_backward(grad, pre, act, need_bias)
-        # each GEMM's panels in the thread's reused packing buffer (dead once that GEMM returns)
-        dx = native_linear.gemm(dz, native_linear.pack(weight.t(), compute, scratch=True),
-                                out_dtype=x.dtype)[0] if need_x else None
-        dw = native_linear.gemm(dz.t(), native_linear.pack(x.t(), compute, scratch=True),
-                                out_dtype=weight.dtype)[0] if need_weight else None
+    if native:
+        dx, dw, db = _native_backward(grad, x, weight, bias, pre, act, need_x, need_weight, need_bias, compute)
     else:
         _dispatch.record("linear_bwd", "reference")
-        dz = grad if act is None else _grad_pre(grad, pre.to(compute), act)
-        dx = (dz @ weight.to(compute)).to(x.dtype) if need_x else None
-        dw = (dz.t() @ x.to(compute)).to(weight.dtype) if need_weight else None
-        db = dz.sum(0, dtype=torch.float32) if need_bias else None
+        dx, dw, db = _torch_backward(grad, x, weight, bias, pre, act, need_x, need_weight, need_bias, compute)
     if db is not None:
         db = db.to(bias.dtype)
     # Outputs may not alias each other: one fresh empty tensor per missing gradient.
