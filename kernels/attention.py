@@ -598,6 +598,8 @@ def forward_tiles(target: str, dtype: torch.dtype, block_e: int, short: bool, ro
         return [_tile(64, 32 if rotary else 64, 4, 2 if rotary else 3)]
     if block_e <= 64:
         return [_tile(128, 32 if rotary else 64, 8, 2 if rotary else 3), _tile(64, 64, 4, 3)]
+    if block_e <= 128 and target == "sm_80":  # Ampere's MMA holds its operands in registers
+        return [_tile(128, 16, 8, 2)] if rotary else [_tile(128, 32, 8, 3)]
     if block_e <= 128:
         return [_tile(128, 32 if rotary or bias else 64, 8, 2 if rotary else 3)]
     return [_tile(64, 32 if bias else 64, 8, 2)]
@@ -615,11 +617,13 @@ def backward_tiles(target: str, dtype: torch.dtype, block_e: int, bias: bool) ->
         if block_e <= 128:
             return [_tile(16, 16, 8, 1)], [_tile(32, 16, 4, 2)]
         return [_tile(16, 16, 8, 1)], [_tile(16, 16, 4, 1)]
+    ampere = target == "sm_80"  # Ampere's MMA holds its operands in registers: narrower dk/dv tiles
     if block_e <= 64:
-        return [_tile(32, 32 if bias else 128, 8, 2 if bias else 3)], [_tile(128, 32, 8, 3)]
+        wide = not bias and not ampere
+        return [_tile(32, 128 if wide else 32, 8, 3 if wide else 2)], [_tile(128, 32, 8, 3)]
     if block_e <= 128:
         return [_tile(32, 32, 8, 1 if bias else 2)], [_tile(64, 32 if bias else 64, 8, 2)]
-    return [_tile(32, 32, 8, 1)], [_tile(32 if bias else 64, 32, 8, 2)]
+    return [_tile(32, 16 if bias and ampere else 32, 8, 1)], [_tile(32 if bias else 64, 32, 8, 2)]
 
 
 def decode_tiles(target: str, dtype: torch.dtype, block_e: int, rows: int) -> dict:
