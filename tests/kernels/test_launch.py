@@ -112,3 +112,29 @@ def test_every_launch_goes_through_the_guard(monkeypatch):
     images = torch.randint(0, 255, (1, 4, 4, 3), dtype=torch.uint8, generator=g)
     patch_embed.forward(images, torch.randn(8, 3, 2, 2, generator=g), None, torch.ones(3), torch.zeros(3))
     assert len(guarded) >= 9 and all(d.type == "cpu" for d in guarded)
+
+
+def test_tuning_keeps_the_fastest_candidate_that_does_not_spill(monkeypatch):
+    """VLMFAST_TUNE=1 on a GPU: each candidate runs, the fastest one that does not spill is kept
+    per key and reused; without it (or under the interpreter) the table's first is taken."""
+    import time
+    import types
+
+    candidates = [dict(BLOCK_M=64), dict(BLOCK_M=32), dict(BLOCK_M=16)]
+    cost = {64: 0.004, 32: 0.001, 16: 0.0001}  # the 16-row tile is fastest but spills
+    runs = []
+
+    def run(config):
+        runs.append(config["BLOCK_M"])
+        time.sleep(cost[config["BLOCK_M"]])
+        return types.SimpleNamespace(n_spills=64 if config["BLOCK_M"] == 16 else 0)
+
+    assert _common.choose("k", ("a",), candidates, run) is candidates[0] and not runs  # not tuning
+    monkeypatch.setattr(_common, "TUNE", True)
+    monkeypatch.setattr(_common, "INTERPRETING", False)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(_common, "_tuned", {})
+    assert _common.choose("k", ("a",), candidates, run) is candidates[1]
+    assert set(runs) == {64, 32, 16}
+    runs.clear()
+    assert _common.choose("k", ("a",), candidates, run) is candidates[1] and not runs  # kept per key
