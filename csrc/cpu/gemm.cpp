@@ -80,17 +80,23 @@ int64_t env_int(const char* name, int64_t fallback) {
   return x > 0 ? x : fallback;
 }
 
+// VLMFAST_GEMM_KC / VLMFAST_GEMM_MC (read once) override the two, for experiments on a new CPU.
 template <typename Layout>
-Blocking blocking_for() {
+Blocking compute_blocking() {
   const CacheSizes& c = cache_sizes();
   constexpr int64_t elem = sizeof(typename Layout::Operand), step = Layout::K_STEP;
-  int64_t kc = c.l1d / 2 / (NR * elem);
-  kc = env_int("VLMFAST_GEMM_KC", kc);
-  kc = std::max<int64_t>(step, kc / std::max<int64_t>(step, 8) * std::max<int64_t>(step, 8));
-  int64_t mc = c.l2 / 2 / (kc * elem);
-  mc = env_int("VLMFAST_GEMM_MC", mc);
+  constexpr int64_t grain = step > 8 ? step : 8;
+  int64_t kc = env_int("VLMFAST_GEMM_KC", c.l1d / 2 / (NR * elem));
+  kc = std::max<int64_t>(grain, kc / grain * grain);
+  int64_t mc = env_int("VLMFAST_GEMM_MC", c.l2 / 2 / (kc * elem));
   mc = std::clamp<int64_t>(mc / Layout::MR * Layout::MR, Layout::MR, 64 * Layout::MR);
   return {kc, mc};
+}
+
+template <typename Layout>
+const Blocking& blocking_for() {
+  static const Blocking blocking = compute_blocking<Layout>();
+  return blocking;
 }
 
 // ---------------------------------------------------------------------------- per-thread buffers
