@@ -51,6 +51,26 @@ __attribute__((target("avx512f"))) __attribute__((always_inline)) inline float h
   return _mm_cvtss_f32(r);
 }
 
+// Software prefetch of the next group of rows while this one is read. A group's rows are
+// adjacent, so its bytes are one run; four lines per step of the dot products (the lines the step
+// reads) cover the run by the time the group is done, so the next group's four interleaved
+// streams need no ramp-up of the hardware prefetcher. With it, and whole steps on plain loads
+// (the tail's masked load out of the loop), one core of an AMD EPYC (Zen 5) streams the bf16 head
+// (49280 x 576) at 24.6-25.6 GB/s instead of 20-21 (a plain read of the same bytes: ~33), loaded
+// machine, thread CPU time.
+struct NextGroup {
+  const char* p;
+  int64_t left;  // lines still to prefetch
+  __attribute__((always_inline)) inline void step() {
+    for (int i = 0; i < 4 && left > 0; ++i, --left, p += 64) _mm_prefetch(p, _MM_HINT_T0);
+  }
+};
+
+inline NextGroup next_group(const void* w, int64_t row_bytes, int64_t n, int64_t n1) {
+  const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(4, n1 - (n + 4)));
+  return {static_cast<const char*>(w) + (n + 4) * row_bytes, rows * row_bytes / 64};
+}
+
 VLMFAST_BF16_TARGET void gemv_bf16_avx512(
     const uint16_t* w, const uint16_t* x, float* out, int64_t B, int64_t N, int64_t K, int64_t n0,
     int64_t n1) {
@@ -62,17 +82,17 @@ VLMFAST_BF16_TARGET void gemv_bf16_avx512(
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
     const uint16_t* w0 = w + n * K;
-    const uint16_t* w1 = w0 + K;
-    const uint16_t* w2 = w1 + K;
-    const uint16_t* w3 = w2 + K;
+    NextGroup next = next_group(w, K * 2, n, n1);
     int64_t b = 0;
     for (; b + 2 <= B; b += 2) {  // two rows of x per load of the weights: half the L1 traffic
       const uint16_t* xa = x + b * K;
       const uint16_t* xb = xa + K;
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
       for (int64_t k = 0; k < end; k += 32) {
+        next.step();
         const __m512bh xv = load(xa, k), yv = load(xb, k);
-        const __m512bh v0 = load(w0, k), v1 = load(w1, k), v2 = load(w2, k), v3 = load(w3, k);
+        const __m512bh v0 = load(w0, k), v1 = load(w0 + K, k), v2 = load(w0 + 2 * K, k),
+                       v3 = load(w0 + 3 * K, k);
         a0 = _mm512_dpbf16_ps(a0, v0, xv);
         a1 = _mm512_dpbf16_ps(a1, v1, xv);
         a2 = _mm512_dpbf16_ps(a2, v2, xv);
@@ -96,12 +116,21 @@ VLMFAST_BF16_TARGET void gemv_bf16_avx512(
     for (; b < B; ++b) {
       const uint16_t* xb = x + b * K;
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t k = 0; k < end; k += 32) {
+      int64_t k = 0;
+      for (; k < full; k += 32) {  // whole steps: plain loads, rows addressed from one base
+        next.step();
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + k);
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w0 + k), xv);
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w0 + K + k), xv);
+        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w0 + 2 * K + k), xv);
+        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w0 + 3 * K + k), xv);
+      }
+      if (k < end) {
         const __m512bh xv = load(xb, k);
         a0 = _mm512_dpbf16_ps(a0, load(w0, k), xv);
-        a1 = _mm512_dpbf16_ps(a1, load(w1, k), xv);
-        a2 = _mm512_dpbf16_ps(a2, load(w2, k), xv);
-        a3 = _mm512_dpbf16_ps(a3, load(w3, k), xv);
+        a1 = _mm512_dpbf16_ps(a1, load(w0 + K, k), xv);
+        a2 = _mm512_dpbf16_ps(a2, load(w0 + 2 * K, k), xv);
+        a3 = _mm512_dpbf16_ps(a3, load(w0 + 3 * K, k), xv);
       }
       float* o = out + b * N + n;
       o[0] = hsum512(a0);
@@ -132,10 +161,20 @@ __attribute__((target("avx512f"))) void gemv_f32_avx512(const float* w, const fl
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
     const float* w0 = w + n * K;
+    NextGroup next = next_group(w, K * 4, n, n1);
     for (int64_t b = 0; b < B; ++b) {
       const float* xb = x + b * K;
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t k = 0; k < end; k += 16) {
+      int64_t k = 0;
+      for (; k < full; k += 16) {
+        next.step();
+        const __m512 xv = _mm512_loadu_ps(xb + k);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + k), xv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + K + k), xv, a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + 2 * K + k), xv, a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + 3 * K + k), xv, a3);
+      }
+      if (k < end) {
         const __m512 xv = load(xb, k);
         a0 = _mm512_fmadd_ps(load(w0, k), xv, a0);
         a1 = _mm512_fmadd_ps(load(w0 + K, k), xv, a1);
