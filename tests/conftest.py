@@ -15,6 +15,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["VLMFAST_POISON"] = "1"  # kernel outputs start as NaN (vlmfast/runtime/alloc.py)
+# ops.linear runs vlmfast's GEMM for every eligible call instead of timing it against torch's per
+# shape class (vlmfast/ops/_linear_choice.py): which one wins a timing can differ between
+# processes, and a test comparing two processes (distributed training) must see the same GEMM.
+os.environ.setdefault("VLMFAST_LINEAR_CHOICE", "vlmfast")
 
 import pytest  # noqa: E402
 
