@@ -167,6 +167,28 @@ def test_build_tiny_smolvlm_folder_loads_and_its_tokenizer_round_trips(tmp_path)
     assert not torch.equal(model.lm_head.weight, other.lm_head.weight)
 
 
+def test_the_pretrained_siglip_tower_is_the_smolvlm_tower(tmp_path):
+    """Stage 1's SigLIP vision transformer, handed to build_tiny_smolvlm, gives the saved SmolVLM's
+    vision tower the same patch features (the tower the decoder is then trained on)."""
+    from vlmfast.data.synthetic import SyntheticShapes
+    from vlmfast.train.demo_vlm_vision import IMAGE_MEAN, IMAGE_STD, pretrain_vision_tower, vision_tower_state
+
+    architecture = TinySmolVLM()
+    images, captions, _ = SyntheticShapes(24, image_size=architecture.image_size, seed=5).batch(range(24))
+    siglip = pretrain_vision_tower(architecture, images, captions, steps=2, batch_size=8)
+    path = build_tiny_smolvlm(tmp_path / "grafted", seed=1, vision_tower=vision_tower_state(siglip))
+    model = SmolVLM.from_pretrained(path)
+    pixels = (torch.from_numpy(images[:3]).permute(0, 3, 1, 2).float() / 255 - torch.tensor(IMAGE_MEAN).view(3, 1, 1)) \
+        / torch.tensor(IMAGE_STD).view(3, 1, 1)
+    side = architecture.image_size // architecture.patch_size
+    with torch.no_grad():
+        expected = siglip.vision_model.forward_tokens(pixels)
+        got = model.model.vision_model(pixels, torch.ones(3, side, side, dtype=torch.bool))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="images"):
+        pretrain_vision_tower(architecture, images[:, :16], captions, steps=1)
+
+
 @pytest.mark.skipif(os.environ.get("VLMFAST_SLOW") != "1", reason="the full VLM demo (~2 min); VLMFAST_SLOW=1 runs it")
 def test_full_demo_reaches_80_percent_vqa_accuracy(tmp_path):
     out = tmp_path / "full"

@@ -1,20 +1,27 @@
 """`vlmfast demo vlm`: the VLM half offline. Builds a tiny SmolVLM-architecture model with a
-tokenizer trained here, fine-tunes it on the built-in shape questions with `vlmfast finetune`'s
-stack, measures VQA accuracy on held-out images with `vlmfast eval vqa`'s runner, and leaves a
-checkpoint folder that `vlmfast generate / finetune / eval vqa` and transformers load.
+tokenizer trained here, trains it on conversations about the built-in shapes (the decoder with
+`vlmfast finetune`'s stack), measures VQA accuracy on held-out images with `vlmfast eval vqa`'s
+runner, and leaves a checkpoint folder that `vlmfast generate / finetune / eval vqa / serve` and
+transformers load.
 
     report = run_vlm_demo(VLMDemoConfig(out="vlmfast-demo-vlm"))
     build_tiny_smolvlm("ckpt/")   # just a random-weight tiny checkpoint folder (tests, experiments)
 
-The model: SmolVLM's architecture at toy size: a SigLIP-style vision tower over one unsplit
-32 x 32 tile (patch 4: 64 patches, 64 wide, 2 layers), pixel shuffle (scale 2: 16 image tokens)
-into a linear connector, a 2-layer Llama decoder (64 wide, GQA 2/1 heads) over a byte-level BPE
+The model: SmolVLM's architecture at toy size: a SigLIP vision tower over one unsplit 32 x 32
+tile (patch 8: 16 patches, 64 wide, 2 layers), pixel shuffle (scale 2: 4 image tokens) into a
+linear connector, a 2-layer Llama decoder (64 wide, GQA 2/1 heads) over a byte-level BPE
 vocabulary learnt from the training conversations (vlmfast.processing.tokenizer_training).
 
+It is trained as SmolVLM was, in two stages: the vision tower first, contrastively on the
+images' captions (a small SigLIP, vlmfast.train.demo_vlm_vision: why is said there), then the
+connector and decoder on the conversations with the tower frozen (`vlmfast finetune`'s stack:
+InstructionCollator, SmolVLM.loss, the Trainer).
+
 The out folder:
-    data/train.jsonl, data/images/   the training conversations (write_instruction_examples)
+    data/train.jsonl, data/images/   the training conversations (shape_questions.write_shape_conversations)
     data/vqa/                        held-out images, questions.json, annotations.json (VQA v2 format)
-    base/                            the random-weight model with its tokenizer and processor files
+    base/                            the model before stage 2 (pretrained tower, the rest random), its
+                                     tokenizer and processor files
     model/                           the fine-tuned checkpoint (Hugging Face layout) + finetune's logs
     vqa_report.json, report.json     the evaluation and the demo's report
 A rerun starts over: the demo clears what a previous demo wrote there (and refuses a non-empty
@@ -30,10 +37,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from vlmfast.data.instructions import read_instructions, write_instruction_examples
-from vlmfast.data.shape_questions import write_shape_conversations, write_shape_vqa
+from vlmfast.data.instructions import read_instructions
+from vlmfast.data.shape_questions import shape_conversation, write_shape_conversations, write_shape_vqa
 
 MARKER = "vlmfast-demo-vlm.json"  # says a folder is the VLM demo's: a rerun may clear it
 OWNED = ("data", "base", "model", "vqa_report.json", "report.json", MARKER)
@@ -46,11 +54,11 @@ class TinySmolVLM:
     """The toy architecture. image_size: the one tile an image is resized to (no splitting)."""
 
     image_size: int = 32
-    patch_size: int = 4
+    patch_size: int = 8  # 8 x 8 patches learnt shape in half the steps of 4 x 4 (measured)
     scale_factor: int = 2
     vision_hidden: int = 64
     vision_layers: int = 2
-    vision_heads: int = 2
+    vision_heads: int = 4
     text_hidden: int = 64
     text_layers: int = 2
     text_heads: int = 2
@@ -70,29 +78,29 @@ class TinySmolVLM:
         text = SmolVLMTextConfig(vocab_size=vocab_size, hidden_size=self.text_hidden,
                                  intermediate_size=2 * self.text_hidden, num_hidden_layers=self.text_layers,
                                  num_attention_heads=self.text_heads, num_key_value_heads=self.text_kv_heads,
-                                 max_position_embeddings=512, rope_theta=10000.0, pad_token_id=pad_token_id)
+                                 max_position_embeddings=2048, rope_theta=10000.0, pad_token_id=pad_token_id)
         return SmolVLMConfig(vision_config=vision, text_config=text, scale_factor=self.scale_factor,
                              image_token_id=image_token_id)
 
 
-def _conversation_texts(examples) -> list[str]:
-    """The training conversations as the chat template renders them (the tokenizer's corpus)."""
+def _rendered(conversations) -> list[str]:
+    """Conversations (lists of messages) as the chat template renders them: the tokenizer's corpus."""
     from vlmfast.models.smolvlm.chat_template import render_chat_template
     from vlmfast.processing.tokenizer_training import CHAT_TEMPLATE
 
-    return [render_chat_template(CHAT_TEMPLATE, list(example.messages)) for example in examples]
+    return [render_chat_template(CHAT_TEMPLATE, list(messages)) for messages in conversations]
 
 
 def _default_corpus(n: int = 256) -> list[str]:
-    """Texts of the built-in shape conversations, written to a scratch folder and read back."""
-    import tempfile
+    """The built-in shape conversations (as the demo writes them), rendered."""
+    from vlmfast.data.synthetic import SyntheticShapes
 
-    with tempfile.TemporaryDirectory(prefix="vlmfast-corpus-") as scratch:
-        return _conversation_texts(read_instructions(write_instruction_examples(scratch, n=n, image_size=8)))
+    shapes = SyntheticShapes(n, image_size=8, seed=0)  # only the attributes are used: tiny images
+    return _rendered(shape_conversation(shapes[i].attributes, np.random.default_rng([0, i, 1])) for i in range(n))
 
 
 def build_tiny_smolvlm(out_dir: str | os.PathLike, *, texts=None, seed: int = 0,
-                       architecture: TinySmolVLM = TinySmolVLM()) -> Path:
+                       architecture: TinySmolVLM = TinySmolVLM(), vision_tower: dict | None = None) -> Path:
     """Writes a random-weight tiny SmolVLM checkpoint folder that vlmfast (SmolVLM,
     SmolVLMProcessor, pipeline, the CLI) and transformers (SmolVLMForConditionalGeneration,
     AutoTokenizer, SmolVLMImageProcessor) load: config.json, model.safetensors,
@@ -100,7 +108,8 @@ def build_tiny_smolvlm(out_dir: str | os.PathLike, *, texts=None, seed: int = 0,
     chat_template.jinja, preprocessor_config.json, processor_config.json. Returns the folder.
 
     texts: the tokenizer's training corpus (default: the built-in shape conversations).
-    Deterministic in (texts, seed, architecture); takes about a second."""
+    vision_tower: a state dict for the vision transformer (demo_vlm_vision.vision_tower_state;
+    None: random like the rest). Deterministic in its arguments; takes about a second."""
     from tokenizers import Tokenizer
 
     from vlmfast.models.smolvlm import SmolVLM
@@ -118,6 +127,8 @@ def build_tiny_smolvlm(out_dir: str | os.PathLike, *, texts=None, seed: int = 0,
     config = architecture.config(tokenizer.get_vocab_size(), tokenizer.token_to_id(IMAGE_TOKEN), pad)
     torch.manual_seed(seed)
     model = SmolVLM(config)
+    if vision_tower is not None:
+        model.model.vision_model.load_state_dict(vision_tower, strict=True)
     model.generation_defaults = {"eos_token_id": end, "pad_token_id": pad}  # saved as generation_config.json
     model.save_pretrained(out)
     side = {"longest_edge": architecture.image_size}
@@ -137,10 +148,12 @@ def build_tiny_smolvlm(out_dir: str | os.PathLike, *, texts=None, seed: int = 0,
 @dataclass
 class VLMDemoConfig:
     out: str = "vlmfast-demo-vlm"
-    steps: int = 600
+    steps: int = 800  # fine-tuning steps (stage 2)
+    vision_steps: int = 1000  # contrastive steps of the vision tower (stage 1)
     batch_size: int = 32
+    vision_batch_size: int = 64
     lr: float = 3e-3
-    train_examples: int = 4096
+    train_examples: int = 8192
     test_images: int = 100  # len(KINDS) questions each
     seed: int = 0
     # One thread by default, as the CLIP demo: 64-wide matrices gain little from a second one and
@@ -149,10 +162,11 @@ class VLMDemoConfig:
     max_new_tokens: int = 8
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "train_examples", "test_images", "max_new_tokens"):
+        for name in ("steps", "vision_steps", "batch_size", "vision_batch_size", "train_examples", "test_images",
+                     "max_new_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {value!r}")
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if self.threads is not None and self.threads < 0:
             raise ValueError(f"--threads: expected 0 (torch's choice) or a positive count, got {self.threads}")
 
@@ -190,27 +204,38 @@ def run_vlm_demo(cfg: VLMDemoConfig, log=print) -> dict:
 
 
 def _run(cfg: VLMDemoConfig, log) -> dict:
+    from vlmfast.data.synthetic import SyntheticShapes
     from vlmfast.eval.runners import run_vqa
     from vlmfast.pipelines import pipeline
+    from vlmfast.train.demo_vlm_vision import pretrain_vision_tower, vision_tower_state
     from vlmfast.train.finetune import finetune
 
     started = time.perf_counter()
+    elapsed = lambda: f"{time.perf_counter() - started:.1f} s"  # noqa: E731
     out = Path(cfg.out)
     _prepare_out(out)
     (out / MARKER).write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     architecture = TinySmolVLM()
+    shapes = SyntheticShapes(cfg.train_examples, image_size=architecture.image_size, seed=cfg.seed)
+    samples = [shapes[i] for i in range(cfg.train_examples)]  # drawn once: both stages train on them
     train_file = write_shape_conversations(out / "data", n=cfg.train_examples, seed=cfg.seed,
-                                           image_size=architecture.image_size)
+                                           image_size=architecture.image_size, samples=samples)
     questions, annotations = write_shape_vqa(out / "data" / "vqa", cfg.test_images,
                                              seed=cfg.seed + HELD_OUT_SEED_OFFSET, image_size=architecture.image_size)
     examples = read_instructions(train_file)
-    log(f"data: {len(examples)} training conversations, {cfg.test_images} held-out images "
-        f"({time.perf_counter() - started:.1f} s)")
+    log(f"data: {len(examples)} training conversations, {cfg.test_images} held-out images ({elapsed()})")
 
-    base = build_tiny_smolvlm(out / "base", texts=_conversation_texts(examples), seed=cfg.seed,
-                              architecture=architecture)
-    log(f"model: a tiny SmolVLM with a tokenizer trained here, in {base} ({time.perf_counter() - started:.1f} s)")
+    # stage 1: the vision tower on the same training images with their captions
+    t0 = time.perf_counter()
+    images, captions = np.stack([sample.image for sample in samples]), [sample.caption for sample in samples]
+    siglip = pretrain_vision_tower(architecture, images, captions, steps=cfg.vision_steps,
+                                   batch_size=cfg.vision_batch_size, lr=cfg.lr, seed=cfg.seed, log=log)
+    vision_seconds = time.perf_counter() - t0
+    base = build_tiny_smolvlm(out / "base", texts=_rendered(example.messages for example in examples), seed=cfg.seed,
+                              architecture=architecture, vision_tower=vision_tower_state(siglip))
+    log(f"model: a tiny SmolVLM around that tower, with a tokenizer trained here, in {base} ({elapsed()})")
 
+    # stage 2: connector and decoder on the conversations, the tower frozen
     every = max(1, cfg.steps // 10)
 
     def progress(message: str) -> None:  # finetune logs every step: keep a tenth of them
@@ -224,7 +249,7 @@ def _run(cfg: VLMDemoConfig, log) -> dict:
     t0 = time.perf_counter()
     trained = finetune(base, train_file, model_dir, log=progress, steps=cfg.steps, lr=cfg.lr,
                        batch_size=cfg.batch_size, warmup_steps=max(1, cfg.steps // 15), min_lr_ratio=0.02,
-                       weight_decay=0.01, seed=cfg.seed, device="cpu", threads=None)
+                       weight_decay=0.01, freeze_vision=True, seed=cfg.seed, device="cpu", threads=None)
     train_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -239,11 +264,11 @@ def _run(cfg: VLMDemoConfig, log) -> dict:
         "num_questions": vqa["num_questions"],
         "num_test_images": cfg.test_images,
         "examples": _examples(questions, vqa["predictions"]),
-        "steps": cfg.steps, "batch_size": cfg.batch_size, "train_examples": cfg.train_examples,
-        "parameters": trained["parameters"],
+        "steps": cfg.steps, "vision_steps": cfg.vision_steps, "batch_size": cfg.batch_size,
+        "train_examples": cfg.train_examples, "parameters": trained["parameters"],
         "first_loss": trained["first_loss"], "final_loss": trained["last_loss"],
-        "train_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2),
-        "total_seconds": round(time.perf_counter() - started, 2),
+        "vision_seconds": round(vision_seconds, 2), "train_seconds": round(train_seconds, 2),
+        "eval_seconds": round(eval_seconds, 2), "total_seconds": round(time.perf_counter() - started, 2),
         "model": str(model_dir), "data": str(train_file), "vqa_questions": str(questions),
         "vqa_annotations": str(annotations), "vqa_images": str(questions.parent), "out": str(out),
     }
