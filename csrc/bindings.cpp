@@ -378,6 +378,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "gemm_isa_available",
       [](int isa) { return c::gemm_isa_available(static_cast<c::GemmIsa>(isa)); }, py::arg("isa"));
+  m.def("gemm_emulate_amx", &c::gemm_emulate_amx, py::arg("on"));
   m.def(
       "gemm_kernel_calls",
       [](int isa) { return c::gemm_kernel_calls(static_cast<c::GemmIsa>(isa)); }, py::arg("isa"));

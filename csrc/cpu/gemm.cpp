@@ -28,6 +28,7 @@ using gk::NR;
 // ---------------------------------------------------------------------------- the level
 
 const char* const kIsaNames[] = {"portable", "avx2", "avx512", "avx512_bf16", "amx"};
+std::atomic<bool> g_amx_emulated{false};  // tests: the AMX level on emulated tiles
 
 bool isa_available(GemmIsa isa) {
   const CpuFeatures& f = cpu_features();
@@ -37,7 +38,7 @@ bool isa_available(GemmIsa isa) {
     case GemmIsa::Avx2: return f.avx2_fma;
     case GemmIsa::Avx512: return f.avx512;
     case GemmIsa::Avx512Bf16: return f.avx512_bf16;
-    case GemmIsa::Amx: return f.avx512_bf16 && amx_usable();
+    case GemmIsa::Amx: return f.avx512_bf16 && (amx_usable() || g_amx_emulated.load());
 #endif
     default: return false;
   }
@@ -343,6 +344,7 @@ VLMFAST_TASK(gk::Avx512, gp::F32Layout<gk::Avx512::MR>, VLMFAST_TARGET_AVX512, t
 VLMFAST_TASK(gk::Avx512Bf16, gp::PairLayout<gk::Avx512Bf16::MR>, VLMFAST_TARGET_AVX512BF16,
              task_avx512_bf16)
 VLMFAST_TASK(gk::Amx, gp::AmxLayout, VLMFAST_TARGET_AMX, task_amx)
+VLMFAST_TASK(gk::AmxEmulated, gp::AmxLayout, , task_amx_emulated)
 #endif
 #undef VLMFAST_TASK
 
@@ -556,11 +558,15 @@ VLMFAST_TARGET_AVX512BF16 double peak_avx512_bf16(double ms) {
   return peak_loop<gk::Avx512Bf16, gp::PairLayout<gk::Avx512Bf16::MR>>(ms);
 }
 VLMFAST_TARGET_AMX double peak_amx(double ms) { return peak_loop<gk::Amx, gp::AmxLayout>(ms); }
+double peak_amx_emulated(double ms) { return peak_loop<gk::AmxEmulated, gp::AmxLayout>(ms); }
 #endif
 
 PeakFn peak_for(GemmIsa isa, PackedFormat format) {
 #if VLMFAST_GEMM_X86
-  if (format == PackedFormat::Bf16Pairs) return isa == GemmIsa::Amx ? peak_amx : peak_avx512_bf16;
+  if (format == PackedFormat::Bf16Pairs) {
+    if (isa == GemmIsa::Amx) return g_amx_emulated.load() ? peak_amx_emulated : peak_amx;
+    return peak_avx512_bf16;
+  }
   if (isa >= GemmIsa::Avx512) return peak_avx512;
   if (isa == GemmIsa::Avx2) return peak_avx2;
 #endif
@@ -644,7 +650,7 @@ void gemm_forward(Matrix a, const void* b_packed, PackedFormat format, int compu
       throw std::invalid_argument("vlmfast gemm: B packed in bf16 pairs, but the level in use has no bf16 kernel");
     if (isa == GemmIsa::Amx) {
       ran(GemmIsa::Amx);
-      return run_tasks<gp::AmxLayout>(p, task_amx, threads);
+      return run_tasks<gp::AmxLayout>(p, g_amx_emulated.load() ? task_amx_emulated : task_amx, threads);
     }
     ran(GemmIsa::Avx512Bf16);
     return run_tasks<gp::PairLayout<gk::Avx512Bf16::MR>>(p, task_avx512_bf16, threads);
@@ -663,6 +669,11 @@ void gemm_forward(Matrix a, const void* b_packed, PackedFormat format, int compu
 #endif
   ran(GemmIsa::Portable);
   run_tasks<gp::F32Layout<gk::Portable::MR>>(p, task_portable, threads);
+}
+
+void gemm_emulate_amx(bool on) {
+  g_amx_emulated.store(on);
+  g_isa.store(-1);  // the level is chosen again
 }
 
 int64_t gemm_kernel_calls(GemmIsa kernel) {

@@ -43,6 +43,9 @@ GemmIsa gemm_force_isa(int isa);
 const char* gemm_isa_name(GemmIsa isa);
 // Whether this CPU can run the level.
 bool gemm_isa_available(GemmIsa isa);
+// Tests only: the AMX level available on a CPU with AVX512-BF16 but no AMX, on emulated tiles
+// (the real kernel's addressing, the tile arithmetic in plain float32; slow). Resets the level.
+void gemm_emulate_amx(bool on);
 // GEMMs run so far by the kernel of `kernel` (the float32 kernels serve the levels above
 // AVX-512 for float32 operands): the tests' proof that a forced path ran.
 int64_t gemm_kernel_calls(GemmIsa kernel);

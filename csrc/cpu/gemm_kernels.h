@@ -178,6 +178,40 @@ struct Avx512Bf16 {
 // steps) and two B tiles (16 pairs of steps x 16 columns x 2). Per 32 steps: four tile loads,
 // four tdpbf16ps. The tile configuration is per thread: begin() loads it on the thread that runs
 // the task, end() releases the state.
+//
+// The body is written once over four tile operations (a macro: the intrinsics take the tile
+// number as a literal), so AmxEmulated below runs the very same addressing on plain arrays: the
+// tests run the AMX layout, packing and driver on CPUs without AMX through it.
+#define VLMFAST_AMX_RUN(LOAD, ZERO, STORE, DP)                                  \
+  const int64_t cs = ldc * static_cast<int64_t>(sizeof(float));                \
+  if (accumulate) {                                                             \
+    LOAD(0, c, cs);                                                             \
+    LOAD(1, c + 16, cs);                                                        \
+    LOAD(2, c + 16 * ldc, cs);                                                  \
+    LOAD(3, c + 16 * ldc + 16, cs);                                             \
+  } else {                                                                      \
+    ZERO(0);                                                                    \
+    ZERO(1);                                                                    \
+    ZERO(2);                                                                    \
+    ZERO(3);                                                                    \
+  }                                                                             \
+  for (int64_t k = 0; k < kb; k += K_STEP) {                                    \
+    const uint16_t* ak = a + k * MR; /* 32 rows x 32 steps, 64 bytes a row */   \
+    const uint16_t* bk = b + k * NR; /* 16 pairs x 64 bf16, 128 bytes a pair */ \
+    LOAD(4, ak, 64);                                                            \
+    LOAD(5, ak + 16 * 32, 64);                                                  \
+    LOAD(6, bk, 2 * NR * 2);                                                    \
+    LOAD(7, bk + 32, 2 * NR * 2);                                               \
+    DP(0, 4, 6);                                                                \
+    DP(1, 4, 7);                                                                \
+    DP(2, 5, 6);                                                                \
+    DP(3, 5, 7);                                                                \
+  }                                                                             \
+  STORE(0, c, cs);                                                              \
+  STORE(1, c + 16, cs);                                                         \
+  STORE(2, c + 16 * ldc, cs);                                                   \
+  STORE(3, c + 16 * ldc + 16, cs);
+
 struct Amx {
   static constexpr int MR = 32;
   static constexpr int K_STEP = 32;
@@ -202,36 +236,59 @@ struct Amx {
 
   VLMFAST_TARGET_AMX static inline void run(const uint16_t* a, const uint16_t* b, int64_t kb,
                                             float* c, int64_t ldc, bool accumulate) {
-    const int64_t cs = ldc * static_cast<int64_t>(sizeof(float));
-    if (accumulate) {
-      _tile_loadd(0, c, cs);
-      _tile_loadd(1, c + 16, cs);
-      _tile_loadd(2, c + 16 * ldc, cs);
-      _tile_loadd(3, c + 16 * ldc + 16, cs);
-    } else {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-    }
-    for (int64_t k = 0; k < kb; k += K_STEP) {
-      const uint16_t* ak = a + k * MR;        // 32 rows x 32 steps, 64 bytes a row
-      const uint16_t* bk = b + k * NR;        // 16 pairs x 64 bf16, 128 bytes a pair
-      _tile_loadd(4, ak, 64);
-      _tile_loadd(5, ak + 16 * 32, 64);
-      _tile_loadd(6, bk, 2 * NR * 2);
-      _tile_loadd(7, bk + 32, 2 * NR * 2);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-    _tile_stored(0, c, cs);
-    _tile_stored(1, c + 16, cs);
-    _tile_stored(2, c + 16 * ldc, cs);
-    _tile_stored(3, c + 16 * ldc + 16, cs);
+    VLMFAST_AMX_RUN(_tile_loadd, _tile_zero, _tile_stored, _tile_dpbf16ps)
   }
 };
+
+// The AMX kernel on eight emulated tiles (16 rows x 64 bytes each, per thread), tdpbf16ps's
+// arithmetic in plain float32: for tests only (slow), enabled by gemm_emulate_amx.
+struct AmxEmulated {
+  static constexpr int MR = 32;
+  static constexpr int K_STEP = 32;
+  using Operand = uint16_t;
+
+  struct Tiles {
+    alignas(64) uint8_t t[8][16][64];
+  };
+  static Tiles& tiles() {
+    static thread_local Tiles file;
+    return file;
+  }
+  static void load(int t, const void* p, int64_t stride) {
+    for (int r = 0; r < 16; ++r) std::memcpy(tiles().t[t][r], static_cast<const char*>(p) + r * stride, 64);
+  }
+  static void zero(int t) { std::memset(tiles().t[t], 0, sizeof tiles().t[t]); }
+  static void store(int t, void* p, int64_t stride) {
+    for (int r = 0; r < 16; ++r) std::memcpy(static_cast<char*>(p) + r * stride, tiles().t[t][r], 64);
+  }
+  static float bf16(uint16_t bits) {
+    const uint32_t u = static_cast<uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
+  // C (16 x 16 float) += A (16 x 32 bf16) B (16 pairs x 16 x 2 bf16), pair by pair
+  static void dp(int tc, int ta, int tb) {
+    float cf[16][16];
+    uint16_t af[16][32], bf[16][32];
+    std::memcpy(cf, tiles().t[tc], sizeof cf);
+    std::memcpy(af, tiles().t[ta], sizeof af);
+    std::memcpy(bf, tiles().t[tb], sizeof bf);
+    for (int m = 0; m < 16; ++m)
+      for (int n = 0; n < 16; ++n) {
+        float acc = cf[m][n];
+        for (int p = 0; p < 16; ++p)
+          acc += bf16(af[m][2 * p]) * bf16(bf[p][2 * n]) + bf16(af[m][2 * p + 1]) * bf16(bf[p][2 * n + 1]);
+        cf[m][n] = acc;
+      }
+    std::memcpy(tiles().t[tc], cf, sizeof cf);
+  }
+  static inline void run(const uint16_t* a, const uint16_t* b, int64_t kb, float* c, int64_t ldc,
+                         bool accumulate) {
+    VLMFAST_AMX_RUN(load, zero, store, dp)
+  }
+};
+#undef VLMFAST_AMX_RUN
 #endif
 
 }  // namespace vlmfast::cpu::gemm_kernels

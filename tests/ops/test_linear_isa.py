@@ -180,3 +180,36 @@ def test_choice_forced_to_torch_runs_no_kernel():
     x, w, b = _inputs(64, 48, 40, torch.float32, seed=12)
     _check(x, w, b, "quick_gelu")
     assert sum(native_linear.kernel_calls().values()) == before
+
+
+@pytest.fixture
+def emulated_amx():
+    """The AMX level on emulated tiles (the real kernel's layout and addressing, the tile
+    arithmetic in plain float32): the AMX packing (32-row slivers of 32-step tiles, K padded to
+    32), driver and epilogues on a CPU without AMX. Where the CPU has AMX the fixture's own
+    "amx" parameter of `isa` runs the real tiles."""
+    if "avx512_bf16" not in native_linear.available_isas():
+        pytest.skip("the emulation uses the AVX512-BF16 packers")
+    if "amx" in native_linear.available_isas():
+        pytest.skip("this CPU runs real AMX tiles (the isa fixture's amx case)")
+    native_linear.emulate_amx(True)
+    try:
+        assert native_linear.force_isa("amx") == "amx"
+        before = native_linear.kernel_calls()["amx"]
+        yield
+        assert native_linear.kernel_calls()["amx"] > before, "no GEMM ran on the (emulated) AMX kernel"
+    finally:
+        native_linear.emulate_amx(False)
+        native_linear.force_isa(None)
+
+
+@pytest.mark.parametrize("shape", [(37, 45, 50), (70, 100, 33)], ids=lambda s: "x".join(map(str, s)))
+def test_amx_layout_on_emulated_tiles(emulated_amx, shape):
+    m, k, n = shape
+    for i, activation in enumerate((None, "gelu_tanh")):
+        _check(*_inputs(m, k, n, torch.bfloat16, seed=7 * m + i), activation)
+    x, w, b = _inputs(m, k, n, torch.float32, seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear(x, w, b)
+    expected = reference.linear(*(t.detach().to(torch.bfloat16).double() for t in (x, w, b)))
+    assert_close(out, expected, reference.linear(*(t.detach().to(torch.bfloat16) for t in (x, w, b))))

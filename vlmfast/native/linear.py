@@ -74,6 +74,14 @@ def force_isa(name: str | None) -> str:
     return _module().gemm_force_isa(-1 if name is None else ISA_NAMES.index(name))
 
 
+def emulate_amx(on: bool) -> None:
+    """Tests only: makes the "amx" level available on a CPU with AVX512-BF16 but no AMX, its
+    kernel running on emulated tiles (the real kernel's layout and addressing; slow), so that
+    the AMX packing and driver are tested where AMX cannot run. The level is chosen again."""
+    _isa_generation[0] += 1
+    _module().gemm_emulate_amx(bool(on))
+
+
 def describe() -> dict:
     """What the GEMM chose here: instruction set, cache sizes (and their source), blocking."""
     out = {}
