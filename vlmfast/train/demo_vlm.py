@@ -101,7 +101,7 @@ def _default_corpus(n: int = 256) -> list[str]:
 
 def build_tiny_smolvlm(out_dir: str | os.PathLike, *, texts=None, seed: int = 0,
                        architecture: TinySmolVLM = TinySmolVLM(), vision_tower: dict | None = None) -> Path:
-    """Writes a random-weight tiny SmolVLM checkpoint folder that vlmfast (SmolVLM,
+    """Writes a tiny SmolVLM checkpoint folder (random weights) that vlmfast (SmolVLM,
     SmolVLMProcessor, pipeline, the CLI) and transformers (SmolVLMForConditionalGeneration,
     AutoTokenizer, SmolVLMImageProcessor) load: config.json, model.safetensors,
     generation_config.json (stops at <end_of_utterance>), tokenizer.json, tokenizer_config.json,
