@@ -114,11 +114,9 @@ struct Avx512 {
                                                        int64_t b_step, int64_t kb, float* c,
                                                        int64_t ldc, bool accumulate) {
     __m512 lo[MR], hi[MR];
+    prefetch_tile(c, ldc, MR);
 #pragma GCC unroll 12
-    for (int m = 0; m < MR; ++m) {
-      lo[m] = accumulate ? _mm512_loadu_ps(c + m * ldc) : _mm512_setzero_ps();
-      hi[m] = accumulate ? _mm512_loadu_ps(c + m * ldc + 16) : _mm512_setzero_ps();
-    }
+    for (int m = 0; m < MR; ++m) lo[m] = hi[m] = _mm512_setzero_ps();
     for (int64_t k = 0; k < kb; ++k) {
       const __m512 b0 = _mm512_loadu_ps(b + k * b_step), b1 = _mm512_loadu_ps(b + k * b_step + 16);
       const float* ak = a + k * a_step;
@@ -129,10 +127,32 @@ struct Avx512 {
         hi[m] = _mm512_fmadd_ps(am, b1, hi[m]);
       }
     }
+    store_tile(lo, hi, c, ldc, accumulate);
+  }
+
+  // The C tile's 2 MR lines, requested before the k loop: its rows lie a row of the output apart
+  // (a new page every row or two), no prefetcher follows them, and a load or store at the end of
+  // the loop would wait the full latency of L2/L3 per row.
+  VLMFAST_TARGET_AVX512 static inline void prefetch_tile(const float* c, int64_t ldc, int rows) {
+    for (int m = 0; m < rows; ++m) {
+      _mm_prefetch(reinterpret_cast<const char*>(c + m * ldc), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(c + m * ldc + 16), _MM_HINT_T0);
+    }
+  }
+
+  // c (+)= the accumulators (the earlier blocks' partial sums added at the end, their lines
+  // prefetched since the start).
+  VLMFAST_TARGET_AVX512 static inline void store_tile(const __m512* lo, const __m512* hi, float* c,
+                                                      int64_t ldc, bool accumulate) {
 #pragma GCC unroll 12
     for (int m = 0; m < MR; ++m) {
-      _mm512_storeu_ps(c + m * ldc, lo[m]);
-      _mm512_storeu_ps(c + m * ldc + 16, hi[m]);
+      __m512 l = lo[m], h = hi[m];
+      if (accumulate) {
+        l = _mm512_add_ps(l, _mm512_loadu_ps(c + m * ldc));
+        h = _mm512_add_ps(h, _mm512_loadu_ps(c + m * ldc + 16));
+      }
+      _mm512_storeu_ps(c + m * ldc, l);
+      _mm512_storeu_ps(c + m * ldc + 16, h);
     }
   }
 };
@@ -148,11 +168,9 @@ struct Avx512Bf16 {
                                                    int64_t kb, float* c, int64_t ldc,
                                                    bool accumulate) {
     __m512 lo[MR], hi[MR];
+    Avx512::prefetch_tile(c, ldc, MR);
 #pragma GCC unroll 12
-    for (int m = 0; m < MR; ++m) {
-      lo[m] = accumulate ? _mm512_loadu_ps(c + m * ldc) : _mm512_setzero_ps();
-      hi[m] = accumulate ? _mm512_loadu_ps(c + m * ldc + 16) : _mm512_setzero_ps();
-    }
+    for (int m = 0; m < MR; ++m) lo[m] = hi[m] = _mm512_setzero_ps();
     const int64_t pairs = kb / 2;
     for (int64_t p = 0; p < pairs; ++p) {
       const __m512bh b0 = (__m512bh)_mm512_load_si512(b + p * 2 * NR);
@@ -165,11 +183,7 @@ struct Avx512Bf16 {
         hi[m] = _mm512_dpbf16_ps(hi[m], am, b1);
       }
     }
-#pragma GCC unroll 12
-    for (int m = 0; m < MR; ++m) {
-      _mm512_storeu_ps(c + m * ldc, lo[m]);
-      _mm512_storeu_ps(c + m * ldc + 16, hi[m]);
-    }
+    Avx512::store_tile(lo, hi, c, ldc, accumulate);
   }
 };
 
