@@ -31,6 +31,7 @@ from vlmfast.models.layers import set_gradient_checkpointing
 from vlmfast.models.smolvlm import _ops, packing
 from vlmfast.models.smolvlm.model import causal_padding_mask, preferred_dtype, read_generation_defaults
 from vlmfast.ops import _checks
+from vlmfast.ops.linear import packed_weight_cache
 
 # labelled rows x vocabulary up to which the loss materialises the logits (8 Mi floats: 32 MiB, e.g.
 # 250 rows of a 32k vocabulary); above, the fused linear + cross-entropy never holds them
@@ -99,6 +100,10 @@ class CausalVLM(nn.Module):
         super().__init__()
         self.generation_defaults = {}
         self.auto_pack = True
+        # inference keeps no packed copy of the weights in vlmfast's GEMM (ops.linear caches one per
+        # weight by default): the model's weights are resident once; True trades memory for ~10 %
+        # of a prompt's time
+        self.cache_packed_weights = False
 
     # ------------------------------------------------------------------ subclass hooks
 
@@ -193,14 +198,15 @@ class CausalVLM(nn.Module):
         """The decoder's output (B, L, D) before the head, no cache."""
         self.check_inputs(input_ids, pixel_values, None, attention_mask)
         B, L = input_ids.shape
-        embeds = self.embed(input_ids, pixel_values)
-        mask, causal = None, True
-        valid = None if attention_mask is None else attention_mask.to(torch.bool)
-        if valid is not None and not bool(valid.all()):
-            mask, causal = causal_padding_mask(valid), False
-        if position_ids is None:
-            position_ids = self.forward_positions(valid, B, L)
-        return self.decoder(embeds, position_ids, mask, causal)
+        with packed_weight_cache(self.cache_packed_weights):
+            embeds = self.embed(input_ids, pixel_values)
+            mask, causal = None, True
+            valid = None if attention_mask is None else attention_mask.to(torch.bool)
+            if valid is not None and not bool(valid.all()):
+                mask, causal = causal_padding_mask(valid), False
+            if position_ids is None:
+                position_ids = self.forward_positions(valid, B, L)
+            return self.decoder(embeds, position_ids, mask, causal)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None) -> torch.Tensor:
         """Logits (B, L, V), equal to transformers' for the same inputs (padding positions aside)."""
@@ -248,14 +254,15 @@ class CausalVLM(nn.Module):
         """Runs the prompt into an empty `cache` (slots [0, L)). attention_mask bool (B, L).
         Returns (logits of the last slot (B, V) float32, positions of the last token (B,))."""
         L = input_ids.shape[1]
-        embeds = self.embed(input_ids, pixel_values)
-        positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # transformers' generate rule
-        cache.append_mask(attention_mask)
-        padded = not bool(attention_mask.all())
-        mask = causal_padding_mask(attention_mask) if padded else None
-        hidden = self.decoder(embeds, positions, mask, not padded, cache=cache, slot=0)
-        cache.advance(L)
-        return self.head(hidden[:, -1]).float(), positions[:, -1].clone()
+        with packed_weight_cache(self.cache_packed_weights):
+            embeds = self.embed(input_ids, pixel_values)
+            positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # transformers' generate rule
+            cache.append_mask(attention_mask)
+            padded = not bool(attention_mask.all())
+            mask = causal_padding_mask(attention_mask) if padded else None
+            hidden = self.decoder(embeds, positions, mask, not padded, cache=cache, slot=0)
+            cache.advance(L)
+            return self.head(hidden[:, -1]).float(), positions[:, -1].clone()
 
     def decode_step(self, tokens, positions, cache, padded: bool = True) -> torch.Tensor:
         """One token per row into slot cache.length; tokens, positions int (B,). Returns logits

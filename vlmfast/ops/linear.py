@@ -18,12 +18,29 @@ ops `vlmfast::linear_fwd` / `vlmfast::linear_bwd` (fake impls + autograd) -> bac
   (ops/reference.py).
 """
 
+import contextlib
+import contextvars
+
 import torch
 
 from vlmfast.ops import _checks, _dispatch, _linear_choice, reference
 
 ACTIVATIONS = (None, "quick_gelu", "gelu_tanh", "gelu")
 SMALL_M = 16  # below this many rows the weight's packing outweighs the GEMM's speed-up
+# whether inference calls keep a packed copy of their weight (packed_weight_cache)
+_CACHING = contextvars.ContextVar("vlmfast_linear_caching", default=True)
+
+
+@contextlib.contextmanager
+def packed_weight_cache(enabled: bool):
+    """Within the block, inference calls keep (True, the default) or do not keep (False) a packed
+    copy of their weights: a model that must hold its weights once (a generative model's
+    prompt, where the copy would double the resident weights) packs per call instead."""
+    token = _CACHING.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _CACHING.reset(token)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -281,6 +298,6 @@ def linear(
     rows = x.reshape(-1, k)
     tracked = (x, weight) if bias is None else (x, weight, bias)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
-    cache = not torch.is_grad_enabled()
+    cache = not torch.is_grad_enabled() and _CACHING.get()
     out, _ = linear_fwd(rows, weight, bias, activation or "none", needs_grad, cache, compute)
     return out.reshape(*x.shape[:-1], n)

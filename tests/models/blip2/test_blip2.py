@@ -21,6 +21,15 @@ def pair(request, tmp_path_factory):
     return Blip2ForConditionalGeneration.from_pretrained(path).eval(), Blip2.from_pretrained(path), path
 
 
+@pytest.fixture(scope="module")
+def one(tmp_path_factory):
+    """The pre-norm layout alone, for what the decoder's layout does not change."""
+    from transformers import Blip2ForConditionalGeneration
+
+    path = write_checkpoint(tmp_path_factory.mktemp("blip2-one"), layout="pre-norm-tied", seed=2)
+    return Blip2ForConditionalGeneration.from_pretrained(path).eval(), Blip2.from_pretrained(path), path
+
+
 def batch(model, lengths, seed=0, images=True):
     """Rows as transformers 5's Blip2Processor lays them out: the image tokens, then left padding,
     then BOS and the text (lengths: text tokens per row)."""
@@ -94,8 +103,8 @@ def test_loss_and_gradients_match_transformers(pair):
     hf.zero_grad()
 
 
-def test_image_and_qformer_features_match_transformers(pair):
-    hf, model, _ = pair
+def test_image_and_qformer_features_match_transformers(one):
+    hf, model, _ = one
     _, _, pixels = batch(model, [2, 2], seed=4)
     with torch.no_grad():
         out = hf.get_image_features(pixels)
@@ -105,10 +114,10 @@ def test_image_and_qformer_features_match_transformers(pair):
     assert queries.shape == (2, model.config.num_query_tokens, model.config.qformer_config.hidden_size)
 
 
-def test_bfloat16_keeps_the_qformer_in_float32(pair):
+def test_bfloat16_keeps_the_qformer_in_float32(one):
     from transformers import Blip2ForConditionalGeneration
 
-    hf, model, path = pair
+    hf, model, path = one
     ids, mask, pixels = batch(model, LENGTHS, seed=5)
     ours = Blip2.from_pretrained(path, dtype=torch.bfloat16)
     theirs = Blip2ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval()
@@ -142,8 +151,8 @@ def test_saved_checkpoint_loads_in_transformers(pair, tmp_path):
     assert (ours[valid] - mine).abs().max().item() <= 1e-5 * mine.abs().max().item()
 
 
-def test_text_only_and_bad_inputs(pair):
-    hf, model, _ = pair
+def test_text_only_and_bad_inputs(one):
+    hf, model, _ = one
     ids, mask, pixels = batch(model, [3, 5], images=False)
     with torch.no_grad():
         expected = hf.language_model(input_ids=ids, attention_mask=mask).logits

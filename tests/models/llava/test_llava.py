@@ -26,6 +26,15 @@ def pair(request, tmp_path_factory):
     return hf, Llava.from_pretrained(path), path
 
 
+@pytest.fixture(scope="module")
+def one(tmp_path_factory):
+    """The default layout alone, for what the feature layers and the head's tying do not change."""
+    from transformers import LlavaForConditionalGeneration
+
+    path = write_checkpoint(tmp_path_factory.mktemp("llava-one"), seed=3)
+    return LlavaForConditionalGeneration.from_pretrained(path).eval(), Llava.from_pretrained(path), path
+
+
 def batch(model, rows, seed=0):
     """rows: per row (images, text tokens before, after, left padding). Returns input_ids,
     attention_mask, pixel_values (one image per <image> run, in order)."""
@@ -83,8 +92,8 @@ def test_greedy_generation_matches_transformers(pair):
     assert torch.equal(actual, expected)
 
 
-def test_sampled_tokens_and_streaming_match(pair):
-    hf, model, _ = pair
+def test_sampled_tokens_and_streaming_match(one):
+    hf, model, _ = one
     ids, mask, pixels = batch(model, ROWS[:2], seed=4)
     torch.manual_seed(11)
     with torch.no_grad():
@@ -164,8 +173,8 @@ def test_saved_checkpoint_loads_in_transformers(pair, tmp_path):
     assert (ours[valid] - mine).abs().max().item() <= 1e-5 * mine.abs().max().item()
 
 
-def test_uint8_pixels_equal_normalised_float(pair):
-    _, model, _ = pair
+def test_uint8_pixels_equal_normalised_float(one):
+    _, model, _ = one
     g = torch.Generator().manual_seed(7)
     side = model.config.vision_config.image_size
     raw = torch.randint(0, 256, (2, side, side, 3), dtype=torch.uint8, generator=g)
@@ -177,8 +186,8 @@ def test_uint8_pixels_equal_normalised_float(pair):
     assert (a - b).abs().max().item() <= 1e-4 * b.abs().max().item()
 
 
-def test_bad_inputs_name_the_argument(pair):
-    _, model, _ = pair
+def test_bad_inputs_name_the_argument(one):
+    _, model, _ = one
     ids, mask, pixels = batch(model, [(1, 2, 2, 0)])
     with pytest.raises(ValueError, match="input_ids: expected .* image tokens"):
         model(ids[:, 3:], pixels)
@@ -196,8 +205,8 @@ def test_bad_inputs_name_the_argument(pair):
         model.check_inputs(ids, pixels, torch.ones(1, 3, 32, 32))
 
 
-def test_native_cpu_decode_gives_the_eager_tokens(pair):
-    _, model, _ = pair
+def test_native_cpu_decode_gives_the_eager_tokens(one):
+    _, model, _ = one
     ids, mask, pixels = batch(model, ROWS[:2], seed=8)
     model.native_decode = False
     eager = model.generate(ids, pixels, mask, max_new_tokens=8)
@@ -210,12 +219,12 @@ def test_native_cpu_decode_gives_the_eager_tokens(pair):
     assert torch.equal(model.generate(ids, pixels, mask, max_new_tokens=8), eager)
 
 
-def test_bfloat16_logits_within_twice_transformers_error(pair):
+def test_bfloat16_logits_within_twice_transformers_error(one):
     from transformers import LlavaForConditionalGeneration
 
     from tests.tolerance import max_error
 
-    hf, model, path = pair
+    hf, model, path = one
     ids, mask, pixels = batch(model, ROWS, seed=9)
     ours = Llava.from_pretrained(path, dtype=torch.bfloat16)
     theirs = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval()
