@@ -118,9 +118,11 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
                                min_new_tokens=new, do_sample=False, pad_token_id=2)
 
     ms, peer_ms = time_ms(ours_generate, device, **repeats), time_ms(hf_generate, device, **repeats)
+    same = torch.equal(ours_generate(), hf_generate()) if dtype == torch.float32 else None
     results.append(Result("smolvlm", f"generate b=1 1 image + {ids.shape[1] - image_tokens} text + {new} new {name}",
                           "vlmfast", ms, "transformers", peer_ms,
-                          extra={"tokens_per_s": new * 1e3 / ms, "peer_tokens_per_s": new * 1e3 / peer_ms}))
+                          extra={"tokens_per_s": new * 1e3 / ms, "peer_tokens_per_s": new * 1e3 / peer_ms,
+                                 "greedy_equal": same}))
 
     # a 2048-px image: SmolVLM2's processor splits it into 4 x 4 tiles of 512 px + a global one
     tiles = 2 if quick else 17
