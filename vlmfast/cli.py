@@ -224,11 +224,14 @@ COMMANDS = {
     "embed": ("embed a folder of images with a CLIP/SigLIP checkpoint (sharded, resumable)", _add_embed, _run_embed),
     "zeroshot": ("zero-shot classify images with a CLIP/SigLIP checkpoint", _add_zeroshot, _run_zeroshot),
     "bench": ("benchmark the ops and models against their peers (same run, same machine)", _add_bench, _run_bench),
-    "eval": ("evaluate a checkpoint: zeroshot / retrieval (CLIP, SigLIP), vqa / caption (SmolVLM); JSON report", _add_eval, _run_eval),
+    "eval": ("evaluate a checkpoint: zeroshot / retrieval (CLIP, SigLIP), vqa / caption (SmolVLM, Qwen2-VL, LLaVA, "
+             "BLIP-2); JSON report", _add_eval, _run_eval),
     "dedup": ("find near-duplicate images (perceptual hash, Hamming distance)", _add_dedup, _run_dedup),
-    "generate": ("generate text from images + a prompt with a SmolVLM checkpoint (or a resumable JSONL batch)",
+    "generate": ("generate text from images + a prompt with a SmolVLM, Qwen2-VL, LLaVA or BLIP-2 checkpoint (or a "
+                 "resumable JSONL batch)",
                  _add_generate, _run_generate),
-    "finetune": ("fine-tune a SmolVLM on an image-text instruction JSONL (LoRA, freezing, resumable)",
+    "finetune": ("fine-tune a SmolVLM, Qwen2-VL, LLaVA or BLIP-2 checkpoint on an image-text instruction JSONL "
+                 "(LoRA, freezing, resumable)",
                  _add_finetune, _run_finetune),
 }
 
@@ -245,7 +248,8 @@ def _run_serve(args) -> int:
     return run_serve(args)
 
 
-COMMANDS["serve"] = ("serve a SmolVLM checkpoint over the OpenAI chat-completions API (continuous batching)",
+COMMANDS["serve"] = ("serve a SmolVLM / SmolVLM2 / Idefics3 checkpoint over the OpenAI chat-completions API "
+                     "(continuous batching)",
                      _add_serve, _run_serve)
 
 

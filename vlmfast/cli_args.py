@@ -152,6 +152,11 @@ def clip_checkpoint(text: str) -> Path:
     return _checkpoint_of(text, "a CLIP or SigLIP", ("clip", "siglip"))
 
 
+# The vision-language families --model of generate, eval vqa / caption and finetune takes, as its
+# help names them (the model_types of vlmfast.pipelines.FAMILIES and vlmfast.train.finetune.MODEL_TYPES).
+VLM_FAMILIES = "SmolVLM / SmolVLM2 / Idefics3, Qwen2-VL / Qwen2.5-VL, LLaVA-1.5 or BLIP-2 (OPT)"
+
+
 def vlm_checkpoint(text: str) -> Path:
     """--model of generate, eval vqa / caption: a checkpoint of a family with an image-text-to-text
     pipeline (vlmfast.pipelines.FAMILIES)."""

@@ -46,7 +46,7 @@ def _add_report_and_inputs(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    if args.task in ("vqa", "caption"):  # generative: a SmolVLM pipeline is the model
+    if args.task in ("vqa", "caption"):  # generative: an image-text-to-text pipeline is the model
         return run_generative_eval(args)
     from vlmfast.eval import runners
     from vlmfast.models.embedding import load_model
@@ -74,8 +74,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def add_generative_tasks(tasks) -> None:
-    """`eval vqa` and `eval caption`: a SmolVLM checkpoint through vlmfast.pipeline."""
-    vqa = tasks.add_parser("vqa", help="VQA accuracy of a SmolVLM checkpoint (VQA v2 questions + annotations JSON)")
+    """`eval vqa` and `eval caption`: a vision-language checkpoint through vlmfast.pipeline."""
+    vqa = tasks.add_parser("vqa", help="VQA accuracy of a vision-language checkpoint (VQA v2 questions + "
+                                       "annotations JSON)")
     _add_vlm(vqa, max_new_tokens=10)
     vqa.add_argument("--questions", required=True, type=cli_args.existing_file,
                      help="VQA questions JSON {questions: [{question_id, image_id, question}]}")
@@ -88,7 +89,8 @@ def add_generative_tasks(tasks) -> None:
                      type=cli_args.fills(question="What is this?"),
                      help="prompt with {question} (default asks for a short answer)")
     caption = tasks.add_parser("caption",
-                               help="BLEU / CIDEr-D / ROUGE-L of a SmolVLM checkpoint on COCO-style captions")
+                               help="BLEU / CIDEr-D / ROUGE-L of a vision-language checkpoint on COCO-style "
+                                    "captions")
     _add_vlm(caption, max_new_tokens=32)
     caption.add_argument("--annotations", required=True, type=cli_args.existing_file,
                          help="COCO captions or Karpathy-split JSON")
@@ -100,7 +102,7 @@ def add_generative_tasks(tasks) -> None:
 
 def _add_vlm(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
     parser.add_argument("--model", required=True, type=cli_args.vlm_checkpoint,
-                        help="SmolVLM / SmolVLM2 / Idefics3 / Qwen2-VL checkpoint folder")
+                        help=f"{cli_args.VLM_FAMILIES} checkpoint folder")
     parser.add_argument("--batch-size", type=cli_args.positive_int, default=8)
     parser.add_argument("--max-new-tokens", type=cli_args.positive_int, default=max_new_tokens)
     parser.add_argument("--device", type=cli_args.device, default=None, help="cpu or cuda (default: cuda when available)")

@@ -30,7 +30,7 @@ MAX_LISTED = 20
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=cli_args.vlm_checkpoint,
-                        help="SmolVLM / SmolVLM2 / Idefics3 or Qwen2-VL / Qwen2.5-VL checkpoint folder")
+                        help=f"{cli_args.VLM_FAMILIES} checkpoint folder")
     parser.add_argument("--image", action="append", default=None, type=cli_args.existing_file,
                         help="image file (repeatable: several images)")
     parser.add_argument("--prompt", default=None, help="the user's text (single mode)")

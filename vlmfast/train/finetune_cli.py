@@ -15,8 +15,7 @@ from vlmfast.train.finetune import FinetuneConfig, finetune
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     defaults = FinetuneConfig()
     p.add_argument("--model", required=True, type=cli_args.finetune_checkpoint,
-                   help="SmolVLM / Idefics3 / Qwen2-VL / LLaVA / BLIP-2 checkpoint folder (Hugging Face layout, "
-                        "with tokenizer)")
+                   help=f"{cli_args.VLM_FAMILIES} checkpoint folder (Hugging Face layout, with tokenizer)")
     p.add_argument("--data", required=True, type=cli_args.existing_file,
                    help="JSONL: {'images': [...], 'messages': [...]} per line (image paths relative to the file)")
     p.add_argument("--out", required=True, type=cli_args.output_dir,
