@@ -6,8 +6,8 @@ Cases:
   1632 patches) packed in one batch, for Qwen2-VL-2B's tower (width 1280, 16 heads, MLP 5120)
   and Qwen2.5-VL-3B's (width 1280, SwiGLU 3420, 112-pixel windows, full attention in the last
   block), 4 blocks each (a full tower is 32: times scale with the depth);
-- the Qwen2-VL tower on one 1008 x 1008 image (5184 patches): an (S x S) float32 score matrix
-  per head would be 103 MiB; peak_mib is the resident memory the call adds (VmHWM after
+- the Qwen2-VL tower on one 784 x 784 image (3136 patches): an (S x S) float32 score matrix
+  per head would be 38 MiB (x 16 heads); peak_mib is the resident memory the call adds (VmHWM after
   malloc_trim, this process: indicative);
 - Qwen2-VL-2B's decoder dimensions (2 of its 28 layers, a 16k vocabulary, tied embeddings: about
   0.85 GB of float32 weights per implementation, to fit the machine's memory): prefill of one 448 x 448 image (256 image tokens) + 20 text tokens at batch 1,
@@ -32,7 +32,7 @@ from vlmfast.bench.timing import Result, time_ms
 
 IMAGES = [(1, 16, 16), (1, 22, 14), (1, 32, 24), (1, 10, 30)]
 QUICK_IMAGES = [(1, 4, 4), (1, 6, 4), (1, 8, 6), (1, 2, 6)]
-LARGE, QUICK_LARGE = (1, 72, 72), (1, 16, 16)
+LARGE, QUICK_LARGE = (1, 56, 56), (1, 16, 16)
 PATCH_DIM = 3 * 2 * 14 * 14
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 15990, 15991, 15988, 15989
 
