@@ -248,8 +248,8 @@ def _run_serve(args) -> int:
     return run_serve(args)
 
 
-COMMANDS["serve"] = ("serve a SmolVLM / SmolVLM2 / Idefics3 checkpoint over the OpenAI chat-completions API "
-                     "(continuous batching)",
+COMMANDS["serve"] = ("serve a vision-language checkpoint (the families: --model's help) over the OpenAI "
+                     "chat-completions API (continuous batching)",
                      _add_serve, _run_serve)
 
 
