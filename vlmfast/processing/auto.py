@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from vlmfast.processing import config as cfg
 from vlmfast.processing.base import ImageProcessor
@@ -42,3 +43,11 @@ def image_processor_from_pretrained(path: str | os.PathLike, **overrides) -> Ima
     if not isinstance(name, str):
         raise ValueError(f"image_processor_type: missing from {path!s}; use e.g. CLIPImageProcessor.from_pretrained")
     return processor_class(name)(config, **overrides)
+
+
+def image_processor_if_any(path: str | os.PathLike) -> ImageProcessor | None:
+    """The checkpoint directory's image processor, or None where it has no preprocessor_config.json
+    (a text-only processor)."""
+    if not (Path(path) / cfg.CONFIG_NAME).is_file():
+        return None
+    return image_processor_from_pretrained(path)

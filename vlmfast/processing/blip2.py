@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from vlmfast.models.smolvlm.processor import _read_json
-from vlmfast.processing.auto import image_processor_from_pretrained
+from vlmfast.processing.auto import image_processor_if_any
 from vlmfast.processing.batch import is_image
 from vlmfast.processing.prompt_processor import PromptProcessor
+from vlmfast.processing.tokenizer_files import read_json
 
 # A conversation as BLIP-2 reads prompts: no roles, no image markers (the image tokens are put in
 # front by the processor); the user's text, and an assistant's answer after it with a space (the
@@ -60,13 +60,11 @@ class Blip2Processor(PromptProcessor):
         path = Path(path)
         text = cls.read_text_side(path)
         text["chat_template"] = text["chat_template"] or BLIP2_PROMPT_TEMPLATE
-        image_processor = None
-        if (path / "preprocessor_config.json").is_file():
-            image_processor = image_processor_from_pretrained(path)
-        queries = _read_json(path / "processor_config.json").get("num_query_tokens")
+        queries = read_json(path / "processor_config.json").get("num_query_tokens")
         if not isinstance(queries, int):
-            queries = _read_json(path / "config.json").get("num_query_tokens", DEFAULT_NUM_QUERY_TOKENS)
-        return cls(padding_side=padding_side, image_processor=image_processor, num_query_tokens=queries, **text)
+            queries = read_json(path / "config.json").get("num_query_tokens", DEFAULT_NUM_QUERY_TOKENS)
+        return cls(padding_side=padding_side, image_processor=image_processor_if_any(path), num_query_tokens=queries,
+                   **text)
 
     def __call__(self, text=None, images=None, *, output: str = "float32") -> dict:
         """text: a prompt or a list of B prompts (None: images only, for captioning with

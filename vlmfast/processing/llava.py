@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from vlmfast.models.smolvlm.processor import _read_json
-from vlmfast.processing.auto import image_processor_from_pretrained
+
+from vlmfast.processing.auto import image_processor_if_any
 from vlmfast.processing.batch import is_image
 from vlmfast.processing.llava_image import LlavaImageProcessor  # noqa: F401  (re-exported)
 from vlmfast.processing.prompt_processor import PromptProcessor
+from vlmfast.processing.tokenizer_files import read_json
 
 # The LLaVA-1.5 conversation format ("USER: <image>\n<question> ASSISTANT: <answer> ..."): per
 # message the role in capitals (none for a system message), its images first ("<image>\n" each),
@@ -79,16 +80,13 @@ class LlavaProcessor(PromptProcessor):
         path = Path(path)
         text = cls.read_text_side(path)
         text["chat_template"] = text["chat_template"] or LLAVA_CHAT_TEMPLATE
-        image_processor = None
-        if (path / "preprocessor_config.json").is_file():
-            image_processor = image_processor_from_pretrained(path)
-        settings = _read_json(path / "processor_config.json")
-        model = _read_json(path / "config.json")
+        settings = read_json(path / "processor_config.json")
+        model = read_json(path / "config.json")
         patch = settings.get("patch_size") or (model.get("vision_config") or {}).get("patch_size", 14)
         strategy = (settings.get("vision_feature_select_strategy")
                     or model.get("vision_feature_select_strategy", "default"))
         additional = settings.get("num_additional_image_tokens", 1)
-        return cls(padding_side=padding_side, image_processor=image_processor, patch_size=patch,
+        return cls(padding_side=padding_side, image_processor=image_processor_if_any(path), patch_size=patch,
                    vision_feature_select_strategy=strategy, num_additional_image_tokens=additional, **text)
 
     def tokens_per_image(self, height: int, width: int) -> int:

@@ -1,8 +1,10 @@
-"""The text side that the LLaVA and BLIP-2 processors share: a checkpoint's tokenizer.json (through
-`tokenizers`, no transformers), its special tokens, its chat template, padding and decoding.
+"""The text side every vision-language processor shares (SmolVLM, Qwen2-VL, LLaVA, BLIP-2): a
+checkpoint's tokenizer.json (through `tokenizers`, no transformers), its special tokens, its chat
+template, padding and decoding.
 
 A subclass adds the images: which image processor, how each image's tokens are written into the
-prompt, and what it returns (see processing/llava.py, processing/blip2.py).
+prompt, and what it returns (see processing/llava.py, processing/blip2.py,
+processing/qwen2vl_processor.py, models/smolvlm/processor.py).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from vlmfast.models.smolvlm.processor import _read_json, _token_text, read_chat_template
+from vlmfast.processing.tokenizer_files import (
+    SPECIAL_TOKEN_NAMES, load_tokenizer, read_chat_template, read_json, read_special_tokens,
+)
 
 # transformers' `{% generation %}` block marks assistant text for training masks; rendering a
 # prompt it is a plain block (transformers renders its body unchanged when not tracking).
@@ -22,26 +26,6 @@ _GENERATION_TAG = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
 
 def strip_generation_tags(template: str) -> str:
     return _GENERATION_TAG.sub("", template)
-
-
-def read_special_tokens(path: Path) -> dict[str, str]:
-    """bos/eos/pad/unk and transformers 5's extra_special_tokens (image_token, ...) of tokenizer_config.json."""
-    settings = _read_json(path / "tokenizer_config.json")
-    special = {}
-    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        text = _token_text(settings.get(name))
-        if text is not None:
-            special[name] = text
-    extra = settings.get("extra_special_tokens") or {}
-    if isinstance(extra, dict):
-        special.update({k: t for k, v in extra.items() if (t := _token_text(v)) is not None})
-    return special
-
-
-def load_tokenizer(path: Path) -> Tokenizer:
-    if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"path: expected tokenizer.json in {path} (slow-tokenizer-only checkpoints are not supported)")
-    return Tokenizer.from_file(str(path / "tokenizer.json"))
 
 
 class PromptProcessor:
@@ -78,7 +62,7 @@ class PromptProcessor:
         special = read_special_tokens(path)
         pad_token = special.get("pad_token")
         if pad_token is None:
-            pad_id = _read_json(path / "config.json").get("text_config", {}).get("pad_token_id")
+            pad_id = read_json(path / "config.json").get("text_config", {}).get("pad_token_id")
             pad_token = tokenizer.id_to_token(pad_id) if isinstance(pad_id, int) else None
         return dict(tokenizer=tokenizer, chat_template=read_chat_template(path), pad_token=pad_token,
                     special_tokens=special, image_token=special.get("image_token", "<image>"))
@@ -92,7 +76,7 @@ class PromptProcessor:
         transformers renders them)."""
         from vlmfast.models.smolvlm.chat_template import render_chat_template
 
-        template = chat_template or self.chat_template
+        template = self._chat_template_for(messages, chat_template)
         if template is None:
             raise ValueError("chat_template: the checkpoint has none (chat_template.jinja / .json / "
                              "tokenizer_config.json); pass chat_template=")
@@ -101,12 +85,15 @@ class PromptProcessor:
                             "or a list of conversations")
         batched = isinstance(messages[0], (list, tuple))
         conversations = messages if batched else [messages]
-        names = ("bos_token", "eos_token", "pad_token", "unk_token")
-        special = {k: v for k, v in self.special_tokens.items() if k in names}
+        special = {k: v for k, v in self.special_tokens.items() if k in SPECIAL_TOKEN_NAMES}
         template = strip_generation_tags(template)
         texts = [render_chat_template(template, list(c), add_generation_prompt=add_generation_prompt,
                                       **special, **variables) for c in conversations]
         return texts if batched else texts[0]
+
+    def _chat_template_for(self, messages, chat_template: str | None) -> str | None:
+        """The template apply_chat_template renders `messages` with (a subclass may pick another)."""
+        return chat_template or self.chat_template
 
     # ------------------------------------------------------------------ encoding, padding
 

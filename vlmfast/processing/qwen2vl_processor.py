@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from vlmfast.models.smolvlm.processor import _read_json, _token_text, read_chat_template
 from vlmfast.processing.batch import is_image
+from vlmfast.processing.prompt_processor import PromptProcessor
 from vlmfast.processing.qwen2vl import Qwen2VLImageProcessor
 from vlmfast.processing.qwen2vl_video import Qwen2VLVideoProcessor, sampled_fps
+from vlmfast.processing.tokenizer_files import load_tokenizer, read_chat_template, read_json, read_special_tokens
 from vlmfast.processing.video import video_list
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
@@ -68,39 +69,27 @@ def expand_tokens(texts: list[str], token: str, counts: list[int]) -> list[str]:
     return out
 
 
-class Qwen2VLProcessor:
+class Qwen2VLProcessor(PromptProcessor):
     """texts (+ images / videos) -> the inputs of Qwen2VL.forward / generate; ids -> text.
 
     tokenizer: a `tokenizers.Tokenizer` holding <|image_pad|> / <|video_pad|> as added tokens;
-    version: "qwen2_vl" or "qwen2_5_vl" (2.5 adds second_per_grid_ts for videos)."""
+    version: "qwen2_vl" or "qwen2_5_vl" (2.5 adds second_per_grid_ts for videos). The chat
+    template takes Qwen2-VL's variables (apply_chat_template(..., add_vision_id=True))."""
 
     def __init__(self, tokenizer: Tokenizer, image_processor: Qwen2VLImageProcessor | None = None,
                  video_processor: Qwen2VLVideoProcessor | None = None, *, chat_template: str | None = None,
                  pad_token: str | None = None, special_tokens: dict[str, str] | None = None,
                  padding_side: str = "left", version: str = "qwen2_vl"):
-        if not isinstance(tokenizer, Tokenizer):
-            raise TypeError(f"tokenizer: expected a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
         if version not in ("qwen2_vl", "qwen2_5_vl"):
             raise ValueError(f"version: expected 'qwen2_vl' or 'qwen2_5_vl', got {version!r}")
-        self.tokenizer = tokenizer
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
-        self.image_processor = image_processor or Qwen2VLImageProcessor()
+        special_tokens = dict(special_tokens or {})
+        super().__init__(tokenizer, image_processor or Qwen2VLImageProcessor(),
+                         image_token=special_tokens.get("image_token", IMAGE_TOKEN), chat_template=chat_template,
+                         pad_token=pad_token, special_tokens=special_tokens, padding_side=padding_side)
         self.video_processor = video_processor
-        self.chat_template = chat_template
-        self.padding_side = padding_side
         self.version = version
-        self.special_tokens = dict(special_tokens or {})
-        self.image_token = self.special_tokens.get("image_token", IMAGE_TOKEN)
         self.video_token = self.special_tokens.get("video_token", VIDEO_TOKEN)
-        self.image_token_id = tokenizer.token_to_id(self.image_token)
         self.video_token_id = tokenizer.token_to_id(self.video_token)
-        if self.image_token_id is None:
-            raise ValueError(f"tokenizer: the image token {self.image_token!r} is not in its vocabulary")
-        self.pad_token = pad_token
-        self.pad_token_id = tokenizer.token_to_id(pad_token) if pad_token else None
         # what closes a chat turn (the answers fine-tuning learns end with it)
         self.end_of_utterance_token = END_OF_TURN if tokenizer.token_to_id(END_OF_TURN) is not None \
             else self.special_tokens.get("eos_token")
@@ -111,66 +100,17 @@ class Qwen2VLProcessor:
         template, preprocessor_config.json (images) and video_preprocessor_config.json (videos;
         else preprocessor_config.json, as transformers reads it)."""
         path = Path(path)
-        if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"path: expected tokenizer.json in {path} "
-                                    "(slow-tokenizer-only checkpoints are not supported)")
-        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-        settings = _read_json(path / "tokenizer_config.json")
-        special = {name: text for name in ("bos_token", "eos_token", "pad_token", "unk_token")
-                   if (text := _token_text(settings.get(name))) is not None}
-        extra = settings.get("extra_special_tokens") or {}
-        if isinstance(extra, dict):  # transformers 5 names the multimodal tokens here
-            special.update({k: t for k, v in extra.items() if (t := _token_text(v)) is not None})
-        images = _read_json(path / "preprocessor_config.json")
-        videos = _read_json(path / "video_preprocessor_config.json") or images
-        model_type = _read_json(path / "config.json").get("model_type")
-        named = images.get("processor_class") or _read_json(path / "processor_config.json").get("processor_class")
+        tokenizer = load_tokenizer(path)
+        special = read_special_tokens(path)
+        images = read_json(path / "preprocessor_config.json")
+        videos = read_json(path / "video_preprocessor_config.json") or images
+        model_type = read_json(path / "config.json").get("model_type")
+        named = images.get("processor_class") or read_json(path / "processor_config.json").get("processor_class")
         version = model_type if model_type in ("qwen2_vl", "qwen2_5_vl") else \
             ("qwen2_5_vl" if named == "Qwen2_5_VLProcessor" else "qwen2_vl")
         return cls(tokenizer, Qwen2VLImageProcessor(images), Qwen2VLVideoProcessor(videos),
                    chat_template=read_chat_template(path), pad_token=special.get("pad_token"),
                    special_tokens=special, padding_side=padding_side, version=version)
-
-    # ------------------------------------------------------------------ chat template
-
-    def apply_chat_template(self, messages, *, add_generation_prompt: bool = False,
-                            chat_template: str | None = None, **variables):
-        """One conversation [{"role", "content": str | [{"type": "image" | "video" | "text", ...}]}]
-        -> its prompt text; a list of conversations -> a list of texts. Rendered with jinja2 in a
-        sandbox as transformers renders it (variables: e.g. add_vision_id=True)."""
-        from vlmfast.models.smolvlm.chat_template import render_chat_template
-
-        template = chat_template or self.chat_template
-        if template is None:
-            raise ValueError("chat_template: the checkpoint has none (chat_template.jinja / .json / "
-                             "tokenizer_config.json); pass chat_template=")
-        if not isinstance(messages, (list, tuple)) or not messages:
-            raise TypeError("messages: expected a conversation (a non-empty list of {'role', 'content'} dicts) "
-                            "or a list of conversations")
-        batched = isinstance(messages[0], (list, tuple))
-        conversations = messages if batched else [messages]
-        names = ("bos_token", "eos_token", "pad_token", "unk_token")
-        special = {k: v for k, v in self.special_tokens.items() if k in names}
-        texts = [render_chat_template(template, list(c), add_generation_prompt=add_generation_prompt,
-                                      **special, **variables) for c in conversations]
-        return texts if batched else texts[0]
-
-    # ------------------------------------------------------------------ encoding
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
-
-    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        L = max(len(r) for r in rows)
-        if any(len(r) != L for r in rows) and self.pad_token_id is None:
-            raise ValueError("text: prompts of different lengths and the tokenizer has no pad_token to pad them with")
-        ids = torch.full((len(rows), L), self.pad_token_id or 0, dtype=torch.int64)
-        mask = torch.zeros((len(rows), L), dtype=torch.int64)
-        for b, row in enumerate(rows):
-            span = slice(L - len(row), L) if self.padding_side == "left" else slice(0, len(row))
-            ids[b, span] = torch.tensor(row, dtype=torch.int64)
-            mask[b, span] = 1
-        return ids, mask
 
     def __call__(self, text, images=None, videos=None, *, video_metadata=None, do_sample_frames: bool | None = None,
                  fps: float | None = None, num_frames: int | None = None) -> dict[str, torch.Tensor]:
@@ -186,10 +126,7 @@ class Qwen2VLProcessor:
             pixel_values       float32 (sum of h * w patches, C * tp * p * p), image_grid_thw int64 (n, 3)
             pixel_values_videos, video_grid_thw (with videos); second_per_grid_ts float32 (V,) (2.5)
         """
-        texts = [text] if isinstance(text, str) else text
-        if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
-            raise TypeError("text: expected a string or a non-empty list of strings")
-        texts, out = list(texts), {}
+        texts, out = self.texts(text), {}
         flat = _flat_images(images)
         slots = sum(t.count(self.image_token) for t in texts)
         if slots != len(flat):
@@ -218,21 +155,9 @@ class Qwen2VLProcessor:
             if self.version == "qwen2_5_vl":
                 tp = self.video_processor.temporal_patch_size
                 out["second_per_grid_ts"] = torch.tensor([tp / sampled_fps(m) for m in batch.metadata])
-        input_ids, attention_mask = self._pad(self.encode(texts))
+        input_ids, attention_mask = self.pad(self.encode(texts))
         types = torch.zeros_like(input_ids)
         types[input_ids == self.image_token_id] = 1
         if self.video_token_id is not None:
             types[input_ids == self.video_token_id] = 2
         return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": types, **out}
-
-    # ------------------------------------------------------------------ decoding
-
-    def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def batch_decode(self, ids, *, skip_special_tokens: bool = True) -> list[str]:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return self.tokenizer.decode_batch([list(r) for r in ids], skip_special_tokens=skip_special_tokens)

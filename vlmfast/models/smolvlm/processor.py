@@ -27,19 +27,20 @@ Equal to transformers' SmolVLMProcessor for the same checkpoint folder with padd
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
-from vlmfast.processing.auto import image_processor_from_pretrained
+from vlmfast.processing.auto import image_processor_if_any
 from vlmfast.processing.batch import is_image, nested_images
+from vlmfast.processing.prompt_processor import PromptProcessor
 from vlmfast.processing.smolvlm_prompt import (
     DEFAULT_VIDEO_FPS, FAKE_TOKEN, GLOBAL_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN, expand_image_tokens, video_prompt,
 )
 from vlmfast.processing.smolvlm_video import SmolVLMVideoProcessor
+from vlmfast.processing.tokenizer_files import read_json
 from vlmfast.processing.video import video_list
 
 END_OF_UTTERANCE = "<end_of_utterance>"
@@ -73,53 +74,24 @@ def video_processor_from_pretrained(path: Path) -> SmolVLMVideoProcessor | None:
     else None."""
     for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
         if (path / name).is_file():
-            return SmolVLMVideoProcessor(_read_json(path / name))
-    return None
-
-
-def _read_json(file: Path) -> dict:
-    if not file.is_file():
-        return {}
-    try:
-        value = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file}: not valid JSON ({err})") from err
-    return value if isinstance(value, dict) else {}
-
-
-def _token_text(value) -> str | None:
-    """A special token as tokenizer_config.json stores it: a string or an AddedToken dict."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def read_chat_template(path: Path) -> str | None:
-    """The checkpoint's chat template, where transformers looks for it: chat_template.jinja,
-    chat_template.json {"chat_template": ...}, processor_config.json, tokenizer_config.json."""
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text(encoding="utf-8")
-    for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
-        template = _read_json(path / name).get("chat_template")
-        if isinstance(template, str):
-            return template
+            return SmolVLMVideoProcessor(read_json(path / name))
     return None
 
 
 def read_image_seq_len(path: Path) -> int:
     """Image tokens per tile: processor_config.json's image_seq_len (what transformers' processor
     uses), else derived from config.json (tile / patch)^2 / scale_factor^2, else transformers' default."""
-    value = _read_json(path / "processor_config.json").get("image_seq_len")
+    value = read_json(path / "processor_config.json").get("image_seq_len")
     if isinstance(value, int) and value > 0:
         return value
-    model = _read_json(path / "config.json")
+    model = read_json(path / "config.json")
     vision = model.get("vision_config", {})
     if "image_size" in vision and "patch_size" in vision:
         return (vision["image_size"] // vision["patch_size"]) ** 2 // model.get("scale_factor", 2) ** 2
     return DEFAULT_IMAGE_SEQ_LEN
 
 
-class SmolVLMProcessor:
+class SmolVLMProcessor(PromptProcessor):
     """texts (+ images) -> the inputs of SmolVLM.forward / generate; token ids -> text.
 
     tokenizer: a `tokenizers.Tokenizer` holding <image>, <fake_token_around_image>, <global-img>,
@@ -131,32 +103,19 @@ class SmolVLMProcessor:
                  chat_template: str | None = None, pad_token: str | None = None,
                  special_tokens: dict[str, str] | None = None, padding_side: str = "left",
                  video_processor: SmolVLMVideoProcessor | None = None):
-        if not isinstance(tokenizer, Tokenizer):
-            raise TypeError(f"tokenizer: expected a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
         if not isinstance(image_seq_len, int) or image_seq_len < 1:
             raise ValueError(f"image_seq_len: expected a positive int, got {image_seq_len!r}")
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
-        self.tokenizer = tokenizer
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
-        self.image_processor = image_processor
-        self.image_seq_len = image_seq_len
-        self.chat_template = chat_template
-        self.padding_side = padding_side
         # bos/eos/pad/unk for the chat template, as transformers passes its special tokens map
-        self.special_tokens = dict(special_tokens or {})
-        self.image_token = self.special_tokens.get("image_token", IMAGE_TOKEN)
+        special_tokens = dict(special_tokens or {})
+        super().__init__(tokenizer, image_processor, image_token=special_tokens.get("image_token", IMAGE_TOKEN),
+                         chat_template=chat_template, pad_token=pad_token, special_tokens=special_tokens,
+                         padding_side=padding_side)
+        self.image_seq_len = image_seq_len
         self.fake_image_token = self.special_tokens.get("fake_image_token", FAKE_TOKEN)
         self.global_image_token = self.special_tokens.get("global_image_token", GLOBAL_TOKEN)
         self.end_of_utterance_token = self.special_tokens.get("end_of_utterance_token", END_OF_UTTERANCE)
         self.video_token = self.special_tokens.get("video_token", VIDEO_TOKEN)
         self.video_processor = video_processor
-        self.image_token_id = tokenizer.token_to_id(self.image_token)
-        if self.image_token_id is None:
-            raise ValueError(f"tokenizer: the image token {self.image_token!r} is not in its vocabulary")
-        self.pad_token = pad_token
-        self.pad_token_id = tokenizer.token_to_id(pad_token) if pad_token else None
         self.end_of_utterance_id = tokenizer.token_to_id(self.end_of_utterance_token)
 
     @classmethod
@@ -164,75 +123,22 @@ class SmolVLMProcessor:
         """A checkpoint folder: tokenizer.json, tokenizer_config.json (special tokens), the chat
         template, preprocessor_config.json (images) and processor_config.json (image_seq_len)."""
         path = Path(path)
-        if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"path: expected tokenizer.json in {path} "
-                                    "(slow-tokenizer-only checkpoints are not supported)")
-        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-        settings = _read_json(path / "tokenizer_config.json")
-        special = {}
-        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
-            text = _token_text(settings.get(name))
-            if text is not None:
-                special[name] = text
-        extra = settings.get("extra_special_tokens") or {}
-        if isinstance(extra, dict):  # transformers 5 names the multimodal tokens here
-            special.update({k: t for k, v in extra.items() if (t := _token_text(v)) is not None})
-        image_processor = None
-        if (path / "preprocessor_config.json").is_file():
-            image_processor = image_processor_from_pretrained(path)
-        pad_token = special.get("pad_token")
-        if pad_token is None:
-            pad_id = _read_json(path / "config.json").get("text_config", {}).get("pad_token_id")
-            pad_token = tokenizer.id_to_token(pad_id) if isinstance(pad_id, int) else None
-        return cls(tokenizer, image_processor, image_seq_len=read_image_seq_len(path),
-                   chat_template=read_chat_template(path), pad_token=pad_token, special_tokens=special,
-                   padding_side=padding_side, video_processor=video_processor_from_pretrained(path))
+        text = cls.read_text_side(path)
+        del text["image_token"]  # __init__ reads it from the special tokens
+        return cls(image_processor=image_processor_if_any(path), image_seq_len=read_image_seq_len(path),
+                   padding_side=padding_side, video_processor=video_processor_from_pretrained(path), **text)
 
     # ------------------------------------------------------------------ chat template
 
-    def apply_chat_template(self, messages, *, add_generation_prompt: bool = False,
-                            chat_template: str | None = None, **variables):
-        """messages: one conversation [{"role", "content": str | [{"type": "image"} | {"type":
-        "text", "text"}]}] -> its prompt text; a list of conversations -> a list of texts.
-        Rendered with jinja2 as transformers does (sandboxed, trim_blocks, lstrip_blocks)."""
-        from vlmfast.models.smolvlm.chat_template import render_chat_template
-
-        template = chat_template or self.chat_template
+    def _chat_template_for(self, messages, chat_template: str | None) -> str | None:
+        """The template of a conversation with a video, unless one is passed, is the one
+        transformers' SmolVLMProcessor renders it by (VIDEO_CHAT_TEMPLATE)."""
         batched = isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], (list, tuple))
         if chat_template is None and _has_video(messages if batched else [messages]):
-            template = VIDEO_CHAT_TEMPLATE  # what transformers does for a conversation with a video
-        if template is None:
-            raise ValueError("chat_template: the checkpoint has none (chat_template.jinja / .json / "
-                             "tokenizer_config.json); pass chat_template=")
-        if not isinstance(messages, (list, tuple)) or not messages:
-            raise TypeError("messages: expected a conversation (a non-empty list of {'role', 'content'} dicts) "
-                            "or a list of conversations")
-        batched = isinstance(messages[0], (list, tuple))
-        conversations = messages if batched else [messages]
-        names = ("bos_token", "eos_token", "pad_token", "unk_token")
-        special = {k: v for k, v in self.special_tokens.items() if k in names}
-        texts = [render_chat_template(template, list(c), add_generation_prompt=add_generation_prompt,
-                                      **special, **variables) for c in conversations]
-        return texts if batched else texts[0]
+            return VIDEO_CHAT_TEMPLATE
+        return chat_template or self.chat_template
 
     # ------------------------------------------------------------------ encoding
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, with the tokenizer's post-processor (as transformers'
-        add_special_tokens=True)."""
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
-
-    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        L = max(len(r) for r in rows)
-        if any(len(r) != L for r in rows) and self.pad_token_id is None:
-            raise ValueError("texts: of different lengths and the tokenizer has no pad_token to pad them with")
-        ids = torch.full((len(rows), L), self.pad_token_id or 0, dtype=torch.int64)
-        mask = torch.zeros((len(rows), L), dtype=torch.int64)
-        for b, row in enumerate(rows):
-            span = slice(L - len(row), L) if self.padding_side == "left" else slice(0, len(row))
-            ids[b, span] = torch.tensor(row, dtype=torch.int64)
-            mask[b, span] = 1
-        return ids, mask
 
     def __call__(self, text, images=None, videos=None, *, video_metadata=None, do_sample_frames: bool | None = None,
                  max_frames: int | None = None, fps: float | None = None) -> dict[str, torch.Tensor]:
@@ -253,10 +159,7 @@ class SmolVLMProcessor:
                             or frames of a sample, all-zero padding frames)
             pixel_attention_mask int64 (B, N, H, W)   (only with images or videos)
         """
-        texts = [text] if isinstance(text, str) else text
-        if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
-            raise TypeError("text: expected a string or a non-empty list of strings")
-        texts = list(texts)
+        texts = self.texts(text)
         if videos is not None:
             if images is not None:
                 raise ValueError("images, videos: expected one of the two per call (pixel_values hold either)")
@@ -267,7 +170,7 @@ class SmolVLMProcessor:
                 raise ValueError(f"videos: text has {counts} {self.video_token} token(s) per sample but no videos "
                                  "were given")
             texts, out = self._images(texts, images)
-        input_ids, attention_mask = self._pad(self.encode(texts))
+        input_ids, attention_mask = self.pad(self.encode(texts))
         return {"input_ids": input_ids, "attention_mask": attention_mask, **out}
 
     def _images(self, texts, images):
@@ -334,16 +237,3 @@ class SmolVLMProcessor:
             pixel_mask[b, filled[b]:filled[b] + n] = batch.pixel_attention_mask[v, :n]
             filled[b] += n
         return expanded, {"pixel_values": pixel_values, "pixel_attention_mask": pixel_mask}
-
-    # ------------------------------------------------------------------ decoding
-
-    def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def batch_decode(self, ids, *, skip_special_tokens: bool = True) -> list[str]:
-        """ids: int (B, T) tensor or a list of lists."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return self.tokenizer.decode_batch([list(r) for r in ids], skip_special_tokens=skip_special_tokens)
