@@ -121,11 +121,19 @@ class InstructionCollator:
             raise ValueError(f"{example.source}: images: {len(rows)} image(s) but the rendered conversation holds "
                              f"{text.count(proc.image_token)} {proc.image_token}")
         expanded, spans, image_spans = _expand(text, spans, rows, cols, proc)
-        encoding = proc.tokenizer.encode(expanded, add_special_tokens=True)
-        ids = list(encoding.ids)
+        return self.labelled(example, expanded, spans, image_spans)
+
+    def labelled(self, example, text: str, spans, image_spans, prefix: list[int] | None = None) -> EncodedExample:
+        """text (images written out) tokenised once with offsets, after the token ids `prefix`
+        (images put in front of the row, BLIP-2); a token is labelled when it starts inside an
+        answer span (`spans`, characters of text). Cut at max_length, never inside the image
+        tokens (`image_spans`, or the prefix)."""
+        prefix = prefix or []
+        encoding = self.processor.tokenizer.encode(text, add_special_tokens=True)
+        ids = prefix + list(encoding.ids)
         labels = [IGNORE_INDEX] * len(ids)
-        image_end = 0  # tokens up to here hold image prompts: never cut
-        for t, (start, end) in enumerate(encoding.offsets):
+        image_end = len(prefix)  # tokens up to here hold image prompts: never cut
+        for t, (start, end) in enumerate(encoding.offsets, len(prefix)):
             if end > start and any(a <= start < b for a, b in spans):
                 labels[t] = ids[t]
             if end > start and any(a <= start < b for a, b in image_spans):
@@ -160,9 +168,13 @@ class InstructionCollator:
             out.update(batch.model_inputs())
         else:
             rows = cols = [[] for _ in examples]
-        encoded = [self.encode(e, r, c) for e, r, c in zip(examples, rows, cols)]
+        return self.padded_batch([self.encode(e, r, c) for e, r, c in zip(examples, rows, cols)], out)
+
+    def padded_batch(self, encoded: list[EncodedExample], extra: dict) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask and labels (B, L) of the encoded examples, right-padded (the
+        pad token, attention 0, labels -100), and the `extra` tensors (the images')."""
         L = max(len(e.input_ids) for e in encoded)
-        input_ids = torch.full((len(encoded), L), proc.pad_token_id, dtype=torch.int64)
+        input_ids = torch.full((len(encoded), L), self.processor.pad_token_id, dtype=torch.int64)
         labels = torch.full((len(encoded), L), IGNORE_INDEX, dtype=torch.int64)
         attention_mask = torch.zeros((len(encoded), L), dtype=torch.int64)
         for b, e in enumerate(encoded):
@@ -170,4 +182,4 @@ class InstructionCollator:
             input_ids[b, :n] = torch.tensor(e.input_ids, dtype=torch.int64)
             labels[b, :n] = torch.tensor(e.labels, dtype=torch.int64)
             attention_mask[b, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **out}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **extra}

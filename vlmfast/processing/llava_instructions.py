@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from vlmfast.data.instruction_collate import IGNORE_INDEX, EncodedExample, InstructionCollator, answer_spans
+from vlmfast.data.instruction_collate import EncodedExample, InstructionCollator, answer_spans
 from vlmfast.processing.qwen2vl_instructions import expand_image_pads
 
 
@@ -52,31 +52,7 @@ class _AnswerCollator(InstructionCollator):
             raise ValueError(f"{example.source}: images: {len(counts)} image(s) but the rendered conversation holds "
                              f"{text.count(proc.image_token)} {proc.image_token}")
         expanded, spans, image_spans = expand_image_pads(text, spans, counts, proc.image_token)
-        encoding = proc.tokenizer.encode(expanded, add_special_tokens=True)
-        ids = prefix + list(encoding.ids)
-        labels = [IGNORE_INDEX] * len(ids)
-        image_end = len(prefix)
-        for t, (start, end) in enumerate(encoding.offsets, len(prefix)):
-            if end > start and any(a <= start < b for a, b in spans):
-                labels[t] = ids[t]
-            if end > start and any(a <= start < b for a, b in image_spans):
-                image_end = t + 1
-        if self.max_length is not None and len(ids) > self.max_length:
-            ids, labels = self._truncate(example, ids, labels, image_end)
-        return EncodedExample(ids, labels)
-
-    def _batch(self, encoded: list[EncodedExample], extra: dict) -> dict[str, torch.Tensor]:
-        proc = self.processor
-        L = max(len(e.input_ids) for e in encoded)
-        input_ids = torch.full((len(encoded), L), proc.pad_token_id, dtype=torch.int64)
-        labels = torch.full((len(encoded), L), IGNORE_INDEX, dtype=torch.int64)
-        attention_mask = torch.zeros((len(encoded), L), dtype=torch.int64)
-        for b, e in enumerate(encoded):
-            n = len(e.input_ids)
-            input_ids[b, :n] = torch.tensor(e.input_ids, dtype=torch.int64)
-            labels[b, :n] = torch.tensor(e.labels, dtype=torch.int64)
-            attention_mask[b, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **extra}
+        return self.labelled(example, expanded, spans, image_spans, prefix)
 
     def _pixels(self, flat) -> dict:
         if not flat:
@@ -104,7 +80,7 @@ class LlavaInstructionCollator(_AnswerCollator):
             H, W = extra["pixel_values"].shape[-2:]
             per_image = proc.tokens_per_image(H, W)
         encoded = [self._encode(e, [per_image] * len(s), []) for e, s in zip(examples, images)]
-        return self._batch(encoded, extra)
+        return self.padded_batch(encoded, extra)
 
 
 class Blip2InstructionCollator(_AnswerCollator):
@@ -124,4 +100,4 @@ class Blip2InstructionCollator(_AnswerCollator):
         prefix = [proc.image_token_id] * proc.num_query_tokens
         # the template writes no image placeholder: the image tokens are the row's prefix
         encoded = [self._encode(e, [], prefix if s else []) for e, s in zip(examples, images)]
-        return self._batch(encoded, extra)
+        return self.padded_batch(encoded, extra)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from vlmfast.data.instruction_collate import IGNORE_INDEX, EncodedExample, InstructionCollator, answer_spans
+from vlmfast.data.instruction_collate import EncodedExample, InstructionCollator, answer_spans
 
 
 def expand_image_pads(text: str, spans, counts: list[int], token: str):
@@ -53,18 +53,7 @@ class Qwen2VLInstructionCollator(InstructionCollator):
             raise ValueError(f"{example.source}: images: {len(counts)} image(s) but the rendered conversation holds "
                              f"{text.count(proc.image_token)} {proc.image_token}")
         expanded, spans, image_spans = expand_image_pads(text, spans, counts, proc.image_token)
-        encoding = proc.tokenizer.encode(expanded, add_special_tokens=True)
-        ids = list(encoding.ids)
-        labels = [IGNORE_INDEX] * len(ids)
-        image_end = 0
-        for t, (start, end) in enumerate(encoding.offsets):
-            if end > start and any(a <= start < b for a, b in spans):
-                labels[t] = ids[t]
-            if end > start and any(a <= start < b for a, b in image_spans):
-                image_end = t + 1
-        if self.max_length is not None and len(ids) > self.max_length:
-            ids, labels = self._truncate(example, ids, labels, image_end)
-        return EncodedExample(ids, labels)
+        return self.labelled(example, expanded, spans, image_spans)
 
     def __call__(self, examples) -> dict[str, torch.Tensor]:
         if not examples:
@@ -78,14 +67,4 @@ class Qwen2VLInstructionCollator(InstructionCollator):
             tokens = iter((batch.image_grid_thw.prod(-1) // proc.image_processor.merge_size**2).tolist())
             counts = [[next(tokens) for _ in sample] for sample in images]
             out.update(batch.model_inputs())
-        encoded = [self.encode(e, c) for e, c in zip(examples, counts)]
-        L = max(len(e.input_ids) for e in encoded)
-        input_ids = torch.full((len(encoded), L), proc.pad_token_id, dtype=torch.int64)
-        labels = torch.full((len(encoded), L), IGNORE_INDEX, dtype=torch.int64)
-        attention_mask = torch.zeros((len(encoded), L), dtype=torch.int64)
-        for b, e in enumerate(encoded):
-            n = len(e.input_ids)
-            input_ids[b, :n] = torch.tensor(e.input_ids, dtype=torch.int64)
-            labels[b, :n] = torch.tensor(e.labels, dtype=torch.int64)
-            attention_mask[b, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **out}
+        return self.padded_batch([self.encode(e, c) for e, c in zip(examples, counts)], out)
