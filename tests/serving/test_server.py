@@ -287,11 +287,22 @@ def test_repeated_image_is_not_encoded_again(server, reference, processor):
         assert encoded > 0
         followup = messages + [{"role": "assistant", "content": first.choices[0].message.content},
                                {"role": "user", "content": "And in one word?"}]
+        prefix_hits = server.metrics()["vlmfast_prefix_cache_hits_total"]
         second = _ask(client, followup, max_tokens=4, temperature=0)
-        assert len(calls) == encoded  # the second turn's image came from the cache
-        assert server.metrics()["vlmfast_encoder_cache_hits_total"] - hits == encoded
+        # the second turn starts as the first: its keys / values through the image came from the
+        # prefix cache, so the image was not even needed
+        assert len(calls) == encoded
+        assert server.metrics()["vlmfast_prefix_cache_hits_total"] - prefix_hits == 1
         text, _ = reference_answer(reference, processor, followup, [image], max_tokens=4)
         assert second.choices[0].message.content == text
+        # other words before the image: no prefix through it, the features from the encoder cache
+        other = [{"role": "user", "content": [{"type": "text", "text": "First this."}, image_part(data_uri(image)),
+                                              {"type": "text", "text": "Again?"}]}]
+        third = _ask(client, other, max_tokens=4, temperature=0)
+        assert len(calls) == encoded
+        assert server.metrics()["vlmfast_encoder_cache_hits_total"] - hits == encoded
+        text, _ = reference_answer(reference, processor, other, [image], max_tokens=4)
+        assert third.choices[0].message.content == text
     finally:
         hook.remove()
 

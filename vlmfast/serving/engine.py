@@ -43,11 +43,13 @@ from vlmfast.serving.encoder_cache import EncoderCache
 from vlmfast.serving.kv_pool import KVPool
 from vlmfast.serving.metrics import Metrics
 from vlmfast.serving.prefill import PrefillJob, runner_for
+from vlmfast.serving.prefix_cache import PrefixCache
 from vlmfast.serving.request import Event, QueueFull, Request, ShuttingDown
 from vlmfast.serving.text import AnswerText
 
 DEFAULT_KV_MEMORY = 2 << 30
 DEFAULT_ENCODER_CACHE = 512 << 20
+DEFAULT_PREFIX_CACHE = 512 << 20
 DECODE_MODES = ("auto", "eager", "static", "graph")
 
 
@@ -59,6 +61,7 @@ class Handle:
         self.on_event = on_event
         self.arrival = time.monotonic()
         self.first_token_at: float | None = None
+        self.cached_tokens = 0  # prompt tokens copied from the prefix cache
         self.text = AnswerText(decode_text, request.params.stop)
         self.generator = None
         self.position = None  # rotary position of the last token fed or sampled
@@ -79,7 +82,7 @@ class Handle:
     def result(self) -> dict:
         return {"request_id": self.request_id, "token_ids": list(self.tokens), "text": self.text.text,
                 "finish_reason": self.finish_reason, "prompt_tokens": self.request.prompt_len,
-                "completion_tokens": len(self.tokens), "error": self.error}
+                "cached_tokens": self.cached_tokens, "completion_tokens": len(self.tokens), "error": self.error}
 
 
 def _stop_ids(model, eos_token_id) -> set[int]:
@@ -104,14 +107,17 @@ class Engine:
     max_batch: rows decoding together. max_len: slots per row (the longest prompt + answer);
     None: from kv_memory_bytes (the KV pool's size: max_batch + 1 rows), capped by the model's
     context. chunk_tokens: prefill work per iteration. max_queue: waiting requests at most
-    (beyond: QueueFull). encoder_cache_bytes: image features kept. decode_text: token ids ->
+    (beyond: QueueFull). encoder_cache_bytes: image features kept. prefix_cache_bytes: keys /
+    values of prefilled prompts kept for prompts that start the same way (0: off; see
+    prefix_cache.py). decode_text: token ids ->
     text (for stop strings and text deltas; None: tokens only). eos_token_id: stop tokens
     (None: the model's generate() default). decode: see DECODE_MODES.
     """
 
     def __init__(self, model, *, max_batch: int = 32, max_len: int | None = None,
                  kv_memory_bytes: int | None = None, chunk_tokens: int = 256, max_queue: int = 1024,
-                 encoder_cache_bytes: int = DEFAULT_ENCODER_CACHE, decode_text=None, eos_token_id=None,
+                 encoder_cache_bytes: int = DEFAULT_ENCODER_CACHE,
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE, decode_text=None, eos_token_id=None,
                  decode: str = "auto"):
         for name, value in (("max_batch", max_batch), ("chunk_tokens", chunk_tokens), ("max_queue", max_queue)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -140,7 +146,8 @@ class Engine:
             decode = "graph" if graphable else "eager"
         self.decode_mode = decode
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
-        self.runner = runner_for(model, self.encoder_cache)
+        self.prefix_cache = PrefixCache(int(prefix_cache_bytes))
+        self.runner = runner_for(model, self.encoder_cache, self.prefix_cache)
         self.metrics = Metrics()
 
         self.waiting: collections.deque[Handle] = collections.deque()
@@ -222,7 +229,8 @@ class Engine:
         return {"queue": len(self.waiting), "running": len(self.running), "prefilling": int(self.job is not None),
                 "kv_usage": pool.used_slots / (pool.rows * pool.max_len),
                 "tokens_per_second": self.metrics.tokens_per_second(),
-                "encoder_runs": self.runner.encoder_runs, "encoder_hits": self.encoder_cache.hits}
+                "encoder_runs": self.runner.encoder_runs, "encoder_hits": self.encoder_cache.hits,
+                "prefix_hits": self.prefix_cache.hits, "prefix_tokens_reused": self.prefix_cache.reused_tokens}
 
     # ------------------------------------------------------------------ the loop thread
 
@@ -317,6 +325,7 @@ class Engine:
                 if not job.done:
                     continue
                 handle.position = job.position
+                handle.cached_tokens = job.reused
                 if self._emit_token(handle, job.logits):
                     self.job = None
                     continue

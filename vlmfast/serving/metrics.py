@@ -95,4 +95,8 @@ def prometheus_text(snapshot: dict, gauges: dict) -> str:
            [({}, gauges["encoder_runs"])])
     metric("vlmfast_encoder_cache_hits_total", "counter", "images answered from the encoder cache",
            [({}, gauges["encoder_hits"])])
+    metric("vlmfast_prefix_cache_hits_total", "counter", "prompts that reused a cached prefix",
+           [({}, gauges.get("prefix_hits", 0))])
+    metric("vlmfast_prefix_cache_tokens_total", "counter", "prompt tokens copied from the prefix cache",
+           [({}, gauges.get("prefix_tokens_reused", 0))])
     return "\n".join(lines) + "\n"

@@ -12,6 +12,11 @@ Two runners:
   keyed by all of the prompt's vision inputs.
 The features are handed to the model by shadowing its image_features method for the duration of
 the call (an instance attribute), so the model's own embedding code, and its checks, run as is.
+
+With a prefix cache (prefix_cache.py), a job first copies the longest cached prefix of its prompt
+into the staging row and prefills only the rest: SmolVLM from that slot in chunks (its tiles not
+encoded at all when the rest holds no image token), the generic families through
+prefill_rest.py (families it does not know prefill from scratch). A finished prefill is stored.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from contextlib import contextmanager
 
 import torch
 
+from vlmfast.serving import prefill_rest
 from vlmfast.serving.encoder_cache import EncoderCache, content_key
+from vlmfast.serving.prefix_cache import PrefixCache, image_token_ids, prompt_keys
 
 
 @contextmanager
@@ -36,25 +43,42 @@ def _image_features_from(model, answer):
 class PrefillJob:
     """One request's prefill. step(budget) does one piece and returns the tokens' worth of work
     it did; when `done`, logits (1, V) float32 of the prompt's last token and `position` (its
-    rotary position, int64 (1,)) are set, and the staging cache holds the prompt."""
+    rotary position, int64 (1,)) are set, and the staging cache holds the prompt. `reused`:
+    the prompt's first tokens copied from the prefix cache (0: none)."""
 
     def __init__(self, runner: "Runner", request, staging):
         self.runner, self.request, self.staging = runner, request, staging
         self.done = False
         self.logits = None
         self.position = None
+        self.keys = runner.prefix_keys(request)
+        self.reused = runner.prefix_cache.restore(self.keys, staging) if self.keys else 0
         self.state = runner.start(self)
 
     def step(self, budget: int) -> int:
-        return self.runner.step(self, budget)
+        work = self.runner.step(self, budget)
+        if self.done and self.keys:
+            self.runner.prefix_cache.store(self.keys, self.staging)
+        return work
 
 
 class Runner:
     """How the engine drives one model family (see the module doc)."""
 
-    def __init__(self, model, encoder_cache: EncoderCache):
-        self.model, self.encoder_cache = model, encoder_cache
+    def __init__(self, model, encoder_cache: EncoderCache, prefix_cache: PrefixCache | None = None):
+        self.model, self.encoder_cache, self.prefix_cache = model, encoder_cache, prefix_cache
         self.encoder_runs = 0  # vision encoder calls (tiles or prompts) actually run
+        self.image_ids = image_token_ids(model)
+
+    def resumes(self) -> bool:
+        """Whether this runner can prefill a prompt's rest after a cached prefix."""
+        return False
+
+    def prefix_keys(self, request) -> list[bytes] | None:
+        cache = self.prefix_cache
+        if cache is None or cache.max_bytes == 0 or not self.resumes():
+            return None
+        return prompt_keys(request.input_ids, request.vision, self.image_ids)
 
     def start(self, job) -> dict:
         return {}
@@ -74,6 +98,26 @@ class GenericRunner(Runner):
             return model.vision_inputs(ids, mask, **vision), None
         return vision.get("pixel_values"), vision.get("pixel_attention_mask")
 
+    def resumes(self) -> bool:
+        return prefill_rest.supports(self.model)
+
+    def _cached_features(self, original):
+        """image_features answered from the encoder cache, keyed by all of a call's inputs."""
+        def cached(*args, **kw):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            tensors += [kw[k] for k in sorted(kw) if isinstance(kw[k], torch.Tensor)]
+            others = repr([a for a in args if not isinstance(a, torch.Tensor)]
+                          + [(k, kw[k]) for k in sorted(kw) if not isinstance(kw[k], torch.Tensor)])
+            key = content_key(*tensors) + others.encode()
+            value = self.encoder_cache.get(key)
+            if value is None:
+                self.encoder_runs += 1
+                value = original(*args, **kw)
+                self.encoder_cache.put(key, value)
+            return value
+
+        return cached
+
     def step(self, job, budget: int) -> int:
         model, request = self.model, job.request
         ids = request.input_ids[None].to(model.device)
@@ -81,27 +125,20 @@ class GenericRunner(Runner):
         vision = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in request.vision.items()}
         first, second = self._prefill_args(ids, mask, vision)
         original = getattr(model, "image_features", None)
+
+        def run():
+            if job.reused:
+                return prefill_rest.prefill_rest(model, ids, first, second, job.reused, job.staging, self.image_ids)
+            return model.prefill(ids, first, second, mask, job.staging)
+
         with torch.inference_mode():
             if original is None or not vision:
-                logits, positions = model.prefill(ids, first, second, mask, job.staging)
+                logits, positions = run()
             else:
-                def cached(*args, **kw):
-                    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-                    tensors += [kw[k] for k in sorted(kw) if isinstance(kw[k], torch.Tensor)]
-                    others = repr([a for a in args if not isinstance(a, torch.Tensor)]
-                                  + [(k, kw[k]) for k in sorted(kw) if not isinstance(kw[k], torch.Tensor)])
-                    key = content_key(*tensors) + others.encode()
-                    value = self.encoder_cache.get(key)
-                    if value is None:
-                        self.encoder_runs += 1
-                        value = original(*args, **kw)
-                        self.encoder_cache.put(key, value)
-                    return value
-
-                with _image_features_from(model, cached):
-                    logits, positions = model.prefill(ids, first, second, mask, job.staging)
+                with _image_features_from(model, self._cached_features(original)):
+                    logits, positions = run()
         job.logits, job.position, job.done = logits, positions, True
-        return request.prompt_len
+        return request.prompt_len - job.reused
 
 
 class SmolVLMRunner(Runner):
@@ -113,12 +150,19 @@ class SmolVLMRunner(Runner):
 
         return isinstance(model, SmolVLM)
 
+    def resumes(self) -> bool:
+        return True
+
     def start(self, job) -> dict:
         vision = job.request.vision
         pixels = vision.get("pixel_values")
         pixel_mask = vision.get("pixel_attention_mask")
-        tiles = [] if pixels is None else list(range(pixels.shape[1]))
-        return {"pixels": pixels, "pixel_mask": pixel_mask, "tiles": tiles, "features": [], "embeds": None, "done": 0}
+        start = job.reused
+        # after a cached prefix holding every image token, the rest is text: no tile is needed
+        rest_is_text = start > 0 and not any(t in self.image_ids for t in job.request.input_ids[start:].tolist())
+        tiles = [] if pixels is None or rest_is_text else list(range(pixels.shape[1]))
+        return {"pixels": None if rest_is_text else pixels, "pixel_mask": pixel_mask, "tiles": tiles,
+                "features": [], "embeds": None, "base": start if rest_is_text else 0, "done": start}
 
     def _tile_cost(self, pixels) -> int:
         p = self.model.config.vision_config.patch_size
@@ -153,8 +197,9 @@ class SmolVLMRunner(Runner):
         return cost
 
     def _embeds(self, job, state) -> torch.Tensor:
+        """Embeddings of tokens [base, L) (base > 0 only when they are all text)."""
         model = self.model
-        ids = job.request.input_ids[None].to(model.device)
+        ids = job.request.input_ids[None, state["base"]:].to(model.device)
         pixels, pixel_mask = state["pixels"], state["pixel_mask"]
         if pixels is None:
             return model.embed(ids)
@@ -173,7 +218,8 @@ class SmolVLMRunner(Runner):
         if state["embeds"] is None:
             state["embeds"] = self._embeds(job, state)
         embeds = state["embeds"]
-        L = embeds.shape[1]
+        base = state["base"]
+        L = base + embeds.shape[1]
         a = state["done"]
         b = min(L, a + max(1, budget))
         cache = job.staging
@@ -185,7 +231,7 @@ class SmolVLMRunner(Runner):
             keys = torch.arange(b, device=model.device)
             mask = (keys[None, :] <= positions[0, :, None])[None, None]
             causal = False
-        hidden = model.model.text_model(embeds[:, a:b], positions, attn_mask=mask, is_causal=causal,
+        hidden = model.model.text_model(embeds[:, a - base:b - base], positions, attn_mask=mask, is_causal=causal,
                                         cache=cache, slot=a)
         cache.advance(b - a)
         state["done"] = b
@@ -197,7 +243,7 @@ class SmolVLMRunner(Runner):
         return b - a
 
 
-def runner_for(model, encoder_cache: EncoderCache) -> Runner:
+def runner_for(model, encoder_cache: EncoderCache, prefix_cache: PrefixCache | None = None) -> Runner:
     if SmolVLMRunner.applies(model):
-        return SmolVLMRunner(model, encoder_cache)
-    return GenericRunner(model, encoder_cache)
+        return SmolVLMRunner(model, encoder_cache, prefix_cache)
+    return GenericRunner(model, encoder_cache, prefix_cache)
