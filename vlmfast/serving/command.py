@@ -20,7 +20,9 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint folder (SmolVLM / SmolVLM2 / Idefics3)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint folder of a family vlmfast.pipeline serves (SmolVLM / SmolVLM2 / Idefics3, "
+                        "Qwen2-VL / Qwen2.5-VL, LLaVA-1.5, BLIP-2 OPT), read from config.json's model_type")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed on stderr)")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoding together (default 32)")
@@ -48,6 +50,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="answer length when a request names none (default 512)")
     p.add_argument("--encoder-cache-mib", type=float, default=512.0,
                    help="image features kept for repeated images (default 512)")
+    p.add_argument("--prefix-cache-mib", type=float, default=512.0,
+                   help="keys / values of prefilled prompts kept, so a prompt starting the same way (the same image "
+                        "asked again, a next turn) prefills only the rest (default 512; 0: off)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -61,18 +66,37 @@ def _check(args) -> None:
                         ("--max-image-mib", args.max_image_mib)):
         if not value > 0:
             raise ValueError(f"{flag}: expected a positive number, got {value}")
-    if args.encoder_cache_mib < 0:
-        raise ValueError(f"--encoder-cache-mib: expected >= 0, got {args.encoder_cache_mib}")
+    for flag, value in (("--encoder-cache-mib", args.encoder_cache_mib), ("--prefix-cache-mib", args.prefix_cache_mib)):
+        if not value >= 0:
+            raise ValueError(f"{flag}: expected >= 0, got {value}")
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"--model: {args.model} is not a checkpoint folder")
+
+
+def load_family(path, *, device, dtype):
+    """(model, processor) of the checkpoint's family, as vlmfast.pipeline loads them (config.json's
+    model_type picks the classes); ValueError naming --model for a family it does not serve."""
+    import importlib
+
+    from vlmfast.models import checkpoint
+    from vlmfast.pipelines import FAMILIES
+
+    model_type = checkpoint.read_config(path).get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"--model: config.json's model_type {model_type!r} is not a chat model vlmfast serves; "
+                         f"supported: {sorted(FAMILIES)}")
+    classes = []
+    for target in FAMILIES[model_type]:
+        module, _, name = target.partition(":")
+        classes.append(getattr(importlib.import_module(module), name))
+    network_class, processor_class = classes
+    return network_class.from_pretrained(path, device=device, dtype=dtype), processor_class.from_pretrained(path)
 
 
 def build(args):
     """(engine, processor, config) from the parsed arguments; the model loaded."""
     import torch
 
-    from vlmfast.models.smolvlm import SmolVLM
-    from vlmfast.models.smolvlm.processor import SmolVLMProcessor
     from vlmfast.serving.app import ServerConfig
     from vlmfast.serving.engine import Engine
     from vlmfast.serving.media import MediaPolicy
@@ -84,12 +108,12 @@ def build(args):
                          timeout_s=args.media_timeout)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = SmolVLM.from_pretrained(args.model, device=device, dtype=dtype)
-    processor = SmolVLMProcessor.from_pretrained(args.model)
+    model, processor = load_family(args.model, device=device, dtype=dtype)
     tokenizer = processor.tokenizer
     engine = Engine(model, max_batch=args.max_batch, kv_memory_bytes=int(args.kv_memory * (1 << 30)),
                     chunk_tokens=args.chunk_tokens, max_queue=args.max_queue,
                     encoder_cache_bytes=int(args.encoder_cache_mib * (1 << 20)),
+                    prefix_cache_bytes=int(args.prefix_cache_mib * (1 << 20)),
                     decode_text=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
     name = args.served_model_name or Path(args.model).resolve().name
     config = ServerConfig(model_name=name, api_key=args.api_key or None, media=policy, max_images=args.max_images,

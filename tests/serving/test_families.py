@@ -1,0 +1,63 @@
+"""`vlmfast serve` for every family vlmfast.pipeline serves (SmolVLM, Qwen2-VL, LLaVA, BLIP-2): the
+family read from config.json, the model and processor loaded by command.build, and a chat request
+with an image through the openai client answered as the model's generate alone answers the same
+prompt (float32, greedy), a second question on the same image taking its prefix from the cache."""
+
+import argparse
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+from tests.serving.server_helpers import RunningServer, data_uri, image_part, random_image, reference_answer  # noqa: E402
+from vlmfast.serving.command import add_serve_arguments, build  # noqa: E402
+
+
+def _write(family, path):
+    if family == "smolvlm":
+        from tests.models.smolvlm_checkpoint import write_checkpoint
+    elif family == "qwen2vl":
+        from tests.models.qwen2vl.helpers import write_checkpoint
+    elif family == "llava":
+        from tests.models.llava.checkpoint import write_checkpoint
+    else:
+        from tests.models.blip2.checkpoint import write_checkpoint
+    return write_checkpoint(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("family, model_class", [("smolvlm", "SmolVLM"), ("qwen2vl", "Qwen2VL"), ("llava", "Llava"),
+                                                 ("blip-2", "Blip2")])
+def test_serve_answers_every_family(family, model_class, tmp_path):
+    path = _write(family, tmp_path / family)
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--model", str(path), "--device", "cpu", "--max-batch", "2", "--kv-memory", "0.01"])
+    engine, processor, config = build(args)
+    assert type(engine.model).__name__ == model_class
+    reference = type(engine.model).from_pretrained(path)
+    image = random_image(40, 60, 3)
+    engine.prefix_cache.min_tokens = 4  # the tiny BLIP-2's image and BOS are 5 tokens, under the default 16
+    server = RunningServer(engine, processor, config)
+    try:
+        client = server.client()
+        for question in ("What is in this image?", "And what colour is it?"):
+            messages = [{"role": "user", "content": [image_part(data_uri(image)), {"type": "text", "text": question}]}]
+            reply = client.chat.completions.create(model=config.model_name, messages=messages, max_tokens=6,
+                                                   temperature=0)
+            text, tokens = reference_answer(reference, processor, messages, [image], max_tokens=6)
+            assert reply.usage.completion_tokens == len(tokens)
+            assert reply.choices[0].message.content == text
+        assert engine.prefix_cache.hits == 1  # the second question reused the image's prefix
+    finally:
+        server.stop()
