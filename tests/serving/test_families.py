@@ -14,6 +14,29 @@ pytest.importorskip("fastapi")
 
 from tests.serving.server_helpers import RunningServer, data_uri, image_part, random_image, reference_answer  # noqa: E402
 from vlmfast.serving.command import add_serve_arguments, build  # noqa: E402
+from vlmfast.serving.text import AnswerText  # noqa: E402
+
+
+def _answer_text_is_transformers_decode(engine, path):
+    """An answer's text is transformers' decode of its tokens with skip_special_tokens, nothing
+    stripped (as vLLM, SGLang and llama.cpp's server): an answer whose first token carries a space
+    starts with that space (SmolVLM's template ends in "Assistant:", its answers in " ..."), and
+    the streamed deltas add up to the same text."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokens = tokenizer(" A red square.", add_special_tokens=False)["input_ids"]
+    special = [t for t in (tokenizer.eos_token_id, tokenizer.bos_token_id) if t is not None]
+    tokens = special[:1] + tokens + special[:1]
+    expected = tokenizer.decode(tokens, skip_special_tokens=True)
+    assert expected == " A red square."  # the tiny checkpoints' byte-level tokenizers keep the space
+    answer = AnswerText(engine.decode_text, [])
+    streamed = ""
+    for token in tokens:
+        answer.add(token)
+        streamed += answer.delta()
+    streamed += answer.delta(final=True)
+    assert answer.text == streamed == expected
 
 
 def _write(family, path):
@@ -45,6 +68,7 @@ def test_serve_answers_every_family(family, model_class, tmp_path):
     args = parser.parse_args(["--model", str(path), "--device", "cpu", "--max-batch", "2", "--kv-memory", "0.01"])
     engine, processor, config = build(args)
     assert type(engine.model).__name__ == model_class
+    _answer_text_is_transformers_decode(engine, path)
     reference = type(engine.model).from_pretrained(path)
     image = random_image(40, 60, 3)
     engine.prefix_cache.min_tokens = 4  # the tiny BLIP-2's image and BOS are 5 tokens, under the default 16
