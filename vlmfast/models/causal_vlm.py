@@ -18,18 +18,16 @@ and config.text_config with eos_token_id / pad_token_id (generate's defaults).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vlmfast import ops as vops
-from vlmfast.models import checkpoint
 from vlmfast.models.layers import set_gradient_checkpointing
+from vlmfast.models.prompt_checks import check_prompt
 from vlmfast.models.smolvlm import _ops, packing
 from vlmfast.models.smolvlm.model import causal_padding_mask, preferred_dtype, read_generation_defaults
+from vlmfast.models.token_head import TokenTableHead
 from vlmfast.ops import _checks
 from vlmfast.ops.linear import packed_weight_cache
 
@@ -91,7 +89,7 @@ def write_image_features(embeds: torch.Tensor, is_image: torch.Tensor, features:
     return embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
 
 
-class CausalVLM(nn.Module):
+class CausalVLM(TokenTableHead, nn.Module):
     """Base class (see the module doc). Attributes every instance has: generation_defaults (eos /
     pad ids of the checkpoint's generation_config.json), auto_pack (generate packs bf16 CPU
     weights for oneDNN on first use)."""
@@ -111,10 +109,6 @@ class CausalVLM(nn.Module):
     def decoder(self) -> nn.Module:
         raise NotImplementedError
 
-    @property
-    def embed_tokens(self) -> nn.Embedding:
-        raise NotImplementedError
-
     def embed(self, input_ids, pixel_values=None) -> torch.Tensor:
         raise NotImplementedError
 
@@ -127,27 +121,7 @@ class CausalVLM(nn.Module):
     def cache_layout(self) -> tuple[int, int, int]:
         raise NotImplementedError
 
-    # ------------------------------------------------------------------ common properties
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
-
-    @property
-    def head_weight(self) -> torch.Tensor:
-        """(V, D): the lm_head's weight, the embedding matrix when the head is tied."""
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-
-    @property
-    def _untied(self) -> bool:
-        return self.head_weight is not self.embed_tokens.weight
-
-    def _head_holder(self) -> nn.Module:
-        return self.lm_head if self.lm_head is not None else self.embed_tokens
+    # ------------------------------------------------------------------ head (dtype, device: TokenTableHead)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) -> logits (..., V); a decode step's few rows through the GEMV kernel."""
@@ -177,17 +151,7 @@ class CausalVLM(nn.Module):
 
     def check_inputs(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None) -> None:
         """ValueError / TypeError naming the argument and the expected shape."""
-        _checks.integer("input_ids", input_ids)
-        _checks.rank("input_ids", input_ids, 2, "(B, L) token ids")
-        B, L = input_ids.shape
-        if L == 0:
-            raise ValueError("input_ids: expected (B, L) with L >= 1, got an empty sequence")
-        if attention_mask is not None:
-            _checks.tensor("attention_mask", attention_mask)
-            if tuple(attention_mask.shape) != (B, L):
-                raise ValueError(
-                    f"attention_mask: expected (B, L) = ({B}, {L}), got {_checks.shape_of(attention_mask)}"
-                )
+        check_prompt(input_ids, attention_mask)
         if pixel_attention_mask is not None:
             raise ValueError(f"pixel_attention_mask: {type(self).__name__} takes none (whole images only)")
         self.check_images(input_ids, pixel_values)
@@ -301,17 +265,3 @@ class CausalVLM(nn.Module):
         return generate(self, input_ids, pixel_values, None, attention_mask, max_new_tokens=max_new_tokens,
                         do_sample=do_sample, temperature=temperature, top_p=top_p, eos_token_id=eos_token_id,
                         **options)
-
-    # ------------------------------------------------------------------ saving
-
-    def _write(self, path, config: dict, hf_state: dict, *, max_shard_bytes=None, processor_from=None) -> None:
-        """config.json + weights (checkpoint.write_checkpoint), the processor files of
-        processor_from, and generation_config.json from generation_defaults when none was copied."""
-        if processor_from is not None and not Path(processor_from).is_dir():
-            raise FileNotFoundError(f"processor_from: expected a checkpoint directory, got {processor_from}")
-        checkpoint.write_checkpoint(path, config, hf_state, max_shard_bytes=max_shard_bytes)
-        copied = checkpoint.copy_processor_files(processor_from, path) if processor_from is not None else []
-        if "generation_config.json" not in copied and self.generation_defaults:
-            target = Path(path) / "generation_config.json"
-            text = json.dumps(self.generation_defaults, indent=2)
-            checkpoint._atomic_write(target, lambda tmp: Path(tmp).write_text(text))

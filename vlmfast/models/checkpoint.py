@@ -248,6 +248,21 @@ def copy_processor_files(source, target) -> list[str]:
     return copied
 
 
+def write_pretrained(path, config: dict, hf_state: dict, *, generation_defaults: dict, max_shard_bytes=None,
+                     processor_from=None) -> None:
+    """A vision-language model's save_pretrained: config.json + weights (write_checkpoint), the
+    processor files of checkpoint directory processor_from (None: none), and generation_config.json
+    from generation_defaults (the stop / pad ids the loaded checkpoint generated with, so a reload
+    generates the same) when processor_from gave none."""
+    if processor_from is not None and not Path(processor_from).is_dir():
+        raise FileNotFoundError(f"processor_from: expected a checkpoint directory, got {processor_from}")
+    write_checkpoint(path, config, hf_state, max_shard_bytes=max_shard_bytes)
+    copied = copy_processor_files(processor_from, path) if processor_from is not None else []
+    if "generation_config.json" not in copied and generation_defaults:
+        text = json.dumps(generation_defaults, indent=2)
+        _atomic_write(Path(path) / "generation_config.json", lambda tmp: Path(tmp).write_text(text))
+
+
 def build_pretrained(cls, config, path, *, device=None, dtype=None):
     """Builds cls(config) on the meta device (no wasted random init) and loads path's weights."""
     with torch.device("meta"):

@@ -100,8 +100,9 @@ class Blip2(CausalVLM):
         # the vision tower's qkv is transformers' own fused layout: written as it is
         vision = {k: v.detach().clone().contiguous() for k, v in state.items() if k.startswith("vision_model.")}
         rest = checkpoint.native_to_hf({k: v for k, v in state.items() if not k.startswith("vision_model.")})
-        self._write(path, self.config.to_hf(), {**vision, **rest}, max_shard_bytes=max_shard_bytes,
-                    processor_from=processor_from)
+        checkpoint.write_pretrained(path, self.config.to_hf(), {**vision, **rest},
+                                    generation_defaults=self.generation_defaults, max_shard_bytes=max_shard_bytes,
+                                    processor_from=processor_from)
 
     def parts(self) -> dict[str, list[nn.Parameter]]:
         """{part: parameters} for vlmfast.train.freeze: vision (the ViT), connector (the queries,

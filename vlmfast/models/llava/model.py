@@ -118,7 +118,8 @@ class Llava(CausalVLM):
         and gate/up split back, no lm_head.weight when tied), sharded above max_shard_bytes; processor_from: a checkpoint
         whose tokenizer / processor / generation files are copied."""
         state = legacy_keys(split_gate_up(checkpoint.native_to_hf(self.state_dict())))
-        self._write(path, self.config.to_hf(), state, max_shard_bytes=max_shard_bytes, processor_from=processor_from)
+        checkpoint.write_pretrained(path, self.config.to_hf(), state, generation_defaults=self.generation_defaults,
+                                    max_shard_bytes=max_shard_bytes, processor_from=processor_from)
 
     def parts(self) -> dict[str, list[nn.Parameter]]:
         """{part: parameters} for vlmfast.train.freeze: vision (the CLIP tower), connector (the

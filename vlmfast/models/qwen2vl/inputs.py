@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmfast.models.prompt_checks import check_prompt
 from vlmfast.ops import _checks
 
 
@@ -73,15 +74,7 @@ def check(config, input_ids, attention_mask=None, *, pixel_values=None, image_gr
           pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
           mm_token_type_ids=None) -> VisionInputs:
     """Validates a call of Qwen2VL (config: its Qwen2VLConfig) and returns its VisionInputs."""
-    _checks.integer("input_ids", input_ids)
-    _checks.rank("input_ids", input_ids, 2, "(B, L) token ids")
-    B, L = input_ids.shape
-    if L == 0:
-        raise ValueError("input_ids: expected (B, L) with L >= 1, got an empty sequence")
-    if attention_mask is not None:
-        _checks.tensor("attention_mask", attention_mask)
-        if tuple(attention_mask.shape) != (B, L):
-            raise ValueError(f"attention_mask: expected (B, L) = ({B}, {L}), got {_checks.shape_of(attention_mask)}")
+    B, L = check_prompt(input_ids, attention_mask)
     vision = config.vision_config
     merge, unit = vision.spatial_merge_size, vision.merge_unit
     out = VisionInputs()

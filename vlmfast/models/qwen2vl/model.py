@@ -13,8 +13,6 @@ row from its last prompt position (+1 per component: a prompt ending in text has
 components, and the step is then plain 1D rotary, which the native CPU decode runs).
 """
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +28,7 @@ from vlmfast.models.qwen2vl.rope_index import rope_index
 from vlmfast.models.qwen2vl.vision import VisionTower
 from vlmfast.models.smolvlm import _ops, packing, weights_io
 from vlmfast.models.smolvlm.model import causal_padding_mask, preferred_dtype, read_generation_defaults
+from vlmfast.models.token_head import TokenTableHead
 from vlmfast.ops import _checks
 
 
@@ -58,7 +57,7 @@ class _Body(nn.Module):
         self.language_model = Qwen2Decoder(cfg.text_config, device=device, dtype=dtype)
 
 
-class Qwen2VL(nn.Module):
+class Qwen2VL(TokenTableHead, nn.Module):
     def __init__(self, config: Qwen2VLConfig, *, device=None, dtype=None):
         super().__init__()
         self.config = config
@@ -97,43 +96,15 @@ class Qwen2VL(nn.Module):
         unread fields kept), the weights in the hub layout transformers writes (sharded with an
         index above max_shard_bytes, each file atomically); processor_from: a checkpoint folder
         whose tokenizer / processor / generation files are copied."""
-        if processor_from is not None and not Path(processor_from).is_dir():
-            raise FileNotFoundError(f"processor_from: expected a checkpoint directory, got {processor_from}")
         text = self.config.text_config
         state = weights.to_checkpoint(self.state_dict(), text.num_attention_heads * text.head_dim,
                                       text.num_key_value_heads * text.head_dim)
-        checkpoint.write_checkpoint(path, self.config.to_hf(), state, max_shard_bytes=max_shard_bytes)
-        copied = checkpoint.copy_processor_files(processor_from, path) if processor_from is not None else []
-        if "generation_config.json" not in copied and self.generation_defaults:
-            import json
-
-            target = Path(path) / "generation_config.json"
-            body = json.dumps(self.generation_defaults, indent=2)
-            checkpoint._atomic_write(target, lambda tmp: Path(tmp).write_text(body))
+        checkpoint.write_pretrained(path, self.config.to_hf(), state, generation_defaults=self.generation_defaults,
+                                    max_shard_bytes=max_shard_bytes, processor_from=processor_from)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.model.language_model.embed_tokens.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.language_model.embed_tokens.weight.device
-
-    @property
-    def head_weight(self) -> torch.Tensor:
-        """(V, D): the lm_head's weight, the embedding matrix when the head is tied."""
-        return self.model.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-
-    @property
-    def _untied(self) -> bool:
-        return self.head_weight is not self.model.language_model.embed_tokens.weight
-
-    def _head_holder(self) -> nn.Module:
-        return self.lm_head if self.lm_head is not None else self.model.language_model.embed_tokens
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., D) -> logits (..., V)."""
-        return packing.linear(hidden, self._head_holder(), self.head_weight)
+    def embed_tokens(self) -> nn.Embedding:
+        return self.model.language_model.embed_tokens
 
     def parts(self) -> dict[str, list[nn.Parameter]]:
         """{part: parameters} for vlmfast.train.freeze: vision = the patch embedding and blocks,

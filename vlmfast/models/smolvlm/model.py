@@ -21,11 +21,13 @@ from torch import nn
 
 from vlmfast.models import checkpoint
 from vlmfast.models.layers import set_gradient_checkpointing
+from vlmfast.models.prompt_checks import check_prompt
 from vlmfast.models.smolvlm import _ops, fast_decode, packing, weights_io
 from vlmfast.models.smolvlm.config import SmolVLMConfig
 from vlmfast.models.smolvlm.connector import Connector
 from vlmfast.models.smolvlm.decoder import Decoder
 from vlmfast.models.smolvlm.vision import VisionTransformer, patch_mask_from_pixels
+from vlmfast.models.token_head import TokenTableHead
 from vlmfast.ops import _checks
 
 
@@ -120,7 +122,7 @@ def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return mask | torch.eye(L, dtype=torch.bool, device=attention_mask.device)
 
 
-class SmolVLM(nn.Module):
+class SmolVLM(TokenTableHead, nn.Module):
     def __init__(self, config: SmolVLMConfig, *, device=None, dtype=None):
         super().__init__()
         self.config = config
@@ -165,42 +167,13 @@ class SmolVLM(nn.Module):
         max_shard_bytes, each file atomically. processor_from: a checkpoint directory whose
         tokenizer / processor / generation files (checkpoint.PROCESSOR_FILES) are copied, so the
         output is complete for vlmfast's pipeline and transformers' AutoProcessor."""
-        if processor_from is not None and not Path(processor_from).is_dir():
-            raise FileNotFoundError(f"processor_from: expected a checkpoint directory, got {processor_from}")
         state = split_gate_up(checkpoint.native_to_hf(self.state_dict()))
-        checkpoint.write_checkpoint(path, self.config.to_hf(), state, max_shard_bytes=max_shard_bytes)
-        copied = checkpoint.copy_processor_files(processor_from, path) if processor_from is not None else []
-        if "generation_config.json" not in copied and self.generation_defaults:
-            # the stop / pad ids the loaded checkpoint generated with, so a reload generates the same
-            target = Path(path) / "generation_config.json"
-            text = json.dumps(self.generation_defaults, indent=2)
-            checkpoint._atomic_write(target, lambda tmp: Path(tmp).write_text(text))
+        checkpoint.write_pretrained(path, self.config.to_hf(), state, generation_defaults=self.generation_defaults,
+                                    max_shard_bytes=max_shard_bytes, processor_from=processor_from)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.model.text_model.embed_tokens.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.text_model.embed_tokens.weight.device
-
-    @property
-    def head_weight(self) -> torch.Tensor:
-        """(V, D): the lm_head's weight, the embedding matrix when the head is tied."""
-        return self.model.text_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-
-    @property
-    def _untied(self) -> bool:
-        # the head and the embedding table are different tensors (each has one use in a forward)
-        return self.head_weight is not self.model.text_model.embed_tokens.weight
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., D) -> logits (..., V)."""
-        return packing.linear(hidden, self._head_holder(), self.head_weight)
-
-    def _head_holder(self) -> nn.Module:
-        # the module whose packed copy of the head weight is used (the tied head has no Linear)
-        return self.lm_head if self.lm_head is not None else self.model.text_model.embed_tokens
+    def embed_tokens(self) -> nn.Embedding:
+        return self.model.text_model.embed_tokens
 
     def set_gradient_checkpointing(self, enable: bool = True) -> "SmolVLM":
         """Recompute each vision encoder layer and each decoder layer in the backward instead of
@@ -230,17 +203,7 @@ class SmolVLM(nn.Module):
 
     def check_inputs(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None) -> None:
         """ValueError / TypeError naming the argument and the expected shape."""
-        _checks.integer("input_ids", input_ids)
-        _checks.rank("input_ids", input_ids, 2, "(B, L) token ids")
-        B, L = input_ids.shape
-        if L == 0:
-            raise ValueError("input_ids: expected (B, L) with L >= 1, got an empty sequence")
-        if attention_mask is not None:
-            _checks.tensor("attention_mask", attention_mask)
-            if tuple(attention_mask.shape) != (B, L):
-                raise ValueError(
-                    f"attention_mask: expected (B, L) = ({B}, {L}), got {_checks.shape_of(attention_mask)}"
-                )
+        B, L = check_prompt(input_ids, attention_mask)
         if pixel_values is None:
             if pixel_attention_mask is not None:
                 raise ValueError("pixel_attention_mask: given without pixel_values")
