@@ -132,20 +132,8 @@ class CausalVLM(TokenTableHead, nn.Module):
         instead of keeping its activations. Generation never checkpoints. Returns self."""
         return set_gradient_checkpointing(self, enable)
 
-    def pack_weights(self) -> bool:
-        """Packs the decoder's Linear weights and the head for CPU inference (oneDNN layout, see
-        smolvlm/packing.py; one more copy of those weights). Returns whether it packed."""
-        if self.device.type != "cpu" or not packing.available(self.dtype):
-            return False
-        for m in self.decoder.modules():
-            if isinstance(m, nn.Linear):
-                packing.pack(m)
-        packing.pack(self._head_holder(), self.head_weight)
-        return True
-
-    def unpack_weights(self) -> None:
-        for m in self.modules():
-            packing.unpack(m)
+    def _packed_linears(self) -> list[nn.Module]:
+        return [m for m in self.decoder.modules() if isinstance(m, nn.Linear)]
 
     # ------------------------------------------------------------------ validation
 

@@ -1,6 +1,7 @@
 """The token embedding table and the LM head of a vision-language model's decoder, whose head may
 be that table (tied: `lm_head` is None): the model's dtype and device (the table's), the head's
-weight, and the head itself. SmolVLM, Qwen2-VL and CausalVLM (LLaVA, BLIP-2) share them."""
+weight, the head itself, and the packing of the decoder's and the head's weights for CPU
+inference. SmolVLM, Qwen2-VL and CausalVLM (LLaVA, BLIP-2) share them."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ from vlmfast.models.smolvlm import packing
 
 
 class TokenTableHead:
-    """Mixin for an nn.Module with an `lm_head` attribute (nn.Linear, or None when tied) and an
-    `embed_tokens` property naming its token table."""
+    """Mixin for an nn.Module with an `lm_head` attribute (nn.Linear, or None when tied), an
+    `embed_tokens` property naming its token table and `_packed_linears()`, the decoder's Linear
+    layers pack_weights packs."""
 
     @property
     def embed_tokens(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def _packed_linears(self) -> list[nn.Module]:
         raise NotImplementedError
 
     @property
@@ -43,3 +48,19 @@ class TokenTableHead:
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) -> logits (..., V)."""
         return packing.linear(hidden, self._head_holder(), self.head_weight)
+
+    def pack_weights(self) -> bool:
+        """Packs the decoder's and the head's weights for CPU inference (oneDNN layout, about 2x
+        faster GEMV in a decode step; see smolvlm/packing.py). Costs one more copy of those
+        weights; gradients-on calls and weights changed later use the plain path. Returns whether
+        it packed (CPU with oneDNN for this dtype)."""
+        if self.device.type != "cpu" or not packing.available(self.dtype):
+            return False
+        for m in self._packed_linears():
+            packing.pack(m)
+        packing.pack(self._head_holder(), self.head_weight)
+        return True
+
+    def unpack_weights(self) -> None:
+        for m in self.modules():
+            packing.unpack(m)

@@ -26,7 +26,7 @@ from vlmfast.models.qwen2vl.config import Qwen2VLConfig
 from vlmfast.models.qwen2vl.decoder import Qwen2Decoder
 from vlmfast.models.qwen2vl.rope_index import rope_index
 from vlmfast.models.qwen2vl.vision import VisionTower
-from vlmfast.models.smolvlm import _ops, packing, weights_io
+from vlmfast.models.smolvlm import _ops, weights_io
 from vlmfast.models.smolvlm.model import causal_padding_mask, preferred_dtype, read_generation_defaults
 from vlmfast.models.token_head import TokenTableHead
 from vlmfast.ops import _checks
@@ -124,20 +124,9 @@ class Qwen2VL(TokenTableHead, nn.Module):
         generation never checkpoint). Returns self."""
         return set_gradient_checkpointing(self, enable)
 
-    def pack_weights(self) -> bool:
-        """Packs the decoder's and the head's weights for CPU inference (oneDNN layout; see
-        smolvlm/packing.py). Returns whether it packed."""
-        if self.device.type != "cpu" or not packing.available(self.dtype):
-            return False
-        for layer in self.model.language_model.layers:
-            for m in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj):
-                packing.pack(m)
-        packing.pack(self._head_holder(), self.head_weight)
-        return True
-
-    def unpack_weights(self) -> None:
-        for m in self.modules():
-            packing.unpack(m)
+    def _packed_linears(self) -> list[nn.Module]:
+        return [m for layer in self.model.language_model.layers
+                for m in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj)]
 
     # ------------------------------------------------------------------ inputs
 

@@ -22,7 +22,7 @@ from torch import nn
 from vlmfast.models import checkpoint
 from vlmfast.models.layers import set_gradient_checkpointing
 from vlmfast.models.prompt_checks import check_prompt
-from vlmfast.models.smolvlm import _ops, fast_decode, packing, weights_io
+from vlmfast.models.smolvlm import _ops, fast_decode, weights_io
 from vlmfast.models.smolvlm.config import SmolVLMConfig
 from vlmfast.models.smolvlm.connector import Connector
 from vlmfast.models.smolvlm.decoder import Decoder
@@ -181,23 +181,9 @@ class SmolVLM(TokenTableHead, nn.Module):
         Generation (a KV cache) and no-grad calls never checkpoint. Returns self."""
         return set_gradient_checkpointing(self, enable)
 
-    def pack_weights(self) -> bool:
-        """Packs the decoder's and the head's weights for CPU inference (oneDNN layout, about 2x
-        faster GEMV in a decode step; see packing.py). Costs one more copy of those weights;
-        gradients-on calls and weights changed later use the plain path. Returns whether it
-        packed (CPU with oneDNN for this dtype)."""
-        if self.device.type != "cpu" or not packing.available(self.dtype):
-            return False
-        layers = [m for layer in self.model.text_model.layers
-                  for m in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj)]
-        for m in layers:
-            packing.pack(m)
-        packing.pack(self._head_holder(), self.head_weight)
-        return True
-
-    def unpack_weights(self) -> None:
-        for m in self.modules():
-            packing.unpack(m)
+    def _packed_linears(self) -> list[nn.Module]:
+        return [m for layer in self.model.text_model.layers
+                for m in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj)]
 
     # ------------------------------------------------------------------ validation
 
