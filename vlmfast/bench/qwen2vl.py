@@ -13,21 +13,19 @@ Cases:
   0.85 GB of float32 weights per implementation, to fit the machine's memory): prefill of one 448 x 448 image (256 image tokens) + 20 text tokens at batch 1,
   decode at batch 1 and 8 (ms per step = (generate of N - generate of 1) / (N - 1), tokens/s in
   extra), and the peak memory of a fresh process that loads the checkpoint and generates 16
-  tokens after the prefill's prompt (qwen2vl_memory.py; CPU only).
+  tokens after the prefill's prompt (memory_case.py; CPU only).
 quick: tiny widths, small images (checks that every case runs).
 """
 
 import ctypes
 import gc
-import json
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
 from vlmfast.bench import rss
+from vlmfast.bench.decode_case import decode_case
+from vlmfast.bench.memory_case import memory_case
 from vlmfast.bench.timing import Result, time_ms
 
 IMAGES = [(1, 16, 16), (1, 22, 14), (1, 32, 24), (1, 10, 30)]
@@ -217,16 +215,17 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
             inputs = _memory_inputs(ours.config, quick, dtype)
             del hf, ours  # the fresh processes below load their own copies: this one's are freed first
             _release_memory()
-            results.append(peak_memory(folder.name, *inputs, dtype, new_tokens=4 if quick else 16))
+            results.append(memory_case("qwen2vl", folder.name, inputs, dtype, new_tokens=4 if quick else 16))
     return results
 
 
 def _memory_inputs(config, quick: bool, dtype):
-    """The prefill case's prompt (one image) for the memory case: ids, mask, pixels, grid, types."""
+    """The prefill case's prompt (one image) as the memory case's generate inputs."""
     grid = (1, 8, 8) if quick else (1, 32, 32)
     ids, mask, types = prompt(config, 1, 20, grid)
     pixels = torch.randn(grid[1] * grid[2], PATCH_DIM, generator=torch.Generator().manual_seed(3)).to(dtype)
-    return ids, mask, pixels, torch.tensor([grid]), types
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_grid_thw": torch.tensor([grid]),
+            "mm_token_type_ids": types}
 
 
 def generation_cases(hf, ours, quick, device, dtype, repeats, name) -> list[Result]:
@@ -267,40 +266,9 @@ def generation_cases(hf, ours, quick, device, dtype, repeats, name) -> list[Resu
                 return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                    do_sample=False, pad_token_id=0)
 
-        per_step = []
-        for gen in (ours_gen, hf_gen):
-            full = time_ms(lambda: gen(n_new), device, **repeats)
-            one = time_ms(lambda: gen(1), device, **repeats)
-            per_step.append(max(full - one, 1e-6) / (n_new - 1))
-        same = torch.equal(ours_gen(n_new), hf_gen(n_new)) if dtype == torch.float32 else None
-        ms, peer_ms = per_step
-        results.append(Result("qwen2vl", f"decode b={batch} {name}", "vlmfast", ms, "transformers", peer_ms,
-                              extra={"tokens_per_s": batch * 1e3 / ms, "peer_tokens_per_s": batch * 1e3 / peer_ms,
-                                     "greedy_equal": same}))
+        results.append(decode_case("qwen2vl", batch, ours_gen, hf_gen, n_new=n_new, device=device, dtype=dtype,
+                                   repeats=repeats))
     return results
-
-
-def peak_memory(path, ids, mask, pixels, grid, types, dtype, *, new_tokens: int) -> Result:
-    """Peak resident set (MiB) of a fresh process that loads the checkpoint at `path` and
-    generates new_tokens for the prompt, vlmfast against transformers (qwen2vl_memory.py)."""
-    script = Path(__file__).with_name("qwen2vl_memory.py")
-    runs = {}
-    with tempfile.TemporaryDirectory() as folder:
-        inputs = Path(folder) / "inputs.pt"
-        torch.save({"input_ids": ids.cpu(), "attention_mask": mask.cpu(), "pixel_values": pixels.float().cpu(),
-                    "image_grid_thw": grid.cpu(), "mm_token_type_ids": types.cpu()}, inputs)
-        for impl in ("vlmfast", "transformers"):
-            done = subprocess.run([sys.executable, str(script), impl, str(path), str(inputs),
-                                   str(dtype).removeprefix("torch."), str(new_tokens)],
-                                  capture_output=True, text=True, check=True)
-            runs[impl] = json.loads(done.stdout.strip().splitlines()[-1])
-    ours, peer = runs["vlmfast"], runs["transformers"]
-    name = str(dtype).removeprefix("torch.")
-    return Result("qwen2vl", f"memory: load, first generate of {new_tokens} tokens, 1 image b=1 {name}", "vlmfast",
-                  ours["ms"], "transformers", peer["ms"], peak_mib=ours["peak_mib"],
-                  extra={"peer_peak_mib": peer["peak_mib"], "baseline_mib": ours["baseline_mib"],
-                         "peer_baseline_mib": peer["baseline_mib"],
-                         "greedy_equal": ours["tokens"] == peer["tokens"] if dtype == torch.float32 else None})
 
 
 __all__ = ["run", "build_pair", "tower_flops"]

@@ -3,7 +3,7 @@
 torch's CPU allocations are invisible to tracemalloc, so the suites read /proc/self/status:
 VmRSS (now) and VmHWM (the high-water mark). Not ru_maxrss: Linux carries it over from the
 parent across fork and exec, so a fresh child could report its parent's peak.
-(smolvlm_memory.py reads VmHWM itself: it runs by path and must not import the vlmfast package.)
+(generate_memory.py reads VmHWM itself: it runs by path and must not import the vlmfast package.)
 """
 
 

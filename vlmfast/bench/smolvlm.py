@@ -9,18 +9,16 @@ decode at batch 1 and 32. Decode time per step = (generate of N tokens - generat
 (N - 1): the prompt, the first token and start-up cancel, for both implementations alike. Each
 Result's ms is per step (decode) or per call (prefill); extra holds tokens/s of both.
 Peak memory: each implementation loads the saved checkpoint and generates 16 tokens for the
-prefill's image + prompt in a fresh process (smolvlm_memory.py); peak_mib is that process's peak
+prefill's image + prompt in a fresh process (memory_case.py); peak_mib is that process's peak
 resident set, loading included (extra: the peer's, and both after imports only).
 """
 
-import json
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
+from vlmfast.bench.decode_case import decode_case
+from vlmfast.bench.memory_case import memory_case
 from vlmfast.bench.timing import Result, time_ms
 from vlmfast.models.smolvlm import SmolVLM
 
@@ -103,7 +101,11 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
     results.append(Result("smolvlm", f"prefill b=1 1 image ({image_tokens} tokens) + {ids.shape[1] - image_tokens} "
                           f"text {name}", "vlmfast", ms, "transformers", peer_ms))
     if device.type == "cpu":
-        results.append(peak_memory(hf, ids, mask, pixels, dtype, new_tokens=4 if quick else 16))
+        with tempfile.TemporaryDirectory() as folder:
+            hf.save_pretrained(folder)
+            results.append(memory_case("smolvlm", folder, {"input_ids": ids, "attention_mask": mask,
+                                                           "pixel_values": pixels}, dtype,
+                                       new_tokens=4 if quick else 16))
 
     # 1 image + prompt + 32 new tokens, end to end (generate: vision tower, prefill, decode)
     new = 4 if quick else 32
@@ -157,38 +159,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
                 return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                    do_sample=False, pad_token_id=2)
 
-        per_step = []
-        for gen in (ours_gen, hf_gen):
-            full = time_ms(lambda: gen(n_new), device, **repeats)
-            one = time_ms(lambda: gen(1), device, **repeats)
-            per_step.append(max(full - one, 1e-6) / (n_new - 1))
-        same = torch.equal(ours_gen(n_new), hf_gen(n_new)) if dtype == torch.float32 else None
-        ms, peer_ms = per_step
-        results.append(Result("smolvlm", f"decode b={batch} {name}", "vlmfast", ms, "transformers", peer_ms,
-                              extra={"tokens_per_s": batch * 1e3 / ms, "peer_tokens_per_s": batch * 1e3 / peer_ms,
-                                     "greedy_equal": same}))
+        results.append(decode_case("smolvlm", batch, ours_gen, hf_gen, n_new=n_new, device=device, dtype=dtype,
+                                   repeats=repeats))
     return results
 
-
-def peak_memory(hf, ids, mask, pixels, dtype, *, new_tokens: int) -> Result:
-    """Peak resident set (MiB) of a fresh process that loads `hf`'s checkpoint and generates
-    new_tokens for (ids, mask, pixels), vlmfast against transformers (see smolvlm_memory.py)."""
-    script = Path(__file__).with_name("smolvlm_memory.py")
-    runs = {}
-    with tempfile.TemporaryDirectory() as folder:
-        hf.save_pretrained(folder)
-        inputs = Path(folder) / "inputs.pt"
-        torch.save({"input_ids": ids.cpu(), "attention_mask": mask.cpu(), "pixel_values": pixels.float().cpu()}, inputs)
-        for impl in ("vlmfast", "transformers"):
-            done = subprocess.run([sys.executable, str(script), impl, folder, str(inputs),
-                                   str(dtype).removeprefix("torch."), str(new_tokens)],
-                                  capture_output=True, text=True, check=True)
-            runs[impl] = json.loads(done.stdout.strip().splitlines()[-1])
-    ours, peer = runs["vlmfast"], runs["transformers"]
-    name = str(dtype).removeprefix("torch.")
-    # ms: that first (cold) generate, prefill included; peak_mib: loading included
-    return Result("smolvlm", f"memory: load, first generate of {new_tokens} tokens, 1 image b=1 {name}", "vlmfast",
-                  ours["ms"], "transformers", peer["ms"], peak_mib=ours["peak_mib"],
-                  extra={"peer_peak_mib": peer["peak_mib"], "baseline_mib": ours["baseline_mib"],
-                         "peer_baseline_mib": peer["baseline_mib"],
-                         "greedy_equal": ours["tokens"] == peer["tokens"] if dtype == torch.float32 else None})
