@@ -75,13 +75,17 @@ def test_serve_answers_every_family(family, model_class, tmp_path):
     server = RunningServer(engine, processor, config)
     try:
         client = server.client()
+        cached = []
         for question in ("What is in this image?", "And what colour is it?"):
             messages = [{"role": "user", "content": [image_part(data_uri(image)), {"type": "text", "text": question}]}]
             reply = client.chat.completions.create(model=config.model_name, messages=messages, max_tokens=6,
                                                    temperature=0)
             text, tokens = reference_answer(reference, processor, messages, [image], max_tokens=6)
             assert reply.usage.completion_tokens == len(tokens)
+            cached.append(reply.usage.prompt_tokens_details.cached_tokens)
             assert reply.choices[0].message.content == text
         assert engine.prefix_cache.hits == 1  # the second question reused the image's prefix
+        image_tokens = engine.prefix_cache.reused_tokens
+        assert cached == [0, image_tokens] and image_tokens >= 4
     finally:
         server.stop()

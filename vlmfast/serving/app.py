@@ -130,7 +130,8 @@ def _chunk(rid: str, created: int, model: str, delta: dict, finish_reason=None, 
 
 def _usage(event) -> dict:
     return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-            "total_tokens": event.prompt_tokens + event.completion_tokens}
+            "total_tokens": event.prompt_tokens + event.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": event.cached_tokens}}  # OpenAI's: from the prefix cache
 
 
 def _event_error(event) -> ApiError:

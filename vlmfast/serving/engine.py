@@ -428,7 +428,7 @@ class Engine:
         self.metrics.finished(reason)
         self._send(handle, Event(handle.request_id, text="", finished=True, finish_reason=reason,
                                  prompt_tokens=handle.request.prompt_len, completion_tokens=len(handle.tokens),
-                                 error=error))
+                                 cached_tokens=handle.cached_tokens, error=error))
         handle.done.set()
 
     def _fail(self, handle: Handle, err: Exception) -> None:

@@ -114,6 +114,7 @@ class Event:
     finished: bool = False
     finish_reason: str | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys / values came from the prefix cache
     completion_tokens: int = 0
     error: str | None = None
 
