@@ -71,3 +71,22 @@ class StaticKVCache:
     def attention_mask(self, end: int) -> torch.Tensor:
         """bool (B, 1, 1, end): the key-padding mask over slots [0, end) (a view)."""
         return self.key_mask[:, None, None, :end]
+
+
+def write_kv(kv: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor, slot):
+    """Writes one call's keys / values (B, Hkv, L, E) into a layer's cache (keys, values) from slot
+    on, and returns the keys / values the call attends to. slot: an int (the first slot of the
+    L written: the cache's slots up to slot + L), or an int64 tensor of the L slots (static
+    shapes, CUDA-graph capturable: the whole cache, whose key mask hides the slots not written
+    yet)."""
+    k_cache, v_cache = kv
+    if isinstance(slot, torch.Tensor):
+        k_cache.index_copy_(2, slot, k)
+        v_cache.index_copy_(2, slot, v)
+        return k_cache, v_cache
+    L = k.shape[2]
+    k_cache[:, :, slot : slot + L].copy_(k)
+    v_cache[:, :, slot : slot + L].copy_(v)
+    if slot > 0:  # earlier tokens live only in the cache
+        return k_cache[:, :, : slot + L], v_cache[:, :, : slot + L]
+    return k, v

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlmfast import ops
+from vlmfast.generation.cache import write_kv
 from vlmfast.models import _ops as shared_ops
 from vlmfast.models.blip2.config import OPTConfig
 from vlmfast.models.layers import activation
@@ -51,16 +52,7 @@ class OPTAttention(nn.Module):
         q = (qkv[:, :, 0] * self.scaling).transpose(1, 2)
         k, v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         if kv is not None:
-            k_cache, v_cache = kv
-            if isinstance(slot, torch.Tensor):
-                k_cache.index_copy_(2, slot, k)
-                v_cache.index_copy_(2, slot, v)
-                k, v = k_cache, v_cache
-            else:
-                k_cache[:, :, slot: slot + L].copy_(k)
-                v_cache[:, :, slot: slot + L].copy_(v)
-                if slot > 0:
-                    k, v = k_cache[:, :, : slot + L], v_cache[:, :, : slot + L]
+            k, v = write_kv(kv, k, v, slot)
         out = ops.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=1.0)
         return _linear(out.transpose(1, 2).reshape(B, L, D), self.out_proj)
 

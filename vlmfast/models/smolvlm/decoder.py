@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vlmfast.generation.cache import write_kv
 from vlmfast.models.smolvlm import _ops, packing
 from vlmfast.models.smolvlm.config import SmolVLMTextConfig
 
@@ -52,18 +53,7 @@ class DecoderAttention(nn.Module):
         k = qk[:, H:].view(B, L, Hkv, E).transpose(1, 2)
         v = qkv[:, H + Hkv :].view(B, L, Hkv, E).transpose(1, 2)
         if kv is not None:
-            k_cache, v_cache = kv
-            if isinstance(slot, torch.Tensor):
-                # static shapes (CUDA-graph capturable): write through an index tensor, attend
-                # to the whole cache; the caller's key mask hides the slots not written yet
-                k_cache.index_copy_(2, slot, k)
-                v_cache.index_copy_(2, slot, v)
-                k, v = k_cache, v_cache
-            else:
-                k_cache[:, :, slot : slot + L].copy_(k)
-                v_cache[:, :, slot : slot + L].copy_(v)
-                if slot > 0:  # earlier tokens live only in the cache
-                    k, v = k_cache[:, :, : slot + L], v_cache[:, :, : slot + L]
+            k, v = write_kv(kv, k, v, slot)
         out = _ops.attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         out = out.transpose(1, 2).reshape(B, L, H * E)
         return packing.linear(out, self.o_proj, self.o_proj.weight, self.o_proj.bias)
