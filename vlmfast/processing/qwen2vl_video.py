@@ -29,7 +29,7 @@ from PIL import Image
 
 from vlmfast.processing import geometry
 from vlmfast.processing.base import ImageProcessor
-from vlmfast.processing.qwen2vl import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, patchify, pixel_limits, smart_resize
+from vlmfast.processing.qwen2vl import Qwen2VLImageProcessor, patchify, pixel_limits, smart_resize
 from vlmfast.processing.smolvlm_video import normalization_table
 from vlmfast.processing.video import VideoMetadata, read_frames, read_metadata
 
@@ -60,21 +60,10 @@ class Qwen2VLVideoProcessor(ImageProcessor):
     """Defaults are transformers' Qwen2VLVideoProcessor's (128 to 768 merged tokens of pixels per
     frame, 4 to 768 frames when sampling)."""
 
+    # the image processor's, but for the pixels per frame; then the sampling keys
     DEFAULTS: ClassVar[dict[str, Any]] = {
-        "do_convert_rgb": True,
-        "do_resize": True,
+        **Qwen2VLImageProcessor.DEFAULTS,
         "size": {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768},
-        "min_pixels": None,
-        "max_pixels": None,
-        "resample": 3,  # PIL.Image.Resampling.BICUBIC
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": OPENAI_CLIP_MEAN,
-        "image_std": OPENAI_CLIP_STD,
-        "patch_size": 14,
-        "temporal_patch_size": 2,
-        "merge_size": 2,
         "do_sample_frames": False,
         "fps": None,
         "num_frames": None,
