@@ -3,7 +3,8 @@
     y = linear(x, weight, bias, activation="quick_gelu")     # (..., K) -> (..., N)
 
 Layers: public function (validates; routes what no kernel covers straight to PyTorch) -> custom
-ops `vlmfast::linear_fwd` / `vlmfast::linear_bwd` (fake impls + autograd) -> backend:
+ops `vlmfast::linear_fwd` / `vlmfast::linear_bwd` (fake impls + autograd; eager inference calls on
+plain tensors run linear_fwd's body directly, without the custom op's dispatch) -> backend:
   cpp:   csrc/cpu/gemm.cpp on the CPU with at least SMALL_M rows, float32, bfloat16 and float16
          (computed in float32): packed panels, micro-kernels picked at run time (AMX, AVX512-BF16,
          AVX-512, AVX2), blocking from the CPU's cache sizes, bias + activation in the GEMM's
@@ -50,7 +51,10 @@ def _activation_name(activation: str) -> str | None:
 
 def _torch_forward(x, weight, bias, act, compute, keep):
     """torch's own linear in the compute dtype (the casts autocast makes), then the activation."""
-    z = torch.nn.functional.linear(x.to(compute), weight.to(compute), None if bias is None else bias.to(compute))
+    def cast(t):  # (a no-op .to still costs a dispatch, ~2 us: small calls feel three)
+        return t if t is None or t.dtype is compute else t.to(compute)
+
+    z = torch.nn.functional.linear(cast(x), cast(weight), cast(bias))
     if act is None:
         return z, x.new_empty(0)
     return reference.LINEAR_ACTIVATIONS[act](z), z if keep else x.new_empty(0)
@@ -136,10 +140,14 @@ def linear_fwd(
     input), else an empty (0,) tensor. cache_weight: the weight will not change under this call
     (no autograd on it), so its packed copy may be reused across calls."""
     act = _activation_name(activation)
-    keep = keep_pre and act is not None
+    return _forward(x, weight, bias, act, keep_pre and act is not None, cache_weight, compute)
+
+
+def _forward(x, weight, bias, act, keep, cache, compute):
+    """linear_fwd's body: the C++ GEMM where it runs this call, else torch's linear."""
     backend = _dispatch.select("linear", x.device, compute)
-    if _runs_kernel(backend, x, weight, bias, act, compute, cache_weight):
-        return _native_forward(x, weight, bias, act, compute, keep, cache_weight)
+    if _runs_kernel(backend, x, weight, bias, act, compute, cache):
+        return _native_forward(x, weight, bias, act, compute, keep, cache)
     _dispatch.record("linear", "reference")
     return _torch_forward(x, weight, bias, act, compute, keep)
 
@@ -299,5 +307,19 @@ def linear(
     tracked = (x, weight) if bias is None else (x, weight, bias)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
     cache = not torch.is_grad_enabled() and _CACHING.get()
-    out, _ = linear_fwd(rows, weight, bias, activation or "none", needs_grad, cache, compute)
+    if not needs_grad and _plain_eager(x, weight, bias):
+        # nothing to differentiate, nothing traced: the op's body without the custom op's
+        # dispatch (~40 us a call, and ~70 us where the class went to torch: a SmolLM2 decoder
+        # prefill layer's seven Linears, or torch's GEMM of a few ms, feel it)
+        out = _forward(rows, weight, bias, _activation_name(activation), False, cache, compute)[0]
+    else:
+        out, _ = linear_fwd(rows, weight, bias, activation or "none", needs_grad, cache, compute)
     return out.reshape(*x.shape[:-1], n)
+
+
+def _plain_eager(x, weight, bias) -> bool:
+    """Plain tensors outside torch.compile and torch.func: what the custom op would only pass
+    through to its body (tensor subclasses, fake tensors and transforms need the op)."""
+    return (type(x) is torch.Tensor and type(weight) is torch.Tensor
+            and (bias is None or type(bias) is torch.Tensor)
+            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active())
