@@ -47,12 +47,13 @@ def _family_of_prompts(ids, vision, other_vision, image_token, vocab, seed):
     last_image = int((ids == image_token).nonzero().max())
     first_image = int((ids == image_token).nonzero().min())
     head = ids[:last_image + 1]
+    shared_text = first_image if first_image >= 16 else 0  # the text before the image (when long enough)
     prompts = [
         (ids, vision, (0, 0)),                                               # first: nothing cached
         (torch.cat([head, text(5)]), vision, (last_image + 1, last_image + 1)),  # another question, same image
         (ids.clone(), vision, (ids.numel() - 1, ids.numel() - 1)),           # an exact repeat
         (torch.cat([ids, text(7)]), vision, (ids.numel(), ids.numel())),     # a longer second turn
-        (ids.clone(), other_vision, (0, first_image)),                       # same tokens, another image
+        (ids.clone(), other_vision, (shared_text, shared_text)),             # same tokens, another image
         (torch.cat([head, text(2)]), vision, (last_image + 1, last_image + 1)),
     ]
     return [(Request(p, v, _params(i)), bounds) for i, (p, v, bounds) in enumerate(prompts)]
@@ -61,15 +62,17 @@ def _family_of_prompts(ids, vision, other_vision, image_token, vocab, seed):
 @pytest.mark.parametrize("chunk", [256, 5])
 def test_smolvlm_prefix_reuse_equals_generate_alone(chunk):
     model, reference = tiny_model(seed=4), tiny_model(seed=4)
-    ids, _, pv, pm = build_batch([(5, 6, 8, None)], seed=3)
-    _, _, pv2, pm2 = build_batch([(5, 6, 8, None)], seed=9)
+    # 18 text tokens before the image: another image under the same tokens reuses them, then
+    # prefills its tiles' tokens from slot 18 on
+    ids, _, pv, pm = build_batch([(5, 18, 8, None)], seed=3)
+    _, _, pv2, pm2 = build_batch([(5, 18, 8, None)], seed=9)
     vision = {"pixel_values": pv, "pixel_attention_mask": pm}
     cases = _family_of_prompts(ids[0], vision, {"pixel_values": pv2, "pixel_attention_mask": pm2}, IMAGE_TOKEN,
                                IMAGE_TOKEN, seed=chunk)
     calls = []
     hook = model.model.vision_model.register_forward_hook(lambda *a: calls.append(1))
     try:
-        engine = Engine(model, max_batch=2, max_len=96, chunk_tokens=chunk, eos_token_id=STOPS)
+        engine = Engine(model, max_batch=2, max_len=128, chunk_tokens=chunk, eos_token_id=STOPS)
         results = engine.generate([r for r, _ in cases])
     finally:
         hook.remove()
@@ -78,7 +81,7 @@ def test_smolvlm_prefix_reuse_equals_generate_alone(chunk):
         assert low <= result["cached_tokens"] <= high, (result["cached_tokens"], low, high)
     # tiles ran for the first image and the other image only: each reuse skipped the tower
     assert len(calls) == 2 * 5
-    assert engine.prefix_cache.hits == 4
+    assert engine.prefix_cache.hits == 5
 
 
 def test_qwen2vl_prefix_reuse_equals_generate_alone(tmp_path):
@@ -95,7 +98,7 @@ def test_qwen2vl_prefix_reuse_equals_generate_alone(tmp_path):
     # later token's position is not its index (a wrong offset would show)
     ids, _, pixels, grid, _ = qwen_batch(config, [[(1, 4, 8)] * 2], seed=1)
     _, _, pixels2, _, _ = qwen_batch(config, [[(1, 4, 8)] * 2], seed=2)
-    ids = torch.cat([ids[0, :1].repeat(12), ids[0]])  # a longer text head: the prefix passes min_tokens
+    ids = torch.cat([ids[0, :1].repeat(16), ids[0]])  # a text head past min_tokens: another image reuses it
     vision = {"pixel_values": pixels, "image_grid_thw": grid}
     cases = _family_of_prompts(ids, vision, {"pixel_values": pixels2, "image_grid_thw": grid},
                                model.config.image_token_id, config.text_config.vocab_size - 8, seed=5)
@@ -104,7 +107,7 @@ def test_qwen2vl_prefix_reuse_equals_generate_alone(tmp_path):
     for (request, (low, high)), result in zip(cases, results):
         assert result["token_ids"] == _alone(reference, request)
         assert low <= result["cached_tokens"] <= high, (result["cached_tokens"], low, high)
-    assert engine.prefix_cache.hits == 4
+    assert engine.prefix_cache.hits == 5
 
 
 def _staging(values):
