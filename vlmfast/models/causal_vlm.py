@@ -19,16 +19,13 @@ and config.text_config with eos_token_id / pad_token_id (generate's defaults).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vlmfast import ops as vops
 from vlmfast.models.layers import set_gradient_checkpointing
-from vlmfast.models.prompt_checks import check_prompt
-from vlmfast.models.smolvlm import _ops, packing
+from vlmfast.models.prompt_checks import check_labels, check_prompt
+from vlmfast.models.smolvlm import packing
 from vlmfast.models.smolvlm.model import causal_padding_mask, preferred_dtype, read_generation_defaults
 from vlmfast.models.token_head import TokenTableHead
-from vlmfast.ops import _checks
 from vlmfast.ops.linear import packed_weight_cache
 
 # labelled rows x vocabulary up to which the loss materialises the logits (8 Mi floats: 32 MiB, e.g.
@@ -103,6 +100,11 @@ class CausalVLM(TokenTableHead, nn.Module):
         # of a prompt's time
         self.cache_packed_weights = False
 
+    @property
+    def materialised_logits(self) -> int:
+        # few labelled rows take next_token_loss through materialised logits (read at each call)
+        return MATERIALISED_LOGITS
+
     # ------------------------------------------------------------------ subclass hooks
 
     @property
@@ -168,31 +170,9 @@ class CausalVLM(TokenTableHead, nn.Module):
         """Mean next-token cross entropy: logits at i predict labels[i + 1]; -100 is ignored
         (transformers' ForCausalLMLoss, float32 logits), fused with the head so that the
         (B, L, V) logits are never held. labels: int (B, L)."""
-        _checks.integer("labels", labels)
-        if tuple(labels.shape) != tuple(input_ids.shape):
-            raise ValueError(
-                f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, got {_checks.shape_of(labels)}"
-            )
+        check_labels(input_ids, labels)
         hidden = self.hidden_states(input_ids, pixel_values, attention_mask)
-        targets = F.pad(labels, (0, 1), value=-100)[:, 1:].to(device=hidden.device, dtype=torch.long)
-        hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-        labelled = None
-        if not torch.compiler.is_compiling():
-            # only the labelled positions reach the head (image and prompt tokens are most of a batch)
-            keep = targets != -100
-            labelled = int(keep.sum())
-            if 0 < labelled < keep.numel():
-                hidden, targets = hidden[keep], targets[keep]
-        weight = self.head_weight
-        if torch.is_autocast_enabled(hidden.device.type):
-            low = torch.get_autocast_dtype(hidden.device.type)
-            hidden, weight = hidden.to(low), weight.to(low)
-        if labelled and hidden.shape[0] * weight.shape[0] <= MATERIALISED_LOGITS:
-            # a few labelled rows (a caption, a short answer): their logits are small, and one GEMM
-            # + torch's cross entropy measured 2-3x faster than the fused op's vocabulary sweeps
-            logits = vops.linear(hidden, weight).float()
-            return F.cross_entropy(logits, targets, ignore_index=-100)
-        return _ops.linear_cross_entropy(hidden, weight, targets, weight_used_once=self._untied)
+        return self.next_token_loss(hidden, labels)
 
     # ------------------------------------------------------------------ cached steps (generation)
 

@@ -1,5 +1,5 @@
-"""The checks every vision-language model makes on a call's token ids and attention mask, before
-its family's image checks: ValueError / TypeError naming the argument."""
+"""The checks every vision-language model makes on a call's token ids and attention mask (before
+its family's image checks) and on a loss's labels: ValueError / TypeError naming the argument."""
 
 from __future__ import annotations
 
@@ -21,3 +21,10 @@ def check_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -
         if tuple(attention_mask.shape) != (B, L):
             raise ValueError(f"attention_mask: expected (B, L) = ({B}, {L}), got {_checks.shape_of(attention_mask)}")
     return B, L
+
+
+def check_labels(input_ids: torch.Tensor, labels: torch.Tensor) -> None:
+    """labels of a loss: integer token ids shaped like input_ids."""
+    _checks.integer("labels", labels)
+    if tuple(labels.shape) != tuple(input_ids.shape):
+        raise ValueError(f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, got {_checks.shape_of(labels)}")

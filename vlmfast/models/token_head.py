@@ -1,20 +1,26 @@
 """The token embedding table and the LM head of a vision-language model's decoder, whose head may
 be that table (tied: `lm_head` is None): the model's dtype and device (the table's), the head's
-weight, the head itself, and the packing of the decoder's and the head's weights for CPU
-inference. SmolVLM, Qwen2-VL and CausalVLM (LLaVA, BLIP-2) share them."""
+weight, the head itself, the next-token loss through it, and the packing of the decoder's and
+the head's weights for CPU inference. SmolVLM, Qwen2-VL and CausalVLM (LLaVA, BLIP-2) share them."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from vlmfast.models.smolvlm import packing
+from vlmfast import ops as vops
+from vlmfast.models.smolvlm import _ops, packing
 
 
 class TokenTableHead:
     """Mixin for an nn.Module with an `lm_head` attribute (nn.Linear, or None when tied), an
     `embed_tokens` property naming its token table and `_packed_linears()`, the decoder's Linear
     layers pack_weights packs."""
+
+    # labelled rows x vocabulary up to which next_token_loss takes the logits in one GEMM + torch's
+    # cross entropy instead of the fused op (0: always the fused op)
+    materialised_logits = 0
 
     @property
     def embed_tokens(self) -> nn.Embedding:
@@ -48,6 +54,33 @@ class TokenTableHead:
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) -> logits (..., V)."""
         return packing.linear(hidden, self._head_holder(), self.head_weight)
+
+    def next_token_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross entropy of the head over hidden (B, L, D): logits at i predict
+        labels[i + 1]; -100 is ignored (transformers' ForCausalLMLoss, float32 logits), fused
+        with the head so that the (B, L, V) logits are never held. labels: int (B, L)."""
+        targets = F.pad(labels, (0, 1), value=-100)[:, 1:].to(device=hidden.device, dtype=torch.long)
+        hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        labelled = None
+        if not torch.compiler.is_compiling():
+            # only the labelled positions reach the head: the prompt and image tokens of a chat
+            # batch are most of it, and their (V,)-wide logits would be computed for nothing
+            keep = targets != -100
+            labelled = int(keep.sum())  # one read of the count (a sync on a GPU)
+            if 0 < labelled < keep.numel():
+                hidden, targets = hidden[keep], targets[keep]
+        weight = self.head_weight
+        if torch.is_autocast_enabled(hidden.device.type):
+            # autocast runs transformers' lm_head GEMM in its low precision (the loss in float32):
+            # the fused head likewise, instead of float32 GEMMs at several times the cost
+            low = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(low), weight.to(low)
+        if labelled and hidden.shape[0] * weight.shape[0] <= self.materialised_logits:
+            # a few labelled rows (a caption, a short answer): their logits are small, and one GEMM
+            # + torch's cross entropy measured 2-3x faster than the fused op's vocabulary sweeps
+            logits = vops.linear(hidden, weight).float()
+            return F.cross_entropy(logits, targets, ignore_index=-100)
+        return _ops.linear_cross_entropy(hidden, weight, targets, weight_used_once=self._untied)
 
     def pack_weights(self) -> bool:
         """Packs the decoder's and the head's weights for CPU inference (oneDNN layout, about 2x

@@ -14,7 +14,6 @@ components, and the step is then plain 1D rotary, which the native CPU decode ru
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlmfast.generation.cache import StaticKVCache
@@ -28,8 +27,8 @@ from vlmfast.models.qwen2vl.rope_index import rope_index
 from vlmfast.models.qwen2vl.vision import VisionTower
 from vlmfast.models.smolvlm import _ops, weights_io
 from vlmfast.models.smolvlm.model import causal_padding_mask, preferred_dtype, read_generation_defaults
+from vlmfast.models.prompt_checks import check_labels
 from vlmfast.models.token_head import TokenTableHead
-from vlmfast.ops import _checks
 
 
 class MRopeKVCache(StaticKVCache):
@@ -212,23 +211,10 @@ class Qwen2VL(TokenTableHead, nn.Module):
              second_per_grid_ts=None) -> torch.Tensor:
         """Mean next-token cross entropy: logits at i predict labels[i + 1], -100 ignored
         (transformers' ForCausalLMLoss), fused with the head (no (B, L, V) logits held)."""
-        _checks.integer("labels", labels)
-        if tuple(labels.shape) != tuple(input_ids.shape):
-            raise ValueError(f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, got "
-                             f"{_checks.shape_of(labels)}")
+        check_labels(input_ids, labels)
         hidden = self.hidden_states(input_ids, pixel_values, image_grid_thw, attention_mask, pixel_values_videos,
                                     video_grid_thw, mm_token_type_ids, second_per_grid_ts)
-        targets = F.pad(labels, (0, 1), value=-100)[:, 1:].to(device=hidden.device, dtype=torch.long)
-        if not torch.compiler.is_compiling():
-            # only the labelled positions reach the head (prompt and image tokens are most of a batch)
-            keep = targets != -100
-            if 0 < int(keep.sum()) < keep.numel():
-                hidden, targets = hidden[keep], targets[keep]
-        weight = self.head_weight
-        if torch.is_autocast_enabled(hidden.device.type):
-            low = torch.get_autocast_dtype(hidden.device.type)
-            hidden, weight = hidden.to(low), weight.to(low)
-        return _ops.linear_cross_entropy(hidden, weight, targets, weight_used_once=self._untied)
+        return self.next_token_loss(hidden, labels)
 
     # ------------------------------------------------------------------ cached steps (generation)
 

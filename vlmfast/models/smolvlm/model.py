@@ -16,12 +16,11 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlmfast.models import checkpoint
 from vlmfast.models.layers import set_gradient_checkpointing
-from vlmfast.models.prompt_checks import check_prompt
+from vlmfast.models.prompt_checks import check_labels, check_prompt
 from vlmfast.models.smolvlm import _ops, fast_decode, weights_io
 from vlmfast.models.smolvlm.config import SmolVLMConfig
 from vlmfast.models.smolvlm.connector import Connector
@@ -318,27 +317,9 @@ class SmolVLM(TokenTableHead, nn.Module):
         """Mean next-token cross entropy: logits at i predict labels[i + 1]; -100 is ignored
         (transformers' ForCausalLMLoss, float32 logits), fused with the head so that the
         (B, L, V) logits are never held. labels: int (B, L)."""
-        _checks.integer("labels", labels)
-        if tuple(labels.shape) != tuple(input_ids.shape):
-            raise ValueError(
-                f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, got {_checks.shape_of(labels)}"
-            )
+        check_labels(input_ids, labels)
         hidden = self.hidden_states(input_ids, pixel_values, pixel_attention_mask, attention_mask)
-        targets = F.pad(labels, (0, 1), value=-100)[:, 1:].to(device=hidden.device, dtype=torch.long)
-        if not torch.compiler.is_compiling():
-            # only the labelled positions reach the head: the prompt and image tokens of a chat
-            # batch are most of it, and their (V,)-wide logits would be computed for nothing
-            keep = targets != -100
-            if 0 < int(keep.sum()) < keep.numel():  # one read of the count (a sync on a GPU)
-                hidden, targets = hidden[keep], targets[keep]
-        weight = self.head_weight
-        untied = self._untied
-        if torch.is_autocast_enabled(hidden.device.type):
-            # autocast runs transformers' lm_head GEMM in its low precision (the loss in float32):
-            # the fused head likewise, instead of float32 GEMMs at several times the cost
-            low = torch.get_autocast_dtype(hidden.device.type)
-            hidden, weight = hidden.to(low), weight.to(low)
-        return _ops.linear_cross_entropy(hidden, weight, targets, weight_used_once=untied)
+        return self.next_token_loss(hidden, labels)
 
     # ------------------------------------------------------------------ cached steps (generation)
 
