@@ -7,16 +7,28 @@ import torch
 from vlmfast.bench.timing import Result, time_ms
 
 
-def decode_case(suite: str, batch: int, ours_generate, peer_generate, *, n_new: int, device: torch.device,
-                dtype: torch.dtype, repeats: dict) -> Result:
-    """ours_generate(n) / peer_generate(n): generate n tokens after the same `batch` prompts and
-    return the ids. extra: tokens/s of both, and whether their greedy tokens are equal (float32)."""
+def decode_case(suite: str, ours, hf, ids: torch.Tensor, mask: torch.Tensor, *, pad_token_id: int, n_new: int,
+                device: torch.device, dtype: torch.dtype, repeats: dict) -> Result:
+    """ours: the vlmfast model, hf: transformers' (same weights); ids, mask: (B, L) text prompts,
+    left-padded; pad_token_id: transformers' generate's. extra: tokens/s of both, and whether
+    their greedy tokens are equal (float32)."""
+    batch = ids.shape[0]
+    cache = ours.new_cache(batch, ids.shape[1] + n_new)
+
+    def ours_generate(n):
+        return ours.generate(ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[], cache=cache)
+
+    def hf_generate(n):
+        with torch.inference_mode():
+            return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=pad_token_id)
+
     per_step = []
-    for generate in (ours_generate, peer_generate):
+    for generate in (ours_generate, hf_generate):
         full = time_ms(lambda: generate(n_new), device, **repeats)
         one = time_ms(lambda: generate(1), device, **repeats)
         per_step.append(max(full - one, 1e-6) / (n_new - 1))
-    same = torch.equal(ours_generate(n_new), peer_generate(n_new)) if dtype == torch.float32 else None
+    same = torch.equal(ours_generate(n_new), hf_generate(n_new)) if dtype == torch.float32 else None
     ms, peer_ms = per_step
     name = str(dtype).removeprefix("torch.")
     return Result(suite, f"decode b={batch} {name}", "vlmfast", ms, "transformers", peer_ms,

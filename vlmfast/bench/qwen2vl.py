@@ -256,18 +256,8 @@ def generation_cases(hf, ours, quick, device, dtype, repeats, name) -> list[Resu
 
     for batch in (1, 3) if quick else (1, 8):
         ids, mask, _ = prompt(ours.config, batch, 32, seed=batch, device=device)
-        cache = ours.new_cache(batch, ids.shape[1] + n_new)
-
-        def ours_gen(n):
-            return ours.generate(ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[], cache=cache)
-
-        def hf_gen(n):
-            with torch.inference_mode():
-                return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                   do_sample=False, pad_token_id=0)
-
-        results.append(decode_case("qwen2vl", batch, ours_gen, hf_gen, n_new=n_new, device=device, dtype=dtype,
-                                   repeats=repeats))
+        results.append(decode_case("qwen2vl", ours, hf, ids, mask, pad_token_id=0, n_new=n_new, device=device,
+                                   dtype=dtype, repeats=repeats))
     return results
 
 

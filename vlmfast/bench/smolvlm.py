@@ -149,17 +149,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
     # decode, text prompts (the image only changes the prefill)
     for batch in (1, 32) if not quick else (1, 3):
         ids, mask = prompt(batch, 32, 0, device, seed=batch)
-        cache = ours.new_cache(batch, ids.shape[1] + n_new)
-
-        def ours_gen(n):
-            return ours.generate(ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[], cache=cache)
-
-        def hf_gen(n):
-            with torch.inference_mode():
-                return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                   do_sample=False, pad_token_id=2)
-
-        results.append(decode_case("smolvlm", batch, ours_gen, hf_gen, n_new=n_new, device=device, dtype=dtype,
-                                   repeats=repeats))
+        results.append(decode_case("smolvlm", ours, hf, ids, mask, pad_token_id=2, n_new=n_new, device=device,
+                                   dtype=dtype, repeats=repeats))
     return results
 
