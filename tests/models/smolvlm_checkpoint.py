@@ -24,15 +24,9 @@ CORPUS = ["User: What is in this image? Assistant: A cat sitting on a red mat.",
 
 
 def train_tokenizer(vocab_size: int = 340):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from vlmfast.processing.tokenizer_training import train_byte_level_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    return tok
+    return train_byte_level_bpe(CORPUS * 4, SPECIAL_TOKENS, vocab_size=vocab_size)
 
 
 def write_processor_files(path, *, split: bool = True, template_file: str = "chat_template.jinja") -> Path:

@@ -49,10 +49,17 @@ def train_smolvlm_tokenizer(texts, *, vocab_size: int = 512) -> Tokenizer:
     if not isinstance(vocab_size, int) or vocab_size <= smallest:
         raise ValueError(f"vocab_size: expected an int above {smallest} (256 bytes + {len(SPECIAL_TOKENS)} "
                          f"special tokens), got {vocab_size!r}")
-    tokenizer = Tokenizer(models.BPE())
+    return train_byte_level_bpe(texts, SPECIAL_TOKENS, vocab_size=vocab_size)
+
+
+def train_byte_level_bpe(texts, special_tokens, *, vocab_size: int, unk_token: str | None = None) -> Tokenizer:
+    """Byte-level BPE (GPT-2 style) whose merges are learnt from `texts`, with `special_tokens`
+    as added tokens that are never split; unk_token: the model's unknown token (None: none, as
+    byte-level BPE needs none)."""
+    tokenizer = Tokenizer(models.BPE(unk_token=unk_token))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer)
     return tokenizer

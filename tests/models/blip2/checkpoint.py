@@ -20,14 +20,11 @@ LAYOUTS = {  # name: OPT and Q-Former options
 
 
 def train_tokenizer(vocab_size: int = 260):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 4, trainer)
+    from vlmfast.processing.tokenizer_training import train_byte_level_bpe
+
+    tok = train_byte_level_bpe(CORPUS * 4, SPECIAL_TOKENS, vocab_size=vocab_size, unk_token="<unk>")
     tok.post_processor = processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B",
                                                        special_tokens=[("</s>", tok.token_to_id("</s>"))])
     return tok

@@ -19,14 +19,11 @@ IMAGE_SIZE, PATCH = 32, 8
 
 
 def train_tokenizer(vocab_size: int = 260, *, bos: str | None = "<s>"):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 4, trainer)
+    from vlmfast.processing.tokenizer_training import train_byte_level_bpe
+
+    tok = train_byte_level_bpe(CORPUS * 4, SPECIAL_TOKENS, vocab_size=vocab_size, unk_token="<unk>")
     if bos is not None:
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                            special_tokens=[(bos, tok.token_to_id(bos))])

@@ -35,15 +35,9 @@ PATCH_DIM = 3 * 2 * 14 * 14
 
 
 def train_tokenizer(vocab_size: int = 360):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from vlmfast.processing.tokenizer_training import train_byte_level_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    return tok
+    return train_byte_level_bpe(CORPUS * 4, SPECIAL_TOKENS, vocab_size=vocab_size)
 
 
 def token_ids(tok) -> dict:
