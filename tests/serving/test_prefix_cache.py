@@ -40,8 +40,9 @@ def _alone(model, request, **vision_names):
     return out[0, request.prompt_len:].tolist()
 
 
-def _family_of_prompts(ids, vision, other_vision, image_token, vocab, seed):
-    """[(request, the least / most tokens it may reuse)] in submission order."""
+def _family_of_prompts(ids, vision, other_vision, image_token, vocab, seed, join):
+    """[(request, the least / most tokens it may reuse)] in submission order. join(a, b): the
+    vision inputs of a prompt with a's images, then b's."""
     g = torch.Generator().manual_seed(seed)
     text = lambda n: torch.randint(3, vocab, (n,), generator=g)  # noqa: E731
     last_image = int((ids == image_token).nonzero().max())
@@ -55,6 +56,12 @@ def _family_of_prompts(ids, vision, other_vision, image_token, vocab, seed):
         (torch.cat([ids, text(7)]), vision, (ids.numel(), ids.numel())),     # a longer second turn
         (ids.clone(), other_vision, (shared_text, shared_text)),             # same tokens, another image
         (torch.cat([head, text(2)]), vision, (last_image + 1, last_image + 1)),
+        # a next turn that adds the other image: the whole first prompt is reused
+        (torch.cat([ids, text(4), ids[first_image:last_image + 1], text(3)]), join(vision, other_vision),
+         (ids.numel(), ids.numel())),
+        # the two images the other way round: its first turn is the one asked with the other image
+        (torch.cat([ids, text(4), ids[first_image:last_image + 1], text(3)]), join(other_vision, vision),
+         (ids.numel(), ids.numel())),
     ]
     return [(Request(p, v, _params(i)), bounds) for i, (p, v, bounds) in enumerate(prompts)]
 
@@ -67,21 +74,24 @@ def test_smolvlm_prefix_reuse_equals_generate_alone(chunk):
     ids, _, pv, pm = build_batch([(5, 18, 8, None)], seed=3)
     _, _, pv2, pm2 = build_batch([(5, 18, 8, None)], seed=9)
     vision = {"pixel_values": pv, "pixel_attention_mask": pm}
+    def join(a, b):
+        return {k: torch.cat([a[k], b[k]], dim=1) for k in a}
+
     cases = _family_of_prompts(ids[0], vision, {"pixel_values": pv2, "pixel_attention_mask": pm2}, IMAGE_TOKEN,
-                               IMAGE_TOKEN, seed=chunk)
+                               IMAGE_TOKEN, seed=chunk, join=join)
     calls = []
     hook = model.model.vision_model.register_forward_hook(lambda *a: calls.append(1))
     try:
-        engine = Engine(model, max_batch=2, max_len=128, chunk_tokens=chunk, eos_token_id=STOPS)
+        engine = Engine(model, max_batch=2, max_len=160, chunk_tokens=chunk, eos_token_id=STOPS)
         results = engine.generate([r for r, _ in cases])
     finally:
         hook.remove()
     for (request, (low, high)), result in zip(cases, results):
         assert result["token_ids"] == _alone(reference, request)
         assert low <= result["cached_tokens"] <= high, (result["cached_tokens"], low, high)
-    # tiles ran for the first image and the other image only: each reuse skipped the tower
+    # tiles ran for the first image and the other image only (then the encoder cache answered)
     assert len(calls) == 2 * 5
-    assert engine.prefix_cache.hits == 5
+    assert engine.prefix_cache.hits == 7
 
 
 def test_qwen2vl_prefix_reuse_equals_generate_alone(tmp_path):
@@ -100,14 +110,17 @@ def test_qwen2vl_prefix_reuse_equals_generate_alone(tmp_path):
     _, _, pixels2, _, _ = qwen_batch(config, [[(1, 4, 8)] * 2], seed=2)
     ids = torch.cat([ids[0, :1].repeat(16), ids[0]])  # a text head past min_tokens: another image reuses it
     vision = {"pixel_values": pixels, "image_grid_thw": grid}
+    def join(a, b):
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+
     cases = _family_of_prompts(ids, vision, {"pixel_values": pixels2, "image_grid_thw": grid},
-                               model.config.image_token_id, config.text_config.vocab_size - 8, seed=5)
-    engine = Engine(model, max_batch=2, max_len=128, eos_token_id=STOPS)
+                               model.config.image_token_id, config.text_config.vocab_size - 8, seed=5, join=join)
+    engine = Engine(model, max_batch=2, max_len=160, eos_token_id=STOPS)
     results = engine.generate([r for r, _ in cases])
     for (request, (low, high)), result in zip(cases, results):
         assert result["token_ids"] == _alone(reference, request)
         assert low <= result["cached_tokens"] <= high, (result["cached_tokens"], low, high)
-    assert engine.prefix_cache.hits == 5
+    assert engine.prefix_cache.hits == 7
 
 
 def _staging(values):
@@ -141,3 +154,27 @@ def test_prefix_cache_keys_evicts_by_bytes_and_copies_exactly():
     assert cache.match(longer)[1] == 20  # only the text before the image is shared with what is left
     assert cache.match(c[:40] + [b"x"])[1] == 40
     assert PrefixCache(0).match(a) == (None, 0)
+
+
+def test_image_units_per_tile_and_their_fallbacks():
+    from vlmfast.serving.prefix_cache import image_units
+
+    model = tiny_model(seed=1)
+    ids, _, pv, pm = build_batch([(2, 3, 2, None)], seed=2)
+    ids = ids[0]
+    units = image_units(model, ids, {"pixel_values": pv, "pixel_attention_mask": pm})
+    per = len(units) // 2
+    assert len(units) == int((ids == IMAGE_TOKEN).sum()) and units[0] == units[per - 1] != units[per]
+    changed = pv.clone()
+    changed[:, 1] += 1  # the second tile only: the first tile's tokens keep their digest
+    other = image_units(model, ids, {"pixel_values": changed, "pixel_attention_mask": pm})
+    assert other[:per] == units[:per] and other[per:] != units[per:]
+    padded = pv.clone()
+    padded[:, 1] = 0  # an all-zero tile is padding (no tokens): no per-tile keys
+    assert image_units(model, ids, {"pixel_values": padded, "pixel_attention_mask": pm}) is None
+    assert image_units(model, ids[:-3 - per], {"pixel_values": pv, "pixel_attention_mask": pm}) is None
+    vision = {"pixel_values": pv, "pixel_attention_mask": pm}
+    image_ids = {IMAGE_TOKEN}
+    whole = prompt_keys(ids, vision, image_ids)
+    assert prompt_keys(ids, vision, image_ids, units) != whole
+    assert prompt_keys(ids, vision, image_ids, units[:-1]) == whole  # counts that disagree: the whole digest

@@ -27,7 +27,7 @@ import torch
 
 from vlmfast.serving import prefill_rest
 from vlmfast.serving.encoder_cache import EncoderCache, content_key
-from vlmfast.serving.prefix_cache import PrefixCache, image_token_ids, prompt_keys
+from vlmfast.serving.prefix_cache import PrefixCache, image_token_ids, image_units, prompt_keys
 
 
 @contextmanager
@@ -78,7 +78,8 @@ class Runner:
         cache = self.prefix_cache
         if cache is None or cache.max_bytes == 0 or not self.resumes():
             return None
-        return prompt_keys(request.input_ids, request.vision, self.image_ids)
+        units = image_units(self.model, request.input_ids, request.vision) if request.vision else None
+        return prompt_keys(request.input_ids, request.vision, self.image_ids, units)
 
     def start(self, job) -> dict:
         return {}

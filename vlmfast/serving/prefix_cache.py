@@ -3,14 +3,17 @@
 those keys / values and prefills only the rest.
 
 Keys. A prompt's key at length p is a chain digest (BLAKE2b) over its first p token ids; at each
-image / video token, the digest of the prompt's vision inputs (all their tensors' bytes, shapes
-and dtypes, and the non-tensor ones' repr) goes into the chain too. Two prompts with equal keys at
-p therefore have equal tokens [0, p) and, if an image token is among them, equal images, grids
-and tile layout: their keys / values over [0, p) are equal (attention is causal; rotary positions,
-M-RoPE's included, depend only on those tokens and the image grids). A prompt with vision inputs
-but none of the model's image-token ids known mixes the vision digest in at token 0 (only prompts
-with equal images can then share anything). Because the digest covers the request's images
-together, a later turn that adds a new image reuses the prefix up to its first image token only.
+image token, the digest of the image its features come from goes into the chain too (`image_units`:
+a SmolVLM tile with its pixel mask, a LLaVA / BLIP-2 image, a Qwen2-VL image's patches with its
+grid; their bytes, shapes and dtypes). Two prompts with equal keys at p therefore have equal tokens
+[0, p) and equal images behind the image tokens among them: their keys / values over [0, p) are
+equal (attention is causal; each image's features depend on that image alone; rotary positions,
+M-RoPE's included, depend only on those tokens and the grids of those images). So a next turn
+that adds an image reuses the whole earlier conversation. Where the tokens cannot be matched to
+images so (videos, an all-zero SmolVLM tile, counts that do not divide, another family), every
+image token carries the digest of all the prompt's vision inputs together; with vision inputs but
+none of the model's image-token ids known, that digest goes in at token 0 (only prompts with equal
+images can then share anything).
 
 Storage. After a prefill, the staging row's keys / values over the whole prompt are copied out
 into an entry (one tensor per layer, keys and values); every length p >= min_tokens of it is
@@ -51,18 +54,68 @@ def vision_digest(vision: dict) -> bytes | None:
     return content_key(*tensors) + others.encode()
 
 
-def prompt_keys(input_ids: torch.Tensor, vision: dict, image_ids: set[int]) -> list[bytes]:
-    """keys[p - 1]: the key of the prompt's first p tokens (see the module doc)."""
+def _equal_units(count: int, units: list[bytes]) -> list[bytes] | None:
+    """Image tokens split evenly over units (a fixed number of tokens per tile / image)."""
+    if not units or count % len(units):
+        return None
+    per = count // len(units)
+    return [units[j // per] for j in range(count)]
+
+
+def image_units(model, input_ids: torch.Tensor, vision: dict) -> list[bytes] | None:
+    """For each image token of the prompt, in order, the digest of the tile / image whose
+    features it carries; None where that is not known for sure (see the module doc)."""
+    from vlmfast.models.causal_vlm import CausalVLM
+    from vlmfast.models.qwen2vl.model import Qwen2VL
+    from vlmfast.models.smolvlm import SmolVLM
+
+    token = getattr(model.config, "image_token_id", None)
+    pixels = vision.get("pixel_values")
+    if not isinstance(token, int) or not isinstance(pixels, torch.Tensor):
+        return None
+    count = int((input_ids == token).sum())
+    if isinstance(model, SmolVLM) and set(vision) <= {"pixel_values", "pixel_attention_mask"} and pixels.dim() == 5:
+        masks = vision.get("pixel_attention_mask")
+        tiles = range(pixels.shape[1])
+        if not all(bool(pixels[:, k].any()) for k in tiles):  # an all-zero tile is padding: no tokens
+            return None
+        return _equal_units(count, [content_key(pixels[:, k], None if masks is None else masks[:, k]) for k in tiles])
+    if isinstance(model, CausalVLM) and set(vision) == {"pixel_values"} and pixels.dim() == 4:
+        return _equal_units(count, [content_key(pixels[k]) for k in range(pixels.shape[0])])
+    if isinstance(model, Qwen2VL) and set(vision) == {"pixel_values", "image_grid_thw"}:
+        grids = torch.as_tensor(vision["image_grid_thw"]).reshape(-1, 3).tolist()
+        merge = model.config.vision_config.spatial_merge_size
+        units, start = [], 0
+        for grid in grids:
+            patches = grid[0] * grid[1] * grid[2]
+            digest = content_key(pixels[start:start + patches], torch.tensor(grid))
+            units += [digest] * (patches // (merge * merge))
+            start += patches
+        return units if len(units) == count and start == pixels.shape[0] else None
+    return None
+
+
+def prompt_keys(input_ids: torch.Tensor, vision: dict, image_ids: set[int], units: list[bytes] | None = None
+                ) -> list[bytes]:
+    """keys[p - 1]: the key of the prompt's first p tokens (see the module doc). units: the
+    digest behind each image token in order (image_units), None: the whole vision digest."""
     ids = input_ids.tolist()
-    digest = vision_digest(vision)
+    if units is not None and sum(t in image_ids for t in ids) != len(units):
+        units = None  # other vision tokens (a video's) beside the images: no per-image keys
+    digest = None if units is not None else vision_digest(vision)
     chain = hashlib.blake2b(digest_size=16)
     if digest is not None and not any(t in image_ids for t in ids):
         chain.update(b"vision:" + digest)
     keys = []
+    seen = 0
     for token in ids:
         chain.update(token.to_bytes(8, "little", signed=True))
-        if digest is not None and token in image_ids:
-            chain.update(digest)
+        if token in image_ids:
+            if units is not None:
+                chain.update(units[seen])
+                seen += 1
+            elif digest is not None:
+                chain.update(digest)
         keys.append(chain.digest())
     return keys
 
