@@ -4,7 +4,6 @@ on the processor's inputs."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -12,16 +11,13 @@ from PIL import Image
 pytest.importorskip("transformers")
 
 import vlmfast  # noqa: E402
+from tests.models.chat_inputs import random_image as _image  # noqa: E402
 from tests.models.smolvlm_checkpoint import write_checkpoint  # noqa: E402
 from vlmfast.cli import main  # noqa: E402
 from vlmfast.models.smolvlm import SmolVLM  # noqa: E402
 from vlmfast.models.smolvlm.processor import SmolVLMProcessor  # noqa: E402
 
 NEW = 6
-
-
-def _image(h, w, seed):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,15 @@
 """SmolVLMProcessor (tokenizers + jinja2, no transformers) against transformers' SmolVLMProcessor
 on the same offline checkpoint folder."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 pytest.importorskip("transformers")
 
+from tests.models.chat_inputs import random_image as _image  # noqa: E402
+from tests.models.chat_inputs import user_turn as _user  # noqa: E402
 from tests.models.smolvlm_checkpoint import CHAT_TEMPLATE, hf_processor, write_processor_files  # noqa: E402
 from vlmfast.models.smolvlm.processor import SmolVLMProcessor  # noqa: E402
-
-
-def _image(h, w, seed):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def _user(*parts):
-    content = [{"type": "image"} if p is None else {"type": "text", "text": p} for p in parts]
-    return {"role": "user", "content": content}
 
 
 CONVERSATIONS = [

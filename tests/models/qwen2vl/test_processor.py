@@ -9,22 +9,14 @@ import types
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 
+from tests.models.chat_inputs import random_image as _image  # noqa: E402
+from tests.models.chat_inputs import user_turn as _user  # noqa: E402
 from tests.models.qwen2vl.helpers import CHAT_TEMPLATE, MAX_PIXELS, MIN_PIXELS, write_processor_files  # noqa: E402
 from vlmfast.processing.qwen2vl import smart_resize  # noqa: E402
 from vlmfast.processing.qwen2vl_processor import Qwen2VLProcessor  # noqa: E402
-
-
-def _image(h, w, seed):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def _user(*parts):
-    content = [{"type": "image"} if p is None else {"type": "text", "text": p} for p in parts]
-    return {"role": "user", "content": content}
 
 
 CONVERSATIONS = [

@@ -6,7 +6,6 @@ bit-identical, the output loading in transformers."""
 
 import types
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 
 import vlmfast  # noqa: E402
+from tests.models.chat_inputs import random_image as _image  # noqa: E402
 from tests.models.qwen2vl.helpers import CHAT_TEMPLATE, write_checkpoint  # noqa: E402
 from vlmfast.cli import main  # noqa: E402
 from vlmfast.data import read_instructions, write_instruction_examples  # noqa: E402
@@ -25,10 +25,6 @@ from vlmfast.train.finetune import finetune, instruction_loss  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 NEW = 5
-
-
-def _image(h, w, seed):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
