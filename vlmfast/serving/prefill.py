@@ -27,7 +27,7 @@ import torch
 
 from vlmfast.serving import prefill_rest
 from vlmfast.serving.encoder_cache import EncoderCache, content_key
-from vlmfast.serving.prefix_cache import PrefixCache, image_token_ids, image_units, prompt_keys
+from vlmfast.serving.prefix_cache import PrefixCache, image_token_ids, image_units, prompt_keys, tile_key
 
 
 @contextmanager
@@ -51,7 +51,8 @@ class PrefillJob:
         self.done = False
         self.logits = None
         self.position = None
-        self.keys = runner.prefix_keys(request)
+        self.tile_keys: dict[int, bytes] = {}  # SmolVLM tile digests the prefix keys computed
+        self.keys = runner.prefix_keys(request, self.tile_keys)
         self.reused = runner.prefix_cache.restore(self.keys, staging) if self.keys else 0
         self.state = runner.start(self)
 
@@ -74,11 +75,11 @@ class Runner:
         """Whether this runner can prefill a prompt's rest after a cached prefix."""
         return False
 
-    def prefix_keys(self, request) -> list[bytes] | None:
+    def prefix_keys(self, request, tile_keys: dict | None = None) -> list[bytes] | None:
         cache = self.prefix_cache
         if cache is None or cache.max_bytes == 0 or not self.resumes():
             return None
-        units = image_units(self.model, request.input_ids, request.vision) if request.vision else None
+        units = image_units(self.model, request.input_ids, request.vision, tile_keys) if request.vision else None
         return prompt_keys(request.input_ids, request.vision, self.image_ids, units)
 
     def start(self, job) -> dict:
@@ -163,7 +164,8 @@ class SmolVLMRunner(Runner):
         rest_is_text = start > 0 and not any(t in self.image_ids for t in job.request.input_ids[start:].tolist())
         tiles = [] if pixels is None or rest_is_text else list(range(pixels.shape[1]))
         return {"pixels": None if rest_is_text else pixels, "pixel_mask": pixel_mask, "tiles": tiles,
-                "features": [], "embeds": None, "base": start if rest_is_text else 0, "done": start}
+                "features": [], "embeds": None, "base": start if rest_is_text else 0, "done": start,
+                "tile_keys": job.tile_keys}
 
     def _tile_cost(self, pixels) -> int:
         p = self.model.config.vision_config.patch_size
@@ -182,7 +184,7 @@ class SmolVLMRunner(Runner):
         pixels, pixel_mask = state["pixels"], state["pixel_mask"]
         tile = pixels[:, i:i + 1]
         tile_mask = None if pixel_mask is None else pixel_mask[:, i:i + 1]
-        key = content_key(tile, tile_mask)
+        key = state["tile_keys"].get(i) or tile_key(pixels, pixel_mask, i)
         features = self.encoder_cache.get(key)
         cost = 1
         if features is None:

@@ -62,9 +62,16 @@ def _equal_units(count: int, units: list[bytes]) -> list[bytes] | None:
     return [units[j // per] for j in range(count)]
 
 
-def image_units(model, input_ids: torch.Tensor, vision: dict) -> list[bytes] | None:
+def tile_key(pixels: torch.Tensor, masks: torch.Tensor | None, k: int) -> bytes:
+    """The digest of SmolVLM tile k (pixels (1, N, ...), masks (1, N, H, W) or None): the encoder
+    cache's key of that tile too, so a prefill hashes each tile once."""
+    return content_key(pixels[:, k:k + 1], None if masks is None else masks[:, k:k + 1])
+
+
+def image_units(model, input_ids: torch.Tensor, vision: dict, tile_keys: dict | None = None) -> list[bytes] | None:
     """For each image token of the prompt, in order, the digest of the tile / image whose
-    features it carries; None where that is not known for sure (see the module doc)."""
+    features it carries; None where that is not known for sure (see the module doc).
+    tile_keys: filled with SmolVLM's tile digests by tile index (for the encoder cache)."""
     from vlmfast.models.causal_vlm import CausalVLM
     from vlmfast.models.qwen2vl.model import Qwen2VL
     from vlmfast.models.smolvlm import SmolVLM
@@ -79,7 +86,10 @@ def image_units(model, input_ids: torch.Tensor, vision: dict) -> list[bytes] | N
         tiles = range(pixels.shape[1])
         if not all(bool(pixels[:, k].any()) for k in tiles):  # an all-zero tile is padding: no tokens
             return None
-        return _equal_units(count, [content_key(pixels[:, k], None if masks is None else masks[:, k]) for k in tiles])
+        keys = [tile_key(pixels, masks, k) for k in tiles]
+        if tile_keys is not None:
+            tile_keys.update(enumerate(keys))
+        return _equal_units(count, keys)
     if isinstance(model, CausalVLM) and set(vision) == {"pixel_values"} and pixels.dim() == 4:
         return _equal_units(count, [content_key(pixels[k]) for k in range(pixels.shape[0])])
     if isinstance(model, Qwen2VL) and set(vision) == {"pixel_values", "image_grid_thw"}:
