@@ -119,18 +119,34 @@ def two_process_run(tmp_path_factory):
     return root, [torch.load(root / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
+def assert_every_rank_equals(ranks: list[dict], kind: str, losses, weights) -> None:
+    """Each rank's (per-step losses, final weights) of run `kind` equal one process's."""
+    for rank, results in enumerate(ranks):
+        rank_losses, rank_weights = results[kind]
+        torch.testing.assert_close(torch.tensor(rank_losses), torch.tensor(losses), rtol=1e-5, atol=1e-6,
+                                   msg=f"per-step losses, rank {rank}")
+        assert rank_weights.keys() == weights.keys()
+        for key in weights:
+            torch.testing.assert_close(rank_weights[key], weights[key], rtol=1e-4, atol=1e-5,
+                                       msg=f"{key} after {STEPS} steps, rank {rank}")
+
+
+def assert_every_rank_resumed(ranks: list[dict], kind: str) -> None:
+    """Each rank's resumed run (kind + "/resumed") has the losses and weights of rank 0's
+    uninterrupted run."""
+    whole_losses, whole_weights = ranks[0][kind]
+    for results in ranks:
+        resumed_losses, resumed_weights = results[kind + "/resumed"]
+        assert resumed_losses == pytest.approx(whole_losses, rel=1e-6, abs=1e-7)
+        for key in whole_weights:
+            torch.testing.assert_close(resumed_weights[key], whole_weights[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 @pytest.mark.parametrize("kind", MODELS)
 def test_two_ranks_equal_one_process_with_the_whole_batch(two_process_run, kind, tmp_path):
     root, ranks = two_process_run
     losses, weights = train(kind, tmp_path, grad_accum=2 if kind == "clip" else 1)
-    for rank, results in enumerate(ranks):
-        dp_losses, dp_weights = results[kind]
-        torch.testing.assert_close(torch.tensor(dp_losses), torch.tensor(losses), rtol=1e-5, atol=1e-6,
-                                   msg=f"per-step losses, rank {rank}")
-        assert dp_weights.keys() == weights.keys()
-        for key in weights:
-            torch.testing.assert_close(dp_weights[key], weights[key], rtol=1e-4, atol=1e-5,
-                                       msg=f"{key} after {STEPS} steps, rank {rank}")
+    assert_every_rank_equals(ranks, kind, losses, weights)
     assert losses[-1] < losses[0]
 
 
@@ -138,12 +154,7 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(two_process_run, kind,
 def test_only_rank_0_writes_and_its_checkpoint_resumes(two_process_run, kind, tmp_path):
     root, ranks = two_process_run
     whole_losses, whole_weights = ranks[0][kind]
-    # resumed in 2 processes: the same losses and weights as the uninterrupted 2-process run
-    for results in ranks:
-        resumed_losses, resumed_weights = results[kind + "/resumed"]
-        assert resumed_losses == pytest.approx(whole_losses, rel=1e-6, abs=1e-7)
-        for key in whole_weights:
-            torch.testing.assert_close(resumed_weights[key], whole_weights[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert_every_rank_resumed(ranks, kind)  # resumed in 2 processes: as the uninterrupted 2-process run
     # one log line per step (rank 1 wrote none), rewritten from step 2 on by the resumed run
     for run in ("whole", "resumed"):
         steps = [json.loads(line)["step"] for line in (root / kind / run / "log.jsonl").read_text().splitlines()]

@@ -12,7 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.train.test_distributed_training import WORLD, _free_port, config, global_batches, tiny
+from tests.train.test_distributed_training import (
+    WORLD, _free_port, assert_every_rank_equals, assert_every_rank_resumed, config, global_batches, tiny,
+)
 from vlmfast.train import Trainer
 from vlmfast.train.trainer import CHECKPOINT_NAME
 
@@ -61,29 +63,17 @@ def two_process_run(tmp_path_factory):
 def test_fsdp_two_ranks_equal_one_process_with_the_whole_batch(two_process_run, kind, tmp_path):
     _, ranks = two_process_run
     losses, weights = train(kind, tmp_path)
-    for rank, results in enumerate(ranks):
-        fsdp_losses, fsdp_weights = results[kind]
-        torch.testing.assert_close(torch.tensor(fsdp_losses), torch.tensor(losses), rtol=1e-5, atol=1e-6,
-                                   msg=f"per-step losses, rank {rank}")
-        assert fsdp_weights.keys() == weights.keys()
-        for key in weights:
-            torch.testing.assert_close(fsdp_weights[key], weights[key], rtol=1e-4, atol=1e-5,
-                                       msg=f"{key}, rank {rank}")
+    assert_every_rank_equals(ranks, kind, losses, weights)
     assert losses[-1] < losses[0]
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_fsdp_sharded_checkpoint_resumes(two_process_run, kind):
     root, ranks = two_process_run
-    whole_losses, whole_weights = ranks[0][kind]
     assert ranks[0][kind + "/files"] == ["sharded-step-00000002", CHECKPOINT_NAME]
     shards = os.listdir(root / kind / "resumed" / "ckpt" / "sharded-step-00000004")
     assert sum(name.endswith(".distcp") for name in shards) == WORLD  # one file of shards per rank
-    for results in ranks:
-        resumed_losses, resumed_weights = results[kind + "/resumed"]
-        assert resumed_losses == pytest.approx(whole_losses, rel=1e-6, abs=1e-7)
-        for key in whole_weights:
-            torch.testing.assert_close(resumed_weights[key], whole_weights[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert_every_rank_resumed(ranks, kind)
 
 
 def test_fsdp_checkpoint_is_not_resumed_whole(tmp_path):
