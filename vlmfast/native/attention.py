@@ -113,7 +113,7 @@ def forward_inference(q, k, v, sizes, strides, scale: float, is_causal: bool, bi
     bias or mask tensor alive across the call."""
     record("attention", "cpp")
     _, heads, length, dim = q.shape
-    out = _alloc.empty(q.shape, dtype=q.dtype, device=_CPU)  # contiguous: strides known
+    out = _alloc.empty_like(q)  # contiguous: strides known
     q_strides, k_strides, v_strides = strides
     # Positional arguments, no lse (nullptr): keyword parsing and an extra allocation show in a
     # decode step of a few microseconds.

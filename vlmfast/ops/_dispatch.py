@@ -97,7 +97,7 @@ def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
 
     Cheap (one environment read and a cached lookup: it is asked on every call, decode steps
     included); the warnings and the strict check run only when the answer is a fallback."""
-    forced = os.environ.get("VLMFAST_BACKEND")
+    forced = _backend_variable()
     device_type = device.type
     # TRITON_INTERPRET matters only to Triton on CPU tensors: read it only then.
     interpret = (os.environ.get("TRITON_INTERPRET")
@@ -106,6 +106,21 @@ def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
     for notice in notices:
         _notify(*notice)
     return backend
+
+
+# os.environ.get costs ~1.4 us when the variable is unset (the mapping raises and catches a
+# KeyError), and select runs on every op call, a decode step's dozens included. On POSIX the
+# mapping keeps its bytes-keyed dict in `_data`, which every os.environ write updates
+# (monkeypatch.setenv too): read there, ~0.1 us. Elsewhere, os.environ.get.
+_RAW_ENVIRON = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def _backend_variable() -> str | None:
+    """os.environ.get("VLMFAST_BACKEND"), cheaply."""
+    if _RAW_ENVIRON is None:
+        return os.environ.get("VLMFAST_BACKEND")
+    value = _RAW_ENVIRON.get(b"VLMFAST_BACKEND")
+    return None if value is None else os.fsdecode(value)
 
 
 @functools.cache
