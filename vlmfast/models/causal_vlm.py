@@ -24,7 +24,9 @@ from torch import nn
 from vlmfast.models.layers import set_gradient_checkpointing
 from vlmfast.models.prompt_checks import check_labels, check_prompt
 from vlmfast.models.smolvlm import packing
-from vlmfast.models.smolvlm.model import causal_padding_mask, preferred_dtype, read_generation_defaults
+from vlmfast.models.smolvlm.model import (
+    causal_padding_mask, preferred_dtype, read_generation_defaults, with_generation_defaults,
+)
 from vlmfast.models.token_head import TokenTableHead
 from vlmfast.ops.linear import packed_weight_cache
 
@@ -226,10 +228,7 @@ class CausalVLM(TokenTableHead, nn.Module):
         pad_token_id, streamer, generator, cache, static_shapes): vlmfast.generation.generate."""
         from vlmfast.generation.generate import generate
 
-        if eos_token_id is None:
-            eos_token_id = self.generation_defaults.get("eos_token_id")
-        if options.get("pad_token_id") is None and self.generation_defaults.get("pad_token_id") is not None:
-            options["pad_token_id"] = self.generation_defaults["pad_token_id"]
+        eos_token_id, options = with_generation_defaults(self.generation_defaults, eos_token_id, options)
         return generate(self, input_ids, pixel_values, None, attention_mask, max_new_tokens=max_new_tokens,
                         do_sample=do_sample, temperature=temperature, top_p=top_p, eos_token_id=eos_token_id,
                         **options)

@@ -26,7 +26,9 @@ from vlmfast.models.qwen2vl.decoder import Qwen2Decoder
 from vlmfast.models.qwen2vl.rope_index import rope_index
 from vlmfast.models.qwen2vl.vision import VisionTower
 from vlmfast.models.smolvlm import _ops, weights_io
-from vlmfast.models.smolvlm.model import causal_padding_mask, preferred_dtype, read_generation_defaults
+from vlmfast.models.smolvlm.model import (
+    causal_padding_mask, preferred_dtype, read_generation_defaults, with_generation_defaults,
+)
 from vlmfast.models.prompt_checks import check_labels
 from vlmfast.models.token_head import TokenTableHead
 
@@ -298,10 +300,7 @@ class Qwen2VL(TokenTableHead, nn.Module):
                                     image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
                                     video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
                                     mm_token_type_ids=mm_token_type_ids)
-        if eos_token_id is None:
-            eos_token_id = self.generation_defaults.get("eos_token_id")
-        if options.get("pad_token_id") is None and self.generation_defaults.get("pad_token_id") is not None:
-            options["pad_token_id"] = self.generation_defaults["pad_token_id"]
+        eos_token_id, options = with_generation_defaults(self.generation_defaults, eos_token_id, options)
         # the vision inputs travel as one object in generate()'s pixel_values slot (see check_inputs)
         return generate(self, input_ids, vision, None, attention_mask, max_new_tokens=max_new_tokens,
                         do_sample=do_sample, temperature=temperature, top_p=top_p, eos_token_id=eos_token_id,

@@ -99,6 +99,16 @@ def read_generation_defaults(path) -> dict:
     return {k: values[k] for k in ("eos_token_id", "pad_token_id") if values.get(k) is not None}
 
 
+def with_generation_defaults(defaults: dict, eos_token_id, options: dict) -> tuple:
+    """(eos_token_id, options) of a generate call, the checkpoint's generation_defaults
+    (read_generation_defaults) filling in a missing eos_token_id and pad_token_id."""
+    if eos_token_id is None:
+        eos_token_id = defaults.get("eos_token_id")
+    if options.get("pad_token_id") is None and defaults.get("pad_token_id") is not None:
+        options = {**options, "pad_token_id": defaults["pad_token_id"]}
+    return eos_token_id, options
+
+
 def read_image_normalization(path, default):
     """(image_mean, image_std) of a checkpoint's preprocessor_config.json, else `default`.
     Only uint8 pixel_values use it (float ones arrive normalised)."""
@@ -381,10 +391,7 @@ class SmolVLM(TokenTableHead, nn.Module):
         streamer, generator, cache, decode_step): vlmfast.generation.generate."""
         from vlmfast.generation.generate import generate
 
-        if eos_token_id is None:
-            eos_token_id = self.generation_defaults.get("eos_token_id")
-        if options.get("pad_token_id") is None and self.generation_defaults.get("pad_token_id") is not None:
-            options["pad_token_id"] = self.generation_defaults["pad_token_id"]
+        eos_token_id, options = with_generation_defaults(self.generation_defaults, eos_token_id, options)
         return generate(self, input_ids, pixel_values, pixel_attention_mask, attention_mask,
                         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                         eos_token_id=eos_token_id, **options)
