@@ -47,40 +47,55 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // ----------------------------------------------------------------------------------------------
 // Float kernels on packed tiles. A score tile is (rows, 64): row r at C + r * 64.
 
-// C[r][0:64] = sum_e A[r][e] * Bt[e][0:64]: R rows of A (row-major, lda) against a packed
-// (depth, 64) tile. R x 4 accumulators stay in registers; e runs innermost over contiguous Bt.
-template <int R>
+// C[r][0:16V] = sum_e A[r][e] * Bt[e][0:16V]: R rows of A (row-major, lda) against the first V
+// vectors of each row of a packed (depth, 64) tile. R x V accumulators stay in registers; e runs
+// innermost over contiguous Bt.
+template <int R, int V = kKeyVectors>
 VLMFAST_INLINE void score_rows(const float* A, int64_t lda, const float* Bt, int64_t depth,
                                float* C) {
-  v16f acc[R][kKeyVectors];
+  v16f acc[R][V];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < kKeyVectors; ++c) acc[r][c] = v16f{};
+    for (int c = 0; c < V; ++c) acc[r][c] = v16f{};
   for (int64_t e = 0; e < depth; ++e) {
-    v16f b[kKeyVectors];
-    for (int c = 0; c < kKeyVectors; ++c) b[c] = vload(Bt + e * kKeyBlock + c * kLanes);
+    v16f b[V];
+    for (int c = 0; c < V; ++c) b[c] = vload(Bt + e * kKeyBlock + c * kLanes);
     for (int r = 0; r < R; ++r) {
       const float a = A[r * lda + e];
-      for (int c = 0; c < kKeyVectors; ++c) acc[r][c] += a * b[c];
+      for (int c = 0; c < V; ++c) acc[r][c] += a * b[c];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < kKeyVectors; ++c) vstore(C + r * kKeyBlock + c * kLanes, acc[r][c]);
+    for (int c = 0; c < V; ++c) vstore(C + r * kKeyBlock + c * kLanes, acc[r][c]);
 }
 
-// (rows, 64) score tile C = A Bt, A (rows, depth) with row stride lda, Bt packed (depth, 64).
-VLMFAST_MULTIVERSION void tile_scores(const float* A, int64_t lda, const float* Bt, int64_t depth,
-                                      float* C, int64_t rows) {
+template <int V>
+VLMFAST_INLINE void score_tile_columns(const float* A, int64_t lda, const float* Bt, int64_t depth,
+                                       float* C, int64_t rows) {
   int64_t r = 0;
-  for (; r + 6 <= rows; r += 6) score_rows<6>(A + r * lda, lda, Bt, depth, C + r * kKeyBlock);
+  for (; r + 6 <= rows; r += 6) score_rows<6, V>(A + r * lda, lda, Bt, depth, C + r * kKeyBlock);
   const float* a = A + r * lda;
   float* c = C + r * kKeyBlock;
   switch (rows - r) {
-    case 5: score_rows<5>(a, lda, Bt, depth, c); break;
-    case 4: score_rows<4>(a, lda, Bt, depth, c); break;
-    case 3: score_rows<3>(a, lda, Bt, depth, c); break;
-    case 2: score_rows<2>(a, lda, Bt, depth, c); break;
-    case 1: score_rows<1>(a, lda, Bt, depth, c); break;
+    case 5: score_rows<5, V>(a, lda, Bt, depth, c); break;
+    case 4: score_rows<4, V>(a, lda, Bt, depth, c); break;
+    case 3: score_rows<3, V>(a, lda, Bt, depth, c); break;
+    case 2: score_rows<2, V>(a, lda, Bt, depth, c); break;
+    case 1: score_rows<1, V>(a, lda, Bt, depth, c); break;
     default: break;
+  }
+}
+
+// (rows, 64) score tile C = A Bt, A (rows, depth) with row stride lda, Bt packed (depth, 64).
+// Only the first `keys` columns (rounded up to a vector) are computed: the tile of the last,
+// partial key block (197 keys: 64, 64, 64, 5) would otherwise cost a full one; the columns
+// past them are left as they were, for a caller that masks them (mask_scores writes -inf there).
+VLMFAST_MULTIVERSION void tile_scores(const float* A, int64_t lda, const float* Bt, int64_t depth,
+                                      float* C, int64_t rows, int64_t keys = kKeyBlock) {
+  switch ((std::min(keys, kKeyBlock) + kLanes - 1) / kLanes) {
+    case 1: return score_tile_columns<1>(A, lda, Bt, depth, C, rows);
+    case 2: return score_tile_columns<2>(A, lda, Bt, depth, C, rows);
+    case 3: return score_tile_columns<3>(A, lda, Bt, depth, C, rows);
+    default: return score_tile_columns<kKeyVectors>(A, lda, Bt, depth, C, rows);
   }
 }
 
@@ -598,8 +613,8 @@ VLMFAST_INLINE void forward_rows(const Plan& p, const ForwardArgs& a, int64_t b,
       pack_keys(k_rows, a.k.strides[2], keys, first_key, p, false, t,
                 w.krows.get(kKeyBlock * width), ld);
     });
-    tile_scores(q, width, kt, E, s, r.count);  // s = q k^T (scaled, base 2)
-    mask_scores(p, a.bias, r, first_key, keys, s);
+    tile_scores(q, width, kt, E, s, r.count, keys);  // s = q k^T (scaled, base 2), `keys` columns
+    mask_scores(p, a.bias, r, first_key, keys, s);    // (and -inf past them)
     if (!online_softmax_step(s, r.count, m, l, acc, width)) continue;  // s = p
     int64_t ldv = width;
     const float* v = nullptr;
