@@ -79,7 +79,12 @@ class Runner:
         cache = self.prefix_cache
         if cache is None or cache.max_bytes == 0 or not self.resumes():
             return None
-        units = image_units(self.model, request.input_ids, request.vision, tile_keys) if request.vision else None
+        units = None
+        if request.vision:
+            try:
+                units = image_units(self.model, request.input_ids, request.vision, tile_keys)
+            except (ValueError, TypeError, RuntimeError, IndexError):
+                units = None  # malformed vision inputs: the model's own checks will name the problem
         return prompt_keys(request.input_ids, request.vision, self.image_ids, units)
 
     def start(self, job) -> dict:
