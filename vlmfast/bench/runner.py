@@ -119,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
                 bar.write(traceback.format_exc().rstrip())
                 failed.append(suite)
             bar.update(1)
+    if peaks and device.type == "cpu":
+        machine.remeasure_cpu_peak(peaks, dtype)
     where = info.get("gpu") or f"{info['cpu']} ({info['threads']} threads)"
     print(f"vlmfast {info['vlmfast']} on {where}, torch {info['torch']}, {str(dtype).removeprefix('torch.')}, {info['date']}")
     if peaks:
