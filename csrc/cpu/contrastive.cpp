@@ -22,10 +22,11 @@
 // (into a per-thread partial of d b, summed at the end). On CPUs with AVX-512 every product runs
 // through the Linear GEMM's 12 x 32 micro-kernel (csrc/cpu/gemm_kernels.h): the dots over image
 // features packed in 12-row slivers and text features in 32-column panels, K cut to the L1 size
-// read at run time; the two updates read G (and its transpose, written beside it) and the feature
-// rows in place. Elsewhere (or with the GEMM's level forced below AVX-512) a portable register
-// block: 8 rows x 32 columns, 16 vector accumulators. Features are copied to float32 first (any
-// input dtype), padded with zeros to whole tiles and to 32 feature columns.
+// read at run time; the two updates read G packed as slivers (and its transpose beside it) and the
+// features in 32-column panels, accumulating the gradients in the same layout. Elsewhere (or with
+// the GEMM's level forced below AVX-512) a portable register block: 8 rows x 32 columns, 16 vector
+// accumulators. Features are copied to float32 first (any input dtype), padded with zeros to
+// whole tiles and to 32 feature columns.
 #include "cpu/contrastive.h"
 
 #include <algorithm>
@@ -118,7 +119,18 @@ struct Operands {
   std::vector<float> bt;  // b^T packed in panels of kNR columns: panel p, depth k, column c at
                           // bt[(p * D + k) * kNR + c] = b[p * kNR + c][k]; a panel streams through K1
   std::vector<float> ap;  // AVX-512 path: a in 12-row slivers, ap[((i / 12) * Dp + k) * 12 + i % 12]
+  // AVX-512 backward: a and b in column panels, x[i][d] at ((d / 32) * Bp + i) * 32 + d % 32, the
+  // B operands of the two updates (a tile's rows of one panel: 96 x 128 contiguous bytes). Read in
+  // place instead, rows Dp floats apart (2 KiB at D = 512) fall into 4 of L1's 64 sets and the
+  // 12 KiB block is re-read from L2 by every sliver (the updates ran at ~55 % of the kernel's peak).
+  // a and b themselves are then released.
+  std::vector<float> ac, bc;
 };
+
+// Index of x[i][d] in the column-panel layout of Bp rows (ac, bc and the AVX-512 gradients).
+VLMFAST_INLINE int64_t panel_index(int64_t i, int64_t d, int64_t Bp) {
+  return ((d / kNR) * Bp + i) * kNR + d % kNR;
+}
 
 template <typename T>
 VLMFAST_INLINE void copy_row(const T* src, int64_t D, float* dst) {
@@ -143,8 +155,23 @@ void pack_slivers(Operands& o, int threads) {
 #endif
 }
 
+// ac, bc from a, b (whole 32-float chunks of a row), then a and b released.
+void to_column_panels(Operands& o, int threads) {
+  o.ac.resize(o.Bp * o.Dp);
+  o.bc.resize(o.Bp * o.Dp);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < o.Bp; ++i)
+    for (int64_t d = 0; d < o.Dp; d += kNR) {
+      std::copy_n(o.a.data() + i * o.Dp + d, kNR, o.ac.data() + panel_index(i, d, o.Bp));
+      std::copy_n(o.b.data() + i * o.Dp + d, kNR, o.bc.data() + panel_index(i, d, o.Bp));
+    }
+  std::vector<float>().swap(o.a);
+  std::vector<float>().swap(o.b);
+}
+
 template <typename T>
-Operands prepare(const PairShape& s, const void* a, const void* b, bool slivers, int threads) {
+Operands prepare(const PairShape& s, const void* a, const void* b, bool slivers, bool backward,
+                 int threads) {
   Operands o;
   o.B = s.B;
   o.D = s.D;
@@ -167,6 +194,7 @@ Operands prepare(const PairShape& s, const void* a, const void* b, bool slivers,
         o.bt[(p * o.D + k) * kNR + c] = o.b[(p * kNR + c) * o.Dp + k];
   }
   if (slivers) pack_slivers(o, threads);
+  if (slivers && backward) to_column_panels(o, threads);
   return o;
 }
 
@@ -180,28 +208,33 @@ bool use_avx512() {
 #endif
 }
 
-Operands prepare_any(const PairShape& s, const void* a, const void* b, int dtype, int threads) {
+// backward: the operands of a backward (on the AVX-512 path, column panels for the updates).
+Operands prepare_any(const PairShape& s, const void* a, const void* b, int dtype, bool backward,
+                     int threads) {
   const bool slivers = use_avx512();
   switch (dtype_from_tag(dtype)) {
-    case DType::Float16: return prepare<Half>(s, a, b, slivers, threads);
-    case DType::BFloat16: return prepare<BFloat16>(s, a, b, slivers, threads);
-    default: return prepare<float>(s, a, b, slivers, threads);
+    case DType::Float16: return prepare<Half>(s, a, b, slivers, backward, threads);
+    case DType::BFloat16: return prepare<BFloat16>(s, a, b, slivers, backward, threads);
+    default: return prepare<float>(s, a, b, slivers, backward, threads);
   }
 }
 
 // The end of a backward, one parallel loop over rows: sum the threads' partials of d b (threads x
-// Bp x Dp) and store multiplier * d a and multiplier * d b as (B, D) in T.
+// Bp x Dp) and store multiplier * d a and multiplier * d b as (B, D) in T. The partials are in
+// column panels where the operands are (o.ac set: the AVX-512 path), else (Bp, Dp) row-major.
 template <typename T>
 void store_grads(const float* da, const float* db_partials, int64_t n, int nthreads,
                  const Operands& o, float multiplier, void* grad_a, void* grad_b, int threads) {
   T* out_a = static_cast<T*>(grad_a);
   T* out_b = static_cast<T*>(grad_b);
+  const bool panels = !o.ac.empty();
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t i = 0; i < o.B; ++i)
     for (int64_t k = 0; k < o.D; ++k) {
+      const int64_t at = panels ? panel_index(i, k, o.Bp) : i * o.Dp + k;
       float sum = 0.0f;
-      for (int t = 0; t < nthreads; ++t) sum += db_partials[t * n + i * o.Dp + k];
-      out_a[i * o.D + k] = from_float<T>(multiplier * da[i * o.Dp + k]);
+      for (int t = 0; t < nthreads; ++t) sum += db_partials[t * n + at];
+      out_a[i * o.D + k] = from_float<T>(multiplier * da[at]);
       out_b[i * o.D + k] = from_float<T>(multiplier * sum);
     }
 }
@@ -366,8 +399,9 @@ VLMFAST_TARGET_AVX512 inline void pack_g(const float* G, float* GP) {
                             _mm512_maskz_loadu_ps(0x0fff, G + i * kTile + q * kSliver));
 }
 
-// The two updates over packed G; B = the feature rows, 32 columns at a time, kept in L1 while the
-// tile's slivers pass.
+// The two updates over packed G; B = the tile's feature rows of one column panel (ac, bc: 12 KiB
+// contiguous), kept in L1 while the tile's slivers pass; the gradients in column panels too, so a
+// sliver's C tile is 1.5 KiB contiguous.
 VLMFAST_TARGET_AVX512 inline void backward_updates_avx512(const Operands& o, int64_t i0, int64_t j0,
                                                           const float* GP, float* grad_a,
                                                           float* grad_b_partial) {
@@ -375,12 +409,14 @@ VLMFAST_TARGET_AVX512 inline void backward_updates_avx512(const Operands& o, int
   const int64_t row_slivers = (rows + kSliver - 1) / kSliver, col_slivers = (cols + kSliver - 1) / kSliver;
   const float* by_col = GP + kTile * kTile;
   for (int64_t d0 = 0; d0 < o.Dp; d0 += kNR) {
+    const float* b_rows = o.bc.data() + panel_index(j0, d0, o.Bp);
+    const float* a_rows = o.ac.data() + panel_index(i0, d0, o.Bp);
     for (int64_t q = 0; q < row_slivers; ++q)
-      gemm_kernels::Avx512::run_strided(GP + q * kTile * kSliver, kSliver, o.b.data() + j0 * o.Dp + d0, o.Dp,
-                                        cols, grad_a + (i0 + q * kSliver) * o.Dp + d0, o.Dp, true);
+      gemm_kernels::Avx512::run_strided(GP + q * kTile * kSliver, kSliver, b_rows, kNR, cols,
+                                        grad_a + panel_index(i0 + q * kSliver, d0, o.Bp), kNR, true);
     for (int64_t q = 0; q < col_slivers; ++q)
-      gemm_kernels::Avx512::run_strided(by_col + q * kTile * kSliver, kSliver, o.a.data() + i0 * o.Dp + d0,
-                                        o.Dp, rows, grad_b_partial + (j0 + q * kSliver) * o.Dp + d0, o.Dp,
+      gemm_kernels::Avx512::run_strided(by_col + q * kTile * kSliver, kSliver, a_rows, kNR, rows,
+                                        grad_b_partial + panel_index(j0 + q * kSliver, d0, o.Bp), kNR,
                                         true);
   }
 }
@@ -574,7 +610,7 @@ Tiles tiles_for(const Operands& o) {
 double infonce_forward(const PairShape& shape, const void* a, const void* b, float scale,
                        float* row_lse, float* col_lse, int dtype, int threads) {
   const int nthreads = useful_threads(threads, shape.B);
-  const Operands o = prepare_any(shape, a, b, dtype, nthreads);
+  const Operands o = prepare_any(shape, a, b, dtype, false, nthreads);
   const int64_t Bp = o.Bp, blocks = Bp / kTile;
   std::vector<float> col_m(nthreads * Bp, kNegInf), col_s(nthreads * Bp, 0.0f);
   // The loss terms R_i - l_ii and C_j - l_jj are formed as (max - l_ii) + log(sum) from the very
@@ -619,7 +655,7 @@ double infonce_backward(const PairShape& shape, const void* a, const void* b, fl
                         const float* row_lse, const float* col_lse, float grad, void* grad_a,
                         void* grad_b, int dtype, int threads) {
   const int nthreads = useful_threads(threads, shape.B);
-  const Operands o = prepare_any(shape, a, b, dtype, nthreads);
+  const Operands o = prepare_any(shape, a, b, dtype, true, nthreads);
   const int64_t Bp = o.Bp, n = Bp * o.Dp, blocks = Bp / kTile;
   // Padded copies so a tile's vector loads never leave the arrays (padding lanes are masked).
   std::vector<float> R(Bp, 0.0f), C(Bp, 0.0f);
@@ -648,7 +684,7 @@ double infonce_backward(const PairShape& shape, const void* a, const void* b, fl
 double siglip_forward(const PairShape& shape, const void* a, const void* b, float scale, float bias,
                       int dtype, int threads) {
   const int nthreads = useful_threads(threads, shape.B);
-  const Operands o = prepare_any(shape, a, b, dtype, nthreads);
+  const Operands o = prepare_any(shape, a, b, dtype, false, nthreads);
   const int64_t blocks = o.Bp / kTile;
   double total = 0.0;
   const Tiles tiles = tiles_for(o);
@@ -667,7 +703,7 @@ void siglip_backward(const PairShape& shape, const void* a, const void* b, float
                      float grad, void* grad_a, void* grad_b, double* grad_scale_bias, int dtype,
                      int threads) {
   const int nthreads = useful_threads(threads, shape.B);
-  const Operands o = prepare_any(shape, a, b, dtype, nthreads);
+  const Operands o = prepare_any(shape, a, b, dtype, true, nthreads);
   const int64_t n = o.Bp * o.Dp, blocks = o.Bp / kTile;
   std::vector<float> da(n, 0.0f), db(static_cast<size_t>(nthreads) * n, 0.0f);
   std::vector<double> dscale(nthreads, 0.0), dbias(nthreads, 0.0);
