@@ -16,12 +16,19 @@ VLMFAST_LINEAR_CHOICE=measure (default) | vlmfast | torch forces the choice (tes
 and runs that must give the same bits in every process: which side wins a timing can differ from
 one process to the next).
 `decisions()` lists what was decided (the benchmarks print it).
+
+The timing runs each side at least four times, which for a prefill-sized GEMM is seconds added to
+a process's first call (a Qwen2-VL load + first generate took 7.4 s against 2.6 s without it). So
+decisions are also kept on disk (choice_cache.py: one file per CPU model, thread count, torch and
+vlmfast version) and a later process on the same machine starts from them.
 """
 
 import os
 import time
 
 import torch
+
+from vlmfast.ops import _choice_cache
 
 MODES = ("measure", "vlmfast", "torch")
 _mode = os.environ.get("VLMFAST_LINEAR_CHOICE", "measure").strip().lower() or "measure"
@@ -46,6 +53,7 @@ def set_mode(value: str) -> str:
         raise ValueError(f"mode: expected one of {MODES}, got {value!r}")
     previous, _mode = _mode, value
     _decisions.clear()
+    _choice_cache.forget_loaded()
     return previous
 
 
@@ -62,6 +70,8 @@ def choose(key: tuple, make_ours, make_theirs) -> str:
     if _mode != "measure":
         return _mode
     decision = _decisions.get(key)
+    if decision is None and _choice_cache.load_into(_decisions):
+        decision = _decisions.get(key)
     if decision is not None:
         return decision["backend"]
     with torch.no_grad():
@@ -72,6 +82,7 @@ def choose(key: tuple, make_ours, make_theirs) -> str:
     # the last bits: the tests force the choice.)
     backend = "torch" if theirs_ms < ours_ms else "vlmfast"
     _decisions[key] = {"backend": backend, "vlmfast_ms": ours_ms, "torch_ms": theirs_ms, "samples": samples}
+    _choice_cache.save(_decisions)
     return backend
 
 

@@ -1,0 +1,107 @@
+"""ops.linear's GEMM choices kept on disk, so that only the first process on a machine pays for
+the timing (ops/_linear_choice.py).
+
+One JSON file per machine setting: the CPU (model, family, the GEMM instruction sets), the thread
+count and the torch and vlmfast versions are hashed into its name, since a choice made under any
+other of them says nothing. Where: $VLMFAST_CACHE_DIR, else $XDG_CACHE_HOME/vlmfast, else
+~/.cache/vlmfast; VLMFAST_CACHE_DIR=off keeps choices in memory only. A file that cannot be read
+or parsed is ignored (the classes are timed again), one that cannot be written is skipped: the
+cache never makes a call fail. Writes go to a temporary file renamed over the old one, so two
+processes deciding at once leave one complete file, not a torn one.
+"""
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+FIELDS = ("x_dtype", "w_dtype", "compute", "n", "k", "m_bucket", "cached")
+_loaded_for: str | None = None  # the file last merged into the decisions (once per setting)
+
+
+def _cpu_identity() -> str:
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                elif key == "flags" and "flags" not in fields:
+                    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+                    fields["flags"] = " ".join(flag for flag in value.split() if flag in wanted)
+                if not line.strip() and fields:
+                    break
+    except OSError:
+        pass
+    return "|".join(fields.get(k, "") for k in ("model name", "cpu family", "model", "flags")) or platform.processor()
+
+
+def path() -> Path | None:
+    """The file for this machine setting, or None when the cache is off."""
+    where = os.environ.get("VLMFAST_CACHE_DIR", "").strip()
+    if where.lower() == "off":
+        return None
+    if not where:
+        base = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
+        where = os.path.join(base, "vlmfast")
+    from vlmfast import __version__
+
+    setting = f"{_cpu_identity()}|threads={torch.get_num_threads()}|torch={torch.__version__}|vlmfast={__version__}"
+    digest = hashlib.sha256(setting.encode()).hexdigest()[:16]
+    return Path(where) / f"linear_choice-{digest}.json"
+
+
+def load_into(decisions: dict) -> bool:
+    """Merges the file's decisions into `decisions` (those already there win) the first time it is
+    asked for this setting; True when anything was added."""
+    global _loaded_for
+    file = path()
+    if file is None or str(file) == _loaded_for:
+        return False
+    _loaded_for = str(file)
+    try:
+        entries = json.loads(file.read_text())
+        added = False
+        for entry in entries:
+            key = tuple(entry[name] for name in FIELDS)
+            if key not in decisions and entry["backend"] in ("vlmfast", "torch"):
+                decisions[key] = {k: v for k, v in entry.items() if k not in FIELDS}
+                added = True
+        return added
+    except (OSError, ValueError, TypeError, KeyError):
+        return False  # missing, unreadable or not ours: time the classes again
+
+
+def save(decisions: dict) -> None:
+    file = path()
+    if file is None:
+        return
+    entries = [{**dict(zip(FIELDS, key)), **value} for key, value in decisions.items()]
+    tmp = None
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(entries, f, indent=0)
+        os.replace(tmp, file)
+        tmp = None
+    except OSError:
+        pass  # a read-only home: decide again next process
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def forget_loaded() -> None:
+    """Lets the next lookup read the file again (after the in-memory decisions were cleared)."""
+    global _loaded_for
+    _loaded_for = None
