@@ -16,15 +16,6 @@ from vlmfast.serving.text import AnswerText
 STOPS = [7, 42]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread (two threads on a loaded two-core machine mostly wait)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models():
     return tiny_model(seed=3), tiny_model(seed=3)  # the engine's, and the reference run alone

@@ -6,7 +6,6 @@ prompt (float32, greedy), a second question on the same image taking its prefix 
 import argparse
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("openai")
@@ -49,14 +48,6 @@ def _write(family, path):
     else:
         from tests.models.blip2.checkpoint import write_checkpoint
     return write_checkpoint(path)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("family, model_class", [("smolvlm", "SmolVLM"), ("qwen2vl", "Qwen2VL"), ("llava", "Llava"),

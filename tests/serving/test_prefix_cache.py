@@ -15,14 +15,6 @@ from vlmfast.serving.prefix_cache import PrefixCache, prompt_keys
 STOPS = [7, 42]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _params(i):
     if i % 3 == 2:
         return SamplingParams(max_tokens=9, temperature=0.8, top_p=0.9, seed=i)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("openai")
@@ -37,14 +36,6 @@ from vlmfast.serving.media import MediaPolicy  # noqa: E402
 
 KEY = "sk-vlmfast-test"
 MAX_PIXELS = 200 * 200
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
