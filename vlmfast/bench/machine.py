@@ -9,24 +9,14 @@ import torch
 
 import vlmfast
 from vlmfast.bench.timing import time_ms
+from vlmfast.runtime import cpuinfo
 
 
 def _cpu_model() -> str:
     """The CPU's model name with its family / model numbers and the GEMM-relevant instruction
     sets ("AMD EPYC (family 26 model 2; avx512, avx512_bf16)"): virtual machines often report a
     bare "AMD EPYC", which does not tell one generation from the next."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "cpu family", "model", "flags") and key not in fields:
-                    fields[key] = value.strip()
-                if not line.strip() and fields:
-                    break
-    except OSError:
-        pass
+    fields = cpuinfo.first_cpu()
     name = fields.get("model name") or platform.processor() or platform.machine()
     flags = set(fields.get("flags", "").split())
     sets = [s for s in ("avx512f", "avx512_bf16", "amx_tile") if s in flags]

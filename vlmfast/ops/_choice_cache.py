@@ -19,27 +19,17 @@ from pathlib import Path
 
 import torch
 
+from vlmfast.runtime import cpuinfo
+
 FIELDS = ("x_dtype", "w_dtype", "compute", "n", "k", "m_bucket", "cached")
 _loaded_for: str | None = None  # the file last merged into the decisions (once per setting)
 
 
 def _cpu_identity() -> str:
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "cpu family", "model") and key not in fields:
-                    fields[key] = value.strip()
-                elif key == "flags" and "flags" not in fields:
-                    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-                    fields["flags"] = " ".join(flag for flag in value.split() if flag in wanted)
-                if not line.strip() and fields:
-                    break
-    except OSError:
-        pass
-    return "|".join(fields.get(k, "") for k in ("model name", "cpu family", "model", "flags")) or platform.processor()
+    fields = cpuinfo.first_cpu()
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+    fields["flags"] = " ".join(flag for flag in fields.get("flags", "").split() if flag in wanted)
+    return "|".join(fields.get(k, "") for k in cpuinfo.KEYS) or platform.processor()
 
 
 def path() -> Path | None:
