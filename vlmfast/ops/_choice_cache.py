@@ -10,6 +10,7 @@ cache never makes a call fail. Writes go to a temporary file renamed over the ol
 processes deciding at once leave one complete file, not a torn one.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -25,7 +26,9 @@ FIELDS = ("x_dtype", "w_dtype", "compute", "n", "k", "m_bucket", "cached")
 _loaded_for: str | None = None  # the file last merged into the decisions (once per setting)
 
 
+@functools.cache
 def _cpu_identity() -> str:
+    """The CPU part of the setting (read once: the CPU does not change under a process)."""
     fields = cpuinfo.first_cpu()
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
     fields["flags"] = " ".join(flag for flag in fields.get("flags", "").split() if flag in wanted)
