@@ -28,6 +28,7 @@ from vlmfast.ops import _checks, _dispatch, _linear_choice, reference
 
 ACTIVATIONS = (None, "quick_gelu", "gelu_tanh", "gelu")
 SMALL_M = 16  # below this many rows the weight's packing outweighs the GEMM's speed-up
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # whether inference calls keep a packed copy of their weight (packed_weight_cache)
 _CACHING = contextvars.ContextVar("vlmfast_linear_caching", default=True)
 
@@ -42,7 +43,6 @@ def packed_weight_cache(enabled: bool):
         yield
     finally:
         _CACHING.reset(token)
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _activation_name(activation: str) -> str | None:
