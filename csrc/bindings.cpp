@@ -8,6 +8,7 @@
 #include <array>
 #include <cstdint>
 #include <string>
+#include <tuple>
 
 #include "cpu/attention.h"
 #include "cpu/contrastive.h"
@@ -111,6 +112,26 @@ PYBIND11_MODULE(_C, m) {
                                         ptr<void>(grad_b), scale_bias, dtype, threads);
         }
         return std::make_pair(scale_bias[0], scale_bias[1]);
+      },
+      py::arg("a"), py::arg("b"), py::arg("B"), py::arg("D"), py::arg("a_stride"),
+      py::arg("b_stride"), py::arg("scale"), py::arg("bias"), py::arg("grad"), py::arg("grad_a"),
+      py::arg("grad_b"), py::arg("dtype"), py::arg("threads"));
+
+  // Training's SigLIP call: the loss and the gradients of grad * loss from one pass over the logits.
+  // Returns (loss, grad_scale, grad_bias).
+  m.def(
+      "siglip_forward_backward",
+      [](uintptr_t a, uintptr_t b, int64_t B, int64_t D, int64_t a_stride, int64_t b_stride,
+         float scale, float bias, float grad, uintptr_t grad_a, uintptr_t grad_b, int dtype,
+         int threads) {
+        double scale_bias[2], loss = 0.0;
+        {
+          py::gil_scoped_release release;
+          vlmfast::cpu::siglip_backward({B, D, a_stride, b_stride}, ptr<const void>(a),
+                                        ptr<const void>(b), scale, bias, grad, ptr<void>(grad_a),
+                                        ptr<void>(grad_b), scale_bias, dtype, threads, &loss);
+        }
+        return std::make_tuple(loss, scale_bias[0], scale_bias[1]);
       },
       py::arg("a"), py::arg("b"), py::arg("B"), py::arg("D"), py::arg("a_stride"),
       py::arg("b_stride"), py::arg("scale"), py::arg("bias"), py::arg("grad"), py::arg("grad_a"),
@@ -303,6 +324,37 @@ PYBIND11_MODULE(_C, m) {
       py::arg("bias_strides"), py::arg("out_strides"), py::arg("scale"), py::arg("is_causal"),
       py::arg("dtype"), py::arg("threads"), py::arg("rotary_cos") = 0, py::arg("rotary_sin") = 0,
       py::arg("rotary_half") = 0, py::arg("rotary_stride") = 0, py::arg("mask") = 0);
+
+  // Packed sequences (csrc/cpu/attention.h: attention_varlen_forward): sizes = (T, H, Hkv, E);
+  // token and head strides per tensor; cu_seqlens = the address of int32 (sequences + 1,);
+  // lse = 0 for none, else float32 (H, T).
+  m.def(
+      "attention_varlen_forward",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t cu_seqlens,
+         int64_t sequences, const std::array<int64_t, 4>& sizes, const std::array<int64_t, 2>& q_strides,
+         const std::array<int64_t, 2>& k_strides, const std::array<int64_t, 2>& v_strides,
+         const std::array<int64_t, 2>& out_strides, float scale, bool is_causal, int dtype,
+         int threads, uintptr_t rotary_cos, uintptr_t rotary_sin, int64_t rotary_half,
+         int64_t rotary_stride) {
+        py::gil_scoped_release release;
+        namespace c = vlmfast::cpu;
+        const c::AttentionShape shape{1, sizes[1], sizes[2], sizes[0], sizes[0], sizes[3],
+                                      scale, is_causal, ptr<const float>(rotary_cos),
+                                      ptr<const float>(rotary_sin), rotary_half, rotary_stride};
+        // (token stride, head stride) -> the dense (batch, head, position) strides
+        auto in = [](uintptr_t a, const std::array<int64_t, 2>& s) {
+          return c::AttentionInput{ptr<const void>(a), {0, s[1], s[0]}};
+        };
+        c::attention_varlen_forward(shape, ptr<const int32_t>(cu_seqlens), sequences, in(q, q_strides),
+                                    in(k, k_strides), in(v, v_strides),
+                                    c::AttentionOutput{ptr<void>(out), {0, out_strides[1], out_strides[0]}},
+                                    ptr<float>(lse), dtype, threads);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens"),
+      py::arg("sequences"), py::arg("sizes"), py::arg("q_strides"), py::arg("k_strides"),
+      py::arg("v_strides"), py::arg("out_strides"), py::arg("scale"), py::arg("is_causal"),
+      py::arg("dtype"), py::arg("threads"), py::arg("rotary_cos") = 0, py::arg("rotary_sin") = 0,
+      py::arg("rotary_half") = 0, py::arg("rotary_stride") = 0);
 
   m.def(
       "attention_backward",

@@ -33,9 +33,10 @@ double siglip_forward(const PairShape& shape, const void* a, const void* b, floa
                       int dtype, int threads);
 
 // Gradients of grad * loss: grad_a, grad_b as above; the scale and bias gradients are written to
-// grad_scale_bias[0] and [1].
+// grad_scale_bias[0] and [1]. With loss non-null the loss itself is written there too, from the
+// same pass over the logits (the forward and backward of training in one sweep, 3/4 of the work).
 void siglip_backward(const PairShape& shape, const void* a, const void* b, float scale, float bias,
                      float grad, void* grad_a, void* grad_b, double* grad_scale_bias, int dtype,
-                     int threads);
+                     int threads, double* loss = nullptr);
 
 }  // namespace vlmfast::cpu

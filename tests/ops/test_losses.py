@@ -233,6 +233,44 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(grad, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_siglip_training_call_forms_the_gradient_in_one_pass(monkeypatch, dtype):
+    # On the C++ kernels a siglip_loss that autograd will differentiate runs one pass that forms
+    # the loss and its gradient (siglip_fwd_bwd), and the backward only scales what it saved: the
+    # loss and the gradients of an upstream gradient other than 1 must equal the two-pass path's
+    # (the forward kernel, then the backward kernel given that upstream gradient).
+    from vlmfast.runtime import kernel_calls
+
+    monkeypatch.setenv("VLMFAST_BACKEND", "cpp")
+    img, txt, scale, bias = _inputs(131, 40, dtype=dtype)
+    leaves = [t.detach().clone().requires_grad_() for t in (img, txt, scale, bias)]
+    before = dict(kernel_calls.calls)
+    one_pass = ops.siglip_loss(*leaves)
+    grads = torch.autograd.grad(one_pass * -2.5, leaves)
+    ran = {op for op, n in kernel_calls.calls.items() if n > before.get(op, 0)}
+    assert ran == {("siglip_fwd_bwd", "cpp")}
+
+    a, b = (loss_ops._prepare(t.detach().clone().requires_grad_(), True) for t in (img, txt))
+    two_pass = loss_ops.siglip_fwd(a, b, scale.clone().requires_grad_(), bias.clone().requires_grad_())
+    expected = loss_ops.siglip_bwd(torch.tensor(-2.5), a.detach(), b.detach(), scale, bias)
+    torch.testing.assert_close(one_pass, two_pass.to(dtype), rtol=1e-6, atol=0)
+    # The feature gradients differ only by the normalisation's chain rule: compare after it.
+    a_leaf, b_leaf = leaves[0].detach().clone().requires_grad_(), leaves[1].detach().clone().requires_grad_()
+    torch.autograd.backward([loss_ops._prepare(a_leaf, True), loss_ops._prepare(b_leaf, True)],
+                            [expected[0], expected[1]])
+    bf16 = dtype == torch.bfloat16
+    torch.testing.assert_close(grads[0], a_leaf.grad, rtol=2e-2 if bf16 else 1e-5, atol=1e-3 if bf16 else 1e-7)
+    torch.testing.assert_close(grads[1], b_leaf.grad, rtol=2e-2 if bf16 else 1e-5, atol=1e-3 if bf16 else 1e-7)
+    torch.testing.assert_close(grads[2], expected[2], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[3], expected[3], rtol=1e-5, atol=1e-7)
+
+    # Under no_grad (evaluation) only the forward kernel runs.
+    before = dict(kernel_calls.calls)
+    with torch.no_grad():
+        ops.siglip_loss(img, txt, scale, bias)
+    assert {op for op, n in kernel_calls.calls.items() if n > before.get(op, 0)} == {("siglip", "cpp")}
+
+
 def test_outputs_are_poisoned_then_written(backend, monkeypatch):
     # VLMFAST_POISON fills kernel outputs with NaN first: a result with no NaN proves every
     # element of every gradient was written (B = 97 leaves a partial last tile).

@@ -66,15 +66,30 @@ def siglip_forward(a, b, scale: float, bias: float) -> torch.Tensor:
     return _scalar(loss, a)
 
 
-def siglip_backward(grad: float, a, b, scale: float, bias: float):
-    """(grad_a, grad_b, grad_scale, grad_bias): (B, D) in a's dtype twice, float32 () twice."""
-    record_native("siglip_bwd", a.device)
+def _siglip_grads(kernel: str, grad: float, a, b, scale: float, bias: float):
+    """Runs the backward kernel `kernel`: (its float results, grad_a, grad_b)."""
     args, keep = _features(a, b)
     grad_a, grad_b = _alloc.empty(a.shape, dtype=a.dtype, device=a.device), _alloc.empty(
         b.shape, dtype=b.dtype, device=b.device
     )
-    grad_scale, grad_bias = module_for(a.device).siglip_backward(
+    results = getattr(module_for(a.device), kernel)(
         **args, scale=scale, bias=bias, grad=grad, grad_a=grad_a.data_ptr(), grad_b=grad_b.data_ptr()
     )
     del keep
+    return results, grad_a, grad_b
+
+
+def siglip_backward(grad: float, a, b, scale: float, bias: float):
+    """(grad_a, grad_b, grad_scale, grad_bias): (B, D) in a's dtype twice, float32 () twice."""
+    record_native("siglip_bwd", a.device)
+    (grad_scale, grad_bias), grad_a, grad_b = _siglip_grads("siglip_backward", grad, a, b, scale, bias)
     return grad_a, grad_b, _scalar(grad_scale, a), _scalar(grad_bias, a)
+
+
+def siglip_forward_backward(a, b, scale: float, bias: float):
+    """(loss, grad_a, grad_b, grad_scale, grad_bias) of the loss itself (upstream gradient 1), from
+    one pass over the logits: float32 (), (B, D) in a's dtype twice, float32 () twice."""
+    record_native("siglip_fwd_bwd", a.device)
+    (loss, grad_scale, grad_bias), grad_a, grad_b = _siglip_grads("siglip_forward_backward", 1.0, a, b,
+                                                                  scale, bias)
+    return _scalar(loss, a), grad_a, grad_b, _scalar(grad_scale, a), _scalar(grad_bias, a)

@@ -139,6 +139,52 @@ def _siglip_backward(ctx, grad_loss):
 
 siglip_fwd.register_autograd(_siglip_backward, setup_context=_siglip_setup)
 
+@torch.library.custom_op("vlmfast::siglip_fwd_bwd", mutates_args=())
+def siglip_fwd_bwd(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d a, d b, d scale, d bias) of the SigLIP loss itself, from one pass over the logits:
+    the C++ kernels only (see _gradient_in_forward)."""
+    from vlmfast.native import contrastive as native_contrastive
+
+    return native_contrastive.siglip_forward_backward(a, b, float(scale), float(bias))
+
+
+@siglip_fwd_bwd.register_fake
+def _(a, b, scale, bias):
+    scalar = a.new_empty((), dtype=_loss_dtype(a))
+    return scalar, torch.empty_like(a), torch.empty_like(b), torch.empty_like(scalar), torch.empty_like(scalar)
+
+
+def _siglip_fwd_bwd_setup(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+    ctx.dtypes = (inputs[2].dtype, inputs[3].dtype)
+
+
+def _siglip_fwd_bwd_backward(ctx, grad_loss, *_grads_of_the_gradients):
+    # The loss is a scalar, so its gradient for any upstream g is g times the one formed forward.
+    grad_a, grad_b, grad_scale, grad_bias = ctx.saved_tensors
+    scale_dtype, bias_dtype = ctx.dtypes
+    return (grad_loss * grad_a, grad_loss * grad_b, (grad_loss * grad_scale).to(scale_dtype),
+            (grad_loss * grad_bias).to(bias_dtype))
+
+
+siglip_fwd_bwd.register_autograd(_siglip_fwd_bwd_backward, setup_context=_siglip_fwd_bwd_setup)
+
+
+def _gradient_in_forward(a, b, scale, bias) -> bool:
+    """Whether siglip_loss should form its gradient in the forward pass: when autograd will want
+    it and the C++ kernels run. The tiles of the logits are then computed once for both (6 B^2 D
+    flops instead of 8); the price is the backward's work in a forward whose loss is never
+    differentiated (validation under grad mode: use torch.no_grad there). InfoNCE cannot do the
+    same: its gradient needs the column log-sum-exps, known only after the whole pass. Under
+    torch.compile the two-op path is kept (the backend choice is not traceable)."""
+    if torch.compiler.is_compiling():
+        return False
+    wanted = torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, scale, bias))
+    return wanted and _dispatch.select("siglip", a.device, a.dtype) == "cpp"
+
+
 # ----------------------------------------------------------------------------- public functions
 
 
@@ -247,5 +293,9 @@ def siglip_loss(
     if group is not None:
         image_features, text_features = _gather.all_gather_with_grad(group, image_features, text_features)
     a, b = _prepare(image_features, normalize), _prepare(text_features, normalize)
-    loss = siglip_fwd(a, b, _scalar(logit_scale, a), _scalar(logit_bias, a))
+    scale, bias = _scalar(logit_scale, a), _scalar(logit_bias, a)
+    if _gradient_in_forward(a, b, scale, bias):
+        loss = siglip_fwd_bwd(a, b, scale, bias)[0]
+    else:
+        loss = siglip_fwd(a, b, scale, bias)
     return loss.to(image_features.dtype)
