@@ -588,6 +588,7 @@ struct ForwardArgs {
   AttentionBias bias;
   AttentionOutput out;
   float* lse;
+  int64_t lse_head_stride;  // L for a dense (B, H, L) lse; T for varlen's packed (H, T)
 };
 
 // Runs the online softmax of a row block over key blocks [kb_begin, kb_end): leaves the row
@@ -641,7 +642,7 @@ VLMFAST_INLINE void finish_rows(const Plan& p, const ForwardArgs& a, int64_t b, 
     const float inv = empty ? 0.0f : 1.0f / l[i];
     for (int64_t e = 0; e < p.s.head_dim; ++e) out[e] = from_float<T>(row[e] * inv);
     if (a.lse == nullptr) continue;
-    a.lse[(b * p.s.heads + r.head[i]) * p.s.q_len + r.pos[i]] =
+    a.lse[b * p.s.heads * p.s.q_len + r.head[i] * a.lse_head_stride + r.pos[i]] =
         empty ? -kInf : m[i] * kLn2 + std::log(l[i]);
   }
 }
@@ -654,14 +655,16 @@ struct ForwardSchedule {
   int64_t pairs, tasks, splits, jobs, slot;  // slot: floats of one split's (m, l, acc)
   bool per_pair, keep;
 
-  ForwardSchedule(const Plan& p, int threads) {
+  // allow_splits = false: varlen, whose segments' tasks share one team, never splits keys.
+  ForwardSchedule(const Plan& p, int threads, bool allow_splits = true) {
     pairs = p.s.batch * p.s.kv_heads;
     tasks = pairs * p.row_blocks;
     per_pair = pairs >= 4 * threads;
     splits = 1;
     // Split the keys so that the jobs are a multiple of the threads: 3 decode tasks (one per kv
     // head) on 2 threads would otherwise take two rounds of whole tasks.
-    if (!per_pair && threads > 1 && p.key_blocks > 1 && tasks < 4 * threads && tasks % threads)
+    if (allow_splits && !per_pair && threads > 1 && p.key_blocks > 1 && tasks < 4 * threads &&
+        tasks % threads)
       splits = std::min(p.key_blocks, int64_t{threads} / std::gcd(tasks, int64_t{threads}));
     slot = p.block_rows * (p.width + 2);
     jobs = per_pair ? pairs : tasks * splits;
@@ -1015,6 +1018,74 @@ void forward_impl(const AttentionShape& shape, const ForwardArgs& a, int threads
   scratch_and_run();
 }
 
+// Packed sequences (varlen): every segment is a dense problem of batch 1 whose tensors, rotary
+// rows and lse start at its first token; the jobs of all segments run in one parallel loop.
+// One call replaces a launch per segment: Qwen2.5-VL's window blocks have ~30 segments of <= 64
+// tokens, each a few microseconds of kernel work against the launch, allocation and copy-back
+// of a per-segment call.
+template <typename T>
+void varlen_forward_impl(const AttentionShape& shape, const int32_t* cu_seqlens,
+                         int64_t sequences, const ForwardArgs& packed, int threads) {
+  struct Segment {
+    Plan plan;
+    ForwardSchedule schedule;
+    ForwardArgs args;
+  };
+  auto at = [](auto t, int64_t rows) {  // the tensor t from packed row `rows` on
+    t.data = static_cast<std::conditional_t<std::is_same_v<decltype(t), AttentionInput>,
+                                            const T*, T*>>(t.data) + rows * t.strides[2];
+    return t;
+  };
+  std::vector<Segment> segments;
+  std::vector<int64_t> first_job{0};  // segment i owns jobs [first_job[i], first_job[i + 1])
+  bool keep = false;
+  for (int64_t i = 0; i < sequences; ++i) {
+    const int64_t start = cu_seqlens[i], length = cu_seqlens[i + 1] - start;
+    if (length <= 0) continue;
+    AttentionShape s = shape;
+    s.batch = 1;
+    s.q_len = s.kv_len = length;
+    if (s.rotary_half > 0) {
+      s.rotary_cos += start * s.rotary_stride;
+      s.rotary_sin += start * s.rotary_stride;
+    }
+    const Plan plan = make_plan(s, threads);
+    const ForwardSchedule schedule(plan, threads, /*allow_splits=*/false);
+    const ForwardArgs args{at(packed.q, start), at(packed.k, start), at(packed.v, start),
+                           packed.bias, at(packed.out, start),
+                           packed.lse ? packed.lse + start : nullptr, packed.lse_head_stride};
+    segments.push_back({plan, schedule, args});
+    first_job.push_back(first_job.back() + schedule.jobs);
+    keep = keep || schedule.keep;
+  }
+  const int64_t jobs = first_job.back();
+  if (jobs == 0) return;
+  auto run = [&](Scratch& w) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t job = 0; job < jobs; ++job) {
+      const auto i = std::upper_bound(first_job.begin(), first_job.end(), job) - first_job.begin() - 1;
+      const Segment& seg = segments[static_cast<size_t>(i)];
+      Jobs<T>::forward(seg.plan, seg.args, seg.schedule, job - first_job[static_cast<size_t>(i)], w,
+                       nullptr);
+    }
+  };
+  auto scratch_and_run = [&] {  // as forward_impl: kept tiles grow with S, so per call
+    if (keep) {
+      Scratch w;
+      run(w);
+    } else {
+      static thread_local Scratch w;
+      run(w);
+    }
+  };
+  if (threads == 1) {
+    scratch_and_run();
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  scratch_and_run();
+}
+
 template <typename T>
 void backward_impl(const AttentionShape& shape, BackwardArgs a, int threads,
                    AttentionBackwardStrategy strategy) {
@@ -1072,11 +1143,35 @@ void attention_forward(const AttentionShape& shape, AttentionInput q, AttentionI
   // 128 keys (9 heads, E = 64: 2^17) ran in 6 us on one thread, 9 us on two.
   const double work = 2.0 * shape.batch * shape.heads * shape.q_len * shape.kv_len * shape.head_dim;
   if (work < double(1 << 18)) threads = 1;
-  const ForwardArgs a{q, k, v, bias, out, lse};
+  const ForwardArgs a{q, k, v, bias, out, lse, shape.q_len};
   switch (dtype_from_tag(dtype)) {
     case DType::Float32: return forward_impl<float>(shape, a, threads);
     case DType::Float16: return forward_impl<Half>(shape, a, threads);
     case DType::BFloat16: return forward_impl<BFloat16>(shape, a, threads);
+  }
+}
+
+void attention_varlen_forward(const AttentionShape& shape, const int32_t* cu_seqlens,
+                              int64_t sequences, AttentionInput q, AttentionInput k,
+                              AttentionInput v, AttentionOutput out, float* lse, int dtype,
+                              int threads) {
+  check_shape(shape);
+  if (sequences < 0 || (sequences > 0 && cu_seqlens == nullptr))
+    throw std::invalid_argument("vlmfast attention varlen: invalid cu_seqlens");
+  threads = resolve_threads(threads);
+  double work = 0.0;  // as attention_forward: one thread below 2^18 multiply-adds in all
+  for (int64_t i = 0; i < sequences; ++i) {
+    const double length = double(cu_seqlens[i + 1]) - double(cu_seqlens[i]);
+    work += 2.0 * shape.heads * length * length * shape.head_dim;
+  }
+  if (work < double(1 << 18)) threads = 1;
+  // packed tensors: strides[0] unused (batch 1 per segment), strides[2] between tokens
+  const ForwardArgs a{q, k, v, AttentionBias{nullptr, {0, 0, 0, 0}}, out, lse, shape.q_len};
+  switch (dtype_from_tag(dtype)) {
+    case DType::Float32: return varlen_forward_impl<float>(shape, cu_seqlens, sequences, a, threads);
+    case DType::Float16: return varlen_forward_impl<Half>(shape, cu_seqlens, sequences, a, threads);
+    case DType::BFloat16:
+      return varlen_forward_impl<BFloat16>(shape, cu_seqlens, sequences, a, threads);
   }
 }
 

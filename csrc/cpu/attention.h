@@ -51,6 +51,16 @@ void attention_forward(const AttentionShape& shape, AttentionInput q, AttentionI
                        AttentionInput v, AttentionBias bias, AttentionOutput out, float* lse,
                        int dtype, int threads);
 
+// Packed sequences (varlen): q, k, v, out are (T, *, E) with the token stride in strides[2] and
+// the head stride in strides[1] (strides[0] unused); segment i is tokens
+// [cu_seqlens[i], cu_seqlens[i + 1]) attending to itself only (shape.batch is ignored, q_len is
+// T: the lse row stride of the (H, T) float32 lse, or lse = nullptr). Rotary table row p is
+// packed token p. No bias. Every segment's jobs share one parallel loop.
+void attention_varlen_forward(const AttentionShape& shape, const int32_t* cu_seqlens,
+                              int64_t sequences, AttentionInput q, AttentionInput k,
+                              AttentionInput v, AttentionOutput out, float* lse, int dtype,
+                              int threads);
+
 // How the backward splits its work: dk/dv per (batch, kv head, key block) in every strategy; dq
 // either accumulated alongside in a per-task buffer (Fused: one task per (batch, kv head)) or in a
 // second pass over query blocks (TwoPass: more, smaller tasks). Auto picks by the task count.

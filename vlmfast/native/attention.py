@@ -90,13 +90,36 @@ def launch_forward(q, k, v, bias, scale: float, is_causal: bool, rotary):
     out = _alloc.empty(batch, heads, length, dim, dtype=q.dtype, device=_CPU)
     lse = _alloc.empty(batch, heads, length, dtype=torch.float32, device=_CPU)
     bias_ptr, bias_strides = _bias_args(bias)
-    tables = _rotary_tables(rotary, q, k) if rotary is not None else None
+    tables = None if rotary is None else _rotary_tables(rotary, max(q.shape[2], k.shape[2]), q.shape[3])
     # Positional arguments: a decode step is short enough for keyword parsing to show.
     _module().attention_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), bias_ptr, out.data_ptr(), lse.data_ptr(),
         (batch, heads, kv_heads, length, keys, dim), q.stride()[:3], k.stride()[:3],
         v.stride()[:3], bias_strides, (heads * length * dim, length * dim, dim), scale, is_causal,
         DTYPE_TAGS[q.dtype], torch.get_num_threads(), *_rotary_args(tables),
+    )
+    return out, lse
+
+
+def launch_varlen_forward(q, k, v, cu_seqlens, scale: float, is_causal: bool, rotary):
+    """(out (T, H, E) contiguous, lse float32 (H, T)) for packed q (T, H, E), k / v (T, Hkv, E)
+    with a contiguous head dim (any token and head strides: q, k, v may be views of one qkv
+    GEMM output), cu_seqlens int32 (n + 1,) on the CPU, as the op layer has validated them. All
+    sequences in one kernel call, one parallel loop over every sequence's (head, row block) jobs;
+    rotary float32 (cos, sin) tables (T, R/2), row p for packed token p, or None."""
+    record("attention_varlen", "cpp")
+    total, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    out = _alloc.empty(total, heads, dim, dtype=q.dtype, device=_CPU)
+    lse = _alloc.empty(heads, total, dtype=torch.float32, device=_CPU)
+    if cu_seqlens.dtype is not torch.int32 or not cu_seqlens.is_contiguous():
+        cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
+    tables = None if rotary is None else _rotary_tables(rotary, total, dim)
+    _module().attention_varlen_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), cu_seqlens.data_ptr(),
+        cu_seqlens.shape[0] - 1, (total, heads, kv_heads, dim), q.stride()[:2], k.stride()[:2],
+        v.stride()[:2], (heads * dim, dim), scale, is_causal, DTYPE_TAGS[q.dtype],
+        torch.get_num_threads(), *_rotary_args(tables),
     )
     return out, lse
 
@@ -128,13 +151,13 @@ def forward_inference(q, k, v, sizes, strides, scale: float, is_causal: bool, bi
 _CPU = torch.device("cpu")
 
 
-def _rotary_tables(rotary, q, k):
-    """The checked (cos, sin) float32 tables with contiguous rows and one row stride, or None.
-    The caller keeps them alive while the kernel runs (they may be copies)."""
+def _rotary_tables(rotary, positions: int, dim: int):
+    """The checked (cos, sin) float32 tables with contiguous rows and one row stride, or None,
+    for `positions` rows of head dim `dim`. The caller keeps them alive while the kernel runs
+    (they may be copies)."""
     if rotary is None:
         return None
     cos, sin = rotary
-    positions, dim = max(q.shape[2], k.shape[2]), q.shape[3]
     for name, t in (("cos", cos), ("sin", sin)):
         if t.dim() != 2 or t.shape != cos.shape or t.dtype != torch.float32 or t.device.type != "cpu":
             raise ValueError(
@@ -208,7 +231,7 @@ def launch_backward(grad_out, q, k, v, out, lse, bias, scale: float, is_causal: 
     q_grad_strides = (heads * length * dim, length * dim, dim)
     kv_grad_strides = (kv_heads * keys * dim, keys * dim, dim)
     bias_ptr, bias_strides = _bias_args(bias)
-    tables = _rotary_tables(rotary, q, k) if rotary is not None else None
+    tables = None if rotary is None else _rotary_tables(rotary, max(q.shape[2], k.shape[2]), q.shape[3])
     # Positional arguments (the binding's order): parsing ~30 keywords costs several
     # microseconds, which a small call's backward feels.
     _module().attention_backward(

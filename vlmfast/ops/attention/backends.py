@@ -41,7 +41,7 @@ def forward(backend: str, q, k, v, bias, scale: float, is_causal: bool, cos, sin
     if backend == "cpp":
         # The C++ kernel rotates q and k as it packs them (float32 tables, no extra pass). The
         # arguments are validated already: the launch without the launcher's own checks.
-        return native().launch_forward(q, k, v, bias, scale, is_causal, _float32_tables(cos, sin))
+        return native().launch_forward(q, k, v, bias, scale, is_causal, float32_tables(cos, sin))
     _dispatch.record("attention", "reference")
     if cos is not None:
         q, k = _rotate(q, cos, sin, False), _rotate(k, cos, sin, False)
@@ -55,7 +55,7 @@ def backward(backend: str, grad, q, k, v, out, lse, bias, scale: float, is_causa
     if backend == "cpp":
         # Rotation inside the kernel; dq, dk come back already through its inverse.
         return native().launch_backward(grad, q, k, v, out, lse, bias, scale, is_causal,
-                                        _float32_tables(cos, sin))
+                                        float32_tables(cos, sin))
     _dispatch.record("attention_bwd", "reference")
     if cos is not None:
         q, k = _rotate(q, cos, sin, False), _rotate(k, cos, sin, False)
@@ -71,7 +71,7 @@ def _rotate(x, cos, sin, conjugate: bool):
     return rotary_fwd(x, cos, sin, False, conjugate, 2)
 
 
-def _float32_tables(cos, sin):
+def float32_tables(cos, sin):
     """The (cos, sin) tables as the C++ kernel reads them (float32), or None."""
     if cos is None:
         return None

@@ -1,7 +1,8 @@
 """Packed-sequence attention as custom ops, `vlmfast::attention_varlen_fwd` / `_bwd` (fake impls
-+ autograd). Triton has a varlen kernel; the other backends attend each sequence alone through
-the dense backend, handing it that sequence's rows of the rotary tables (row p of the piece is
-packed row start + p), which the C++ kernel rotates as it packs q and k: no separate pass.
++ autograd). Triton has a varlen kernel, and C++ a varlen forward (every sequence in one call);
+the rest (the C++ backward, the reference) attends each sequence alone through the dense
+backend, handing it that sequence's rows of the rotary tables (row p of the piece is packed row
+start + p), which the C++ kernel rotates as it packs q and k: no separate pass.
 
 Shapes: q (T, H, E), k / v (T, Hkv, E), cu_seqlens int32 (n + 1,), tables (T, R/2) or None;
 attention_varlen_fwd returns (out (T, H, E), lse float32 (H, T)).
@@ -42,6 +43,11 @@ def attention_varlen_fwd(
         return backends.triton().forward_varlen(q, k, v, cu_seqlens, max_seqlen, scale=scale,
                                                 is_causal=is_causal,
                                                 rotary=None if cos is None else (cos, sin))
+    if backend == "cpp":
+        # every sequence in one kernel call, written in place: no launch, allocation and
+        # copy-back per sequence (Qwen2.5-VL's window blocks have dozens of short ones)
+        return backends.native().launch_varlen_forward(
+            q, k, v, cu_seqlens, scale, is_causal, backends.float32_tables(cos, sin))
     out = q.new_zeros(q.shape)
     lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=lse_dtype(q))
     for start, end in _sequences(cu_seqlens):
