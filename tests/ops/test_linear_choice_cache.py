@@ -7,7 +7,7 @@ import pytest
 
 from vlmfast.ops import _choice_cache, _linear_choice
 
-KEY = ("torch.float32", "torch.float32", "torch.float32", 64, 32, 128, True)
+KEY = ("torch.float32", "torch.float32", "torch.float32", 64, 32, 128, "cached")
 
 
 @pytest.fixture
@@ -29,7 +29,15 @@ def test_a_decision_is_written_and_a_new_process_reuses_it(measuring):
     assert len(files) == 1 and json.loads(files[0].read_text())[0]["backend"] == "vlmfast"
     _linear_choice.set_mode("measure")  # what a new process holds: no decision in memory
     assert _linear_choice.choose(KEY, _fails, _fails) == "vlmfast"
-    assert _linear_choice.decisions()[0]["n"] == 64
+    assert _linear_choice.decisions()[0]["n"] == 64 and _linear_choice.decisions()[0]["work"] == "cached"
+
+
+def test_a_file_of_the_older_layout_is_timed_again(measuring):
+    """Entries keyed by the older "cached" flag (forward + backward timed as one class) are not
+    read as the new classes."""
+    entry = dict(zip(_choice_cache.FIELDS[:-1], KEY[:-1]), cached=True, backend="torch")
+    _choice_cache.path().write_text(json.dumps([entry]))
+    assert _linear_choice.choose(KEY, lambda: (lambda: None), lambda: (lambda: sum(range(20000)))) == "vlmfast"
 
 
 def test_a_corrupt_file_is_ignored_and_replaced(measuring):

@@ -168,10 +168,47 @@ def test_choice_by_measurement_is_cached_and_reported():
     want = reference.linear(x.double(), w.double(), b.double())
     assert_close(first, want)
     assert_close(second, want)
-    # a training call is its own class (timed forward + backward, the weight packed per call)
+    # a training call's forward (keeping the pre-activation) and its backward (three gradients)
+    # are classes of their own, the weight packed per call
     _check(*(t.clone().requires_grad_() for t in (x, w, b)), "gelu")
-    training = [d for d in _linear_choice.decisions() if not d["cached"]]
-    assert len(training) == 1 and training[0]["backend"] in ("vlmfast", "torch")
+    works = sorted(d["work"] for d in _linear_choice.decisions())
+    assert works == ["backward:xwb", "cached", "forward+pre"]
+    assert all(d["backend"] in ("vlmfast", "torch") for d in _linear_choice.decisions())
+
+
+def test_a_frozen_layer_is_classed_by_the_work_it_does():
+    """A frozen layer in a training step: its forward alone (nothing to differentiate: a frozen
+    tower) or its forward and dx alone (a frozen decoder layer between trained parts), each timed
+    as that, not as a trained layer's forward + three gradients."""
+    _linear_choice.set_mode("measure")
+    x, w, b = (t.detach() for t in _inputs(64, 48, 40, torch.float32, seed=13))
+    want = reference.linear(x.double(), w.double(), b.double(), "gelu")
+    assert_close(linear(x, w, b, activation="gelu"), want)  # gradients on, none needed
+    assert [d["work"] for d in _linear_choice.decisions()] == ["forward"]
+    xg = x.clone().requires_grad_()
+    out = linear(xg, w, b, activation="gelu")
+    grad = torch.randn_like(out)
+    (dx,) = torch.autograd.grad(out, [xg], grad)
+    up = x.double().requires_grad_()
+    (want_dx,) = torch.autograd.grad(reference.linear(up, w.double(), b.double(), "gelu"), [up], grad.double())
+    assert_close(dx, want_dx)
+    assert sorted(d["work"] for d in _linear_choice.decisions()) == ["backward:x", "forward", "forward+pre"]
+
+
+@pytest.mark.parametrize("forward, backward", [("vlmfast", "torch"), ("torch", "vlmfast")])
+def test_forward_and_backward_on_different_gemms(forward, backward):
+    """The forward's class and the backward's are decided apart: one side's saved
+    pre-activation feeds the other side's backward, every gradient still right."""
+    _linear_choice.set_mode("measure")
+    x, w, b = _inputs(64, 48, 40, torch.float32, seed=14)
+    keys = {"forward+pre": forward, "backward:xwb": backward}
+    for work, backend in keys.items():
+        key = _linear_choice.shape_class(64, 40, 48, torch.float32, torch.float32, torch.float32, work)
+        _linear_choice._decisions[key] = {"backend": backend}
+    before = native_linear.kernel_calls()
+    _check(x, w, b, "quick_gelu")
+    assert sum(native_linear.kernel_calls().values()) > sum(before.values())  # ours ran one of the two
+    assert sorted(d["work"] for d in _linear_choice.decisions()) == sorted(keys)  # nothing timed
 
 
 def test_choice_forced_to_torch_runs_no_kernel():

@@ -14,7 +14,7 @@ weight and bias gradients: three GEMMs, the weight packed per call). Each Result
 GFLOP/s of both (`tflops` is vlmfast's, extra `peer_gflops` torch's); the runner divides by the
 micro-kernel's measured peak for "% peak". Where ops.linear hands a shape class to torch (torch's
 GEMM measured faster on this CPU, ops/_linear_choice.py) the case says "[torch]": both columns are
-then torch's. On CUDA, linear is torch's cuBLAS: the suite runs on the CPU only.
+then torch's ("[vlmfast/torch]": the forward ours, the backward torch's; each is its own class). On CUDA, linear is torch's cuBLAS: the suite runs on the CPU only.
 """
 
 import statistics
@@ -73,11 +73,16 @@ def _interleaved_ms(fn, peer, repeats: int) -> tuple[float, float]:
     return statistics.median(samples[0]), statistics.median(samples[1])
 
 
-def _backend_of(m, k, n, dtype, cached) -> str:
-    for d in _linear_choice.decisions():
-        if (d["n"], d["k"], d["compute"], d["cached"]) == (n, k, str(dtype), cached) and d["m_bucket"] >= m > d["m_bucket"] // 2:
-            return d["backend"]
-    return "vlmfast" if _linear_choice.mode() != "torch" else "torch"
+def _backend_of(m, k, n, dtype, works) -> str:
+    """The backend of each class (work) of these calls, "/"-joined when they differ."""
+    found = []
+    for work in works:
+        backend = "vlmfast" if _linear_choice.mode() != "torch" else "torch"
+        for d in _linear_choice.decisions():
+            if (d["n"], d["k"], d["compute"], d["work"]) == (n, k, str(dtype), work) and d["m_bucket"] >= m > d["m_bucket"] // 2:
+                backend = d["backend"]
+        found.append(backend)
+    return found[0] if len(set(found)) == 1 else "/".join(found)
 
 
 def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[Result]:
@@ -97,7 +102,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
             error = (out.double() - reference.linear(x.double(), w.double(), b.double(), act)).abs().max().item()
             ms, peer_ms = _interleaved_ms(lambda: ops.linear(x, w, b, activation=act),
                                           lambda: reference.linear(x, w, b, act), repeats=9)
-        backend = _backend_of(m, k, n, dtype, True)
+        backend = _backend_of(m, k, n, dtype, ["cached"])
         label = f"{name} {m}x{k}x{n} {short}" + (" [torch]" if backend == "torch" else "")
         results.append(Result("linear", label, "vlmfast", ms, "torch F.linear + activation", peer_ms,
                               tflops=flops / ms / 1e9,
@@ -113,8 +118,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
 
         ms, peer_ms = _interleaved_ms(lambda: step(lambda: ops.linear(xg, wg, bg, activation=act)),
                                       lambda: step(lambda: reference.linear(xg, wg, bg, act)), repeats=5)
-        backend = _backend_of(m, k, n, dtype, False)
-        label = f"{name} {m}x{k}x{n} {short}, fwd+bwd" + (" [torch]" if backend == "torch" else "")
+        backend = _backend_of(m, k, n, dtype, ["forward+pre" if act else "forward", "backward:xwb"])
+        label = f"{name} {m}x{k}x{n} {short}, fwd+bwd" + (f" [{backend}]" if backend != "vlmfast" else "")
         results.append(Result("linear", label, "vlmfast", ms, "torch F.linear + activation",
                               peer_ms, tflops=3 * flops / ms / 1e9,
                               extra={"gflops": 3 * flops / ms / 1e6, "peer_gflops": 3 * flops / peer_ms / 1e6,

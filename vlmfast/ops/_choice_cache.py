@@ -22,7 +22,9 @@ import torch
 
 from vlmfast.runtime import cpuinfo
 
-FIELDS = ("x_dtype", "w_dtype", "compute", "n", "k", "m_bucket", "cached")
+# a class's key (ops/_linear_choice.shape_class); a file of another layout (the older "cached"
+# flag instead of "work") does not load, and its classes are timed again
+FIELDS = ("x_dtype", "w_dtype", "compute", "n", "k", "m_bucket", "work")
 _loaded_for: str | None = None  # the file last merged into the decisions (once per setting)
 
 

@@ -9,8 +9,12 @@ the class to torch when torch's best time is below vlmfast's. On a shared machin
 at the mercy of whatever else runs (a descheduled thread stalls a 2-thread GEMM for a time
 slice), so each side's time is its best of at least MIN_SAMPLES interleaved samples, and a close
 call (best times within CLOSE of each other) takes more, up to MAX_SAMPLES or BUDGET_MS. A class:
-the dtypes, N, K, M rounded up to a power of two and whether the packed weight is cached
-(inference) or packed per call (training).
+the dtypes, N, K, M rounded up to a power of two and the work the calls do (ops/linear.py): a
+forward on a cached packed weight ("cached", inference), a forward packing per call ("forward": a
+prompt that keeps no packed copy, a frozen tower in a training step; "forward+pre" when it keeps
+the pre-activation for a backward), or a backward forming some of the gradients ("backward:x", a
+frozen layer passing the gradient on, to "backward:xwb"). Timing a forward-only call as forward +
+backward (as the classes once were) handed such calls to whichever side had the faster backward.
 
 VLMFAST_LINEAR_CHOICE=measure (default) | vlmfast | torch forces the choice (tests, comparisons,
 and runs that must give the same bits in every process: which side wins a timing can differ from
@@ -57,9 +61,10 @@ def set_mode(value: str) -> str:
     return previous
 
 
-def shape_class(m: int, n: int, k: int, x_dtype, w_dtype, compute, cached: bool) -> tuple:
+def shape_class(m: int, n: int, k: int, x_dtype, w_dtype, compute, work: str) -> tuple:
+    """The class of an (m, k) x (n, k)^T call doing `work` (see the module's docstring)."""
     bucket = 1 << max(0, (m - 1).bit_length())
-    return (str(x_dtype), str(w_dtype), str(compute), n, k, bucket, cached)
+    return (str(x_dtype), str(w_dtype), str(compute), n, k, bucket, work)
 
 
 def choose(key: tuple, make_ours, make_theirs) -> str:
@@ -112,5 +117,5 @@ def _once(fn) -> float:
 
 def decisions() -> list[dict]:
     """Every class decided so far: its key fields, the backend and both times (ms)."""
-    names = ("x_dtype", "w_dtype", "compute", "n", "k", "m_bucket", "cached")
+    names = _choice_cache.FIELDS
     return [{**dict(zip(names, key)), **value} for key, value in _decisions.items()]

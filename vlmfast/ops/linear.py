@@ -13,7 +13,8 @@ plain tensors run linear_fwd's body directly, without the custom op's dispatch) 
          (vlmfast/native/linear.py). Under CPU autocast the operands are rounded to the autocast
          dtype while they are packed (no cast copies) and gradients come back in each input's
          dtype. Where torch's own GEMM is faster for a shape class on this CPU (measured once per
-         process, ops/_linear_choice.py), the class goes to torch;
+         machine setting, ops/_linear_choice.py; the forward and the backward each their own
+         class, the backward by the gradients it forms), the class goes to torch;
   anything else (CUDA: cuBLAS through torch; float64; fewer than SMALL_M rows, where packing W
   costs more than it saves): torch.nn.functional.linear + the activation, the reference
   (ops/reference.py).
@@ -69,40 +70,71 @@ def _native_forward(x, weight, bias, act, compute, keep, cache, packed=None):
     return out, pre if pre is not None else x.new_empty(0)
 
 
-def _runs_kernel(backend, x, weight, bias, act, compute, cache) -> bool:
-    """Whether the C++ GEMM runs this call: it can, and for this shape class it was measured
-    faster than torch's linear on this machine (or the choice is forced)."""
-    if not (backend == "cpp" and x.device.type == "cpu" and compute in KERNEL_DTYPES
+def _eligible(backend, x, weight, compute) -> bool:
+    """Whether the C++ GEMM can run this call at all (then a measurement decides whether it does)."""
+    return (backend == "cpp" and x.device.type == "cpu" and compute in KERNEL_DTYPES
             and x.dtype in KERNEL_DTYPES and weight.dtype in KERNEL_DTYPES
-            and x.shape[0] >= SMALL_M and weight.shape[0] > 0 and weight.shape[1] > 0):
+            and x.shape[0] >= SMALL_M and weight.shape[0] > 0 and weight.shape[1] > 0)
+
+
+def _forward_work(cache: bool, keep: bool) -> str:
+    """The forward's part of a shape class: "cached" (inference on a kept packed weight),
+    "forward" (the weight packed per call: a prompt that keeps no copy, a frozen tower in a
+    training step), "forward+pre" (a training forward that keeps the pre-activation)."""
+    return "cached" if cache else "forward+pre" if keep else "forward"
+
+
+def _backward_work(need_x: bool, need_weight: bool, need_bias: bool) -> str:
+    """The backward's part of a shape class: which gradients it forms ("backward:x" for a frozen
+    layer that only passes the gradient on, "backward:xwb" for a trained one with a bias...)."""
+    return "backward:" + "x" * need_x + "w" * need_weight + "b" * need_bias
+
+
+def _runs_kernel(backend, x, weight, bias, act, compute, cache, keep) -> bool:
+    """Whether the C++ GEMM runs this forward: it can, and for this shape class (forward alone,
+    as the call runs it) it was measured faster than torch's linear on this machine (or the
+    choice is forced)."""
+    if not _eligible(backend, x, weight, compute):
         return False
     key = _linear_choice.shape_class(x.shape[0], weight.shape[0], weight.shape[1], x.dtype, weight.dtype,
-                                     compute, cache)
-    return _linear_choice.choose(key, lambda: _timed(True, x, weight, bias, act, compute, cache),
-                                 lambda: _timed(False, x, weight, bias, act, compute, cache)) == "vlmfast"
+                                     compute, _forward_work(cache, keep))
+    return _linear_choice.choose(key, lambda: _timed_forward(True, x, weight, bias, act, compute, cache, keep),
+                                 lambda: _timed_forward(False, x, weight, bias, act, compute, cache, keep)) == "vlmfast"
 
 
-def _timed(native, x, weight, bias, act, compute, cache):
-    """What the measurement times for one side. With `cache` (inference), the forward; ours on
-    weight panels packed beforehand (the steady state of a reused weight; the copy is not kept).
-    Without (training), the forward and the backward of all three gradients, as a step runs them
-    (ours packing per call)."""
+def _runs_backward_kernel(backend, x, weight, bias, act, compute, needs) -> bool:
+    """As _runs_kernel for a backward forming the gradients `needs` (need_x, need_weight,
+    need_bias): its own class, since a frozen layer's backward (dx alone) and a trained one's
+    (three gradients) are different work, and so is a forward without a backward."""
+    if not _eligible(backend, x, weight, compute):
+        return False
+    key = _linear_choice.shape_class(x.shape[0], weight.shape[0], weight.shape[1], x.dtype, weight.dtype,
+                                     compute, _backward_work(*needs))
+    return _linear_choice.choose(key, lambda: _timed_backward(True, x, weight, bias, act, compute, needs),
+                                 lambda: _timed_backward(False, x, weight, bias, act, compute, needs)) == "vlmfast"
+
+
+def _timed_forward(native, x, weight, bias, act, compute, cache, keep):
+    """What the measurement times for one side's forward. With `cache`, ours on weight panels
+    packed beforehand (the steady state of a reused weight; the copy is not kept); else ours
+    packing per call, as the call will."""
+    if not native:
+        return lambda: _torch_forward(x, weight, bias, act, compute, keep)
+    packed = None
     if cache:
-        if not native:
-            return lambda: _torch_forward(x, weight, bias, act, compute, False)
         from vlmfast.native import linear as native_linear
 
         packed = native_linear.pack(weight, compute)
-        return lambda: _native_forward(x, weight, bias, act, compute, False, True, packed)
+    return lambda: _native_forward(x, weight, bias, act, compute, keep, False, packed)
+
+
+def _timed_backward(native, x, weight, bias, act, compute, needs):
+    """What the measurement times for one side's backward: the gradients `needs` from a saved
+    pre-activation (ours packing per call, as a step runs it)."""
     grad = torch.ones(x.shape[0], weight.shape[0], dtype=compute)  # (values do not change the time)
-    forward, backward = (_native_forward, _native_backward) if native else (_torch_forward, _torch_backward)
-
-    def step():
-        args = (x, weight, bias, act, compute, act is not None) + ((False,) if native else ())
-        pre = forward(*args)[1]
-        backward(grad, x, weight, bias, pre, act, True, True, bias is not None, compute)
-
-    return step
+    pre = _torch_forward(x, weight, bias, None, compute, False)[0] if act is not None else x.new_empty(0)
+    backward = _native_backward if native else _torch_backward
+    return lambda: backward(grad, x, weight, bias, pre, act, *needs, compute)
 
 
 def _native_backward(grad, x, weight, bias, pre, act, need_x, need_weight, need_bias, compute):
@@ -146,7 +178,7 @@ def linear_fwd(
 def _forward(x, weight, bias, act, keep, cache, compute):
     """linear_fwd's body: the C++ GEMM where it runs this call, else torch's linear."""
     backend = _dispatch.select("linear", x.device, compute)
-    if _runs_kernel(backend, x, weight, bias, act, compute, cache):
+    if _runs_kernel(backend, x, weight, bias, act, compute, cache, keep):
         return _native_forward(x, weight, bias, act, compute, keep, cache)
     _dispatch.record("linear", "reference")
     return _torch_forward(x, weight, bias, act, compute, keep)
@@ -185,13 +217,11 @@ def linear_bwd(
     dz = grad * act'(pre) (rounded to `compute`); dx = dz W; dW = dz^T x; db = sum dz, the GEMMs'
     operands rounded to `compute`, accumulated in float32."""
     act = _activation_name(activation)
-    backend = _dispatch.select("linear", x.device, compute)
-    native = _runs_kernel(backend, x, weight, bias, act, compute, False)
     if act is not None and pre.numel() != grad.numel():
-        pre = (_native_forward(x, weight, bias, None, compute, False, False) if native
-               else _torch_forward(x, weight, bias, None, compute, False))[0]
+        pre = _forward(x, weight, bias, None, False, False, compute)[0]  # the forward kept none
     grad = grad.to(compute)
-    if native:
+    backend = _dispatch.select("linear", x.device, compute)
+    if _runs_backward_kernel(backend, x, weight, bias, act, compute, (need_x, need_weight, need_bias)):
         dx, dw, db = _native_backward(grad, x, weight, bias, pre, act, need_x, need_weight, need_bias, compute)
     else:
         _dispatch.record("linear_bwd", "reference")
