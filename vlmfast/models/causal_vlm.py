@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlmfast.models.last_rows import first_predicting_row
 from vlmfast.models.layers import set_gradient_checkpointing
 from vlmfast.models.prompt_checks import check_labels, check_prompt
 from vlmfast.models.smolvlm import packing
@@ -150,8 +151,10 @@ class CausalVLM(TokenTableHead, nn.Module):
 
     # ------------------------------------------------------------------ forward, loss
 
-    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None) -> torch.Tensor:
-        """The decoder's output (B, L, D) before the head, no cache."""
+    def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None,
+                      first_row: int = 0) -> torch.Tensor:
+        """The decoder's output (B, L - first_row, D) before the head, no cache: rows
+        [first_row, L) (the decoder's last layer computes no other row)."""
         self.check_inputs(input_ids, pixel_values, None, attention_mask)
         B, L = input_ids.shape
         with packed_weight_cache(self.cache_packed_weights):
@@ -162,7 +165,7 @@ class CausalVLM(TokenTableHead, nn.Module):
                 mask, causal = causal_padding_mask(valid), False
             if position_ids is None:
                 position_ids = self.forward_positions(valid, B, L)
-            return self.decoder(embeds, position_ids, mask, causal)
+            return self.decoder(embeds, position_ids, mask, causal, first_row=first_row)
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None) -> torch.Tensor:
         """Logits (B, L, V), equal to transformers' for the same inputs (padding positions aside)."""
@@ -171,10 +174,12 @@ class CausalVLM(TokenTableHead, nn.Module):
     def loss(self, input_ids, labels, pixel_values=None, attention_mask=None) -> torch.Tensor:
         """Mean next-token cross entropy: logits at i predict labels[i + 1]; -100 is ignored
         (transformers' ForCausalLMLoss, float32 logits), fused with the head so that the
-        (B, L, V) logits are never held. labels: int (B, L)."""
+        (B, L, V) logits are never held. labels: int (B, L). The rows before the first one that
+        predicts a label skip the decoder's last layer (models/last_rows.py)."""
         check_labels(input_ids, labels)
-        hidden = self.hidden_states(input_ids, pixel_values, attention_mask)
-        return self.next_token_loss(hidden, labels)
+        first = first_predicting_row(labels)
+        hidden = self.hidden_states(input_ids, pixel_values, attention_mask, first_row=first)
+        return self.next_token_loss(hidden, labels[:, first:])
 
     # ------------------------------------------------------------------ cached steps (generation)
 
@@ -194,7 +199,8 @@ class CausalVLM(TokenTableHead, nn.Module):
             cache.append_mask(attention_mask)
             padded = not bool(attention_mask.all())
             mask = causal_padding_mask(attention_mask) if padded else None
-            hidden = self.decoder(embeds, positions, mask, not padded, cache=cache, slot=0)
+            # the last row's output alone is read: the last layer computes no other
+            hidden = self.decoder(embeds, positions, mask, not padded, cache=cache, slot=0, first_row=L - 1)
             cache.advance(L)
             return self.head(hidden[:, -1]).float(), positions[:, -1].clone()
 

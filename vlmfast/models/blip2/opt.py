@@ -19,6 +19,7 @@ from vlmfast.models import _ops as shared_ops
 from vlmfast.models.blip2.config import OPTConfig
 from vlmfast.models.layers import activation
 from vlmfast.models.causal_vlm import few_rows_linear
+from vlmfast.models.last_rows import rows_mask
 
 POSITION_OFFSET = 2
 
@@ -42,19 +43,22 @@ class OPTAttention(nn.Module):
         self.qkv = nn.Linear(D, 3 * D, bias=cfg.enable_bias, device=device, dtype=dtype)
         self.out_proj = nn.Linear(D, D, bias=cfg.enable_bias, device=device, dtype=dtype)
 
-    def forward(self, x, attn_mask=None, is_causal=False, kv=None, slot=0):
+    def forward(self, x, attn_mask=None, is_causal=False, kv=None, slot=0, first_row: int = 0):
         """x (B, L, D); attn_mask bool broadcastable to (B, 1, L, S) or None; kv: (k, v) cache
         buffers (B, H, max_len, E) or None; slot: first slot written (int), or an int64 (L,)
-        tensor (static shapes: attention reads all max_len slots). Returns (B, L, D)."""
+        tensor (static shapes: attention reads all max_len slots). first_row: the output of rows
+        [first_row, L) alone (vlmfast/models/last_rows.py). Returns (B, L - first_row, D)."""
         B, L, D = x.shape
         H, E = self.num_heads, self.head_dim
         qkv = _linear(x, self.qkv).view(B, L, 3, H, E)
-        q = (qkv[:, :, 0] * self.scaling).transpose(1, 2)
+        q = (qkv[:, first_row:, 0] * self.scaling).transpose(1, 2)
         k, v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         if kv is not None:
             k, v = write_kv(kv, k, v, slot)
+        if first_row:
+            attn_mask, is_causal = rows_mask(attn_mask, is_causal, first_row, L, k.shape[2], x.device)
         out = ops.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=1.0)
-        return _linear(out.transpose(1, 2).reshape(B, L, D), self.out_proj)
+        return _linear(out.transpose(1, 2).reshape(B, L - first_row, D), self.out_proj)
 
 
 class OPTDecoderLayer(nn.Module):
@@ -71,9 +75,10 @@ class OPTDecoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(D, elementwise_affine=affine, **kw)
         self.act = activation(cfg.activation_function)
 
-    def forward(self, x, attn_mask=None, is_causal=False, kv=None, slot=0):
+    def forward(self, x, attn_mask=None, is_causal=False, kv=None, slot=0, first_row: int = 0):
+        """(B, L, D) -> (B, L - first_row, D): rows [first_row, L) of the layer's output."""
         h = self.self_attn_layer_norm(x) if self.pre_norm else x
-        x = x + self.self_attn(h, attn_mask, is_causal, kv, slot)
+        x = x[:, first_row:] + self.self_attn(h, attn_mask, is_causal, kv, slot, first_row)
         if not self.pre_norm:
             x = self.self_attn_layer_norm(x)
         h = self.final_layer_norm(x) if self.pre_norm else x
@@ -100,17 +105,23 @@ class OPTDecoder(nn.Module):
                                                  **kw)
         self.gradient_checkpointing = False  # layers.set_gradient_checkpointing turns it on
 
-    def forward(self, inputs_embeds, position_ids, attn_mask=None, is_causal=False, cache=None, slot=0):
+    def forward(self, inputs_embeds, position_ids, attn_mask=None, is_causal=False, cache=None, slot=0,
+                first_row: int = 0):
         """inputs_embeds (B, L, D); position_ids int (B, L) (0 for the first real token); attn_mask
-        bool broadcastable to (B, 1, L, S) or None; cache: a StaticKVCache or None. Returns
-        (B, L, D) after the final LayerNorm."""
+        bool broadcastable to (B, 1, L, S) or None; cache: a StaticKVCache or None. first_row:
+        only rows [first_row, L) are read: the last layer computes those alone
+        (vlmfast/models/last_rows.py). Returns (B, L - first_row, D) after the final LayerNorm."""
         positions = self.embed_positions(position_ids + POSITION_OFFSET)
         x = inputs_embeds + positions.to(inputs_embeds.dtype)
+        if not self.layers:
+            x = x[:, first_row:]
         checkpointing = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
+            rows = first_row if i == last else 0
             if checkpointing:
-                x = checkpoint(layer, x, attn_mask, is_causal, use_reentrant=False)
+                x = checkpoint(layer, x, attn_mask, is_causal, None, 0, rows, use_reentrant=False)
                 continue
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x = layer(x, attn_mask, is_causal, kv, slot)
+            x = layer(x, attn_mask, is_causal, kv, slot, rows)
         return x if self.final_layer_norm is None else self.final_layer_norm(x)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlmfast.generation.cache import write_kv
+from vlmfast.models.last_rows import rows_mask
 from vlmfast.models.smolvlm import _ops, packing
 from vlmfast.models.smolvlm.config import SmolVLMTextConfig
 
@@ -40,22 +41,26 @@ class DecoderAttention(nn.Module):
             self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias, device=device, dtype=dtype
         )
 
-    def forward(self, x, cos, sin, attn_mask=None, is_causal=False, kv=None, slot: int = 0):
+    def forward(self, x, cos, sin, attn_mask=None, is_causal=False, kv=None, slot: int = 0, first_row: int = 0):
         """x: (B, L, D); cos, sin: (B * L, E/2) float32, row b * L + i for token i of row b.
         attn_mask: bool broadcastable to (B, 1, L, S) or None. kv: (k, v) cache buffers
         (B, Hkv, max_len, E) or None; slot: the first slot written (an int), or an int64 (L,)
-        tensor of slots, then attention reads all max_len slots (S = max_len). Returns (B, L, D)."""
+        tensor of slots, then attention reads all max_len slots (S = max_len). first_row: the
+        output of rows [first_row, L) alone (every row's keys and values still made: see
+        vlmfast/models/last_rows.py). Returns (B, L - first_row, D)."""
         B, L, _ = x.shape
         H, Hkv, E = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = packing.linear(x, self.qkv, self.qkv.weight, self.qkv.bias).view(B * L, H + 2 * Hkv, E)
         qk = _ops.rotary(qkv[:, : H + Hkv], cos, sin)  # q and k heads rotated in one call
-        q = qk[:, :H].view(B, L, H, E).transpose(1, 2)
+        q = qk[:, :H].view(B, L, H, E)[:, first_row:].transpose(1, 2)
         k = qk[:, H:].view(B, L, Hkv, E).transpose(1, 2)
         v = qkv[:, H + Hkv :].view(B, L, Hkv, E).transpose(1, 2)
         if kv is not None:
             k, v = write_kv(kv, k, v, slot)
+        if first_row:
+            attn_mask, is_causal = rows_mask(attn_mask, is_causal, first_row, L, k.shape[2], x.device)
         out = _ops.attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        out = out.transpose(1, 2).reshape(B, L, H * E)
+        out = out.transpose(1, 2).reshape(B, L - first_row, H * E)
         return packing.linear(out, self.o_proj, self.o_proj.weight, self.o_proj.bias)
 
 
@@ -82,8 +87,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = SwiGLU(cfg, **kw)
 
-    def forward(self, x, cos, sin, attn_mask=None, is_causal=False, kv=None, slot: int = 0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal, kv, slot)
+    def forward(self, x, cos, sin, attn_mask=None, is_causal=False, kv=None, slot: int = 0, first_row: int = 0):
+        """(B, L, D) -> (B, L - first_row, D): rows [first_row, L) of the layer's output."""
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal, kv, slot, first_row)
+        x = x[:, first_row:] + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -126,17 +133,22 @@ class Decoder(nn.Module):
             cos, sin = cos.to(dtype).float(), sin.to(dtype).float()
         return cos, sin
 
-    def forward(self, inputs_embeds, position_ids, attn_mask=None, is_causal=False, cache=None, slot: int = 0):
+    def forward(self, inputs_embeds, position_ids, attn_mask=None, is_causal=False, cache=None, slot: int = 0,
+                first_row: int = 0):
         """inputs_embeds (B, L, D); position_ids int (B, L); attn_mask bool broadcastable to
-        (B, 1, L, S) (S = slot + L) or None; cache: a StaticKVCache or None. Returns the normed
-        hidden states (B, L, D)."""
+        (B, 1, L, S) (S = slot + L) or None; cache: a StaticKVCache or None. first_row: only
+        rows [first_row, L) are read (the labelled ones of a loss, a prefill's last): the last
+        layer computes those alone (vlmfast/models/last_rows.py). Returns the normed hidden
+        states (B, L - first_row, D)."""
         cos, sin = self.rotary_tables(position_ids, inputs_embeds.dtype)
-        x = inputs_embeds
+        x = inputs_embeds if self.layers else inputs_embeds[:, first_row:]
         checkpointing = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
+            rows = first_row if i == last else 0
             if checkpointing:
-                x = checkpoint(layer, x, cos, sin, attn_mask, is_causal, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, attn_mask, is_causal, None, 0, rows, use_reentrant=False)
                 continue
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x = layer(x, cos, sin, attn_mask, is_causal, kv, slot)
+            x = layer(x, cos, sin, attn_mask, is_causal, kv, slot, rows)
         return self.norm(x)
