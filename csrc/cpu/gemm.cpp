@@ -68,6 +68,11 @@ std::atomic<int64_t> g_kernel_calls[5];  // GEMMs run per kernel (indexed like k
 // (L2-resident) and sweeps it against each panel's KC x 32 slice of B, which stays in L1 while
 // the MC / MR slivers of A stream past it from L2. So:
 //   KC: the B slice (KC x 32 operands) takes half of L1d, leaving room for the A sliver and C;
+//       float32 operands take all of it: C's tiles are read and written once per KC block, from
+//       memory when the output outgrows L2, and halving that traffic beat keeping the slice in
+//       half of L1 (single thread, Zen 4, 32 KiB L1d, KC 128 -> 256: M = 1632, K = 1280,
+//       N = 5120 88-90 -> 97-103 GFLOP/s, N = 6840 75-88 -> 89-94; M = 408, 5120 x 5120
+//       81-94 -> 97-102; 256 x 768 x 3072 91-98 -> 96-101; bf16 pairs gained nothing at 512);
 //   MC: the A block takes half of L2.
 // K above KC is split into equal blocks (partial sums accumulate in float32).
 struct Blocking {
@@ -87,7 +92,8 @@ Blocking compute_blocking() {
   const CacheSizes& c = cache_sizes();
   constexpr int64_t elem = sizeof(typename Layout::Operand), step = Layout::K_STEP;
   constexpr int64_t grain = step > 8 ? step : 8;
-  int64_t kc = env_int("VLMFAST_GEMM_KC", c.l1d / 2 / (NR * elem));
+  const int64_t l1_share = elem == 4 ? c.l1d : c.l1d / 2;  // see above
+  int64_t kc = env_int("VLMFAST_GEMM_KC", l1_share / (NR * elem));
   kc = std::max<int64_t>(grain, kc / grain * grain);
   int64_t mc = env_int("VLMFAST_GEMM_MC", c.l2 / 2 / (kc * elem));
   mc = std::clamp<int64_t>(mc / Layout::MR * Layout::MR, Layout::MR, 64 * Layout::MR);
