@@ -1,7 +1,9 @@
 #include "cpu/decode.h"
+#include "cpu/decode_gemv.h"
 
 #include "common/dtype.h"
 #include "common/parallel.h"
+#include "common/vec16.h"
 
 #include <algorithm>
 #include <cmath>
@@ -10,212 +12,20 @@
 #include <string>
 #include <type_traits>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define VLMFAST_DECODE_X86 1
-// 512-bit vectors cross only inlined helpers here; the ABI note GCC gives for them does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-// GCC 12's AVX-512 headers build shuffles on _mm512_undefined_ps(), which it then flags.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-
 namespace vlmfast::cpu {
 namespace {
 
 // ------------------------------------------------------------------ matrix-vector products
-// out[b * N + n] = sum_k w[n * K + k] x[b * K + k] for output rows n in [n0, n1). Rows of w go
-// four at a time (adjacent rows: one contiguous stream for the prefetcher); each group of four
-// is read from memory once and reused from L1 for every row b of x.
+// (the kernels: cpu/decode_gemv.h)
 
+using decode_kernels::gemv_portable;
 #ifdef VLMFAST_DECODE_X86
-#define VLMFAST_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
-// 32 bf16 values from p + k; past `full` (the K tail) only the lanes of `tail`, the rest zero.
-VLMFAST_BF16_TARGET __attribute__((always_inline)) inline __m512bh load_bf16(const uint16_t* p, int64_t k,
-                                                                           int64_t full, __mmask32 tail) {
-  return (__m512bh)(k < full ? _mm512_loadu_si512(p + k) : _mm512_maskz_loadu_epi16(tail, p + k));
-}
-
-__attribute__((target("avx512f"))) __attribute__((always_inline)) inline __m512 load_f32(
-    const float* p, int64_t k, int64_t full, __mmask16 tail) {
-  return k < full ? _mm512_loadu_ps(p + k) : _mm512_maskz_loadu_ps(tail, p + k);
-}
-
-// The 16 lanes' sum (halves folded: 8 adds' worth of latency, no store).
-__attribute__((target("avx512f"))) __attribute__((always_inline)) inline float hsum512(__m512 v) {
-  __m512 t = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0x4E));
-  t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, 0xB1));
-  __m128 r = _mm512_castps512_ps128(t);
-  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-  r = _mm_add_ss(r, _mm_movehdup_ps(r));
-  return _mm_cvtss_f32(r);
-}
-
-// Software prefetch of the next group of rows while this one is read. A group's rows are
-// adjacent, so its bytes are one run; four lines per step of the dot products (the lines the step
-// reads) cover the run by the time the group is done, so the next group's four interleaved
-// streams need no ramp-up of the hardware prefetcher. With it, and whole steps on plain loads
-// (the tail's masked load out of the loop), one core of an AMD EPYC (Zen 5) streams the bf16 head
-// (49280 x 576) at 24.6-25.6 GB/s instead of 20-21 (a plain read of the same bytes: ~33), loaded
-// machine, thread CPU time.
-struct NextGroup {
-  const char* p;
-  int64_t left;  // lines still to prefetch
-  __attribute__((always_inline)) inline void step() {
-    for (int i = 0; i < 4 && left > 0; ++i, --left, p += 64) _mm_prefetch(p, _MM_HINT_T0);
-  }
-};
-
-inline NextGroup next_group(const void* w, int64_t row_bytes, int64_t n, int64_t n1) {
-  const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(4, n1 - (n + 4)));
-  return {static_cast<const char*>(w) + (n + 4) * row_bytes, rows * row_bytes / 64};
-}
-
-VLMFAST_BF16_TARGET void gemv_bf16_avx512(
-    const uint16_t* w, const uint16_t* x, float* out, int64_t B, int64_t N, int64_t K, int64_t n0,
-    int64_t n1) {
-  const int64_t full = K / 32 * 32;
-  // vdpbf16ps multiplies 32 bf16 pairs into 16 float lanes; the K tail is zero-filled by a mask
-  const __mmask32 tail = static_cast<__mmask32>((1ull << (K - full)) - 1);
-  auto load = [=](const uint16_t* p, int64_t k) VLMFAST_BF16_TARGET { return load_bf16(p, k, full, tail); };
-  const int64_t end = K > full ? full + 32 : full;
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) {
-    const uint16_t* w0 = w + n * K;
-    NextGroup next = next_group(w, K * 2, n, n1);
-    int64_t b = 0;
-    for (; b + 2 <= B; b += 2) {  // two rows of x per load of the weights: half the L1 traffic
-      const uint16_t* xa = x + b * K;
-      const uint16_t* xb = xa + K;
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
-      for (int64_t k = 0; k < end; k += 32) {
-        next.step();
-        const __m512bh xv = load(xa, k), yv = load(xb, k);
-        const __m512bh v0 = load(w0, k), v1 = load(w0 + K, k), v2 = load(w0 + 2 * K, k),
-                       v3 = load(w0 + 3 * K, k);
-        a0 = _mm512_dpbf16_ps(a0, v0, xv);
-        a1 = _mm512_dpbf16_ps(a1, v1, xv);
-        a2 = _mm512_dpbf16_ps(a2, v2, xv);
-        a3 = _mm512_dpbf16_ps(a3, v3, xv);
-        c0 = _mm512_dpbf16_ps(c0, v0, yv);
-        c1 = _mm512_dpbf16_ps(c1, v1, yv);
-        c2 = _mm512_dpbf16_ps(c2, v2, yv);
-        c3 = _mm512_dpbf16_ps(c3, v3, yv);
-      }
-      float* o = out + b * N + n;
-      o[0] = hsum512(a0);
-      o[1] = hsum512(a1);
-      o[2] = hsum512(a2);
-      o[3] = hsum512(a3);
-      o += N;
-      o[0] = hsum512(c0);
-      o[1] = hsum512(c1);
-      o[2] = hsum512(c2);
-      o[3] = hsum512(c3);
-    }
-    for (; b < B; ++b) {
-      const uint16_t* xb = x + b * K;
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      int64_t k = 0;
-      for (; k < full; k += 32) {  // whole steps: plain loads, rows addressed from one base
-        next.step();
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + k);
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w0 + k), xv);
-        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w0 + K + k), xv);
-        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w0 + 2 * K + k), xv);
-        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w0 + 3 * K + k), xv);
-      }
-      if (k < end) {
-        const __m512bh xv = load(xb, k);
-        a0 = _mm512_dpbf16_ps(a0, load(w0, k), xv);
-        a1 = _mm512_dpbf16_ps(a1, load(w0 + K, k), xv);
-        a2 = _mm512_dpbf16_ps(a2, load(w0 + 2 * K, k), xv);
-        a3 = _mm512_dpbf16_ps(a3, load(w0 + 3 * K, k), xv);
-      }
-      float* o = out + b * N + n;
-      o[0] = hsum512(a0);
-      o[1] = hsum512(a1);
-      o[2] = hsum512(a2);
-      o[3] = hsum512(a3);
-    }
-  }
-  for (; n < n1; ++n) {
-    const uint16_t* wn = w + n * K;
-    for (int64_t b = 0; b < B; ++b) {
-      __m512 a = _mm512_setzero_ps();
-      for (int64_t k = 0; k < end; k += 32) a = _mm512_dpbf16_ps(a, load(wn, k), load(x + b * K, k));
-      out[b * N + n] = hsum512(a);
-    }
-  }
-}
-
-__attribute__((target("avx512f"))) void gemv_f32_avx512(const float* w, const float* x, float* out,
-                                                        int64_t B, int64_t N, int64_t K, int64_t n0,
-                                                        int64_t n1) {
-  const int64_t full = K / 16 * 16;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (K - full)) - 1);
-  auto load = [=](const float* p, int64_t k) __attribute__((target("avx512f"))) {
-    return load_f32(p, k, full, tail);
-  };
-  const int64_t end = K > full ? full + 16 : full;
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) {
-    const float* w0 = w + n * K;
-    NextGroup next = next_group(w, K * 4, n, n1);
-    for (int64_t b = 0; b < B; ++b) {
-      const float* xb = x + b * K;
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      int64_t k = 0;
-      for (; k < full; k += 16) {
-        next.step();
-        const __m512 xv = _mm512_loadu_ps(xb + k);
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + k), xv, a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + K + k), xv, a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + 2 * K + k), xv, a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + 3 * K + k), xv, a3);
-      }
-      if (k < end) {
-        const __m512 xv = load(xb, k);
-        a0 = _mm512_fmadd_ps(load(w0, k), xv, a0);
-        a1 = _mm512_fmadd_ps(load(w0 + K, k), xv, a1);
-        a2 = _mm512_fmadd_ps(load(w0 + 2 * K, k), xv, a2);
-        a3 = _mm512_fmadd_ps(load(w0 + 3 * K, k), xv, a3);
-      }
-      float* o = out + b * N + n;
-      o[0] = hsum512(a0);
-      o[1] = hsum512(a1);
-      o[2] = hsum512(a2);
-      o[3] = hsum512(a3);
-    }
-  }
-  for (; n < n1; ++n) {
-    for (int64_t b = 0; b < B; ++b) {
-      __m512 a = _mm512_setzero_ps();
-      for (int64_t k = 0; k < end; k += 16) a = _mm512_fmadd_ps(load(w + n * K, k), load(x + b * K, k), a);
-      out[b * N + n] = hsum512(a);
-    }
-  }
-}
+using decode_kernels::gemv_bf16_avx512;
+using decode_kernels::gemv_f32_avx512;
 #endif
 
-// Any CPU: 16 float partial sums per dot product (lane-wise, so the compiler may vectorise it
-// without reordering a sum).
-template <typename T>
-void gemv_portable(const T* w, const T* x, float* out, int64_t B, int64_t N, int64_t K, int64_t n0,
-                   int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t b = 0; b < B; ++b) {
-      float lanes[16] = {};
-      for (int64_t k = 0; k < K; ++k) lanes[k % 16] += to_float(w[n * K + k]) * to_float(x[b * K + k]);
-      float sum = 0.0f;
-      for (float lane : lanes) sum += lane;
-      out[b * N + n] = sum;
-    }
-  }
-}
-
 struct CpuSupport {
-  bool avx512f = false, avx512_bf16 = false;
+  bool avx512f = false, avx512_bf16 = false;  // avx512f: F, BW and VL (decode_gemv.h's float32 kernel)
 };
 
 const CpuSupport& cpu_support() {
@@ -223,8 +33,9 @@ const CpuSupport& cpu_support() {
     CpuSupport s;
 #ifdef VLMFAST_DECODE_X86
     __builtin_cpu_init();
-    s.avx512f = __builtin_cpu_supports("avx512f");
-    s.avx512_bf16 = s.avx512f && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+    s.avx512f = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512vl");
+    s.avx512_bf16 = s.avx512f && __builtin_cpu_supports("avx512bf16");
 #endif
     return s;
   }();
@@ -293,19 +104,58 @@ __attribute__((always_inline)) inline void rotate(float* x, const float* cos, co
   }
 }
 
+// n values of p (n <= 16; none when n <= 0) as float lanes, the other lanes zero. The K / V rows
+// of a cache and the task's float scratch rows alike.
+typedef uint16_t v16u16 __attribute__((vector_size(32)));
+VLMFAST_INLINE v16f lanes_of(const float* p, int64_t n) {
+  if (n >= 16) return vload(p);
+  v16f v{};
+  if (n > 0) __builtin_memcpy(&v, p, n * sizeof(float));
+  return v;
+}
+VLMFAST_INLINE v16f lanes_of(const BFloat16* p, int64_t n) {
+  v16u16 u{};
+  if (n >= 16) {
+    __builtin_memcpy(&u, p, sizeof u);
+  } else if (n > 0) {
+    __builtin_memcpy(&u, p, n * sizeof(BFloat16));
+  }
+  return (v16f)(__builtin_convertvector(u, v16i) << 16);  // bf16 bits are a float's top half
+}
+
+// q . k over E values: q a float row padded with zeros to whole vectors of 16, k a row of T.
+template <typename T>
+VLMFAST_INLINE float dot_row(const float* q, const T* k, int64_t E) {
+  v16f acc{};
+  int64_t e = 0;
+  for (; e + 16 <= E; e += 16) acc += vload(q + e) * lanes_of(k + e, 16);
+  if (e < E) acc += vload(q + e) * lanes_of(k + e, E - e);
+  return hsum_tree(acc);
+}
+
+// acc[0..4) += p * v[e0 .. e0 + 64) (lanes past E zero): 64 output columns in registers.
+template <typename T>
+VLMFAST_INLINE void add_value(v16f* acc, float p, const T* v, int64_t n) {
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) acc[i] += lanes_of(v + 16 * i, n - 16 * i) * p;
+}
+
 // One (row b, query head h) task: rotates h's query in qkv_row (float, values in T's precision)
 // and attends the cache slots [0, slot] of its key/value head g: softmax(scale q.k_j, masked) @
 // v_j, rounded to T into out_row (H E). The new token's key (rotated into k_new, E floats of this
 // task's scratch) and value are used from registers, not read back from the cache, and only the
 // group's first head writes them to slot `slot`: tasks never wait for one another, and split
-// evenly between threads at any batch size. scores: slot + 1 floats of scratch; acc: E floats.
+// evenly between threads at any batch size. Vectorised over the head dim for the dot products
+// and the weighted sum of values (a loop over 16 lanes by index had compiled to scalar code:
+// attention was half of a LLaVA float32 step at 8 rows and 226 cached tokens on a Zen 4), the
+// softmax 16 slots at a time (vexp). scores: slot + 17 floats of scratch (whole vectors);
+// q_pad, k_new: E floats rounded up to 16, each.
 template <typename T>
-__attribute__((always_inline)) inline void attend_head(const DecodeShape& s, float* qkv_row,
-                                                       const float* cos, const float* sin,
-                                                       T* k_cache, T* v_cache, const bool* key_mask,
-                                                       int64_t b, int64_t h, float* scores,
-                                                       float* acc, float* k_new, T* out_row) {
+VLMFAST_INLINE void attend_head(const DecodeShape& s, float* qkv_row, const float* cos, const float* sin,
+                                T* k_cache, T* v_cache, const bool* key_mask, int64_t b, int64_t h,
+                                float* scores, float* q_pad, float* k_new, T* out_row) {
   const int64_t E = s.E, group = s.H / s.Hkv, g = h / group;
+  const int64_t padded = (E + 15) / 16 * 16;
   const float* k_src = qkv_row + (s.H + g) * E;
   const float* v_new = qkv_row + (s.H + s.Hkv + g) * E;
   for (int64_t e = 0; e < E; ++e) k_new[e] = k_src[e];
@@ -322,43 +172,37 @@ __attribute__((always_inline)) inline void attend_head(const DecodeShape& s, flo
   const float minus_inf = -std::numeric_limits<float>::infinity();
   float* q = qkv_row + h * E;
   rotate<T>(q, cos, sin, E);
-  // scores of the cached slots [0, slot), then of the new token (always real)
-  float top = minus_inf;
+  for (int64_t e = 0; e < padded; ++e) q_pad[e] = e < E ? q[e] : 0.0f;
+  // scores of the cached slots [0, slot), then of the new token (always real), then -inf up to a
+  // whole vector
+  const int64_t n = s.slot + 1, whole = (n + 15) / 16 * 16;
   for (int64_t j = 0; j < s.slot; ++j) {
-    if (mask && !mask[j]) {
-      scores[j] = minus_inf;
-      continue;
+    scores[j] = (mask && !mask[j]) ? minus_inf : dot_row(q_pad, keys + j * E, E) * s.scale;
+  }
+  scores[s.slot] = dot_row(q_pad, k_new, E) * s.scale;
+  for (int64_t j = n; j < whole; ++j) scores[j] = minus_inf;
+  v16f top_lanes = splat(minus_inf);
+  for (int64_t j = 0; j < whole; j += 16) top_lanes = vmax(top_lanes, vload(scores + j));
+  const float top = hmax_tree(top_lanes);
+  v16f total_lanes{};
+  for (int64_t j = 0; j < whole; j += 16) {  // masked slots: exp(-inf) = 0
+    const v16f p = vexp(vload(scores + j) - top);
+    vstore(scores + j, p);
+    total_lanes += p;
+  }
+  const float inv = 1.0f / hsum_tree(total_lanes);  // the sum >= 1: the top slot's term is exp(0)
+  for (int64_t e0 = 0; e0 < E; e0 += 64) {
+    const int64_t cols = std::min<int64_t>(64, E - e0);
+    v16f acc[4] = {};
+    for (int64_t j = 0; j < s.slot; ++j) {
+      if (scores[j] != 0.0f) add_value(acc, scores[j], values + j * E + e0, cols);
     }
-    const T* k = keys + j * E;
-    float lanes[16] = {};
-    for (int64_t e = 0; e < E; ++e) lanes[e % 16] += q[e] * to_float(k[e]);
-    float dot = 0.0f;
-    for (float lane : lanes) dot += lane;
-    scores[j] = dot * s.scale;
-    top = std::max(top, scores[j]);
+    add_value(acc, scores[s.slot], v_new + e0, cols);
+    float row[64];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) vstore(row + 16 * i, acc[i] * inv);
+    for (int64_t e = 0; e < cols; ++e) out_row[h * E + e0 + e] = from_float<T>(row[e]);
   }
-  {
-    float lanes[16] = {};
-    for (int64_t e = 0; e < E; ++e) lanes[e % 16] += q[e] * k_new[e];
-    float dot = 0.0f;
-    for (float lane : lanes) dot += lane;
-    scores[s.slot] = dot * s.scale;
-    top = std::max(top, scores[s.slot]);
-  }
-  float total = 0.0f;
-  for (int64_t e = 0; e < E; ++e) acc[e] = 0.0f;
-  for (int64_t j = 0; j < s.slot; ++j) {
-    if (scores[j] == minus_inf) continue;
-    const float p = std::exp(scores[j] - top);
-    total += p;
-    const T* v = values + j * E;
-    for (int64_t e = 0; e < E; ++e) acc[e] += p * to_float(v[e]);
-  }
-  const float p = std::exp(scores[s.slot] - top);
-  total += p;
-  for (int64_t e = 0; e < E; ++e) acc[e] += p * v_new[e];
-  const float inv = 1.0f / total;  // total >= 1: the new token's term is exp(0) at the max
-  for (int64_t e = 0; e < E; ++e) out_row[h * E + e] = from_float<T>(acc[e] * inv);
 }
 
 // Tasks (b, h) = begin, begin + step, ... < B * H, compiled for the widest vectors the CPU has.
@@ -366,13 +210,13 @@ __attribute__((always_inline)) inline void attend_head(const DecodeShape& s, flo
   VLMFAST_MULTIVERSION void attend_##SUFFIX(const DecodeShape& s, float* qkv, const float* cos,  \
                                             const float* sin, void* k_cache, void* v_cache,      \
                                             const bool* key_mask, int64_t begin, int64_t step,   \
-                                            float* scores, float* acc, float* k_new, void* out) { \
+                                            float* scores, float* q_pad, float* k_new, void* out) { \
     const int64_t width = (s.H + 2 * s.Hkv) * s.E, half = s.E / 2;                                \
     for (int64_t task = begin; task < s.B * s.H; task += step) {                                  \
       const int64_t b = task / s.H, h = task % s.H;                                               \
       attend_head<T>(s, qkv + b * width, cos + b * half, sin + b * half,                          \
                      static_cast<T*>(k_cache), static_cast<T*>(v_cache), key_mask, b, h, scores,  \
-                     acc, k_new, static_cast<T*>(out) + b * s.H * s.E);                           \
+                     q_pad, k_new, static_cast<T*>(out) + b * s.H * s.E);                         \
     }                                                                                             \
   }
 VLMFAST_DEFINE_ATTEND(float, f32)
@@ -381,12 +225,12 @@ VLMFAST_DEFINE_ATTEND(BFloat16, bf16)
 
 template <typename T>
 void attend(const DecodeShape& s, float* qkv, const float* cos, const float* sin, void* k, void* v,
-            const bool* mask, int64_t begin, int64_t step, float* scores, float* acc, float* k_new,
+            const bool* mask, int64_t begin, int64_t step, float* scores, float* q_pad, float* k_new,
             T* out) {
   if constexpr (std::is_same_v<T, BFloat16>) {
-    attend_bf16(s, qkv, cos, sin, k, v, mask, begin, step, scores, acc, k_new, out);
+    attend_bf16(s, qkv, cos, sin, k, v, mask, begin, step, scores, q_pad, k_new, out);
   } else {
-    attend_f32(s, qkv, cos, sin, k, v, mask, begin, step, scores, acc, k_new, out);
+    attend_f32(s, qkv, cos, sin, k, v, mask, begin, step, scores, q_pad, k_new, out);
   }
 }
 
@@ -430,7 +274,7 @@ void step(const DecodeShape& s, const int64_t* tokens, const T* embed,
     tid = omp_get_thread_num();
     team = omp_get_num_threads();
 #endif
-    std::vector<float> x(B * D), scores(s.slot + 1), acc(E), k_new(E);
+    std::vector<float> x(B * D), scores(s.slot + 17), q_pad((E + 15) / 16 * 16), k_new((E + 15) / 16 * 16);
     std::vector<T> normed(B * D);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t i = 0; i < D; ++i) x[b * D + i] = to_float(embed[tokens[b] * D + i]);
@@ -446,7 +290,7 @@ void step(const DecodeShape& s, const int64_t* tokens, const T* embed,
                 qkv.data(), B, W, D, n0, n1);
 #pragma omp barrier
       attend<T>(s, qkv.data(), cos, sin, layer.k_cache, layer.v_cache, key_mask, tid, team,
-                scores.data(), acc.data(), k_new.data(), attended.data());
+                scores.data(), q_pad.data(), k_new.data(), attended.data());
 #pragma omp barrier
       share(D, tid, team, n0, n1);
       gemv_rows(static_cast<const T*>(layer.o_proj), static_cast<const T*>(layer.o_bias), attended.data(),

@@ -30,7 +30,8 @@ def needs(dtype):
 # ------------------------------------------------------------------ the matrix-vector kernel
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,N,K", [(1, 1, 40), (3, 113, 72), (1, 197, 80), (2, 7, 33), (5, 130, 576)])
+@pytest.mark.parametrize("B,N,K", [(1, 1, 40), (3, 113, 72), (1, 197, 80), (2, 7, 33), (5, 130, 576), (8, 45, 96),
+                                   (9, 13, 1537), (17, 37, 80)])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_gemv_matches_float64(dtype, B, N, K, with_bias, threads):
@@ -43,6 +44,21 @@ def test_gemv_matches_float64(dtype, B, N, K, with_bias, threads):
     low = torch.nn.functional.linear(x, w, bias)
     assert out.dtype == torch.float32
     assert_close(out.to(dtype), expected, low, name="gemv")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gemv_rows_do_not_depend_on_the_batch(dtype, threads):
+    """Each row of x lands in a tile of 4, 3, 2 or 1 rows, whatever B: the same sum in every case,
+    so a row's result is bit for bit its result alone (a batched decode step gives each row the
+    logits it would get by itself)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(11, 203, generator=g).to(dtype)
+    w = torch.randn(57, 203, generator=g).to(dtype)
+    bias = torch.randn(57, generator=g).to(dtype)
+    batched = native.gemv(x, w, bias, threads=threads)
+    for b in range(x.shape[0]):
+        assert torch.equal(native.gemv(x[b:b + 1].contiguous(), w, bias, threads=threads)[0], batched[b])
 
 
 def test_gemv_bad_input():
@@ -124,6 +140,7 @@ def prompts(B, L, vocab, seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim,heads,kv_heads,bias,tied,B", [
     (40, 3, 1, False, False, 1), (72, 4, 2, True, False, 2), (80, 2, 2, False, True, 2),
+    (40, 6, 2, False, False, 5), (72, 4, 2, True, True, 8), (80, 2, 1, False, False, 9),
 ])
 def test_decode_steps_match_float64(dtype, head_dim, heads, kv_heads, bias, tied, B):
     needs(dtype)

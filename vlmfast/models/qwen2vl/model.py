@@ -69,7 +69,7 @@ class Qwen2VL(TokenTableHead, nn.Module):
             self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False, device=device, dtype=dtype)
         self.generation_defaults = {}  # eos / pad ids of the checkpoint's generation_config.json
         self.auto_pack = True  # generate() packs bf16 CPU weights on first use (pack_weights)
-        self.native_decode = True  # decode steps of <= 2 rows run natively on a CPU (native_decode.py)
+        self.native_decode = True  # decode steps of <= 32 rows run natively on a CPU (native_decode.py)
 
     # ------------------------------------------------------------------ loading, saving
 
