@@ -57,7 +57,10 @@ def test_answers_equal_generate_alone(models, decode, chunk, monkeypatch):
     monkeypatch.setattr(kv_pool.KVPool, "shift", lambda self, k: (shifts.append(k), original(self, k))[1])
     requests = _requests(24, seed=7)
     # 3 rows only as long as the longest request: rows wait for room, windows are shifted, the
-    # native step (<= 2 rows) and the batched one both run
+    # native step (<= 2 rows here) and the eager batched one both run
+    from vlmfast.models.smolvlm import fast_decode
+
+    monkeypatch.setattr(fast_decode, "MAX_ROWS", 2)
     need = max(r.prompt_len + r.params.max_tokens for r in requests)
     engine = Engine(model, max_batch=3, max_len=need, chunk_tokens=chunk, decode=decode, eos_token_id=STOPS)
     results = engine.generate(requests)

@@ -22,7 +22,7 @@ prompt is prefilled as generate() prefills it, each row keeps its own rotary pos
 key mask hiding every slot that is not its own, and each sampled request draws from its own
 generator seeded by its seed. (Only float rounding differs: other batch sizes in the GEMMs.)
 
-Decoding modes: "eager" (model.decode_step; on a CPU rows <= 2 run the native step), "static"
+Decoding modes: "eager" (model.decode_step; on a CPU up to fast_decode.MAX_ROWS rows run the native step), "static"
 (model.decode_step_static: fixed shapes, attention over the whole pool under the key mask),
 "graph" (the static step captured once per batch size in a CUDA graph and replayed), "auto":
 graph on CUDA when the model has the static step, else eager.
@@ -165,10 +165,12 @@ class Engine:
     # ------------------------------------------------------------------ set-up
 
     def _prepare_model(self) -> None:
+        from vlmfast.models.smolvlm.fast_decode import MAX_ROWS
+
         model = self.model
         if (self.device.type == "cpu" and getattr(model, "auto_pack", False) and model.dtype == torch.bfloat16
-                and self.pool.rows > 2 and not getattr(model, "_packed_once", False)):
-            # bf16 batches of more than 2 rows run oneDNN GEMMs: packed weights (as generate() does)
+                and self.pool.rows > MAX_ROWS and not getattr(model, "_packed_once", False)):
+            # bf16 batches beyond the native step's rows run oneDNN GEMMs: packed weights (as generate() does)
             model._packed_once = True
             model.pack_weights()
 
