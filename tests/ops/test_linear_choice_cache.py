@@ -63,6 +63,14 @@ def test_the_setting_names_the_file_and_off_disables_it(measuring, monkeypatch):
     assert not list(measuring.glob("linear_choice-*"))
 
 
+def test_another_gemm_configuration_names_another_file(measuring, monkeypatch):
+    """Decisions timed against other blocking (or another level) are not reused."""
+    first = _choice_cache.path()
+    assert "f32_kc=" in _choice_cache._gemm_identity()  # the extension's blocking is in the setting
+    monkeypatch.setattr(_choice_cache, "_gemm_identity", lambda: "isa=avx512,f32_kc=128")
+    assert _choice_cache.path() != first
+
+
 def test_an_unwritable_place_is_skipped(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -2,11 +2,13 @@
 the timing (ops/_linear_choice.py).
 
 One JSON file per machine setting: the CPU (model, family, the GEMM instruction sets), the thread
-count and the torch and vlmfast versions are hashed into its name, since a choice made under any
-other of them says nothing. Where: $VLMFAST_CACHE_DIR, else $XDG_CACHE_HOME/vlmfast, else
-~/.cache/vlmfast; VLMFAST_CACHE_DIR=off keeps choices in memory only. A file that cannot be read
-or parsed is ignored (the classes are timed again), one that cannot be written is skipped: the
-cache never makes a call fail. Writes go to a temporary file renamed over the old one, so two
+count, the torch and vlmfast versions and the native GEMM's configuration (the level in use and
+its blocking) are hashed into its name, since a choice made under any other of them says nothing
+(the float32 KC going from 128 to 256 moved large classes by 5-14 %, while the version stayed).
+Where: $VLMFAST_CACHE_DIR, else $XDG_CACHE_HOME/vlmfast, else ~/.cache/vlmfast;
+VLMFAST_CACHE_DIR=off keeps choices in memory only. A file that cannot be read or parsed is
+ignored (the classes are timed again), one that cannot be written is skipped: the cache never
+makes a call fail. Writes go to a temporary file renamed over the old one, so two
 processes deciding at once leave one complete file, not a torn one.
 """
 
@@ -37,6 +39,17 @@ def _cpu_identity() -> str:
     return "|".join(fields.get(k, "") for k in cpuinfo.KEYS) or platform.processor()
 
 
+def _gemm_identity() -> str:
+    """The native GEMM's level and blocking as vlmfast.native.linear.describe() gives them, or ''
+    without the extension. Read per call: tests force other levels within a process."""
+    try:
+        from vlmfast.native import linear as native_linear
+
+        return ",".join(f"{key}={value}" for key, value in sorted(native_linear.describe().items()))
+    except (ImportError, AttributeError, RuntimeError):
+        return ""
+
+
 def path() -> Path | None:
     """The file for this machine setting, or None when the cache is off."""
     where = os.environ.get("VLMFAST_CACHE_DIR", "").strip()
@@ -47,7 +60,8 @@ def path() -> Path | None:
         where = os.path.join(base, "vlmfast")
     from vlmfast import __version__
 
-    setting = f"{_cpu_identity()}|threads={torch.get_num_threads()}|torch={torch.__version__}|vlmfast={__version__}"
+    setting = (f"{_cpu_identity()}|threads={torch.get_num_threads()}|torch={torch.__version__}|vlmfast={__version__}"
+               f"|gemm={_gemm_identity()}")
     digest = hashlib.sha256(setting.encode()).hexdigest()[:16]
     return Path(where) / f"linear_choice-{digest}.json"
 

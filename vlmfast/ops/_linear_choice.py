@@ -24,7 +24,7 @@ one process to the next).
 The timing runs each side at least four times, which for a prefill-sized GEMM is seconds added to
 a process's first call (a Qwen2-VL load + first generate took 7.4 s against 2.6 s without it). So
 decisions are also kept on disk (choice_cache.py: one file per CPU model, thread count, torch and
-vlmfast version) and a later process on the same machine starts from them.
+vlmfast version, GEMM level and blocking) and a later process on the same machine starts from them.
 """
 
 import os
