@@ -205,13 +205,14 @@ def test_bad_inputs_name_the_argument(one):
         model.check_inputs(ids, pixels, torch.ones(1, 3, 32, 32))
 
 
-def test_native_cpu_decode_gives_the_eager_tokens(one):
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_native_cpu_decode_gives_the_eager_tokens(one, rows):
     _, model, _ = one
-    ids, mask, pixels = batch(model, ROWS[:2], seed=8)
+    ids, mask, pixels = batch(model, ROWS[:rows], seed=8)
     model.native_decode = False
     eager = model.generate(ids, pixels, mask, max_new_tokens=8)
     model.native_decode = True
-    cache = model.new_cache(2, ids.shape[1] + 8)
+    cache = model.new_cache(rows, ids.shape[1] + 8)
     with torch.no_grad():
         native = model.decodes_natively(ids[:, -1], cache)
     if not native:
