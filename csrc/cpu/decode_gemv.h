@@ -52,8 +52,9 @@ VLMFAST_F32_TARGET VLMFAST_INLINE float hsum512(__m512 v) {
 // first (the later tiles read this group from L1). Into L1 (prefetcht0), one group ahead, the
 // prefetched lines evicted the rows of x and of the group still in use: measured on the 2-core
 // AMD EPYC Zen 4 (micro-benchmark of these kernels over LLaVA's decoder shapes, one thread,
-// thread CPU time, loaded machine), float32 at 8 rows 13.0 -> 6.1 ms (35 -> 74 GFLOP/s), bf16 at
-// one row, 2 threads, 24 -> 38.6 GB/s.
+// thread CPU time, loaded machine), float32 at 8 rows 13.0 -> 6.1 ms (35 -> 74 GFLOP/s); bf16 at
+// one row, 2 threads, 38.6 GB/s against 24-32 for the L1 or one-group-ahead variants in the same
+// run (the old L1, one-group-ahead scheme's own sample there was disturbed: 5.7).
 constexpr int64_t kPrefetchGroups = 2;
 
 struct NextGroup {
