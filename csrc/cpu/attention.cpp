@@ -982,6 +982,29 @@ VLMFAST_ATTENTION_JOBS(float, f32)
 VLMFAST_ATTENTION_JOBS(Half, f16)
 VLMFAST_ATTENTION_JOBS(BFloat16, bf16)
 
+// Runs run(Scratch&) on `threads` threads (its `omp for` loops share their jobs out), each with a
+// Scratch: without kept tiles a job's scratch is a few tiles whatever S is, so each thread keeps
+// one across calls (allocating it every decode step showed); kept tiles grow with S (keep): a
+// fresh one per call. One thread starts no team: the loops then run on the caller alone.
+template <typename Run>
+void run_with_scratch(bool keep, int threads, const Run& run) {
+  auto scratch_and_run = [&] {
+    if (keep) {
+      Scratch w;
+      run(w);
+    } else {
+      static thread_local Scratch w;
+      run(w);
+    }
+  };
+  if (threads == 1) {
+    scratch_and_run();
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  scratch_and_run();
+}
+
 template <typename T>
 void forward_impl(const AttentionShape& shape, const ForwardArgs& a, int threads) {
   const Plan p = make_plan(shape, threads);
@@ -989,8 +1012,6 @@ void forward_impl(const AttentionShape& shape, const ForwardArgs& a, int threads
   if (sch.tasks == 0) return;
   const int64_t partial_floats = sch.splits > 1 ? sch.tasks * sch.splits * sch.slot : 0;
   std::vector<float> partial(static_cast<size_t>(partial_floats));
-  // Without kept tiles a job's scratch is a few tiles whatever S is: each thread keeps one
-  // across calls (allocating it every decode step showed). Kept tiles grow with S: per call.
   auto run = [&](Scratch& w) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t job = 0; job < sch.jobs; ++job)
@@ -1001,21 +1022,7 @@ void forward_impl(const AttentionShape& shape, const ForwardArgs& a, int threads
         Jobs<T>::merge(p, a, sch, task, w, partial.data());
     }
   };
-  auto scratch_and_run = [&] {
-    if (sch.keep) {
-      Scratch w;
-      run(w);
-    } else {
-      static thread_local Scratch w;
-      run(w);
-    }
-  };
-  if (threads == 1) {
-    scratch_and_run();  // no team to start (the loops above then run on this thread alone)
-    return;
-  }
-#pragma omp parallel num_threads(threads)
-  scratch_and_run();
+  run_with_scratch(sch.keep, threads, run);
 }
 
 // Packed sequences (varlen): every segment is a dense problem of batch 1 whose tensors, rotary
@@ -1069,21 +1076,7 @@ void varlen_forward_impl(const AttentionShape& shape, const int32_t* cu_seqlens,
                        nullptr);
     }
   };
-  auto scratch_and_run = [&] {  // as forward_impl: kept tiles grow with S, so per call
-    if (keep) {
-      Scratch w;
-      run(w);
-    } else {
-      static thread_local Scratch w;
-      run(w);
-    }
-  };
-  if (threads == 1) {
-    scratch_and_run();
-    return;
-  }
-#pragma omp parallel num_threads(threads)
-  scratch_and_run();
+  run_with_scratch(keep, threads, run);
 }
 
 template <typename T>
