@@ -1,5 +1,6 @@
 #include "cpu/decode.h"
 #include "cpu/decode_gemv.h"
+#include "cpu/gemm_elements.h"
 
 #include "common/dtype.h"
 #include "common/parallel.h"
@@ -104,23 +105,12 @@ __attribute__((always_inline)) inline void rotate(float* x, const float* cos, co
   }
 }
 
-// n values of p (n <= 16; none when n <= 0) as float lanes, the other lanes zero. The K / V rows
-// of a cache and the task's float scratch rows alike.
-typedef uint16_t v16u16 __attribute__((vector_size(32)));
-VLMFAST_INLINE v16f lanes_of(const float* p, int64_t n) {
-  if (n >= 16) return vload(p);
-  v16f v{};
-  if (n > 0) __builtin_memcpy(&v, p, n * sizeof(float));
-  return v;
-}
-VLMFAST_INLINE v16f lanes_of(const BFloat16* p, int64_t n) {
-  v16u16 u{};
-  if (n >= 16) {
-    __builtin_memcpy(&u, p, sizeof u);
-  } else if (n > 0) {
-    __builtin_memcpy(&u, p, n * sizeof(BFloat16));
-  }
-  return (v16f)(__builtin_convertvector(u, v16i) << 16);  // bf16 bits are a float's top half
+// n values of p (n <= 16; none when n <= 0) as float lanes, the other lanes zero: the K / V rows
+// of a cache and the task's float scratch rows alike, through the GEMM epilogues' loads.
+template <typename T>
+VLMFAST_INLINE v16f lanes_of(const T* p, int64_t n) {
+  if (n >= 16) return gemm_elements::load16(p);
+  return n > 0 ? gemm_elements::load_part(p, n) : v16f{};
 }
 
 // q . k over E values: q a float row padded with zeros to whole vectors of 16, k a row of T.
