@@ -90,7 +90,7 @@ def launch_forward(q, k, v, bias, scale: float, is_causal: bool, rotary):
     out = _alloc.empty(batch, heads, length, dim, dtype=q.dtype, device=_CPU)
     lse = _alloc.empty(batch, heads, length, dtype=torch.float32, device=_CPU)
     bias_ptr, bias_strides = _bias_args(bias)
-    tables = None if rotary is None else _rotary_tables(rotary, max(q.shape[2], k.shape[2]), q.shape[3])
+    tables = _rotary_tables(rotary, max(q.shape[2], k.shape[2]), q.shape[3])
     # Positional arguments: a decode step is short enough for keyword parsing to show.
     _module().attention_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), bias_ptr, out.data_ptr(), lse.data_ptr(),
@@ -114,7 +114,7 @@ def launch_varlen_forward(q, k, v, cu_seqlens, scale: float, is_causal: bool, ro
     lse = _alloc.empty(heads, total, dtype=torch.float32, device=_CPU)
     if cu_seqlens.dtype is not torch.int32 or not cu_seqlens.is_contiguous():
         cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
-    tables = None if rotary is None else _rotary_tables(rotary, total, dim)
+    tables = _rotary_tables(rotary, total, dim)
     _module().attention_varlen_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), cu_seqlens.data_ptr(),
         cu_seqlens.shape[0] - 1, (total, heads, kv_heads, dim), q.stride()[:2], k.stride()[:2],
@@ -231,7 +231,7 @@ def launch_backward(grad_out, q, k, v, out, lse, bias, scale: float, is_causal: 
     q_grad_strides = (heads * length * dim, length * dim, dim)
     kv_grad_strides = (kv_heads * keys * dim, keys * dim, dim)
     bias_ptr, bias_strides = _bias_args(bias)
-    tables = None if rotary is None else _rotary_tables(rotary, max(q.shape[2], k.shape[2]), q.shape[3])
+    tables = _rotary_tables(rotary, max(q.shape[2], k.shape[2]), q.shape[3])
     # Positional arguments (the binding's order): parsing ~30 keywords costs several
     # microseconds, which a small call's backward feels.
     _module().attention_backward(
