@@ -91,27 +91,28 @@ def _backward_work(need_x: bool, need_weight: bool, need_bias: bool) -> str:
 
 
 def _runs_kernel(backend, x, weight, bias, act, compute, cache, keep) -> bool:
-    """Whether the C++ GEMM runs this forward: it can, and for this shape class (forward alone,
-    as the call runs it) it was measured faster than torch's linear on this machine (or the
-    choice is forced)."""
-    if not _eligible(backend, x, weight, compute):
-        return False
-    key = _linear_choice.shape_class(x.shape[0], weight.shape[0], weight.shape[1], x.dtype, weight.dtype,
-                                     compute, _forward_work(cache, keep))
-    return _linear_choice.choose(key, lambda: _timed_forward(True, x, weight, bias, act, compute, cache, keep),
-                                 lambda: _timed_forward(False, x, weight, bias, act, compute, cache, keep)) == "vlmfast"
+    """Whether the C++ GEMM runs this forward (its class: the forward alone, as the call runs it)."""
+    return _measured_faster(backend, x, weight, compute, _forward_work(cache, keep),
+                            lambda native: _timed_forward(native, x, weight, bias, act, compute, cache, keep))
 
 
 def _runs_backward_kernel(backend, x, weight, bias, act, compute, needs) -> bool:
-    """As _runs_kernel for a backward forming the gradients `needs` (need_x, need_weight,
+    """Whether the C++ GEMM runs a backward forming the gradients `needs` (need_x, need_weight,
     need_bias): its own class, since a frozen layer's backward (dx alone) and a trained one's
     (three gradients) are different work, and so is a forward without a backward."""
+    return _measured_faster(backend, x, weight, compute, _backward_work(*needs),
+                            lambda native: _timed_backward(native, x, weight, bias, act, compute, needs))
+
+
+def _measured_faster(backend, x, weight, compute, work: str, timed) -> bool:
+    """Whether the C++ GEMM runs a call doing `work`: it can, and for the call's shape class it
+    was measured faster than torch's linear on this machine (or the choice is forced).
+    timed(native) gives the step one side's measurement times."""
     if not _eligible(backend, x, weight, compute):
         return False
     key = _linear_choice.shape_class(x.shape[0], weight.shape[0], weight.shape[1], x.dtype, weight.dtype,
-                                     compute, _backward_work(*needs))
-    return _linear_choice.choose(key, lambda: _timed_backward(True, x, weight, bias, act, compute, needs),
-                                 lambda: _timed_backward(False, x, weight, bias, act, compute, needs)) == "vlmfast"
+                                     compute, work)
+    return _linear_choice.choose(key, lambda: timed(True), lambda: timed(False)) == "vlmfast"
 
 
 def _timed_forward(native, x, weight, bias, act, compute, cache, keep):
