@@ -15,6 +15,7 @@ there). DDP copies rank 0's parameters and buffers to every rank when it wraps t
 `broadcast_state` does it before FSDP2 shards one (it copies nothing itself).
 """
 
+import gc
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,6 +87,11 @@ def session(threads: int | None = None):
     finally:
         torch.set_num_threads(previous)
         if not already and dist.is_available() and dist.is_initialized():
+            # The run's DistributedDataParallel wrapper sits in reference cycles (trainer, hooks)
+            # and holds the gloo group: collected at interpreter exit instead, the group's
+            # worker threads are torn down after the runtime that joins them, and the rank
+            # aborts ("terminate called without an active exception"). Free it here, first.
+            gc.collect()
             if finished and parallel.enabled:
                 # Ranks leave together: gloo aborts a rank that tears its group down while a peer
                 # (rank 0 evaluating and saving) still holds the connection. Skipped after an
