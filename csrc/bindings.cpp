@@ -138,35 +138,31 @@ PYBIND11_MODULE(_C, m) {
       py::arg("grad_b"), py::arg("dtype"), py::arg("threads"));
 
   // Decode step of a Llama-style stack (csrc/cpu/decode.h): shape = (B, D, H, Hkv, E, I, V,
-  // layers, max_len, slot); layer_table = the address of an int64 (layers, 12) array of each
-  // layer's DecodeLayer pointers, in the struct's order; key_mask = 0 for none.
-  m.def(
-      "decode_step",
-      [](const std::array<int64_t, 10>& shape, float eps, float scale, uintptr_t tokens,
-         uintptr_t embed, uintptr_t layer_table, uintptr_t final_norm, uintptr_t head,
-         uintptr_t cos, uintptr_t sin, uintptr_t key_mask, uintptr_t logits, int dtype,
-         int threads) {
-        namespace c = vlmfast::cpu;
-        const c::DecodeShape s{shape[0], shape[1], shape[2], shape[3], shape[4], shape[5],
-                               shape[6], shape[7], shape[8], shape[9], eps, scale};
-        const auto* table = ptr<const uintptr_t>(layer_table);
-        std::vector<c::DecodeLayer> layers(static_cast<size_t>(std::max<int64_t>(s.layers, 0)));
-        for (size_t l = 0; l < layers.size(); ++l) {
-          const uintptr_t* f = table + l * c::kDecodeLayerFields;
-          layers[l] = c::DecodeLayer{ptr<const void>(f[0]), ptr<const void>(f[1]), ptr<const void>(f[2]),
-                                     ptr<const void>(f[3]), ptr<const void>(f[4]), ptr<const void>(f[5]),
-                                     ptr<const void>(f[6]), ptr<const void>(f[7]), ptr<const void>(f[8]),
-                                     ptr<const void>(f[9]), ptr<void>(f[10]), ptr<void>(f[11])};
-        }
-        py::gil_scoped_release release;
-        c::decode_step(s, ptr<const int64_t>(tokens), ptr<const void>(embed), layers,
-                       ptr<const void>(final_norm), ptr<const void>(head), ptr<const float>(cos),
-                       ptr<const float>(sin), ptr<const bool>(key_mask), ptr<float>(logits), dtype,
-                       threads);
-      },
-      py::arg("shape"), py::arg("eps"), py::arg("scale"), py::arg("tokens"), py::arg("embed"),
-      py::arg("layer_table"), py::arg("final_norm"), py::arg("head"), py::arg("cos"),
-      py::arg("sin"), py::arg("key_mask"), py::arg("logits"), py::arg("dtype"), py::arg("threads"));
+  // layers, max_len, slot, rotary_rows, embed_rows); layer_table = the address of an int64
+  // (layers, 12) array of each layer's DecodeLayer pointers, in the struct's order; key_mask = 0
+  // for none. Positional arguments only: this runs once per token, and keyword matching cost
+  // more than the rest of the binding.
+  m.def("decode_step", [](const std::array<int64_t, 12>& shape, float eps, float scale, uintptr_t tokens,
+                          uintptr_t positions, uintptr_t embed, uintptr_t layer_table, uintptr_t final_norm,
+                          uintptr_t head, uintptr_t cos, uintptr_t sin, uintptr_t key_mask,
+                          uintptr_t logits, int dtype, int threads) {
+    namespace c = vlmfast::cpu;
+    const c::DecodeShape s{shape[0], shape[1], shape[2], shape[3], shape[4], shape[5], shape[6],
+                           shape[7], shape[8], shape[9], shape[10], shape[11], eps, scale};
+    const auto* table = ptr<const uintptr_t>(layer_table);
+    std::vector<c::DecodeLayer> layers(static_cast<size_t>(std::max<int64_t>(s.layers, 0)));
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const uintptr_t* f = table + l * c::kDecodeLayerFields;
+      layers[l] = c::DecodeLayer{ptr<const void>(f[0]), ptr<const void>(f[1]), ptr<const void>(f[2]),
+                                 ptr<const void>(f[3]), ptr<const void>(f[4]), ptr<const void>(f[5]),
+                                 ptr<const void>(f[6]), ptr<const void>(f[7]), ptr<const void>(f[8]),
+                                 ptr<const void>(f[9]), ptr<void>(f[10]), ptr<void>(f[11])};
+    }
+    py::gil_scoped_release release;
+    c::decode_step(s, ptr<const int64_t>(tokens), ptr<const int64_t>(positions), ptr<const void>(embed),
+                   layers, ptr<const void>(final_norm), ptr<const void>(head), ptr<const float>(cos),
+                   ptr<const float>(sin), ptr<bool>(key_mask), ptr<float>(logits), dtype, threads);
+  });
 
   m.def(
       "decode_gemv",

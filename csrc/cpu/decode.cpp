@@ -198,13 +198,14 @@ VLMFAST_INLINE void attend_head(const DecodeShape& s, float* qkv_row, const floa
 // Tasks (b, h) = begin, begin + step, ... < B * H, compiled for the widest vectors the CPU has.
 #define VLMFAST_DEFINE_ATTEND(T, SUFFIX)                                                          \
   VLMFAST_MULTIVERSION void attend_##SUFFIX(const DecodeShape& s, float* qkv, const float* cos,  \
-                                            const float* sin, void* k_cache, void* v_cache,      \
+                                            const float* sin, const int64_t* positions,          \
+                                            void* k_cache, void* v_cache,                        \
                                             const bool* key_mask, int64_t begin, int64_t step,   \
                                             float* scores, float* q_pad, float* k_new, void* out) { \
     const int64_t width = (s.H + 2 * s.Hkv) * s.E, half = s.E / 2;                                \
     for (int64_t task = begin; task < s.B * s.H; task += step) {                                  \
       const int64_t b = task / s.H, h = task % s.H;                                               \
-      attend_head<T>(s, qkv + b * width, cos + b * half, sin + b * half,                          \
+      attend_head<T>(s, qkv + b * width, cos + positions[b] * half, sin + positions[b] * half,    \
                      static_cast<T*>(k_cache), static_cast<T*>(v_cache), key_mask, b, h, scores,  \
                      q_pad, k_new, static_cast<T*>(out) + b * s.H * s.E);                         \
     }                                                                                             \
@@ -214,13 +215,13 @@ VLMFAST_DEFINE_ATTEND(BFloat16, bf16)
 #undef VLMFAST_DEFINE_ATTEND
 
 template <typename T>
-void attend(const DecodeShape& s, float* qkv, const float* cos, const float* sin, void* k, void* v,
-            const bool* mask, int64_t begin, int64_t step, float* scores, float* q_pad, float* k_new,
-            T* out) {
+void attend(const DecodeShape& s, float* qkv, const float* cos, const float* sin, const int64_t* positions,
+            void* k, void* v, const bool* mask, int64_t begin, int64_t step, float* scores, float* q_pad,
+            float* k_new, T* out) {
   if constexpr (std::is_same_v<T, BFloat16>) {
-    attend_bf16(s, qkv, cos, sin, k, v, mask, begin, step, scores, q_pad, k_new, out);
+    attend_bf16(s, qkv, cos, sin, positions, k, v, mask, begin, step, scores, q_pad, k_new, out);
   } else {
-    attend_f32(s, qkv, cos, sin, k, v, mask, begin, step, scores, q_pad, k_new, out);
+    attend_f32(s, qkv, cos, sin, positions, k, v, mask, begin, step, scores, q_pad, k_new, out);
   }
 }
 
@@ -248,7 +249,7 @@ void residual_and_norm(float* x, const float* delta, const T* weight, T* normed,
 // next, with a barrier between). Private per thread: the residual stream and its norms.
 
 template <typename T>
-void step(const DecodeShape& s, const int64_t* tokens, const T* embed,
+void step(const DecodeShape& s, const int64_t* tokens, const int64_t* positions, const T* embed,
           const std::vector<DecodeLayer>& layers, const T* final_norm, const T* head,
           const float* cos, const float* sin, const bool* key_mask, float* logits, int threads) {
   const int64_t B = s.B, D = s.D, E = s.E, I = s.I;
@@ -279,7 +280,7 @@ void step(const DecodeShape& s, const int64_t* tokens, const T* embed,
       gemv_rows(static_cast<const T*>(layer.qkv), static_cast<const T*>(layer.qkv_bias), normed.data(),
                 qkv.data(), B, W, D, n0, n1);
 #pragma omp barrier
-      attend<T>(s, qkv.data(), cos, sin, layer.k_cache, layer.v_cache, key_mask, tid, team,
+      attend<T>(s, qkv.data(), cos, sin, positions, layer.k_cache, layer.v_cache, key_mask, tid, team,
                 scores.data(), q_pad.data(), k_new.data(), attended.data());
 #pragma omp barrier
       share(D, tid, team, n0, n1);
@@ -314,23 +315,45 @@ void check_shape(const DecodeShape& s, size_t layers) {
   if (s.H < 1 || s.Hkv < 1 || s.H % s.Hkv != 0) fail("expected H a positive multiple of Hkv");
   if (s.E < 2 || s.E % 2 != 0) fail("expected an even head dim");
   if (s.slot < 0 || s.slot >= s.max_len) fail("slot outside the cache");
+  if (s.rotary_rows < 1 || s.embed_rows < 1) fail("expected non-empty rotary tables and embedding");
   if (static_cast<int64_t>(layers) != s.layers) fail("layer table does not match the layer count");
+}
+
+// Every row's token inside the vocabulary and position inside the rotary tables: checked before
+// any weight is read (a bad index would read outside the embedding or the tables).
+void check_rows(const DecodeShape& s, const int64_t* tokens, const int64_t* positions) {
+  for (int64_t b = 0; b < s.B; ++b) {
+    if (positions[b] < 0 || positions[b] >= s.rotary_rows) {
+      throw std::invalid_argument("decode_step: positions[" + std::to_string(b) + "] = " +
+                                  std::to_string(positions[b]) + " is outside the rotary tables' " +
+                                  std::to_string(s.rotary_rows) + " rows");
+    }
+    if (tokens[b] < 0 || tokens[b] >= s.embed_rows) {
+      throw std::invalid_argument("decode_step: tokens[" + std::to_string(b) + "] = " +
+                                  std::to_string(tokens[b]) + " is outside the embedding's " +
+                                  std::to_string(s.embed_rows) + " rows");
+    }
+  }
 }
 
 }  // namespace
 
-void decode_step(const DecodeShape& shape, const int64_t* tokens, const void* embed,
-                 const std::vector<DecodeLayer>& layers, const void* final_norm, const void* head,
-                 const float* cos, const float* sin, const bool* key_mask, float* logits,
+void decode_step(const DecodeShape& shape, const int64_t* tokens, const int64_t* positions,
+                 const void* embed, const std::vector<DecodeLayer>& layers, const void* final_norm,
+                 const void* head, const float* cos, const float* sin, bool* key_mask, float* logits,
                  int dtype, int threads) {
   check_shape(shape, layers.size());
+  check_rows(shape, tokens, positions);
+  if (key_mask != nullptr) {
+    for (int64_t b = 0; b < shape.B; ++b) key_mask[b * shape.max_len + shape.slot] = true;
+  }
   switch (dtype_from_tag(dtype)) {
     case DType::Float32:
-      return step<float>(shape, tokens, static_cast<const float*>(embed), layers,
+      return step<float>(shape, tokens, positions, static_cast<const float*>(embed), layers,
                          static_cast<const float*>(final_norm), static_cast<const float*>(head), cos,
                          sin, key_mask, logits, threads);
     case DType::BFloat16:
-      return step<BFloat16>(shape, tokens, static_cast<const BFloat16*>(embed), layers,
+      return step<BFloat16>(shape, tokens, positions, static_cast<const BFloat16*>(embed), layers,
                             static_cast<const BFloat16*>(final_norm),
                             static_cast<const BFloat16*>(head), cos, sin, key_mask, logits, threads);
     default:

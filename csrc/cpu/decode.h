@@ -26,6 +26,8 @@ struct DecodeShape {
   int64_t layers;
   int64_t max_len;       // cache slots per row
   int64_t slot;          // the slot this step writes; attention reads slots [0, slot]
+  int64_t rotary_rows;   // rows of the cos / sin tables (positions index them)
+  int64_t embed_rows;    // rows of the embedding (tokens index them)
   float eps;             // RMSNorm epsilon
   float scale;           // softmax scale
 };
@@ -48,13 +50,15 @@ struct DecodeLayer {
 };
 constexpr int kDecodeLayerFields = 12;  // pointers per DecodeLayer (Python passes them flat)
 
-// tokens int64 (B,) index embed (rows of D); cos, sin float32 (B, E/2), the rotary angles of each
-// row's new token (rotate-half pairs (i, i + E/2)); key_mask bool (B, max_len), true on slots that
-// hold real tokens (null: all of [0, slot] are real); logits float32 (B, V), written.
+// tokens int64 (B,) index embed (rows of D); positions int64 (B,) index the rotary tables cos, sin
+// float32 (rotary_rows, E/2) (rotate-half pairs (i, i + E/2)): a table for every position a
+// sequence reaches, built once, so a step computes no angles. key_mask bool (B, max_len), true on
+// slots that hold real tokens: the step marks `slot` real and attends only real slots (null: all
+// of [0, slot] are real, nothing written); logits float32 (B, V), written.
 // dtype: Float32 or BFloat16 (csrc/common/dtype.h tags).
-void decode_step(const DecodeShape& shape, const int64_t* tokens, const void* embed,
-                 const std::vector<DecodeLayer>& layers, const void* final_norm, const void* head,
-                 const float* cos, const float* sin, const bool* key_mask, float* logits,
+void decode_step(const DecodeShape& shape, const int64_t* tokens, const int64_t* positions,
+                 const void* embed, const std::vector<DecodeLayer>& layers, const void* final_norm,
+                 const void* head, const float* cos, const float* sin, bool* key_mask, float* logits,
                  int dtype, int threads);
 
 // out (B, N) float32 = x (B, K) @ w (N, K)^T (+ bias), rounded to the dtype, rows of w split

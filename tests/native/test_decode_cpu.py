@@ -77,14 +77,23 @@ def test_gemv_bad_input():
         native.gemv(x, torch.randn(8, 5).t())
 
 
-def test_step_bad_slot():
+def test_step_bad_slot_token_or_position():
     model = tiny_model()
     table = native.layer_table([dict(input_norm=p) for p in [model.head_weight] * 2])
-    z = torch.zeros(1, 6)
+    z = torch.zeros(3, 6)
+    zero = torch.zeros(1, dtype=torch.long)
+    args = (model.head_weight, table, model.head_weight, model.head_weight, z, z, None, 1)
     shape = (1, 48, 4, 2, 12, 80, 200, 2, 4, 4)  # slot 4 of a 4-slot cache
     with pytest.raises(ValueError, match="slot outside the cache"):
-        native.step(shape, 1e-5, 0.3, torch.zeros(1, dtype=torch.long), model.head_weight, table,
-                    model.head_weight, model.head_weight, z, z, None, 1)
+        native.step(shape, 1e-5, 0.3, zero, zero, *args)
+    shape = (1, 48, 4, 2, 12, 80, 200, 2, 4, 2)
+    with pytest.raises(ValueError, match=r"positions\[0\] = 3 is outside the rotary tables' 3 rows"):
+        native.step(shape, 1e-5, 0.3, zero, zero + 3, *args)
+    rows = model.head_weight.shape[0]
+    with pytest.raises(ValueError, match=rf"tokens\[0\] = {rows} is outside the embedding's {rows} rows"):
+        native.step(shape, 1e-5, 0.3, zero + rows, zero, *args)
+    with pytest.raises(ValueError, match="tokens\\[0\\] = -1"):
+        native.step(shape, 1e-5, 0.3, zero - 1, zero, *args)
 
 
 # ------------------------------------------------------------------ whole decode steps
@@ -178,6 +187,57 @@ def test_generate_equals_the_eager_path(dtype):
     assert calls == [fast_decode.MAX_ROWS] * 5  # every decode step ran natively
     model.fast_decode = False
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[]), fast)
+
+
+def test_generate_checks_the_model_once_per_call(monkeypatch):
+    """generate() takes sequence_steps: the plan is looked up before the steps, not per token."""
+    needs(torch.float32)
+    model = tiny_model(seed=3)
+    ids, mask, _ = prompts(2, 7, 199, seed=2)
+    lookups, steps = [], []
+    real_plan, real_step = fast_decode._plan_for, native.step
+    monkeypatch.setattr(fast_decode, "_plan_for", lambda *a: lookups.append(1) or real_plan(*a))
+    monkeypatch.setattr(native, "step", lambda *a: steps.append(1) or real_step(*a))
+    fast = model.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=[])
+    assert len(steps) == 8 and len(lookups) <= 2  # generate's will_run for packing, sequence_steps
+    model.fast_decode = False
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=[]), fast)
+
+
+def test_sequence_steps_keep_to_their_cache():
+    needs(torch.float32)
+    model = tiny_model()
+    ids, mask, tokens = prompts(2, 5, 199, seed=1)
+    with torch.inference_mode():
+        cache = model.new_cache(2, 8)
+        _, positions = model.prefill(ids, None, None, mask, cache)
+        step = fast_decode.sequence_steps(model, tokens[:, 0], positions, cache)
+        with pytest.raises(ValueError, match="cache: expected the cache these steps were made for"):
+            step(tokens[:, 0], positions, model.new_cache(2, 8))
+        with pytest.raises(ValueError, match=r"tokens, positions: expected \(2,\) each"):
+            fast_decode.sequence_steps(model, tokens[:1, 0], positions[:1], cache)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_positions_past_the_cache_and_the_key_mask(padded):
+    """Positions beyond the cache's length (Qwen2-VL's after a video) grow the rotary tables; the
+    step marks its slot real in the key mask, padded or not, as the eager step does."""
+    needs(torch.float32)
+    model = odd_model(40, 3, 1)
+    ids, mask, tokens = prompts(2, 6, 197, seed=4)
+    mask[:] = mask if padded else True
+    results = []
+    for fast in (True, False):
+        model.fast_decode = fast
+        with torch.inference_mode():
+            cache = model.new_cache(2, 10)
+            _, positions = model.prefill(ids, None, None, mask, cache)
+            positions += 50  # far past the 10 slots
+            logits = [model.decode_step(tokens[:, i], positions + i, cache, padded=padded) for i in range(3)]
+            results.append((torch.stack(logits), cache.key_mask.clone()))
+    (fast_logits, fast_mask), (eager_logits, eager_mask) = results
+    assert torch.equal(fast_mask, eager_mask) and bool(fast_mask[:, 6:9].all())
+    torch.testing.assert_close(fast_logits, eager_logits, rtol=1e-5, atol=1e-5)
 
 
 def test_weights_changed_in_place_or_moved_are_seen():

@@ -42,6 +42,13 @@ def infer_padding(input_ids: torch.Tensor, pad_token_id: int | None, stops: torc
     return ~is_pad
 
 
+def _native_steps(model, tokens, positions, cache) -> Callable | None:
+    """The model's native decode step for this whole call, checked once instead of before every
+    token (models/smolvlm/fast_decode.py's sequence_steps), where it offers one and it runs."""
+    make = getattr(model, "native_steps", None)
+    return make(tokens, positions, cache) if make is not None else None
+
+
 def _decodes_natively(model, input_ids: torch.Tensor, cache) -> bool:
     """Whether model.decode_step will run the native CPU step (models/smolvlm/fast_decode.py).
     A model that knows itself answers through decodes_natively(tokens, cache) (Qwen2VL)."""
@@ -137,13 +144,15 @@ def generate(model, input_ids, pixel_values=None, pixel_attention_mask=None, att
             model.pack_weights()
     if graphed:
         decode_step = _cuda_graphs.decode_step_for(model, cache)
-    step_fn = decode_step or (_static_step(model, input_ids.device) if static_shapes else model.decode_step)
+    step_fn = decode_step or (_static_step(model, input_ids.device) if static_shapes else None)
     padded = not bool(mask.all())
 
     out = torch.empty(B, L + max_new_tokens, dtype=torch.long, device=input_ids.device)
     out[:, :L] = input_ids
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
     logits, positions = model.prefill(input_ids, pixel_values, pixel_attention_mask, mask, cache)
+    if step_fn is None:
+        step_fn = _native_steps(model, input_ids[:, -1], positions, cache) or model.decode_step
     produced = 0
     for step in range(max_new_tokens):
         tokens = next_tokens(logits, do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,

@@ -34,18 +34,20 @@ def layer_table(layers: list[dict]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64)
 
 
-def step(shape: tuple, eps: float, scale: float, tokens: torch.Tensor, embed: torch.Tensor, table: torch.Tensor,
-         final_norm: torch.Tensor, head: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def step(shape: tuple, eps: float, scale: float, tokens: torch.Tensor, positions: torch.Tensor, embed: torch.Tensor,
+         table: torch.Tensor, final_norm: torch.Tensor, head: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
          key_mask: torch.Tensor | None, threads: int) -> torch.Tensor:
-    """One decode step. shape = (B, D, H, Hkv, E, I, V, layers, max_len, slot); tokens int64 (B,);
-    cos, sin float32 (B, E/2) contiguous; key_mask bool (B, max_len) or None. Writes each layer's
-    keys/values at `slot` and returns logits float32 (B, V)."""
-    logits = _alloc.empty(shape[0], shape[6], dtype=torch.float32, device=tokens.device)
+    """One decode step. shape = (B, D, H, Hkv, E, I, V, layers, max_len, slot); tokens, positions
+    int64 (B,) contiguous; cos, sin float32 (R, E/2) contiguous, the rotary tables positions index
+    (R rows: every position a sequence reaches); key_mask bool (B, max_len) or None: the step marks
+    `slot` real in it and attends real slots only. Writes each layer's keys/values at `slot` and
+    returns logits float32 (B, V). A token outside the embedding or a position outside the tables
+    raises ValueError before anything is read."""
+    logits = _alloc.empty(shape[0], shape[6], dtype=torch.float32, device="cpu")
     module().decode_step(
-        shape=shape, eps=eps, scale=scale, tokens=tokens.data_ptr(), embed=embed.data_ptr(),
-        layer_table=table.data_ptr(), final_norm=final_norm.data_ptr(), head=head.data_ptr(), cos=cos.data_ptr(),
-        sin=sin.data_ptr(), key_mask=0 if key_mask is None else key_mask.data_ptr(), logits=logits.data_ptr(),
-        dtype=dtype_tag(embed), threads=threads,
+        (*shape, cos.shape[0], embed.shape[0]), eps, scale, tokens.data_ptr(), positions.data_ptr(),
+        embed.data_ptr(), table.data_ptr(), final_norm.data_ptr(), head.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+        0 if key_mask is None else key_mask.data_ptr(), logits.data_ptr(), dtype_tag(embed), threads,
     )
     return logits
 

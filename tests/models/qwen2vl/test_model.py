@@ -103,7 +103,6 @@ def test_greedy_generate_matches_transformers(pair):
 
 def test_native_cpu_decode_matches_transformers(pair, monkeypatch):
     """Two rows: every decode step runs the native CPU decoder stack (smolvlm/fast_decode.py)."""
-    from vlmfast.models.smolvlm import fast_decode
 
     hf, ours, _ = pair
     ids, mask, pixels, grid, types = build_batch(hf.config, [[(1, 6, 4)], []], seed=8)
@@ -111,9 +110,11 @@ def test_native_cpu_decode_matches_transformers(pair, monkeypatch):
         native = ours.decodes_natively(ids[:, -1], ours.new_cache(2, ids.shape[1] + 6))
     if not native:
         pytest.skip("no native decode step on this CPU / build")
+    from vlmfast.native import decode as native
+
     steps = []
-    real = fast_decode.decode_step
-    monkeypatch.setattr(fast_decode, "decode_step", lambda *a, **k: steps.append(1) or real(*a, **k))
+    real = native.step
+    monkeypatch.setattr(native, "step", lambda *a, **k: steps.append(1) or real(*a, **k))
     with torch.no_grad():
         expected = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid,
                                mm_token_type_ids=types, do_sample=False, max_new_tokens=6, eos_token_id=None,

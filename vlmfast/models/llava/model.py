@@ -139,6 +139,10 @@ class Llava(CausalVLM):
         """Whether decode_step will take the native CPU path for these rows (generate() asks)."""
         return self.native_decode and native_decode.will_run(self, tokens, cache)
 
+    def native_steps(self, tokens, positions, cache):
+        """generate()'s decode step for one call on `cache`, the native one checked once, or None."""
+        return native_decode.sequence_steps(self, tokens, positions, cache) if self.native_decode else None
+
     def decode_step(self, tokens, positions, cache, padded: bool = True) -> torch.Tensor:
         """CausalVLM.decode_step; on a CPU, a few rows of a bf16 / float32 model run the whole
         Llama stack and the head in one native call (smolvlm/fast_decode.py: the decoder is

@@ -257,6 +257,13 @@ class Qwen2VL(TokenTableHead, nn.Module):
         """Whether decode_step will take the native CPU path for these rows (generate() asks)."""
         return self.native_decode and getattr(cache, "uniform", True) and native_decode.will_run(self, tokens, cache)
 
+    def native_steps(self, tokens, positions, cache):
+        """generate()'s decode step for one call on `cache`, the native one checked once, or None
+        (M-RoPE offsets that differ between rows: the eager step)."""
+        if not (self.native_decode and getattr(cache, "uniform", True)):
+            return None
+        return native_decode.sequence_steps(self, tokens, positions, cache)
+
     def decode_step(self, tokens, positions, cache, padded: bool = True) -> torch.Tensor:
         """One token per row into slot cache.length. tokens int (B,), positions int (B,) (the
         temporal component). Returns logits (B, V) float32."""

@@ -60,3 +60,9 @@ def decode_step(model, tokens, positions, cache, padded: bool = True):
     if not fast_decode.applies(_view(model), tokens, cache):
         return None
     return fast_decode.decode_step(_view(model), tokens, positions, cache, padded)
+
+
+def sequence_steps(model, tokens, positions, cache):
+    """decode_step for the rest of one generate() call, checked once (fast_decode.sequence_steps),
+    or None where the native step does not run."""
+    return fast_decode.sequence_steps(_view(model), tokens, positions, cache)

@@ -370,6 +370,11 @@ class SmolVLM(TokenTableHead, nn.Module):
         cache.advance(1)
         return self.head(hidden[:, 0]).float()
 
+    def native_steps(self, tokens, positions, cache):
+        """generate()'s decode step for one call on `cache`, the native one checked once
+        (fast_decode.sequence_steps), or None: generate() then calls decode_step."""
+        return fast_decode.sequence_steps(self, tokens, positions, cache) if self.fast_decode else None
+
     def decode_step_static(self, tokens, positions, slot, cache) -> torch.Tensor:
         """decode_step with shapes and Python control flow that do not depend on the step: the
         slot is an int64 (1,) tensor, keys/values are written with index_copy_ and attention
