@@ -137,18 +137,20 @@ PYBIND11_MODULE(_C, m) {
       py::arg("b_stride"), py::arg("scale"), py::arg("bias"), py::arg("grad"), py::arg("grad_a"),
       py::arg("grad_b"), py::arg("dtype"), py::arg("threads"));
 
-  // Decode step of a Llama-style stack (csrc/cpu/decode.h): shape = (B, D, H, Hkv, E, I, V,
-  // layers, max_len, slot, rotary_rows, embed_rows); layer_table = the address of an int64
-  // (layers, 12) array of each layer's DecodeLayer pointers, in the struct's order; key_mask = 0
-  // for none. Positional arguments only: this runs once per token, and keyword matching cost
-  // more than the rest of the binding.
-  m.def("decode_step", [](const std::array<int64_t, 12>& shape, float eps, float scale, uintptr_t tokens,
-                          uintptr_t positions, uintptr_t embed, uintptr_t layer_table, uintptr_t final_norm,
-                          uintptr_t head, uintptr_t cos, uintptr_t sin, uintptr_t key_mask,
-                          uintptr_t logits, int dtype, int threads) {
+  // Decode step of a Llama-style or OPT stack (csrc/cpu/decode.h): shape = (B, D, H, Hkv, E, I,
+  // V, layers, max_len, slot, position_rows, embed_rows, kind); scales = (eps, scale, q_scale);
+  // layer_table = the address of an int64 (layers, 14) array of each layer's DecodeLayer
+  // pointers, in the struct's order; 0 for a null pointer. Positional arguments only: this runs
+  // once per token, and keyword matching cost more than the rest of the binding.
+  m.def("decode_step", [](const std::array<int64_t, 13>& shape, const std::array<float, 3>& scales,
+                          uintptr_t tokens, uintptr_t positions, uintptr_t embed, uintptr_t layer_table,
+                          uintptr_t final_norm, uintptr_t final_norm_bias, uintptr_t head, uintptr_t cos,
+                          uintptr_t sin, uintptr_t learned_positions, uintptr_t key_mask, uintptr_t logits,
+                          int dtype, int threads) {
     namespace c = vlmfast::cpu;
-    const c::DecodeShape s{shape[0], shape[1], shape[2], shape[3], shape[4], shape[5], shape[6],
-                           shape[7], shape[8], shape[9], shape[10], shape[11], eps, scale};
+    const c::DecodeShape s{shape[0], shape[1], shape[2],  shape[3],  shape[4],  shape[5],  shape[6],
+                           shape[7], shape[8], shape[9], shape[10], shape[11], shape[12],
+                           scales[0], scales[1], scales[2]};
     const auto* table = ptr<const uintptr_t>(layer_table);
     std::vector<c::DecodeLayer> layers(static_cast<size_t>(std::max<int64_t>(s.layers, 0)));
     for (size_t l = 0; l < layers.size(); ++l) {
@@ -156,12 +158,14 @@ PYBIND11_MODULE(_C, m) {
       layers[l] = c::DecodeLayer{ptr<const void>(f[0]), ptr<const void>(f[1]), ptr<const void>(f[2]),
                                  ptr<const void>(f[3]), ptr<const void>(f[4]), ptr<const void>(f[5]),
                                  ptr<const void>(f[6]), ptr<const void>(f[7]), ptr<const void>(f[8]),
-                                 ptr<const void>(f[9]), ptr<void>(f[10]), ptr<void>(f[11])};
+                                 ptr<const void>(f[9]), ptr<void>(f[10]), ptr<void>(f[11]),
+                                 ptr<const void>(f[12]), ptr<const void>(f[13])};
     }
+    const c::DecodePositions tables{ptr<const float>(cos), ptr<const float>(sin), ptr<const void>(learned_positions)};
     py::gil_scoped_release release;
-    c::decode_step(s, ptr<const int64_t>(tokens), ptr<const int64_t>(positions), ptr<const void>(embed),
-                   layers, ptr<const void>(final_norm), ptr<const void>(head), ptr<const float>(cos),
-                   ptr<const float>(sin), ptr<bool>(key_mask), ptr<float>(logits), dtype, threads);
+    c::decode_step(s, ptr<const int64_t>(tokens), ptr<const int64_t>(positions), ptr<const void>(embed), layers,
+                   ptr<const void>(final_norm), ptr<const void>(final_norm_bias), ptr<const void>(head), tables,
+                   ptr<bool>(key_mask), ptr<float>(logits), dtype, threads);
   });
 
   m.def(

@@ -94,6 +94,22 @@ void rms_norm_row(const float* x, const T* weight, T* out, int64_t D, float eps)
   for (int64_t i = 0; i < D; ++i) out[i] = from_float<T>(to_float(weight[i]) * round_to<T>(x[i] * inv));
 }
 
+// out (D,) = round_T((x - mean) / sqrt(var + eps) * weight + bias): OPT's LayerNorm, computed in
+// float32 and rounded once, as torch's layer_norm does for bfloat16 (null weight / bias: 1 / 0).
+template <typename T>
+void layer_norm_row(const float* x, const T* weight, const T* bias, T* out, int64_t D, float eps) {
+  float sum = 0.0f;
+  for (int64_t i = 0; i < D; ++i) sum += x[i];
+  const float mean = sum / static_cast<float>(D);
+  float squares = 0.0f;
+  for (int64_t i = 0; i < D; ++i) squares += (x[i] - mean) * (x[i] - mean);
+  const float inv = 1.0f / std::sqrt(squares / static_cast<float>(D) + eps);
+  for (int64_t i = 0; i < D; ++i) {
+    const float scaled = (x[i] - mean) * inv * (weight ? to_float(weight[i]) : 1.0f);
+    out[i] = from_float<T>(bias ? scaled + to_float(bias[i]) : scaled);
+  }
+}
+
 // Rotates x (E,) in place by one token's angles (rotate-half pairs (i, i + E/2)), rounding to T.
 template <typename T>
 __attribute__((always_inline)) inline void rotate(float* x, const float* cos, const float* sin, int64_t E) {
@@ -148,8 +164,9 @@ VLMFAST_INLINE void attend_head(const DecodeShape& s, float* qkv_row, const floa
   const int64_t padded = (E + 15) / 16 * 16;
   const float* k_src = qkv_row + (s.H + g) * E;
   const float* v_new = qkv_row + (s.H + s.Hkv + g) * E;
+  const bool rotary = s.kind == kDecodeLlama;
   for (int64_t e = 0; e < E; ++e) k_new[e] = k_src[e];
-  rotate<T>(k_new, cos, sin, E);
+  if (rotary) rotate<T>(k_new, cos, sin, E);
   T* keys = k_cache + (b * s.Hkv + g) * s.max_len * E;
   T* values = v_cache + (b * s.Hkv + g) * s.max_len * E;
   if (h % group == 0) {
@@ -161,7 +178,11 @@ VLMFAST_INLINE void attend_head(const DecodeShape& s, float* qkv_row, const floa
   const bool* mask = key_mask ? key_mask + b * s.max_len : nullptr;
   const float minus_inf = -std::numeric_limits<float>::infinity();
   float* q = qkv_row + h * E;
-  rotate<T>(q, cos, sin, E);
+  if (rotary) {
+    rotate<T>(q, cos, sin, E);
+  } else {  // OPT: q_proj(x) * q_scale, rounded, then scores at scale 1
+    for (int64_t e = 0; e < E; ++e) q[e] = round_to<T>(q[e] * s.q_scale);
+  }
   for (int64_t e = 0; e < padded; ++e) q_pad[e] = e < E ? q[e] : 0.0f;
   // scores of the cached slots [0, slot), then of the new token (always real), then -inf up to a
   // whole vector
@@ -205,7 +226,8 @@ VLMFAST_INLINE void attend_head(const DecodeShape& s, float* qkv_row, const floa
     const int64_t width = (s.H + 2 * s.Hkv) * s.E, half = s.E / 2;                                \
     for (int64_t task = begin; task < s.B * s.H; task += step) {                                  \
       const int64_t b = task / s.H, h = task % s.H;                                               \
-      attend_head<T>(s, qkv + b * width, cos + positions[b] * half, sin + positions[b] * half,    \
+      const int64_t row = s.kind == kDecodeLlama ? positions[b] * half : 0; /* OPT: no tables */  \
+      attend_head<T>(s, qkv + b * width, cos + row, sin + row,                                    \
                      static_cast<T*>(k_cache), static_cast<T*>(v_cache), key_mask, b, h, scores,  \
                      q_pad, k_new, static_cast<T*>(out) + b * s.H * s.E);                         \
     }                                                                                             \
@@ -227,17 +249,23 @@ void attend(const DecodeShape& s, float* qkv, const float* cos, const float* sin
 
 inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
-// x = round_T(x + delta) and normed = rms_norm(x) for every row: each thread keeps its own copy
-// of the residual stream and of its norm (a few KB), so none waits for another to compute them.
+// x = round_T(x + delta) and normed = norm(x) for every row (RMSNorm, or OPT's LayerNorm with
+// `bias`): each thread keeps its own copy of the residual stream and of its norm (a few KB), so
+// none waits for another to compute them.
 template <typename T>
-void residual_and_norm(float* x, const float* delta, const T* weight, T* normed, int64_t B, int64_t D,
-                       float eps) {
-  for (int64_t b = 0; b < B; ++b) {
+void residual_and_norm(const DecodeShape& s, float* x, const float* delta, const T* weight, const T* bias,
+                       T* normed) {
+  const int64_t D = s.D;
+  for (int64_t b = 0; b < s.B; ++b) {
     float* xb = x + b * D;
     if (delta != nullptr) {
       for (int64_t i = 0; i < D; ++i) xb[i] = round_to<T>(xb[i] + delta[b * D + i]);
     }
-    rms_norm_row(xb, weight, normed + b * D, D, eps);
+    if (s.kind == kDecodeOPT) {
+      layer_norm_row(xb, weight, bias, normed + b * D, D, s.eps);
+    } else {
+      rms_norm_row(xb, weight, normed + b * D, D, s.eps);
+    }
   }
 }
 
@@ -248,15 +276,38 @@ void residual_and_norm(float* x, const float* delta, const T* weight, T* normed,
 // Shared buffers: qkv, attended, proj, gate_up, act (each written in one stage and read in the
 // next, with a barrier between). Private per thread: the residual stream and its norms.
 
+// The MLP of rows [i0, i1) of the intermediate: act = silu(gate) * up (Llama, gate_up = [gate; up])
+// or relu(fc1) (OPT), each value rounded to T where the eager model rounds it.
+template <typename T>
+void mlp_activation(const DecodeShape& s, const DecodeLayer& layer, const T* normed, float* gate_up, T* act,
+                    int64_t i0, int64_t i1) {
+  const int64_t B = s.B, I = s.I;
+  const T* gu = static_cast<const T*>(layer.gate_up);
+  const T* gu_bias = static_cast<const T*>(layer.gate_up_bias);
+  if (s.kind == kDecodeOPT) {
+    gemv_rows(gu, gu_bias, normed, gate_up, B, I, s.D, i0, i1);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = i0; i < i1; ++i) act[b * I + i] = from_float<T>(std::max(gate_up[b * I + i], 0.0f));
+    return;
+  }
+  gemv_rows(gu, gu_bias, normed, gate_up, B, 2 * I, s.D, i0, i1);
+  gemv_rows(gu, gu_bias, normed, gate_up, B, 2 * I, s.D, I + i0, I + i1);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* g = gate_up + b * 2 * I;
+    for (int64_t i = i0; i < i1; ++i) act[b * I + i] = from_float<T>(round_to<T>(silu(g[i])) * g[I + i]);
+  }
+}
+
 template <typename T>
 void step(const DecodeShape& s, const int64_t* tokens, const int64_t* positions, const T* embed,
-          const std::vector<DecodeLayer>& layers, const T* final_norm, const T* head,
-          const float* cos, const float* sin, const bool* key_mask, float* logits, int threads) {
+          const std::vector<DecodeLayer>& layers, const T* final_norm, const T* final_norm_bias,
+          const T* head, const DecodePositions& tables, const bool* key_mask, float* logits, int threads) {
   const int64_t B = s.B, D = s.D, E = s.E, I = s.I;
   const int64_t Q = s.H * E, W = (s.H + 2 * s.Hkv) * E;
   const int team_size = resolve_threads(threads);
   std::vector<float> qkv(B * W), proj(B * D), gate_up(B * 2 * I);
   std::vector<T> attended(B * Q), act(B * I);
+  const T* learned = static_cast<const T*>(tables.learned);
 
 #pragma omp parallel num_threads(team_size)
   {
@@ -267,43 +318,41 @@ void step(const DecodeShape& s, const int64_t* tokens, const int64_t* positions,
 #endif
     std::vector<float> x(B * D), scores(s.slot + 17), q_pad((E + 15) / 16 * 16), k_new((E + 15) / 16 * 16);
     std::vector<T> normed(B * D);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t i = 0; i < D; ++i) x[b * D + i] = to_float(embed[tokens[b] * D + i]);
+    for (int64_t b = 0; b < B; ++b) {
+      const T* token = embed + tokens[b] * D;
+      const T* position = learned ? learned + positions[b] * D : nullptr;  // OPT: embedding + position, rounded
+      for (int64_t i = 0; i < D; ++i) {
+        x[b * D + i] = position ? round_to<T>(to_float(token[i]) + to_float(position[i])) : to_float(token[i]);
+      }
+    }
     int64_t n0, n1, i0, i1;
-    share(I, tid, team, i0, i1);  // this thread's MLP columns: gate rows i, up rows I + i
+    share(I, tid, team, i0, i1);  // this thread's MLP columns: gate rows i, up rows I + i (OPT: fc1 rows i)
     for (size_t l = 0; l < layers.size(); ++l) {
       const DecodeLayer& layer = layers[l];
       // the previous layer's MLP residual (proj = its down output), then this layer's norm
-      residual_and_norm(x.data(), l == 0 ? nullptr : proj.data(), static_cast<const T*>(layer.input_norm),
-                        normed.data(), B, D, s.eps);
+      residual_and_norm(s, x.data(), l == 0 ? nullptr : proj.data(), static_cast<const T*>(layer.input_norm),
+                        static_cast<const T*>(layer.input_norm_bias), normed.data());
       share(W, tid, team, n0, n1);
       gemv_rows(static_cast<const T*>(layer.qkv), static_cast<const T*>(layer.qkv_bias), normed.data(),
                 qkv.data(), B, W, D, n0, n1);
 #pragma omp barrier
-      attend<T>(s, qkv.data(), cos, sin, positions, layer.k_cache, layer.v_cache, key_mask, tid, team,
-                scores.data(), q_pad.data(), k_new.data(), attended.data());
+      attend<T>(s, qkv.data(), tables.cos, tables.sin, positions, layer.k_cache, layer.v_cache, key_mask, tid,
+                team, scores.data(), q_pad.data(), k_new.data(), attended.data());
 #pragma omp barrier
       share(D, tid, team, n0, n1);
       gemv_rows(static_cast<const T*>(layer.o_proj), static_cast<const T*>(layer.o_bias), attended.data(),
                 proj.data(), B, D, Q, n0, n1);
 #pragma omp barrier
-      residual_and_norm(x.data(), proj.data(), static_cast<const T*>(layer.post_norm), normed.data(), B, D,
-                        s.eps);
-      const T* gu = static_cast<const T*>(layer.gate_up);
-      const T* gu_bias = static_cast<const T*>(layer.gate_up_bias);
-      gemv_rows(gu, gu_bias, normed.data(), gate_up.data(), B, 2 * I, D, i0, i1);
-      gemv_rows(gu, gu_bias, normed.data(), gate_up.data(), B, 2 * I, D, I + i0, I + i1);
-      for (int64_t b = 0; b < B; ++b) {
-        const float* g = gate_up.data() + b * 2 * I;
-        for (int64_t i = i0; i < i1; ++i) act[b * I + i] = from_float<T>(round_to<T>(silu(g[i])) * g[I + i]);
-      }
+      residual_and_norm(s, x.data(), proj.data(), static_cast<const T*>(layer.post_norm),
+                        static_cast<const T*>(layer.post_norm_bias), normed.data());
+      mlp_activation(s, layer, normed.data(), gate_up.data(), act.data(), i0, i1);
 #pragma omp barrier
       share(D, tid, team, n0, n1);
       gemv_rows(static_cast<const T*>(layer.down), static_cast<const T*>(layer.down_bias), act.data(),
                 proj.data(), B, D, I, n0, n1);
 #pragma omp barrier
     }
-    residual_and_norm(x.data(), proj.data(), final_norm, normed.data(), B, D, s.eps);
+    residual_and_norm(s, x.data(), proj.data(), final_norm, final_norm_bias, normed.data());
     share(s.V, tid, team, n0, n1);
     gemv_rows<T>(head, nullptr, normed.data(), logits, B, s.V, D, n0, n1);
   }
@@ -315,7 +364,8 @@ void check_shape(const DecodeShape& s, size_t layers) {
   if (s.H < 1 || s.Hkv < 1 || s.H % s.Hkv != 0) fail("expected H a positive multiple of Hkv");
   if (s.E < 2 || s.E % 2 != 0) fail("expected an even head dim");
   if (s.slot < 0 || s.slot >= s.max_len) fail("slot outside the cache");
-  if (s.rotary_rows < 1 || s.embed_rows < 1) fail("expected non-empty rotary tables and embedding");
+  if (s.position_rows < 1 || s.embed_rows < 1) fail("expected non-empty position tables and embedding");
+  if (s.kind != kDecodeLlama && s.kind != kDecodeOPT) fail("unknown decoder kind");
   if (static_cast<int64_t>(layers) != s.layers) fail("layer table does not match the layer count");
 }
 
@@ -323,10 +373,10 @@ void check_shape(const DecodeShape& s, size_t layers) {
 // any weight is read (a bad index would read outside the embedding or the tables).
 void check_rows(const DecodeShape& s, const int64_t* tokens, const int64_t* positions) {
   for (int64_t b = 0; b < s.B; ++b) {
-    if (positions[b] < 0 || positions[b] >= s.rotary_rows) {
+    if (positions[b] < 0 || positions[b] >= s.position_rows) {
       throw std::invalid_argument("decode_step: positions[" + std::to_string(b) + "] = " +
-                                  std::to_string(positions[b]) + " is outside the rotary tables' " +
-                                  std::to_string(s.rotary_rows) + " rows");
+                                  std::to_string(positions[b]) + " is outside the position tables' " +
+                                  std::to_string(s.position_rows) + " rows");
     }
     if (tokens[b] < 0 || tokens[b] >= s.embed_rows) {
       throw std::invalid_argument("decode_step: tokens[" + std::to_string(b) + "] = " +
@@ -340,22 +390,27 @@ void check_rows(const DecodeShape& s, const int64_t* tokens, const int64_t* posi
 
 void decode_step(const DecodeShape& shape, const int64_t* tokens, const int64_t* positions,
                  const void* embed, const std::vector<DecodeLayer>& layers, const void* final_norm,
-                 const void* head, const float* cos, const float* sin, bool* key_mask, float* logits,
-                 int dtype, int threads) {
+                 const void* final_norm_bias, const void* head, const DecodePositions& tables,
+                 bool* key_mask, float* logits, int dtype, int threads) {
   check_shape(shape, layers.size());
   check_rows(shape, tokens, positions);
+  if ((shape.kind == kDecodeLlama) != (tables.cos != nullptr && tables.sin != nullptr) ||
+      (shape.kind == kDecodeOPT) != (tables.learned != nullptr)) {
+    throw std::invalid_argument("decode_step: expected rotary tables for a Llama stack, learned positions for OPT");
+  }
   if (key_mask != nullptr) {
     for (int64_t b = 0; b < shape.B; ++b) key_mask[b * shape.max_len + shape.slot] = true;
   }
   switch (dtype_from_tag(dtype)) {
     case DType::Float32:
       return step<float>(shape, tokens, positions, static_cast<const float*>(embed), layers,
-                         static_cast<const float*>(final_norm), static_cast<const float*>(head), cos,
-                         sin, key_mask, logits, threads);
+                         static_cast<const float*>(final_norm), static_cast<const float*>(final_norm_bias),
+                         static_cast<const float*>(head), tables, key_mask, logits, threads);
     case DType::BFloat16:
       return step<BFloat16>(shape, tokens, positions, static_cast<const BFloat16*>(embed), layers,
                             static_cast<const BFloat16*>(final_norm),
-                            static_cast<const BFloat16*>(head), cos, sin, key_mask, logits, threads);
+                            static_cast<const BFloat16*>(final_norm_bias),
+                            static_cast<const BFloat16*>(head), tables, key_mask, logits, threads);
     default:
       throw std::invalid_argument("decode_step: expected float32 or bfloat16 weights");
   }

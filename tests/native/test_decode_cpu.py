@@ -77,23 +77,29 @@ def test_gemv_bad_input():
         native.gemv(x, torch.randn(8, 5).t())
 
 
-def test_step_bad_slot_token_or_position():
+def test_step_bad_slot_token_position_or_tables():
     model = tiny_model()
     table = native.layer_table([dict(input_norm=p) for p in [model.head_weight] * 2])
     z = torch.zeros(3, 6)
     zero = torch.zeros(1, dtype=torch.long)
-    args = (model.head_weight, table, model.head_weight, model.head_weight, z, z, None, 1)
-    shape = (1, 48, 4, 2, 12, 80, 200, 2, 4, 4)  # slot 4 of a 4-slot cache
+    weights = (model.head_weight, table, model.head_weight, None, model.head_weight)
+    rest = (z, z, None, None, 1)  # rotary tables of 3 rows, no learned positions, no mask, 1 thread
+
+    def step(shape, tokens, positions, kind=native.LLAMA, tables=rest):
+        return native.step(shape, kind, (1e-5, 0.3, 1.0), tokens, positions, *weights, *tables)
+
     with pytest.raises(ValueError, match="slot outside the cache"):
-        native.step(shape, 1e-5, 0.3, zero, zero, *args)
+        step((1, 48, 4, 2, 12, 80, 200, 2, 4, 4), zero, zero)  # slot 4 of a 4-slot cache
     shape = (1, 48, 4, 2, 12, 80, 200, 2, 4, 2)
-    with pytest.raises(ValueError, match=r"positions\[0\] = 3 is outside the rotary tables' 3 rows"):
-        native.step(shape, 1e-5, 0.3, zero, zero + 3, *args)
+    with pytest.raises(ValueError, match=r"positions\[0\] = 3 is outside the position tables' 3 rows"):
+        step(shape, zero, zero + 3)
     rows = model.head_weight.shape[0]
     with pytest.raises(ValueError, match=rf"tokens\[0\] = {rows} is outside the embedding's {rows} rows"):
-        native.step(shape, 1e-5, 0.3, zero + rows, zero, *args)
+        step(shape, zero + rows, zero)
     with pytest.raises(ValueError, match="tokens\\[0\\] = -1"):
-        native.step(shape, 1e-5, 0.3, zero - 1, zero, *args)
+        step(shape, zero - 1, zero)
+    with pytest.raises(ValueError, match="expected rotary tables for a Llama stack, learned positions for OPT"):
+        step(shape, zero, zero, kind=native.OPT)
 
 
 # ------------------------------------------------------------------ whole decode steps

@@ -1,6 +1,6 @@
 """Launchers of the CPU decode kernels in csrc/cpu/decode.cpp (a whole decoder stack per call).
 
-The caller (vlmfast/models/smolvlm/fast_decode.py) checks shapes, dtypes and contiguity once per
+The caller (vlmfast/models/smolvlm/fast_decode.py, with its layouts) checks shapes, dtypes and contiguity once per
 model; these functions only pass addresses.
 """
 
@@ -13,7 +13,9 @@ from vlmfast.runtime import checks as _checks
 
 # Must match csrc/cpu/decode.h (kDecodeLayerFields and the field order of DecodeLayer).
 LAYER_FIELDS = ("input_norm", "qkv", "qkv_bias", "o_proj", "o_bias", "post_norm", "gate_up", "gate_up_bias",
-                "down", "down_bias", "k_cache", "v_cache")
+                "down", "down_bias", "k_cache", "v_cache", "input_norm_bias", "post_norm_bias")
+# csrc/cpu/decode.h's DecodeKind: the decoder family of a step
+LLAMA, OPT = 0, 1
 
 
 def module():
@@ -28,26 +30,34 @@ def has_avx512_bf16() -> bool:
 
 
 def layer_table(layers: list[dict]) -> torch.Tensor:
-    """int64 (len(layers), 12): each layer's tensors' addresses in LAYER_FIELDS order (0 for a
+    """int64 (len(layers), 14): each layer's tensors' addresses in LAYER_FIELDS order (0 for a
     missing bias). The tensors must stay alive (and in place) while the table is used."""
     rows = [[0 if layer.get(name) is None else layer[name].data_ptr() for name in LAYER_FIELDS] for layer in layers]
     return torch.tensor(rows, dtype=torch.int64)
 
 
-def step(shape: tuple, eps: float, scale: float, tokens: torch.Tensor, positions: torch.Tensor, embed: torch.Tensor,
-         table: torch.Tensor, final_norm: torch.Tensor, head: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def _address(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def step(shape: tuple, kind: int, scales: tuple, tokens: torch.Tensor, positions: torch.Tensor, embed: torch.Tensor,
+         table: torch.Tensor, final_norm: torch.Tensor | None, final_norm_bias: torch.Tensor | None, head: torch.Tensor,
+         cos: torch.Tensor | None, sin: torch.Tensor | None, learned: torch.Tensor | None,
          key_mask: torch.Tensor | None, threads: int) -> torch.Tensor:
-    """One decode step. shape = (B, D, H, Hkv, E, I, V, layers, max_len, slot); tokens, positions
-    int64 (B,) contiguous; cos, sin float32 (R, E/2) contiguous, the rotary tables positions index
-    (R rows: every position a sequence reaches); key_mask bool (B, max_len) or None: the step marks
-    `slot` real in it and attends real slots only. Writes each layer's keys/values at `slot` and
-    returns logits float32 (B, V). A token outside the embedding or a position outside the tables
-    raises ValueError before anything is read."""
+    """One decode step. shape = (B, D, H, Hkv, E, I, V, layers, max_len, slot); kind: LLAMA or OPT;
+    scales = (norm eps, score scale, query scale); tokens, positions int64 (B,) contiguous; the
+    position tables positions index (R rows: every position a sequence reaches): LLAMA's rotary
+    cos, sin float32 (R, E/2), OPT's learned (R, D) in the weights' dtype (row p: position p), all
+    contiguous; key_mask bool (B, max_len) or None: the step marks `slot` real in it and attends
+    real slots only. Writes each layer's keys/values at `slot` and returns logits float32 (B, V).
+    A token outside the embedding or a position outside the tables raises ValueError before
+    anything is read."""
     logits = _alloc.empty(shape[0], shape[6], dtype=torch.float32, device="cpu")
+    rows = (cos if learned is None else learned).shape[0]
     module().decode_step(
-        (*shape, cos.shape[0], embed.shape[0]), eps, scale, tokens.data_ptr(), positions.data_ptr(),
-        embed.data_ptr(), table.data_ptr(), final_norm.data_ptr(), head.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-        0 if key_mask is None else key_mask.data_ptr(), logits.data_ptr(), dtype_tag(embed), threads,
+        (*shape, rows, embed.shape[0], kind), scales, tokens.data_ptr(), positions.data_ptr(), embed.data_ptr(),
+        table.data_ptr(), _address(final_norm), _address(final_norm_bias), head.data_ptr(), _address(cos),
+        _address(sin), _address(learned), _address(key_mask), logits.data_ptr(), dtype_tag(embed), threads,
     )
     return logits
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from vlmfast.models import _ops as shared_ops
 from vlmfast.models import checkpoint
+from vlmfast.models.blip2 import native_decode
 from vlmfast.models.blip2.config import Blip2Config
 from vlmfast.models.blip2.opt import OPTDecoder
 from vlmfast.models.blip2.qformer import QFormer
@@ -67,6 +68,7 @@ class Blip2(CausalVLM):
         self.language_model = _OPTForCausalLM(config.text_config, tied=config.tied, **kw)
         # (mean, std) for uint8 pixel_values: the checkpoint's preprocessor_config.json, else BLIP's
         self.image_normalization = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        self.native_decode = True  # decode steps of <= 32 rows run natively on a CPU (native_decode.py)
 
     # ------------------------------------------------------------------ loading, saving
 
@@ -183,10 +185,26 @@ class Blip2(CausalVLM):
     # ------------------------------------------------------------------ generation
 
     def decodes_natively(self, tokens: torch.Tensor, cache) -> bool:
-        """Whether a decode step's Linear layers run decode_step's GEMV kernel (generate() asks:
-        then no oneDNN-packed second copy of the weights is made for bf16)."""
+        """Whether a decode step runs natively, the whole OPT stack in one call, or failing that
+        its Linear layers through decode_step's GEMV kernel (generate() asks: then no
+        oneDNN-packed second copy of the weights is made for bf16)."""
+        if self.native_decode and native_decode.will_run(self, tokens, cache):
+            return True
         rows = self.embed_tokens.weight.new_empty(tokens.shape[0], self.config.text_config.hidden_size)
         return gemv_applies(rows, self.head_weight)
+
+    def native_steps(self, tokens, positions, cache):
+        """generate()'s decode step for one call on `cache`, the native one checked once, or None."""
+        return native_decode.sequence_steps(self, tokens, positions, cache) if self.native_decode else None
+
+    def decode_step(self, tokens, positions, cache, padded: bool = True) -> torch.Tensor:
+        """CausalVLM.decode_step; on a CPU, a few rows of a bf16 / float32 model run the whole OPT
+        stack and the head in one native call (native_decode.py)."""
+        if self.native_decode:
+            logits = native_decode.decode_step(self, tokens, positions, cache, padded)
+            if logits is not None:
+                return logits
+        return super().decode_step(tokens, positions, cache, padded)
 
     def default_prompt(self, batch_size: int) -> torch.Tensor:
         """transformers' prompt when generate gets no input_ids: the image tokens, then BOS."""

@@ -8,6 +8,10 @@ the model was built with (no hooks, no replaced Linear), a contiguous cache in t
 and no forced VLMFAST_BACKEND other than cpp. Anything else runs the eager path, which gives the
 same answer up to float32 summation order.
 
+The plan (weight addresses, position tables) comes from a layout: `LlamaLayout` (SmolVLM's
+decoder, and LLaVA's and Qwen2-VL's through views of them) here; BLIP-2's OPT has its own
+(models/blip2/native_decode.py), run by the same machinery and kernel.
+
 decode_step checks all that before every step, as a call from anywhere must be checked.
 generate() asks `sequence_steps` for its steps instead: checked once for the whole call, as
 nothing can change the model between the tokens of one call. The per-step check costs more than
@@ -34,21 +38,10 @@ MAX_ROWS = 32
 _ATTR = "_vlmfast_fast_decode"
 
 
-def _plain(module: nn.Module, kind: type) -> bool:
+def plain(module: nn.Module, kind: type) -> bool:
+    """module is exactly a `kind` with no forward hooks (the native step would skip them)."""
     hooks = (module._forward_hooks, module._forward_pre_hooks)
     return type(module) is kind and not any(hooks)
-
-
-def _decoder_modules(model) -> tuple:
-    """Every module the native step stands in for, found through the _modules dicts (no
-    nn.Module.__getattr__: this runs every step to notice a replaced module or a new hook)."""
-    text = model._modules["model"]._modules["text_model"]
-    found = [text, text._modules["norm"], text._modules["embed_tokens"], model._modules.get("lm_head")]
-    for layer in text._modules["layers"]._modules.values():
-        attn, mlp = layer._modules["self_attn"]._modules, layer._modules["mlp"]._modules
-        found += (layer, layer._modules["input_layernorm"], layer._modules["post_attention_layernorm"],
-                  attn["qkv"], attn["o_proj"], mlp["gate_up"], mlp["down_proj"])
-    return tuple(found)
 
 
 def _hooked(modules: tuple) -> bool:
@@ -59,18 +52,73 @@ def _hooked(modules: tuple) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules if m is not None)
 
 
-def _layer_tensors(layer) -> dict | None:
-    """The tensors of one DecoderLayer by decode.LAYER_FIELDS name, None if a module was replaced."""
-    attn, mlp = layer.self_attn, layer.mlp
-    parts = ((layer, _decoder.DecoderLayer), (attn, _decoder.DecoderAttention), (mlp, _decoder.SwiGLU),
-             (layer.input_layernorm, _decoder.RMSNorm), (layer.post_attention_layernorm, _decoder.RMSNorm),
-             (attn.qkv, nn.Linear), (attn.o_proj, nn.Linear), (mlp.gate_up, nn.Linear), (mlp.down_proj, nn.Linear))
-    if not all(_plain(m, kind) for m, kind in parts):
-        return None
-    return {"input_norm": layer.input_layernorm.weight, "qkv": attn.qkv.weight, "qkv_bias": attn.qkv.bias,
-            "o_proj": attn.o_proj.weight, "o_bias": attn.o_proj.bias, "post_norm": layer.post_attention_layernorm.weight,
-            "gate_up": mlp.gate_up.weight, "gate_up_bias": mlp.gate_up.bias, "down": mlp.down_proj.weight,
-            "down_bias": mlp.down_proj.bias}
+class LlamaLayout:
+    """Where a SmolVLM-layout model keeps what the native Llama step reads: model.model.text_model
+    (embed_tokens, layers, norm, rotary_tables), model.lm_head / head_weight, model.config.text_config."""
+
+    kind = _native.LLAMA
+
+    @staticmethod
+    def modules(model) -> tuple:
+        """Every module the native step stands in for, found through the _modules dicts (no
+        nn.Module.__getattr__: this runs before every decode_step call to notice a replaced
+        module or a new hook)."""
+        text = model._modules["model"]._modules["text_model"]
+        found = [text, text._modules["norm"], text._modules["embed_tokens"], model._modules.get("lm_head")]
+        for layer in text._modules["layers"]._modules.values():
+            attn, mlp = layer._modules["self_attn"]._modules, layer._modules["mlp"]._modules
+            found += (layer, layer._modules["input_layernorm"], layer._modules["post_attention_layernorm"],
+                      attn["qkv"], attn["o_proj"], mlp["gate_up"], mlp["down_proj"])
+        return tuple(found)
+
+    @staticmethod
+    def applies(model) -> bool:
+        cfg = model.config.text_config
+        if getattr(cfg, "rope_type", "default") not in ("default", "linear"):
+            return False
+        return model.model.text_model.norm.__class__ is _decoder.RMSNorm
+
+    @staticmethod
+    def parameters(model) -> list:
+        return list(model.model.text_model.parameters()) + [model.head_weight]
+
+    @staticmethod
+    def layer_tensors(model) -> list[dict] | None:
+        """Each layer's tensors by decode.LAYER_FIELDS name, None if a module was replaced."""
+        out = []
+        for layer in model.model.text_model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            parts = ((layer, _decoder.DecoderLayer), (attn, _decoder.DecoderAttention), (mlp, _decoder.SwiGLU),
+                     (layer.input_layernorm, _decoder.RMSNorm), (layer.post_attention_layernorm, _decoder.RMSNorm),
+                     (attn.qkv, nn.Linear), (attn.o_proj, nn.Linear), (mlp.gate_up, nn.Linear),
+                     (mlp.down_proj, nn.Linear))
+            if not all(plain(m, kind) for m, kind in parts):
+                return None
+            out.append({"input_norm": layer.input_layernorm.weight, "qkv": attn.qkv.weight, "qkv_bias": attn.qkv.bias,
+                        "o_proj": attn.o_proj.weight, "o_bias": attn.o_proj.bias,
+                        "post_norm": layer.post_attention_layernorm.weight, "gate_up": mlp.gate_up.weight,
+                        "gate_up_bias": mlp.gate_up.bias, "down": mlp.down_proj.weight, "down_bias": mlp.down_proj.bias})
+        return out
+
+    @staticmethod
+    def ends(model) -> tuple:
+        """(embedding, final norm weight, final norm bias or None, head weight)."""
+        text = model.model.text_model
+        return text.embed_tokens.weight, text.norm.weight, None, model.head_weight
+
+    @staticmethod
+    def dims(model) -> tuple:
+        """(D, H, Hkv, E, I, (eps, score scale, query scale))."""
+        cfg = model.config.text_config
+        return (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                cfg.intermediate_size, (float(cfg.rms_norm_eps), cfg.head_dim ** -0.5, 1.0))
+
+    @staticmethod
+    def position_tables(model, rows: int) -> tuple:
+        """(cos, sin, None): the rotary tables of positions [0, rows), as the eager path computes
+        each one (text.rotary_tables, rounded through the model's dtype)."""
+        cos, sin = model.model.text_model.rotary_tables(torch.arange(rows)[None], model.dtype)
+        return cos.contiguous(), sin.contiguous(), None
 
 
 def _dtype_supported(dtype: torch.dtype) -> bool:
@@ -85,51 +133,45 @@ def _dtype_supported(dtype: torch.dtype) -> bool:
 
 class _Plan:
     """The weights' addresses for one model state and one cache (rebuilt when either moves), and
-    the rotary tables of every position up to `rotary_rows`."""
+    the position tables of every position up to their row count."""
 
-    def __init__(self, model, cache):
-        text = model.model.text_model
-        self.tensors = []
-        layers = []
-        for i, layer in enumerate(text.layers):
-            tensors = _layer_tensors(layer)
-            if tensors is None:
-                raise _NotPlain
+    def __init__(self, layout, model, cache):
+        layers = layout.layer_tensors(model)
+        if layers is None:
+            raise _NotPlain
+        for i, tensors in enumerate(layers):
             tensors["k_cache"], tensors["v_cache"] = cache.keys[i], cache.values[i]
-            layers.append(tensors)
+        self.embed, self.final_norm, self.final_norm_bias, self.head = layout.ends(model)
         self.tensors = [t for layer in layers for t in layer.values() if t is not None]
-        self.tensors += [text.embed_tokens.weight, text.norm.weight, model.head_weight]
+        self.tensors += [t for t in (self.embed, self.final_norm, self.final_norm_bias, self.head) if t is not None]
         self.key = _state_key(self.tensors)
         self.table = _native.layer_table(layers)
-        self.embed, self.final_norm, self.head = text.embed_tokens.weight, text.norm.weight, model.head_weight
         self.cache_keys = cache.keys[0]
-        self.modules = _decoder_modules(model)
-        cfg = model.config.text_config
-        self.dims = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                     cfg.intermediate_size, self.head.shape[0], len(text.layers))
-        self.eps, self.scale = float(cfg.rms_norm_eps), cfg.head_dim ** -0.5
-        self._rotary_tables = text.rotary_tables
-        self._dtype = model.dtype
-        self.cos = self.sin = None
+        self.modules = layout.modules(model)
+        *dims, self.scales = layout.dims(model)
+        self.dims = (*dims, self.head.shape[0], len(layers))
+        self.kind = layout.kind
+        self._tables = lambda rows: layout.position_tables(model, rows)
+        self.rows = 0
         self.cover(cache.max_len)
 
     def cover(self, rows: int) -> None:
-        """Rotary tables for positions [0, rows) at least, as the eager path computes each one
-        (text.rotary_tables, rounded through the model's dtype): positions usually stay below
-        the cache's length, but Qwen2-VL's may pass it (a video's temporal positions)."""
-        if self.cos is not None and self.cos.shape[0] >= rows:
+        """Position tables for positions [0, rows) at least: positions usually stay below the
+        cache's length, but Qwen2-VL's may pass it (a video's temporal positions)."""
+        if self.rows >= rows:
             return
-        rows = max(rows, 2 * self.cos.shape[0]) if self.cos is not None else rows
-        cos, sin = self._rotary_tables(torch.arange(rows)[None], self._dtype)
-        self.cos, self.sin = cos.contiguous(), sin.contiguous()
+        rows = max(rows, 2 * self.rows)
+        self.cos, self.sin, self.learned = self._tables(rows)
+        self.rows = rows
 
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, cache, threads: int) -> torch.Tensor:
         """The native step on tokens / positions int64 (B,) contiguous, positions inside the
         tables: logits float32 (B, V); keys/values at slot cache.length, marked real in its key
         mask (padded or not, as the eager step marks it), and the cache advanced."""
         shape = (tokens.shape[0], *self.dims, cache.max_len, cache.length)
-        logits = _native.step(shape, self.eps, self.scale, tokens, positions, self.embed, self.table,
-                              self.final_norm, self.head, self.cos, self.sin, cache.key_mask, threads)
+        logits = _native.step(shape, self.kind, self.scales, tokens, positions, self.embed, self.table,
+                              self.final_norm, self.final_norm_bias, self.head, self.cos, self.sin, self.learned,
+                              cache.key_mask, threads)
         cache.advance(1)
         return logits
 
@@ -142,16 +184,15 @@ def _state_key(tensors) -> tuple:
     return tuple(t.data_ptr() for t in tensors)
 
 
-def _eligible_tensors(model, cache) -> bool:
+def _eligible_tensors(layout, model, cache) -> bool:
     dtype = model.dtype
-    tensors = [p for p in model.model.text_model.parameters()] + [model.head_weight]
-    if any(t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+    if any(t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t in layout.parameters(model)):
         return False
     buffers = cache.keys + cache.values
     return all(b.dtype == dtype and b.device.type == "cpu" and b.is_contiguous() for b in buffers)
 
 
-def applies(model, tokens: torch.Tensor, cache) -> bool:
+def applies(model, tokens: torch.Tensor, cache, layout=LlamaLayout) -> bool:
     """Whether decode_step can run natively for these rows and this cache (see the module doc)."""
     if torch.is_grad_enabled() or tokens.device.type != "cpu" or tokens.shape[0] > MAX_ROWS:
         return False
@@ -159,34 +200,27 @@ def applies(model, tokens: torch.Tensor, cache) -> bool:
         return False
     if _dispatch.forced_backend() not in (None, "cpp"):
         return False
-    if not _dtype_supported(model.dtype):
-        return False
-    cfg = model.config.text_config
-    if getattr(cfg, "rope_type", "default") not in ("default", "linear"):
-        return False
-    if model.model.text_model.norm.__class__ is not _decoder.RMSNorm:
-        return False
-    return True
+    return _dtype_supported(model.dtype) and layout.applies(model)
 
 
-def will_run(model, tokens: torch.Tensor, cache) -> bool:
+def will_run(model, tokens: torch.Tensor, cache, layout=LlamaLayout) -> bool:
     """Whether model.decode_step will take the native path for these rows and this cache."""
-    return applies(model, tokens, cache) and _plan_for(model, cache) is not None
+    return applies(model, tokens, cache, layout) and _plan_for(model, cache, layout) is not None
 
 
-def _plan_for(model, cache) -> "_Plan | None":
+def _plan_for(model, cache, layout=LlamaLayout) -> "_Plan | None":
     plan = model.__dict__.get(_ATTR)
     if plan is not None:
-        modules = _decoder_modules(model)
+        modules = layout.modules(model)
         if _hooked(modules):
             return None
         if plan.cache_keys is cache.keys[0] and modules == plan.modules and _state_key(plan.tensors) == plan.key:
             return plan
     model.__dict__.pop(_ATTR, None)
-    if not _eligible_tensors(model, cache):
+    if not _eligible_tensors(layout, model, cache):
         return None
     try:
-        plan = _Plan(model, cache)
+        plan = _Plan(layout, model, cache)
     except _NotPlain:
         return None
     if _hooked(plan.modules):
@@ -203,12 +237,13 @@ def _check_rows(tokens: torch.Tensor, positions: torch.Tensor, cache) -> None:
                          f"{tuple(tokens.shape)} and {tuple(positions.shape)}")
 
 
-def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, cache, padded: bool = True):
+def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, cache, padded: bool = True,
+                layout=LlamaLayout):
     """SmolVLM.decode_step natively: tokens int (B,), positions int (B,) -> logits float32 (B, V),
     keys/values written at slot cache.length, which advances by one. Returns None (having done
     nothing) when this model or cache cannot run here; the caller then runs the eager step.
     padded is not needed: the native step reads the key mask either way."""
-    plan = _plan_for(model, cache)
+    plan = _plan_for(model, cache, layout)
     if plan is None:
         return None
     _check_rows(tokens, positions, cache)
@@ -217,15 +252,16 @@ def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, cache, pad
     return plan.run(tokens.to(torch.int64).contiguous(), positions, cache, torch.get_num_threads())
 
 
-def sequence_steps(model, tokens: torch.Tensor, positions: torch.Tensor, cache):
+def sequence_steps(model, tokens: torch.Tensor, positions: torch.Tensor, cache, layout=LlamaLayout):
     """decode_step for the rest of one generate() call on `cache`, checked here once (see the
     module doc), or None where the native step does not run. tokens: the rows' next tokens (their
     count is checked), positions int64 (B,): the last prompt token's, stepped in place by the
     caller. The returned step must see no change to the model (weights, modules, hooks) while it
     is used: generate() runs nothing between its tokens but the streamer."""
-    if positions.dtype != torch.int64 or not positions.is_contiguous() or not applies(model, tokens, cache):
+    if (positions.dtype != torch.int64 or not positions.is_contiguous()
+            or not applies(model, tokens, cache, layout)):
         return None
-    plan = _plan_for(model, cache)
+    plan = _plan_for(model, cache, layout)
     if plan is None:
         return None
     _check_rows(tokens, positions, cache)
