@@ -1,10 +1,11 @@
 """The decode case of the smolvlm and qwen2vl suites: ms per decode step of vlmfast's generate
-against transformers', measured as (generate of N tokens - generate of 1 token) / (N - 1), so
-the prompt, the first token and start-up cancel, for both implementations alike."""
+against transformers', measured as (generate of N tokens - generate of 1 token) / (N - 1) over interleaved
+pairs (timing.paired_step_ms), so the prompt, the first token and start-up cancel, for both
+implementations alike."""
 
 import torch
 
-from vlmfast.bench.timing import Result, time_ms
+from vlmfast.bench.timing import Result, paired_step_ms
 
 
 def decode_case(suite: str, ours, hf, ids: torch.Tensor, mask: torch.Tensor, *, pad_token_id: int, n_new: int,
@@ -23,11 +24,7 @@ def decode_case(suite: str, ours, hf, ids: torch.Tensor, mask: torch.Tensor, *, 
             return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                do_sample=False, pad_token_id=pad_token_id)
 
-    per_step = []
-    for generate in (ours_generate, hf_generate):
-        full = time_ms(lambda: generate(n_new), device, **repeats)
-        one = time_ms(lambda: generate(1), device, **repeats)
-        per_step.append(max(full - one, 1e-6) / (n_new - 1))
+    per_step = [paired_step_ms(generate, n_new, repeats["repeats"])[1] for generate in (ours_generate, hf_generate)]
     same = torch.equal(ours_generate(n_new), hf_generate(n_new)) if dtype == torch.float32 else None
     ms, peer_ms = per_step
     name = str(dtype).removeprefix("torch.")

@@ -58,3 +58,32 @@ def time_ms(fn, device: torch.device, *, warmup: int = 3, repeats: int = 15) -> 
             fn()
         samples.append((time.perf_counter() - start) * 1e3 / calls)
     return statistics.median(samples)
+
+
+def paired_step_ms(run, n: int, repeats: int) -> tuple[float, float]:
+    """(median ms of run(n), median ms of one of the n - 1 steps run(n) makes beyond run(1)): the
+    step from `repeats` interleaved pairs, (run(n) - run(1)) / (n - 1) each, so that the prompt,
+    the first token and start-up cancel and a slow spell of the machine lands in both members of
+    a pair rather than in one of two separate medians (which once gave a negative difference,
+    clamped and printed as a 7e8x speed-up). RuntimeError when the median step is still not
+    positive after a retry with twice the pairs: the machine's noise exceeds the steps measured."""
+    if n < 2:
+        raise ValueError(f"n: expected at least 2 (the steps beyond the first), got {n}")
+    run(1)
+    run(n)  # warm-up of both lengths
+    for attempt in (repeats, 2 * repeats):
+        fulls, steps = [], []
+        for _ in range(attempt):
+            start = time.perf_counter()
+            run(1)
+            one = (time.perf_counter() - start) * 1e3
+            start = time.perf_counter()
+            run(n)
+            full = (time.perf_counter() - start) * 1e3
+            fulls.append(full)
+            steps.append((full - one) / (n - 1))
+        step = statistics.median(steps)
+        if step > 0:
+            return statistics.median(fulls), step
+    raise RuntimeError(f"the {n}-step runs took no longer than the 1-step runs (median difference "
+                       f"{step * (n - 1):.1f} ms over {attempt} pairs): too noisy a machine to time the steps")

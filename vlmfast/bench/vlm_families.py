@@ -12,8 +12,9 @@ the numbers only show that every path runs.)
 
 Each side runs in its own fresh process (peak memory is that process's alone):
   inference: load, then prefill of b=1 (one image + 30 text tokens), generate of 1 and of 17
-      tokens at b=1 and b=8 (rows left-padded, one image each); decode ms per token =
-      (generate 17 - generate 1) / 16; the "generate" case is prefill + 16 tokens at b=1; peak
+      tokens at b=1 and b=8 (rows left-padded, one image each); decode ms per token = the median
+      over interleaved pairs of (generate 17 - generate 1) / 16 (timing.paired_step_ms); the
+      "generate" case is prefill + 16 tokens at b=1 (the median of those pairs' runs); peak
       resident set of the whole process (loading included).
   training: batch of 2 rows (one image + 64 text tokens, labels on the last 30), float32 weights
       and AdamW (torch's fused) on both sides, the family's recipe on both: llava "stage 1" (the
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from vlmfast.bench.timing import Result
+from vlmfast.bench.timing import Result, paired_step_ms
 
 SPECS = {
     "llava": {
@@ -192,10 +193,8 @@ def infer(side: str, family: str, folder: str, dtype_name: str, size: str, repea
             with torch.inference_mode():
                 return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-        first = _median_ms(lambda: generate(1), repeats)
-        full = _median_ms(lambda: generate(new_tokens), repeats)
-        out[f"b{batch}"] = {"generate_1_ms": first, "generate_ms": full,
-                            "decode_ms": max(full - first, 1e-6) / (new_tokens - 1),
+        full, step = paired_step_ms(generate, new_tokens, repeats)
+        out[f"b{batch}"] = {"generate_ms": full, "decode_ms": step,
                             "tokens": generate(new_tokens)[:, -new_tokens:].tolist()}
     out["new_tokens"] = new_tokens
     out["peak_mib"] = rss.status_mib("VmHWM")
