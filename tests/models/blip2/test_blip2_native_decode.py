@@ -101,3 +101,15 @@ def test_eager_for_post_norm_and_hooked_layers(tmp_path):
         assert not native_decode.will_run(pre, tokens, cache)  # the hook must see the eager call
         handle.remove()
         assert native_decode.will_run(pre, tokens, cache)
+
+
+def test_a_position_past_the_learned_table_is_refused(path):
+    needs(torch.float32)
+    model = Blip2.from_pretrained(path)
+    rows = model.config.text_config.max_position_embeddings  # the table's rows past OPT's offset
+    tokens = torch.ones(1, dtype=torch.long)
+    with torch.inference_mode():
+        cache = model.new_cache(1, 8)
+        model.decode_step(tokens, torch.tensor([rows - 1]), cache)  # the last row: fine
+        with pytest.raises(ValueError, match=rf"positions\[0\] = {rows} is outside the position tables' {rows} rows"):
+            model.decode_step(tokens, torch.tensor([rows]), cache)

@@ -156,13 +156,14 @@ class _Plan:
         self.cover(cache.max_len)
 
     def cover(self, rows: int) -> None:
-        """Position tables for positions [0, rows) at least: positions usually stay below the
-        cache's length, but Qwen2-VL's may pass it (a video's temporal positions)."""
+        """Position tables for positions [0, rows) at least (a learned table: as far as it goes):
+        positions usually stay below the cache's length, but Qwen2-VL's may pass it (a video's
+        temporal positions)."""
         if self.rows >= rows:
             return
-        rows = max(rows, 2 * self.rows)
-        self.cos, self.sin, self.learned = self._tables(rows)
-        self.rows = rows
+        self.cos, self.sin, self.learned = self._tables(max(rows, 2 * self.rows))
+        # a learned table has the rows it has (the step refuses positions past them)
+        self.rows = (self.cos if self.learned is None else self.learned).shape[0]
 
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, cache, threads: int) -> torch.Tensor:
         """The native step on tokens / positions int64 (B,) contiguous, positions inside the
