@@ -146,12 +146,12 @@ VLMFAST_INLINE void add_value(v16f* acc, float p, const T* v, int64_t n) {
   for (int i = 0; i < 4; ++i) acc[i] += lanes_of(v + 16 * i, n - 16 * i) * p;
 }
 
-// One (row b, query head h) task: rotates h's query in qkv_row (float, values in T's precision)
-// and attends the cache slots [0, slot] of its key/value head g: softmax(scale q.k_j, masked) @
-// v_j, rounded to T into out_row (H E). The new token's key (rotated into k_new, E floats of this
-// task's scratch) and value are used from registers, not read back from the cache, and only the
-// group's first head writes them to slot `slot`: tasks never wait for one another, and split
-// evenly between threads at any batch size. Vectorised over the head dim for the dot products
+// One (row b, query head h) task: rotates h's query in qkv_row (float, values in T's precision;
+// OPT: scales it by q_scale instead) and attends the cache slots [0, slot] of its key/value head
+// g: softmax(scale q.k_j, masked) @ v_j, rounded to T into out_row (H E). The new token's key
+// (rotated into k_new for Llama, E floats of this task's scratch) and value are used from
+// registers, not read back from the cache, and only the group's first head writes them to slot
+// `slot`: tasks never wait for one another, and split evenly between threads at any batch size. Vectorised over the head dim for the dot products
 // and the weighted sum of values (a loop over 16 lanes by index had compiled to scalar code:
 // attention was half of a LLaVA float32 step at 8 rows and 226 cached tokens on a Zen 4), the
 // softmax 16 slots at a time (vexp). scores: slot + 17 floats of scratch (whole vectors);

@@ -89,10 +89,6 @@ class OPTLayout:
         return None, None, model.decoder.embed_positions.weight[_opt.POSITION_OFFSET:]
 
 
-def applies(model, tokens: torch.Tensor, cache) -> bool:
-    return fast_decode.applies(model, tokens, cache, OPTLayout)
-
-
 def will_run(model, tokens: torch.Tensor, cache) -> bool:
     return fast_decode.will_run(model, tokens, cache, OPTLayout)
 
@@ -100,8 +96,6 @@ def will_run(model, tokens: torch.Tensor, cache) -> bool:
 def decode_step(model, tokens, positions, cache, padded: bool = True):
     """The native step (logits float32 (B, V), the cache advanced), or None when it cannot run here
     (nothing done; the caller runs the eager step)."""
-    if not applies(model, tokens, cache):
-        return None
     return fast_decode.decode_step(model, tokens, positions, cache, padded, OPTLayout)
 
 

@@ -57,8 +57,6 @@ def will_run(model, tokens, cache) -> bool:
 def decode_step(model, tokens, positions, cache, padded: bool = True):
     """The native step (logits float32 (B, V), the cache advanced), or None when it cannot run
     here (nothing done; the caller runs the eager step). positions: int (B,), 1D rotary."""
-    if not fast_decode.applies(_view(model), tokens, cache):
-        return None
     return fast_decode.decode_step(_view(model), tokens, positions, cache, padded)
 
 

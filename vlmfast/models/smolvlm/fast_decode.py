@@ -242,8 +242,10 @@ def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, cache, pad
                 layout=LlamaLayout):
     """SmolVLM.decode_step natively: tokens int (B,), positions int (B,) -> logits float32 (B, V),
     keys/values written at slot cache.length, which advances by one. Returns None (having done
-    nothing) when this model or cache cannot run here; the caller then runs the eager step.
-    padded is not needed: the native step reads the key mask either way."""
+    nothing) when this model or cache cannot run here (`applies`, then the plan); the caller then
+    runs the eager step. padded is not needed: the native step reads the key mask either way."""
+    if not applies(model, tokens, cache, layout):
+        return None
     plan = _plan_for(model, cache, layout)
     if plan is None:
         return None

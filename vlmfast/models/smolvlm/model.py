@@ -358,7 +358,7 @@ class SmolVLM(TokenTableHead, nn.Module):
         rotary positions). padded=False skips the key mask (no row has padding). Reads the
         cache up to the current slot only (shapes change every step). Returns logits (B, V)
         float32. On a CPU, a few rows run natively in one call (fast_decode.py)."""
-        if self.fast_decode and fast_decode.applies(self, tokens, cache):
+        if self.fast_decode:
             logits = fast_decode.decode_step(self, tokens, positions, cache, padded)
             if logits is not None:
                 return logits
