@@ -472,6 +472,28 @@ PYBIND11_MODULE(_C, m) {
       py::arg("K"), py::arg("activation"), py::arg("out"), py::arg("out_dtype"), py::arg("ldo"),
       py::arg("pre"), py::arg("ldp"), py::arg("threads"));
   m.def(
+      "gemm_packs_in_tasks",
+      [](int64_t M, int64_t N, int compute_dtype, int threads) {
+        return c::gemm_packs_in_tasks(M, N, compute_dtype, threads);
+      },
+      py::arg("M"), py::arg("N"), py::arg("compute_dtype"), py::arg("threads"));
+  m.def(
+      "gemm_forward_unpacked",
+      [](uintptr_t a, const std::array<int64_t, 2>& a_strides, int a_dtype, uintptr_t b,
+         const std::array<int64_t, 2>& b_strides, int b_dtype, int compute_dtype, uintptr_t bias, int64_t M,
+         int64_t N, int64_t K, int activation, uintptr_t out, int out_dtype, int64_t ldo, uintptr_t pre,
+         int64_t ldp, int threads) {
+        py::gil_scoped_release release;
+        c::gemm_forward_unpacked({ptr<const void>(a), a_strides[0], a_strides[1], a_dtype},
+                                 {ptr<const void>(b), b_strides[0], b_strides[1], b_dtype}, compute_dtype,
+                                 ptr<const float>(bias), M, N, K, activation, ptr<void>(out), out_dtype, ldo,
+                                 ptr<void>(pre), ldp, threads);
+      },
+      py::arg("a"), py::arg("a_strides"), py::arg("a_dtype"), py::arg("b"), py::arg("b_strides"),
+      py::arg("b_dtype"), py::arg("compute_dtype"), py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("K"),
+      py::arg("activation"), py::arg("out"), py::arg("out_dtype"), py::arg("ldo"), py::arg("pre"),
+      py::arg("ldp"), py::arg("threads"));
+  m.def(
       "linear_epilogue_backward",
       [](uintptr_t grad, uintptr_t pre, uintptr_t grad_pre, uintptr_t grad_bias, int64_t M,
          int64_t N, int activation, int dtype, int threads) {

@@ -128,9 +128,12 @@ struct ThreadBuffer {
   ~ThreadBuffer() { std::free(data); }
 };
 
-thread_local ThreadBuffer t_a_block, t_c_block;
+thread_local ThreadBuffer t_a_block, t_c_block, t_b_slice;
 
 // ---------------------------------------------------------------------------- the problem
+
+// Packs panels [p0, p1) of B (N x K) into 32-column panels of kp steps (B packing, below).
+using PackBFn = void (*)(const Matrix&, int64_t N, int64_t K, int64_t kp, int64_t p0, int64_t p1, void*);
 
 struct Problem {
   Matrix a;
@@ -144,7 +147,22 @@ struct Problem {
   int64_t ldo;
   void* pre;
   int64_t ldp;
+  // Set for a B left unpacked (b_source, N x K; b unused): each task packs the KC x 32 slice
+  // of a panel it is about to sweep into a buffer of its own, so B is read from memory once.
+  // Packing it whole first writes it back and reads it again: for a few rows of A that round
+  // trip cost as much as the arithmetic. Only with one block of rows (no two tasks share a slice).
+  Matrix b_source{};
+  PackBFn pack_b_slice = nullptr;
 };
+
+// Packs steps [k0, k0 + kb) of B's panel np into `slice` (kbp x 32; steps past kb are zero).
+void pack_b_slice_of(const Problem& p, int64_t np, int64_t k0, int64_t kb, int64_t kbp, void* slice) {
+  const Matrix& b = p.b_source;
+  const int64_t elem = b.dtype == static_cast<int>(DType::Float32) ? 4 : 2;
+  Matrix from = b;
+  from.data = static_cast<const char*>(b.data) + (np * NR * b.row_stride + k0 * b.col_stride) * elem;
+  p.pack_b_slice(from, p.N - np * NR, kb, kbp, 0, 1, slice);
+}
 
 // The epilogue of one tile: z = c + bias; pre = z; out = act(z), rounded to T. c is float32
 // (row stride ldc), rows x cols of it.
@@ -286,6 +304,7 @@ struct Driver {
     const int64_t width = (np1 - np0) * NR;
     float* cblock = direct ? nullptr
                            : static_cast<float*>(t_c_block.get(sizeof(float) * slivers * MR * width));
+    Op* b_slice = p.pack_b_slice ? static_cast<Op*>(t_b_slice.get(sizeof(Op) * NR * kc)) : nullptr;
     alignas(64) float tile[MR * NR];
     if constexpr (requires_begin) Kern::begin();
     for (int64_t k0 = 0; k0 < p.K; k0 += kc) {
@@ -295,6 +314,10 @@ struct Driver {
       pack(p, m0, rows, k0, kb, kbp, a_block);
       for (int64_t np = np0; np < np1; ++np) {
         const Op* b = static_cast<const Op*>(p.b) + np * NR * p.kp + k0 * NR;
+        if (b_slice) {
+          pack_b_slice_of(p, np, k0, kb, kbp, b_slice);
+          b = b_slice;
+        }
         const int64_t n0 = np * NR, cols = std::min<int64_t>(NR, p.N - n0);
         for (int64_t s = 0; s < slivers; ++s) {
           const Op* a = a_block + s * MR * kbp;
@@ -360,13 +383,16 @@ VLMFAST_TASK(gk::AmxEmulated, gp::AmxLayout, , task_amx_emulated)
 // of fixed cost; the makespan under the dynamic schedule: ceil(tasks / threads) rounds of the
 // largest task. Among the partitions within 3% of the least makespan, the one with the most tasks
 // (up to 4 per thread) wins: a thread the OS takes away for a while is then absorbed by the others.
+// one_row_block: the rows stay in one block (B packed inside the tasks: no slice packed twice).
 struct Partition {
   int64_t m_blocks, mc, n_chunks, per_chunk;
 };
 
-Partition partition(int64_t M, int64_t n_panels, int64_t MR, int64_t mc_max, int threads) {
+Partition partition(int64_t M, int64_t n_panels, int64_t MR, int64_t mc_max, int threads,
+                    bool one_row_block) {
   const int64_t slivers = (M + MR - 1) / MR, max_slivers = std::max<int64_t>(1, mc_max / MR);
   const int64_t mb_min = (slivers + max_slivers - 1) / max_slivers;
+  const int64_t mb_max = one_row_block ? mb_min : std::min(slivers, mb_min * 4 + 2 * threads);
   struct Candidate {
     Partition part;
     double cost;
@@ -375,7 +401,7 @@ Partition partition(int64_t M, int64_t n_panels, int64_t MR, int64_t mc_max, int
   Candidate found[1024];
   int count = 0;
   double least = -1.0;
-  for (int64_t mb = mb_min; mb <= std::min(slivers, mb_min * 4 + 2 * threads) && count < 1024; ++mb) {
+  for (int64_t mb = mb_min; mb <= mb_max && count < 1024; ++mb) {
     const int64_t per_block = (slivers + mb - 1) / mb;  // slivers in the largest block
     if ((mb - 1) * per_block >= slivers) continue;      // an empty last block: same as fewer
     for (int64_t nc = 1; nc <= std::min<int64_t>(n_panels, 8 * threads) && count < 1024; ++nc) {
@@ -404,7 +430,8 @@ void run_tasks(const Problem& p, TaskFn<Layout> task, int threads) {
   const Blocking blk = blocking_for<Layout>();
   const PackAFn<Layout> pack = pack_a_for<Layout>(p.a.dtype, p.compute);
   const FinishFn finish = finish_for(p.out_dtype);
-  const Partition part = partition(p.M, (p.N + NR - 1) / NR, Layout::MR, blk.mc, threads);
+  const Partition part = partition(p.M, (p.N + NR - 1) / NR, Layout::MR, blk.mc, threads,
+                                   p.pack_b_slice != nullptr);
   const int64_t n_panels = (p.N + NR - 1) / NR, tasks = part.m_blocks * part.n_chunks;
   auto run_one = [&](int64_t t) {
     const int64_t mb = t / part.n_chunks, chunk = t % part.n_chunks;
@@ -431,7 +458,6 @@ VLMFAST_MULTIVERSION void pack_b_range(const Matrix& b, int64_t N, int64_t K, in
                                           b.col_stride, N, K, kp, p, static_cast<Op*>(packed));
 }
 
-using PackBFn = void (*)(const Matrix&, int64_t, int64_t, int64_t, int64_t, int64_t, void*);
 
 #if VLMFAST_GEMM_X86
 // Vectorised B packers on CPUs with AVX-512 (the level in use decides: a forced lower level packs
@@ -630,22 +656,16 @@ void gemm_pack_b(Matrix b, int64_t N, int64_t K, int compute_dtype, PackedFormat
   for (int64_t p = 0; p < panels; ++p) fn(b, N, K, kp, p, p + 1, packed);
 }
 
-void gemm_forward(Matrix a, const void* b_packed, PackedFormat format, int compute_dtype,
-                  const float* bias, int64_t M, int64_t N, int64_t K, int activation, void* out,
-                  int out_dtype, int64_t ldo, void* pre, int64_t ldp, int threads) {
-  const Activation act = activation_from_tag(activation);
-  dtype_from_tag(compute_dtype);
-  dtype_from_tag(out_dtype);
-  dtype_from_tag(a.dtype);
-  if (M <= 0 || N <= 0) return;
-  threads = resolve_threads(threads);
-  const Problem p{a, b_packed, compute_dtype, bias, M, N, K, packed_k(K, format), act,
-                  out, out_dtype, ldo, pre, ldp};
-  if (K == 0) {  // empty reduction: act(bias)
+namespace {
+
+// act(A B^T + bias) on the kernel of the level in use for B's format.
+void run_forward(const Problem& p, PackedFormat format, int threads) {
+  if (p.M <= 0 || p.N <= 0) return;
+  if (p.K == 0) {  // empty reduction: act(bias)
     alignas(64) const float zeros[NR] = {};
-    const FinishFn finish = finish_for(out_dtype);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n0 = 0; n0 < N; n0 += NR) finish(p, zeros, 0, m, 1, n0, std::min<int64_t>(NR, N - n0));
+    const FinishFn finish = finish_for(p.out_dtype);
+    for (int64_t m = 0; m < p.M; ++m)
+      for (int64_t n0 = 0; n0 < p.N; n0 += NR) finish(p, zeros, 0, m, 1, n0, std::min<int64_t>(NR, p.N - n0));
     return;
   }
   const GemmIsa isa = gemm_isa();
@@ -675,6 +695,62 @@ void gemm_forward(Matrix a, const void* b_packed, PackedFormat format, int compu
 #endif
   ran(GemmIsa::Portable);
   run_tasks<gp::F32Layout<gk::Portable::MR>>(p, task_portable, threads);
+}
+
+// The most rows one block of A holds on the kernel run_forward picks for `format`.
+int64_t row_block_limit(PackedFormat format) {
+#if VLMFAST_GEMM_X86
+  const GemmIsa isa = gemm_isa();
+  if (format == PackedFormat::Bf16Pairs)
+    return isa == GemmIsa::Amx ? blocking_for<gp::AmxLayout>().mc
+                               : blocking_for<gp::PairLayout<gk::Avx512Bf16::MR>>().mc;
+  if (isa >= GemmIsa::Avx512) return blocking_for<gp::F32Layout<gk::Avx512::MR>>().mc;
+  if (isa == GemmIsa::Avx2) return blocking_for<gp::F32Layout<gk::Avx2::MR>>().mc;
+#endif
+  (void)format;
+  return blocking_for<gp::F32Layout<gk::Portable::MR>>().mc;
+}
+
+void check_tags(int activation, int compute_dtype, int out_dtype, int a_dtype) {
+  activation_from_tag(activation);
+  dtype_from_tag(compute_dtype);
+  dtype_from_tag(out_dtype);
+  dtype_from_tag(a_dtype);
+}
+
+}  // namespace
+
+void gemm_forward(Matrix a, const void* b_packed, PackedFormat format, int compute_dtype,
+                  const float* bias, int64_t M, int64_t N, int64_t K, int activation, void* out,
+                  int out_dtype, int64_t ldo, void* pre, int64_t ldp, int threads) {
+  check_tags(activation, compute_dtype, out_dtype, a.dtype);
+  const Problem p{a, b_packed, compute_dtype, bias, M, N, K, packed_k(K, format), activation_from_tag(activation),
+                  out, out_dtype, ldo, pre, ldp};
+  run_forward(p, format, resolve_threads(threads));
+}
+
+bool gemm_packs_in_tasks(int64_t M, int64_t N, int compute_dtype, int threads) {
+  threads = resolve_threads(threads);
+  const int64_t panels = (N + NR - 1) / NR;
+  return M > 0 && M <= row_block_limit(gemm_packed_format(compute_dtype)) && panels >= 2 * threads;
+}
+
+void gemm_forward_unpacked(Matrix a, Matrix b, int compute_dtype, const float* bias, int64_t M, int64_t N,
+                           int64_t K, int activation, void* out, int out_dtype, int64_t ldo, void* pre,
+                           int64_t ldp, int threads) {
+  check_tags(activation, compute_dtype, out_dtype, a.dtype);
+  dtype_from_tag(b.dtype);
+  threads = resolve_threads(threads);
+  if (!gemm_packs_in_tasks(M, N, compute_dtype, threads))
+    throw std::invalid_argument("vlmfast gemm: an unpacked B needs M within one block of rows and N of at least "
+                                "two panels per thread (gemm_packs_in_tasks)");
+  const PackedFormat format = gemm_packed_format(compute_dtype);
+  Problem p{a, nullptr, compute_dtype, bias, M, N, K, packed_k(K, format), activation_from_tag(activation),
+            out, out_dtype, ldo, pre, ldp};
+  p.b_source = b;
+  p.pack_b_slice = format == PackedFormat::Bf16Pairs ? pack_b_for<true>(b.dtype, compute_dtype)
+                                                     : pack_b_for<false>(b.dtype, compute_dtype);
+  run_forward(p, format, threads);
 }
 
 void gemm_emulate_amx(bool on) {
@@ -713,6 +789,9 @@ std::string gemm_describe() {
   const Blocking bf16 = blocking_for<gp::PairLayout<gk::Avx512Bf16::MR>>();
   s << "f32_kc=" << f32.kc << "\nf32_mc=" << f32.mc << "\nbf16_kc=" << bf16.kc << "\nbf16_mc=" << bf16.mc << "\n";
 #endif
+  // B packed inside the tasks for a single block of rows (gemm_forward_unpacked): a line of its
+  // own, so the GEMM choices timed before it existed (ops/_choice_cache.py) are timed again
+  s << "b_slices_in_tasks=1\n";
   return s.str();
 }
 

@@ -71,6 +71,18 @@ void gemm_forward(Matrix a, const void* b_packed, PackedFormat format, int compu
                   const float* bias, int64_t M, int64_t N, int64_t K, int activation, void* out,
                   int out_dtype, int64_t ldo, void* pre, int64_t ldp, int threads);
 
+// Whether gemm_forward_unpacked takes this problem: A's M rows fit one cache block of rows (so
+// no two tasks need the same slice of B) and N gives every thread two panels or more.
+bool gemm_packs_in_tasks(int64_t M, int64_t N, int compute_dtype, int threads);
+
+// gemm_forward with B (N x K; element (n, k) = b(n, k)) unpacked: each task packs the slices of
+// B it sweeps as it goes, in the format gemm_packed_format(compute_dtype) gives. For few rows of
+// A, where packing B whole (a write and a second read of all of it) costs as much as the
+// arithmetic. Only where gemm_packs_in_tasks holds (std::invalid_argument otherwise).
+void gemm_forward_unpacked(Matrix a, Matrix b, int compute_dtype, const float* bias, int64_t M, int64_t N,
+                           int64_t K, int activation, void* out, int out_dtype, int64_t ldo, void* pre,
+                           int64_t ldp, int threads);
+
 // The epilogue's backward over M x N row-major contiguous matrices of `dtype`: grad_pre = grad *
 // act'(pre) (skipped, and grad_pre/pre unused, when activation is None), and when grad_bias
 // (float32) is not null grad_bias[n] = sum_m grad_pre[m, n] (of grad itself without an

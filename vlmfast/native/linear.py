@@ -9,7 +9,10 @@ kernels). Accumulation is float32 in every case.
 The weight is packed into 32-column panels before a GEMM (`pack` -> Packed, whose layout depends
 on the compute dtype and the instruction set in use); in inference (no autograd, weight unchanged)
 the packed copy is cached per weight, keyed by its storage, version counter, shape, strides,
-compute dtype and the instruction set, so a frozen model packs each weight once.
+compute dtype and the instruction set, so a frozen model packs each weight once. A weight not
+kept packed, with few rows of x against it (a prompt, a Q-Former's queries, a small batch in
+training), is handed over as it is (`operand` -> Unpacked) and packed slice by slice inside the
+GEMM's tasks: read from memory once, instead of packed whole, written back and read again.
 
 The instruction set is chosen at run time (`isa()`); VLMFAST_GEMM_ISA=amx|avx512_bf16|avx512|
 avx2|portable (read at the first GEMM) or `force_isa(name)` caps it, for tests and comparisons.
@@ -41,6 +44,18 @@ class Packed(NamedTuple):
     compute: torch.dtype
     n: int
     k: int
+
+
+class Unpacked(NamedTuple):
+    """B (N, K), any strides, left as it is: the GEMM packs each slice of it as it sweeps it, its
+    values rounded to `compute`."""
+
+    source: torch.Tensor
+    compute: torch.dtype
+
+    @property
+    def n(self) -> int:
+        return self.source.shape[0]
 
 
 # id(weight) -> (weak reference to weight, key, Packed). Keyed by id (a tensor's == is
@@ -139,14 +154,28 @@ def pack(b: torch.Tensor, compute: torch.dtype | None = None, *, scratch: bool =
     return Packed(data, fmt, compute, n, k)
 
 
-def packed_weight(weight: torch.Tensor, cache: bool, compute: torch.dtype | None = None) -> Packed:
-    """weight (N, K) packed. With `cache`, a packed copy is kept from the weight's second use on
-    (same data, version, layout and compute dtype) and reused while those stay: a weight used
-    once (a VLM's vision tower and decoder prefill in one generate) costs no second copy, one
-    used again (a served or frozen model) is packed once. Else, into the scratch buffer."""
+def operand(b: torch.Tensor, compute: torch.dtype | None = None, *, rows: int) -> Packed | Unpacked:
+    """B (N, K) ready for one GEMM against `rows` rows of A: left unpacked where the GEMM can pack
+    it inside its tasks (the rows fit one cache block, so no slice is packed twice), else packed
+    into this thread's scratch buffer (valid until the next scratch pack)."""
+    compute = compute or b.dtype
+    module = module_for(b.device)
+    if b.device.type == "cpu" and module.gemm_packs_in_tasks(M=rows, N=b.shape[0], compute_dtype=DTYPE_TAGS[compute],
+                                                             **launch_args(b.device)):
+        return Unpacked(b, compute)
+    return pack(b, compute, scratch=True)
+
+
+def packed_weight(weight: torch.Tensor, cache: bool, compute: torch.dtype | None = None, *,
+                  rows: int) -> Packed | Unpacked:
+    """weight (N, K) ready for a GEMM against `rows` rows of x. With `cache`, a packed copy is kept
+    from the weight's second use on (same data, version, layout and compute dtype) and reused
+    while those stay: a weight used once (a VLM's vision tower and decoder prefill in one
+    generate) costs no second copy, one used again (a served or frozen model) is packed once.
+    Else `operand`: unpacked, or packed into the scratch buffer."""
     compute = compute or weight.dtype
     if not cache or weight.is_inference():  # inference tensors keep no version counter
-        return pack(weight, compute, scratch=True)
+        return operand(weight, compute, rows=rows)
     key = (weight.untyped_storage().data_ptr(), weight.storage_offset(), weight._version,
            tuple(weight.shape), weight.stride(), weight.dtype, compute, _isa_generation[0])
     ident = id(weight)
@@ -157,9 +186,9 @@ def packed_weight(weight: torch.Tensor, cache: bool, compute: torch.dtype | None
         packed = pack(weight, compute)  # its second use: keep a copy from now on
         _packed_cache[ident] = (hit[0], key, packed)
         return packed
-    # first use (or the weight changed): remember it, pack into the scratch buffer
+    # first use (or the weight changed): remember it, use it as it is for now
     _packed_cache[ident] = (weakref.ref(weight, lambda _, i=ident: _packed_cache.pop(i, None)), key, None)
-    return pack(weight, compute, scratch=True)
+    return operand(weight, compute, rows=rows)
 
 
 def cached_bytes() -> int:
@@ -167,10 +196,11 @@ def cached_bytes() -> int:
     return sum(entry[2].data.numel() for entry in _packed_cache.values() if entry[2] is not None)
 
 
-def gemm(a: torch.Tensor, b: Packed, bias: torch.Tensor | None = None, activation: str | None = None,
+def gemm(a: torch.Tensor, b: Packed | Unpacked, bias: torch.Tensor | None = None, activation: str | None = None,
          keep_pre: bool = False, out_dtype: torch.dtype | None = None):
     """act(a (M, K) @ B^T + bias) -> (out (M, N), pre (M, N) or None) in out_dtype (default:
-    b's compute dtype); a's values are rounded to b's compute dtype. B packed by `pack`."""
+    b's compute dtype); a's values are rounded to b's compute dtype. B packed by `pack`, or left
+    unpacked by `operand`."""
     module = module_for(a.device)
     record_native("linear", a.device)
     m, k = a.shape
@@ -181,19 +211,19 @@ def gemm(a: torch.Tensor, b: Packed, bias: torch.Tensor | None = None, activatio
     if bias is not None:
         bias = bias.to(torch.float32).contiguous()
     address, strides = _matrix(a)
-    module.gemm_forward(
-        a=address, a_strides=strides, a_dtype=DTYPE_TAGS[a.dtype], b_packed=b.data.data_ptr(),
-        format=b.format, compute_dtype=DTYPE_TAGS[b.compute],
+    if isinstance(b, Unpacked):
+        b_address, b_strides = _matrix(b.source)
+        run, b_args = module.gemm_forward_unpacked, dict(b=b_address, b_strides=b_strides,
+                                                          b_dtype=DTYPE_TAGS[b.source.dtype])
+    else:
+        run, b_args = module.gemm_forward, dict(b_packed=b.data.data_ptr(), format=b.format)
+    run(
+        a=address, a_strides=strides, a_dtype=DTYPE_TAGS[a.dtype], **b_args, compute_dtype=DTYPE_TAGS[b.compute],
         bias=bias.data_ptr() if bias is not None else 0, M=m, N=n, K=k,
         activation=ACTIVATION_TAGS[activation], out=out.data_ptr(), out_dtype=DTYPE_TAGS[out_dtype], ldo=n,
         pre=pre.data_ptr() if pre is not None else 0, ldp=n, **launch_args(a.device),
     )
     return out, pre
-
-
-def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (M, K) @ b (N, K)^T, both any strides, in a's dtype (bfloat16 operands on the bf16 kernels)."""
-    return gemm(a, pack(b, a.dtype, scratch=True))[0]
 
 
 def epilogue_backward(grad: torch.Tensor, pre: torch.Tensor | None, activation: str | None,

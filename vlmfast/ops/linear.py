@@ -65,7 +65,7 @@ def _native_forward(x, weight, bias, act, compute, keep, cache, packed=None):
     from vlmfast.native import linear as native_linear
 
     if packed is None:
-        packed = native_linear.packed_weight(weight, cache, compute)
+        packed = native_linear.packed_weight(weight, cache, compute, rows=x.shape[0])
     out, pre = native_linear.gemm(x, packed, bias, act, keep_pre=keep, out_dtype=compute)
     return out, pre if pre is not None else x.new_empty(0)
 
@@ -143,10 +143,10 @@ def _native_backward(grad, x, weight, bias, pre, act, need_x, need_weight, need_
     from vlmfast.native import linear as native_linear
 
     dz, db = native_linear.epilogue_backward(grad, pre, act, need_bias)
-    # each GEMM's panels in the thread's reused packing buffer (dead once that GEMM returns)
-    dx = native_linear.gemm(dz, native_linear.pack(weight.t(), compute, scratch=True),
+    # each GEMM's B unpacked or in the thread's reused packing buffer (dead once that GEMM returns)
+    dx = native_linear.gemm(dz, native_linear.operand(weight.t(), compute, rows=dz.shape[0]),
                             out_dtype=x.dtype)[0] if need_x else None
-    dw = native_linear.gemm(dz.t(), native_linear.pack(x.t(), compute, scratch=True),
+    dw = native_linear.gemm(dz.t(), native_linear.operand(x.t(), compute, rows=dz.shape[1]),
                             out_dtype=weight.dtype)[0] if need_weight else None
     return dx, dw, db
 
