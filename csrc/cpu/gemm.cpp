@@ -148,9 +148,9 @@ struct Problem {
   void* pre;
   int64_t ldp;
   // Set for a B left unpacked (b_source, N x K; b unused): each task packs the KC x 32 slice
-  // of a panel it is about to sweep into a buffer of its own, so B is read from memory once.
-  // Packing it whole first writes it back and reads it again: for a few rows of A that round
-  // trip cost as much as the arithmetic. Only with one block of rows (no two tasks share a slice).
+  // of a panel it is about to sweep into a buffer of its own, so B is read from memory once
+  // per block of rows. Packing it whole first writes it back and reads it again: for a few rows
+  // of A that round trip cost as much as the arithmetic. Only with one or two blocks of rows.
   Matrix b_source{};
   PackBFn pack_b_slice = nullptr;
 };
@@ -383,16 +383,17 @@ VLMFAST_TASK(gk::AmxEmulated, gp::AmxLayout, , task_amx_emulated)
 // of fixed cost; the makespan under the dynamic schedule: ceil(tasks / threads) rounds of the
 // largest task. Among the partitions within 3% of the least makespan, the one with the most tasks
 // (up to 4 per thread) wins: a thread the OS takes away for a while is then absorbed by the others.
-// one_row_block: the rows stay in one block (B packed inside the tasks: no slice packed twice).
+// fewest_row_blocks: no more row blocks than the cache allows (B packed inside the tasks: each
+// slice is packed once per row block).
 struct Partition {
   int64_t m_blocks, mc, n_chunks, per_chunk;
 };
 
 Partition partition(int64_t M, int64_t n_panels, int64_t MR, int64_t mc_max, int threads,
-                    bool one_row_block) {
+                    bool fewest_row_blocks) {
   const int64_t slivers = (M + MR - 1) / MR, max_slivers = std::max<int64_t>(1, mc_max / MR);
   const int64_t mb_min = (slivers + max_slivers - 1) / max_slivers;
-  const int64_t mb_max = one_row_block ? mb_min : std::min(slivers, mb_min * 4 + 2 * threads);
+  const int64_t mb_max = fewest_row_blocks ? mb_min : std::min(slivers, mb_min * 4 + 2 * threads);
   struct Candidate {
     Partition part;
     double cost;
@@ -732,7 +733,7 @@ void gemm_forward(Matrix a, const void* b_packed, PackedFormat format, int compu
 bool gemm_packs_in_tasks(int64_t M, int64_t N, int compute_dtype, int threads) {
   threads = resolve_threads(threads);
   const int64_t panels = (N + NR - 1) / NR;
-  return M > 0 && M <= row_block_limit(gemm_packed_format(compute_dtype)) && panels >= 2 * threads;
+  return M > 0 && M <= 2 * row_block_limit(gemm_packed_format(compute_dtype)) && panels >= 2 * threads;
 }
 
 void gemm_forward_unpacked(Matrix a, Matrix b, int compute_dtype, const float* bias, int64_t M, int64_t N,
@@ -742,7 +743,7 @@ void gemm_forward_unpacked(Matrix a, Matrix b, int compute_dtype, const float* b
   dtype_from_tag(b.dtype);
   threads = resolve_threads(threads);
   if (!gemm_packs_in_tasks(M, N, compute_dtype, threads))
-    throw std::invalid_argument("vlmfast gemm: an unpacked B needs M within one block of rows and N of at least "
+    throw std::invalid_argument("vlmfast gemm: an unpacked B needs M within two blocks of rows and N of at least "
                                 "two panels per thread (gemm_packs_in_tasks)");
   const PackedFormat format = gemm_packed_format(compute_dtype);
   Problem p{a, nullptr, compute_dtype, bias, M, N, K, packed_k(K, format), activation_from_tag(activation),

@@ -71,8 +71,9 @@ void gemm_forward(Matrix a, const void* b_packed, PackedFormat format, int compu
                   const float* bias, int64_t M, int64_t N, int64_t K, int activation, void* out,
                   int out_dtype, int64_t ldo, void* pre, int64_t ldp, int threads);
 
-// Whether gemm_forward_unpacked takes this problem: A's M rows fit one cache block of rows (so
-// no two tasks need the same slice of B) and N gives every thread two panels or more.
+// Whether gemm_forward_unpacked takes this problem: A's M rows fit two cache blocks of rows
+// (each slice of B is packed once per block: one block, or two, still read B less than packing
+// it whole; at three or more the two ways are even) and N gives every thread two panels or more.
 bool gemm_packs_in_tasks(int64_t M, int64_t N, int compute_dtype, int threads);
 
 // gemm_forward with B (N x K; element (n, k) = b(n, k)) unpacked: each task packs the slices of

@@ -66,6 +66,26 @@ def test_unpacked_equals_packed_and_float64(isa, b_dtype, compute, shape, steps_
     torch.testing.assert_close(out.double(), want, **tol)
 
 
+@pytest.mark.parametrize("level, compute, block", [("avx512", torch.float32, "f32_mc"),
+                                                  ("avx512_bf16", torch.bfloat16, "bf16_mc")])
+def test_two_row_blocks(level, compute, block):
+    """Rows just past one cache block (its size from the GEMM's own description): two blocks, each
+    slice of B packed by two tasks, still the bits of the packed GEMM."""
+    if level not in native_linear.available_isas():
+        pytest.skip(f"this CPU cannot run {level}")
+    native_linear.force_isa(level)
+    try:
+        m = native_linear.describe()[block] + 37
+        a, b, bias = _operands(m, 300, 200, compute, compute, False, seed=11)
+        (out, _), (packed_out, _) = _run_both(a, b, bias, compute, "quick_gelu")
+        assert torch.equal(out, packed_out)
+        tol = dict(rtol=1e-4, atol=1e-4) if compute == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(out.double(), _expected(a, b, bias, compute, "quick_gelu")[1], **tol)
+        assert isinstance(native_linear.operand(b, compute, rows=2 * m), native_linear.Packed)
+    finally:
+        native_linear.force_isa(None)
+
+
 def test_unpacked_on_emulated_amx_tiles(emulated_amx):  # noqa: F811
     a, b, bias = _operands(37, 301, 200, torch.bfloat16, torch.bfloat16, False, seed=5)
     (out, _), (packed_out, _) = _run_both(a, b, bias, torch.bfloat16, None)
@@ -74,8 +94,8 @@ def test_unpacked_on_emulated_amx_tiles(emulated_amx):  # noqa: F811
 
 
 def test_operand_packs_where_the_tasks_cannot():
-    """Rows beyond one cache block (a slice would be packed by several tasks) or too few panels
-    for the threads: B is packed whole, into the scratch buffer."""
+    """Rows beyond two cache blocks (each slice would be packed three times or more) or too few
+    panels for the threads: B is packed whole, into the scratch buffer."""
     w = torch.randn(200, 64)
     assert isinstance(native_linear.operand(w, rows=37), native_linear.Unpacked)
     assert isinstance(native_linear.operand(w, rows=100_000), native_linear.Packed)

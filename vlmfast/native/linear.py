@@ -155,9 +155,9 @@ def pack(b: torch.Tensor, compute: torch.dtype | None = None, *, scratch: bool =
 
 
 def operand(b: torch.Tensor, compute: torch.dtype | None = None, *, rows: int) -> Packed | Unpacked:
-    """B (N, K) ready for one GEMM against `rows` rows of A: left unpacked where the GEMM can pack
-    it inside its tasks (the rows fit one cache block, so no slice is packed twice), else packed
-    into this thread's scratch buffer (valid until the next scratch pack)."""
+    """B (N, K) ready for one GEMM against `rows` rows of A: left unpacked where the GEMM packs it
+    inside its tasks to advantage (the rows fit one or two cache blocks: each slice is packed once
+    per block), else packed into this thread's scratch buffer (valid until the next scratch pack)."""
     compute = compute or b.dtype
     module = module_for(b.device)
     if b.device.type == "cpu" and module.gemm_packs_in_tasks(M=rows, N=b.shape[0], compute_dtype=DTYPE_TAGS[compute],
