@@ -790,9 +790,9 @@ std::string gemm_describe() {
   const Blocking bf16 = blocking_for<gp::PairLayout<gk::Avx512Bf16::MR>>();
   s << "f32_kc=" << f32.kc << "\nf32_mc=" << f32.mc << "\nbf16_kc=" << bf16.kc << "\nbf16_mc=" << bf16.mc << "\n";
 #endif
-  // B packed inside the tasks for a single block of rows (gemm_forward_unpacked): a line of its
-  // own, so the GEMM choices timed before it existed (ops/_choice_cache.py) are timed again
-  s << "b_slices_in_tasks=1\n";
+  // B packed inside the tasks for up to this many blocks of rows (gemm_forward_unpacked): a line
+  // of its own, so GEMM choices timed under another rule (ops/_choice_cache.py) are timed again
+  s << "unpacked_b_row_blocks=2\n";
   return s.str();
 }
 
