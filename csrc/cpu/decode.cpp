@@ -154,8 +154,8 @@ VLMFAST_INLINE void add_value(v16f* acc, float p, const T* v, int64_t n) {
 // `slot`: tasks never wait for one another, and split evenly between threads at any batch size.
 // Vectorised over the head dim for the dot products and the weighted sum of values (a loop over
 // 16 lanes by index had compiled to scalar code: attention was half of a LLaVA float32 step at 8
-// rows and 226 cached tokens on a Zen 4), the softmax 16 slots at a time (vexp). scores: slot + 17 floats of scratch (whole vectors);
-// q_pad, k_new: E floats rounded up to 16, each.
+// rows and 226 cached tokens on a Zen 4), the softmax 16 slots at a time (vexp). scores: slot +
+// 17 floats of scratch (whole vectors); q_pad, k_new: E floats rounded up to 16, each.
 template <typename T>
 VLMFAST_INLINE void attend_head(const DecodeShape& s, float* qkv_row, const float* cos, const float* sin,
                                 T* k_cache, T* v_cache, const bool* key_mask, int64_t b, int64_t h,

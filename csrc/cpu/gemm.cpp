@@ -380,8 +380,8 @@ VLMFAST_TASK(gk::AmxEmulated, gp::AmxLayout, , task_amx_emulated)
 // of fixed cost; the makespan under the dynamic schedule: ceil(tasks / threads) rounds of the
 // largest task. Among the partitions within 3% of the least makespan, the one with the most tasks
 // (up to 4 per thread) wins: a thread the OS takes away for a while is then absorbed by the others.
-// fewest_row_blocks: no more row blocks than the cache allows (B packed inside the tasks: each
-// slice is packed once per row block).
+// fewest_row_blocks: only as many row blocks as the cache requires (B packed inside the tasks:
+// each slice is packed once per row block).
 struct Partition {
   int64_t m_blocks, mc, n_chunks, per_chunk;
 };
