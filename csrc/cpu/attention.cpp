@@ -26,6 +26,8 @@
 #include "common/dtype.h"
 #include "common/parallel.h"
 #include "common/vec16.h"
+#include "cpu/attention_pairs.h"
+#include "cpu/gemm.h"
 
 namespace vlmfast::cpu {
 namespace {
@@ -250,6 +252,7 @@ struct Plan {
   int64_t row_blocks;
   int64_t key_blocks;
   float q_mult;        // scale * log2(e): q packed with it gives base-2 scores
+  bool pair_dots = false;  // bfloat16 inputs: both products on pairs (forward_plan)
 };
 
 Plan make_plan(const AttentionShape& s, int threads) {
@@ -272,6 +275,23 @@ Plan make_plan(const AttentionShape& s, int threads) {
   blocks = std::max(blocks, std::min(ceil_div(2 * threads, outer), ceil_div(p.rows, 16)));
   p.block_rows = std::min(kMaxRowBlock, ceil_div(ceil_div(p.rows, blocks), 2) * 2);
   p.row_blocks = ceil_div(p.rows, p.block_rows);
+  return p;
+}
+
+// The forward's plan. A bfloat16 problem runs its two products on pairs (attention_pairs.h) when
+// the GEMM's level has AVX512-BF16 (a lower level forced, as the tests do, forces the float32
+// tiles here too); when its row blocks are tall enough to repay packing K and V as pairs (not
+// decode's few rows per block, whose tiles are packed for one use); and without rotary tables:
+// q and k rotated inside the kernel are float32, and rounding them to bfloat16 would cost the
+// log-sum-exp its float32 accuracy.
+template <typename T>
+Plan forward_plan(const AttentionShape& s, int threads) {
+  Plan p = make_plan(s, threads);
+#if VLMFAST_GEMM_X86
+  if constexpr (std::is_same_v<T, BFloat16>)
+    p.pair_dots = p.block_rows >= 16 && s.rotary_half == 0 && gemm_isa() >= GemmIsa::Avx512Bf16 &&
+                  gemm_isa_available(GemmIsa::Avx512Bf16);
+#endif
   return p;
 }
 
@@ -391,6 +411,7 @@ bool worth_keeping(int64_t floats) { return floats <= (int64_t{1} << 22); }
 
 struct Scratch {
   Buffer q, dout, kt, vt, krows, scores, dscores, acc, dk, dv, stats, dq;
+  Buffer probs;  // the pair path's P, rounded to pairs
   TileCache keys, values, rows;
 };
 
@@ -591,12 +612,97 @@ struct ForwardArgs {
   int64_t lse_head_stride;  // L for a dense (B, H, L) lse; T for varlen's packed (H, T)
 };
 
+#if VLMFAST_GEMM_X86
+// ----------------------------------------------------------------------------------------------
+// The pair path (bfloat16 inputs without rotary tables, attention_pairs.h's layouts): tiles
+// are built from the inputs' bits as they are.
+
+// dst (count, width) bfloat16 = the block's q rows, zero-padded past E (q_mult is applied to
+// the scores instead).
+VLMFAST_INLINE void pack_query_pairs(const AttentionInput& t, const Plan& p, int64_t b,
+                                     const RowBlock& r, uint16_t* dst) {
+  const int64_t E = p.s.head_dim;
+  for (int64_t i = 0; i < r.count; ++i) {
+    const BFloat16* src = row_of<BFloat16>(t, b, r.head[i], r.pos[i]);
+    uint16_t* d = dst + i * p.width;
+    for (int64_t e = 0; e < E; ++e) d[e] = src[e].bits;
+    for (int64_t e = E; e < p.width; ++e) d[e] = 0;
+  }
+}
+
+// kp[i * 64 + j] = pair i of key j (elements 2i, 2i + 1), for the `keys` rows of src; zero past
+// E and past the last key.
+VLMFAST_INLINE void pack_key_pairs(const BFloat16* src, int64_t stride, int64_t keys,
+                                   const Plan& p, uint32_t* kp) {
+  const int64_t E = p.s.head_dim, pairs = p.width / 2;
+  auto element = [&](const BFloat16* k, int64_t e) -> uint32_t { return e < E ? k[e].bits : 0u; };
+  for (int64_t j = 0; j < kKeyBlock; ++j) {
+    const BFloat16* k = src + j * stride;
+    for (int64_t i = 0; i < pairs; ++i)
+      kp[i * kKeyBlock + j] = j < keys ? element(k, 2 * i) | element(k, 2 * i + 1) << 16 : 0u;
+  }
+}
+
+// vp[i * width + e] = (v[2i][e], v[2i + 1][e]) for the `keys` rows of src; zero past E and past
+// the last key (its probabilities are 0, but 0 * NaN of an unwritten row would not be).
+VLMFAST_INLINE void pack_value_pairs(const BFloat16* src, int64_t stride, int64_t keys,
+                                     const Plan& p, uint32_t* vp) {
+  const int64_t E = p.s.head_dim;
+  for (int64_t i = 0; i < kKeyBlock / 2; ++i) {
+    uint32_t* d = vp + i * p.width;
+    const BFloat16* even = src + 2 * i * stride;
+    const BFloat16* odd = src + (2 * i + 1) * stride;
+    const bool has_even = 2 * i < keys, has_odd = 2 * i + 1 < keys;
+    for (int64_t e = 0; e < E; ++e)
+      d[e] = (has_even ? even[e].bits : 0u) | static_cast<uint32_t>(has_odd ? odd[e].bits : 0u) << 16;
+    for (int64_t e = E; e < p.width; ++e) d[e] = 0;
+  }
+}
+
+// forward_rows (below) on pairs: the same online softmax between the two products.
+VLMFAST_INLINE void forward_rows_pairs(const Plan& p, const ForwardArgs& a, int64_t b,
+                                       int64_t kv_head, const RowBlock& r, int64_t kb_begin,
+                                       int64_t kb_end, Scratch& w, float* m, float* l, float* acc) {
+  namespace ap = attention_pairs;
+  const int64_t width = p.width;
+  auto* q = reinterpret_cast<uint16_t*>(w.q.get(kMaxRowBlock * width));
+  float* s = w.scores.get(kMaxRowBlock * kKeyBlock);
+  auto* probs = reinterpret_cast<uint32_t*>(w.probs.get(kMaxRowBlock * kKeyBlock / 2));
+  pack_query_pairs(a.q, p, b, r, q);
+  std::fill(m, m + r.count, -kInf);
+  std::fill(l, l + r.count, 0.0f);
+  std::fill(acc, acc + r.count * width, 0.0f);
+  for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+    const int64_t first_key = kb * kKeyBlock;
+    const int64_t keys = std::min(kKeyBlock, p.s.kv_len - first_key);
+    const BFloat16* k_rows = row_of<BFloat16>(a.k, b, kv_head, first_key);
+    const BFloat16* v_rows = row_of<BFloat16>(a.v, b, kv_head, first_key);
+    const float* kt = w.keys.get(kb, [&](float* t) VLMFAST_PACKER {
+      pack_key_pairs(k_rows, a.k.strides[2], keys, p, reinterpret_cast<uint32_t*>(t));
+    });
+    ap::tile_scores(reinterpret_cast<const uint32_t*>(q), width / 2,
+                    reinterpret_cast<const uint32_t*>(kt), width / 2, p.q_mult, s, r.count, keys);
+    mask_scores(p, a.bias, r, first_key, keys, s);
+    if (!online_softmax_step(s, r.count, m, l, acc, width)) continue;  // s = p
+    const float* vt = w.values.get(kb, [&](float* t) VLMFAST_PACKER {
+      pack_value_pairs(v_rows, a.v.strides[2], keys, p, reinterpret_cast<uint32_t*>(t));
+    });
+    ap::tile_accumulate(s, probs, reinterpret_cast<const uint32_t*>(vt), keys, acc, width, r.count);
+  }
+}
+#endif
+
 // Runs the online softmax of a row block over key blocks [kb_begin, kb_end): leaves the row
 // maxima m (base 2), sums l and the unnormalised output acc (count, width).
 template <typename T>
 VLMFAST_INLINE void forward_rows(const Plan& p, const ForwardArgs& a, int64_t b, int64_t kv_head,
                                  const RowBlock& r, int64_t kb_begin, int64_t kb_end, Scratch& w,
                                  float* m, float* l, float* acc) {
+#if VLMFAST_GEMM_X86
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (p.pair_dots) return forward_rows_pairs(p, a, b, kv_head, r, kb_begin, kb_end, w, m, l, acc);
+  }
+#endif
   const int64_t E = p.s.head_dim, width = p.width;
   float* q = w.q.get(kMaxRowBlock * width);
   float* s = w.scores.get(kMaxRowBlock * kKeyBlock);
@@ -1007,7 +1113,7 @@ void run_with_scratch(bool keep, int threads, const Run& run) {
 
 template <typename T>
 void forward_impl(const AttentionShape& shape, const ForwardArgs& a, int threads) {
-  const Plan p = make_plan(shape, threads);
+  const Plan p = forward_plan<T>(shape, threads);
   const ForwardSchedule sch(p, threads);
   if (sch.tasks == 0) return;
   const int64_t partial_floats = sch.splits > 1 ? sch.tasks * sch.splits * sch.slot : 0;
@@ -1056,7 +1162,7 @@ void varlen_forward_impl(const AttentionShape& shape, const int32_t* cu_seqlens,
       s.rotary_cos += start * s.rotary_stride;
       s.rotary_sin += start * s.rotary_stride;
     }
-    const Plan plan = make_plan(s, threads);
+    const Plan plan = forward_plan<T>(s, threads);
     const ForwardSchedule schedule(plan, threads, /*allow_splits=*/false);
     const ForwardArgs args{at(packed.q, start), at(packed.k, start), at(packed.v, start),
                            packed.bias, at(packed.out, start),

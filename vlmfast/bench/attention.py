@@ -6,7 +6,8 @@ holds every implementation's ms (vlmfast+rotary: the rotary applied inside the k
 median, CUDA events on a GPU, wall clock on the CPU; TFLOP/s: 4 B H L S E for the forward, 2.5x
 that more for the backward. Backends that fail on the shape (cuDNN without support, flash with
 E = 72, anything on the CPU but math) are left out. Shapes: TARGETS.md's on a GPU, ViT-B/16 at
-batch 8 and a small call (2, 2, 33, 64) (the per-call cost) on the CPU, and SmolVLM2 decode steps
+batch 8, SmolVLM2's vision tile (1, 12, 1024, 64) and a small call (2, 2, 33, 64) (the per-call
+cost) on the CPU, and SmolVLM2 decode steps
 (GQA, 1 query; batch 1 and 32, 128 to 2048 keys, with and without a key-padding mask).
 """
 
@@ -24,7 +25,9 @@ GPU_SHAPES = [(256, 12, 50, 64), (256, 12, 197, 64), (64, 16, 577, 64), (64, 16,
 # A small call, where the op layer's per-call cost (validation, dispatch, autograd) shows
 # against torch's rather than the kernel: target <= 1.2x torch's time, forward and backward.
 SMALL_CALL = (2, 2, 33, 64)
-CPU_SHAPES = [(8, 12, 197, 64), SMALL_CALL]
+# SmolVLM2's vision tower on one 512-px tile (1024 patches; in bfloat16 the kernel's pair path)
+SMOLVLM_TILE = (1, 12, 1024, 64)
+CPU_SHAPES = [(8, 12, 197, 64), SMOLVLM_TILE, SMALL_CALL]
 QUICK_SHAPES = [SMALL_CALL]
 # Decode steps of SmolVLM2's decoder: 1 query, 9 heads on 3 kv heads, E = 64, at batch 1 and 32
 # over KV caches of 128, 512 and 2048 tokens, without and with a key-padding mask (B, 1, 1, S).

@@ -1,0 +1,96 @@
+"""The CPU attention's bfloat16 pair path (csrc/cpu/attention_pairs.h): with the GEMM's level at
+AVX512-BF16 (or AMX), a bfloat16 forward with tall row blocks and no rotary tables runs both
+products on vdpbf16ps, P rounded to bfloat16. Checked here: its results against the float64
+reference under the bfloat16 rule (tests/tolerance.py), over the shapes that exercise the tile
+edges (head dims padded to 16, partial key blocks, causal, masks, biases, GQA, strided inputs);
+that forcing a lower level switches it off (other bits, the same rule); and that what it must not
+touch is bit for bit the float32 tiles' result (float32 inputs, rotary tables, decode's few rows)."""
+
+import pytest
+import torch
+
+from tests.native.test_attention_cpu import check_attention, random_inputs
+from vlmfast.native import attention as native
+from vlmfast.native import linear as native_linear
+
+pytestmark = pytest.mark.skipif("avx512_bf16" not in native_linear.available_isas(),
+                                reason="the pair path needs AVX512-BF16")
+
+
+@pytest.fixture
+def pair_level():
+    assert native_linear.force_isa("avx512_bf16") == "avx512_bf16"
+    yield
+    native_linear.force_isa(None)
+
+
+def forward_at(level, q, k, v, **kwargs):
+    native_linear.force_isa(level)
+    try:
+        return native.forward(q, k, v, scale=q.shape[-1] ** -0.5, is_causal=False, **kwargs)
+    finally:
+        native_linear.force_isa(None)
+
+
+@pytest.mark.usefixtures("pair_level")
+@pytest.mark.parametrize("dim", [40, 64, 72, 128])
+@pytest.mark.parametrize("length, keys, is_causal", [(197, 197, False), (130, 70, False), (100, 100, True),
+                                                     (64, 5, False)])
+def test_pair_path_against_float64(dim, length, keys, is_causal):
+    q, k, v, grad = random_inputs(2, 4, 2, length, keys, dim, torch.bfloat16, seed=dim + keys)
+    check_attention(q, k, v, grad, is_causal=is_causal, strategies=["fused"])
+
+
+@pytest.mark.usefixtures("pair_level")
+@pytest.mark.parametrize("kind", ["mask", "bias", "masked_rows"])
+def test_pair_path_masks_and_biases(kind):
+    q, k, v, grad = random_inputs(1, 3, 3, 96, 150, 64, torch.bfloat16, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    if kind == "bias":
+        bias = torch.randn(1, 3, 96, 150, generator=gen)
+    else:
+        bias = torch.rand(1, 1, 1, 150, generator=gen) > 0.3
+        if kind == "masked_rows":  # whole rows see no key: out 0, lse -inf
+            bias = (torch.rand(1, 1, 96, 1, generator=gen) > 0.2) & bias
+        bias = torch.zeros(bias.shape).masked_fill(~bias, float("-inf")).expand(1, 3, 96, 150)
+    check_attention(q, k, v, grad, bias=bias, strategies=["fused"])
+
+
+@pytest.mark.usefixtures("pair_level")
+def test_pair_path_strided_inputs():
+    """q, k, v as views into one fused (B, L, 3, H, E) projection, as the models pass them."""
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(2, 150, 3, 6, 64, generator=gen).to(torch.bfloat16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    grad = torch.randn(2, 6, 150, 64, generator=gen).to(torch.bfloat16)
+    check_attention(q, k, v, grad, strategies=["fused"])
+
+
+def test_lower_level_switches_the_pair_path_off():
+    """The same bfloat16 problem at AVX512-BF16 and at AVX-512: other bits (P rounded to
+    bfloat16 against float32 tiles), each within the rule of the float64 reference."""
+    q, k, v, grad = random_inputs(1, 4, 4, 128, 128, 64, torch.bfloat16, seed=6)
+    pairs, _ = forward_at("avx512_bf16", q, k, v)
+    floats, _ = forward_at("avx512", q, k, v)
+    assert not torch.equal(pairs, floats), "forcing AVX-512 did not change the path"
+    native_linear.force_isa("avx512")
+    try:
+        check_attention(q, k, v, grad, strategies=["fused"])
+    finally:
+        native_linear.force_isa(None)
+
+
+@pytest.mark.parametrize("case", ["float32", "rotary", "decode"])
+def test_what_stays_on_float_tiles(case):
+    """float32 inputs, rotary tables (q, k rotated in float32 inside the kernel) and a decode
+    step's few rows per block give the very bits of the float32 tiles at either level."""
+    dtype = torch.float32 if case == "float32" else torch.bfloat16
+    length = 1 if case == "decode" else 128
+    q, k, v, _ = random_inputs(1, 6, 2, length, 300, 64, dtype, seed=7)
+    kwargs = {}
+    if case == "rotary":
+        angles = torch.arange(300.0)[:, None] * torch.rand(16, generator=torch.Generator().manual_seed(8))
+        kwargs["rotary"] = (angles.cos(), angles.sin())
+    high, high_lse = forward_at("avx512_bf16", q, k, v, **kwargs)
+    low, low_lse = forward_at("avx512", q, k, v, **kwargs)
+    assert torch.equal(high, low) and torch.equal(high_lse, low_lse)
