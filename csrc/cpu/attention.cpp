@@ -278,14 +278,14 @@ Plan make_plan(const AttentionShape& s, int threads) {
   return p;
 }
 
-// The forward's plan. A bfloat16 problem runs its two products on pairs (attention_pairs.h) when
+// The plan of a forward or backward. A bfloat16 problem runs its products on pairs (attention_pairs.h) when
 // the GEMM's level has AVX512-BF16 (a lower level forced, as the tests do, forces the float32
 // tiles here too); when its row blocks are tall enough to repay packing K and V as pairs (not
 // decode's few rows per block, whose tiles are packed for one use); and without rotary tables:
 // q and k rotated inside the kernel are float32, and rounding them to bfloat16 would cost the
 // log-sum-exp its float32 accuracy.
 template <typename T>
-Plan forward_plan(const AttentionShape& s, int threads) {
+Plan plan_for(const AttentionShape& s, int threads) {
   Plan p = make_plan(s, threads);
 #if VLMFAST_GEMM_X86
   if constexpr (std::is_same_v<T, BFloat16>)
@@ -411,7 +411,7 @@ bool worth_keeping(int64_t floats) { return floats <= (int64_t{1} << 22); }
 
 struct Scratch {
   Buffer q, dout, kt, vt, krows, scores, dscores, acc, dk, dv, stats, dq;
-  Buffer probs;  // the pair path's P, rounded to pairs
+  Buffer probs, pair_rows;  // the pair path's: P and dS rounded to pairs; a row block's tiles
   TileCache keys, values, rows;
 };
 
@@ -630,9 +630,23 @@ VLMFAST_INLINE void pack_query_pairs(const AttentionInput& t, const Plan& p, int
   }
 }
 
+// dst[i * width + e] = (x[2i][e], x[2i + 1][e]) over the block's rows of t (a missing last
+// row and e >= E as 0): q and dO for the backward's sums over query rows.
+VLMFAST_INLINE void pack_query_row_pairs(const AttentionInput& t, const Plan& p, int64_t b,
+                                         const RowBlock& r, uint32_t* dst) {
+  const int64_t E = p.s.head_dim;
+  for (int64_t i = 0; 2 * i < r.count; ++i) {
+    const BFloat16* even = row_of<BFloat16>(t, b, r.head[2 * i], r.pos[2 * i]);
+    const BFloat16* odd = 2 * i + 1 < r.count ? row_of<BFloat16>(t, b, r.head[2 * i + 1], r.pos[2 * i + 1]) : nullptr;
+    uint32_t* d = dst + i * p.width;
+    for (int64_t e = 0; e < E; ++e) d[e] = even[e].bits | static_cast<uint32_t>(odd ? odd[e].bits : 0u) << 16;
+    for (int64_t e = E; e < p.width; ++e) d[e] = 0;
+  }
+}
+
 // kp[i * 64 + j] = pair i of key j (elements 2i, 2i + 1), for the `keys` rows of src; zero past
-// E and past the last key.
-VLMFAST_INLINE void pack_key_pairs(const BFloat16* src, int64_t stride, int64_t keys,
+// E and past the last key (K for the scores, V for the backward's dP = dO V^T).
+VLMFAST_INLINE void pack_dim_pairs(const BFloat16* src, int64_t stride, int64_t keys,
                                    const Plan& p, uint32_t* kp) {
   const int64_t E = p.s.head_dim, pairs = p.width / 2;
   auto element = [&](const BFloat16* k, int64_t e) -> uint32_t { return e < E ? k[e].bits : 0u; };
@@ -644,8 +658,9 @@ VLMFAST_INLINE void pack_key_pairs(const BFloat16* src, int64_t stride, int64_t 
 }
 
 // vp[i * width + e] = (v[2i][e], v[2i + 1][e]) for the `keys` rows of src; zero past E and past
-// the last key (its probabilities are 0, but 0 * NaN of an unwritten row would not be).
-VLMFAST_INLINE void pack_value_pairs(const BFloat16* src, int64_t stride, int64_t keys,
+// the last key (its probabilities are 0, but 0 * NaN of an unwritten row would not be). V for
+// P V, K for the backward's dS K.
+VLMFAST_INLINE void pack_row_pairs(const BFloat16* src, int64_t stride, int64_t keys,
                                      const Plan& p, uint32_t* vp) {
   const int64_t E = p.s.head_dim;
   for (int64_t i = 0; i < kKeyBlock / 2; ++i) {
@@ -678,16 +693,18 @@ VLMFAST_INLINE void forward_rows_pairs(const Plan& p, const ForwardArgs& a, int6
     const BFloat16* k_rows = row_of<BFloat16>(a.k, b, kv_head, first_key);
     const BFloat16* v_rows = row_of<BFloat16>(a.v, b, kv_head, first_key);
     const float* kt = w.keys.get(kb, [&](float* t) VLMFAST_PACKER {
-      pack_key_pairs(k_rows, a.k.strides[2], keys, p, reinterpret_cast<uint32_t*>(t));
+      pack_dim_pairs(k_rows, a.k.strides[2], keys, p, reinterpret_cast<uint32_t*>(t));
     });
     ap::tile_scores(reinterpret_cast<const uint32_t*>(q), width / 2,
                     reinterpret_cast<const uint32_t*>(kt), width / 2, p.q_mult, s, r.count, keys);
     mask_scores(p, a.bias, r, first_key, keys, s);
     if (!online_softmax_step(s, r.count, m, l, acc, width)) continue;  // s = p
     const float* vt = w.values.get(kb, [&](float* t) VLMFAST_PACKER {
-      pack_value_pairs(v_rows, a.v.strides[2], keys, p, reinterpret_cast<uint32_t*>(t));
+      pack_row_pairs(v_rows, a.v.strides[2], keys, p, reinterpret_cast<uint32_t*>(t));
     });
-    ap::tile_accumulate(s, probs, reinterpret_cast<const uint32_t*>(vt), keys, acc, width, r.count);
+    ap::round_pairs_along_keys(s, r.count, probs);
+    ap::tile_accumulate(probs, kKeyBlock / 2, 1, reinterpret_cast<const uint32_t*>(vt), width,
+                        (keys + 1) / 2, acc, width, r.count, width);  // acc += p v
   }
 }
 #endif
@@ -853,19 +870,25 @@ struct BackwardArgs {
 // Floats of one packed backward row block: [q | dO | lse2 | D].
 int64_t backward_row_tile(const Plan& p) { return 2 * p.block_rows * (p.width + 1); }
 
-// Packs a row block's q (scaled to base 2), dO, lse (base 2; +inf for an empty row so that its
-// probabilities are 2^-inf = 0) and D.
+// A row block's lse (base 2; +inf for an empty row so that its probabilities are 2^-inf = 0)
+// and D.
+VLMFAST_INLINE void pack_row_stats(const Plan& p, const BackwardArgs& a, int64_t b, const RowBlock& r,
+                                   float* lse2, float* delta) {
+  for (int64_t i = 0; i < r.count; ++i) {
+    const int64_t at = (b * p.s.heads + r.head[i]) * p.s.q_len + r.pos[i];
+    lse2[i] = a.lse[at] == -kInf ? kInf : a.lse[at] * kLog2e;
+    delta[i] = a.delta[at];
+  }
+}
+
+// Packs a row block's q (scaled to base 2), dO, lse2 and D.
 template <typename T>
 VLMFAST_INLINE void pack_backward_rows(const Plan& p, const BackwardArgs& a, int64_t b,
                                        const RowBlock& r, float* q, float* dout, float* lse2,
                                        float* delta) {
   pack_query_rows<T>(a.q, p, b, r, p.q_mult, q, /*rotate=*/true);
   pack_query_rows<T>(a.dout, p, b, r, 1.0f, dout);
-  for (int64_t i = 0; i < r.count; ++i) {
-    const int64_t at = (b * p.s.heads + r.head[i]) * p.s.q_len + r.pos[i];
-    lse2[i] = a.lse[at] == -kInf ? kInf : a.lse[at] * kLog2e;
-    delta[i] = a.delta[at];
-  }
+  pack_row_stats(p, a, b, r, lse2, delta);
 }
 
 // Recomputes one (row block, key block) tile: leaves P in s and dS in ds; false (and nothing
@@ -883,11 +906,159 @@ VLMFAST_INLINE bool backward_tile(const Plan& p, const AttentionBias& bias, cons
   return true;
 }
 
+#if VLMFAST_GEMM_X86
+// ----------------------------------------------------------------------------------------------
+// The backward's pair path (forward_rows_pairs' conditions): the five products of a tile on
+// vdpbf16ps, P and dS rounded to bfloat16 pairs as each product needs them.
+
+// A row block packed for the pair path, in backward_row_tile(p) floats: q and dO as bfloat16 rows
+// (the scores), q and dO as pairs of rows (the sums over rows into dk, dv), lse2, D. q is not
+// scaled: the scores take q_mult, dk the scale.
+struct PairRows {
+  const uint32_t *q, *dout, *q_pairs, *dout_pairs;
+  const float *lse2, *delta;
+
+  PairRows(const Plan& p, const float* tile) {
+    const int64_t part = p.block_rows * p.width / 2;  // floats of each of the four tiles
+    q = reinterpret_cast<const uint32_t*>(tile);
+    dout = q + part;
+    q_pairs = dout + part;
+    dout_pairs = q_pairs + part;
+    lse2 = tile + 4 * part;
+    delta = lse2 + p.block_rows;
+  }
+  static void pack(const Plan& p, const BackwardArgs& a, int64_t b, const RowBlock& r, float* tile) {
+    const PairRows at(p, tile);
+    pack_query_pairs(a.q, p, b, r, reinterpret_cast<uint16_t*>(const_cast<uint32_t*>(at.q)));
+    pack_query_pairs(a.dout, p, b, r, reinterpret_cast<uint16_t*>(const_cast<uint32_t*>(at.dout)));
+    pack_query_row_pairs(a.q, p, b, r, const_cast<uint32_t*>(at.q_pairs));
+    pack_query_row_pairs(a.dout, p, b, r, const_cast<uint32_t*>(at.dout_pairs));
+    pack_row_stats(p, a, b, r, const_cast<float*>(at.lse2), const_cast<float*>(at.delta));
+  }
+};
+
+// The key block's tiles: K and V as pairs of the head dim (scores, dP), K as pairs of keys (dS K).
+struct PairKeys {
+  uint32_t *k_dims, *v_dims, *k_rows;
+
+  PairKeys(const Plan& p, Scratch& w)
+      : k_dims(reinterpret_cast<uint32_t*>(w.kt.get(p.width * kKeyBlock))),
+        v_dims(reinterpret_cast<uint32_t*>(w.vt.get(p.width * kKeyBlock))),
+        k_rows(reinterpret_cast<uint32_t*>(w.krows.get(kKeyBlock * p.width))) {}
+  void pack(const Plan& p, const BackwardArgs& a, int64_t b, int64_t kv_head, int64_t first_key,
+            int64_t keys, bool with_k_rows) {
+    const BFloat16* k = row_of<BFloat16>(a.k, b, kv_head, first_key);
+    pack_dim_pairs(k, a.k.strides[2], keys, p, k_dims);
+    pack_dim_pairs(row_of<BFloat16>(a.v, b, kv_head, first_key), a.v.strides[2], keys, p, v_dims);
+    if (with_k_rows) pack_row_pairs(k, a.k.strides[2], keys, p, k_rows);
+  }
+};
+
+// backward_tile on pairs: P in s, dS in ds (all 64 columns: the tiles are zero past the keys).
+VLMFAST_INLINE bool backward_tile_pairs(const Plan& p, const AttentionBias& bias, const RowBlock& r,
+                                        int64_t first_key, int64_t keys, const PairRows& rows,
+                                        const PairKeys& tiles, float* s, float* ds) {
+  namespace ap = attention_pairs;
+  const int64_t pairs = p.width / 2;
+  ap::tile_scores(rows.q, pairs, tiles.k_dims, pairs, p.q_mult, s, r.count, kKeyBlock);
+  mask_scores(p, bias, r, first_key, keys, s);
+  if (!tile_has_keys(s, r.count)) return false;
+  tile_probabilities(s, rows.lse2, r.count);                                 // P
+  ap::tile_scores(rows.dout, pairs, tiles.v_dims, pairs, 1.0f, ds, r.count, kKeyBlock);  // dP
+  tile_score_grads(s, ds, rows.delta, r.count);                              // dS
+  return true;
+}
+
+// dS of a tile as pairs of keys, then dq_i += sum_j dS_ij k_j.
+VLMFAST_INLINE void add_dq_pairs(const Plan& p, const RowBlock& r, int64_t keys, const float* ds,
+                                 const PairKeys& tiles, uint32_t* scratch, float* dq) {
+  attention_pairs::round_pairs_along_keys(ds, r.count, scratch);
+  attention_pairs::tile_accumulate(scratch, kKeyBlock / 2, 1, tiles.k_rows, p.width, (keys + 1) / 2, dq,
+                                   p.width, r.count, p.width);
+}
+
+// backward_key_block on pairs.
+VLMFAST_INLINE void backward_key_block_pairs(const Plan& p, const BackwardArgs& a, int64_t b,
+                                             int64_t kv_head, int64_t kb, Scratch& w, float* dq_acc) {
+  namespace ap = attention_pairs;
+  const int64_t width = p.width;
+  const int64_t first_key = kb * kKeyBlock;
+  const int64_t keys = std::min(kKeyBlock, p.s.kv_len - first_key);
+  PairKeys tiles(p, w);
+  tiles.pack(p, a, b, kv_head, first_key, keys, dq_acc != nullptr);
+  float* s = w.scores.get(kMaxRowBlock * kKeyBlock);
+  float* ds = w.dscores.get(kMaxRowBlock * kKeyBlock);
+  float* dk = w.dk.get(kKeyBlock * width);
+  float* dv = w.dv.get(kKeyBlock * width);
+  auto* rounded = reinterpret_cast<uint32_t*>(w.probs.get(3 * kMaxRowBlock * kKeyBlock / 2));
+  uint32_t* p_pairs = rounded;                                  // P^T: pairs of rows per key
+  uint32_t* ds_pairs = rounded + kMaxRowBlock * kKeyBlock / 2;  // dS^T likewise
+  uint32_t* ds_keys = ds_pairs + kMaxRowBlock * kKeyBlock / 2;  // dS: pairs of keys per row
+  std::fill(dk, dk + keys * width, 0.0f);
+  std::fill(dv, dv + keys * width, 0.0f);
+  RowBlock r;
+  const int64_t first_block = p.s.causal ? std::min(p.rows, first_key * p.group) / p.block_rows : 0;
+  for (int64_t rb = first_block; rb < p.row_blocks; ++rb) {
+    const int64_t first = rb * p.block_rows;
+    describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
+    const PairRows rows(p, w.rows.get(rb, [&](float* t) VLMFAST_PACKER { PairRows::pack(p, a, b, r, t); }));
+    if (!backward_tile_pairs(p, a.bias, r, first_key, keys, rows, tiles, s, ds)) continue;
+    const int64_t row_pairs = (r.count + 1) / 2;
+    // dv_j += sum_i P_ij dO_i ; dk_j += sum_i dS_ij q_i (q unscaled here)
+    ap::round_pairs_along_rows(s, r.count, p_pairs);
+    ap::tile_accumulate(p_pairs, 1, kKeyBlock, rows.dout_pairs, width, row_pairs, dv, width, keys, width);
+    ap::round_pairs_along_rows(ds, r.count, ds_pairs);
+    ap::tile_accumulate(ds_pairs, 1, kKeyBlock, rows.q_pairs, width, row_pairs, dk, width, keys, width);
+    if (dq_acc) add_dq_pairs(p, r, keys, ds, tiles, ds_keys, dq_acc + first * width);
+  }
+  for (int64_t j = 0; j < keys; ++j) {
+    BFloat16* dk_row = row_of<BFloat16>(a.dk, b, kv_head, first_key + j);
+    BFloat16* dv_row = row_of<BFloat16>(a.dv, b, kv_head, first_key + j);
+    for (int64_t e = 0; e < p.s.head_dim; ++e) {
+      dk_row[e] = from_float<BFloat16>(dk[j * width + e] * p.s.scale);
+      dv_row[e] = from_float<BFloat16>(dv[j * width + e]);
+    }
+  }
+}
+
+// backward_query_block on pairs.
+VLMFAST_INLINE void backward_query_block_pairs(const Plan& p, const BackwardArgs& a, int64_t b,
+                                               int64_t kv_head, int64_t rb, Scratch& w) {
+  const int64_t width = p.width;
+  PairKeys tiles(p, w);
+  float* s = w.scores.get(kMaxRowBlock * kKeyBlock);
+  float* ds = w.dscores.get(kMaxRowBlock * kKeyBlock);
+  float* dq = w.acc.get(kMaxRowBlock * width);
+  auto* ds_keys = reinterpret_cast<uint32_t*>(w.probs.get(kMaxRowBlock * kKeyBlock / 2));
+  float* tile = w.pair_rows.get(backward_row_tile(p));
+  RowBlock r;
+  const int64_t first = rb * p.block_rows;
+  describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
+  PairRows::pack(p, a, b, r, tile);
+  const PairRows rows(p, tile);
+  std::fill(dq, dq + r.count * width, 0.0f);
+  const int64_t kb_end = visible_key_blocks(p, r);
+  for (int64_t kb = 0; kb < kb_end; ++kb) {
+    const int64_t first_key = kb * kKeyBlock;
+    const int64_t keys = std::min(kKeyBlock, p.s.kv_len - first_key);
+    tiles.pack(p, a, b, kv_head, first_key, keys, true);
+    if (backward_tile_pairs(p, a.bias, r, first_key, keys, rows, tiles, s, ds))
+      add_dq_pairs(p, r, keys, ds, tiles, ds_keys, dq);
+  }
+  store_query_rows<BFloat16>(a.dq, p, b, r, dq, p.s.scale);
+}
+#endif
+
 // dk, dv of one key block, from every query row of its (batch, kv head) that can see it; with
 // dq_acc (rows, width) also adds dS k to the query rows' dq.
 template <typename T>
 VLMFAST_INLINE void backward_key_block(const Plan& p, const BackwardArgs& a, int64_t b,
                                        int64_t kv_head, int64_t kb, Scratch& w, float* dq_acc) {
+#if VLMFAST_GEMM_X86
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (p.pair_dots) return backward_key_block_pairs(p, a, b, kv_head, kb, w, dq_acc);
+  }
+#endif
   const int64_t width = p.width;
   const int64_t first_key = kb * kKeyBlock;
   const int64_t keys = std::min(kKeyBlock, p.s.kv_len - first_key);
@@ -946,6 +1117,11 @@ VLMFAST_INLINE void backward_key_block(const Plan& p, const BackwardArgs& a, int
 template <typename T>
 VLMFAST_INLINE void backward_query_block(const Plan& p, const BackwardArgs& a, int64_t b,
                                          int64_t kv_head, int64_t rb, Scratch& w) {
+#if VLMFAST_GEMM_X86
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (p.pair_dots) return backward_query_block_pairs(p, a, b, kv_head, rb, w);
+  }
+#endif
   const int64_t width = p.width;
   float* kt = w.kt.get(width * kKeyBlock);
   float* vt = w.vt.get(width * kKeyBlock);
@@ -1113,7 +1289,7 @@ void run_with_scratch(bool keep, int threads, const Run& run) {
 
 template <typename T>
 void forward_impl(const AttentionShape& shape, const ForwardArgs& a, int threads) {
-  const Plan p = forward_plan<T>(shape, threads);
+  const Plan p = plan_for<T>(shape, threads);
   const ForwardSchedule sch(p, threads);
   if (sch.tasks == 0) return;
   const int64_t partial_floats = sch.splits > 1 ? sch.tasks * sch.splits * sch.slot : 0;
@@ -1162,7 +1338,7 @@ void varlen_forward_impl(const AttentionShape& shape, const int32_t* cu_seqlens,
       s.rotary_cos += start * s.rotary_stride;
       s.rotary_sin += start * s.rotary_stride;
     }
-    const Plan plan = forward_plan<T>(s, threads);
+    const Plan plan = plan_for<T>(s, threads);
     const ForwardSchedule schedule(plan, threads, /*allow_splits=*/false);
     const ForwardArgs args{at(packed.q, start), at(packed.k, start), at(packed.v, start),
                            packed.bias, at(packed.out, start),
@@ -1188,7 +1364,7 @@ void varlen_forward_impl(const AttentionShape& shape, const int32_t* cu_seqlens,
 template <typename T>
 void backward_impl(const AttentionShape& shape, BackwardArgs a, int threads,
                    AttentionBackwardStrategy strategy) {
-  const Plan p = make_plan(shape, threads);
+  const Plan p = plan_for<T>(shape, threads);
   const int64_t pairs = shape.batch * shape.kv_heads;
   if (pairs == 0) return;
   const int64_t query_rows = shape.batch * shape.heads * shape.q_len;

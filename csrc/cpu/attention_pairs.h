@@ -6,10 +6,12 @@
 // low-precision inputs (its row sums are taken before the rounding).
 //
 // Layouts (a "pair" is two bfloat16 in one 32-bit word, the lower-addressed one in the low half):
-//   q rows: pair p of row r at q[r * q_stride + p] (the head dim padded to `width` with zeros);
-//   K tile: pair p (head-dim elements 2p, 2p + 1) of key j at kp[p * 64 + j];
-//   V tile: keys 2i and 2i + 1 of head-dim element e at vp[i * width + e];
-//   P: a (rows, 64) float tile (a score tile after the softmax step), rounded here.
+//   rows (q, dO): pair p of row r at q[r * q_stride + p] (the head dim padded to `width` with 0);
+//   "pairs of the head dim per key" (K, and V for dP = dO V^T): pair p of key j at kp[p * 64 + j];
+//   "pairs of keys (or of query rows) per element" (V for P V, K for dS K; q and dO for the
+//     backward's sums over rows): rows 2i and 2i + 1 of element e at vp[i * width + e];
+//   P and dS: (rows, 64) float tiles, rounded to pairs along keys or along rows here.
+// The backward rounds dS too (as flash-attention's does); its sums stay float32.
 #pragma once
 
 #include <cstdint>
@@ -79,70 +81,104 @@ VLMFAST_TARGET_AVX512BF16 __attribute__((noinline)) inline void tile_scores(
   }
 }
 
-// acc[r][16 v + i] += sum_k P(r, k) V(k, 16 v + i) over key pairs, for V vectors of the head dim.
-// p32: the rows of P as pairs (32 per row).
+// C[r][16 v + l] += sum_i A(r, i) . B(i, 16 v + l) over `count` pairs i, for V vectors of
+// columns: A(r, i) = a[r * a_rs + i * a_is] (read one word at a time, so any layout works),
+// B(i, column) = b[i * ldb + column].
 template <int R, int V>
-VLMFAST_TARGET_AVX512BF16 inline void accumulate_rows(const uint32_t* p32, const uint32_t* vp, int64_t width,
-                                                      int64_t key_pairs, float* acc) {
-  __m512 c[R][V];
+VLMFAST_TARGET_AVX512BF16 inline void accumulate_rows(const uint32_t* a, int64_t a_rs, int64_t a_is,
+                                                      const uint32_t* b, int64_t ldb, int64_t count,
+                                                      float* c, int64_t ldc) {
+  __m512 acc[R][V];
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) c[r][v] = _mm512_loadu_ps(acc + r * width + v * kLanes);
-  for (int64_t i = 0; i < key_pairs; ++i) {
-    __m512bh b[V];
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_loadu_ps(c + r * ldc + v * kLanes);
+  for (int64_t i = 0; i < count; ++i) {
+    __m512bh bv[V];
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) b[v] = (__m512bh)_mm512_loadu_si512(vp + i * width + v * kLanes);
+    for (int v = 0; v < V; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + i * ldb + v * kLanes);
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(p32[r * (kKeys / 2) + i]));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * a_rs + i * a_is]));
 #pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) c[r][v] = _mm512_dpbf16_ps(c[r][v], a, b[v]);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
     }
   }
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(acc + r * width + v * kLanes, c[r][v]);
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(c + r * ldc + v * kLanes, acc[r][v]);
 }
 
 template <int R>
-VLMFAST_TARGET_AVX512BF16 inline void accumulate_row_group(const uint32_t* p32, const uint32_t* vp,
-                                                           int64_t width, int64_t key_pairs, float* acc) {
+VLMFAST_TARGET_AVX512BF16 inline void accumulate_row_group(const uint32_t* a, int64_t a_rs, int64_t a_is,
+                                                           const uint32_t* b, int64_t ldb, int64_t count,
+                                                           float* c, int64_t ldc, int64_t width) {
   int64_t e = 0;
-  for (; e + 4 * kLanes <= width; e += 4 * kLanes) accumulate_rows<R, 4>(p32, vp + e, width, key_pairs, acc + e);
+  for (; e + 4 * kLanes <= width; e += 4 * kLanes)
+    accumulate_rows<R, 4>(a, a_rs, a_is, b + e, ldb, count, c + e, ldc);
   switch ((width - e) / kLanes) {
-    case 3: accumulate_rows<R, 3>(p32, vp + e, width, key_pairs, acc + e); break;
-    case 2: accumulate_rows<R, 2>(p32, vp + e, width, key_pairs, acc + e); break;
-    case 1: accumulate_rows<R, 1>(p32, vp + e, width, key_pairs, acc + e); break;
+    case 3: accumulate_rows<R, 3>(a, a_rs, a_is, b + e, ldb, count, c + e, ldc); break;
+    case 2: accumulate_rows<R, 2>(a, a_rs, a_is, b + e, ldb, count, c + e, ldc); break;
+    case 1: accumulate_rows<R, 1>(a, a_rs, a_is, b + e, ldb, count, c + e, ldc); break;
     default: break;
   }
 }
 
-// acc (rows, width) += P V over the first `keys` keys of the tile: P (rows, 64) float, rounded
-// to bfloat16 (nearest even) into `p32` (rows x 32 words of scratch); width a multiple of 16.
+// C (rows, width) += A (rows, count pairs) B (count pairs, width), addressed as accumulate_rows
+// says; width a multiple of 16.
 VLMFAST_TARGET_AVX512BF16 __attribute__((noinline)) inline void tile_accumulate(
-    const float* P, uint32_t* p32, const uint32_t* vp, int64_t keys, float* acc, int64_t width,
-    int64_t rows) {
-  const int64_t key_pairs = (keys + 1) / 2;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int h = 0; h < kKeys; h += 2 * kLanes) {
-      const __m512bh two = _mm512_cvtne2ps_pbh(_mm512_load_ps(P + r * kKeys + h + kLanes),
-                                               _mm512_load_ps(P + r * kKeys + h));
-      _mm512_store_si512(p32 + r * (kKeys / 2) + h / 2, (__m512i)two);
-    }
+    const uint32_t* a, int64_t a_rs, int64_t a_is, const uint32_t* b, int64_t ldb, int64_t count,
+    float* c, int64_t ldc, int64_t rows, int64_t width) {
   int64_t r = 0;
   for (; r + 6 <= rows; r += 6)
-    accumulate_row_group<6>(p32 + r * (kKeys / 2), vp, width, key_pairs, acc + r * width);
-  const uint32_t* pr = p32 + r * (kKeys / 2);
-  float* ar = acc + r * width;
+    accumulate_row_group<6>(a + r * a_rs, a_rs, a_is, b, ldb, count, c + r * ldc, ldc, width);
+  const uint32_t* ar = a + r * a_rs;
+  float* cr = c + r * ldc;
   switch (rows - r) {
-    case 5: accumulate_row_group<5>(pr, vp, width, key_pairs, ar); break;
-    case 4: accumulate_row_group<4>(pr, vp, width, key_pairs, ar); break;
-    case 3: accumulate_row_group<3>(pr, vp, width, key_pairs, ar); break;
-    case 2: accumulate_row_group<2>(pr, vp, width, key_pairs, ar); break;
-    case 1: accumulate_row_group<1>(pr, vp, width, key_pairs, ar); break;
+    case 5: accumulate_row_group<5>(ar, a_rs, a_is, b, ldb, count, cr, ldc, width); break;
+    case 4: accumulate_row_group<4>(ar, a_rs, a_is, b, ldb, count, cr, ldc, width); break;
+    case 3: accumulate_row_group<3>(ar, a_rs, a_is, b, ldb, count, cr, ldc, width); break;
+    case 2: accumulate_row_group<2>(ar, a_rs, a_is, b, ldb, count, cr, ldc, width); break;
+    case 1: accumulate_row_group<1>(ar, a_rs, a_is, b, ldb, count, cr, ldc, width); break;
     default: break;
+  }
+}
+
+// A (rows, 64) float tile rounded to bfloat16 (nearest even) as pairs along its columns:
+// out[r * 32 + i] = (X[r][2i], X[r][2i + 1]) (P or dS against pairs of keys).
+VLMFAST_TARGET_AVX512BF16 __attribute__((noinline)) inline void round_pairs_along_keys(
+    const float* x, int64_t rows, uint32_t* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int h = 0; h < kKeys; h += 2 * kLanes) {
+      const __m512bh two = _mm512_cvtne2ps_pbh(_mm512_load_ps(x + r * kKeys + h + kLanes),
+                                               _mm512_load_ps(x + r * kKeys + h));
+      _mm512_store_si512(out + r * (kKeys / 2) + h / 2, (__m512i)two);
+    }
+}
+
+// The same tile as pairs along its rows: out[i * 64 + j] = (X[2i][j], X[2i + 1][j]) for
+// i < ceil(rows / 2), a missing last row as 0 (P^T or dS^T against pairs of query rows).
+VLMFAST_TARGET_AVX512BF16 __attribute__((noinline)) inline void round_pairs_along_rows(
+    const float* x, int64_t rows, uint32_t* out) {
+  // word t of the result takes element t / 2 of the even row (t even) or of the odd row
+  alignas(64) static const uint16_t kInterleave[2][32] = {
+      {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47},
+      {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+       24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63}};
+  const __m512i lo = _mm512_load_si512(kInterleave[0]), hi = _mm512_load_si512(kInterleave[1]);
+  for (int64_t i = 0; 2 * i < rows; ++i) {
+    const float* even = x + 2 * i * kKeys;
+    const float* odd = even + kKeys;
+    const bool has_odd = 2 * i + 1 < rows;
+    for (int h = 0; h < kKeys; h += 2 * kLanes) {
+      const __m512i e = (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(even + h + kLanes), _mm512_load_ps(even + h));
+      const __m512i o = has_odd ? (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(odd + h + kLanes), _mm512_load_ps(odd + h))
+                                : _mm512_setzero_si512();
+      _mm512_store_si512(out + i * kKeys + h, _mm512_permutex2var_epi16(e, lo, o));
+      _mm512_store_si512(out + i * kKeys + h + kLanes, _mm512_permutex2var_epi16(e, hi, o));
+    }
   }
 }
 

@@ -1,10 +1,11 @@
 """The CPU attention's bfloat16 pair path (csrc/cpu/attention_pairs.h): with the GEMM's level at
-AVX512-BF16 (or AMX), a bfloat16 forward with tall row blocks and no rotary tables runs both
-products on vdpbf16ps, P rounded to bfloat16. Checked here: its results against the float64
-reference under the bfloat16 rule (tests/tolerance.py), over the shapes that exercise the tile
-edges (head dims padded to 16, partial key blocks, causal, masks, biases, GQA, strided inputs);
-that forcing a lower level switches it off (other bits, the same rule); and that what it must not
-touch is bit for bit the float32 tiles' result (float32 inputs, rotary tables, decode's few rows)."""
+AVX512-BF16 (or AMX), a bfloat16 forward and backward with tall row blocks and no rotary tables
+run their products on vdpbf16ps, P and dS rounded to bfloat16. Checked here: out, lse, dq, dk, dv
+against the float64 reference under the bfloat16 rule (tests/tolerance.py), both backward
+strategies, over the shapes that exercise the tile edges (head dims padded to 16, partial key
+blocks, odd row counts, causal, masks, biases, GQA, strided inputs); that forcing a lower level
+switches it off (other bits, the same rule); and that what it must not touch is bit for bit the
+float32 tiles' result (float32 inputs, rotary tables, decode's few rows)."""
 
 import pytest
 import torch
@@ -37,8 +38,11 @@ def forward_at(level, q, k, v, **kwargs):
 @pytest.mark.parametrize("length, keys, is_causal", [(197, 197, False), (130, 70, False), (100, 100, True),
                                                      (64, 5, False)])
 def test_pair_path_against_float64(dim, length, keys, is_causal):
-    q, k, v, grad = random_inputs(2, 4, 2, length, keys, dim, torch.bfloat16, seed=dim + keys)
-    check_attention(q, k, v, grad, is_causal=is_causal, strategies=["fused"])
+    # GQA (4 heads on 2), but for an odd length without it: 197 rows per (batch, head) in blocks of
+    # 50, 50, 50, 47, whose last pairs its odd row with zeros
+    kv_heads = 4 if length % 2 else 2
+    q, k, v, grad = random_inputs(2, 4, kv_heads, length, keys, dim, torch.bfloat16, seed=dim + keys)
+    check_attention(q, k, v, grad, is_causal=is_causal)
 
 
 @pytest.mark.usefixtures("pair_level")
@@ -53,7 +57,7 @@ def test_pair_path_masks_and_biases(kind):
         if kind == "masked_rows":  # whole rows see no key: out 0, lse -inf
             bias = (torch.rand(1, 1, 96, 1, generator=gen) > 0.2) & bias
         bias = torch.zeros(bias.shape).masked_fill(~bias, float("-inf")).expand(1, 3, 96, 150)
-    check_attention(q, k, v, grad, bias=bias, strategies=["fused"])
+    check_attention(q, k, v, grad, bias=bias)
 
 
 @pytest.mark.usefixtures("pair_level")
@@ -63,21 +67,27 @@ def test_pair_path_strided_inputs():
     qkv = torch.randn(2, 150, 3, 6, 64, generator=gen).to(torch.bfloat16)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
     grad = torch.randn(2, 6, 150, 64, generator=gen).to(torch.bfloat16)
-    check_attention(q, k, v, grad, strategies=["fused"])
+    check_attention(q, k, v, grad)
 
 
 def test_lower_level_switches_the_pair_path_off():
     """The same bfloat16 problem at AVX512-BF16 and at AVX-512: other bits (P rounded to
     bfloat16 against float32 tiles), each within the rule of the float64 reference."""
     q, k, v, grad = random_inputs(1, 4, 4, 128, 128, 64, torch.bfloat16, seed=6)
-    pairs, _ = forward_at("avx512_bf16", q, k, v)
+    pairs, pairs_lse = forward_at("avx512_bf16", q, k, v)
     floats, _ = forward_at("avx512", q, k, v)
-    assert not torch.equal(pairs, floats), "forcing AVX-512 did not change the path"
-    native_linear.force_isa("avx512")
-    try:
-        check_attention(q, k, v, grad, strategies=["fused"])
-    finally:
-        native_linear.force_isa(None)
+    assert not torch.equal(pairs, floats), "forcing AVX-512 did not change the forward's path"
+    grads = {}
+    for level in ("avx512_bf16", "avx512"):
+        native_linear.force_isa(level)
+        try:
+            grads[level] = native._backward(grad, q, k, v, pairs, pairs_lse, scale=0.125, is_causal=False,
+                                            bias=None, strategy="fused", rotary=None)
+            check_attention(q, k, v, grad)
+        finally:
+            native_linear.force_isa(None)
+    for name, high, low in zip(("dq", "dk", "dv"), grads["avx512_bf16"], grads["avx512"]):
+        assert not torch.equal(high, low), f"forcing AVX-512 did not change the backward's path ({name})"
 
 
 @pytest.mark.parametrize("case", ["float32", "rotary", "decode"])
