@@ -673,44 +673,62 @@ VLMFAST_INLINE void pack_row_pairs(const BFloat16* src, int64_t stride, int64_t 
     for (int64_t e = E; e < p.width; ++e) d[e] = 0;
   }
 }
+#endif
 
-// forward_rows (below) on pairs: the same online softmax between the two products.
+// The online softmax of a row block over key blocks [kb_begin, kb_end), on either path's tiles:
+// scores(kb, first_key, keys, s) leaves the key block's base-2 scores in s (its `keys` columns
+// at least), add_pv(kb, first_key, keys, s, acc) adds p v into acc. Leaves the row maxima m (base 2), sums
+// l and the unnormalised output acc (count, width).
+template <typename Scores, typename AddPV>
+VLMFAST_INLINE void online_softmax_rows(const Plan& p, const AttentionBias& bias, const RowBlock& r,
+                                        int64_t kb_begin, int64_t kb_end, float* s, float* m,
+                                        float* l, float* acc, Scores&& scores, AddPV&& add_pv) {
+  std::fill(m, m + r.count, -kInf);
+  std::fill(l, l + r.count, 0.0f);
+  std::fill(acc, acc + r.count * p.width, 0.0f);
+  for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+    const int64_t first_key = kb * kKeyBlock;
+    const int64_t keys = std::min(kKeyBlock, p.s.kv_len - first_key);
+    scores(kb, first_key, keys, s);
+    mask_scores(p, bias, r, first_key, keys, s);  // (and -inf past the keys)
+    if (!online_softmax_step(s, r.count, m, l, acc, p.width)) continue;  // s = p
+    add_pv(kb, first_key, keys, s, acc);
+  }
+}
+
+#if VLMFAST_GEMM_X86
+// forward_rows (below) on pairs.
 VLMFAST_INLINE void forward_rows_pairs(const Plan& p, const ForwardArgs& a, int64_t b,
                                        int64_t kv_head, const RowBlock& r, int64_t kb_begin,
                                        int64_t kb_end, Scratch& w, float* m, float* l, float* acc) {
   namespace ap = attention_pairs;
-  const int64_t width = p.width;
-  auto* q = reinterpret_cast<uint16_t*>(w.q.get(kMaxRowBlock * width));
-  float* s = w.scores.get(kMaxRowBlock * kKeyBlock);
+  const int64_t pairs = p.width / 2;
+  auto* q = reinterpret_cast<uint16_t*>(w.q.get(kMaxRowBlock * p.width));
   auto* probs = reinterpret_cast<uint32_t*>(w.probs.get(kMaxRowBlock * kKeyBlock / 2));
   pack_query_pairs(a.q, p, b, r, q);
-  std::fill(m, m + r.count, -kInf);
-  std::fill(l, l + r.count, 0.0f);
-  std::fill(acc, acc + r.count * width, 0.0f);
-  for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
-    const int64_t first_key = kb * kKeyBlock;
-    const int64_t keys = std::min(kKeyBlock, p.s.kv_len - first_key);
-    const BFloat16* k_rows = row_of<BFloat16>(a.k, b, kv_head, first_key);
-    const BFloat16* v_rows = row_of<BFloat16>(a.v, b, kv_head, first_key);
+  auto scores = [&](int64_t kb, int64_t first_key, int64_t keys, float* s) VLMFAST_PACKER {
     const float* kt = w.keys.get(kb, [&](float* t) VLMFAST_PACKER {
-      pack_dim_pairs(k_rows, a.k.strides[2], keys, p, reinterpret_cast<uint32_t*>(t));
+      pack_dim_pairs(row_of<BFloat16>(a.k, b, kv_head, first_key), a.k.strides[2], keys, p,
+                     reinterpret_cast<uint32_t*>(t));
     });
-    ap::tile_scores(reinterpret_cast<const uint32_t*>(q), width / 2,
-                    reinterpret_cast<const uint32_t*>(kt), width / 2, p.q_mult, s, r.count, keys);
-    mask_scores(p, a.bias, r, first_key, keys, s);
-    if (!online_softmax_step(s, r.count, m, l, acc, width)) continue;  // s = p
+    ap::tile_scores(reinterpret_cast<const uint32_t*>(q), pairs, reinterpret_cast<const uint32_t*>(kt),
+                    pairs, p.q_mult, s, r.count, keys);
+  };
+  auto add_pv = [&](int64_t kb, int64_t first_key, int64_t keys, const float* s, float* out) VLMFAST_PACKER {
     const float* vt = w.values.get(kb, [&](float* t) VLMFAST_PACKER {
-      pack_row_pairs(v_rows, a.v.strides[2], keys, p, reinterpret_cast<uint32_t*>(t));
+      pack_row_pairs(row_of<BFloat16>(a.v, b, kv_head, first_key), a.v.strides[2], keys, p,
+                     reinterpret_cast<uint32_t*>(t));
     });
     ap::round_pairs_along_keys(s, r.count, probs);
-    ap::tile_accumulate(probs, kKeyBlock / 2, 1, reinterpret_cast<const uint32_t*>(vt), width,
-                        (keys + 1) / 2, acc, width, r.count, width);  // acc += p v
-  }
+    ap::tile_accumulate(probs, kKeyBlock / 2, 1, reinterpret_cast<const uint32_t*>(vt), p.width,
+                        (keys + 1) / 2, out, p.width, r.count, p.width);
+  };
+  online_softmax_rows(p, a.bias, r, kb_begin, kb_end, w.scores.get(kMaxRowBlock * kKeyBlock), m, l,
+                      acc, scores, add_pv);
 }
 #endif
 
-// Runs the online softmax of a row block over key blocks [kb_begin, kb_end): leaves the row
-// maxima m (base 2), sums l and the unnormalised output acc (count, width).
+// One row block's online softmax over key blocks [kb_begin, kb_end) (online_softmax_rows).
 template <typename T>
 VLMFAST_INLINE void forward_rows(const Plan& p, const ForwardArgs& a, int64_t b, int64_t kv_head,
                                  const RowBlock& r, int64_t kb_begin, int64_t kb_end, Scratch& w,
@@ -720,38 +738,31 @@ VLMFAST_INLINE void forward_rows(const Plan& p, const ForwardArgs& a, int64_t b,
     if (p.pair_dots) return forward_rows_pairs(p, a, b, kv_head, r, kb_begin, kb_end, w, m, l, acc);
   }
 #endif
-  const int64_t E = p.s.head_dim, width = p.width;
+  const int64_t width = p.width;
   float* q = w.q.get(kMaxRowBlock * width);
-  float* s = w.scores.get(kMaxRowBlock * kKeyBlock);
   pack_query_rows<T>(a.q, p, b, r, p.q_mult, q, /*rotate=*/true);
-  std::fill(m, m + r.count, -kInf);
-  std::fill(l, l + r.count, 0.0f);
-  std::fill(acc, acc + r.count * width, 0.0f);
-  for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
-    const int64_t first_key = kb * kKeyBlock;
-    const int64_t keys = std::min(kKeyBlock, p.s.kv_len - first_key);
-    const T* k_rows = row_of<T>(a.k, b, kv_head, first_key);
-    const T* v_rows = row_of<T>(a.v, b, kv_head, first_key);
+  auto scores = [&](int64_t kb, int64_t first_key, int64_t keys, float* s) VLMFAST_PACKER {
     const float* kt = w.keys.get(kb, [&](float* t) VLMFAST_PACKER {
       int64_t ld;
-      pack_keys(k_rows, a.k.strides[2], keys, first_key, p, false, t,
+      pack_keys(row_of<T>(a.k, b, kv_head, first_key), a.k.strides[2], keys, first_key, p, false, t,
                 w.krows.get(kKeyBlock * width), ld);
     });
-    tile_scores(q, width, kt, E, s, r.count, keys);  // s = q k^T (scaled, base 2), `keys` columns
-    mask_scores(p, a.bias, r, first_key, keys, s);    // (and -inf past them)
-    if (!online_softmax_step(s, r.count, m, l, acc, width)) continue;  // s = p
+    tile_scores(q, width, kt, p.s.head_dim, s, r.count, keys);  // q k^T (scaled, base 2)
+  };
+  auto add_pv = [&](int64_t kb, int64_t first_key, int64_t keys, const float* s, float* out) VLMFAST_PACKER {
+    const T* v_rows = row_of<T>(a.v, b, kv_head, first_key);
     int64_t ldv = width;
     const float* v = nullptr;
     if (rows_in_place<T>(p)) {
       v = reinterpret_cast<const float*>(v_rows);
       ldv = a.v.strides[2];
     } else {
-      v = w.values.get(kb, [&](float* t) VLMFAST_PACKER {
-        pack_key_rows(v_rows, a.v.strides[2], keys, p, t);
-      });
+      v = w.values.get(kb, [&](float* t) VLMFAST_PACKER { pack_key_rows(v_rows, a.v.strides[2], keys, p, t); });
     }
-    tile_accumulate(s, kKeyBlock, 1, v, ldv, keys, acc, width, r.count, width);  // acc += p v
-  }
+    tile_accumulate(s, kKeyBlock, 1, v, ldv, keys, out, width, r.count, width);
+  };
+  online_softmax_rows(p, a.bias, r, kb_begin, kb_end, w.scores.get(kMaxRowBlock * kKeyBlock), m, l,
+                      acc, scores, add_pv);
 }
 
 // out = acc / l and lse = ln(2) * m + ln(l); a row with l = 0 saw no key: out = 0, lse = -inf.
@@ -906,6 +917,38 @@ VLMFAST_INLINE bool backward_tile(const Plan& p, const AttentionBias& bias, cons
   return true;
 }
 
+// Calls visit(rb, first) for each row block of (b, kv_head) that can see the keys from
+// first_key on, with r describing it: all, or when causal the blocks from the first one whose
+// rows reach position first_key.
+template <typename Visit>
+VLMFAST_INLINE void row_blocks_seeing(const Plan& p, const AttentionBias& bias, int64_t b,
+                                      int64_t kv_head, int64_t first_key, RowBlock& r, Visit&& visit) {
+  const int64_t first_block = p.s.causal ? std::min(p.rows, first_key * p.group) / p.block_rows : 0;
+  for (int64_t rb = first_block; rb < p.row_blocks; ++rb) {
+    const int64_t first = rb * p.block_rows;
+    describe_rows(p, bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
+    visit(rb, first);
+  }
+}
+
+// Writes a key block's dk (times dk_scale, rotated back where the plan rotates k) and dv.
+template <typename T>
+VLMFAST_INLINE void store_key_grads(const Plan& p, const BackwardArgs& a, int64_t b, int64_t kv_head,
+                                    int64_t first_key, int64_t keys, float* dk, const float* dv,
+                                    float dk_scale) {
+  const int64_t width = p.width;
+  for (int64_t j = 0; j < keys; ++j) {
+    T* dk_row = row_of<T>(a.dk, b, kv_head, first_key + j);
+    T* dv_row = row_of<T>(a.dv, b, kv_head, first_key + j);
+    // dk is in the rotated space: back through the (orthogonal) rotation's transpose.
+    if (p.s.rotary_half > 0) rotate_row(p, first_key + j, dk + j * width, -1.0f);
+    for (int64_t e = 0; e < p.s.head_dim; ++e) {
+      dk_row[e] = from_float<T>(dk[j * width + e] * dk_scale);
+      dv_row[e] = from_float<T>(dv[j * width + e]);
+    }
+  }
+}
+
 #if VLMFAST_GEMM_X86
 // ----------------------------------------------------------------------------------------------
 // The backward's pair path (forward_rows_pairs' conditions): the five products of a tile on
@@ -997,12 +1040,9 @@ VLMFAST_INLINE void backward_key_block_pairs(const Plan& p, const BackwardArgs& 
   std::fill(dk, dk + keys * width, 0.0f);
   std::fill(dv, dv + keys * width, 0.0f);
   RowBlock r;
-  const int64_t first_block = p.s.causal ? std::min(p.rows, first_key * p.group) / p.block_rows : 0;
-  for (int64_t rb = first_block; rb < p.row_blocks; ++rb) {
-    const int64_t first = rb * p.block_rows;
-    describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
+  row_blocks_seeing(p, a.bias, b, kv_head, first_key, r, [&](int64_t rb, int64_t first) VLMFAST_PACKER {
     const PairRows rows(p, w.rows.get(rb, [&](float* t) VLMFAST_PACKER { PairRows::pack(p, a, b, r, t); }));
-    if (!backward_tile_pairs(p, a.bias, r, first_key, keys, rows, tiles, s, ds)) continue;
+    if (!backward_tile_pairs(p, a.bias, r, first_key, keys, rows, tiles, s, ds)) return;
     const int64_t row_pairs = (r.count + 1) / 2;
     // dv_j += sum_i P_ij dO_i ; dk_j += sum_i dS_ij q_i (q unscaled here)
     ap::round_pairs_along_rows(s, r.count, p_pairs);
@@ -1010,15 +1050,8 @@ VLMFAST_INLINE void backward_key_block_pairs(const Plan& p, const BackwardArgs& 
     ap::round_pairs_along_rows(ds, r.count, ds_pairs);
     ap::tile_accumulate(ds_pairs, 1, kKeyBlock, rows.q_pairs, width, row_pairs, dk, width, keys, width);
     if (dq_acc) add_dq_pairs(p, r, keys, ds, tiles, ds_keys, dq_acc + first * width);
-  }
-  for (int64_t j = 0; j < keys; ++j) {
-    BFloat16* dk_row = row_of<BFloat16>(a.dk, b, kv_head, first_key + j);
-    BFloat16* dv_row = row_of<BFloat16>(a.dv, b, kv_head, first_key + j);
-    for (int64_t e = 0; e < p.s.head_dim; ++e) {
-      dk_row[e] = from_float<BFloat16>(dk[j * width + e] * p.s.scale);
-      dv_row[e] = from_float<BFloat16>(dv[j * width + e]);
-    }
-  }
+  });
+  store_key_grads<BFloat16>(p, a, b, kv_head, first_key, keys, dk, dv, p.s.scale);
 }
 
 // backward_query_block on pairs.
@@ -1078,11 +1111,7 @@ VLMFAST_INLINE void backward_key_block(const Plan& p, const BackwardArgs& a, int
   std::fill(dv, dv + keys * width, 0.0f);
 
   RowBlock r;
-  // Causal: row blocks that end before position first_key see none of these keys.
-  const int64_t first_block = p.s.causal ? std::min(p.rows, first_key * p.group) / p.block_rows : 0;
-  for (int64_t rb = first_block; rb < p.row_blocks; ++rb) {
-    const int64_t first = rb * p.block_rows;
-    describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
+  row_blocks_seeing(p, a.bias, b, kv_head, first_key, r, [&](int64_t rb, int64_t first) VLMFAST_PACKER {
     // [q | dO | lse2 | D] of the row block, packed once per job (w.rows, see backward_impl).
     const float* q = w.rows.get(rb, [&](float* t) VLMFAST_PACKER {
       pack_backward_rows<T>(p, a, b, r, t, t + rows_tile, t + 2 * rows_tile,
@@ -1091,8 +1120,7 @@ VLMFAST_INLINE void backward_key_block(const Plan& p, const BackwardArgs& a, int
     const float* dout = q + rows_tile;
     const float* lse2 = q + 2 * rows_tile;
     const float* delta = lse2 + p.block_rows;
-    if (!backward_tile(p, a.bias, r, first_key, keys, q, dout, lse2, delta, kt, vt, s, ds))
-      continue;
+    if (!backward_tile(p, a.bias, r, first_key, keys, q, dout, lse2, delta, kt, vt, s, ds)) return;
     // dv_j += sum_i P_ij dO_i ; dk_j += sum_i dS_ij q_i (q here carries scale * log2 e)
     tile_accumulate(s, 1, kKeyBlock, dout, width, r.count, dv, width, keys, width);
     tile_accumulate(ds, 1, kKeyBlock, q, width, r.count, dk, width, keys, width);
@@ -1100,17 +1128,8 @@ VLMFAST_INLINE void backward_key_block(const Plan& p, const BackwardArgs& a, int
     if (dq_acc)
       tile_accumulate(ds, kKeyBlock, 1, k, ldk, keys, dq_acc + first * width, width, r.count,
                       width);
-  }
-  for (int64_t j = 0; j < keys; ++j) {
-    T* dk_row = row_of<T>(a.dk, b, kv_head, first_key + j);
-    T* dv_row = row_of<T>(a.dv, b, kv_head, first_key + j);
-    // dk is in the rotated space: back through the (orthogonal) rotation's transpose.
-    if (p.s.rotary_half > 0) rotate_row(p, first_key + j, dk + j * width, -1.0f);
-    for (int64_t e = 0; e < p.s.head_dim; ++e) {
-      dk_row[e] = from_float<T>(dk[j * width + e] * kLn2);  // undo the log2(e) carried by q
-      dv_row[e] = from_float<T>(dv[j * width + e]);
-    }
-  }
+  });
+  store_key_grads<T>(p, a, b, kv_head, first_key, keys, dk, dv, kLn2);  // undo q's log2(e)
 }
 
 // dq of one row block: dq_i = scale * sum_j dS_ij k_j over the key blocks it sees.
