@@ -31,10 +31,6 @@ from vlmfast.models.smolvlm.model import (
 from vlmfast.models.token_head import TokenTableHead
 from vlmfast.ops.linear import packed_weight_cache
 
-# labelled rows x vocabulary up to which the loss materialises the logits (8 Mi floats: 32 MiB, e.g.
-# 250 rows of a 32k vocabulary); above, the fused linear + cross-entropy never holds them
-MATERIALISED_LOGITS = 8 * 2**20
-
 __all__ = ["CausalVLM", "causal_padding_mask", "preferred_dtype", "read_generation_defaults", "write_image_features"]
 
 
@@ -102,11 +98,6 @@ class CausalVLM(TokenTableHead, nn.Module):
         # weight by default): the model's weights are resident once; True trades memory for ~10 %
         # of a prompt's time
         self.cache_packed_weights = False
-
-    @property
-    def materialised_logits(self) -> int:
-        # few labelled rows take next_token_loss through materialised logits (read at each call)
-        return MATERIALISED_LOGITS
 
     # ------------------------------------------------------------------ subclass hooks
 

@@ -11,6 +11,12 @@ from torch import nn
 
 from vlmfast import ops as vops
 from vlmfast.models.smolvlm import _ops, packing
+from vlmfast.ops import weight_updates
+
+# labelled rows x vocabulary up to which the loss materialises the logits (8 Mi floats: 32 MiB, e.g.
+# 250 rows of a 32k vocabulary, 170 of SmolVLM2's 49k); above, the fused linear + cross-entropy
+# never holds them
+MATERIALISED_LOGITS = 8 * 2**20
 
 
 class TokenTableHead:
@@ -18,9 +24,12 @@ class TokenTableHead:
     `embed_tokens` property naming its token table and `_packed_linears()`, the decoder's Linear
     layers pack_weights packs."""
 
-    # labelled rows x vocabulary up to which next_token_loss takes the logits in one GEMM + torch's
-    # cross entropy instead of the fused op (0: always the fused op)
-    materialised_logits = 0
+    @property
+    def materialised_logits(self) -> int:
+        """Labelled rows x vocabulary up to which next_token_loss takes the logits in one GEMM +
+        torch's cross entropy instead of the fused op (0: always the fused op); read from
+        MATERIALISED_LOGITS at each call."""
+        return MATERIALISED_LOGITS
 
     @property
     def embed_tokens(self) -> nn.Embedding:
@@ -75,9 +84,13 @@ class TokenTableHead:
             # the fused head likewise, instead of float32 GEMMs at several times the cost
             low = torch.get_autocast_dtype(hidden.device.type)
             hidden, weight = hidden.to(low), weight.to(low)
-        if labelled and hidden.shape[0] * weight.shape[0] <= self.materialised_logits:
+        few_rows = labelled and hidden.shape[0] * weight.shape[0] <= self.materialised_logits
+        if few_rows and not weight_updates.sliced(self.head_weight, self._untied):
             # a few labelled rows (a caption, a short answer): their logits are small, and one GEMM
             # + torch's cross entropy measured 2-3x faster than the fused op's vocabulary sweeps
+            # (SmolVLM2's fine-tuning step, 60 labelled rows: 6-9 % of the step). Not when an
+            # optimizer takes the head's gradient in slices: the fused op's backward never makes
+            # the (V, D) gradient whole, the memory that setting is for
             logits = vops.linear(hidden, weight).float()
             return F.cross_entropy(logits, targets, ignore_index=-100)
         return _ops.linear_cross_entropy(hidden, weight, targets, weight_used_once=self._untied)

@@ -119,10 +119,10 @@ def _hf_names(our_grads: dict, hf_names: set) -> dict:
 
 @pytest.mark.parametrize("logits", ["materialised", "fused"])
 def test_loss_and_gradients_match_transformers(pair, logits, monkeypatch):
-    from vlmfast.models import causal_vlm
+    from vlmfast.models import token_head
 
     if logits == "fused":  # the fused linear + cross-entropy, as a batch with many labels takes
-        monkeypatch.setattr(causal_vlm, "MATERIALISED_LOGITS", 0)
+        monkeypatch.setattr(token_head, "MATERIALISED_LOGITS", 0)
     hf, model, _ = pair
     ids, mask, pixels = batch(model, ROWS, seed=5)
     # a label is predicted from the position before it: both must be real tokens (transformers'
