@@ -252,7 +252,7 @@ struct Plan {
   int64_t row_blocks;
   int64_t key_blocks;
   float q_mult;        // scale * log2(e): q packed with it gives base-2 scores
-  bool pair_dots = false;  // bfloat16 inputs: both products on pairs (forward_plan)
+  bool pair_dots = false;  // bfloat16 inputs: the products on pairs (plan_for)
 };
 
 Plan make_plan(const AttentionShape& s, int threads) {
@@ -278,12 +278,12 @@ Plan make_plan(const AttentionShape& s, int threads) {
   return p;
 }
 
-// The plan of a forward or backward. A bfloat16 problem runs its products on pairs (attention_pairs.h) when
-// the GEMM's level has AVX512-BF16 (a lower level forced, as the tests do, forces the float32
-// tiles here too); when its row blocks are tall enough to repay packing K and V as pairs (not
-// decode's few rows per block, whose tiles are packed for one use); and without rotary tables:
-// q and k rotated inside the kernel are float32, and rounding them to bfloat16 would cost the
-// log-sum-exp its float32 accuracy.
+// The plan of a forward or backward. A bfloat16 problem runs its products on pairs
+// (attention_pairs.h) when the GEMM's level has AVX512-BF16 (a lower level forced, as the tests
+// do, forces the float32 tiles here too); when its row blocks are tall enough to repay packing K
+// and V as pairs (not decode's few rows per block, whose tiles are packed for one use); and
+// without rotary tables: q and k rotated inside the kernel are float32, and rounding them to
+// bfloat16 would cost the log-sum-exp its float32 accuracy.
 template <typename T>
 Plan plan_for(const AttentionShape& s, int threads) {
   Plan p = make_plan(s, threads);
@@ -630,18 +630,21 @@ VLMFAST_INLINE void pack_query_pairs(const AttentionInput& t, const Plan& p, int
   }
 }
 
+// d[e] = (even[e], odd[e]) for e < E, a null row read as zeros; zero from E to the width.
+VLMFAST_INLINE void interleave_rows(const BFloat16* even, const BFloat16* odd, const Plan& p,
+                                    uint32_t* d) {
+  const int64_t E = p.s.head_dim;
+  for (int64_t e = 0; e < E; ++e)
+    d[e] = (even ? even[e].bits : 0u) | static_cast<uint32_t>(odd ? odd[e].bits : 0u) << 16;
+  for (int64_t e = E; e < p.width; ++e) d[e] = 0;
+}
+
 // dst[i * width + e] = (x[2i][e], x[2i + 1][e]) over the block's rows of t (a missing last
 // row and e >= E as 0): q and dO for the backward's sums over query rows.
 VLMFAST_INLINE void pack_query_row_pairs(const AttentionInput& t, const Plan& p, int64_t b,
                                          const RowBlock& r, uint32_t* dst) {
-  const int64_t E = p.s.head_dim;
-  for (int64_t i = 0; 2 * i < r.count; ++i) {
-    const BFloat16* even = row_of<BFloat16>(t, b, r.head[2 * i], r.pos[2 * i]);
-    const BFloat16* odd = 2 * i + 1 < r.count ? row_of<BFloat16>(t, b, r.head[2 * i + 1], r.pos[2 * i + 1]) : nullptr;
-    uint32_t* d = dst + i * p.width;
-    for (int64_t e = 0; e < E; ++e) d[e] = even[e].bits | static_cast<uint32_t>(odd ? odd[e].bits : 0u) << 16;
-    for (int64_t e = E; e < p.width; ++e) d[e] = 0;
-  }
+  auto row = [&](int64_t i) { return i < r.count ? row_of<BFloat16>(t, b, r.head[i], r.pos[i]) : nullptr; };
+  for (int64_t i = 0; 2 * i < r.count; ++i) interleave_rows(row(2 * i), row(2 * i + 1), p, dst + i * p.width);
 }
 
 // kp[i * 64 + j] = pair i of key j (elements 2i, 2i + 1), for the `keys` rows of src; zero past
@@ -661,24 +664,16 @@ VLMFAST_INLINE void pack_dim_pairs(const BFloat16* src, int64_t stride, int64_t 
 // the last key (its probabilities are 0, but 0 * NaN of an unwritten row would not be). V for
 // P V, K for the backward's dS K.
 VLMFAST_INLINE void pack_row_pairs(const BFloat16* src, int64_t stride, int64_t keys,
-                                     const Plan& p, uint32_t* vp) {
-  const int64_t E = p.s.head_dim;
-  for (int64_t i = 0; i < kKeyBlock / 2; ++i) {
-    uint32_t* d = vp + i * p.width;
-    const BFloat16* even = src + 2 * i * stride;
-    const BFloat16* odd = src + (2 * i + 1) * stride;
-    const bool has_even = 2 * i < keys, has_odd = 2 * i + 1 < keys;
-    for (int64_t e = 0; e < E; ++e)
-      d[e] = (has_even ? even[e].bits : 0u) | static_cast<uint32_t>(has_odd ? odd[e].bits : 0u) << 16;
-    for (int64_t e = E; e < p.width; ++e) d[e] = 0;
-  }
+                                   const Plan& p, uint32_t* vp) {
+  auto row = [&](int64_t j) { return j < keys ? src + j * stride : nullptr; };
+  for (int64_t i = 0; i < kKeyBlock / 2; ++i) interleave_rows(row(2 * i), row(2 * i + 1), p, vp + i * p.width);
 }
 #endif
 
 // The online softmax of a row block over key blocks [kb_begin, kb_end), on either path's tiles:
 // scores(kb, first_key, keys, s) leaves the key block's base-2 scores in s (its `keys` columns
-// at least), add_pv(kb, first_key, keys, s, acc) adds p v into acc. Leaves the row maxima m (base 2), sums
-// l and the unnormalised output acc (count, width).
+// at least), add_pv(kb, first_key, keys, s, acc) adds p v into acc. Leaves the row maxima m
+// (base 2), sums l and the unnormalised output acc (count, width).
 template <typename Scores, typename AddPV>
 VLMFAST_INLINE void online_softmax_rows(const Plan& p, const AttentionBias& bias, const RowBlock& r,
                                         int64_t kb_begin, int64_t kb_end, float* s, float* m,
@@ -958,25 +953,24 @@ VLMFAST_INLINE void store_key_grads(const Plan& p, const BackwardArgs& a, int64_
 // (the scores), q and dO as pairs of rows (the sums over rows into dk, dv), lse2, D. q is not
 // scaled: the scores take q_mult, dk the scale.
 struct PairRows {
-  const uint32_t *q, *dout, *q_pairs, *dout_pairs;
-  const float *lse2, *delta;
+  uint32_t *q, *dout, *q_pairs, *dout_pairs;
+  float *lse2, *delta;
 
-  PairRows(const Plan& p, const float* tile) {
+  PairRows(const Plan& p, float* tile) {
     const int64_t part = p.block_rows * p.width / 2;  // floats of each of the four tiles
-    q = reinterpret_cast<const uint32_t*>(tile);
+    q = reinterpret_cast<uint32_t*>(tile);
     dout = q + part;
     q_pairs = dout + part;
     dout_pairs = q_pairs + part;
     lse2 = tile + 4 * part;
     delta = lse2 + p.block_rows;
   }
-  static void pack(const Plan& p, const BackwardArgs& a, int64_t b, const RowBlock& r, float* tile) {
-    const PairRows at(p, tile);
-    pack_query_pairs(a.q, p, b, r, reinterpret_cast<uint16_t*>(const_cast<uint32_t*>(at.q)));
-    pack_query_pairs(a.dout, p, b, r, reinterpret_cast<uint16_t*>(const_cast<uint32_t*>(at.dout)));
-    pack_query_row_pairs(a.q, p, b, r, const_cast<uint32_t*>(at.q_pairs));
-    pack_query_row_pairs(a.dout, p, b, r, const_cast<uint32_t*>(at.dout_pairs));
-    pack_row_stats(p, a, b, r, const_cast<float*>(at.lse2), const_cast<float*>(at.delta));
+  void pack(const Plan& p, const BackwardArgs& a, int64_t b, const RowBlock& r) const {
+    pack_query_pairs(a.q, p, b, r, reinterpret_cast<uint16_t*>(q));
+    pack_query_pairs(a.dout, p, b, r, reinterpret_cast<uint16_t*>(dout));
+    pack_query_row_pairs(a.q, p, b, r, q_pairs);
+    pack_query_row_pairs(a.dout, p, b, r, dout_pairs);
+    pack_row_stats(p, a, b, r, lse2, delta);
   }
 };
 
@@ -1041,7 +1035,7 @@ VLMFAST_INLINE void backward_key_block_pairs(const Plan& p, const BackwardArgs& 
   std::fill(dv, dv + keys * width, 0.0f);
   RowBlock r;
   row_blocks_seeing(p, a.bias, b, kv_head, first_key, r, [&](int64_t rb, int64_t first) VLMFAST_PACKER {
-    const PairRows rows(p, w.rows.get(rb, [&](float* t) VLMFAST_PACKER { PairRows::pack(p, a, b, r, t); }));
+    const PairRows rows(p, w.rows.get(rb, [&](float* t) VLMFAST_PACKER { PairRows(p, t).pack(p, a, b, r); }));
     if (!backward_tile_pairs(p, a.bias, r, first_key, keys, rows, tiles, s, ds)) return;
     const int64_t row_pairs = (r.count + 1) / 2;
     // dv_j += sum_i P_ij dO_i ; dk_j += sum_i dS_ij q_i (q unscaled here)
@@ -1063,12 +1057,11 @@ VLMFAST_INLINE void backward_query_block_pairs(const Plan& p, const BackwardArgs
   float* ds = w.dscores.get(kMaxRowBlock * kKeyBlock);
   float* dq = w.acc.get(kMaxRowBlock * width);
   auto* ds_keys = reinterpret_cast<uint32_t*>(w.probs.get(kMaxRowBlock * kKeyBlock / 2));
-  float* tile = w.pair_rows.get(backward_row_tile(p));
+  const PairRows rows(p, w.pair_rows.get(backward_row_tile(p)));
   RowBlock r;
   const int64_t first = rb * p.block_rows;
   describe_rows(p, a.bias, b, kv_head, first, std::min(p.block_rows, p.rows - first), r);
-  PairRows::pack(p, a, b, r, tile);
-  const PairRows rows(p, tile);
+  rows.pack(p, a, b, r);
   std::fill(dq, dq + r.count * width, 0.0f);
   const int64_t kb_end = visible_key_blocks(p, r);
   for (int64_t kb = 0; kb < kb_end; ++kb) {

@@ -1,7 +1,7 @@
-// The two products of the CPU attention (csrc/cpu/attention.cpp) on bfloat16 pairs, for
-// bfloat16 inputs on CPUs with AVX512-BF16: vdpbf16ps multiplies 32 pairs per instruction, twice
-// the multiply-adds of a float32 FMA, so the score tile and the P V update run at the rate of
-// the bf16 GEMM instead of the float32 one. The softmax between them stays in float32; P is
+// The products of the CPU attention (csrc/cpu/attention.cpp) on bfloat16 pairs, for bfloat16
+// inputs on CPUs with AVX512-BF16: vdpbf16ps multiplies 32 pairs per instruction, twice the
+// multiply-adds of a float32 FMA, so the score tile and the P V update (and the backward's five
+// products) run at the rate of the bf16 GEMM instead of the float32 one, all through one kernel. The softmax between them stays in float32; P is
 // rounded to bfloat16 for the second product, as flash-attention and torch's CPU kernel do for
 // low-precision inputs (its row sums are taken before the rounding).
 //
@@ -24,75 +24,18 @@ namespace vlmfast::cpu::attention_pairs {
 constexpr int kKeys = 64;   // keys per tile (attention.cpp: kKeyBlock)
 constexpr int kLanes = 16;
 
-// S[r][16 c + i] = mult * sum_p q(r, p) . k(16 c + i, p) for the first V vectors of keys.
+// C[r][16 v + l] = mult * (C0 + sum_i A(r, i) . B(i, 16 v + l)) over `count` pairs i, for V
+// vectors of columns; C0 = C as it was when accumulating, else 0. A(r, i) = a[r * a_rs + i * a_is]
+// (read one word at a time, so any layout works), B(i, column) = b[i * ldb + column].
 template <int R, int V>
-VLMFAST_TARGET_AVX512BF16 inline void score_rows(const uint32_t* q, int64_t q_stride, const uint32_t* kp,
-                                                 int64_t pairs, float mult, float* S) {
+VLMFAST_TARGET_AVX512BF16 inline void product_rows(const uint32_t* a, int64_t a_rs, int64_t a_is,
+                                                   const uint32_t* b, int64_t ldb, int64_t count,
+                                                   float* c, int64_t ldc, bool accumulate, float mult) {
   __m512 acc[R][V];
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < V; ++c) acc[r][c] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p) {
-    __m512bh k[V];
-#pragma GCC unroll 4
-    for (int c = 0; c < V; ++c) k[c] = (__m512bh)_mm512_load_si512(kp + p * kKeys + c * kLanes);
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(q[r * q_stride + p]));
-#pragma GCC unroll 4
-      for (int c = 0; c < V; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, k[c]);
-    }
-  }
-  const __m512 m = _mm512_set1_ps(mult);
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < V; ++c) _mm512_store_ps(S + r * kKeys + c * kLanes, _mm512_mul_ps(acc[r][c], m));
-}
-
-template <int V>
-VLMFAST_TARGET_AVX512BF16 inline void score_columns(const uint32_t* q, int64_t q_stride, const uint32_t* kp,
-                                                    int64_t pairs, float mult, float* S, int64_t rows) {
-  int64_t r = 0;
-  for (; r + 6 <= rows; r += 6) score_rows<6, V>(q + r * q_stride, q_stride, kp, pairs, mult, S + r * kKeys);
-  const uint32_t* qr = q + r * q_stride;
-  float* s = S + r * kKeys;
-  switch (rows - r) {
-    case 5: score_rows<5, V>(qr, q_stride, kp, pairs, mult, s); break;
-    case 4: score_rows<4, V>(qr, q_stride, kp, pairs, mult, s); break;
-    case 3: score_rows<3, V>(qr, q_stride, kp, pairs, mult, s); break;
-    case 2: score_rows<2, V>(qr, q_stride, kp, pairs, mult, s); break;
-    case 1: score_rows<1, V>(qr, q_stride, kp, pairs, mult, s); break;
-    default: break;
-  }
-}
-
-// The (rows, 64) score tile S = mult * q k^T over `pairs` pairs of the head dim; only the first
-// `keys` columns (rounded up to a vector) are computed, the rest left for the caller's mask.
-VLMFAST_TARGET_AVX512BF16 __attribute__((noinline)) inline void tile_scores(
-    const uint32_t* q, int64_t q_stride, const uint32_t* kp, int64_t pairs, float mult, float* S,
-    int64_t rows, int64_t keys) {
-  switch ((keys + kLanes - 1) / kLanes) {
-    case 1: return score_columns<1>(q, q_stride, kp, pairs, mult, S, rows);
-    case 2: return score_columns<2>(q, q_stride, kp, pairs, mult, S, rows);
-    case 3: return score_columns<3>(q, q_stride, kp, pairs, mult, S, rows);
-    default: return score_columns<4>(q, q_stride, kp, pairs, mult, S, rows);
-  }
-}
-
-// C[r][16 v + l] += sum_i A(r, i) . B(i, 16 v + l) over `count` pairs i, for V vectors of
-// columns: A(r, i) = a[r * a_rs + i * a_is] (read one word at a time, so any layout works),
-// B(i, column) = b[i * ldb + column].
-template <int R, int V>
-VLMFAST_TARGET_AVX512BF16 inline void accumulate_rows(const uint32_t* a, int64_t a_rs, int64_t a_is,
-                                                      const uint32_t* b, int64_t ldb, int64_t count,
-                                                      float* c, int64_t ldc) {
-  __m512 acc[R][V];
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_loadu_ps(c + r * ldc + v * kLanes);
+    for (int v = 0; v < V; ++v) acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * ldc + v * kLanes) : _mm512_setzero_ps();
   for (int64_t i = 0; i < count; ++i) {
     __m512bh bv[V];
 #pragma GCC unroll 4
@@ -104,45 +47,64 @@ VLMFAST_TARGET_AVX512BF16 inline void accumulate_rows(const uint32_t* a, int64_t
       for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
     }
   }
+  const __m512 m = _mm512_set1_ps(mult);
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(c + r * ldc + v * kLanes, acc[r][v]);
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(c + r * ldc + v * kLanes, _mm512_mul_ps(acc[r][v], m));
 }
 
 template <int R>
-VLMFAST_TARGET_AVX512BF16 inline void accumulate_row_group(const uint32_t* a, int64_t a_rs, int64_t a_is,
-                                                           const uint32_t* b, int64_t ldb, int64_t count,
-                                                           float* c, int64_t ldc, int64_t width) {
+VLMFAST_TARGET_AVX512BF16 inline void product_row_group(const uint32_t* a, int64_t a_rs, int64_t a_is,
+                                                        const uint32_t* b, int64_t ldb, int64_t count,
+                                                        float* c, int64_t ldc, int64_t width,
+                                                        bool accumulate, float mult) {
   int64_t e = 0;
   for (; e + 4 * kLanes <= width; e += 4 * kLanes)
-    accumulate_rows<R, 4>(a, a_rs, a_is, b + e, ldb, count, c + e, ldc);
+    product_rows<R, 4>(a, a_rs, a_is, b + e, ldb, count, c + e, ldc, accumulate, mult);
   switch ((width - e) / kLanes) {
-    case 3: accumulate_rows<R, 3>(a, a_rs, a_is, b + e, ldb, count, c + e, ldc); break;
-    case 2: accumulate_rows<R, 2>(a, a_rs, a_is, b + e, ldb, count, c + e, ldc); break;
-    case 1: accumulate_rows<R, 1>(a, a_rs, a_is, b + e, ldb, count, c + e, ldc); break;
+    case 3: product_rows<R, 3>(a, a_rs, a_is, b + e, ldb, count, c + e, ldc, accumulate, mult); break;
+    case 2: product_rows<R, 2>(a, a_rs, a_is, b + e, ldb, count, c + e, ldc, accumulate, mult); break;
+    case 1: product_rows<R, 1>(a, a_rs, a_is, b + e, ldb, count, c + e, ldc, accumulate, mult); break;
     default: break;
   }
 }
 
-// C (rows, width) += A (rows, count pairs) B (count pairs, width), addressed as accumulate_rows
-// says; width a multiple of 16.
-VLMFAST_TARGET_AVX512BF16 __attribute__((noinline)) inline void tile_accumulate(
+// C (rows, width) = mult * (C0 + A (rows, count pairs) B (count pairs, width)), addressed as
+// product_rows says; width a multiple of 16.
+VLMFAST_TARGET_AVX512BF16 __attribute__((noinline)) inline void tile_product(
     const uint32_t* a, int64_t a_rs, int64_t a_is, const uint32_t* b, int64_t ldb, int64_t count,
-    float* c, int64_t ldc, int64_t rows, int64_t width) {
+    float* c, int64_t ldc, int64_t rows, int64_t width, bool accumulate, float mult) {
   int64_t r = 0;
   for (; r + 6 <= rows; r += 6)
-    accumulate_row_group<6>(a + r * a_rs, a_rs, a_is, b, ldb, count, c + r * ldc, ldc, width);
+    product_row_group<6>(a + r * a_rs, a_rs, a_is, b, ldb, count, c + r * ldc, ldc, width, accumulate, mult);
   const uint32_t* ar = a + r * a_rs;
   float* cr = c + r * ldc;
   switch (rows - r) {
-    case 5: accumulate_row_group<5>(ar, a_rs, a_is, b, ldb, count, cr, ldc, width); break;
-    case 4: accumulate_row_group<4>(ar, a_rs, a_is, b, ldb, count, cr, ldc, width); break;
-    case 3: accumulate_row_group<3>(ar, a_rs, a_is, b, ldb, count, cr, ldc, width); break;
-    case 2: accumulate_row_group<2>(ar, a_rs, a_is, b, ldb, count, cr, ldc, width); break;
-    case 1: accumulate_row_group<1>(ar, a_rs, a_is, b, ldb, count, cr, ldc, width); break;
+    case 5: product_row_group<5>(ar, a_rs, a_is, b, ldb, count, cr, ldc, width, accumulate, mult); break;
+    case 4: product_row_group<4>(ar, a_rs, a_is, b, ldb, count, cr, ldc, width, accumulate, mult); break;
+    case 3: product_row_group<3>(ar, a_rs, a_is, b, ldb, count, cr, ldc, width, accumulate, mult); break;
+    case 2: product_row_group<2>(ar, a_rs, a_is, b, ldb, count, cr, ldc, width, accumulate, mult); break;
+    case 1: product_row_group<1>(ar, a_rs, a_is, b, ldb, count, cr, ldc, width, accumulate, mult); break;
     default: break;
   }
+}
+
+// The (rows, 64) score tile S = mult * q k^T: q rows of `pairs` pairs (row stride q_stride), K
+// as pairs of the head dim per key. Only the first `keys` columns (rounded up to a vector) are
+// computed, the rest left for the caller's mask.
+VLMFAST_TARGET_AVX512BF16 inline void tile_scores(const uint32_t* q, int64_t q_stride, const uint32_t* kp,
+                                                  int64_t pairs, float mult, float* S, int64_t rows,
+                                                  int64_t keys) {
+  const int64_t columns = (keys + kLanes - 1) / kLanes * kLanes;
+  tile_product(q, q_stride, 1, kp, kKeys, pairs, S, kKeys, rows, columns, /*accumulate=*/false, mult);
+}
+
+// C (rows, width) += A (rows, count pairs) B (count pairs, width), addressed as product_rows says.
+VLMFAST_TARGET_AVX512BF16 inline void tile_accumulate(const uint32_t* a, int64_t a_rs, int64_t a_is,
+                                                      const uint32_t* b, int64_t ldb, int64_t count,
+                                                      float* c, int64_t ldc, int64_t rows, int64_t width) {
+  tile_product(a, a_rs, a_is, b, ldb, count, c, ldc, rows, width, /*accumulate=*/true, 1.0f);
 }
 
 // A (rows, 64) float tile rounded to bfloat16 (nearest even) as pairs along its columns:
