@@ -2,7 +2,6 @@
 and torch's SDPA, values and gradients; fully-masked rows, rotary, GQA, decode, the op contract
 (opcheck, torch.compile) and bad input."""
 
-import importlib.util
 import zlib
 
 import pytest
@@ -17,15 +16,6 @@ from vlmfast.ops import reference
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Shapes above ~70 are too slow for Triton's CPU interpreter: run them on the other backends.
 NOT_INTERPRETED = [p for p in BACKENDS if p[0] != "triton" or p[1] != "cpu"]
-
-
-@pytest.fixture(autouse=True)
-def _needs_native_attention(request):
-    """The cpp backend needs engineer B's launcher module; skip (before forcing it) if absent."""
-    params = getattr(request.node, "callspec", None)
-    forced = params.params.get("backend") if params else None
-    if forced and forced[0] == "cpp" and importlib.util.find_spec("vlmfast.native.attention") is None:
-        pytest.skip("vlmfast.native.attention is not there yet")
 
 
 def _randn(*shape, dtype=torch.float32, device="cpu", generator=None):
