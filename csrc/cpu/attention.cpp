@@ -280,16 +280,16 @@ Plan make_plan(const AttentionShape& s, int threads) {
 
 // The plan of a forward or backward. A bfloat16 problem runs its products on pairs
 // (attention_pairs.h) when the GEMM's level has AVX512-BF16 (a lower level forced, as the tests
-// do, forces the float32 tiles here too); when its row blocks are tall enough to repay packing K
-// and V as pairs (not decode's few rows per block, whose tiles are packed for one use); and
-// without rotary tables: q and k rotated inside the kernel are float32, and rounding them to
-// bfloat16 would cost the log-sum-exp its float32 accuracy.
+// do, forces the float32 tiles here too) and when its row blocks are tall enough to repay packing
+// K and V as pairs (not decode's few rows per block, whose tiles are packed for one use). Rotary
+// tables take either path: q and k are rotated and rounded to bfloat16 on both
+// (rotated_elements), the pair path packing the rounded bits.
 template <typename T>
 Plan plan_for(const AttentionShape& s, int threads) {
   Plan p = make_plan(s, threads);
 #if VLMFAST_GEMM_X86
   if constexpr (std::is_same_v<T, BFloat16>)
-    p.pair_dots = p.block_rows >= 16 && s.rotary_half == 0 && gemm_isa() >= GemmIsa::Avx512Bf16 &&
+    p.pair_dots = p.block_rows >= 16 && gemm_isa() >= GemmIsa::Avx512Bf16 &&
                   gemm_isa_available(GemmIsa::Avx512Bf16);
 #endif
   return p;
@@ -412,6 +412,7 @@ bool worth_keeping(int64_t floats) { return floats <= (int64_t{1} << 22); }
 struct Scratch {
   Buffer q, dout, kt, vt, krows, scores, dscores, acc, dk, dv, stats, dq;
   Buffer probs, pair_rows;  // the pair path's: P and dS rounded to pairs; a row block's tiles
+  Buffer rotated_keys;      // the pair path's: a key block rotated (rotary tables), bfloat16 rows
   TileCache keys, values, rows;
 };
 
@@ -445,21 +446,32 @@ VLMFAST_INLINE void rotate_row(const Plan& p, int64_t pos, float* x, float sign)
   }
 }
 
-// d (width) = the E elements of src as floats times mult, rotated by the table row `pos` as
-// they are converted (one pass: no separate copy and rotate), zero-padded past E.
-template <typename T>
-VLMFAST_INLINE void convert_rotated(const Plan& p, int64_t pos, const T* __restrict src,
-                                    float mult, float* __restrict d) {
+// store(e, x_e) for the E elements of the row src rotated by the table row `pos`: rotated in
+// float32 and rounded to T, as apply_rotary_emb's output in T would be (and as the GPU kernel
+// and transformers' bfloat16 models rotate): the kernel attends to the q and k that rotating
+// first and attending after would give, whichever path its tiles take.
+template <typename T, typename Store>
+VLMFAST_INLINE void rotated_elements(const Plan& p, int64_t pos, const T* __restrict src,
+                                     Store&& store) {
   const int64_t half = p.s.rotary_half, E = p.s.head_dim;
   const float* __restrict c = p.s.rotary_cos + pos * p.s.rotary_stride;
   const float* __restrict sn = p.s.rotary_sin + pos * p.s.rotary_stride;
+  auto rounded = [](float x) { return to_float(from_float<T>(x)); };
   for (int64_t i = 0; i < half; ++i) {
-    const float x1 = to_float(src[i]) * mult, x2 = to_float(src[i + half]) * mult;
-    d[i] = x1 * c[i] - x2 * sn[i];
-    d[i + half] = x2 * c[i] + x1 * sn[i];
+    const float x1 = to_float(src[i]), x2 = to_float(src[i + half]);
+    store(i, rounded(x1 * c[i] - x2 * sn[i]));
+    store(i + half, rounded(x2 * c[i] + x1 * sn[i]));
   }
-  for (int64_t e = 2 * half; e < E; ++e) d[e] = to_float(src[e]) * mult;
-  for (int64_t e = E; e < p.width; ++e) d[e] = 0.0f;
+  for (int64_t e = 2 * half; e < E; ++e) store(e, to_float(src[e]));
+}
+
+// d (width) = the E elements of src rotated by the table row `pos` (rotated_elements) times
+// mult as they are converted (one pass: no separate copy and rotate), zero-padded past E.
+template <typename T>
+VLMFAST_INLINE void convert_rotated(const Plan& p, int64_t pos, const T* __restrict src,
+                                    float mult, float* __restrict d) {
+  rotated_elements(p, pos, src, [&](int64_t e, float x) { d[e] = x * mult; });
+  for (int64_t e = p.s.head_dim; e < p.width; ++e) d[e] = 0.0f;
 }
 
 // dst (count, width) = t's rows of the block, times mult, zero-padded past E; rotated by each
@@ -614,37 +626,70 @@ struct ForwardArgs {
 
 #if VLMFAST_GEMM_X86
 // ----------------------------------------------------------------------------------------------
-// The pair path (bfloat16 inputs without rotary tables, attention_pairs.h's layouts): tiles
-// are built from the inputs' bits as they are.
+// The pair path (bfloat16 inputs, attention_pairs.h's layouts): tiles are built from the
+// inputs' bits as they are, or from q and k rotated and rounded (rotated_elements) where the
+// plan has rotary tables.
 
-// dst (count, width) bfloat16 = the block's q rows, zero-padded past E (q_mult is applied to
-// the scores instead).
-VLMFAST_INLINE void pack_query_pairs(const AttentionInput& t, const Plan& p, int64_t b,
-                                     const RowBlock& r, uint16_t* dst) {
-  const int64_t E = p.s.head_dim;
-  for (int64_t i = 0; i < r.count; ++i) {
-    const BFloat16* src = row_of<BFloat16>(t, b, r.head[i], r.pos[i]);
-    uint16_t* d = dst + i * p.width;
-    for (int64_t e = 0; e < E; ++e) d[e] = src[e].bits;
-    for (int64_t e = E; e < p.width; ++e) d[e] = 0;
-  }
+// The pair path's buffer for a key block's rotated rows (key_block_rows): kKeyBlock x width
+// bfloat16; none without rotary tables.
+VLMFAST_INLINE uint16_t* rotated_key_buffer(const Plan& p, Scratch& w) {
+  if (p.s.rotary_half == 0) return nullptr;
+  return reinterpret_cast<uint16_t*>(w.rotated_keys.get(kKeyBlock * p.width / 2));
 }
 
-// d[e] = (even[e], odd[e]) for e < E, a null row read as zeros; zero from E to the width.
-VLMFAST_INLINE void interleave_rows(const BFloat16* even, const BFloat16* odd, const Plan& p,
-                                    uint32_t* d) {
+// d (width) = the bits of the E elements of src, rotated by the table row `pos` when `rotate`,
+// zero-padded past E.
+VLMFAST_INLINE void row_bits(const Plan& p, const BFloat16* src, bool rotate, int64_t pos,
+                             uint16_t* d) {
   const int64_t E = p.s.head_dim;
-  for (int64_t e = 0; e < E; ++e)
-    d[e] = (even ? even[e].bits : 0u) | static_cast<uint32_t>(odd ? odd[e].bits : 0u) << 16;
+  if (rotate)
+    rotated_elements(p, pos, src, [&](int64_t e, float x) { d[e] = from_float<BFloat16>(x).bits; });
+  else
+    for (int64_t e = 0; e < E; ++e) d[e] = src[e].bits;
   for (int64_t e = E; e < p.width; ++e) d[e] = 0;
 }
 
-// dst[i * width + e] = (x[2i][e], x[2i + 1][e]) over the block's rows of t (a missing last
-// row and e >= E as 0): q and dO for the backward's sums over query rows.
-VLMFAST_INLINE void pack_query_row_pairs(const AttentionInput& t, const Plan& p, int64_t b,
-                                         const RowBlock& r, uint32_t* dst) {
-  auto row = [&](int64_t i) { return i < r.count ? row_of<BFloat16>(t, b, r.head[i], r.pos[i]) : nullptr; };
-  for (int64_t i = 0; 2 * i < r.count; ++i) interleave_rows(row(2 * i), row(2 * i + 1), p, dst + i * p.width);
+// dst (count, width) bfloat16 = the block's rows of t, rotated by their positions when `rotate`
+// and the plan has rotary tables (q: yes; dO: no), zero-padded past E (q_mult is applied to the
+// scores instead).
+VLMFAST_INLINE void pack_query_pairs(const AttentionInput& t, const Plan& p, int64_t b,
+                                     const RowBlock& r, uint16_t* dst, bool rotate = false) {
+  rotate = rotate && p.s.rotary_half > 0;
+  for (int64_t i = 0; i < r.count; ++i)
+    row_bits(p, row_of<BFloat16>(t, b, r.head[i], r.pos[i]), rotate, r.pos[i], dst + i * p.width);
+}
+
+// The key block [first_key, first_key + keys) of one (batch, kv head) as bfloat16 rows for
+// pack_dim_pairs and pack_row_pairs: the input's rows (stride: theirs), or where the plan has
+// rotary tables, rows rotated by the key positions into `buffer` (kKeyBlock x width; stride:
+// the width).
+VLMFAST_INLINE const BFloat16* key_block_rows(const Plan& p, const AttentionInput& k, int64_t b,
+                                              int64_t kv_head, int64_t first_key, int64_t keys,
+                                              uint16_t* buffer, int64_t& stride) {
+  const BFloat16* src = row_of<BFloat16>(k, b, kv_head, first_key);
+  stride = k.strides[2];
+  if (p.s.rotary_half == 0) return src;
+  for (int64_t j = 0; j < keys; ++j)
+    row_bits(p, src + j * stride, true, first_key + j, buffer + j * p.width);
+  stride = p.width;
+  return reinterpret_cast<const BFloat16*>(buffer);
+}
+
+// d[e] = (even[e], odd[e]) for e < E, a null row read as zeros; zero from E to the width.
+VLMFAST_INLINE void interleave_rows(const uint16_t* even, const uint16_t* odd, int64_t E,
+                                    const Plan& p, uint32_t* d) {
+  for (int64_t e = 0; e < E; ++e)
+    d[e] = (even ? even[e] : 0u) | static_cast<uint32_t>(odd ? odd[e] : 0u) << 16;
+  for (int64_t e = E; e < p.width; ++e) d[e] = 0;
+}
+
+// dst[i * width + e] = (x[2i][e], x[2i + 1][e]) over `count` rows x packed as pack_query_pairs
+// leaves them (a missing last row as 0): q and dO for the backward's sums over query rows.
+VLMFAST_INLINE void pair_packed_rows(const uint16_t* x, int64_t count, const Plan& p, uint32_t* dst) {
+  for (int64_t i = 0; 2 * i < count; ++i) {
+    const uint16_t* even = x + 2 * i * p.width;
+    interleave_rows(even, 2 * i + 1 < count ? even + p.width : nullptr, p.width, p, dst + i * p.width);
+  }
 }
 
 // kp[i * 64 + j] = pair i of key j (elements 2i, 2i + 1), for the `keys` rows of src; zero past
@@ -665,8 +710,11 @@ VLMFAST_INLINE void pack_dim_pairs(const BFloat16* src, int64_t stride, int64_t 
 // P V, K for the backward's dS K.
 VLMFAST_INLINE void pack_row_pairs(const BFloat16* src, int64_t stride, int64_t keys,
                                    const Plan& p, uint32_t* vp) {
-  auto row = [&](int64_t j) { return j < keys ? src + j * stride : nullptr; };
-  for (int64_t i = 0; i < kKeyBlock / 2; ++i) interleave_rows(row(2 * i), row(2 * i + 1), p, vp + i * p.width);
+  auto row = [&](int64_t j) {
+    return j < keys ? reinterpret_cast<const uint16_t*>(src + j * stride) : nullptr;
+  };
+  for (int64_t i = 0; i < kKeyBlock / 2; ++i)
+    interleave_rows(row(2 * i), row(2 * i + 1), p.s.head_dim, p, vp + i * p.width);
 }
 #endif
 
@@ -700,11 +748,13 @@ VLMFAST_INLINE void forward_rows_pairs(const Plan& p, const ForwardArgs& a, int6
   const int64_t pairs = p.width / 2;
   auto* q = reinterpret_cast<uint16_t*>(w.q.get(kMaxRowBlock * p.width));
   auto* probs = reinterpret_cast<uint32_t*>(w.probs.get(kMaxRowBlock * kKeyBlock / 2));
-  pack_query_pairs(a.q, p, b, r, q);
+  pack_query_pairs(a.q, p, b, r, q, /*rotate=*/true);
   auto scores = [&](int64_t kb, int64_t first_key, int64_t keys, float* s) VLMFAST_PACKER {
     const float* kt = w.keys.get(kb, [&](float* t) VLMFAST_PACKER {
-      pack_dim_pairs(row_of<BFloat16>(a.k, b, kv_head, first_key), a.k.strides[2], keys, p,
-                     reinterpret_cast<uint32_t*>(t));
+      int64_t stride = 0;
+      const BFloat16* k = key_block_rows(p, a.k, b, kv_head, first_key, keys,
+                                         rotated_key_buffer(p, w), stride);
+      pack_dim_pairs(k, stride, keys, p, reinterpret_cast<uint32_t*>(t));
     });
     ap::tile_scores(reinterpret_cast<const uint32_t*>(q), pairs, reinterpret_cast<const uint32_t*>(kt),
                     pairs, p.q_mult, s, r.count, keys);
@@ -966,10 +1016,10 @@ struct PairRows {
     delta = lse2 + p.block_rows;
   }
   void pack(const Plan& p, const BackwardArgs& a, int64_t b, const RowBlock& r) const {
-    pack_query_pairs(a.q, p, b, r, reinterpret_cast<uint16_t*>(q));
+    pack_query_pairs(a.q, p, b, r, reinterpret_cast<uint16_t*>(q), /*rotate=*/true);
     pack_query_pairs(a.dout, p, b, r, reinterpret_cast<uint16_t*>(dout));
-    pack_query_row_pairs(a.q, p, b, r, q_pairs);
-    pack_query_row_pairs(a.dout, p, b, r, dout_pairs);
+    pair_packed_rows(reinterpret_cast<const uint16_t*>(q), r.count, p, q_pairs);
+    pair_packed_rows(reinterpret_cast<const uint16_t*>(dout), r.count, p, dout_pairs);
     pack_row_stats(p, a, b, r, lse2, delta);
   }
 };
@@ -978,16 +1028,20 @@ struct PairRows {
 struct PairKeys {
   uint32_t *k_dims, *v_dims, *k_rows;
 
+  uint16_t* rotated;  // the key block rotated, where the plan has rotary tables
+
   PairKeys(const Plan& p, Scratch& w)
       : k_dims(reinterpret_cast<uint32_t*>(w.kt.get(p.width * kKeyBlock))),
         v_dims(reinterpret_cast<uint32_t*>(w.vt.get(p.width * kKeyBlock))),
-        k_rows(reinterpret_cast<uint32_t*>(w.krows.get(kKeyBlock * p.width))) {}
+        k_rows(reinterpret_cast<uint32_t*>(w.krows.get(kKeyBlock * p.width))),
+        rotated(rotated_key_buffer(p, w)) {}
   void pack(const Plan& p, const BackwardArgs& a, int64_t b, int64_t kv_head, int64_t first_key,
             int64_t keys, bool with_k_rows) {
-    const BFloat16* k = row_of<BFloat16>(a.k, b, kv_head, first_key);
-    pack_dim_pairs(k, a.k.strides[2], keys, p, k_dims);
+    int64_t stride = 0;
+    const BFloat16* k = key_block_rows(p, a.k, b, kv_head, first_key, keys, rotated, stride);
+    pack_dim_pairs(k, stride, keys, p, k_dims);
     pack_dim_pairs(row_of<BFloat16>(a.v, b, kv_head, first_key), a.v.strides[2], keys, p, v_dims);
-    if (with_k_rows) pack_row_pairs(k, a.k.strides[2], keys, p, k_rows);
+    if (with_k_rows) pack_row_pairs(k, stride, keys, p, k_rows);
   }
 };
 
@@ -1071,7 +1125,7 @@ VLMFAST_INLINE void backward_query_block_pairs(const Plan& p, const BackwardArgs
     if (backward_tile_pairs(p, a.bias, r, first_key, keys, rows, tiles, s, ds))
       add_dq_pairs(p, r, keys, ds, tiles, ds_keys, dq);
   }
-  store_query_rows<BFloat16>(a.dq, p, b, r, dq, p.s.scale);
+  store_query_rows<BFloat16>(a.dq, p, b, r, dq, p.s.scale, /*unrotate=*/true);
 }
 #endif
 

@@ -42,11 +42,13 @@ def rotate(x, cos, sin):
 
 def reference_with_grads(q, k, v, grad, scale, is_causal, bias, dtype, rotary=None):
     """(out, lse, dq, dk, dv) of the reference computed in `dtype` (rotary applied to q and k
-    first, the gradients taken through it)."""
+    first, the gradients taken through it). Rotated q and k are rounded to the inputs' dtype, as
+    rotating with apply_rotary_emb and attending after would give them (the rounding passes the
+    gradient through unchanged)."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     q_in, k_in = leaves[0], leaves[1]
     if rotary is not None:
-        q_in, k_in = rotate(q_in, *rotary), rotate(k_in, *rotary)
+        q_in, k_in = (rotate(t, *rotary).to(q.dtype).to(dtype) for t in (q_in, k_in))
     out, lse = reference(q_in, k_in, leaves[2], scale, is_causal, bias)
     out.backward(grad.to(dtype))
     return (out.detach(), lse.detach(), *(t.grad for t in leaves))

@@ -1,16 +1,17 @@
 """The CPU attention's bfloat16 pair path (csrc/cpu/attention_pairs.h): with the GEMM's level at
-AVX512-BF16 (or AMX), a bfloat16 forward and backward with tall row blocks and no rotary tables
-run their products on vdpbf16ps, P and dS rounded to bfloat16. Checked here: out, lse, dq, dk, dv
-against the float64 reference under the bfloat16 rule (tests/tolerance.py), both backward
-strategies, over the shapes that exercise the tile edges (head dims padded to 16, partial key
-blocks, odd row counts, causal, masks, biases, GQA, strided inputs); that forcing a lower level
-switches it off (other bits, the same rule); and that what it must not touch is bit for bit the
-float32 tiles' result (float32 inputs, rotary tables, decode's few rows)."""
+AVX512-BF16 (or AMX), a bfloat16 forward and backward with tall row blocks run their products on
+vdpbf16ps, P and dS rounded to bfloat16 (with rotary tables too: q and k rotated and rounded
+first). Checked here: out, lse, dq, dk, dv against the float64 reference under the bfloat16 rule
+(tests/tolerance.py), both backward strategies, over the shapes that exercise the tile edges
+(head dims padded to 16, partial key blocks, odd row counts, causal, masks, biases, GQA, strided
+inputs, rotary tables); that forcing a lower level switches it off (other bits, the same rule);
+and that what it must not touch is bit for bit the float32 tiles' result (float32 inputs,
+decode's few rows)."""
 
 import pytest
 import torch
 
-from tests.native.test_attention_cpu import check_attention, random_inputs
+from tests.native.test_attention_cpu import check_attention, random_inputs, rotary_tables
 from vlmfast.native import attention as native
 from vlmfast.native import linear as native_linear
 
@@ -90,17 +91,32 @@ def test_lower_level_switches_the_pair_path_off():
         assert not torch.equal(high, low), f"forcing AVX-512 did not change the backward's path ({name})"
 
 
-@pytest.mark.parametrize("case", ["float32", "rotary", "decode"])
+@pytest.mark.parametrize("level", ["avx512_bf16", "avx512"])
+@pytest.mark.parametrize("dim, half, length, is_causal", [(64, 32, 197, False), (40, 8, 113, True),
+                                                          (80, 40, 130, False)])
+def test_rotary_tables_on_either_path(level, dim, half, length, is_causal):
+    """Rotary tables: q and k rotated and rounded to bfloat16 first, then packed as pairs (or
+    widened to the float32 tiles at AVX-512); out, lse, dq, dk, dv against the float64 reference
+    of rotate, round, attend. Qwen2-VL's tower: E = 80, the whole head rotated."""
+    q, k, v, grad = random_inputs(2, 4, 2, length, length, dim, torch.bfloat16, seed=dim + half)
+    rotary = rotary_tables(length, half, seed=dim)
+    native_linear.force_isa(level)
+    try:
+        check_attention(q, k, v, grad, is_causal=is_causal, rotary=rotary)
+    finally:
+        native_linear.force_isa(None)
+    pairs, pairs_lse = forward_at("avx512_bf16", q, k, v, rotary=rotary)
+    floats, floats_lse = forward_at("avx512", q, k, v, rotary=rotary)
+    assert not torch.equal(pairs, floats), "rotary tables kept the float32 tiles at AVX512-BF16"
+
+
+@pytest.mark.parametrize("case", ["float32", "decode"])
 def test_what_stays_on_float_tiles(case):
-    """float32 inputs, rotary tables (q, k rotated in float32 inside the kernel) and a decode
-    step's few rows per block give the very bits of the float32 tiles at either level."""
+    """float32 inputs and a decode step's few rows per block give the very bits of the float32
+    tiles at either level."""
     dtype = torch.float32 if case == "float32" else torch.bfloat16
     length = 1 if case == "decode" else 128
     q, k, v, _ = random_inputs(1, 6, 2, length, 300, 64, dtype, seed=7)
-    kwargs = {}
-    if case == "rotary":
-        angles = torch.arange(300.0)[:, None] * torch.rand(16, generator=torch.Generator().manual_seed(8))
-        kwargs["rotary"] = (angles.cos(), angles.sin())
-    high, high_lse = forward_at("avx512_bf16", q, k, v, **kwargs)
-    low, low_lse = forward_at("avx512", q, k, v, **kwargs)
+    high, high_lse = forward_at("avx512_bf16", q, k, v)
+    low, low_lse = forward_at("avx512", q, k, v)
     assert torch.equal(high, low) and torch.equal(high_lse, low_lse)

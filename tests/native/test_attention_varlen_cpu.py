@@ -25,13 +25,14 @@ def packed(lengths, heads, kv_heads, dim, dtype, seed):
 
 
 def per_sequence(q, k, v, cu, scale, is_causal, rotary):
-    """(out (T, H, E), lse (H, T)) in float64, each sequence alone."""
+    """(out (T, H, E), lse (H, T)) in float64, each sequence alone (rotated q and k rounded to the
+    inputs' dtype, as the kernel and apply_rotary_emb round them)."""
     outs, lses = [], []
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
         qs, ks, vs = (t[start:end].double().transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         if rotary is not None:
             tables = tuple(t[start:end].double() for t in rotary)
-            qs, ks = rotate(qs, *tables), rotate(ks, *tables)
+            qs, ks = (rotate(t, *tables).to(q.dtype).double() for t in (qs, ks))
         out, lse = reference(qs, ks, vs, scale, is_causal, None)
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])
