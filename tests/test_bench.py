@@ -70,6 +70,9 @@ def test_every_suite_runs_quick_and_records_its_peer(suite, tmp_path, capsys):
     if suite == "losses":
         assert {r["case"].split()[0] for r in records} == {"infonce", "siglip"}
         assert {r["peer"] for r in records} == {"materialised"}
+        for record in records:  # the kernels' own rate: InfoNCE's 4 products for 3 useful, SigLIP's 3
+            products = record["extra"]["kernel_tflops"] / record["tflops"]
+            assert products == pytest.approx(4 / 3 if record["case"].startswith("infonce") else 1.0)
 
 
 def test_json_without_a_file_appends_to_the_results_folder(tmp_path, monkeypatch):

@@ -34,6 +34,11 @@ GPU_PEER_LIMIT = 32768
 # stays within a few minutes even while the kernel misses its target.
 GPU_HUGE_BUDGET_S = 25.0
 MIB = 2**20
+# B x B x D products the CPU kernels run per forward + backward. InfoNCE's backward needs every
+# row's and column's log-sum-exp before its first tile, so it recomputes the logits the forward
+# made (4 products for the 3 of useful work: at best 75 % of the peak in useful TFLOP/s); SigLIP
+# computes its gradient in the forward's pass (3). extra["kernel_tflops"]: the rate of them all.
+CPU_KERNEL_PRODUCTS = {"infonce": 4, "siglip": 3}
 
 
 def materialised(name: str):
@@ -155,6 +160,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False,
                 # useful work: the three B x B x D products (logits, d img, d txt)
                 tflops=3 * 2 * B * B * D / ms / 1e9, peak_mib=peak,
                 extra={"peer_peak_mib": peer_peak,
+                       "kernel_tflops": CPU_KERNEL_PRODUCTS[name] * 2 * B * B * D / ms / 1e9 if not on_gpu else None,
                        "model_mib": model_extra_mib("vlmfast", B, dtype, threads),
                        "peer_model_mib": model_extra_mib("materialised", B, dtype, threads) if with_peer else None},
             ))
