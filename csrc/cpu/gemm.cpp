@@ -376,15 +376,22 @@ VLMFAST_TASK(gk::AmxEmulated, gp::AmxLayout, , task_amx_emulated)
 
 // How the output is cut into tasks: m_blocks blocks of mc rows (a multiple of MR, at most the
 // cache-derived mc_max) x n_chunks chunks of per_chunk column panels, chosen by a small search.
-// A task's cost: its rows x (its panels + ~half a panel for packing its block of A) + ~one unit
-// of fixed cost; the makespan under the dynamic schedule: ceil(tasks / threads) rounds of the
-// largest task. Among the partitions within 3% of the least makespan, the one with the most tasks
+// A task's cost, in units of one sliver's work on one panel: its slivers x (its panels + ~half a
+// panel for packing its block of A) + ~half a unit per panel for reading that panel of B (every
+// block of rows reads all of its panels again: from memory once B outgrows the caches) + ~one
+// unit of fixed cost; the makespan under the dynamic schedule: ceil(tasks / threads) rounds of
+// the largest task. Without B's term every split cost the same, and the most tasks won: for a
+// prompt's 278 rows that was 8 blocks of 3 slivers, each reading all of B (278 x 1536 x 17920 in
+// bf16: 0.32 TFLOP/s against 0.37 with it, 278 x 8960 x 1536 0.30 -> 0.38; float32 +13-25 %;
+// Zen 4, 2 threads). Among the partitions within 3% of the least makespan, the one with the most tasks
 // (up to 4 per thread) wins: a thread the OS takes away for a while is then absorbed by the others.
 // fewest_row_blocks: only as many row blocks as the cache requires (B packed inside the tasks:
 // each slice is packed once per row block).
 struct Partition {
   int64_t m_blocks, mc, n_chunks, per_chunk;
 };
+constexpr double kPackACost = 0.5;  // packing a sliver of A, in panels of its work
+constexpr double kReadBCost = 0.5;  // reading one panel of B, in slivers of its work
 
 Partition partition(int64_t M, int64_t n_panels, int64_t MR, int64_t mc_max, int threads,
                     bool fewest_row_blocks) {
@@ -406,7 +413,8 @@ Partition partition(int64_t M, int64_t n_panels, int64_t MR, int64_t mc_max, int
       const int64_t per_chunk = (n_panels + nc - 1) / nc;
       if ((nc - 1) * per_chunk >= n_panels) continue;
       const int64_t tasks = mb * nc, rounds = (tasks + threads - 1) / threads;
-      const double cost = static_cast<double>(rounds) * (per_block * (per_chunk + 0.5) + 1.0);
+      const double cost = static_cast<double>(rounds) *
+                          (per_block * (per_chunk + kPackACost) + kReadBCost * per_chunk + 1.0);
       found[count++] = {{mb, per_block * MR, nc, per_chunk}, cost, tasks};
       if (least < 0 || cost < least) least = cost;
     }
@@ -795,6 +803,8 @@ std::string gemm_describe() {
   // B packed inside the tasks for up to this many blocks of rows (gemm_forward_unpacked): a line
   // of its own, so GEMM choices timed under another rule (ops/_choice_cache.py) are timed again
   s << "unpacked_b_row_blocks=" << kUnpackedRowBlocks << "\n";
+  // The partition's costs: choices timed under other ones are timed again too.
+  s << "partition_costs=" << kPackACost << "," << kReadBCost << "\n";
   return s.str();
 }
 
