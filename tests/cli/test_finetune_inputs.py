@@ -86,6 +86,8 @@ class _Interrupt:
 
 
 def test_ctrl_c_saves_the_finished_steps_and_the_rerun_resumes_bit_for_bit(checkpoint, data, tmp_path):
+    # Python's own handler, or SIG_IGN where the shell started the tests in the background
+    handler_before = signal.getsignal(signal.SIGINT)
     finetune(checkpoint, data, tmp_path / "straight", log=None, **OPTIONS)
     with pytest.raises(KeyboardInterrupt):
         finetune(checkpoint, data, tmp_path / "resumed", log=_Interrupt(at=2), **OPTIONS)
@@ -93,7 +95,7 @@ def test_ctrl_c_saves_the_finished_steps_and_the_rerun_resumes_bit_for_bit(check
     state = torch.load(state_file, weights_only=True)
     assert state["step"] == 2 and not (tmp_path / "resumed" / "model.safetensors").exists()
     assert stat.S_IMODE(state_file.stat().st_mode) == _atomic.file_mode()  # the umask's, as every other file
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the handler is put back
     report = finetune(checkpoint, data, tmp_path / "resumed", log=None, **OPTIONS)
     assert report["resumed_from"] == 2
     straight, resumed = (load_file(tmp_path / run / "model.safetensors") for run in ("straight", "resumed"))
