@@ -269,7 +269,7 @@ def rotary_tables(positions, half, seed=0):
     return angles.cos(), angles.sin()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
     "heads,kv_heads,length,dim,half,is_causal",
     [
@@ -307,6 +307,21 @@ def test_rotary_equals_apply_then_attend():
     torch.autograd.backward(rotated, [dq_rot, dk_rot])  # through the rotation's transpose
     for name, actual, expected in zip(("dq", "dk", "dv"), fused, (leaves[0].grad, leaves[1].grad, dv)):
         torch.testing.assert_close(actual, expected, atol=5e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_rotary_in_16_bits_is_apply_then_attend_bit_for_bit(dtype):
+    """In 16 bits the kernel rounds the rotated q and k to their dtype, as apply_rotary_emb's
+    output is rounded: the forward gives the very bits of rotating first and attending after
+    (bfloat16: on the pair path where the CPU has it)."""
+    from vlmfast.ops import apply_rotary_emb
+
+    q, k, v, _ = random_inputs(1, 6, 2, 97, 97, 64, dtype, seed=3)
+    cos, sin = rotary_tables(97, 24, seed=4)
+    fused_out, fused_lse = native.forward(q, k, v, scale=0.125, is_causal=True, rotary=(cos, sin))
+    out, lse = native.forward(apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin), v, scale=0.125,
+                              is_causal=True)
+    assert torch.equal(fused_out, out) and torch.equal(fused_lse, lse)
 
 
 def test_rotary_tables_with_extra_rows_and_strides():
