@@ -19,7 +19,8 @@ struct AttentionShape {
   bool causal;
   // Optional rotary (non-interleaved, rotate-half) applied to q and k as they are packed:
   // float32 cos/sin tables, row p (row stride rotary_stride, >= max(L, S) rows) for position p,
-  // rotary_half = R/2 <= E/2 columns; 0 for none. The backward works in the rotated space and
+  // rotary_half = R/2 <= E/2 columns; 0 for none. Rotated values are rounded to the inputs'
+  // dtype, as apply_rotary_emb's output would be. The backward works in the rotated space and
   // applies the inverse rotation to dq and dk.
   const float* rotary_cos = nullptr;
   const float* rotary_sin = nullptr;

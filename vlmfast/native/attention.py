@@ -73,7 +73,8 @@ def forward(q, k, v, *, scale: float, is_causal: bool, bias=None, rotary=None):
 
     rotary: None, or float32 (cos, sin) tables, each (P, R/2) with P >= max(L, S) and
     R <= E, row p for position p: q and k are rotated (non-interleaved, as
-    vlmfast.ops.apply_rotary_emb) inside the kernel as they are packed, with no extra pass."""
+    vlmfast.ops.apply_rotary_emb, and rounded to their dtype as its output is) inside the kernel
+    as they are packed, with no extra pass."""
     _check(q, k, v, bias)
     q, k, v = _head_dim_contiguous(q), _head_dim_contiguous(k), _head_dim_contiguous(v)
     return launch_forward(q, k, v, bias, float(scale), bool(is_causal), rotary)
