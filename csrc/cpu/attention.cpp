@@ -1027,7 +1027,6 @@ struct PairRows {
 // The key block's tiles: K and V as pairs of the head dim (scores, dP), K as pairs of keys (dS K).
 struct PairKeys {
   uint32_t *k_dims, *v_dims, *k_rows;
-
   uint16_t* rotated;  // the key block rotated, where the plan has rotary tables
 
   PairKeys(const Plan& p, Scratch& w)

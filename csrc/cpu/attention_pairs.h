@@ -1,9 +1,10 @@
 // The products of the CPU attention (csrc/cpu/attention.cpp) on bfloat16 pairs, for bfloat16
 // inputs on CPUs with AVX512-BF16: vdpbf16ps multiplies 32 pairs per instruction, twice the
 // multiply-adds of a float32 FMA, so the score tile and the P V update (and the backward's five
-// products) run at the rate of the bf16 GEMM instead of the float32 one, all through one kernel. The softmax between them stays in float32; P is
-// rounded to bfloat16 for the second product, as flash-attention and torch's CPU kernel do for
-// low-precision inputs (its row sums are taken before the rounding).
+// products) run at the rate of the bf16 GEMM instead of the float32 one, all through one kernel.
+// The softmax between them stays in float32; P is rounded to bfloat16 for the second product, as
+// flash-attention and torch's CPU kernel do for low-precision inputs (its row sums are taken
+// before the rounding).
 //
 // Layouts (a "pair" is two bfloat16 in one 32-bit word, the lower-addressed one in the low half):
 //   rows (q, dO): pair p of row r at q[r * q_stride + p] (the head dim padded to `width` with 0);

@@ -383,8 +383,9 @@ VLMFAST_TASK(gk::AmxEmulated, gp::AmxLayout, , task_amx_emulated)
 // the largest task. Without B's term every split cost the same, and the most tasks won: for a
 // prompt's 278 rows that was 8 blocks of 3 slivers, each reading all of B (278 x 1536 x 17920 in
 // bf16: 0.32 TFLOP/s against 0.37 with it, 278 x 8960 x 1536 0.30 -> 0.38; float32 +13-25 %;
-// Zen 4, 2 threads). Among the partitions within 3% of the least makespan, the one with the most tasks
-// (up to 4 per thread) wins: a thread the OS takes away for a while is then absorbed by the others.
+// Zen 4, 2 threads). Among the partitions within 3% of the least makespan, the one with the most
+// tasks (up to 4 per thread) wins: a thread the OS takes away for a while is then absorbed by the
+// others.
 // fewest_row_blocks: only as many row blocks as the cache requires (B packed inside the tasks:
 // each slice is packed once per row block).
 struct Partition {

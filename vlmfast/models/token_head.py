@@ -25,13 +25,6 @@ class TokenTableHead:
     layers pack_weights packs."""
 
     @property
-    def materialised_logits(self) -> int:
-        """Labelled rows x vocabulary up to which next_token_loss takes the logits in one GEMM +
-        torch's cross entropy instead of the fused op (0: always the fused op); read from
-        MATERIALISED_LOGITS at each call."""
-        return MATERIALISED_LOGITS
-
-    @property
     def embed_tokens(self) -> nn.Embedding:
         raise NotImplementedError
 
@@ -84,7 +77,8 @@ class TokenTableHead:
             # the fused head likewise, instead of float32 GEMMs at several times the cost
             low = torch.get_autocast_dtype(hidden.device.type)
             hidden, weight = hidden.to(low), weight.to(low)
-        few_rows = labelled and hidden.shape[0] * weight.shape[0] <= self.materialised_logits
+        # MATERIALISED_LOGITS read at each call (0: always the fused op)
+        few_rows = labelled and hidden.shape[0] * weight.shape[0] <= MATERIALISED_LOGITS
         if few_rows and not weight_updates.sliced(self.head_weight, self._untied):
             # a few labelled rows (a caption, a short answer): their logits are small, and one GEMM
             # + torch's cross entropy measured 2-3x faster than the fused op's vocabulary sweeps
