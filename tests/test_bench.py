@@ -55,6 +55,9 @@ def test_every_suite_runs_quick_and_records_its_peer(suite, tmp_path, capsys):
         assert record["ms"] > 0 and record["impl"].startswith("vlmfast")
         assert record["peer"] and record["peer_ms"] > 0
         assert record["speedup"] == pytest.approx(record["peer_ms"] / record["ms"])
+    if suite in ("smolvlm", "qwen2vl", "vlm_families"):  # decode rows carry the weight bytes streamed per s
+        decode = [r for r in records if "decode b=" in r["case"]]
+        assert decode and all(r["gbps"] > 0 for r in decode)
     if suite == "attention":
         for record in records:  # the peer is the fastest torch backend, every backend in extra
             timings = record["extra"]["backends_ms"]

@@ -18,3 +18,11 @@ def test_smolvlm_benchmark_quick_runs():
     assert memory.extra["greedy_equal"] is True
     for r in results[2:3] + results[4:]:  # generate and decode rows (the tiled prefill has no tokens)
         assert r.extra["greedy_equal"] is True and r.extra["tokens_per_s"] > 0
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    from vlmfast.bench.decode_case import decoder_weight_bytes
+    from vlmfast.bench.smolvlm import QUICK
+
+    streamed = decoder_weight_bytes(SmolVLMForConditionalGeneration(SmolVLMConfig(**QUICK)))
+    for r in results[4:]:  # decode: GB/s = the decoder's weight bytes per step over our step
+        assert r.gbps * r.ms * 1e6 == pytest.approx(streamed)

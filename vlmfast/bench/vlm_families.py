@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from vlmfast.bench.decode_case import decoder_weight_bytes
 from vlmfast.bench.timing import Result, paired_step_ms
 
 SPECS = {
@@ -197,6 +198,8 @@ def infer(side: str, family: str, folder: str, dtype_name: str, size: str, repea
         out[f"b{batch}"] = {"generate_ms": full, "decode_ms": step,
                             "tokens": generate(new_tokens)[:, -new_tokens:].tolist()}
     out["new_tokens"] = new_tokens
+    if side == "transformers":  # the same weights on both sides: one count serves both rows
+        out["decoder_weight_bytes"] = decoder_weight_bytes(model)
     out["peak_mib"] = rss.status_mib("VmHWM")
     return out
 
@@ -336,7 +339,7 @@ def _inference_results(family: str, dtype_name: str, ours: dict, peer: dict) -> 
     for batch in sorted(int(key[1:]) for key in ours if key.startswith("b") and key[1:].isdigit()):
         o, p = ours[f"b{batch}"], peer[f"b{batch}"]
         out.append(Result(suite, f"{family} decode b={batch} {dtype_name}", "vlmfast", o["decode_ms"],
-                          "transformers", p["decode_ms"],
+                          "transformers", p["decode_ms"], gbps=peer["decoder_weight_bytes"] / o["decode_ms"] / 1e6,
                           extra={"tokens_per_s": batch * 1e3 / o["decode_ms"],
                                  "peer_tokens_per_s": batch * 1e3 / p["decode_ms"],
                                  "greedy_equal": o["tokens"] == p["tokens"] if dtype_name == "float32" else None}))
