@@ -19,6 +19,7 @@
 #include "cpu/patch_embed.h"
 #include "cpu/rope_2d.h"
 #include "cpu/rotary.h"
+#include "cpu/swiglu.h"
 
 namespace py = pybind11;
 using Sizes5 = std::array<int64_t, 5>;
@@ -213,6 +214,26 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("out"), py::arg("sizes"),
       py::arg("x_strides"), py::arg("out_strides"), py::arg("dtype"), py::arg("interleaved"),
       py::arg("conjugate"), py::arg("threads"));
+
+  m.def(
+      "swiglu_forward",
+      [](uintptr_t gate_up, uintptr_t out, int64_t rows, int64_t I, int64_t stride, int dtype, int threads) {
+        py::gil_scoped_release release;
+        vlmfast::cpu::swiglu_forward({rows, I, stride}, ptr<const void>(gate_up), ptr<void>(out), dtype, threads);
+      },
+      py::arg("gate_up"), py::arg("out"), py::arg("rows"), py::arg("I"), py::arg("stride"), py::arg("dtype"),
+      py::arg("threads"));
+
+  m.def(
+      "swiglu_backward",
+      [](uintptr_t grad, uintptr_t gate_up, uintptr_t grad_gate_up, int64_t rows, int64_t I, int64_t stride,
+         int dtype, int threads) {
+        py::gil_scoped_release release;
+        vlmfast::cpu::swiglu_backward({rows, I, stride}, ptr<const void>(grad), ptr<const void>(gate_up),
+                                      ptr<void>(grad_gate_up), dtype, threads);
+      },
+      py::arg("grad"), py::arg("gate_up"), py::arg("grad_gate_up"), py::arg("rows"), py::arg("I"),
+      py::arg("stride"), py::arg("dtype"), py::arg("threads"));
 
   m.def(
       "rotary_table_backward",

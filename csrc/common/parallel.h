@@ -1,6 +1,7 @@
 // Threading and run-time CPU feature selection shared by the CPU kernels.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #ifdef _OPENMP
@@ -20,5 +21,21 @@ namespace vlmfast {
 
 // Threads to use: the caller's request (torch.get_num_threads() on the Python side), at least 1.
 inline int resolve_threads(int requested) { return requested > 0 ? requested : 1; }
+
+// Splits [0, n) into one contiguous chunk per thread (no more threads than items) and runs
+// work(begin, end) on each: for kernels whose items cost the same.
+template <typename Work> void parallel_chunks(int64_t n, int threads, Work&& work) {
+  threads = static_cast<int>(std::min<int64_t>(resolve_threads(threads), std::max<int64_t>(n, 1)));
+#pragma omp parallel num_threads(threads)
+  {
+#ifdef _OPENMP
+    const int64_t parts = omp_get_num_threads(), part = omp_get_thread_num();
+#else
+    const int64_t parts = 1, part = 0;
+#endif
+    const int64_t begin = n * part / parts, end = n * (part + 1) / parts;
+    if (begin < end) work(begin, end);
+  }
+}
 
 }  // namespace vlmfast

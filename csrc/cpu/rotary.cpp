@@ -102,21 +102,6 @@ VLMFAST_ROTARY_WORKERS(float, f32)
 VLMFAST_ROTARY_WORKERS(Half, f16)
 VLMFAST_ROTARY_WORKERS(BFloat16, bf16)
 
-// Splits [0, n) into one contiguous chunk per thread and runs work(begin, end) on each.
-template <typename Work> void parallel_chunks(int64_t n, int threads, Work&& work) {
-  threads = static_cast<int>(std::min<int64_t>(resolve_threads(threads), std::max<int64_t>(n, 1)));
-#pragma omp parallel num_threads(threads)
-  {
-#ifdef _OPENMP
-    const int64_t parts = omp_get_num_threads(), part = omp_get_thread_num();
-#else
-    const int64_t parts = 1, part = 0;
-#endif
-    const int64_t begin = n * part / parts, end = n * (part + 1) / parts;
-    if (begin < end) work(begin, end);
-  }
-}
-
 }  // namespace
 
 void rotary_forward(const RotaryShape& shape, const void* x, const float* cos, const float* sin,

@@ -41,6 +41,16 @@ def linear(x, layer: torch.nn.Linear, activation: str | None = None) -> torch.Te
     return z if activation is None else _reference.LINEAR_ACTIVATIONS[activation](z)
 
 
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up (..., 2 I) = [gate | up] -> (..., I). The fused op on the CPU
+    (one pass each way, only gate_up kept for the backward); on CUDA the composite, which is what
+    the op would run there anyway, without the custom op's dispatch in a decode step."""
+    if gate_up.device.type == "cpu":
+        return _vops.swiglu(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
 def clip_loss(image_features, text_features, logit_scale) -> torch.Tensor:
     """open_clip's ClipLoss. Features (B, D) (normalised inside); logit_scale the multiplier,
     already exp'd (scalar tensor). The fused kernel never holds the B x B logits."""

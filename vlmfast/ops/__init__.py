@@ -14,6 +14,7 @@ from vlmfast.ops.losses import infonce_loss, siglip_loss
 from vlmfast.ops.patch_embed import patch_embed
 from vlmfast.ops.patching import PackedPatches, pack_images, patchify_image
 from vlmfast.ops.rotary import apply_rotary_emb, rope_2d
+from vlmfast.ops.swiglu import swiglu
 
 __all__ = [
     "scaled_dot_product_attention",
@@ -29,5 +30,6 @@ __all__ = [
     "linear_cross_entropy",
     "embedding",
     "linear",
+    "swiglu",
     "reference",
 ]

@@ -383,3 +383,25 @@ def linear(x, weight, bias=None, activation=None) -> torch.Tensor:
     LINEAR_ACTIVATIONS."""
     z = torch.nn.functional.linear(x, weight, bias)
     return z if activation is None else LINEAR_ACTIVATIONS[activation](z)
+
+
+# ----------------------------------------------------------------------------- SwiGLU
+
+def swiglu(gate_up) -> torch.Tensor:
+    """silu(gate) * up for gate_up (..., 2 I) = [gate | up] -> (..., I): the eager composite,
+    rounded where it rounds (after silu, after the product) in gate_up's dtype."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def swiglu_backward(grad, gate_up) -> torch.Tensor:
+    """The gradient of swiglu for grad (..., I): (..., 2 I) = [grad * up * silu'(gate) |
+    grad * silu(gate)], silu'(g) = sigma(g) (1 + g (1 - sigma(g))), rounded as autograd rounds the
+    eager composite (each product, then silu's slope applied in float32)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    compute = torch.promote_types(gate_up.dtype, torch.float32)
+    g = gate.to(compute)
+    sigma = torch.sigmoid(g)
+    d_up = grad * torch.nn.functional.silu(gate)
+    d_gate = (grad * up).to(compute) * (sigma * (1 + g * (1 - sigma)))
+    return torch.cat((d_gate.to(gate_up.dtype), d_up), dim=-1)

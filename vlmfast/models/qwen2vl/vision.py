@@ -108,7 +108,10 @@ class VisionSwiGLU(nn.Module):
         self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.width, **kw)
 
     def forward(self, x):
-        gate, up = _ops.linear(x, self.gate_up).split(self.hidden, dim=-1)
+        gate_up = _ops.linear(x, self.gate_up)
+        if self.act is F.silu:  # (Qwen2.5-VL's): the fused op
+            return _ops.linear(_ops.swiglu(gate_up), self.down_proj)
+        gate, up = gate_up.split(self.hidden, dim=-1)
         hidden = self.act(gate)
         # without autograd, up is multiplied into the activation in place: one (T, I) buffer
         # fewer to allocate and fault in (the product over strided halves costs ~3x otherwise)

@@ -14,6 +14,7 @@ from vlmfast import ops as _vops
 from vlmfast.models import _ops as _shared
 
 patch_embed = _shared.patch_embed
+swiglu = _shared.swiglu
 
 
 def _op(name: str):

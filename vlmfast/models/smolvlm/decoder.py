@@ -10,7 +10,6 @@ the cache up to slot + L.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -67,15 +66,13 @@ class DecoderAttention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, cfg: SmolVLMTextConfig, *, device=None, dtype=None):
         super().__init__()
-        self.intermediate = cfg.intermediate_size
         kw = dict(bias=cfg.mlp_bias, device=device, dtype=dtype)
         self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, **kw)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
 
     def forward(self, x):
         gate_up = packing.linear(x, self.gate_up, self.gate_up.weight, self.gate_up.bias)
-        gate, up = gate_up.split(self.intermediate, dim=-1)
-        return packing.linear(F.silu(gate) * up, self.down_proj, self.down_proj.weight, self.down_proj.bias)
+        return packing.linear(_ops.swiglu(gate_up), self.down_proj, self.down_proj.weight, self.down_proj.bias)
 
 
 class DecoderLayer(nn.Module):
