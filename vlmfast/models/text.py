@@ -4,6 +4,7 @@ the last position, then a linear head)."""
 import torch
 from torch import nn
 
+from vlmfast.models import tables
 from vlmfast.models.config import TextConfig
 from vlmfast.models.layers import Encoder
 
@@ -11,8 +12,8 @@ from vlmfast.models.layers import Encoder
 class TextEmbeddings(nn.Module):
     def __init__(self, cfg: TextConfig, *, device=None, dtype=None):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
-        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size, device=device, dtype=dtype)
+        self.token_embedding = tables.embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
+        self.position_embedding = tables.embedding(cfg.max_position_embeddings, cfg.hidden_size, device=device, dtype=dtype)
 
     def forward(self, input_ids):
         L = input_ids.shape[1]

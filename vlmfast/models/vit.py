@@ -5,7 +5,7 @@
 import torch
 from torch import nn
 
-from vlmfast.models import _ops
+from vlmfast.models import _ops, tables
 from vlmfast.models.config import ViTConfig, VisionConfig
 from vlmfast.models.layers import EncoderLayer, init_weights
 
@@ -40,7 +40,7 @@ class VisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(cfg.num_channels, D, p, stride=p, bias=patch_bias, **kw)
         self.class_embedding = nn.Parameter(torch.empty(D, **kw)) if class_token else None
         num_positions = cfg.grid[0] * cfg.grid[1] + int(class_token)
-        self.position_embedding = nn.Embedding(num_positions, D, **kw)
+        self.position_embedding = tables.embedding(num_positions, D, **kw)
 
     def forward(self, pixel_values, mean=None, std=None):
         check_pixels(pixel_values, self.cfg)

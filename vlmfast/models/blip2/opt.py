@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from vlmfast import ops
 from vlmfast.generation.cache import write_kv
 from vlmfast.models import _ops as shared_ops
+from vlmfast.models import tables
 from vlmfast.models.blip2.config import OPTConfig
 from vlmfast.models.layers import activation
 from vlmfast.models.causal_vlm import few_rows_linear
@@ -96,8 +97,8 @@ class OPTDecoder(nn.Module):
         kw = dict(device=device, dtype=dtype)
         self.config = cfg
         pad = cfg.pad_token_id if cfg.pad_token_id is not None and 0 <= cfg.pad_token_id < cfg.vocab_size else None
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.word_embed_proj_dim, padding_idx=pad, **kw)
-        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size, **kw)
+        self.embed_tokens = tables.embedding(cfg.vocab_size, cfg.word_embed_proj_dim, padding_idx=pad, **kw)
+        self.embed_positions = tables.embedding(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size, **kw)
         self.layers = nn.ModuleList(OPTDecoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers))
         self.final_layer_norm = None
         if cfg.final_layer_norm:

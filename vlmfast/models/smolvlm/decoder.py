@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlmfast.generation.cache import write_kv
+from vlmfast.models import tables
 from vlmfast.models.last_rows import rows_mask
 from vlmfast.models.smolvlm import _ops, packing
 from vlmfast.models.smolvlm.config import SmolVLMTextConfig
@@ -109,7 +110,7 @@ class Decoder(nn.Module):
         kw = dict(device=device, dtype=dtype)
         # padding_idx as transformers sets it: the pad row gets no gradient in training
         pad = cfg.pad_token_id if cfg.pad_token_id is not None and 0 <= cfg.pad_token_id < cfg.vocab_size else None
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=pad, **kw)
+        self.embed_tokens = tables.embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=pad, **kw)
         self.layers = nn.ModuleList(DecoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self._inv_freq = {"cpu": inverse_frequencies(cfg)}  # per device; not a parameter: stays float32

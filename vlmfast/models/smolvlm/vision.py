@@ -10,6 +10,7 @@ embeddings.position_embedding, encoder.layers.N..., post_layernorm) so checkpoin
 import torch
 from torch import nn
 
+from vlmfast.models import tables
 from vlmfast.models.layers import Encoder
 from vlmfast.models.smolvlm import _ops
 from vlmfast.models.smolvlm.config import SmolVLMVisionConfig
@@ -44,7 +45,7 @@ class VisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(
             cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, device=device, dtype=dtype
         )
-        self.position_embedding = nn.Embedding(cfg.patches_per_side**2, cfg.hidden_size, device=device, dtype=dtype)
+        self.position_embedding = tables.embedding(cfg.patches_per_side**2, cfg.hidden_size, device=device, dtype=dtype)
 
     def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor, normalization=None) -> torch.Tensor:
         """pixel_values float (N, C, H, W) normalised, or uint8 (N, H, W, C) as decoded with
