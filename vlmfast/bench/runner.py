@@ -16,7 +16,7 @@ from vlmfast.bench.timing import Result
 from vlmfast.eval._progress import Progress
 
 # Suite name -> module in vlmfast.bench with run(device, dtype, quick) -> list[Result].
-OP_SUITES = ["rotary", "attention", "losses", "patch_embed", "linear_cross_entropy", "linear"]
+OP_SUITES = ["rotary", "attention", "losses", "patch_embed", "linear_cross_entropy", "linear", "swiglu"]
 # Model suites: end-to-end against transformers.
 MODEL_SUITES = ["smolvlm", "clip", "finetune", "qwen2vl", "serve", "vlm_families"]
 SUITES = {name: f"vlmfast.bench.{name}" for name in OP_SUITES + MODEL_SUITES}

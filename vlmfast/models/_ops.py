@@ -42,10 +42,11 @@ def linear(x, layer: torch.nn.Linear, activation: str | None = None) -> torch.Te
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for gate_up (..., 2 I) = [gate | up] -> (..., I). The fused op on the CPU
-    (one pass each way, only gate_up kept for the backward); on CUDA the composite, which is what
-    the op would run there anyway, without the custom op's dispatch in a decode step."""
-    if gate_up.device.type == "cpu":
+    """silu(gate) * up for gate_up (..., 2 I) = [gate | up] -> (..., I): the fused op (one pass
+    each way, only gate_up kept for the backward) on the CPU, and on CUDA where a backward will
+    run. CUDA inference keeps the composite: two of torch's kernel launches cost less than one
+    Triton launch from Python at a decode step's size (and are what a CUDA graph captures)."""
+    if gate_up.device.type == "cpu" or (torch.is_grad_enabled() and gate_up.requires_grad):
         return _vops.swiglu(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up

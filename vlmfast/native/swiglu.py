@@ -5,22 +5,13 @@ import torch
 from vlmfast.native._common import dtype_tag, launch_args, module_for
 from vlmfast.runtime import alloc as _alloc
 from vlmfast.runtime.kernel_calls import record_native
-
-
-def _rows(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up as (rows, 2 I) with a contiguous last dim (a view where the strides allow one)."""
-    if gate_up.stride(-1) != 1:
-        gate_up = gate_up.contiguous()
-    try:
-        return gate_up.view(-1, gate_up.shape[-1])
-    except RuntimeError:  # leading dims that do not flatten into one row stride
-        return gate_up.contiguous().view(-1, gate_up.shape[-1])
+from vlmfast.runtime.layout import matrix_view
 
 
 def forward(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, (..., I), contiguous."""
     record_native("swiglu", gate_up.device)
-    rows = _rows(gate_up)
+    rows = matrix_view(gate_up)
     width = gate_up.shape[-1] // 2
     out = _alloc.empty(*gate_up.shape[:-1], width, dtype=gate_up.dtype, device=gate_up.device)
     module_for(gate_up.device).swiglu_forward(
@@ -33,7 +24,7 @@ def forward(gate_up: torch.Tensor) -> torch.Tensor:
 def backward(grad: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """The gradient of gate_up, (..., 2 I), contiguous."""
     record_native("swiglu_bwd", gate_up.device)
-    rows = _rows(gate_up)
+    rows = matrix_view(gate_up)
     grad = grad.contiguous()
     out = _alloc.empty_like(gate_up)
     module_for(gate_up.device).swiglu_backward(

@@ -47,7 +47,7 @@ KERNELS = {
     "patch_weight_grad": ("cpp",),
     "linear_cross_entropy": ("triton", "cpp"),
     "linear": ("cpp",),
-    "swiglu": ("cpp",),  # CUDA: torch's elementwise kernels (the composite), already memory-bound
+    "swiglu": ("triton", "cpp"),
 }
 _GPU_KERNELS = ("triton", "cuda")
 _EXTENSIONS = {"cpp": "_C", "cuda": "_C_cuda"}

@@ -9,9 +9,8 @@ forward is one pass that keeps nothing but gate_up, and the backward one pass th
 silu and writes both halves of the gradient in place, in the dtype rounding of the composite.
 
 Layers: public function (validates) -> custom ops `vlmfast::swiglu_fwd` / `vlmfast::swiglu_bwd`
-(fake impls + autograd) -> backend: cpp (csrc/cpu/swiglu.cpp) on the CPU; anything else (CUDA,
-where torch's elementwise kernels already run at the memory roof; float64) the reference
-composite (ops/reference.py).
+(fake impls + autograd) -> backend: Triton (kernels/swiglu.py) on CUDA, C++ (csrc/cpu/swiglu.cpp)
+on the CPU, the reference composite (ops/reference.py) for anything else (float64).
 """
 
 import torch
@@ -22,7 +21,12 @@ from vlmfast.ops import _checks, _dispatch, reference
 @torch.library.custom_op("vlmfast::swiglu_fwd", mutates_args=())
 def swiglu_fwd(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, (..., I)."""
-    if _dispatch.select("swiglu", gate_up.device, gate_up.dtype) == "cpp" and gate_up.numel():
+    backend = _dispatch.select("swiglu", gate_up.device, gate_up.dtype)
+    if backend == "triton" and gate_up.numel():
+        from vlmfast.kernels import swiglu as triton_swiglu
+
+        return triton_swiglu.forward(gate_up)
+    if backend == "cpp" and gate_up.numel():
         from vlmfast.native import swiglu as native_swiglu
 
         return native_swiglu.forward(gate_up)
@@ -38,7 +42,12 @@ def _(gate_up):
 @torch.library.custom_op("vlmfast::swiglu_bwd", mutates_args=())
 def swiglu_bwd(grad: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """The gradient of gate_up, (..., 2 I)."""
-    if _dispatch.select("swiglu", gate_up.device, gate_up.dtype) == "cpp" and gate_up.numel():
+    backend = _dispatch.select("swiglu", gate_up.device, gate_up.dtype)
+    if backend == "triton" and gate_up.numel():
+        from vlmfast.kernels import swiglu as triton_swiglu
+
+        return triton_swiglu.backward(grad, gate_up)
+    if backend == "cpp" and gate_up.numel():
         from vlmfast.native import swiglu as native_swiglu
 
         return native_swiglu.backward(grad, gate_up)
