@@ -25,7 +25,7 @@ import contextvars
 
 import torch
 
-from vlmfast.ops import _checks, _dispatch, _linear_choice, reference
+from vlmfast.ops import _checks, _dispatch, _eager, _linear_choice, reference
 
 ACTIVATIONS = (None, "quick_gelu", "gelu_tanh", "gelu")
 SMALL_M = 16  # below this many rows the weight's packing outweighs the GEMM's speed-up
@@ -349,8 +349,7 @@ def linear(
 
 
 def _plain_eager(x, weight, bias) -> bool:
-    """Plain tensors outside torch.compile and torch.func: what the custom op would only pass
-    through to its body (tensor subclasses, fake tensors and transforms need the op)."""
-    return (type(x) is torch.Tensor and type(weight) is torch.Tensor
-            and (bias is None or type(bias) is torch.Tensor)
-            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active())
+    """Plain tensors (parameters too) outside torch.compile, torch.func and torch.jit.trace: what
+    the custom op would only pass through to its body (tensor subclasses, fake tensors,
+    transforms and tracing need the op)."""
+    return _eager.plain(x) and _eager.plain(weight) and (bias is None or _eager.plain(bias)) and _eager.untraced()

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vlmfast.ops import _checks, _dispatch, reference
+from vlmfast.ops import _checks, _dispatch, _eager, reference
 from vlmfast.runtime.layout import channels_first
 
 # ----------------------------------------------------------------------------- custom ops
@@ -90,6 +90,11 @@ def patch_embed_fwd(
 ) -> torch.Tensor:
     """(B, N, D) in weight's dtype: patches normalised as x * scale[c] + shift[c], times weight,
     plus bias."""
+    return _embed(images, weight, bias, scale, shift)
+
+
+def _embed(images, weight, bias, scale, shift) -> torch.Tensor:
+    """patch_embed_fwd's body (also run directly by plain inference calls, ops/_eager.py)."""
     backend = _dispatch.select("patch_embed", weight.device, weight.dtype)
     patch = weight.shape[-1]
     b, _, gh, gw = _grid(images, patch)
@@ -288,4 +293,6 @@ def patch_embed(
     _validate(images, weight, bias)
     affine_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     scale, shift = _affine(images, weight.shape[1], mean, std, affine_dtype)
+    if _eager.plain_inference(images, weight, bias, scale, shift):
+        return _embed(images, weight, bias, scale, shift)
     return patch_embed_fwd(images, weight, bias, scale, shift)

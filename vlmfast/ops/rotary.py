@@ -8,7 +8,7 @@ for C++ and CUDA, ops/reference.py otherwise).
 
 import torch
 
-from vlmfast.ops import _checks, _dispatch, reference
+from vlmfast.ops import _checks, _dispatch, _eager, reference
 
 # ----------------------------------------------------------------------------- custom ops
 
@@ -19,6 +19,11 @@ def rotary_fwd(
     seq_dim: int,
 ) -> torch.Tensor:
     """x rotated by the table angles; by their negatives with `conjugate` (the x-gradient)."""
+    return _rotate(x, cos, sin, interleaved, conjugate, seq_dim)
+
+
+def _rotate(x, cos, sin, interleaved: bool, conjugate: bool, seq_dim: int) -> torch.Tensor:
+    """rotary_fwd's body (also run directly by plain inference calls, ops/_eager.py)."""
     backend = _dispatch.select("rotary", x.device, x.dtype)
     if x.numel() == 0:
         return x.clone()
@@ -97,6 +102,11 @@ rotary_fwd.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("vlmfast::rope_2d_fwd", mutates_args=())
 def rope_2d_fwd(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 (cos, sin) tables (N, head_dim / 2) for integer (N, 2) positions."""
+    return _rope_2d_tables(positions, head_dim, theta)
+
+
+def _rope_2d_tables(positions, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_2d_fwd's body (also run directly by plain eager calls, ops/_eager.py)."""
     backend = _dispatch.select("rope_2d", positions.device, torch.float32)
     if positions.shape[0] == 0:
         empty = positions.new_empty(0, head_dim // 2, dtype=torch.float32)
@@ -171,6 +181,8 @@ def apply_rotary_emb(
             f"pair; tables of width R that repeat the half are not accepted), got {_checks.shape_of(cos)}"
         )
     _checks.same_device(x=x, cos=cos, sin=sin)
+    if _eager.plain_inference(x, cos, sin):
+        return _rotate(x, cos, sin, bool(interleaved), False, seq_dim)
     return rotary_fwd(x, cos, sin, bool(interleaved), False, seq_dim)
 
 
@@ -197,4 +209,6 @@ def rope_2d(
         raise ValueError(f"head_dim: expected a positive multiple of 4 (rows and columns each rotate a quarter), got {head_dim!r}")
     if not float(theta) > 0:
         raise ValueError(f"theta: expected a positive frequency base, got {theta!r}")
+    if _eager.plain_inference(positions):  # (integer positions: nothing to differentiate, ever)
+        return _rope_2d_tables(positions, head_dim, float(theta))
     return rope_2d_fwd(positions, head_dim, float(theta))

@@ -15,12 +15,17 @@ on the CPU, the reference composite (ops/reference.py) for anything else (float6
 
 import torch
 
-from vlmfast.ops import _checks, _dispatch, reference
+from vlmfast.ops import _checks, _dispatch, _eager, reference
 
 
 @torch.library.custom_op("vlmfast::swiglu_fwd", mutates_args=())
 def swiglu_fwd(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, (..., I)."""
+    return _gate(gate_up)
+
+
+def _gate(gate_up: torch.Tensor) -> torch.Tensor:
+    """swiglu_fwd's body (also run directly by plain inference calls, ops/_eager.py)."""
     backend = _dispatch.select("swiglu", gate_up.device, gate_up.dtype)
     if backend == "triton" and gate_up.numel():
         from vlmfast.kernels import swiglu as triton_swiglu
@@ -87,4 +92,6 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     _checks.floating("gate_up", gate_up)
     if gate_up.dim() < 1 or gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up: expected (..., 2 I), an even last dim, got {_checks.shape_of(gate_up)}")
+    if _eager.plain_inference(gate_up):
+        return _gate(gate_up)
     return swiglu_fwd(gate_up)

@@ -2,8 +2,8 @@
 
 import torch
 
-from vlmfast.ops import _checks, _dispatch, reference
-from vlmfast.ops.attention import backends, validation
+from vlmfast.ops import _checks, _dispatch, _eager, reference
+from vlmfast.ops.attention import backends, validation, varlen_op
 from vlmfast.ops.attention.varlen_op import attention_varlen_fwd
 from vlmfast.ops.rotary import apply_rotary_emb
 
@@ -56,5 +56,7 @@ def attention_varlen(
         return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, is_causal, scale,
                                            None if cos is None else (cos, sin))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if _eager.plain_inference(q, k, v, cu_seqlens, cos, sin):
+        return varlen_op.forward(q, k, v, cu_seqlens, max_seqlen, scale, bool(is_causal), cos, sin)[0]
     out, _ = attention_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, scale, bool(is_causal), cos, sin)
     return out

@@ -38,6 +38,11 @@ def attention_varlen_fwd(
     scale: float, is_causal: bool, cos: torch.Tensor | None, sin: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (T, H, E), lse float32 (H, T)) for packed q (T, H, E), k/v (T, Hkv, E)."""
+    return forward(q, k, v, cu_seqlens, max_seqlen, scale, is_causal, cos, sin)
+
+
+def forward(q, k, v, cu_seqlens, max_seqlen: int, scale: float, is_causal: bool, cos, sin) -> tuple:
+    """attention_varlen_fwd's body (also run directly by plain inference calls, ops/_eager.py)."""
     backend = _dispatch.select("attention", q.device, q.dtype)
     if backend == "triton":
         return backends.triton().forward_varlen(q, k, v, cu_seqlens, max_seqlen, scale=scale,
