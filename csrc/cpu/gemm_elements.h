@@ -30,12 +30,18 @@ VLMFAST_INLINE v16f load16(const Half* p) {
 
 VLMFAST_INLINE void store16(float* p, v16f v) { vstore(p, v); }
 
-VLMFAST_INLINE void store16(BFloat16* p, v16f v) {
+// v rounded to bfloat16, still as float32 bit patterns (the low 16 bits zero): to nearest even,
+// NaN kept quiet with its sign. store16 keeps the high halves; kernels that round an intermediate
+// where the eager composite stores a bfloat16 use it in registers.
+VLMFAST_INLINE v16u bfloat16_bits(v16f v) {
   const v16u u = (v16u)v;
-  const v16u rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const v16u nan = (u >> 16) | 0x40u;  // quiet NaN, sign kept
-  const v16u bits = (u & 0x7fffffffu) > 0x7f800000u ? nan : rounded;
-  const v16u16 h = __builtin_convertvector(bits, v16u16);
+  const v16u nearest = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  const v16u nan = (u | 0x00400000u) & 0xffff0000u;
+  return (u & 0x7fffffffu) > 0x7f800000u ? nan : nearest;
+}
+
+VLMFAST_INLINE void store16(BFloat16* p, v16f v) {
+  const v16u16 h = __builtin_convertvector(bfloat16_bits(v) >> 16, v16u16);
   __builtin_memcpy(p, &h, sizeof h);
 }
 

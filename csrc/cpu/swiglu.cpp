@@ -19,18 +19,13 @@ using gemm_elements::store16;
 using gemm_elements::store_part;
 
 // v rounded to T's precision and widened back: where the eager composite stores a T between ops.
-// bfloat16 in registers (round to nearest even on the bits, NaN kept quiet: gemm_elements'
-// store16 rule); float16 through a store and a load.
+// bfloat16 in registers (store16's rounding, without the store); float16 through a store and a load.
 template <typename T>
 VLMFAST_INLINE v16f rounded(v16f v) {
   if constexpr (std::is_same_v<T, float>) {
     return v;
   } else if constexpr (std::is_same_v<T, BFloat16>) {
-    typedef uint32_t v16u __attribute__((vector_size(64)));
-    const v16u u = (v16u)v;
-    const v16u nearest = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-    const v16u nan = (u | 0x00400000u) & 0xffff0000u;
-    return (v16f)((u & 0x7fffffffu) > 0x7f800000u ? nan : nearest);
+    return (v16f)gemm_elements::bfloat16_bits(v);
   } else {
     alignas(64) T tmp[16];
     store16(tmp, v);

@@ -16,10 +16,10 @@ def decoder_weight_bytes(hf) -> int:
     (any of the families: get_decoder / get_output_embeddings): every parameter of the decoder
     stack and the head, counted once, except the embedding tables it only gathers rows from (token
     and learned positions), unless the head is tied to one and so streams it."""
-    head = hf.get_output_embeddings().weight
-    params = {id(p): p for p in hf.get_decoder().parameters()}
+    head, decoder = hf.get_output_embeddings().weight, hf.get_decoder()
+    params = {id(p): p for p in decoder.parameters()}
     params[id(head)] = head
-    gathered = {id(p) for m in hf.get_decoder().modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    gathered = {id(p) for m in decoder.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     gathered.discard(id(head))
     return sum(p.numel() * p.element_size() for key, p in params.items() if key not in gathered)
 

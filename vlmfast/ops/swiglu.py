@@ -26,17 +26,28 @@ def swiglu_fwd(gate_up: torch.Tensor) -> torch.Tensor:
 
 def _gate(gate_up: torch.Tensor) -> torch.Tensor:
     """swiglu_fwd's body (also run directly by plain inference calls, ops/_eager.py)."""
-    backend = _dispatch.select("swiglu", gate_up.device, gate_up.dtype)
-    if backend == "triton" and gate_up.numel():
-        from vlmfast.kernels import swiglu as triton_swiglu
-
-        return triton_swiglu.forward(gate_up)
-    if backend == "cpp" and gate_up.numel():
-        from vlmfast.native import swiglu as native_swiglu
-
-        return native_swiglu.forward(gate_up)
+    launchers = _launchers(gate_up)
+    if launchers is not None:
+        return launchers.forward(gate_up)
     _dispatch.record("swiglu", "reference")
     return reference.swiglu(gate_up).contiguous()
+
+
+def _launchers(gate_up: torch.Tensor):
+    """The launcher module of the kernel that runs this call (kernels/swiglu.py for Triton,
+    native/swiglu.py for C++: the same forward / backward), or None for the reference path."""
+    backend = _dispatch.select("swiglu", gate_up.device, gate_up.dtype)
+    if not gate_up.numel():
+        return None
+    if backend == "triton":
+        from vlmfast.kernels import swiglu as triton_swiglu
+
+        return triton_swiglu
+    if backend == "cpp":
+        from vlmfast.native import swiglu as native_swiglu
+
+        return native_swiglu
+    return None
 
 
 @swiglu_fwd.register_fake
@@ -47,15 +58,9 @@ def _(gate_up):
 @torch.library.custom_op("vlmfast::swiglu_bwd", mutates_args=())
 def swiglu_bwd(grad: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """The gradient of gate_up, (..., 2 I)."""
-    backend = _dispatch.select("swiglu", gate_up.device, gate_up.dtype)
-    if backend == "triton" and gate_up.numel():
-        from vlmfast.kernels import swiglu as triton_swiglu
-
-        return triton_swiglu.backward(grad, gate_up)
-    if backend == "cpp" and gate_up.numel():
-        from vlmfast.native import swiglu as native_swiglu
-
-        return native_swiglu.backward(grad, gate_up)
+    launchers = _launchers(gate_up)
+    if launchers is not None:
+        return launchers.backward(grad, gate_up)
     _dispatch.record("swiglu_bwd", "reference")
     return reference.swiglu_backward(grad, gate_up).contiguous()
 
