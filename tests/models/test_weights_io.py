@@ -64,3 +64,57 @@ def test_truncated_file(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError, match="is truncated"):
         weights_io.read_weights(tmp_path)
+
+
+def test_cast_as_read_equals_casting_after(tmp_path):
+    tensors = sample(torch.Generator().manual_seed(1))
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}  # a float32 checkpoint
+    write(tmp_path, [tensors])
+    after = weights_io.read_weights(tmp_path, fuse=True)
+    cast = weights_io.read_weights(tmp_path, fuse=True, dtype=torch.bfloat16, float32_prefixes=("a.norm",))
+    assert cast.keys() == after.keys()
+    for k, v in after.items():
+        expected = v if not v.is_floating_point() or k.startswith("a.norm") else v.to(torch.bfloat16)
+        assert cast[k].dtype == expected.dtype and torch.equal(cast[k], expected), k
+    assert cast["a.layers.0.self_attn.qkv.weight"].dtype == torch.bfloat16  # a fused group, cast whole
+    assert cast["a.ids"].dtype == torch.int64 and cast["a.flag"].dtype == torch.bool
+    # dtype None with a device given: float32, as every vlmfast model is built
+    bf16 = tmp_path / "bf16"
+    bf16.mkdir()
+    write(bf16, [{"w": torch.randn(3, 4).bfloat16()}])
+    assert weights_io.read_weights(bf16, device="cpu")["w"].dtype == torch.float32
+    assert weights_io.read_weights(bf16)["w"].dtype == torch.bfloat16  # nothing given: the file's own
+
+
+PEAK_SCRIPT = r"""
+import sys, torch
+from vlmfast.models.smolvlm import weights_io
+def hwm():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) / 1024 for l in f if l.startswith("VmHWM:"))
+before = hwm()
+state = weights_io.read_weights(sys.argv[1], dtype=torch.bfloat16)
+print(hwm() - before, sum(t.numel() * t.element_size() for t in state.values()) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_cast_as_read_never_holds_the_float32_checkpoint(tmp_path):
+    """A float32 checkpoint read as bf16: the peak is the bf16 weights plus about one float32
+    tensor, not the float32 checkpoint (+ its bf16 copy) as casting after reading had it."""
+    import subprocess
+    import sys
+
+    # 6 tensors of 48 MiB: above glibc's largest mmap threshold, so each freed float32 buffer
+    # goes back to the system at once and the resident set shows what is held
+    tensors = {f"w{i}": torch.full((3 * 2**20, 4), float(i)) for i in range(6)}
+    write(tmp_path, [tensors])
+    del tensors
+    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak_mib, held_mib = map(float, done.stdout.split())
+    float32_mib = 2 * held_mib  # the checkpoint's size
+    assert held_mib == pytest.approx(144)
+    # held (144) + one float32 tensor (48) + slack; the checkpoint alone would be 288
+    assert peak_mib < held_mib + 48 + 40 < float32_mib, (peak_mib, held_mib)

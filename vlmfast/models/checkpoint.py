@@ -125,10 +125,12 @@ def read_weights(path) -> dict:
     return state
 
 
-def load_state(model: torch.nn.Module, hf_state: dict, *, device=None, dtype=None) -> None:
+def load_state(model: torch.nn.Module, hf_state: dict, *, device=None, dtype=None,
+               float32_prefixes: tuple[str, ...] = ()) -> None:
     """Strictly loads Hugging Face-keyed tensors into `model` (which may live on the meta device:
-    tensors are assigned, not copied). Raises ValueError listing every missing key, unexpected key
-    and wrong shape at once."""
+    tensors are assigned, not copied). Floating tensors take dtype (None: the model's own), except
+    keys under float32_prefixes, which keep the model's (BLIP-2's Q-Former). Raises ValueError
+    listing every missing key, unexpected key and wrong shape at once."""
     state = hf_to_native(hf_state)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
@@ -150,7 +152,8 @@ def load_state(model: torch.nn.Module, hf_state: dict, *, device=None, dtype=Non
     params = model.state_dict()
     for key, value in state.items():
         # floating tensors take the requested dtype (default: the module's, float32); others stay
-        target = (dtype or params[key].dtype) if value.is_floating_point() else value.dtype
+        kept = dtype is None or key.startswith(float32_prefixes)
+        target = (params[key].dtype if kept else dtype) if value.is_floating_point() else value.dtype
         state[key] = value.to(device=device or "cpu", dtype=target)
     model.load_state_dict(state, strict=True, assign=True)
 

@@ -123,6 +123,11 @@ def test_bfloat16_keeps_the_qformer_in_float32(one):
     theirs = Blip2ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval()
     assert ours.qformer.layernorm.weight.dtype == ours.query_tokens.dtype == torch.float32
     assert ours.language_projection.weight.dtype == torch.bfloat16
+    # read from the float32 checkpoint as it is: never rounded to bf16 on the way (transformers'
+    # _keep_in_fp32_modules), so equal to the float32 model's, bit for bit
+    for (name, kept), (_, exact) in zip(ours.qformer.named_parameters(), model.qformer.named_parameters()):
+        assert kept.dtype == torch.float32 and torch.equal(kept, exact), name
+    assert torch.equal(ours.query_tokens, model.query_tokens)
     valid = mask.bool()
     with torch.no_grad():
         exact = hf(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits[valid]

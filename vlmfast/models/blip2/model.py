@@ -35,6 +35,9 @@ from vlmfast.processing.resize_crop import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 # the Q-Former's text-path feed-forward (BERT's intermediate / output), absent from the model
 # unless use_qformer_text_input: some checkpoints carry it anyway, and transformers ignores it
 _QFORMER_TEXT_PATH = re.compile(r"^qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")
+# read from the checkpoint in float32 whatever the model's dtype (as transformers'
+# _keep_in_fp32_modules): not cast down and back up, which would round them
+_FLOAT32_PARTS = ("qformer.", "query_tokens")
 
 
 class _OPTModel(nn.Module):
@@ -82,14 +85,14 @@ class Blip2(CausalVLM):
         config = Blip2Config.from_hf(checkpoint.read_config(path))
         with torch.device("meta"):
             model = cls(config)
-        state = weights_io.read_weights(path, fuse=True)  # the decoder's q/k/v read into one tensor
+        # the decoder's q/k/v read into one tensor, each tensor cast as it is read
+        state = weights_io.read_weights(path, fuse=True, dtype=dtype or torch.float32, device=device,
+                                        float32_prefixes=_FLOAT32_PARTS)
         if config.tied:
             state.pop("language_model.lm_head.weight", None)  # the embeddings are the head
         if not config.qformer_config.use_qformer_text_input:
             state = {k: v for k, v in state.items() if not _QFORMER_TEXT_PATH.match(k)}
-        checkpoint.load_state(model, state, device=device, dtype=dtype)
-        model.qformer.float()
-        model.query_tokens.data = model.query_tokens.data.float()
+        checkpoint.load_state(model, state, device=device, dtype=dtype, float32_prefixes=_FLOAT32_PARTS)
         model.generation_defaults = read_generation_defaults(path)
         model.image_normalization = read_image_normalization(path, model.image_normalization)
         return model.eval()

@@ -104,7 +104,9 @@ class Llava(CausalVLM):
         config = LlavaConfig.from_hf(checkpoint.read_config(path))
         with torch.device("meta"):
             model = cls(config)
-        state = fuse_gate_up(modern_keys(weights_io.read_weights(path, fuse=True)))
+        # each tensor cast to dtype as it is read: a float32 checkpoint is never held whole
+        state = fuse_gate_up(modern_keys(weights_io.read_weights(path, fuse=True, dtype=dtype or torch.float32,
+                                                                 device=device)))
         if config.tied:
             state.pop("lm_head.weight", None)  # the embeddings are the head
         checkpoint.load_state(model, state, device=device, dtype=dtype)

@@ -83,8 +83,10 @@ class Qwen2VL(TokenTableHead, nn.Module):
         config = Qwen2VLConfig.from_hf(checkpoint.read_config(path))
         with torch.device("meta"):
             model = cls(config)
-        # read without a memory map, q/k/v and gate/up straight into their fused tensors
-        state = weights.to_native(weights_io.read_weights(path, fuse=True))
+        # read without a memory map, q/k/v and gate/up straight into their fused tensors, each
+        # tensor cast to dtype as it is read (a float32 checkpoint is never held whole)
+        state = weights.to_native(weights_io.read_weights(path, fuse=True, dtype=dtype or torch.float32,
+                                                          device=device))
         if config.tied:
             state.pop("lm_head.weight", None)  # the embeddings are the head
         checkpoint.load_state(model, state, device=device, dtype=dtype)

@@ -160,7 +160,8 @@ class SmolVLM(TokenTableHead, nn.Module):
             model = cls(config)
         # read, not memory-mapped, with q/k/v and gate/up read straight into their fused
         # tensors: the weights are held once, with no copy while loading (weights_io.py)
-        state = fuse_gate_up(weights_io.read_weights(path, fuse=True))
+        # and each cast to dtype as it is read (a float32 checkpoint is never held whole)
+        state = fuse_gate_up(weights_io.read_weights(path, fuse=True, dtype=dtype or torch.float32, device=device))
         if config.tied:
             state.pop("lm_head.weight", None)  # the embeddings are the head
         checkpoint.load_state(model, state, device=device, dtype=dtype)
