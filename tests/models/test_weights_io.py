@@ -1,4 +1,4 @@
-"""vlmfast/models/smolvlm/weights_io.py: a checkpoint read without a memory map, groups fused in place."""
+"""vlmfast/models/weights_io.py: a checkpoint read without a memory map, groups fused in place."""
 
 import json
 
@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from vlmfast.models import checkpoint
-from vlmfast.models.smolvlm import weights_io
+from vlmfast.models import weights_io
 from vlmfast.models.smolvlm.model import fuse_gate_up
 
 
@@ -88,7 +88,7 @@ def test_cast_as_read_equals_casting_after(tmp_path):
 
 PEAK_SCRIPT = r"""
 import sys, torch
-from vlmfast.models.smolvlm import weights_io
+from vlmfast.models import weights_io
 def hwm():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) / 1024 for l in f if l.startswith("VmHWM:"))

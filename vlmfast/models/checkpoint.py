@@ -267,8 +267,13 @@ def write_pretrained(path, config: dict, hf_state: dict, *, generation_defaults:
 
 
 def build_pretrained(cls, config, path, *, device=None, dtype=None):
-    """Builds cls(config) on the meta device (no wasted random init) and loads path's weights."""
+    """Builds cls(config) on the meta device (no wasted random init) and loads path's weights,
+    each tensor cast to dtype as it is read (a float32 checkpoint loaded into bf16 is never held
+    whole)."""
+    from vlmfast.models import weights_io  # (it reads the weight files this module lists)
+
     with torch.device("meta"):
         model = cls(config)
-    load_state(model, read_weights(path), device=device, dtype=dtype)
+    state = weights_io.read_weights(path, dtype=dtype or torch.float32, device=device)
+    load_state(model, state, device=device, dtype=dtype)
     return model.eval()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from vlmfast.models import _ops as shared_ops
-from vlmfast.models import checkpoint
+from vlmfast.models import checkpoint, weights_io
 from vlmfast.models.blip2 import native_decode
 from vlmfast.models.blip2.config import Blip2Config
 from vlmfast.models.blip2.opt import OPTDecoder
@@ -28,7 +28,7 @@ from vlmfast.models.blip2.vision import VisionModel, check_pixels
 from vlmfast.models.causal_vlm import (
     CausalVLM, gemv_applies, preferred_dtype, read_generation_defaults, write_image_features,
 )
-from vlmfast.models.smolvlm import _ops, weights_io
+from vlmfast.models.smolvlm import _ops
 from vlmfast.models.smolvlm.model import read_image_normalization
 from vlmfast.processing.resize_crop import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 

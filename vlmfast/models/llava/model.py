@@ -20,12 +20,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlmfast.models import checkpoint
+from vlmfast.models import checkpoint, weights_io
 from vlmfast.models.causal_vlm import CausalVLM, preferred_dtype, read_generation_defaults, write_image_features
 from vlmfast.models.llava.config import LlavaConfig
 from vlmfast.models.llava.vision import Projector, VisionTower, select_features
 from vlmfast.models.qwen2vl import native_decode
-from vlmfast.models.smolvlm import _ops, weights_io
+from vlmfast.models.smolvlm import _ops
 from vlmfast.models.smolvlm.decoder import Decoder
 from vlmfast.models.smolvlm.model import fuse_gate_up, read_image_normalization, split_gate_up
 from vlmfast.models.vit import check_pixels

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vlmfast.generation.cache import StaticKVCache
-from vlmfast.models import checkpoint
+from vlmfast.models import checkpoint, weights_io
 from vlmfast.models.layers import set_gradient_checkpointing
 from vlmfast.models.qwen2vl import inputs as _inputs
 from vlmfast.models.qwen2vl import native_decode, weights
@@ -25,7 +25,7 @@ from vlmfast.models.qwen2vl.config import Qwen2VLConfig
 from vlmfast.models.qwen2vl.decoder import Qwen2Decoder
 from vlmfast.models.qwen2vl.rope_index import rope_index
 from vlmfast.models.qwen2vl.vision import VisionTower
-from vlmfast.models.smolvlm import _ops, weights_io
+from vlmfast.models.smolvlm import _ops
 from vlmfast.models.smolvlm.model import (
     causal_padding_mask, preferred_dtype, read_generation_defaults, with_generation_defaults,
 )

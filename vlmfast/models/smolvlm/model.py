@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlmfast.models import checkpoint
+from vlmfast.models import checkpoint, weights_io
 from vlmfast.models.layers import set_gradient_checkpointing
 from vlmfast.models.prompt_checks import check_labels, check_prompt
-from vlmfast.models.smolvlm import _ops, fast_decode, weights_io
+from vlmfast.models.smolvlm import _ops, fast_decode
 from vlmfast.models.smolvlm.config import SmolVLMConfig
 from vlmfast.models.smolvlm.connector import Connector
 from vlmfast.models.smolvlm.decoder import Decoder

@@ -14,6 +14,7 @@ Format (safetensors): 8 bytes little-endian header length N, N bytes of JSON
 offsets relative to its start.
 """
 
+import ctypes
 import json
 import struct
 
@@ -133,4 +134,16 @@ def read_weights(path, *, fuse: bool = False, dtype: torch.dtype | None = None, 
     state = {}
     for file in checkpoint.weight_files(path):
         state.update(_read_file(file, fuse, place))
+    if dtype is not None or device is not None:
+        _return_freed_memory()
     return state
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps the heap pages of freed buffers resident (here the bytes of tensors read in the
+    file's dtype and cast): hand them back to the system (~100 MiB for a CLIP ViT-B/16 read into
+    bf16). Elsewhere than glibc, nothing to do."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
