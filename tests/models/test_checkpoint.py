@@ -92,3 +92,19 @@ def test_bad_inputs_name_the_argument(saved):
         VisionConfig(hidden_size=30, num_attention_heads=4)
     with pytest.raises(ValueError, match="image_size"):
         VisionConfig(image_size=30, patch_size=16)
+
+
+def test_dtype_by_name_or_auto_and_bad_dtypes_named(saved):
+    model, path = saved
+    by_name = CLIP.from_pretrained(path, dtype="bfloat16")
+    by_dtype = CLIP.from_pretrained(path, dtype=torch.bfloat16)
+    for (name, a), (_, b) in zip(by_name.state_dict().items(), by_dtype.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert by_dtype.logit_scale.dtype == torch.bfloat16
+    assert CLIP.from_pretrained(path, dtype="auto").logit_scale.dtype in (torch.bfloat16, torch.float32)
+    with pytest.raises(ValueError, match="dtype: expected a floating dtype"):
+        CLIP.from_pretrained(path, dtype=torch.int8)
+    with pytest.raises(ValueError, match="dtype: expected a floating dtype"):
+        CLIP.from_pretrained(path, dtype="bf16")
+    with pytest.raises(TypeError, match="dtype: expected a torch.dtype"):
+        CLIP.from_pretrained(path, dtype=16)

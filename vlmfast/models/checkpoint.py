@@ -125,12 +125,32 @@ def read_weights(path) -> dict:
     return state
 
 
+def resolve_dtype(dtype, device=None) -> torch.dtype | None:
+    """from_pretrained's dtype as a torch.dtype, or None (the model's own, float32): a floating
+    torch.dtype, its name ("bfloat16"), or "auto" (bfloat16 where the device computes it natively,
+    smolvlm.model.preferred_dtype). ValueError / TypeError naming dtype otherwise."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    if dtype == "auto":
+        from vlmfast.models.smolvlm.model import preferred_dtype
+
+        return preferred_dtype(device)
+    named = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+    if isinstance(named, torch.dtype) and named.is_floating_point:
+        return named
+    if isinstance(dtype, (str, torch.dtype)):
+        raise ValueError(f'dtype: expected a floating dtype (torch.bfloat16, "bfloat16"...), "auto" or None, '
+                         f"got {dtype!r}")
+    raise TypeError(f"dtype: expected a torch.dtype, its name, \"auto\" or None, got {type(dtype).__name__}")
+
+
 def load_state(model: torch.nn.Module, hf_state: dict, *, device=None, dtype=None,
                float32_prefixes: tuple[str, ...] = ()) -> None:
     """Strictly loads Hugging Face-keyed tensors into `model` (which may live on the meta device:
     tensors are assigned, not copied). Floating tensors take dtype (None: the model's own), except
     keys under float32_prefixes, which keep the model's (BLIP-2's Q-Former). Raises ValueError
     listing every missing key, unexpected key and wrong shape at once."""
+    dtype = resolve_dtype(dtype, device)
     state = hf_to_native(hf_state)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
@@ -272,6 +292,7 @@ def build_pretrained(cls, config, path, *, device=None, dtype=None):
     whole)."""
     from vlmfast.models import weights_io  # (it reads the weight files this module lists)
 
+    dtype = resolve_dtype(dtype, device)
     with torch.device("meta"):
         model = cls(config)
     state = weights_io.read_weights(path, dtype=dtype or torch.float32, device=device)

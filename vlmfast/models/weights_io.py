@@ -129,6 +129,7 @@ def read_weights(path, *, fuse: bool = False, dtype: torch.dtype | None = None, 
     given, each floating tensor is cast to dtype (None: float32; keys under float32_prefixes:
     float32) and moved to device as soon as it is read, checkpoint.load_state's rule applied one
     tensor at a time."""
+    dtype = checkpoint.resolve_dtype(dtype, device)
     place = _placer(dtype, device, float32_prefixes) if dtype is not None or device is not None \
         else (lambda name, tensor: tensor)
     state = {}

@@ -26,7 +26,7 @@ from vlmfast.models.blip2.opt import OPTDecoder
 from vlmfast.models.blip2.qformer import QFormer
 from vlmfast.models.blip2.vision import VisionModel, check_pixels
 from vlmfast.models.causal_vlm import (
-    CausalVLM, gemv_applies, preferred_dtype, read_generation_defaults, write_image_features,
+    CausalVLM, gemv_applies, read_generation_defaults, write_image_features,
 )
 from vlmfast.models.smolvlm import _ops
 from vlmfast.models.smolvlm.model import read_image_normalization
@@ -80,8 +80,7 @@ class Blip2(CausalVLM):
         """A directory in Hugging Face layout (config.json + safetensors) of a BLIP-2 OPT
         checkpoint. dtype: the parameters' dtype (None keeps float32; "auto": bfloat16 where
         native), except the Q-Former and its queries, kept in float32 as transformers does."""
-        if dtype == "auto":
-            dtype = preferred_dtype(device)
+        dtype = checkpoint.resolve_dtype(dtype, device)
         config = Blip2Config.from_hf(checkpoint.read_config(path))
         with torch.device("meta"):
             model = cls(config)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from vlmfast.models import checkpoint, weights_io
-from vlmfast.models.causal_vlm import CausalVLM, preferred_dtype, read_generation_defaults, write_image_features
+from vlmfast.models.causal_vlm import CausalVLM, read_generation_defaults, write_image_features
 from vlmfast.models.llava.config import LlavaConfig
 from vlmfast.models.llava.vision import Projector, VisionTower, select_features
 from vlmfast.models.qwen2vl import native_decode
@@ -99,8 +99,7 @@ class Llava(CausalVLM):
         """A directory in Hugging Face layout (config.json + safetensors) of a LLaVA-1.5 checkpoint.
         dtype: the parameters' dtype (None keeps float32; "auto": bfloat16 where the device
         computes it natively)."""
-        if dtype == "auto":
-            dtype = preferred_dtype(device)
+        dtype = checkpoint.resolve_dtype(dtype, device)
         config = LlavaConfig.from_hf(checkpoint.read_config(path))
         with torch.device("meta"):
             model = cls(config)

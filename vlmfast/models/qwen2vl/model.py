@@ -27,7 +27,7 @@ from vlmfast.models.qwen2vl.rope_index import rope_index
 from vlmfast.models.qwen2vl.vision import VisionTower
 from vlmfast.models.smolvlm import _ops
 from vlmfast.models.smolvlm.model import (
-    causal_padding_mask, preferred_dtype, read_generation_defaults, with_generation_defaults,
+    causal_padding_mask, read_generation_defaults, with_generation_defaults,
 )
 from vlmfast.models.prompt_checks import check_labels
 from vlmfast.models.token_head import TokenTableHead
@@ -78,8 +78,7 @@ class Qwen2VL(TokenTableHead, nn.Module):
         """A Qwen2-VL / Qwen2.5-VL checkpoint directory (config.json + safetensors, sharded too).
         dtype: the parameters' dtype (None: float32; "auto": bfloat16 where the device computes
         it natively)."""
-        if dtype == "auto":
-            dtype = preferred_dtype(device)
+        dtype = checkpoint.resolve_dtype(dtype, device)
         config = Qwen2VLConfig.from_hf(checkpoint.read_config(path))
         with torch.device("meta"):
             model = cls(config)

@@ -153,8 +153,7 @@ class SmolVLM(TokenTableHead, nn.Module):
         """A directory in Hugging Face layout (config.json + safetensors) of a SmolVLM, SmolVLM2
         or Idefics3 checkpoint. dtype: the parameters' dtype (None keeps float32; "auto":
         bfloat16 where the device computes it natively, see preferred_dtype)."""
-        if dtype == "auto":
-            dtype = preferred_dtype(device)
+        dtype = checkpoint.resolve_dtype(dtype, device)
         config = SmolVLMConfig.from_hf(checkpoint.read_config(path))
         with torch.device("meta"):
             model = cls(config)
