@@ -1,7 +1,8 @@
 """Every family's from_pretrained casts each tensor while reading it (models/weights_io.py): what
-the reader hands back for a bf16 load of a float32 checkpoint is already bf16, except the parts
-a family keeps in float32 (BLIP-2's Q-Former and queries), so no float32 copy of the whole
-checkpoint is ever held; the loaded model equals casting the float32 one."""
+the reader hands back for a bf16 (float16) load of a float32 checkpoint is already in that
+dtype, except the parts a family keeps in float32 (BLIP-2's Q-Former and queries in a float16
+model), so no float32 copy of the whole checkpoint is ever held; the loaded model equals casting
+the float32 one."""
 
 import pytest
 import torch
@@ -40,11 +41,13 @@ def _clip(path):
     return path
 
 
-FLOAT32_PARTS = {"blip2": ("qformer.", "query_tokens")}
+FLOAT32_PARTS = {("blip2", torch.float16): ("qformer.", "query_tokens")}  # transformers' rule
 
 
-@pytest.mark.parametrize("family", ["llava", "blip2", "smolvlm", "qwen2vl", "clip"])
-def test_bf16_load_of_a_float32_checkpoint_casts_as_it_reads(family, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family, dtype", [("llava", torch.bfloat16), ("blip2", torch.bfloat16),
+                                           ("blip2", torch.float16), ("smolvlm", torch.bfloat16),
+                                           ("qwen2vl", torch.bfloat16), ("clip", torch.bfloat16)])
+def test_low_precision_load_of_a_float32_checkpoint_casts_as_it_reads(family, dtype, tmp_path, monkeypatch):
     path = globals()[f"_{family}"](tmp_path / family)
     read = []
     original = weights_io.read_weights
@@ -55,16 +58,16 @@ def test_bf16_load_of_a_float32_checkpoint_casts_as_it_reads(family, tmp_path, m
         return state
 
     monkeypatch.setattr(weights_io, "read_weights", spy)
-    model = from_pretrained(path, dtype=torch.bfloat16)
+    model = from_pretrained(path, dtype=dtype)
     monkeypatch.undo()
     assert len(read) == 1, "from_pretrained reads the checkpoint through weights_io once"
-    kept = FLOAT32_PARTS.get(family, ())
+    kept = FLOAT32_PARTS.get((family, dtype), ())
     floating = {k: v for k, v in read[0].items() if v.is_floating_point()}
     assert floating
     for key, tensor in floating.items():
-        assert tensor.dtype == (torch.float32 if key.startswith(kept) else torch.bfloat16), key
+        assert tensor.dtype == (torch.float32 if key.startswith(kept) else dtype), key
     exact = from_pretrained(path)
     for (name, ours), (_, reference) in zip(model.state_dict().items(), exact.state_dict().items()):
         expected = reference if name.startswith(kept) or not reference.is_floating_point() \
-            else reference.to(torch.bfloat16)
+            else reference.to(dtype)
         assert ours.dtype == expected.dtype and torch.equal(ours, expected), name

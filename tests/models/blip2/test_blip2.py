@@ -114,26 +114,30 @@ def test_image_and_qformer_features_match_transformers(one):
     assert queries.shape == (2, model.config.num_query_tokens, model.config.qformer_config.hidden_size)
 
 
-def test_bfloat16_keeps_the_qformer_in_float32(one):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_qformer_dtype_and_logits_as_transformers(one, dtype):
+    """transformers keeps the Q-Former and the queries in float32 in a float16 model only
+    (_keep_in_fp32_modules); a bfloat16 model is bfloat16 throughout. Same dtypes here, the kept
+    float32 parts read from the checkpoint as they are (bit-equal to the float32 model's)."""
     from transformers import Blip2ForConditionalGeneration
 
     hf, model, path = one
     ids, mask, pixels = batch(model, LENGTHS, seed=5)
-    ours = Blip2.from_pretrained(path, dtype=torch.bfloat16)
-    theirs = Blip2ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval()
-    assert ours.qformer.layernorm.weight.dtype == ours.query_tokens.dtype == torch.float32
-    assert ours.language_projection.weight.dtype == torch.bfloat16
-    # read from the float32 checkpoint as it is: never rounded to bf16 on the way (transformers'
-    # _keep_in_fp32_modules), so equal to the float32 model's, bit for bit
-    for (name, kept), (_, exact) in zip(ours.qformer.named_parameters(), model.qformer.named_parameters()):
-        assert kept.dtype == torch.float32 and torch.equal(kept, exact), name
-    assert torch.equal(ours.query_tokens, model.query_tokens)
+    ours = Blip2.from_pretrained(path, dtype=dtype)
+    theirs = Blip2ForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
+    kept = torch.float32 if dtype == torch.float16 else dtype
+    assert theirs.qformer.layernorm.weight.dtype == theirs.query_tokens.dtype == kept  # the rule, as installed
+    assert ours.qformer.layernorm.weight.dtype == ours.query_tokens.dtype == kept
+    assert ours.language_projection.weight.dtype == dtype
+    for (name, ours_p), (_, theirs_p) in zip(ours.qformer.named_parameters(), theirs.qformer.named_parameters()):
+        assert ours_p.dtype == theirs_p.dtype and torch.equal(ours_p, theirs_p), name
+    assert torch.equal(ours.query_tokens, theirs.query_tokens)
     valid = mask.bool()
     with torch.no_grad():
         exact = hf(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits[valid]
-        low = theirs(input_ids=ids, pixel_values=pixels.bfloat16(), attention_mask=mask).logits[valid]
+        low = theirs(input_ids=ids, pixel_values=pixels.to(dtype), attention_mask=mask).logits[valid]
         actual = ours(ids, pixels, mask)[valid]
-    # the tolerance rule: at most twice transformers' own bf16 error against float32
+    # the tolerance rule: at most twice transformers' own low-precision error against float32
     assert max_error(actual, exact) <= 2 * max_error(low, exact) + 1e-2
 
 

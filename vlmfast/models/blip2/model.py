@@ -35,9 +35,15 @@ from vlmfast.processing.resize_crop import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 # the Q-Former's text-path feed-forward (BERT's intermediate / output), absent from the model
 # unless use_qformer_text_input: some checkpoints carry it anyway, and transformers ignores it
 _QFORMER_TEXT_PATH = re.compile(r"^qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")
-# read from the checkpoint in float32 whatever the model's dtype (as transformers'
-# _keep_in_fp32_modules): not cast down and back up, which would round them
+# kept in float32 in a float16 model, as transformers' _keep_in_fp32_modules keeps them (float16
+# only: a bfloat16 model has a bfloat16 Q-Former there too); read from the checkpoint as float32,
+# never cast down and back up
 _FLOAT32_PARTS = ("qformer.", "query_tokens")
+
+
+def qformer_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    """The Q-Former's and the queries' dtype in a model of `dtype`."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 class _OPTModel(nn.Module):
@@ -64,9 +70,10 @@ class Blip2(CausalVLM):
         kw = dict(device=device, dtype=dtype)
         q = config.qformer_config
         self.vision_model = VisionModel(config.vision_config, **kw)
-        # transformers keeps the queries and the Q-Former in float32 whatever the model's dtype
-        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, q.hidden_size, device=device))
-        self.qformer = QFormer(q, device=device)
+        kept = qformer_dtype(dtype)  # float32 in a float16 model, as transformers has it
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, q.hidden_size, device=device,
+                                                     dtype=kept))
+        self.qformer = QFormer(q, device=device, dtype=kept)
         self.language_projection = nn.Linear(q.hidden_size, config.text_config.hidden_size, **kw)
         self.language_model = _OPTForCausalLM(config.text_config, tied=config.tied, **kw)
         # (mean, std) for uint8 pixel_values: the checkpoint's preprocessor_config.json, else BLIP's
@@ -79,19 +86,21 @@ class Blip2(CausalVLM):
     def from_pretrained(cls, path, *, device=None, dtype=None) -> "Blip2":
         """A directory in Hugging Face layout (config.json + safetensors) of a BLIP-2 OPT
         checkpoint. dtype: the parameters' dtype (None keeps float32; "auto": bfloat16 where
-        native), except the Q-Former and its queries, kept in float32 as transformers does."""
+        native), except that a float16 model keeps the Q-Former and its queries in float32, as
+        transformers does."""
         dtype = checkpoint.resolve_dtype(dtype, device)
         config = Blip2Config.from_hf(checkpoint.read_config(path))
         with torch.device("meta"):
             model = cls(config)
         # the decoder's q/k/v read into one tensor, each tensor cast as it is read
+        kept = _FLOAT32_PARTS if qformer_dtype(dtype) == torch.float32 else ()
         state = weights_io.read_weights(path, fuse=True, dtype=dtype or torch.float32, device=device,
-                                        float32_prefixes=_FLOAT32_PARTS)
+                                        float32_prefixes=kept)
         if config.tied:
             state.pop("language_model.lm_head.weight", None)  # the embeddings are the head
         if not config.qformer_config.use_qformer_text_input:
             state = {k: v for k, v in state.items() if not _QFORMER_TEXT_PATH.match(k)}
-        checkpoint.load_state(model, state, device=device, dtype=dtype, float32_prefixes=_FLOAT32_PARTS)
+        checkpoint.load_state(model, state, device=device, dtype=dtype, float32_prefixes=kept)
         model.generation_defaults = read_generation_defaults(path)
         model.image_normalization = read_image_normalization(path, model.image_normalization)
         return model.eval()
@@ -166,8 +175,8 @@ class Blip2(CausalVLM):
         return self.vision_model(pixel_values, *self._normalization(pixel_values))
 
     def get_qformer_features(self, pixel_values) -> torch.Tensor:
-        """The Q-Former's last hidden states (B, num_query_tokens, D_qformer), float32
-        (transformers' Blip2Model.get_qformer_features)."""
+        """The Q-Former's last hidden states (B, num_query_tokens, D_qformer) in its dtype (float32
+        in a float16 model) (transformers' Blip2Model.get_qformer_features)."""
         image_embeds = self.get_image_features(pixel_values)
         return self.qformer(self.query_tokens.expand(image_embeds.shape[0], -1, -1), image_embeds)
 

@@ -4,8 +4,9 @@ queries, LayerNorm'd, through BERT-style post-norm layers: self-attention over t
 image features, then the feed-forward; each sub-block LayerNorm(x + dense(sub-block(x))).
 
 Attention runs on vlmfast's fused kernel, the cross-attention with L (queries) != S (image
-tokens). transformers keeps the Q-Former and the queries in float32 whatever the model's dtype;
-so does vlmfast (the image features are cast to float32 on the way in).
+tokens). In a float16 model transformers keeps the Q-Former and the queries in float32 (its
+_keep_in_fp32_modules; a bfloat16 model is bfloat16 throughout); so does vlmfast (model.py), the
+image features cast to the Q-Former's dtype on the way in.
 """
 
 import torch
@@ -112,7 +113,8 @@ class _LayerStack(nn.Module):
 
 
 class QFormer(nn.Module):
-    """forward(query_embeds (B, Q, D), image_embeds (B, S, D_vision)) -> (B, Q, D) float32."""
+    """forward(query_embeds (B, Q, D), image_embeds (B, S, D_vision)) -> (B, Q, D) in the
+    Q-Former's dtype."""
 
     def __init__(self, cfg: Blip2QFormerConfig, *, device=None, dtype=None):
         super().__init__()
