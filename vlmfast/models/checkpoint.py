@@ -148,7 +148,7 @@ def load_state(model: torch.nn.Module, hf_state: dict, *, device=None, dtype=Non
                float32_prefixes: tuple[str, ...] = ()) -> None:
     """Strictly loads Hugging Face-keyed tensors into `model` (which may live on the meta device:
     tensors are assigned, not copied). Floating tensors take dtype (None: the model's own), except
-    keys under float32_prefixes, which keep the model's (BLIP-2's Q-Former). Raises ValueError
+    keys under float32_prefixes, which keep the model's (a float16 BLIP-2's Q-Former). Raises ValueError
     listing every missing key, unexpected key and wrong shape at once."""
     dtype = resolve_dtype(dtype, device)
     state = hf_to_native(hf_state)
