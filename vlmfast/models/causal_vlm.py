@@ -29,7 +29,7 @@ from vlmfast.models.smolvlm.model import (
     causal_padding_mask, preferred_dtype, read_generation_defaults, with_generation_defaults,
 )
 from vlmfast.models.token_head import TokenTableHead
-from vlmfast.ops.linear import packed_weight_cache
+from vlmfast.models.weights_once import weights_held_once
 
 __all__ = ["CausalVLM", "causal_padding_mask", "preferred_dtype", "read_generation_defaults", "write_image_features"]
 
@@ -95,8 +95,8 @@ class CausalVLM(TokenTableHead, nn.Module):
         self.generation_defaults = {}
         self.auto_pack = True
         # inference keeps no packed copy of the weights in vlmfast's GEMM (ops.linear caches one per
-        # weight by default): the model's weights are resident once; True trades memory for ~10 %
-        # of a prompt's time
+        # weight by default): the model's weights are resident once; True trades memory for a few %
+        # of a prompt's time (models/weights_once.py)
         self.cache_packed_weights = False
 
     # ------------------------------------------------------------------ subclass hooks
@@ -142,26 +142,28 @@ class CausalVLM(TokenTableHead, nn.Module):
 
     # ------------------------------------------------------------------ forward, loss
 
+    @weights_held_once
     def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None,
                       first_row: int = 0) -> torch.Tensor:
         """The decoder's output (B, L - first_row, D) before the head, no cache: rows
         [first_row, L) (the decoder's last layer computes no other row)."""
         self.check_inputs(input_ids, pixel_values, None, attention_mask)
         B, L = input_ids.shape
-        with packed_weight_cache(self.cache_packed_weights):
-            embeds = self.embed(input_ids, pixel_values)
-            mask, causal = None, True
-            valid = None if attention_mask is None else attention_mask.to(torch.bool)
-            if valid is not None and not bool(valid.all()):
-                mask, causal = causal_padding_mask(valid), False
-            if position_ids is None:
-                position_ids = self.forward_positions(valid, B, L)
-            return self.decoder(embeds, position_ids, mask, causal, first_row=first_row)
+        embeds = self.embed(input_ids, pixel_values)
+        mask, causal = None, True
+        valid = None if attention_mask is None else attention_mask.to(torch.bool)
+        if valid is not None and not bool(valid.all()):
+            mask, causal = causal_padding_mask(valid), False
+        if position_ids is None:
+            position_ids = self.forward_positions(valid, B, L)
+        return self.decoder(embeds, position_ids, mask, causal, first_row=first_row)
 
+    @weights_held_once
     def forward(self, input_ids, pixel_values=None, attention_mask=None, *, position_ids=None) -> torch.Tensor:
         """Logits (B, L, V), equal to transformers' for the same inputs (padding positions aside)."""
         return self.head(self.hidden_states(input_ids, pixel_values, attention_mask, position_ids=position_ids))
 
+    @weights_held_once
     def loss(self, input_ids, labels, pixel_values=None, attention_mask=None) -> torch.Tensor:
         """Mean next-token cross entropy: logits at i predict labels[i + 1]; -100 is ignored
         (transformers' ForCausalLMLoss, float32 logits), fused with the head so that the
@@ -180,21 +182,22 @@ class CausalVLM(TokenTableHead, nn.Module):
         layers, kv_heads, head_dim = self.cache_layout()
         return StaticKVCache(layers, batch_size, kv_heads, max_len, head_dim, device=self.device, dtype=self.dtype)
 
+    @weights_held_once
     def prefill(self, input_ids, pixel_values, pixel_attention_mask, attention_mask, cache) -> tuple:
         """Runs the prompt into an empty `cache` (slots [0, L)). attention_mask bool (B, L).
         Returns (logits of the last slot (B, V) float32, positions of the last token (B,))."""
         L = input_ids.shape[1]
-        with packed_weight_cache(self.cache_packed_weights):
-            embeds = self.embed(input_ids, pixel_values)
-            positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # transformers' generate rule
-            cache.append_mask(attention_mask)
-            padded = not bool(attention_mask.all())
-            mask = causal_padding_mask(attention_mask) if padded else None
-            # the last row's output alone is read: the last layer computes no other
-            hidden = self.decoder(embeds, positions, mask, not padded, cache=cache, slot=0, first_row=L - 1)
-            cache.advance(L)
-            return self.head(hidden[:, -1]).float(), positions[:, -1].clone()
+        embeds = self.embed(input_ids, pixel_values)
+        positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # transformers' generate rule
+        cache.append_mask(attention_mask)
+        padded = not bool(attention_mask.all())
+        mask = causal_padding_mask(attention_mask) if padded else None
+        # the last row's output alone is read: the last layer computes no other
+        hidden = self.decoder(embeds, positions, mask, not padded, cache=cache, slot=0, first_row=L - 1)
+        cache.advance(L)
+        return self.head(hidden[:, -1]).float(), positions[:, -1].clone()
 
+    @weights_held_once
     def decode_step(self, tokens, positions, cache, padded: bool = True) -> torch.Tensor:
         """One token per row into slot cache.length; tokens, positions int (B,). Returns logits
         (B, V) float32."""
@@ -216,6 +219,7 @@ class CausalVLM(TokenTableHead, nn.Module):
                               cache=cache, slot=slot)
         return self.head(hidden[:, 0]).float()
 
+    @weights_held_once
     def generate(self, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int = 20,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None,
                  **options) -> torch.Tensor:

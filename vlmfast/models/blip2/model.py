@@ -30,6 +30,7 @@ from vlmfast.models.causal_vlm import (
 )
 from vlmfast.models.smolvlm import _ops
 from vlmfast.models.smolvlm.model import read_image_normalization
+from vlmfast.models.weights_once import weights_held_once
 from vlmfast.processing.resize_crop import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 # the Q-Former's text-path feed-forward (BERT's intermediate / output), absent from the model
@@ -168,18 +169,21 @@ class Blip2(CausalVLM):
     def _normalization(self, pixel_values):
         return self.image_normalization if pixel_values.dtype == torch.uint8 else (None, None)
 
+    @weights_held_once
     def get_image_features(self, pixel_values) -> torch.Tensor:
         """The vision tower's post-layernormed tokens (B, 1 + N, D_vision) (transformers'
         Blip2Model.get_image_features().last_hidden_state)."""
         check_pixels(pixel_values, self.config.vision_config)
         return self.vision_model(pixel_values, *self._normalization(pixel_values))
 
+    @weights_held_once
     def get_qformer_features(self, pixel_values) -> torch.Tensor:
         """The Q-Former's last hidden states (B, num_query_tokens, D_qformer) in its dtype (float32
         in a float16 model) (transformers' Blip2Model.get_qformer_features)."""
         image_embeds = self.get_image_features(pixel_values)
         return self.qformer(self.query_tokens.expand(image_embeds.shape[0], -1, -1), image_embeds)
 
+    @weights_held_once
     def image_features(self, pixel_values) -> torch.Tensor:
         """(B, num_query_tokens, D_text): the projected query outputs that replace the image tokens."""
         image_embeds = self.get_image_features(pixel_values)

@@ -29,6 +29,7 @@ from vlmfast.models.smolvlm import _ops
 from vlmfast.models.smolvlm.decoder import Decoder
 from vlmfast.models.smolvlm.model import fuse_gate_up, read_image_normalization, split_gate_up
 from vlmfast.models.vit import check_pixels
+from vlmfast.models.weights_once import weights_held_once
 from vlmfast.processing.resize_crop import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 # the layout of LLaVA checkpoints saved before transformers 4.52 -> today's names
@@ -176,6 +177,7 @@ class Llava(CausalVLM):
         if pixel_values is not None:
             check_pixels(pixel_values, self.config.vision_config)
 
+    @weights_held_once
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) float or (N, H, W, C) uint8 -> (N, image_seq_len, D_text)."""
         mean = std = None

@@ -31,6 +31,7 @@ from vlmfast.models.smolvlm.model import (
 )
 from vlmfast.models.prompt_checks import check_labels
 from vlmfast.models.token_head import TokenTableHead
+from vlmfast.models.weights_once import weights_held_once
 
 
 class MRopeKVCache(StaticKVCache):
@@ -70,6 +71,8 @@ class Qwen2VL(TokenTableHead, nn.Module):
         self.generation_defaults = {}  # eos / pad ids of the checkpoint's generation_config.json
         self.auto_pack = True  # generate() packs bf16 CPU weights on first use (pack_weights)
         self.native_decode = True  # decode steps of <= 32 rows run natively on a CPU (native_decode.py)
+        # inference keeps no packed copy of the weights in vlmfast's GEMM: held once (weights_once.py)
+        self.cache_packed_weights = False
 
     # ------------------------------------------------------------------ loading, saving
 
@@ -146,6 +149,7 @@ class Qwen2VL(TokenTableHead, nn.Module):
 
     # ------------------------------------------------------------------ images, positions
 
+    @weights_held_once
     def image_features(self, pixel_values: torch.Tensor, grid_thw: list) -> torch.Tensor:
         """(sum t*h*w, C*tp*p*p) flattened patches + their grids -> (sum t*h*w / m^2, D_text)."""
         return self.model.visual(pixel_values.to(self.dtype), grid_thw)
@@ -181,6 +185,7 @@ class Qwen2VL(TokenTableHead, nn.Module):
 
     # ------------------------------------------------------------------ forward, loss
 
+    @weights_held_once
     def hidden_states(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None,
                       pixel_values_videos=None, video_grid_thw=None, mm_token_type_ids=None,
                       second_per_grid_ts=None) -> torch.Tensor:
@@ -200,6 +205,7 @@ class Qwen2VL(TokenTableHead, nn.Module):
             mask, causal = causal_padding_mask(attention_mask.to(torch.bool)), False
         return self.model.language_model(embeds, positions, attn_mask=mask, is_causal=causal)
 
+    @weights_held_once
     def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None,
                 pixel_values_videos=None, video_grid_thw=None, mm_token_type_ids=None,
                 second_per_grid_ts=None) -> torch.Tensor:
@@ -209,6 +215,7 @@ class Qwen2VL(TokenTableHead, nn.Module):
                                             pixel_values_videos, video_grid_thw, mm_token_type_ids,
                                             second_per_grid_ts))
 
+    @weights_held_once
     def loss(self, input_ids, labels, pixel_values=None, image_grid_thw=None, attention_mask=None,
              pixel_values_videos=None, video_grid_thw=None, mm_token_type_ids=None,
              second_per_grid_ts=None) -> torch.Tensor:
@@ -226,6 +233,7 @@ class Qwen2VL(TokenTableHead, nn.Module):
         return MRopeKVCache(text.num_hidden_layers, batch_size, text.num_key_value_heads, max_len, text.head_dim,
                             device=self.device, dtype=self.dtype)
 
+    @weights_held_once
     def prefill(self, input_ids, vision, _unused, attention_mask, cache) -> tuple:
         """Runs the prompt into an empty cache (slots [0, L)); attention_mask bool (B, L).
         Returns (logits of the last slot (B, V) float32, the temporal position of each row's
@@ -265,6 +273,7 @@ class Qwen2VL(TokenTableHead, nn.Module):
             return None
         return native_decode.sequence_steps(self, tokens, positions, cache)
 
+    @weights_held_once
     def decode_step(self, tokens, positions, cache, padded: bool = True) -> torch.Tensor:
         """One token per row into slot cache.length. tokens int (B,), positions int (B,) (the
         temporal component). Returns logits (B, V) float32."""
@@ -293,6 +302,7 @@ class Qwen2VL(TokenTableHead, nn.Module):
                                            cache=cache, slot=slot)
         return self.head(hidden[:, 0]).float()
 
+    @weights_held_once
     def generate(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, *,
                  pixel_values_videos=None, video_grid_thw=None, mm_token_type_ids=None, second_per_grid_ts=None,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,

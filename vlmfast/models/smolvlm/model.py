@@ -27,6 +27,7 @@ from vlmfast.models.smolvlm.connector import Connector
 from vlmfast.models.smolvlm.decoder import Decoder
 from vlmfast.models.smolvlm.vision import VisionTransformer, patch_mask_from_pixels
 from vlmfast.models.token_head import TokenTableHead
+from vlmfast.models.weights_once import weights_held_once
 from vlmfast.ops import _checks
 
 
@@ -140,6 +141,8 @@ class SmolVLM(TokenTableHead, nn.Module):
         self.generation_defaults = {}  # eos / pad ids of the checkpoint's generation_config.json
         self.auto_pack = True  # generate() packs bf16 CPU weights on first use (pack_weights)
         self.fast_decode = True  # decode_step runs natively on a CPU where it can (fast_decode.py)
+        # inference keeps no packed copy of the weights in vlmfast's GEMM: held once (weights_once.py)
+        self.cache_packed_weights = False
         # (mean, std) for uint8 pixel_values: the checkpoint's preprocessor_config.json, else SmolVLM's
         self.image_normalization = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         self.lm_head = None
@@ -240,6 +243,7 @@ class SmolVLM(TokenTableHead, nn.Module):
 
     # ------------------------------------------------------------------ images
 
+    @weights_held_once
     def image_features(self, pixel_values, pixel_attention_mask=None):
         """Features of the real images of each row, in order.
 
@@ -302,6 +306,7 @@ class SmolVLM(TokenTableHead, nn.Module):
 
     # ------------------------------------------------------------------ forward, loss
 
+    @weights_held_once
     def hidden_states(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None, *,
                       position_ids=None) -> torch.Tensor:
         """The decoder's final-norm output (B, L, D), no cache."""
@@ -316,12 +321,14 @@ class SmolVLM(TokenTableHead, nn.Module):
             mask, causal = causal_padding_mask(attention_mask.to(torch.bool)), False
         return self.model.text_model(embeds, position_ids, attn_mask=mask, is_causal=causal)
 
+    @weights_held_once
     def forward(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None, *,
                 position_ids=None) -> torch.Tensor:
         """Logits (B, L, V), equal to transformers' SmolVLMForConditionalGeneration's."""
         return self.head(self.hidden_states(input_ids, pixel_values, pixel_attention_mask, attention_mask,
                                             position_ids=position_ids))
 
+    @weights_held_once
     def loss(self, input_ids, labels, pixel_values=None, pixel_attention_mask=None,
              attention_mask=None) -> torch.Tensor:
         """Mean next-token cross entropy: logits at i predict labels[i + 1]; -100 is ignored
@@ -340,6 +347,7 @@ class SmolVLM(TokenTableHead, nn.Module):
         return StaticKVCache(text.num_hidden_layers, batch_size, text.num_key_value_heads, max_len, text.head_dim,
                              device=self.device, dtype=self.dtype)
 
+    @weights_held_once
     def prefill(self, input_ids, pixel_values, pixel_attention_mask, attention_mask, cache) -> tuple:
         """Runs the prompt into an empty `cache` (slots [0, L)). attention_mask bool (B, L).
         Returns (logits of the last slot (B, V) float32, positions of the last token (B,))."""
@@ -353,6 +361,7 @@ class SmolVLM(TokenTableHead, nn.Module):
         cache.advance(L)
         return self.head(hidden[:, -1]).float(), positions[:, -1].clone()
 
+    @weights_held_once
     def decode_step(self, tokens, positions, cache, padded: bool = True) -> torch.Tensor:
         """One token per row into slot cache.length. tokens int (B,), positions int (B,) (their
         rotary positions). padded=False skips the key mask (no row has padding). Reads the
@@ -387,6 +396,7 @@ class SmolVLM(TokenTableHead, nn.Module):
                                        cache=cache, slot=slot)
         return self.head(hidden[:, 0]).float()
 
+    @weights_held_once
     def generate(self, input_ids, pixel_values=None, pixel_attention_mask=None, attention_mask=None, *,
                  max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  eos_token_id=None, **options) -> torch.Tensor:
