@@ -10,13 +10,19 @@ tokens, alternating in one process). So these models pack per call unless told o
 
 import functools
 
+import torch
+
 from vlmfast.ops.linear import packed_weight_cache
 
 
 def weights_held_once(method):
-    """Runs a model method under packed_weight_cache(self.cache_packed_weights)."""
+    """Runs a model method under packed_weight_cache(self.cache_packed_weights); under
+    torch.compile as it is (a compiled graph packs no weights of ours, and dynamo cannot trace
+    the context variable's set and reset)."""
     @functools.wraps(method)
     def run(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return method(self, *args, **kwargs)
         with packed_weight_cache(self.cache_packed_weights):
             return method(self, *args, **kwargs)
     return run
