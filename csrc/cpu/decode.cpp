@@ -1,5 +1,6 @@
 #include "cpu/decode.h"
 #include "cpu/decode_gemv.h"
+#include "cpu/gemm_activation.h"
 #include "cpu/gemm_elements.h"
 
 #include "common/dtype.h"
@@ -247,7 +248,34 @@ void attend(const DecodeShape& s, float* qkv, const float* cos, const float* sin
   }
 }
 
-inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+// act[i] = round_T(round_T(silu(gate[i])) * up[i]) for i < n: swiglu.cpp's forward (the eager
+// composite's roundings), 16 columns at a time; gate and up are already T values held as float.
+template <typename T>
+VLMFAST_INLINE void silu_times_up(const float* gate, const float* up, T* act, int64_t n) {
+  using gemm_elements::load_part;
+  using gemm_elements::rounded;
+  using gemm_elements::store16;
+  using gemm_elements::store_part;
+  for (int64_t i = 0; i < n; i += 16) {
+    const int64_t m = std::min<int64_t>(16, n - i);
+    const v16f g = m == 16 ? vload(gate + i) : load_part(gate + i, m);
+    const v16f u = m == 16 ? vload(up + i) : load_part(up + i, m);
+    const v16f product = rounded<T>(g * gemm_activation::vsigmoid(g)) * u;
+    if (m == 16) {
+      store16(act + i, product);
+    } else {
+      store_part(act + i, product, m);
+    }
+  }
+}
+
+// One body per dtype, built for the CPU it runs on (target_clones).
+VLMFAST_MULTIVERSION void silu_times_up_f32(const float* gate, const float* up, float* act, int64_t n) {
+  silu_times_up(gate, up, act, n);
+}
+VLMFAST_MULTIVERSION void silu_times_up_bf16(const float* gate, const float* up, BFloat16* act, int64_t n) {
+  silu_times_up(gate, up, act, n);
+}
 
 // x = round_T(x + delta) and normed = norm(x) for every row (RMSNorm, or OPT's LayerNorm with
 // `bias`): each thread keeps its own copy of the residual stream and of its norm (a few KB), so
@@ -294,7 +322,12 @@ void mlp_activation(const DecodeShape& s, const DecodeLayer& layer, const T* nor
   gemv_rows(gu, gu_bias, normed, gate_up, B, 2 * I, s.D, I + i0, I + i1);
   for (int64_t b = 0; b < B; ++b) {
     const float* g = gate_up + b * 2 * I;
-    for (int64_t i = i0; i < i1; ++i) act[b * I + i] = from_float<T>(round_to<T>(silu(g[i])) * g[I + i]);
+    if (i1 <= i0) continue;
+    if constexpr (std::is_same_v<T, float>) {
+      silu_times_up_f32(g + i0, g + I + i0, act + b * I + i0, i1 - i0);
+    } else {
+      silu_times_up_bf16(g + i0, g + I + i0, act + b * I + i0, i1 - i0);
+    }
   }
 }
 

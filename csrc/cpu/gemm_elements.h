@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/dtype.h"
 #include "common/vec16.h"
@@ -47,6 +48,21 @@ VLMFAST_INLINE void store16(BFloat16* p, v16f v) {
 
 VLMFAST_INLINE void store16(Half* p, v16f v) {
   for (int i = 0; i < 16; ++i) p[i] = from_float<Half>(v[i]);
+}
+
+// v rounded to T's precision and widened back: where an eager composite stores a T between ops.
+// bfloat16 in registers (store16's rounding, without the store); float16 through a store and a load.
+template <typename T>
+VLMFAST_INLINE v16f rounded(v16f v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<T, BFloat16>) {
+    return (v16f)bfloat16_bits(v);
+  } else {
+    alignas(64) T tmp[16];
+    store16(tmp, v);
+    return load16(tmp);
+  }
 }
 
 // The first `count` (< 16) elements; the other lanes read as 0.

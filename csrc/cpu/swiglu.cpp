@@ -7,7 +7,6 @@
 #include "cpu/gemm_elements.h"
 
 #include <algorithm>
-#include <type_traits>
 
 namespace vlmfast::cpu {
 namespace {
@@ -15,23 +14,9 @@ namespace {
 using gemm_activation::vsigmoid;
 using gemm_elements::load16;
 using gemm_elements::load_part;
+using gemm_elements::rounded;
 using gemm_elements::store16;
 using gemm_elements::store_part;
-
-// v rounded to T's precision and widened back: where the eager composite stores a T between ops.
-// bfloat16 in registers (store16's rounding, without the store); float16 through a store and a load.
-template <typename T>
-VLMFAST_INLINE v16f rounded(v16f v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else if constexpr (std::is_same_v<T, BFloat16>) {
-    return (v16f)gemm_elements::bfloat16_bits(v);
-  } else {
-    alignas(64) T tmp[16];
-    store16(tmp, v);
-    return load16(tmp);
-  }
-}
 
 // Columns [i, i + n) of one row, n <= 16: whole vectors load and store directly, the row's tail
 // through the partial helpers (lanes past n read as 0 and are not written).
