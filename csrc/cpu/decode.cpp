@@ -1,7 +1,7 @@
 #include "cpu/decode.h"
 #include "cpu/decode_gemv.h"
-#include "cpu/gemm_activation.h"
 #include "cpu/gemm_elements.h"
+#include "cpu/swiglu_row.h"
 
 #include "common/dtype.h"
 #include "common/parallel.h"
@@ -52,22 +52,14 @@ template <> inline float round_to<float>(float v) { return v; }
 // a bf16 GEMV's multiply-adds at 32 rows.
 template <typename T>
 VLMFAST_INLINE void add_bias_and_round(float* out, const T* bias, int64_t B, int64_t N, int64_t n0, int64_t n1) {
-  using gemm_elements::load16;
-  using gemm_elements::load_part;
-  using gemm_elements::rounded;
-  using gemm_elements::store_part;
+  using gemm_elements::load_n;
   for (int64_t b = 0; b < B; ++b) {
     float* o = out + b * N;
     for (int64_t n = n0; n < n1; n += 16) {
       const int64_t m = std::min<int64_t>(16, n1 - n);
-      v16f v = m == 16 ? vload(o + n) : load_part(o + n, m);
-      if (bias != nullptr) v += m == 16 ? load16(bias + n) : load_part(bias + n, m);
-      v = rounded<T>(v);
-      if (m == 16) {
-        vstore(o + n, v);
-      } else {
-        store_part(o + n, v, m);
-      }
+      v16f v = load_n(o + n, m);
+      if (bias != nullptr) v += load_n(bias + n, m);
+      gemm_elements::store_n(o + n, gemm_elements::rounded<T>(v), m);
     }
   }
 }
@@ -282,28 +274,8 @@ void attend(const DecodeShape& s, float* qkv, const float* cos, const float* sin
   }
 }
 
-// act[i] = round_T(round_T(silu(gate[i])) * up[i]) for i < n: swiglu.cpp's forward (the eager
-// composite's roundings), 16 columns at a time; gate and up are already T values held as float.
-template <typename T>
-VLMFAST_INLINE void silu_times_up(const float* gate, const float* up, T* act, int64_t n) {
-  using gemm_elements::load_part;
-  using gemm_elements::rounded;
-  using gemm_elements::store16;
-  using gemm_elements::store_part;
-  for (int64_t i = 0; i < n; i += 16) {
-    const int64_t m = std::min<int64_t>(16, n - i);
-    const v16f g = m == 16 ? vload(gate + i) : load_part(gate + i, m);
-    const v16f u = m == 16 ? vload(up + i) : load_part(up + i, m);
-    const v16f product = rounded<T>(g * gemm_activation::vsigmoid(g)) * u;
-    if (m == 16) {
-      store16(act + i, product);
-    } else {
-      store_part(act + i, product, m);
-    }
-  }
-}
-
-// One body per dtype, built for the CPU it runs on (target_clones).
+// act = silu(gate) * up over n columns (swiglu_row.h: ops.swiglu's formula and roundings), one
+// body per dtype built for the CPU it runs on (target_clones).
 VLMFAST_MULTIVERSION void silu_times_up_f32(const float* gate, const float* up, float* act, int64_t n) {
   silu_times_up(gate, up, act, n);
 }
@@ -356,7 +328,6 @@ void mlp_activation(const DecodeShape& s, const DecodeLayer& layer, const T* nor
   gemv_rows(gu, gu_bias, normed, gate_up, B, 2 * I, s.D, I + i0, I + i1);
   for (int64_t b = 0; b < B; ++b) {
     const float* g = gate_up + b * 2 * I;
-    if (i1 <= i0) continue;
     if constexpr (std::is_same_v<T, float>) {
       silu_times_up_f32(g + i0, g + I + i0, act + b * I + i0, i1 - i0);
     } else {

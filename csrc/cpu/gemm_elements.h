@@ -80,4 +80,20 @@ VLMFAST_INLINE void store_part(T* p, v16f v, int64_t count) {
   std::copy(tmp, tmp + count, p);
 }
 
+// The first n (<= 16) elements: a whole vector directly, a row's tail through the partial
+// helpers (lanes past n read as 0 and are not written).
+template <typename T>
+VLMFAST_INLINE v16f load_n(const T* p, int64_t n) {
+  return n == 16 ? load16(p) : load_part(p, n);
+}
+
+template <typename T>
+VLMFAST_INLINE void store_n(T* p, v16f v, int64_t n) {
+  if (n == 16) {
+    store16(p, v);
+  } else {
+    store_part(p, v, n);
+  }
+}
+
 }  // namespace vlmfast::cpu::gemm_elements

@@ -5,6 +5,7 @@
 #include "common/vec16.h"
 #include "cpu/gemm_activation.h"
 #include "cpu/gemm_elements.h"
+#include "cpu/swiglu_row.h"
 
 #include <algorithm>
 
@@ -12,39 +13,15 @@ namespace vlmfast::cpu {
 namespace {
 
 using gemm_activation::vsigmoid;
-using gemm_elements::load16;
-using gemm_elements::load_part;
+using gemm_elements::load_n;
 using gemm_elements::rounded;
-using gemm_elements::store16;
-using gemm_elements::store_part;
-
-// Columns [i, i + n) of one row, n <= 16: whole vectors load and store directly, the row's tail
-// through the partial helpers (lanes past n read as 0 and are not written).
-template <typename T>
-VLMFAST_INLINE v16f load_n(const T* p, int64_t n) {
-  return n == 16 ? load16(p) : load_part(p, n);
-}
-template <typename T>
-VLMFAST_INLINE void store_n(T* p, v16f v, int64_t n) {
-  if (n == 16) {
-    store16(p, v);
-  } else {
-    store_part(p, v, n);
-  }
-}
+using gemm_elements::store_n;
 
 template <typename T>
 VLMFAST_INLINE void forward_rows(const SwigluShape& s, const T* gate_up, T* out, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     const T* gate = gate_up + r * s.stride;
-    const T* up = gate + s.I;
-    T* o = out + r * s.I;
-    for (int64_t i = 0; i < s.I; i += 16) {
-      const int64_t n = std::min<int64_t>(16, s.I - i);
-      const v16f g = load_n(gate + i, n);
-      const v16f silu = rounded<T>(g * vsigmoid(g));
-      store_n(o + i, silu * load_n(up + i, n), n);
-    }
+    silu_times_up(gate, gate + s.I, out + r * s.I, s.I);
   }
 }
 

@@ -9,19 +9,14 @@ batch's tokens; on the CPU fewer tokens, still past the last-level cache.
 """
 
 import torch
-import torch.nn.functional as F
 
 from vlmfast import ops
 from vlmfast.bench.timing import Result, time_ms
+from vlmfast.ops import reference  # the eager composite F.silu(gate) * up
 
 GPU_CASES = [(16384, 1536), (8192, 11008)]
 CPU_CASES = [(2048, 1536), (1024, 3420)]  # past the L3 of the CPUs here (32 MiB)
 QUICK_CASES = [(64, 96)]
-
-
-def _composite(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[Result]:
@@ -33,7 +28,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
         element = gate_up.element_size()
         with torch.inference_mode():
             ms = time_ms(lambda: ops.swiglu(gate_up), device)
-            peer_ms = time_ms(lambda: _composite(gate_up), device)
+            peer_ms = time_ms(lambda: reference.swiglu(gate_up), device)
         results.append(Result("swiglu", case, "vlmfast", ms, "torch composite", peer_ms,
                               gbps=3 * rows * width * element / ms / 1e6))
 
@@ -46,7 +41,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
                 fn(leaf).backward(grad)
             return step
 
-        ms, peer_ms = time_ms(fwd_bwd(ops.swiglu), device), time_ms(fwd_bwd(_composite), device)
+        ms, peer_ms = time_ms(fwd_bwd(ops.swiglu), device), time_ms(fwd_bwd(reference.swiglu), device)
         results.append(Result("swiglu", case + " fwd+bwd", "vlmfast", ms, "torch composite", peer_ms,
                               gbps=8 * rows * width * element / ms / 1e6))
     return results

@@ -33,6 +33,6 @@ def plain_inference(*tensors) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) not in PLAIN_TYPES or (grad and t.requires_grad)):
+        if t is not None and (not plain(t) or (grad and t.requires_grad)):
             return False
     return True
