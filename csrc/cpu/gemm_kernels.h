@@ -4,7 +4,11 @@
 // Every kernel computes one MR x 32 tile of C = A B^T in float32, over kb reduction steps:
 //   c[m * ldc + n] (+)= sum_k A(m, k) B(n, k)      (accumulate: add to what c holds)
 // B arrives as a packed panel of 32 columns (csrc/cpu/gemm.cpp packs it once per weight), A as a
-// packed sliver of MR rows (packed per block of rows inside the GEMM). Layouts:
+// packed sliver of MR rows (packed per block of rows inside the GEMM). The register-blocked
+// kernels (AVX2, AVX-512, AVX512-BF16) also come as run_rows<R>: the first R < MR rows of a
+// sliver only, for the last sliver of a block whose rows are not a multiple of MR (64 Q-Former
+// rows are five slivers of 12 and one of 4: the full kernel spent a whole sliver's time on 4).
+// Layouts:
 //   F32 kernels (AVX-512 12 x 32, AVX2 6 x 32, portable 4 x 32), float operands:
 //     A sliver a[k * MR + m]; B panel b[k * 32 + n].
 //   BF16 pairs (AVX512-BF16 12 x 32), bfloat16 operands two reduction steps at a time:
@@ -69,11 +73,16 @@ struct Avx2 {
   using Operand = float;
   VLMFAST_TARGET_AVX2 static inline void run(const float* a, const float* b, int64_t kb, float* c,
                                              int64_t ldc, bool accumulate) {
+    run_rows<MR>(a, b, kb, c, ldc, accumulate);
+  }
+  template <int ROWS>
+  VLMFAST_TARGET_AVX2 static inline void run_rows(const float* a, const float* b, int64_t kb,
+                                                  float* c, int64_t ldc, bool accumulate) {
     for (int half = 0; half < 2; ++half) {
-      __m256 lo[MR], hi[MR];
+      __m256 lo[ROWS], hi[ROWS];
       float* ch = c + half * 16;
 #pragma GCC unroll 6
-      for (int m = 0; m < MR; ++m) {
+      for (int m = 0; m < ROWS; ++m) {
         lo[m] = accumulate ? _mm256_loadu_ps(ch + m * ldc) : _mm256_setzero_ps();
         hi[m] = accumulate ? _mm256_loadu_ps(ch + m * ldc + 8) : _mm256_setzero_ps();
       }
@@ -81,14 +90,14 @@ struct Avx2 {
       for (int64_t k = 0; k < kb; ++k) {
         const __m256 b0 = _mm256_loadu_ps(bh + k * NR), b1 = _mm256_loadu_ps(bh + k * NR + 8);
 #pragma GCC unroll 6
-        for (int m = 0; m < MR; ++m) {
+        for (int m = 0; m < ROWS; ++m) {
           const __m256 am = _mm256_broadcast_ss(a + k * MR + m);
           lo[m] = _mm256_fmadd_ps(am, b0, lo[m]);
           hi[m] = _mm256_fmadd_ps(am, b1, hi[m]);
         }
       }
 #pragma GCC unroll 6
-      for (int m = 0; m < MR; ++m) {
+      for (int m = 0; m < ROWS; ++m) {
         _mm256_storeu_ps(ch + m * ldc, lo[m]);
         _mm256_storeu_ps(ch + m * ldc + 8, hi[m]);
       }
@@ -107,27 +116,34 @@ struct Avx512 {
                                                float* c, int64_t ldc, bool accumulate) {
     run_strided(a, MR, b, NR, kb, c, ldc, accumulate);
   }
+  template <int ROWS>
+  VLMFAST_TARGET_AVX512 static inline void run_rows(const float* a, const float* b, int64_t kb,
+                                                    float* c, int64_t ldc, bool accumulate) {
+    run_strided<ROWS>(a, MR, b, NR, kb, c, ldc, accumulate);
+  }
   // The same over operands read in place: A(m, k) = a[k * a_step + m] (12 contiguous rows per
   // step), B(k, n) = b[k * b_step + n] (32 contiguous columns per step), e.g. a tile of a
-  // gradient and rows of a feature matrix (csrc/cpu/contrastive.cpp).
+  // gradient and rows of a feature matrix (csrc/cpu/contrastive.cpp); ROWS < MR: the first
+  // ROWS rows only.
+  template <int ROWS = MR>
   VLMFAST_TARGET_AVX512 static inline void run_strided(const float* a, int64_t a_step, const float* b,
                                                        int64_t b_step, int64_t kb, float* c,
                                                        int64_t ldc, bool accumulate) {
-    __m512 lo[MR], hi[MR];
-    prefetch_tile(c, ldc, MR);
+    __m512 lo[ROWS], hi[ROWS];
+    prefetch_tile(c, ldc, ROWS);
 #pragma GCC unroll 12
-    for (int m = 0; m < MR; ++m) lo[m] = hi[m] = _mm512_setzero_ps();
+    for (int m = 0; m < ROWS; ++m) lo[m] = hi[m] = _mm512_setzero_ps();
     for (int64_t k = 0; k < kb; ++k) {
       const __m512 b0 = _mm512_loadu_ps(b + k * b_step), b1 = _mm512_loadu_ps(b + k * b_step + 16);
       const float* ak = a + k * a_step;
 #pragma GCC unroll 12
-      for (int m = 0; m < MR; ++m) {
+      for (int m = 0; m < ROWS; ++m) {
         const __m512 am = _mm512_set1_ps(ak[m]);
         lo[m] = _mm512_fmadd_ps(am, b0, lo[m]);
         hi[m] = _mm512_fmadd_ps(am, b1, hi[m]);
       }
     }
-    store_tile(lo, hi, c, ldc, accumulate);
+    store_tile<ROWS>(lo, hi, c, ldc, accumulate);
   }
 
   // The C tile's 2 MR lines, requested before the k loop: its rows lie a row of the output apart
@@ -142,10 +158,11 @@ struct Avx512 {
 
   // c (+)= the accumulators (the earlier blocks' partial sums added at the end, their lines
   // prefetched since the start).
+  template <int ROWS = MR>
   VLMFAST_TARGET_AVX512 static inline void store_tile(const __m512* lo, const __m512* hi, float* c,
                                                       int64_t ldc, bool accumulate) {
 #pragma GCC unroll 12
-    for (int m = 0; m < MR; ++m) {
+    for (int m = 0; m < ROWS; ++m) {
       __m512 l = lo[m], h = hi[m];
       if (accumulate) {
         l = _mm512_add_ps(l, _mm512_loadu_ps(c + m * ldc));
@@ -167,23 +184,29 @@ struct Avx512Bf16 {
   VLMFAST_TARGET_AVX512BF16 static inline void run(const uint16_t* a, const uint16_t* b,
                                                    int64_t kb, float* c, int64_t ldc,
                                                    bool accumulate) {
-    __m512 lo[MR], hi[MR];
-    Avx512::prefetch_tile(c, ldc, MR);
+    run_rows<MR>(a, b, kb, c, ldc, accumulate);
+  }
+  template <int ROWS>
+  VLMFAST_TARGET_AVX512BF16 static inline void run_rows(const uint16_t* a, const uint16_t* b,
+                                                        int64_t kb, float* c, int64_t ldc,
+                                                        bool accumulate) {
+    __m512 lo[ROWS], hi[ROWS];
+    Avx512::prefetch_tile(c, ldc, ROWS);
 #pragma GCC unroll 12
-    for (int m = 0; m < MR; ++m) lo[m] = hi[m] = _mm512_setzero_ps();
+    for (int m = 0; m < ROWS; ++m) lo[m] = hi[m] = _mm512_setzero_ps();
     const int64_t pairs = kb / 2;
     for (int64_t p = 0; p < pairs; ++p) {
       const __m512bh b0 = (__m512bh)_mm512_load_si512(b + p * 2 * NR);
       const __m512bh b1 = (__m512bh)_mm512_load_si512(b + p * 2 * NR + NR);
       const int32_t* ap = reinterpret_cast<const int32_t*>(a + p * 2 * MR);
 #pragma GCC unroll 12
-      for (int m = 0; m < MR; ++m) {
+      for (int m = 0; m < ROWS; ++m) {
         const __m512bh am = (__m512bh)_mm512_set1_epi32(ap[m]);
         lo[m] = _mm512_dpbf16_ps(lo[m], am, b0);
         hi[m] = _mm512_dpbf16_ps(hi[m], am, b1);
       }
     }
-    Avx512::store_tile(lo, hi, c, ldc, accumulate);
+    Avx512::store_tile<ROWS>(lo, hi, c, ldc, accumulate);
   }
 };
 

@@ -82,6 +82,16 @@ def test_every_isa(isa, dtype, shape):
         _check(*_inputs(m, k, n, dtype, seed=10 * m + i), activation)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_edge_sliver_height(isa, dtype):
+    # The last sliver of a row block runs a kernel of its own height (1 .. MR - 1 rows, MR = 4,
+    # 6, 12 or 32): every height, each in a full 32-column panel and an edge one (N = 40), the
+    # float32 output written in place and the bf16 one through the per-thread block. The weight
+    # gradient's rows are N, so its edge sliver (40 = 3 x 12 + 4) is covered too.
+    for m in list(range(1, 14)) + [31, 33]:
+        _check(*_inputs(m, 70, 40, dtype, seed=100 + m), "gelu" if m % 2 else None)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_strided_operands(isa, dtype):
     g = torch.Generator().manual_seed(3)
