@@ -19,7 +19,7 @@ import gc
 import torch
 import torch.nn.functional as F
 
-from vlmfast.bench.timing import Result, time_ms
+from vlmfast.bench.timing import Result, interleaved_ms, time_ms
 from vlmfast.models import CLIP, CLIPConfig
 from vlmfast.models.checkpoint import load_state
 from vlmfast.train import contrastive_loss
@@ -93,8 +93,7 @@ def _embed_case(name: str, spec: dict, batch: int, device, dtype, quick: bool) -
             return hf.get_image_features(pixel_values=pixels).pooler_output
 
     diff = (ours_embed().float() - hf_embed().float()).abs().max().item()
-    ms = time_ms(ours_embed, device, **_repeats(device, quick))
-    peer_ms = time_ms(hf_embed, device, **_repeats(device, quick))
+    ms, peer_ms = interleaved_ms(ours_embed, hf_embed, device, **_repeats(device, quick))
     del hf, ours
     _release(device)
     return Result("clip", f"image embedding {name} b={batch} {_dtype_name(dtype)}", "vlmfast", ms,

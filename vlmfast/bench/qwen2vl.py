@@ -26,7 +26,7 @@ import torch
 from vlmfast.bench import rss
 from vlmfast.bench.decode_case import decode_case
 from vlmfast.bench.memory_case import memory_case
-from vlmfast.bench.timing import Result, time_ms
+from vlmfast.bench.timing import Result, interleaved_ms
 
 IMAGES = [(1, 16, 16), (1, 22, 14), (1, 32, 24), (1, 10, 30)]
 QUICK_IMAGES = [(1, 4, 4), (1, 6, 4), (1, 8, 6), (1, 2, 6)]
@@ -159,7 +159,7 @@ def tower_case(name: str, hf_tower, ours_tower, grids, device, dtype, repeats: d
             return hf_tower(pixels, grid_thw=grid).pooler_output
 
     error = (ours().float() - theirs().float()).abs().max().item()
-    ms, peer_ms = time_ms(ours, device, **repeats), time_ms(theirs, device, **repeats)
+    ms, peer_ms = interleaved_ms(ours, theirs, device, **repeats)
     flops = tower_flops(ours_tower, grids)
     extra = {"patches": T, "max_abs_diff": error}
     peak = None
@@ -249,7 +249,7 @@ def generation_cases(hf, ours, quick, device, dtype, repeats, name) -> list[Resu
             hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid_thw,
                mm_token_type_ids=types, use_cache=True, logits_to_keep=1)
 
-    ms, peer_ms = time_ms(ours_prefill, device, **repeats), time_ms(hf_prefill, device, **repeats)
+    ms, peer_ms = interleaved_ms(ours_prefill, hf_prefill, device, **repeats)
     image_tokens = grid[1] * grid[2] // 4
     results.append(Result("qwen2vl", f"prefill b=1 1 image {grid[1] * 14}x{grid[2] * 14} ({image_tokens} tokens) "
                           f"+ {ids.shape[1] - image_tokens} text {name}", "vlmfast", ms, "transformers", peer_ms))

@@ -19,7 +19,7 @@ import torch
 
 from vlmfast.bench.decode_case import decode_case
 from vlmfast.bench.memory_case import memory_case
-from vlmfast.bench.timing import Result, time_ms
+from vlmfast.bench.timing import Result, interleaved_ms
 from vlmfast.models.smolvlm import SmolVLM
 
 IMAGE_TOKEN = 49190
@@ -97,7 +97,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
         with torch.inference_mode():
             hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True, logits_to_keep=1)
 
-    ms, peer_ms = time_ms(ours_prefill, device, **repeats), time_ms(hf_prefill, device, **repeats)
+    ms, peer_ms = interleaved_ms(ours_prefill, hf_prefill, device, **repeats)
     results.append(Result("smolvlm", f"prefill b=1 1 image ({image_tokens} tokens) + {ids.shape[1] - image_tokens} "
                           f"text {name}", "vlmfast", ms, "transformers", peer_ms))
     if device.type == "cpu":
@@ -119,7 +119,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
             return hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=new,
                                min_new_tokens=new, do_sample=False, pad_token_id=2)
 
-    ms, peer_ms = time_ms(ours_generate, device, **repeats), time_ms(hf_generate, device, **repeats)
+    ms, peer_ms = interleaved_ms(ours_generate, hf_generate, device, **repeats)
     same = torch.equal(ours_generate(), hf_generate()) if dtype == torch.float32 else None
     results.append(Result("smolvlm", f"generate b=1 1 image + {ids.shape[1] - image_tokens} text + {new} new {name}",
                           "vlmfast", ms, "transformers", peer_ms,
@@ -142,7 +142,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
             hf(input_ids=big_ids, attention_mask=big_mask, pixel_values=big_pixels, use_cache=True, logits_to_keep=1)
 
     big_repeats = dict(warmup=0, repeats=1) if quick else dict(warmup=1, repeats=2)
-    ms, peer_ms = time_ms(ours_big, device, **big_repeats), time_ms(hf_big, device, **big_repeats)
+    ms, peer_ms = interleaved_ms(ours_big, hf_big, device, **big_repeats)
     results.append(Result("smolvlm", f"prefill b=1 {tiles} tiles ({tiles * image_tokens} tokens) + 20 text {name}",
                           "vlmfast", ms, "transformers", peer_ms))
 

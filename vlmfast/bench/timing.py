@@ -60,6 +60,27 @@ def time_ms(fn, device: torch.device, *, warmup: int = 3, repeats: int = 15) -> 
     return statistics.median(samples)
 
 
+def interleaved_ms(fn, peer_fn, device: torch.device, *, warmup: int = 1, repeats: int = 5) -> tuple[float, float]:
+    """(median ms of fn(), median ms of peer_fn()), the two sampled in turn on the CPU (ABBA
+    rounds: fn, peer, peer, fn, ...): a shared CPU's slow spells (another tenant on the second
+    core for a minute) then fall on both sides alike. Timed one after the other, the same code
+    read 0.84x and 1.76x against transformers in two runs an hour apart on one 2-core machine.
+    On a GPU each side through time_ms (do_bench's events; no such spells)."""
+    if device.type == "cuda":
+        return time_ms(fn, device, warmup=warmup, repeats=repeats), time_ms(peer_fn, device, warmup=warmup,
+                                                                           repeats=repeats)
+    for _ in range(max(1, warmup)):  # one-time set-up of each side outside the samples
+        fn()
+        peer_fn()
+    sides, samples = (fn, peer_fn), ([], [])
+    for i in range(repeats):
+        for which in (0, 1) if i % 2 == 0 else (1, 0):
+            start = time.perf_counter()
+            sides[which]()
+            samples[which].append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples[0]), statistics.median(samples[1])
+
+
 def paired_step_ms(run, n: int, repeats: int) -> tuple[float, float]:
     """(median ms of run(n), median ms of one of the n - 1 steps run(n) makes beyond run(1)): the
     step from `repeats` interleaved pairs, (run(n) - run(1)) / (n - 1) each, so that the prompt,

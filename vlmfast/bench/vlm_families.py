@@ -23,6 +23,9 @@ Each side runs in its own fresh process (peak memory is that process's alone):
       "qformer" (queries, Q-Former, projection); vlmfast plain, and with gradient checkpointing
       + AdamW in the backward, against transformers plain. Peak = the highest resident set of a
       steady-state step minus the set right after loading (vlmfast/bench/finetune.py's method).
+      The step's time is measured apart, in one more process that loads both sides and samples
+      their steps in turn (timing.interleaved_ms): a shared machine's slow spells then fall on
+      both alike (timed in separate processes minutes apart, one build read 0.84x and 1.76x).
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
 from vlmfast.bench.decode_case import decoder_weight_bytes
-from vlmfast.bench.timing import Result, paired_step_ms
+from vlmfast.bench.timing import Result, interleaved_ms, paired_step_ms
 
 SPECS = {
     "llava": {
@@ -228,14 +232,18 @@ def _set_trainable(side: str, family: str, model, recipe: str) -> None:
             p.requires_grad_(True)
 
 
-def train(side: str, family: str, folder: str, recipe: str, setting: str, size: str, repeats: int) -> dict:
-    """Steady-state step time, peak memory above the loaded weights, loss; float32."""
+class _TrainingStep(NamedTuple):
+    run: Callable[[], float]  # one step; returns the loss
+    tokens: int
+    trainable: int
+
+
+def _training_step(side: str, family: str, folder: str, recipe: str, setting: str, size: str,
+                   libc) -> _TrainingStep:
+    """One side's model set up for the recipe and setting (float32), and its step."""
     from vlmfast.bench import finetune as fb
-    from vlmfast.bench import rss
     from vlmfast.train.adamw_in_backward import AdamWInBackward
 
-    libc = fb._glibc() if size == "full" else None
-    fb._return_freed_memory(libc, 64 * 1024)
     model = load(side, family, folder, torch.float32)
     _set_trainable(side, family, model, recipe)
     # transformers in eval mode: its train mode adds BLIP-2's dropout (Q-Former, OPT), which vlmfast
@@ -244,7 +252,6 @@ def train(side: str, family: str, folder: str, recipe: str, setting: str, size: 
     if side == "vlmfast" and "checkpointing" in setting:
         model.set_gradient_checkpointing(True)
     fb._return_freed_memory(libc)
-    loaded = rss.status_mib("VmRSS")
     params = [p for p in model.parameters() if p.requires_grad]
     options = dict(lr=1e-5, fused=True)
     optimizer = AdamWInBackward(params, **options) if "adamw_in_backward" in setting else \
@@ -262,19 +269,43 @@ def train(side: str, family: str, folder: str, recipe: str, setting: str, size: 
             optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    loss = step()  # the AdamW state exists from here on
+    return _TrainingStep(step, int(batch["attention_mask"].sum()), sum(p.numel() for p in params))
+
+
+def train(side: str, family: str, folder: str, recipe: str, setting: str, size: str) -> dict:
+    """Peak memory of a steady-state step above the loaded weights, and the loss, in a process of
+    its own (the step's time comes from train_timing)."""
+    from vlmfast.bench import finetune as fb
+    from vlmfast.bench import rss
+
+    libc = fb._glibc() if size == "full" else None
+    fb._return_freed_memory(libc, 64 * 1024)
+    step = _training_step(side, family, folder, recipe, setting, size, libc)
+    loaded = rss.status_mib("VmRSS")
+    loss = step.run()  # the AdamW state exists from here on
     fb._return_freed_memory(libc)
     try:
         rss.reset_peak()
-        step()
+        step.run()
         peak = rss.status_mib("VmHWM") - loaded
     except OSError:  # no /proc/self/clear_refs here
         peak = None
+    return {"peak_mib": peak, "loss": loss, "tokens": step.tokens, "trainable": step.trainable}
+
+
+def train_timing(family: str, folder: str, recipe: str, setting: str, size: str, repeats: int) -> dict:
+    """Median step ms of vlmfast (in `setting`) and of transformers (plain), both sides loaded in
+    this process and their steps sampled in turn (timing.interleaved_ms)."""
+    from vlmfast.bench import finetune as fb
+
+    libc = fb._glibc() if size == "full" else None
+    ours = _training_step("vlmfast", family, folder, recipe, setting, size, libc)
+    peer = _training_step("transformers", family, folder, recipe, "plain", size, libc)
+    ours.run(), peer.run()  # the AdamW states exist from here on
     if libc is not None:
-        libc.mallopt(-3, 32 * 2**20)
-    ms = _median_ms(step, repeats)
-    return {"ms": ms, "peak_mib": peak, "loss": loss, "tokens": int(batch["attention_mask"].sum()),
-            "trainable": sum(p.numel() for p in params)}
+        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD (no dynamic threshold): the same for both
+    ms, peer_ms = interleaved_ms(ours.run, peer.run, torch.device("cpu"), warmup=1, repeats=repeats)
+    return {"ms": ms, "peer_ms": peer_ms}
 
 
 def _call(in_process: bool, function: str, *args):
@@ -298,6 +329,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
         raise ValueError("device: the vlm_families suite measures the CPU (each side in a fresh process)")
     size = "quick" if quick else "full"
     repeats = 1 if quick else 3
+    train_repeats = 2 if quick else 4  # samples of each side, taken in turn
     dtype_name = str(dtype).removeprefix("torch.")
     results = []
     for family in ("llava", "blip2"):
@@ -309,14 +341,15 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
             if dtype != torch.float32:
                 continue  # training is measured in float32 (weights and AdamW), as the finetune suite's plain cases
             for recipe in RECIPES[family][:1] if quick else RECIPES[family]:
-                peer = _call(quick, "train", "transformers", family, folder, recipe, "plain", size, repeats)
+                peer = _call(quick, "train", "transformers", family, folder, recipe, "plain", size)
                 for setting in ("plain",) if quick else ("plain", IN_BACKWARD):
-                    ours = _call(quick, "train", "vlmfast", family, folder, recipe, setting, size, repeats)
+                    ours = _call(quick, "train", "vlmfast", family, folder, recipe, setting, size)
+                    timed = _call(quick, "train_timing", family, folder, recipe, setting, size, train_repeats)
                     results.append(Result(
                         "vlm_families", f"{family} train step b={TRAIN_BATCH} {recipe} vlmfast {setting} vs plain",
-                        "vlmfast", ours["ms"], "transformers", peer["ms"], peak_mib=ours["peak_mib"],
-                        extra={"tokens_per_s": ours["tokens"] * 1e3 / ours["ms"],
-                               "peer_tokens_per_s": peer["tokens"] * 1e3 / peer["ms"],
+                        "vlmfast", timed["ms"], "transformers", timed["peer_ms"], peak_mib=ours["peak_mib"],
+                        extra={"tokens_per_s": ours["tokens"] * 1e3 / timed["ms"],
+                               "peer_tokens_per_s": peer["tokens"] * 1e3 / timed["peer_ms"],
                                "peer_peak_mib": peer["peak_mib"], "memory_ratio": _ratio(ours, peer),
                                "loss": ours["loss"], "peer_loss": peer["loss"], "trainable": ours["trainable"]}))
     return results
