@@ -34,7 +34,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -154,18 +153,41 @@ def load(side: str, family: str, folder: str, dtype: torch.dtype):
 
 # ----------------------------------------------------------------------------- one side, inference
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up (thread pools, first-touch pages)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return sorted(samples)[len(samples) // 2]
+def _inference_calls(side: str, model, inputs: dict, new_tokens: int):
+    """(prefill(), generate(n, inputs)) of one side: prefill of `inputs` (one row) into a cache,
+    and a greedy generate of exactly n tokens."""
+    if side == "vlmfast":
+        cache = model.new_cache(1, inputs["input_ids"].shape[1] + new_tokens)
+
+        def prefill():
+            with torch.inference_mode():
+                cache.reset()
+                model.prefill(inputs["input_ids"], inputs["pixel_values"], None, inputs["attention_mask"].bool(),
+                              cache)
+
+        def generate(n, inputs=inputs):
+            return model.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                                  max_new_tokens=n, eos_token_id=[])
+    else:
+        def prefill():
+            with torch.inference_mode():
+                model(**inputs, use_cache=True, logits_to_keep=1)
+
+        def generate(n, inputs=inputs):
+            with torch.inference_mode():
+                return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return prefill, generate
+
+
+def _one_row(family: str, size: str, dtype: torch.dtype) -> dict:
+    one = make_inputs(family, size, 1, PROMPT_TEXT)
+    one["pixel_values"] = one["pixel_values"].to(dtype)
+    return one
 
 
 def infer(side: str, family: str, folder: str, dtype_name: str, size: str, repeats: int) -> dict:
-    """Prefill, generate of 1 / NEW_TOKENS tokens at b=1 and b=8; peak resident set at the end."""
+    """Generate of 1 / NEW_TOKENS tokens at b=1 and b=8 (the decode step from their difference);
+    peak resident set at the end (loading, a prefill and all of these)."""
     from vlmfast.bench import rss
 
     dtype = getattr(torch, dtype_name)
@@ -173,31 +195,13 @@ def infer(side: str, family: str, folder: str, dtype_name: str, size: str, repea
     baseline = rss.status_mib("VmHWM")
     model = load(side, family, folder, dtype)
     out = {"baseline_mib": baseline}
-    one = make_inputs(family, size, 1, PROMPT_TEXT)
-    one["pixel_values"] = one["pixel_values"].to(dtype)
-    if side == "vlmfast":
-        cache = model.new_cache(1, one["input_ids"].shape[1] + new_tokens)
-
-        def prefill():
-            with torch.inference_mode():
-                cache.reset()
-                model.prefill(one["input_ids"], one["pixel_values"], None, one["attention_mask"].bool(), cache)
-    else:
-        def prefill():
-            with torch.inference_mode():
-                model(**one, use_cache=True, logits_to_keep=1)
-    out["prefill_ms"] = _median_ms(prefill, repeats)
+    one = _one_row(family, size, dtype)
+    prefill, _ = _inference_calls(side, model, one, new_tokens)
+    prefill()
     for batch in batches:
         inputs = one if batch == 1 else make_inputs(family, size, batch, PROMPT_TEXT, seed=batch)
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-
-        def generate(n, inputs=inputs):
-            if side == "vlmfast":
-                return model.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                                      max_new_tokens=n, eos_token_id=[])
-            with torch.inference_mode():
-                return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-
+        _, generate = _inference_calls(side, model, inputs, new_tokens)
         full, step = paired_step_ms(generate, new_tokens, repeats)
         out[f"b{batch}"] = {"generate_ms": full, "decode_ms": step,
                             "tokens": generate(new_tokens)[:, -new_tokens:].tolist()}
@@ -206,6 +210,22 @@ def infer(side: str, family: str, folder: str, dtype_name: str, size: str, repea
         out["decoder_weight_bytes"] = decoder_weight_bytes(model)
     out["peak_mib"] = rss.status_mib("VmHWM")
     return out
+
+
+def infer_timing(family: str, folder: str, dtype_name: str, size: str, repeats: int) -> dict:
+    """Prefill and generate (b=1, NEW_TOKENS tokens) of both sides, loaded in this process and
+    sampled in turn (timing.interleaved_ms)."""
+    dtype = getattr(torch, dtype_name)
+    new_tokens = NEW_TOKENS if size == "full" else 4
+    one = _one_row(family, size, dtype)
+    ours = _inference_calls("vlmfast", load("vlmfast", family, folder, dtype), one, new_tokens)
+    peer = _inference_calls("transformers", load("transformers", family, folder, dtype), one, new_tokens)
+    cpu = torch.device("cpu")
+    prefill_ms, peer_prefill_ms = interleaved_ms(ours[0], peer[0], cpu, warmup=1, repeats=repeats)
+    generate_ms, peer_generate_ms = interleaved_ms(lambda: ours[1](new_tokens), lambda: peer[1](new_tokens), cpu,
+                                                   warmup=1, repeats=repeats)
+    return {"prefill_ms": prefill_ms, "peer_prefill_ms": peer_prefill_ms, "generate_ms": generate_ms,
+            "peer_generate_ms": peer_generate_ms}
 
 
 # ----------------------------------------------------------------------------- one side, training
@@ -329,7 +349,7 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
         raise ValueError("device: the vlm_families suite measures the CPU (each side in a fresh process)")
     size = "quick" if quick else "full"
     repeats = 1 if quick else 3
-    train_repeats = 2 if quick else 4  # samples of each side, taken in turn
+    train_repeats = 2 if quick else 4  # samples of each side, taken in turn (infer_timing, train_timing)
     dtype_name = str(dtype).removeprefix("torch.")
     results = []
     for family in ("llava", "blip2"):
@@ -337,7 +357,8 @@ def run(device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[R
             save_checkpoint(family, size, folder)
             ours, peer = (_call(quick, "infer", side, family, folder, dtype_name, size, repeats)
                           for side in ("vlmfast", "transformers"))
-            results += _inference_results(family, dtype_name, ours, peer)
+            timed = _call(quick, "infer_timing", family, folder, dtype_name, size, train_repeats)
+            results += _inference_results(family, dtype_name, ours, peer, timed)
             if dtype != torch.float32:
                 continue  # training is measured in float32 (weights and AdamW), as the finetune suite's plain cases
             for recipe in RECIPES[family][:1] if quick else RECIPES[family]:
@@ -359,13 +380,13 @@ def _ratio(ours: dict, peer: dict) -> float | None:
     return ours["peak_mib"] / peer["peak_mib"] if ours["peak_mib"] and peer["peak_mib"] else None
 
 
-def _inference_results(family: str, dtype_name: str, ours: dict, peer: dict) -> list[Result]:
+def _inference_results(family: str, dtype_name: str, ours: dict, peer: dict, timed: dict) -> list[Result]:
     suite = "vlm_families"
     out = [Result(suite, f"{family} prefill b=1 1 image + {PROMPT_TEXT} text {dtype_name}", "vlmfast",
-                  ours["prefill_ms"], "transformers", peer["prefill_ms"])]
+                  timed["prefill_ms"], "transformers", timed["peer_prefill_ms"])]
     b1, p1 = ours["b1"], peer["b1"]
     out.append(Result(suite, f"{family} generate b=1 prefill + {ours['new_tokens'] - 1} tokens {dtype_name}", "vlmfast",
-                      b1["generate_ms"], "transformers", p1["generate_ms"], peak_mib=ours["peak_mib"],
+                      timed["generate_ms"], "transformers", timed["peer_generate_ms"], peak_mib=ours["peak_mib"],
                       extra={"peer_peak_mib": peer["peak_mib"], "memory_ratio": _ratio(ours, peer),
                              "baseline_mib": ours["baseline_mib"], "peer_baseline_mib": peer["baseline_mib"],
                              "greedy_equal": b1["tokens"] == p1["tokens"] if dtype_name == "float32" else None}))
