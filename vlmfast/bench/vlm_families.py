@@ -153,30 +153,34 @@ def load(side: str, family: str, folder: str, dtype: torch.dtype):
 
 # ----------------------------------------------------------------------------- one side, inference
 
-def _inference_calls(side: str, model, inputs: dict, new_tokens: int):
-    """(prefill(), generate(n, inputs)) of one side: prefill of `inputs` (one row) into a cache,
-    and a greedy generate of exactly n tokens."""
+def _prefill_call(side: str, model, inputs: dict):
+    """One side's prefill of `inputs` (one row), into a cache on vlmfast's side."""
     if side == "vlmfast":
-        cache = model.new_cache(1, inputs["input_ids"].shape[1] + new_tokens)
+        cache = model.new_cache(1, inputs["input_ids"].shape[1])
 
         def prefill():
             with torch.inference_mode():
                 cache.reset()
                 model.prefill(inputs["input_ids"], inputs["pixel_values"], None, inputs["attention_mask"].bool(),
                               cache)
+        return prefill
 
-        def generate(n, inputs=inputs):
-            return model.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                                  max_new_tokens=n, eos_token_id=[])
-    else:
-        def prefill():
-            with torch.inference_mode():
-                model(**inputs, use_cache=True, logits_to_keep=1)
+    def peer_prefill():
+        with torch.inference_mode():
+            model(**inputs, use_cache=True, logits_to_keep=1)
+    return peer_prefill
 
-        def generate(n, inputs=inputs):
-            with torch.inference_mode():
-                return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return prefill, generate
+
+def _generate_call(side: str, model, inputs: dict):
+    """One side's greedy generate(n) of exactly n tokens after `inputs`."""
+    if side == "vlmfast":
+        return lambda n: model.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                                        max_new_tokens=n, eos_token_id=[])
+
+    def peer_generate(n):
+        with torch.inference_mode():
+            return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return peer_generate
 
 
 def _one_row(family: str, size: str, dtype: torch.dtype) -> dict:
@@ -187,7 +191,7 @@ def _one_row(family: str, size: str, dtype: torch.dtype) -> dict:
 
 def infer(side: str, family: str, folder: str, dtype_name: str, size: str, repeats: int) -> dict:
     """Generate of 1 / NEW_TOKENS tokens at b=1 and b=8 (the decode step from their difference);
-    peak resident set at the end (loading, a prefill and all of these)."""
+    peak resident set at the end (loading and all of these)."""
     from vlmfast.bench import rss
 
     dtype = getattr(torch, dtype_name)
@@ -196,12 +200,10 @@ def infer(side: str, family: str, folder: str, dtype_name: str, size: str, repea
     model = load(side, family, folder, dtype)
     out = {"baseline_mib": baseline}
     one = _one_row(family, size, dtype)
-    prefill, _ = _inference_calls(side, model, one, new_tokens)
-    prefill()
     for batch in batches:
         inputs = one if batch == 1 else make_inputs(family, size, batch, PROMPT_TEXT, seed=batch)
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        _, generate = _inference_calls(side, model, inputs, new_tokens)
+        generate = _generate_call(side, model, inputs)
         full, step = paired_step_ms(generate, new_tokens, repeats)
         out[f"b{batch}"] = {"generate_ms": full, "decode_ms": step,
                             "tokens": generate(new_tokens)[:, -new_tokens:].tolist()}
@@ -218,12 +220,14 @@ def infer_timing(family: str, folder: str, dtype_name: str, size: str, repeats: 
     dtype = getattr(torch, dtype_name)
     new_tokens = NEW_TOKENS if size == "full" else 4
     one = _one_row(family, size, dtype)
-    ours = _inference_calls("vlmfast", load("vlmfast", family, folder, dtype), one, new_tokens)
-    peer = _inference_calls("transformers", load("transformers", family, folder, dtype), one, new_tokens)
+    ours, peer = (load(side, family, folder, dtype) for side in ("vlmfast", "transformers"))
     cpu = torch.device("cpu")
-    prefill_ms, peer_prefill_ms = interleaved_ms(ours[0], peer[0], cpu, warmup=1, repeats=repeats)
-    generate_ms, peer_generate_ms = interleaved_ms(lambda: ours[1](new_tokens), lambda: peer[1](new_tokens), cpu,
-                                                   warmup=1, repeats=repeats)
+    prefill_ms, peer_prefill_ms = interleaved_ms(_prefill_call("vlmfast", ours, one),
+                                                 _prefill_call("transformers", peer, one), cpu,
+                                                 warmup=1, repeats=repeats)
+    ours_generate, peer_generate = _generate_call("vlmfast", ours, one), _generate_call("transformers", peer, one)
+    generate_ms, peer_generate_ms = interleaved_ms(lambda: ours_generate(new_tokens),
+                                                   lambda: peer_generate(new_tokens), cpu, warmup=1, repeats=repeats)
     return {"prefill_ms": prefill_ms, "peer_prefill_ms": peer_prefill_ms, "generate_ms": generate_ms,
             "peer_generate_ms": peer_generate_ms}
 
