@@ -243,6 +243,16 @@ FinishFn finish_for(int dtype) {
   return finish_f32;
 }
 
+// The epilogue of problem p's tiles; null where there is none to run: a float32 output
+// accumulated in place with no bias, pre-activation or activation is final as the kernel leaves
+// it (the epilogue would read and rewrite every tile for nothing: the dx and dW GEMMs of every
+// backward, and bias-free forwards).
+FinishFn finish_of(const Problem& p) {
+  const bool in_place = p.out_dtype == static_cast<int>(DType::Float32);
+  if (in_place && !p.bias && !p.pre && p.act == Activation::None) return nullptr;
+  return finish_for(p.out_dtype);
+}
+
 // Packs A's block through the layout for A's source dtype and the compute dtype.
 template <typename Layout>
 using PackAFn = void (*)(const Problem&, int64_t, int64_t, int64_t, int64_t, int64_t,
@@ -364,12 +374,12 @@ struct Driver {
           float* o = static_cast<float*>(p.out) + (m0 + r0) * p.ldo + n0;
           if (cols == NR && (r == MR || kPartialRows)) {
             run_sliver(r, a, b, kbp, o, p.ldo, !first);
-            if (last) finish(p, o, p.ldo, m0 + r0, r, n0, cols);
+            if (last && finish) finish(p, o, p.ldo, m0 + r0, r, n0, cols);
           } else {  // an edge tile: through a full-size buffer
             if (!first)
               for (int64_t m = 0; m < r; ++m) std::copy(o + m * p.ldo, o + m * p.ldo + cols, tile + m * NR);
             run_sliver(r, a, b, kbp, tile, NR, !first);
-            if (last) {
+            if (last && finish) {
               finish(p, tile, NR, m0 + r0, r, n0, cols);
             } else {
               for (int64_t m = 0; m < r; ++m) std::copy(tile + m * NR, tile + m * NR + cols, o + m * p.ldo);
@@ -501,7 +511,7 @@ template <typename Layout>
 void run_tasks(const Problem& p, TaskFn<Layout> task, int threads) {
   const Blocking blk = blocking_for<Layout>();
   const PackAFn<Layout> pack = pack_a_for<Layout>(p.a.dtype, p.compute);
-  const FinishFn finish = finish_for(p.out_dtype);
+  const FinishFn finish = finish_of(p);
   const Partition part = partition(p.M, (p.N + NR - 1) / NR, Layout::MR, blk.mc, threads,
                                    p.pack_b_slice != nullptr);
   const int64_t n_panels = (p.N + NR - 1) / NR, tasks = part.m_blocks * part.n_chunks;
