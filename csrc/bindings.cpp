@@ -19,6 +19,7 @@
 #include "cpu/patch_embed.h"
 #include "cpu/rope_2d.h"
 #include "cpu/rotary.h"
+#include "cpu/rms_norm.h"
 #include "cpu/swiglu.h"
 
 namespace py = pybind11;
@@ -214,6 +215,27 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("out"), py::arg("sizes"),
       py::arg("x_strides"), py::arg("out_strides"), py::arg("dtype"), py::arg("interleaved"),
       py::arg("conjugate"), py::arg("threads"));
+
+  m.def(
+      "rms_norm_forward",
+      [](uintptr_t x, uintptr_t w, uintptr_t y, uintptr_t rstd, int64_t rows, int64_t D, double eps, int threads) {
+        py::gil_scoped_release release;
+        vlmfast::cpu::rms_norm_forward(ptr<const float>(x), ptr<const float>(w), ptr<float>(y), ptr<float>(rstd),
+                                       rows, D, static_cast<float>(eps), threads);
+      },
+      py::arg("x"), py::arg("w"), py::arg("y"), py::arg("rstd"), py::arg("rows"), py::arg("D"), py::arg("eps"),
+      py::arg("threads"));
+
+  m.def(
+      "rms_norm_backward",
+      [](uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t dx, uintptr_t dw, int64_t rows,
+         int64_t D, int threads) {
+        py::gil_scoped_release release;
+        vlmfast::cpu::rms_norm_backward(ptr<const float>(dy), ptr<const float>(x), ptr<const float>(w),
+                                        ptr<const float>(rstd), ptr<float>(dx), ptr<float>(dw), rows, D, threads);
+      },
+      py::arg("dy"), py::arg("x"), py::arg("w"), py::arg("rstd"), py::arg("dx"), py::arg("dw"), py::arg("rows"),
+      py::arg("D"), py::arg("threads"));
 
   m.def(
       "swiglu_forward",

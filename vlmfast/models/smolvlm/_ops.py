@@ -10,6 +10,7 @@ per-token position tables, RMSNorm) lives here.
 import torch
 import torch.nn.functional as F
 
+from vlmfast import _extension
 from vlmfast import ops as _vops
 from vlmfast.models import _ops as _shared
 
@@ -38,10 +39,42 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama's RMSNorm: normalised in float32, rounded to x's dtype, then scaled (in that order,
-    so that bf16 results round as transformers' do). x: (..., D), weight: (D,)."""
+    so that bf16 results round as transformers' do). x: (..., D), weight: (D,). A float32
+    training step on the CPU runs it as one pass each way (csrc/cpu/rms_norm.cpp): the composite
+    below and its autograd are a dozen passes over the activations per norm."""
+    if _fused_rms_norm_applies(x, weight):
+        return _RMSNorm.apply(x, weight, eps)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
+
+
+def _fused_rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Eager float32 CPU tensors of which a gradient is wanted, with the C++ extension built.
+    Inference keeps the composite (the native decode step has its own norm)."""
+    return (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+            and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and type(x) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)
+            and not torch.compiler.is_compiling() and _extension.load("_C") is not None)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        from vlmfast.native import rms_norm as native
+
+        x, weight = x.contiguous(), weight.contiguous()
+        out, rstd = native.forward(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        from vlmfast.native import rms_norm as native
+
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = native.backward(grad, x, weight, rstd)
+        return (dx if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), None
 
 
 def embedding(ids: torch.Tensor, table: torch.nn.Embedding, *, weight_used_once: bool = False) -> torch.Tensor:
