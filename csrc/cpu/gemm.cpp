@@ -157,12 +157,18 @@ struct Problem {
   PackBFn pack_b_slice = nullptr;
 };
 
+int64_t element_bytes(const Matrix& m) { return m.dtype == static_cast<int>(DType::Float32) ? 4 : 2; }
+
+// Where element (np * 32, k0) of B's source lies: the first of the slice of panel np from step k0.
+const char* b_slice_source(const Problem& p, int64_t np, int64_t k0) {
+  const Matrix& b = p.b_source;
+  return static_cast<const char*>(b.data) + (np * NR * b.row_stride + k0 * b.col_stride) * element_bytes(b);
+}
+
 // Packs steps [k0, k0 + kb) of B's panel np into `slice` (kbp x 32; steps past kb are zero).
 void pack_b_slice_of(const Problem& p, int64_t np, int64_t k0, int64_t kb, int64_t kbp, void* slice) {
-  const Matrix& b = p.b_source;
-  const int64_t elem = b.dtype == static_cast<int>(DType::Float32) ? 4 : 2;
-  Matrix from = b;
-  from.data = static_cast<const char*>(b.data) + (np * NR * b.row_stride + k0 * b.col_stride) * elem;
+  Matrix from = p.b_source;
+  from.data = b_slice_source(p, np, k0);
   p.pack_b_slice(from, p.N - np * NR, kb, kbp, 0, 1, slice);
 }
 
@@ -177,9 +183,9 @@ struct SliceRuns {
 
 SliceRuns slice_runs(const Problem& p, int64_t np, int64_t k0, int64_t kb) {
   const Matrix& b = p.b_source;
-  const int64_t elem = b.dtype == static_cast<int>(DType::Float32) ? 4 : 2;
+  const int64_t elem = element_bytes(b);
   const int64_t cols = std::min<int64_t>(NR, p.N - np * NR);
-  const char* first = static_cast<const char*>(b.data) + (np * NR * b.row_stride + k0 * b.col_stride) * elem;
+  const char* first = b_slice_source(p, np, k0);
   if (b.col_stride == 1) return {first, cols, kb * elem, b.row_stride * elem};
   if (b.row_stride == 1) return {first, kb, cols * elem, b.col_stride * elem};
   return {first, 0, 0, 0};

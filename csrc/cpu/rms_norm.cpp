@@ -14,13 +14,6 @@ namespace {
 using gemm_elements::load_n;
 using gemm_elements::store_n;
 
-// The 16 lanes' sum.
-VLMFAST_INLINE float lanes_sum(v16f v) {
-  float total = 0.0f;
-  for (int i = 0; i < 16; ++i) total += v[i];
-  return total;
-}
-
 VLMFAST_MULTIVERSION void forward_rows(const float* x, const float* w, float* y, float* rstd, int64_t D,
                                        float eps, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
@@ -30,7 +23,7 @@ VLMFAST_MULTIVERSION void forward_rows(const float* x, const float* w, float* y,
       const v16f v = load_n(xr + i, std::min<int64_t>(16, D - i));
       squares += v * v;
     }
-    const float inv = 1.0f / std::sqrt(lanes_sum(squares) / static_cast<float>(D) + eps);
+    const float inv = 1.0f / std::sqrt(hsum_tree(squares) / static_cast<float>(D) + eps);
     rstd[r] = inv;
     for (int64_t i = 0; i < D; i += 16) {
       const int64_t n = std::min<int64_t>(16, D - i);
@@ -53,7 +46,7 @@ VLMFAST_MULTIVERSION void backward_rows(const float* dy, const float* x, const f
       dot += d * load_n(w + i, n) * xhat;
       store_n(dw_part + i, load_n(dw_part + i, n) + d * xhat, n);
     }
-    const float mean = lanes_sum(dot) / static_cast<float>(D);
+    const float mean = hsum_tree(dot) / static_cast<float>(D);
     for (int64_t i = 0; i < D; i += 16) {
       const int64_t n = std::min<int64_t>(16, D - i);
       const v16f xhat = load_n(xr + i, n) * inv;
