@@ -156,39 +156,110 @@ VLMFAST_INLINE v16f lanes_of(const T* p, int64_t n) {
   return n > 0 ? gemm_elements::load_part(p, n) : v16f{};
 }
 
-// q . k over E values: q a float row padded with zeros to whole vectors of 16, k a row of T.
-template <typename T>
-VLMFAST_INLINE float dot_row(const float* q, const T* k, int64_t E) {
-  v16f acc{};
-  int64_t e = 0;
-  for (; e + 16 <= E; e += 16) acc += vload(q + e) * lanes_of(k + e, 16);
-  if (e < E) acc += vload(q + e) * lanes_of(k + e, E - e);
-  return hsum_tree(acc);
-}
-
-// acc[0..4) += p * v[e0 .. e0 + 64) (lanes past E zero): 64 output columns in registers.
-template <typename T>
-VLMFAST_INLINE void add_value(v16f* acc, float p, const T* v, int64_t n) {
+// acc[h] += q_h . k over E values for the G query heads of a group: q the heads' float rows, each
+// padded with zeros to whole vectors of 16 (`padded` floats apart), k one cached key row of T,
+// loaded (and widened) once for all G heads.
+template <int G, typename T>
+VLMFAST_INLINE void dot_rows(const float* q, int64_t padded, const T* k, int64_t E, float* out, float scale) {
+  v16f acc[G] = {};
+  for (int64_t e = 0; e < E; e += 16) {
+    const v16f kv = lanes_of(k + e, E - e);
 #pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) acc[i] += lanes_of(v + 16 * i, n - 16 * i) * p;
+    for (int h = 0; h < G; ++h) acc[h] += vload(q + h * padded + e) * kv;
+  }
+#pragma GCC unroll 4
+  for (int h = 0; h < G; ++h) out[h] = hsum_tree(acc[h]) * scale;
 }
 
-// One (row b, query head h) task: rotates h's query in qkv_row (float, values in T's precision;
-// OPT: scales it by q_scale instead) and attends the cache slots [0, slot] of its key/value head
-// g: softmax(scale q.k_j, masked) @ v_j, rounded to T into out_row (H E). The new token's key
-// (rotated into k_new for Llama, E floats of this task's scratch) and value are used from
-// registers, not read back from the cache, and only the group's first head writes them to slot
-// `slot`: tasks never wait for one another, and split evenly between threads at any batch size.
-// Vectorised over the head dim for the dot products and the weighted sum of values (a loop over
-// 16 lanes by index had compiled to scalar code: attention was half of a LLaVA float32 step at 8
-// rows and 226 cached tokens on a Zen 4), the softmax 16 slots at a time (vexp). scores: slot +
-// 17 floats of scratch (whole vectors); q_pad, k_new: E floats rounded up to 16, each.
+// acc[h][0..4) += p[h] * v[e0 .. e0 + 64) for the G heads (lanes past E zero): one value row
+// loaded (and widened) once for all of them, 4 G output vectors in registers.
+template <int G, typename T>
+VLMFAST_INLINE void add_values(v16f (*acc)[4], const float* p, const T* v, int64_t n) {
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const v16f vv = lanes_of(v + 16 * i, n - 16 * i);
+#pragma GCC unroll 4
+    for (int h = 0; h < G; ++h) acc[h][i] += vv * p[h];
+  }
+}
+
+// Heads [h0, h0 + G) of a group against the slots [0, slot] (the last one the new token's, from
+// registers: k_new, v_new). q: the group's padded query rows; scores: the group's rows of
+// `stride` floats; out_row: the row's (H E) output, these heads' values rounded to T. Scores and
+// the weighted sum of values go key by key, each key (and value) row read once for the G heads.
+template <int G, typename T>
+VLMFAST_INLINE void attend_heads(const DecodeShape& s, const float* q, int64_t padded, const T* keys,
+                                 const T* values, const float* k_new, const float* v_new, const bool* mask,
+                                 float* scores, int64_t stride, int64_t h0, T* out_row) {
+  const int64_t E = s.E, n = s.slot + 1, whole = (n + 15) / 16 * 16;
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+  float row[G];
+  for (int64_t j = 0; j < s.slot; ++j) {
+    if (mask && !mask[j]) {
+      for (int h = 0; h < G; ++h) scores[h * stride + j] = minus_inf;
+      continue;
+    }
+    dot_rows<G>(q, padded, keys + j * E, E, row, s.scale);
+    for (int h = 0; h < G; ++h) scores[h * stride + j] = row[h];
+  }
+  dot_rows<G>(q, padded, k_new, E, row, s.scale);
+  float inv[G];
+  for (int h = 0; h < G; ++h) {
+    float* sc = scores + h * stride;
+    sc[s.slot] = row[h];
+    for (int64_t j = n; j < whole; ++j) sc[j] = minus_inf;
+    v16f top_lanes = splat(minus_inf);
+    for (int64_t j = 0; j < whole; j += 16) top_lanes = vmax(top_lanes, vload(sc + j));
+    const float top = hmax_tree(top_lanes);
+    v16f total_lanes{};
+    for (int64_t j = 0; j < whole; j += 16) {  // masked slots: exp(-inf) = 0
+      const v16f p = vexp(vload(sc + j) - top);
+      vstore(sc + j, p);
+      total_lanes += p;
+    }
+    inv[h] = 1.0f / hsum_tree(total_lanes);  // the sum >= 1: the top slot's term is exp(0)
+  }
+  float p[G];
+  for (int64_t e0 = 0; e0 < E; e0 += 64) {
+    const int64_t cols = std::min<int64_t>(64, E - e0);
+    v16f acc[G][4] = {};
+    for (int64_t j = 0; j < s.slot; ++j) {
+      if (mask && !mask[j]) continue;  // a padding slot's value may be anything; its weight is 0
+      for (int h = 0; h < G; ++h) p[h] = scores[h * stride + j];
+      add_values<G>(acc, p, values + j * E + e0, cols);
+    }
+    for (int h = 0; h < G; ++h) p[h] = scores[h * stride + s.slot];
+    add_values<G>(acc, p, v_new + e0, cols);
+    for (int h = 0; h < G; ++h) {
+      float out[64];
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) vstore(out + 16 * i, acc[h][i] * inv[h]);
+      for (int64_t e = 0; e < cols; ++e) out_row[(h0 + h) * E + e0 + e] = from_float<T>(out[e]);
+    }
+  }
+}
+
+// One task: query heads [g G + h_begin, g G + h_end) of row b, G = H / Hkv the heads sharing
+// key/value head g. Rotates the new key and those queries in qkv_row (float, values in T's
+// precision; OPT: scales the queries by q_scale instead) and attends the slots [0, slot] for each
+// of them: softmax(scale q.k_j, masked) @ v_j, rounded to T into out_row (H E). The new token's key
+// (rotated into k_new) and value are used from registers, not read back from the cache; the task
+// holding the group's first head writes them to slot `slot`. The task's heads go through the cache
+// together, up to 4 at a time, so each cached key and value is read once for them all (a batched
+// decode reads its cache from memory: 32 rows x 80 slots x 30 layers of SmolVLM2's keys and values
+// are ~60 MB). Tasks never wait for one another. Vectorised over the head dim (a loop over 16
+// lanes by index had compiled to scalar code), the softmax 16 slots at a time (vexp). scratch: G
+// score rows (stride = slot + 1 rounded up to 16 floats), G padded query rows, then k_new (E
+// rounded up to 16 floats).
 template <typename T>
-VLMFAST_INLINE void attend_head(const DecodeShape& s, float* qkv_row, const float* cos, const float* sin,
-                                T* k_cache, T* v_cache, const bool* key_mask, int64_t b, int64_t h,
-                                float* scores, float* q_pad, float* k_new, T* out_row) {
-  const int64_t E = s.E, group = s.H / s.Hkv, g = h / group;
-  const int64_t padded = (E + 15) / 16 * 16;
+VLMFAST_INLINE void attend_group(const DecodeShape& s, float* qkv_row, const float* cos, const float* sin,
+                                 T* k_cache, T* v_cache, const bool* key_mask, int64_t b, int64_t g,
+                                 int64_t h_begin, int64_t h_end, float* scratch, T* out_row) {
+  const int64_t E = s.E, group = s.H / s.Hkv;
+  const int64_t padded = (E + 15) / 16 * 16, stride = (s.slot + 1 + 15) / 16 * 16;
+  float* scores = scratch;
+  float* q = scores + group * stride;
+  float* k_new = q + group * padded;
   const float* k_src = qkv_row + (s.H + g) * E;
   const float* v_new = qkv_row + (s.H + s.Hkv + g) * E;
   const bool rotary = s.kind == kDecodeLlama;
@@ -196,67 +267,88 @@ VLMFAST_INLINE void attend_head(const DecodeShape& s, float* qkv_row, const floa
   if (rotary) rotate<T>(k_new, cos, sin, E);
   T* keys = k_cache + (b * s.Hkv + g) * s.max_len * E;
   T* values = v_cache + (b * s.Hkv + g) * s.max_len * E;
-  if (h % group == 0) {
+  if (h_begin == 0) {
     for (int64_t e = 0; e < E; ++e) {
       keys[s.slot * E + e] = from_float<T>(k_new[e]);
       values[s.slot * E + e] = from_float<T>(v_new[e]);
     }
   }
-  const bool* mask = key_mask ? key_mask + b * s.max_len : nullptr;
-  const float minus_inf = -std::numeric_limits<float>::infinity();
-  float* q = qkv_row + h * E;
-  if (rotary) {
-    rotate<T>(q, cos, sin, E);
-  } else {  // OPT: q_proj(x) * q_scale, rounded, then scores at scale 1
-    for (int64_t e = 0; e < E; ++e) q[e] = round_to<T>(q[e] * s.q_scale);
-  }
-  for (int64_t e = 0; e < padded; ++e) q_pad[e] = e < E ? q[e] : 0.0f;
-  // scores of the cached slots [0, slot), then of the new token (always real), then -inf up to a
-  // whole vector
-  const int64_t n = s.slot + 1, whole = (n + 15) / 16 * 16;
-  for (int64_t j = 0; j < s.slot; ++j) {
-    scores[j] = (mask && !mask[j]) ? minus_inf : dot_row(q_pad, keys + j * E, E) * s.scale;
-  }
-  scores[s.slot] = dot_row(q_pad, k_new, E) * s.scale;
-  for (int64_t j = n; j < whole; ++j) scores[j] = minus_inf;
-  v16f top_lanes = splat(minus_inf);
-  for (int64_t j = 0; j < whole; j += 16) top_lanes = vmax(top_lanes, vload(scores + j));
-  const float top = hmax_tree(top_lanes);
-  v16f total_lanes{};
-  for (int64_t j = 0; j < whole; j += 16) {  // masked slots: exp(-inf) = 0
-    const v16f p = vexp(vload(scores + j) - top);
-    vstore(scores + j, p);
-    total_lanes += p;
-  }
-  const float inv = 1.0f / hsum_tree(total_lanes);  // the sum >= 1: the top slot's term is exp(0)
-  for (int64_t e0 = 0; e0 < E; e0 += 64) {
-    const int64_t cols = std::min<int64_t>(64, E - e0);
-    v16f acc[4] = {};
-    for (int64_t j = 0; j < s.slot; ++j) {
-      if (scores[j] != 0.0f) add_value(acc, scores[j], values + j * E + e0, cols);
+  for (int64_t h = h_begin; h < h_end; ++h) {
+    float* qh = qkv_row + (g * group + h) * E;
+    if (rotary) {
+      rotate<T>(qh, cos, sin, E);
+    } else {  // OPT: q_proj(x) * q_scale, rounded, then scores at scale 1
+      for (int64_t e = 0; e < E; ++e) qh[e] = round_to<T>(qh[e] * s.q_scale);
     }
-    add_value(acc, scores[s.slot], v_new + e0, cols);
-    float row[64];
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) vstore(row + 16 * i, acc[i] * inv);
-    for (int64_t e = 0; e < cols; ++e) out_row[h * E + e0 + e] = from_float<T>(row[e]);
+    for (int64_t e = 0; e < padded; ++e) q[h * padded + e] = e < E ? qh[e] : 0.0f;
+  }
+  const bool* mask = key_mask ? key_mask + b * s.max_len : nullptr;
+  for (int64_t h0 = h_begin; h0 < h_end; h0 += 4) {
+    const float* qh = q + h0 * padded;
+    float* sc = scores + h0 * stride;
+    const int64_t h = g * group + h0;
+    switch (std::min<int64_t>(4, h_end - h0)) {
+      case 4: attend_heads<4>(s, qh, padded, keys, values, k_new, v_new, mask, sc, stride, h, out_row); break;
+      case 3: attend_heads<3>(s, qh, padded, keys, values, k_new, v_new, mask, sc, stride, h, out_row); break;
+      case 2: attend_heads<2>(s, qh, padded, keys, values, k_new, v_new, mask, sc, stride, h, out_row); break;
+      default: attend_heads<1>(s, qh, padded, keys, values, k_new, v_new, mask, sc, stride, h, out_row); break;
+    }
   }
 }
 
-// Tasks (b, h) = begin, begin + step, ... < B * H, compiled for the widest vectors the CPU has.
+// Heads per task: a whole group where there are tasks enough for every thread twice over (a
+// batched step), else one, as many tasks as query heads (a step of one row: SmolVLM2's three
+// groups would leave one of two threads a third of the work, and 15 of 16 threads idle where a
+// model has one or two key/value heads).
+inline int64_t heads_per_task(const DecodeShape& s, int64_t team) {
+  return s.B * s.Hkv >= 2 * team ? s.H / s.Hkv : 1;
+}
+
+// Requests (b, g)'s cached keys and values [0, slot) into L2 (prefetcht1) while the task before
+// it runs. A task's rows are two short runs (SmolVLM2: 45 slots x 128 bytes each) that the
+// hardware prefetcher had barely ramped up on before they ended: without this, the first loads
+// of each key and value row were most of a batched step's attention.
+constexpr int64_t kPrefetchBytes = 4096;
+
+template <typename T>
+VLMFAST_INLINE void prefetch_group(const DecodeShape& s, const T* k_cache, const T* v_cache, int64_t b, int64_t g) {
+  const int64_t offset = (b * s.Hkv + g) * s.max_len * s.E;
+  const int64_t bytes = std::min<int64_t>(kPrefetchBytes, s.slot * s.E * static_cast<int64_t>(sizeof(T)));
+  const char* keys = reinterpret_cast<const char*>(k_cache + offset);
+  const char* values = reinterpret_cast<const char*>(v_cache + offset);
+  for (int64_t i = 0; i < bytes; i += 64) {
+    __builtin_prefetch(keys + i, 0, 2);
+    __builtin_prefetch(values + i, 0, 2);
+  }
+}
+
+// Floats of attend_group's scratch for a step's shape.
+inline int64_t attend_scratch(const DecodeShape& s) {
+  const int64_t padded = (s.E + 15) / 16 * 16, stride = (s.slot + 1 + 15) / 16 * 16;
+  return s.H / s.Hkv * (stride + padded) + padded;
+}
+
+// Tasks begin, begin + step, ... of the step's B Hkv (G / per) tasks, compiled for the widest
+// vectors the CPU has; the next task's cached rows are requested while one runs.
 #define VLMFAST_DEFINE_ATTEND(T, SUFFIX)                                                          \
   VLMFAST_MULTIVERSION void attend_##SUFFIX(const DecodeShape& s, float* qkv, const float* cos,  \
                                             const float* sin, const int64_t* positions,          \
                                             void* k_cache, void* v_cache,                        \
                                             const bool* key_mask, int64_t begin, int64_t step,   \
-                                            float* scores, float* q_pad, float* k_new, void* out) { \
+                                            float* scratch, void* out) {                         \
     const int64_t width = (s.H + 2 * s.Hkv) * s.E, half = s.E / 2;                                \
-    for (int64_t task = begin; task < s.B * s.H; task += step) {                                  \
-      const int64_t b = task / s.H, h = task % s.H;                                               \
+    const int64_t group = s.H / s.Hkv, per = heads_per_task(s, step), parts = group / per;        \
+    const int64_t tasks = s.B * s.Hkv * parts;                                                    \
+    T* keys = static_cast<T*>(k_cache);                                                           \
+    T* values = static_cast<T*>(v_cache);                                                         \
+    if (begin < tasks) prefetch_group(s, keys, values, begin / parts / s.Hkv, begin / parts % s.Hkv); \
+    for (int64_t task = begin; task < tasks; task += step) {                                      \
+      const int64_t pair = task / parts, part = task % parts, next = (task + step) / parts;       \
+      const int64_t b = pair / s.Hkv, g = pair % s.Hkv;                                           \
+      if (task + step < tasks && next != pair) prefetch_group(s, keys, values, next / s.Hkv, next % s.Hkv); \
       const int64_t row = s.kind == kDecodeLlama ? positions[b] * half : 0; /* OPT: no tables */  \
-      attend_head<T>(s, qkv + b * width, cos + row, sin + row,                                    \
-                     static_cast<T*>(k_cache), static_cast<T*>(v_cache), key_mask, b, h, scores,  \
-                     q_pad, k_new, static_cast<T*>(out) + b * s.H * s.E);                         \
+      attend_group<T>(s, qkv + b * width, cos + row, sin + row, keys, values, key_mask, b, g,     \
+                      part * per, (part + 1) * per, scratch, static_cast<T*>(out) + b * s.H * s.E); \
     }                                                                                             \
   }
 VLMFAST_DEFINE_ATTEND(float, f32)
@@ -265,12 +357,11 @@ VLMFAST_DEFINE_ATTEND(BFloat16, bf16)
 
 template <typename T>
 void attend(const DecodeShape& s, float* qkv, const float* cos, const float* sin, const int64_t* positions,
-            void* k, void* v, const bool* mask, int64_t begin, int64_t step, float* scores, float* q_pad,
-            float* k_new, T* out) {
+            void* k, void* v, const bool* mask, int64_t begin, int64_t step, float* scratch, T* out) {
   if constexpr (std::is_same_v<T, BFloat16>) {
-    attend_bf16(s, qkv, cos, sin, positions, k, v, mask, begin, step, scores, q_pad, k_new, out);
+    attend_bf16(s, qkv, cos, sin, positions, k, v, mask, begin, step, scratch, out);
   } else {
-    attend_f32(s, qkv, cos, sin, positions, k, v, mask, begin, step, scores, q_pad, k_new, out);
+    attend_f32(s, qkv, cos, sin, positions, k, v, mask, begin, step, scratch, out);
   }
 }
 
@@ -354,7 +445,7 @@ void step(const DecodeShape& s, const int64_t* tokens, const int64_t* positions,
     tid = omp_get_thread_num();
     team = omp_get_num_threads();
 #endif
-    std::vector<float> x(B * D), scores(s.slot + 17), q_pad((E + 15) / 16 * 16), k_new((E + 15) / 16 * 16);
+    std::vector<float> x(B * D), attend_space(attend_scratch(s));
     std::vector<T> normed(B * D);
     for (int64_t b = 0; b < B; ++b) {
       const T* token = embed + tokens[b] * D;
@@ -375,7 +466,7 @@ void step(const DecodeShape& s, const int64_t* tokens, const int64_t* positions,
                 qkv.data(), B, W, D, n0, n1);
 #pragma omp barrier
       attend<T>(s, qkv.data(), tables.cos, tables.sin, positions, layer.k_cache, layer.v_cache, key_mask, tid,
-                team, scores.data(), q_pad.data(), k_new.data(), attended.data());
+                team, attend_space.data(), attended.data());
 #pragma omp barrier
       share(D, tid, team, n0, n1);
       gemv_rows(static_cast<const T*>(layer.o_proj), static_cast<const T*>(layer.o_bias), attended.data(),

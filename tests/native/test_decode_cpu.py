@@ -174,6 +174,35 @@ def test_decode_steps_match_float64(dtype, head_dim, heads, kv_heads, bias, tied
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_tasks_of_whole_groups_or_single_heads_agree(dtype):
+    """The step attends a key/value head's query heads together (passes of up to 4) where there
+    are tasks enough for every thread twice over (B Hkv >= 2 threads), else one head per task.
+    Each head's sums are the same either way, so logits and cache are the same bits at 1, 2 and 5
+    threads (3 rows, 5 query heads on one key/value head: passes of 4 + 1, then single heads),
+    and match the float64 reference."""
+    needs(dtype)
+    model = odd_model(40, 5, 1, dtype=dtype)
+    ids, mask, tokens = prompts(3, 7, 197, seed=11)
+    runs, previous = [], torch.get_num_threads()
+    try:
+        for threads in (1, 2, 5):
+            torch.set_num_threads(threads)
+            runs.append(run_steps(model, ids, mask, tokens, native_expected=True))
+    finally:
+        torch.set_num_threads(previous)
+    for other in runs[1:]:
+        for name, a, b in zip(("logits", "keys", "values"), runs[0], other):
+            assert torch.equal(a, b), name
+    model.fast_decode = False
+    low = run_steps(model, ids, mask, tokens)
+    model.double()
+    expected = run_steps(model, ids, mask, tokens)
+    logits = runs[0][0] if dtype == torch.float32 else runs[0][0].to(dtype)
+    ref_low = low[0] if dtype == torch.float32 else low[0].to(dtype)
+    assert_close(logits, expected[0], ref_low, name="logits")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_generate_equals_the_eager_path(dtype):
     needs(dtype)
     model = tiny_model(seed=3, dtype=dtype)
