@@ -159,13 +159,14 @@ VLMFAST_INLINE void add_values(v16f (*acc)[4], const float* p, const T* v, int64
 
 // Heads [h0, h0 + G) of a group against the slots [0, slot] (the last one the new token's, from
 // registers: k_new, v_new). q: the group's padded query rows; scores: the group's rows of
-// `stride` floats; out_row: the row's (H E) output, these heads' values rounded to T. Scores and
-// the weighted sum of values go key by key, each key (and value) row read once for the G heads.
+// `stride` floats (slot + 1 rounded up to whole vectors: AttendScratch below); out_row: the row's
+// (H E) output, these heads' values rounded to T. Scores and the weighted sum of values go key by
+// key, each key (and value) row read once for the G heads.
 template <int G, typename T>
 VLMFAST_INLINE void attend_heads(const DecodeShape& s, const float* q, int64_t padded, const T* keys,
                                  const T* values, const float* k_new, const float* v_new, const bool* mask,
                                  float* scores, int64_t stride, int64_t h0, T* out_row) {
-  const int64_t E = s.E, n = s.slot + 1, whole = (n + 15) / 16 * 16;
+  const int64_t E = s.E, n = s.slot + 1;
   const float minus_inf = -std::numeric_limits<float>::infinity();
   float row[G];
   for (int64_t j = 0; j < s.slot; ++j) {
@@ -181,12 +182,12 @@ VLMFAST_INLINE void attend_heads(const DecodeShape& s, const float* q, int64_t p
   for (int h = 0; h < G; ++h) {
     float* sc = scores + h * stride;
     sc[s.slot] = row[h];
-    for (int64_t j = n; j < whole; ++j) sc[j] = minus_inf;
+    for (int64_t j = n; j < stride; ++j) sc[j] = minus_inf;
     v16f top_lanes = splat(minus_inf);
-    for (int64_t j = 0; j < whole; j += 16) top_lanes = vmax(top_lanes, vload(sc + j));
+    for (int64_t j = 0; j < stride; j += 16) top_lanes = vmax(top_lanes, vload(sc + j));
     const float top = hmax_tree(top_lanes);
     v16f total_lanes{};
-    for (int64_t j = 0; j < whole; j += 16) {  // masked slots: exp(-inf) = 0
+    for (int64_t j = 0; j < stride; j += 16) {  // masked slots: exp(-inf) = 0
       const v16f p = vexp(vload(sc + j) - top);
       vstore(sc + j, p);
       total_lanes += p;
@@ -213,6 +214,15 @@ VLMFAST_INLINE void attend_heads(const DecodeShape& s, const float* q, int64_t p
   }
 }
 
+// attend_group's scratch, in floats: G score rows of `stride` (slot + 1 rounded up to whole
+// vectors), G query rows of `padded` (E rounded up), then k_new (`padded`); G = H / Hkv.
+struct AttendScratch {
+  int64_t group, padded, stride;
+  explicit AttendScratch(const DecodeShape& s)
+      : group(s.H / s.Hkv), padded((s.E + 15) / 16 * 16), stride((s.slot + 1 + 15) / 16 * 16) {}
+  int64_t floats() const { return group * (stride + padded) + padded; }
+};
+
 // One task: query heads [g G + h_begin, g G + h_end) of row b, G = H / Hkv the heads sharing
 // key/value head g. Rotates the new key and those queries in qkv_row (float, values in T's
 // precision; OPT: scales the queries by q_scale instead) and attends the slots [0, slot] for each
@@ -222,15 +232,14 @@ VLMFAST_INLINE void attend_heads(const DecodeShape& s, const float* q, int64_t p
 // together, up to 4 at a time, so each cached key and value is read once for them all (a batched
 // decode reads its cache from memory: 32 rows x 80 slots x 30 layers of SmolVLM2's keys and values
 // are ~60 MB). Tasks never wait for one another. Vectorised over the head dim (a loop over 16
-// lanes by index had compiled to scalar code), the softmax 16 slots at a time (vexp). scratch: G
-// score rows (stride = slot + 1 rounded up to 16 floats), G padded query rows, then k_new (E
-// rounded up to 16 floats).
+// lanes by index had compiled to scalar code), the softmax 16 slots at a time (vexp). scratch: as
+// AttendScratch lays it out.
 template <typename T>
 VLMFAST_INLINE void attend_group(const DecodeShape& s, float* qkv_row, const float* cos, const float* sin,
                                  T* k_cache, T* v_cache, const bool* key_mask, int64_t b, int64_t g,
                                  int64_t h_begin, int64_t h_end, float* scratch, T* out_row) {
-  const int64_t E = s.E, group = s.H / s.Hkv;
-  const int64_t padded = (E + 15) / 16 * 16, stride = (s.slot + 1 + 15) / 16 * 16;
+  const AttendScratch layout(s);
+  const int64_t E = s.E, group = layout.group, padded = layout.padded, stride = layout.stride;
   float* scores = scratch;
   float* q = scores + group * stride;
   float* k_new = q + group * padded;
@@ -278,15 +287,15 @@ inline int64_t heads_per_task(const DecodeShape& s, int64_t team) {
   return s.B * s.Hkv >= 2 * team ? s.H / s.Hkv : 1;
 }
 
-// Requests (b, g)'s cached keys and values [0, slot) into L2 (prefetcht1) while the task before
+// Requests the cached keys and values [0, slot) of pair = b Hkv + g (row b, kv head g) into L2 (prefetcht1) while the task before
 // it runs. A task's rows are two short runs (SmolVLM2: 45 slots x 128 bytes each) that the
 // hardware prefetcher had barely ramped up on before they ended: without this, the first loads
 // of each key and value row were most of a batched step's attention.
 constexpr int64_t kPrefetchBytes = 4096;
 
 template <typename T>
-VLMFAST_INLINE void prefetch_group(const DecodeShape& s, const T* k_cache, const T* v_cache, int64_t b, int64_t g) {
-  const int64_t offset = (b * s.Hkv + g) * s.max_len * s.E;
+VLMFAST_INLINE void prefetch_group(const DecodeShape& s, const T* k_cache, const T* v_cache, int64_t pair) {
+  const int64_t offset = pair * s.max_len * s.E;
   const int64_t bytes = std::min<int64_t>(kPrefetchBytes, s.slot * s.E * static_cast<int64_t>(sizeof(T)));
   const char* keys = reinterpret_cast<const char*>(k_cache + offset);
   const char* values = reinterpret_cast<const char*>(v_cache + offset);
@@ -294,12 +303,6 @@ VLMFAST_INLINE void prefetch_group(const DecodeShape& s, const T* k_cache, const
     __builtin_prefetch(keys + i, 0, 2);
     __builtin_prefetch(values + i, 0, 2);
   }
-}
-
-// Floats of attend_group's scratch for a step's shape.
-inline int64_t attend_scratch(const DecodeShape& s) {
-  const int64_t padded = (s.E + 15) / 16 * 16, stride = (s.slot + 1 + 15) / 16 * 16;
-  return s.H / s.Hkv * (stride + padded) + padded;
 }
 
 // Tasks begin, begin + step, ... of the step's B Hkv (G / per) tasks, compiled for the widest
@@ -315,11 +318,11 @@ inline int64_t attend_scratch(const DecodeShape& s) {
     const int64_t tasks = s.B * s.Hkv * parts;                                                    \
     T* keys = static_cast<T*>(k_cache);                                                           \
     T* values = static_cast<T*>(v_cache);                                                         \
-    if (begin < tasks) prefetch_group(s, keys, values, begin / parts / s.Hkv, begin / parts % s.Hkv); \
+    if (begin < tasks) prefetch_group(s, keys, values, begin / parts);                            \
     for (int64_t task = begin; task < tasks; task += step) {                                      \
       const int64_t pair = task / parts, part = task % parts, next = (task + step) / parts;       \
       const int64_t b = pair / s.Hkv, g = pair % s.Hkv;                                           \
-      if (task + step < tasks && next != pair) prefetch_group(s, keys, values, next / s.Hkv, next % s.Hkv); \
+      if (task + step < tasks && next != pair) prefetch_group(s, keys, values, next);             \
       const int64_t row = s.kind == kDecodeLlama ? positions[b] * half : 0; /* OPT: no tables */  \
       attend_group<T>(s, qkv + b * width, cos + row, sin + row, keys, values, key_mask, b, g,     \
                       part * per, (part + 1) * per, scratch, static_cast<T*>(out) + b * s.H * s.E); \
@@ -478,7 +481,7 @@ void step(const DecodeShape& s, const int64_t* tokens, const int64_t* positions,
     tid = omp_get_thread_num();
     team = omp_get_num_threads();
 #endif
-    std::vector<float> x(B * D), attend_space(attend_scratch(s));
+    std::vector<float> x(B * D), attend_space(AttendScratch(s).floats());
     std::vector<T> normed(B * D);
     for (int64_t b = 0; b < B; ++b) {
       const T* token = embed + tokens[b] * D;
